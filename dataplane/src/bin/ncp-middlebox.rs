@@ -1,0 +1,243 @@
+//! `ncp-middlebox`: the NCP middlebox data plane.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use ncp_dataplane::{
+    config::{Config, DEFAULT_CONTROL_SOCKET},
+    control::{self, Request, Response, Stats},
+    rules::{Ipv4Prefix, RedirectRule},
+    runtime,
+};
+
+/// The NCP middlebox: steers chosen TCP flows with XDP into AF_XDP sockets served by
+/// per-core workers.
+///
+/// Typical use:
+///   ncp-middlebox check --config mb.toml      # validate a configuration
+///   ncp-middlebox run --config mb.toml        # run until SIGINT/SIGTERM
+///   ncp-middlebox stats                        # XDP verdicts and worker counters
+///   ncp-middlebox rule add --id 2 --source 198.18.1.0/24 --destination 198.18.1.2:5201
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Attach to the configured interfaces and serve until SIGINT or SIGTERM.
+    Run {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print what it would do.
+    Check {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the counters of a running middlebox.
+    Stats {
+        /// Control socket of the running middlebox.
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Repeat every N seconds until interrupted.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
+    },
+    /// List, add or remove redirect rules on a running middlebox (no reload needed).
+    Rule {
+        #[command(subcommand)]
+        action: RuleAction,
+        /// Control socket of the running middlebox.
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RuleAction {
+    /// List installed rules.
+    List,
+    /// Install a rule (replaces a rule with the same id).
+    Add {
+        /// Rule identifier.
+        #[arg(long)]
+        id: u32,
+        /// Client prefix, e.g. 198.18.1.0/24 (a bare address means /32).
+        #[arg(long)]
+        source: Ipv4Prefix,
+        /// Only this client port.
+        #[arg(long)]
+        source_port: Option<u16>,
+        /// The primary's address and port, e.g. 198.18.1.2:5201.
+        #[arg(long)]
+        destination: SocketAddrV4,
+    },
+    /// Remove a rule by id.
+    Del {
+        /// Rule identifier.
+        #[arg(long)]
+        id: u32,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, Arc::clone(&stop))
+                    .context("installing signal handlers")?;
+            }
+            runtime::run(&config, stop)
+        }
+        Command::Check { config } => {
+            let path = config;
+            let config = Config::load(&path)
+                .with_context(|| format!("invalid configuration {}", path.display()))?;
+            println!("{}: OK", path.display());
+            for iface in &config.interfaces {
+                println!(
+                    "interface {}: address {}, ports {}-{}, xdp {:?}, {}",
+                    iface.name,
+                    iface.address,
+                    iface.ports.first,
+                    iface.ports.last,
+                    iface.xdp_mode,
+                    if iface.zero_copy {
+                        "zero-copy"
+                    } else {
+                        "copy mode"
+                    }
+                );
+                for q in &iface.queues {
+                    match q.core {
+                        Some(core) => {
+                            println!("  queue {} -> worker pinned to core {core}", q.queue)
+                        }
+                        None => println!("  queue {} -> worker, unpinned", q.queue),
+                    }
+                }
+            }
+            for rule in &config.rules {
+                println!("rule {rule}");
+            }
+            Ok(())
+        }
+        Command::Stats {
+            socket,
+            json,
+            watch,
+        } => loop {
+            let stats = match control::call(&socket, &Request::Stats)? {
+                Response::Stats(stats) => stats,
+                other => bail!("unexpected answer: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                print_stats(&stats);
+            }
+            match watch {
+                Some(secs) => std::thread::sleep(Duration::from_secs(secs.max(1))),
+                None => return Ok(()),
+            }
+        },
+        Command::Rule { action, socket } => {
+            let request = match action {
+                RuleAction::List => Request::Rules,
+                RuleAction::Add {
+                    id,
+                    source,
+                    source_port,
+                    destination,
+                } => Request::RuleAdd {
+                    rule: RedirectRule {
+                        id,
+                        source,
+                        source_port,
+                        destination: *destination.ip(),
+                        destination_port: destination.port(),
+                    },
+                },
+                RuleAction::Del { id } => Request::RuleDel { id },
+            };
+            match control::call(&socket, &request)? {
+                Response::Rules { rules } => {
+                    if rules.is_empty() {
+                        println!("no rules");
+                    }
+                    for rule in rules {
+                        println!("{rule}");
+                    }
+                    Ok(())
+                }
+                Response::Done => {
+                    println!("done");
+                    Ok(())
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+    }
+}
+
+fn print_stats(stats: &Stats) {
+    println!(
+        "{:<12} {:<8} {:>12} {:>12} {:>10} {:>10} {:>8}",
+        "interface", "mode", "redirected", "passed", "unparsed", "no_socket", "failed"
+    );
+    for i in &stats.interfaces {
+        println!(
+            "{:<12} {:<8} {:>12} {:>12} {:>10} {:>10} {:>8}",
+            i.name,
+            i.mode,
+            i.xdp.redirected,
+            i.xdp.passed,
+            i.xdp.unparsed,
+            i.xdp.no_socket,
+            i.xdp.redirect_failed
+        );
+    }
+    println!(
+        "{:<12} {:>6} {:>6} {:>12} {:>14}",
+        "worker", "queue", "core", "rx_frames", "rx_bytes"
+    );
+    for w in &stats.workers {
+        let core = w.core.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        println!(
+            "{:<12} {:>6} {:>6} {:>12} {:>14}",
+            w.interface, w.queue, core, w.rx_frames, w.rx_bytes
+        );
+    }
+}

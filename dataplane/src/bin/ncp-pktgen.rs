@@ -1,0 +1,206 @@
+//! `ncp-pktgen`: a small packet generator. This kernel has no pktgen module, so frames are
+//! built in user space and sent through an AF_PACKET socket on one interface, as fast as
+//! possible or at a fixed rate, and the achieved rate is reported.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use ncp_dataplane::frame::{Malformation, TcpFrameSpec, malformed_frame, tcp_frame};
+
+/// Send TCP frames (or deliberately malformed ones) out of an interface.
+///
+/// Example, from inside a test-bed host:
+///   ip netns exec ncp-source ncp-pktgen --interface eth0 --dst-mac 02:00:00:00:04:01 \
+///       --src-ip 198.18.1.1 --dst-ip 198.18.1.2 --dst-port 5201 --count 100000
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Interface to send from.
+    #[arg(long)]
+    interface: String,
+    /// Destination MAC address (aa:bb:cc:dd:ee:ff).
+    #[arg(long, value_parser = parse_mac)]
+    dst_mac: [u8; 6],
+    /// Source MAC address; defaults to the interface's own.
+    #[arg(long, value_parser = parse_mac)]
+    src_mac: Option<[u8; 6]>,
+    /// Source IPv4 address.
+    #[arg(long)]
+    src_ip: Ipv4Addr,
+    /// Destination IPv4 address.
+    #[arg(long)]
+    dst_ip: Ipv4Addr,
+    /// Source TCP port (successive frames count up from here over --flows ports).
+    #[arg(long, default_value_t = 40000)]
+    src_port: u16,
+    /// Destination TCP port.
+    #[arg(long, default_value_t = 5201)]
+    dst_port: u16,
+    /// Number of distinct source ports to cycle through.
+    #[arg(long, default_value_t = 1)]
+    flows: u16,
+    /// Frames to send.
+    #[arg(long, default_value_t = 1000)]
+    count: u64,
+    /// TCP payload bytes per frame.
+    #[arg(long, default_value_t = 0)]
+    payload: usize,
+    /// Frames per second; 0 sends as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Send this kind of malformed frame instead of valid segments.
+    #[arg(long, value_enum)]
+    malformed: Option<Malformation>,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).map_err(|_| format!("`{s}` is not a MAC address"))?;
+    }
+    Ok(mac)
+}
+
+/// A raw AF_PACKET socket bound to one interface.
+struct PacketSocket {
+    fd: i32,
+    addr: libc::sockaddr_ll,
+}
+
+impl PacketSocket {
+    fn open(interface: &str) -> anyhow::Result<Self> {
+        let name = std::ffi::CString::new(interface).context("interface name contains NUL")?;
+        // SAFETY: valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface named {interface} in this network namespace");
+        }
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("opening an AF_PACKET socket (needs root)");
+        }
+        // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        Ok(Self { fd, addr })
+    }
+
+    fn mac(&self, interface: &str) -> anyhow::Result<[u8; 6]> {
+        let text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
+            .with_context(|| format!("reading the MAC address of {interface}"))?;
+        parse_mac(text.trim()).map_err(anyhow::Error::msg)
+    }
+
+    /// Sends one frame; retries briefly when the device queue is full.
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        loop {
+            // SAFETY: buffer and address are valid for the given lengths.
+            let n = unsafe {
+                libc::sendto(
+                    self.fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&self.addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n >= 0 {
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENOBUFS)
+                || err.kind() == std::io::ErrorKind::WouldBlock
+            {
+                std::thread::yield_now();
+                continue;
+            }
+            return Err(err);
+        }
+    }
+}
+
+impl Drop for PacketSocket {
+    fn drop(&mut self) {
+        // SAFETY: closes the descriptor opened in `open`.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.flows == 0 {
+        bail!("--flows must be at least 1");
+    }
+    let socket = PacketSocket::open(&args.interface)?;
+    let src_mac = match args.src_mac {
+        Some(mac) => mac,
+        None => socket.mac(&args.interface)?,
+    };
+    let payload = vec![0x5a; args.payload];
+    let frames: Vec<Vec<u8>> = (0..args.flows)
+        .map(|i| {
+            let spec = TcpFrameSpec {
+                src_mac,
+                dst_mac: args.dst_mac,
+                src_ip: args.src_ip,
+                dst_ip: args.dst_ip,
+                src_port: args.src_port.wrapping_add(i),
+                dst_port: args.dst_port,
+                flags: 0x10,
+                seq: 1,
+            };
+            match args.malformed {
+                Some(kind) => malformed_frame(&spec, kind),
+                None => tcp_frame(&spec, &payload),
+            }
+        })
+        .collect();
+
+    let start = Instant::now();
+    let gap = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
+    let mut bytes = 0u64;
+    for i in 0..args.count {
+        if let Some(gap) = gap {
+            let due = start + gap.mul_f64(i as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        let frame = &frames[(i % u64::from(args.flows)) as usize];
+        socket
+            .send(frame)
+            .with_context(|| format!("sending frame {i} on {}", args.interface))?;
+        bytes += frame.len() as u64;
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    let fps = args.count as f64 / secs;
+    if args.json {
+        println!(
+            "{{\"frames\":{},\"bytes\":{bytes},\"seconds\":{secs:.6},\"frames_per_second\":{fps:.0}}}",
+            args.count
+        );
+    } else {
+        println!(
+            "sent {} frames ({bytes} bytes) in {secs:.3} s: {fps:.0} frames/s",
+            args.count
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! The control socket: a Unix stream socket on which `ncp-middlebox stats` and
+//! `ncp-middlebox rule …` talk to a running middlebox. One JSON request per line, one
+//! JSON response per line. Requests are size- and time-bounded so a stuck or hostile
+//! client cannot hold the middlebox up.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{rules::RedirectRule, steering::VerdictCounters, worker::WorkerSnapshot};
+
+/// Largest request line accepted.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// How long a client may take to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A request on the control socket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Counters of every interface and worker.
+    Stats,
+    /// The installed redirect rules.
+    Rules,
+    /// Install a rule (replacing one with the same id).
+    RuleAdd {
+        /// The rule.
+        rule: RedirectRule,
+    },
+    /// Remove the rule with this id.
+    RuleDel {
+        /// Rule id.
+        id: u32,
+    },
+}
+
+/// A response on the control socket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    /// Counters.
+    Stats(Stats),
+    /// Installed rules.
+    Rules {
+        /// Rules by id.
+        rules: Vec<RedirectRule>,
+    },
+    /// The change was applied.
+    Done,
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Counters of the whole middlebox.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// One entry per attached interface.
+    pub interfaces: Vec<InterfaceStats>,
+    /// One entry per worker.
+    pub workers: Vec<WorkerStatsView>,
+}
+
+/// XDP counters of one interface.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InterfaceStats {
+    /// Interface name.
+    pub name: String,
+    /// Attach mode (`driver` or `generic`).
+    pub mode: String,
+    /// Verdict counters summed over CPUs.
+    pub xdp: VerdictCounters,
+}
+
+/// Worker counters as sent over the socket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerStatsView {
+    /// Interface served.
+    pub interface: String,
+    /// Queue served.
+    pub queue: u32,
+    /// Core pinned to.
+    pub core: Option<usize>,
+    /// Frames received from AF_XDP.
+    pub rx_frames: u64,
+    /// Bytes received from AF_XDP.
+    pub rx_bytes: u64,
+}
+
+impl From<WorkerSnapshot> for WorkerStatsView {
+    fn from(s: WorkerSnapshot) -> Self {
+        Self {
+            interface: s.interface,
+            queue: s.queue,
+            core: s.core,
+            rx_frames: s.rx_frames,
+            rx_bytes: s.rx_bytes,
+        }
+    }
+}
+
+/// What the server asks the running middlebox to do.
+pub trait Handler: Send + 'static {
+    /// Answers one request.
+    fn handle(&mut self, request: Request) -> Response;
+}
+
+/// A running control server; removes its socket file when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket file) and serves requests on a thread.
+    pub fn start(path: &Path, mut handler: impl Handler) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "control socket {} is in use: another middlebox is running with it; \
+                     set `control_socket` in the config to a different path",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| anyhow::anyhow!("removing stale {}: {e}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let handle = thread::Builder::new()
+            .name("ncp-control".into())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            if let Err(e) = serve_one(stream, &mut handler) {
+                                tracing::debug!(error = %e, "control client dropped");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control socket accept failed");
+                            thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_one(stream: UnixStream, handler: &mut impl Handler) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut reader = BufReader::new((&stream).take(MAX_REQUEST_BYTES));
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let response = if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST_BYTES {
+        Response::Error {
+            message: format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+        }
+    } else {
+        match serde_json::from_str::<Request>(line.trim()) {
+            Ok(request) => handler.handle(request),
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        }
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    (&stream).write_all(&out)
+}
+
+/// Sends one request to a running middlebox and returns its answer.
+pub fn call(path: &Path, request: &Request) -> anyhow::Result<Response> {
+    let stream = UnixStream::connect(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the middlebox at {}: {e} (is `ncp-middlebox run` running with this control_socket?)",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer)?;
+    serde_json::from_str(answer.trim())
+        .map_err(|e| anyhow::anyhow!("unreadable answer from the middlebox: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Handler for Echo {
+        fn handle(&mut self, request: Request) -> Response {
+            match request {
+                Request::Rules => Response::Rules { rules: vec![] },
+                _ => Response::Done,
+            }
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_and_garbage_gets_an_error() {
+        let dir = std::env::temp_dir().join(format!("ncp-control-test-{}", std::process::id()));
+        let path = dir.join("c.sock");
+        let server = ControlServer::start(&path, Echo).unwrap();
+        assert_eq!(
+            call(&path, &Request::Rules).unwrap(),
+            Response::Rules { rules: vec![] }
+        );
+        assert_eq!(
+            call(&path, &Request::RuleDel { id: 3 }).unwrap(),
+            Response::Done
+        );
+
+        let stream = UnixStream::connect(&path).unwrap();
+        (&stream)
+            .write_all(b"{\"cmd\":\"launch-missiles\"}\n")
+            .unwrap();
+        let mut answer = String::new();
+        BufReader::new(&stream).read_line(&mut answer).unwrap();
+        assert!(answer.contains("bad request"), "{answer}");
+
+        // A second server on the same live socket is refused with a clear message.
+        let err = ControlServer::start(&path, Echo).err().unwrap().to_string();
+        assert!(err.contains("in use"), "{err}");
+        drop(server);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir(&dir);
+    }
+}

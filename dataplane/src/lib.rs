@@ -1,0 +1,18 @@
+//! The NCP middlebox data plane.
+//!
+//! - [`steering`]: the XDP program and its maps (which frames reach the workers);
+//! - [`xsk`]: one AF_XDP socket and its UMEM;
+//! - [`worker`]: per-queue worker threads pinned to cores;
+//! - [`control`]: the control socket used by `stats` and `rule`;
+//! - [`config`] and [`rules`]: the operator's configuration, validated without I/O;
+//! - [`frame`]: building Ethernet/IPv4/TCP frames (packet generator and tests);
+//! - [`runtime`]: `ncp-middlebox run`, tying the above together.
+
+pub mod config;
+pub mod control;
+pub mod frame;
+pub mod rules;
+pub mod runtime;
+pub mod steering;
+pub mod worker;
+pub mod xsk;

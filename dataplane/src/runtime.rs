@@ -1,0 +1,210 @@
+//! `ncp-middlebox run`: attaches the steering program to every configured interface,
+//! starts one pinned worker per queue, serves the control socket, and tears everything
+//! down in reverse order when asked to stop.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    config::Config,
+    control::{ControlServer, Handler, InterfaceStats, Request, Response, Stats},
+    rules::RedirectRule,
+    steering::{AttachedMode, Steering},
+    worker::{self, Worker, WorkerSpec, WorkerStats},
+    xsk::XskOptions,
+};
+
+/// Runs the middlebox until `stop` is set (by SIGINT/SIGTERM in the binary).
+pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    raise_memlock_limit();
+    let mut steerings = Vec::new();
+    for iface in &config.interfaces {
+        let mut steering = Steering::attach(&iface.name, iface.xdp_mode)
+            .with_context(|| format!("setting up XDP on {}", iface.name))?;
+        steering.set_owned_endpoints(iface.address, iface.ports)?;
+        for rule in &config.rules {
+            steering.insert_rule(rule)?;
+        }
+        steerings.push(steering);
+    }
+
+    let mut workers = Vec::new();
+    let started = start_workers(config, &mut steerings, &stop, &mut workers);
+    if let Err(e) = started {
+        stop.store(true, Ordering::Relaxed);
+        workers.into_iter().for_each(Worker::join);
+        return Err(e);
+    }
+
+    let handler = MiddleboxHandler {
+        steerings: Arc::new(Mutex::new(steerings)),
+        rules: config.rules.iter().map(|r| (r.id, *r)).collect(),
+        workers: workers.iter().map(Worker::stats_handle).collect(),
+    };
+    let steerings = Arc::clone(&handler.steerings);
+    let control = ControlServer::start(&config.control_socket, handler)?;
+    tracing::info!(socket = %config.control_socket.display(), "middlebox running; stop with SIGINT or SIGTERM");
+
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("stopping");
+    drop(control);
+    workers.into_iter().for_each(Worker::join);
+    let steerings = match Arc::try_unwrap(steerings) {
+        Ok(mutex) => mutex
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        Err(_) => anyhow::bail!("steering still shared at shutdown"),
+    };
+    for steering in steerings {
+        let name = steering.interface().to_owned();
+        drop(steering);
+        tracing::info!(interface = %name, "XDP program detached");
+    }
+    Ok(())
+}
+
+fn start_workers(
+    config: &Config,
+    steerings: &mut [Steering],
+    stop: &Arc<AtomicBool>,
+    workers: &mut Vec<Worker>,
+) -> anyhow::Result<()> {
+    for (iface, steering) in config.interfaces.iter().zip(steerings.iter_mut()) {
+        for queue in &iface.queues {
+            let spec = WorkerSpec {
+                socket: XskOptions {
+                    interface: iface.name.clone(),
+                    queue: queue.queue,
+                    frames: iface.umem_frames,
+                    zero_copy: iface.zero_copy,
+                },
+                core: queue.core,
+                poll: config.poll,
+            };
+            let (worker, fd) = Worker::start(spec, Arc::clone(stop))?;
+            workers.push(worker);
+            steering.register_socket(queue.queue, fd)?;
+            let core = queue
+                .core
+                .map_or_else(|| "unpinned".to_owned(), |c| format!("core {c}"));
+            tracing::info!("{} queue {} -> worker on {core}", iface.name, queue.queue);
+        }
+    }
+    Ok(())
+}
+
+/// AF_XDP UMEMs count against RLIMIT_MEMLOCK on older kernels; lift it where allowed.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; continuing");
+    }
+}
+
+struct MiddleboxHandler {
+    steerings: Arc<Mutex<Vec<Steering>>>,
+    rules: BTreeMap<u32, RedirectRule>,
+    workers: Vec<(WorkerSpec, Arc<WorkerStats>)>,
+}
+
+impl MiddleboxHandler {
+    fn stats(&self, steerings: &[Steering]) -> Response {
+        let mut stats = Stats::default();
+        for steering in steerings {
+            match steering.counters() {
+                Ok(xdp) => stats.interfaces.push(InterfaceStats {
+                    name: steering.interface().to_owned(),
+                    mode: match steering.mode() {
+                        AttachedMode::Driver => "driver".into(),
+                        AttachedMode::Generic => "generic".into(),
+                    },
+                    xdp,
+                }),
+                Err(e) => {
+                    return Response::Error {
+                        message: e.to_string(),
+                    };
+                }
+            }
+        }
+        stats.workers = self
+            .workers
+            .iter()
+            .map(|(spec, counters)| worker::snapshot(spec, counters).into())
+            .collect();
+        Response::Stats(stats)
+    }
+
+    fn add_rule(&mut self, steerings: &mut [Steering], rule: RedirectRule) -> Response {
+        if let Err(e) = rule.validate() {
+            return Response::Error {
+                message: format!("rule {rule}: {e}"),
+            };
+        }
+        if let Some(old) = self.rules.get(&rule.id).copied() {
+            for steering in steerings.iter_mut() {
+                if let Err(e) = steering.remove_rule(&old) {
+                    tracing::warn!(error = %e, "removing the rule being replaced");
+                }
+            }
+        }
+        for steering in steerings.iter_mut() {
+            if let Err(e) = steering.insert_rule(&rule) {
+                return Response::Error {
+                    message: e.to_string(),
+                };
+            }
+        }
+        tracing::info!(%rule, "rule installed");
+        self.rules.insert(rule.id, rule);
+        Response::Done
+    }
+
+    fn remove_rule(&mut self, steerings: &mut [Steering], id: u32) -> Response {
+        let Some(rule) = self.rules.remove(&id) else {
+            return Response::Error {
+                message: format!("no rule with id {id}"),
+            };
+        };
+        for steering in steerings.iter_mut() {
+            if let Err(e) = steering.remove_rule(&rule) {
+                return Response::Error {
+                    message: e.to_string(),
+                };
+            }
+        }
+        tracing::info!(%rule, "rule removed");
+        Response::Done
+    }
+}
+
+impl Handler for MiddleboxHandler {
+    fn handle(&mut self, request: Request) -> Response {
+        let steerings = Arc::clone(&self.steerings);
+        let mut steerings = steerings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match request {
+            Request::Stats => self.stats(&steerings),
+            Request::Rules => Response::Rules {
+                rules: self.rules.values().copied().collect(),
+            },
+            Request::RuleAdd { rule } => self.add_rule(&mut steerings, rule),
+            Request::RuleDel { id } => self.remove_rule(&mut steerings, id),
+        }
+    }
+}
