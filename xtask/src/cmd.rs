@@ -1,0 +1,46 @@
+//! Running external commands with a visible trace and errors that say what failed.
+
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{Context as _, bail};
+
+/// Prints a step header, the way every long xtask shows what it is doing.
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+/// Runs `argv` with inherited output; fails with the command line if it exits non-zero.
+pub fn run(argv: &[&str]) -> anyhow::Result<()> {
+    run_env(argv, &[])
+}
+
+/// Like [`run`] with extra environment variables.
+pub fn run_env(argv: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    let (program, args) = argv.split_first().context("empty command")?;
+    eprintln!("    $ {}", argv.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("starting `{program}`"))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", argv.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs `argv` quietly and returns its output whatever the exit status.
+pub fn capture(argv: &[&str]) -> anyhow::Result<Output> {
+    let (program, args) = argv.split_first().context("empty command")?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting `{program}`"))
+}
+
+/// Whether `program` is on PATH.
+pub fn have(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
