@@ -1,0 +1,149 @@
+//! Per-session limits and timeouts, and the memory bound they imply.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::buffer::max_allocated;
+
+/// Most replicas one session may copy to. Bounds per-session state and makes a `u16`
+/// replica index always enough.
+pub const MAX_REPLICAS: u16 = 64;
+
+/// Largest accepted byte budget (1 GiB). Keeps every sum of budgets far from overflow.
+pub const MAX_BUDGET_BYTES: u64 = 1 << 30;
+
+/// Limits and timeouts of one replicated session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Number of replicas the client's stream is copied to (0 = plain proxy).
+    pub replica_count: u16,
+    /// How far a replica may fall behind the newest client byte before it is detached.
+    /// Only replicas are cut loose: the client is never slowed down on their account.
+    pub replica_budget_bytes: u64,
+    /// Client bytes the primary may have outstanding (buffered, not yet taken by its
+    /// socket). When it is full the core stops accepting client bytes: the only
+    /// backpressure in the system, and it comes from the real server.
+    pub primary_budget_bytes: u64,
+    /// Primary bytes buffered for the client before the core stops accepting from the
+    /// primary (backpressure from the client to the primary, as a plain proxy would).
+    pub response_budget_bytes: u64,
+    /// A session with no client or primary traffic for this long is reset on both sides.
+    pub idle_timeout: Duration,
+    /// An upstream (primary or replica) not connected within this long after the session
+    /// started has failed: the primary resets the session, a replica is detached.
+    pub connect_timeout: Duration,
+    /// Once client and primary are both closed, how long replicas still catching up may
+    /// take to receive the rest of the stream and their FIN before they are aborted.
+    pub drain_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            replica_count: 1,
+            replica_budget_bytes: 4 << 20,
+            primary_budget_bytes: 1 << 20,
+            response_budget_bytes: 1 << 20,
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Checks the limits; the manager and `Session::new` refuse invalid configurations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.replica_count > MAX_REPLICAS {
+            return Err(ConfigError::TooManyReplicas(self.replica_count));
+        }
+        for (name, value) in [
+            ("replica_budget_bytes", self.replica_budget_bytes),
+            ("primary_budget_bytes", self.primary_budget_bytes),
+            ("response_budget_bytes", self.response_budget_bytes),
+        ] {
+            if value == 0 || value > MAX_BUDGET_BYTES {
+                return Err(ConfigError::BudgetOutOfRange { name, value });
+            }
+        }
+        Ok(())
+    }
+
+    /// Most buffer memory (bytes of chunks) one session with this configuration can ever
+    /// hold. The client stream is stored once: its unread part is bounded by the primary
+    /// budget (acceptance stops there) and by the replica budget (a replica further
+    /// behind is detached before the bytes that would overrun it are stored).
+    pub fn max_memory(&self) -> u64 {
+        let upstream = if self.replica_count > 0 {
+            self.primary_budget_bytes.max(self.replica_budget_bytes)
+        } else {
+            self.primary_budget_bytes
+        };
+        max_allocated(upstream).saturating_add(max_allocated(self.response_budget_bytes))
+    }
+}
+
+/// Why a [`SessionConfig`] was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// More replicas than [`MAX_REPLICAS`].
+    TooManyReplicas(u16),
+    /// A byte budget is zero or above [`MAX_BUDGET_BYTES`].
+    BudgetOutOfRange {
+        /// Field name.
+        name: &'static str,
+        /// Rejected value.
+        value: u64,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooManyReplicas(n) => {
+                write!(
+                    f,
+                    "{n} replicas requested, at most {MAX_REPLICAS} supported"
+                )
+            }
+            Self::BudgetOutOfRange { name, value } => {
+                write!(f, "{name} = {value} is outside 1..={MAX_BUDGET_BYTES}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        assert_eq!(SessionConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_bad_limits() {
+        let mut c = SessionConfig {
+            replica_count: MAX_REPLICAS + 1,
+            ..SessionConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::TooManyReplicas(_))));
+        c.replica_count = 1;
+        c.primary_budget_bytes = 0;
+        assert!(c.validate().is_err());
+        c.primary_budget_bytes = MAX_BUDGET_BYTES + 1;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn memory_bound_ignores_replica_budget_without_replicas() {
+        let c = SessionConfig {
+            replica_count: 0,
+            ..SessionConfig::default()
+        };
+        assert!(c.max_memory() < SessionConfig::default().max_memory());
+    }
+}

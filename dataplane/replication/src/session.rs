@@ -1,0 +1,697 @@
+//! The state machine of one replicated session: client, primary and N replicas.
+//!
+//! It owns no socket and reads no clock. The I/O layer reports what happened on each
+//! connection (`on_*`), passes the current time in, sends what [`Session::pending`] gives
+//! it, and carries out what [`Session::poll_action`] asks for. See the crate docs for the
+//! step-by-step contract.
+//!
+//! Policy in one place:
+//! - Client bytes go, in order and exactly once, to the primary and to every live replica.
+//!   They are stored once ([`SharedBuffer`]), read by each destination at its own pace.
+//! - The client is only ever held back by the primary: [`Session::receive_window`] for the
+//!   client is the primary's free budget and nothing else. A replica that would fall more
+//!   than its budget behind is detached instead.
+//! - Client FIN: once every accepted client byte has been handed to an upstream, it gets
+//!   a FIN. Primary FIN: once its bytes have been handed to the client, the client gets one.
+//! - Client RST (or idle timeout): everything is reset at once.
+//! - Primary refused/reset/connect timeout: the client is reset; replicas are *closed*
+//!   (they get the bytes they are owed and a FIN), as at a normal end.
+//! - When client and primary are both done, replicas still catching up get
+//!   `drain_timeout` to finish; the rest are detached with [`DetachReason::DrainTimeout`].
+//!   Replicas are never waited for beyond that, so a session always ends in bounded time.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Instant;
+
+use crate::buffer::SharedBuffer;
+use crate::config::{ConfigError, SessionConfig};
+use crate::metrics::SessionStats;
+
+/// One of the connections of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The redirected client connection, terminated by the middlebox.
+    Client,
+    /// The middlebox's connection to the real server; its answers go back to the client.
+    Primary,
+    /// The middlebox's connection to replica number `n` (`0..replica_count`); its answers
+    /// are read and dropped.
+    Replica(u16),
+}
+
+/// Why a replica was cut loose from a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DetachReason {
+    /// Its connection attempt failed.
+    Refused,
+    /// Its established connection was reset or died.
+    Died,
+    /// It fell more than `replica_budget_bytes` behind the client stream.
+    Lagged,
+    /// It did not connect within `connect_timeout`.
+    ConnectTimeout,
+    /// It had not caught up when the drain period after the session's end ran out.
+    DrainTimeout,
+}
+
+/// Something the I/O layer must do. Each is emitted at most once per side and session, so
+/// the queue is bounded by the number of sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Open the connection to this upstream (primary or replica). Emitted at creation.
+    Connect(Side),
+    /// Everything for this side has been handed to its socket: send a FIN (shut down the
+    /// write half). Keep reading from it if the session is still running.
+    Close(Side),
+    /// Abort this connection (RST) and release its socket.
+    Reset(Side),
+    /// This replica is no longer part of the session: abort its connection if it is still
+    /// open, release its socket, log the reason.
+    Detached {
+        /// Replica index.
+        replica: u16,
+        /// Why.
+        reason: DetachReason,
+    },
+    /// The session is over; nothing more will be asked. Release every remaining socket
+    /// (those that got `Close` may finish their orderly close in the TCP stack) and remove
+    /// the session from its manager. Always the last action.
+    Finished,
+}
+
+/// A call the session could not apply. The session state is unchanged and the call is
+/// counted in [`SessionStats::ignored_inputs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// Replica index not below `replica_count`.
+    UnknownReplica(u16),
+    /// The event does not exist for this side (e.g. `on_connected(Client)`).
+    NotApplicable(Side),
+    /// Data reported after that side's FIN.
+    DataAfterFin(Side),
+    /// Data reported from an upstream that was never reported connected.
+    NotConnected(Side),
+    /// `on_sent` reported more bytes than were pending for that side.
+    SentTooMuch {
+        /// The side.
+        side: Side,
+        /// Bytes reported.
+        sent: usize,
+        /// Bytes that were pending.
+        pending: u64,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownReplica(i) => write!(f, "no replica with index {i} in this session"),
+            Self::NotApplicable(s) => write!(f, "event does not apply to {s:?}"),
+            Self::DataAfterFin(s) => write!(f, "data from {s:?} after its FIN"),
+            Self::NotConnected(s) => write!(f, "data from {s:?} before it connected"),
+            Self::SentTooMuch {
+                side,
+                sent,
+                pending,
+            } => write!(
+                f,
+                "{sent} bytes reported sent to {side:?}, only {pending} pending"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Life of an upstream connection as the core sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Connecting,
+    Open,
+    /// Our FIN was requested; for a replica this is the successful end.
+    FinSent,
+    /// Failed, detached or reset: the core no longer uses it.
+    Gone,
+}
+
+impl Link {
+    fn is_live(self) -> bool {
+        matches!(self, Self::Connecting | Self::Open)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Client and/or primary still running.
+    Open,
+    /// Client and primary done; replicas catching up until the deadline (if any).
+    Draining(Option<Instant>),
+    /// `Action::Finished` queued.
+    Finished,
+}
+
+/// Index of the primary's reader in the upstream buffer; replica `i` reads as `i + 1`.
+const PRIMARY_READER: usize = 0;
+/// Index of the client's reader in the downstream buffer.
+const CLIENT_READER: usize = 0;
+
+/// One replicated client connection. See the module docs for the policy.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    phase: Phase,
+    last_activity: Instant,
+    /// When upstreams still connecting give up (`None` if it overflowed `Instant`).
+    connect_deadline: Option<Instant>,
+    /// Client → primary and replicas.
+    upstream: SharedBuffer,
+    /// Primary → client.
+    downstream: SharedBuffer,
+    /// Client sent FIN.
+    client_eof: bool,
+    /// Our FIN to the client was requested.
+    client_fin_sent: bool,
+    /// The client connection is reset (by it or by us): nothing more flows to or from it.
+    client_gone: bool,
+    primary: Link,
+    /// Primary sent FIN.
+    primary_eof: bool,
+    replicas: Vec<Link>,
+    actions: VecDeque<Action>,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// Starts a session for a client connection that was just accepted. The first actions
+    /// ask to connect the primary and every replica.
+    pub fn new(config: SessionConfig, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let n = config.replica_count;
+        let mut actions = VecDeque::with_capacity(usize::from(n) + 2);
+        actions.push_back(Action::Connect(Side::Primary));
+        actions.extend((0..n).map(|i| Action::Connect(Side::Replica(i))));
+        Ok(Self {
+            connect_deadline: now.checked_add(config.connect_timeout),
+            phase: Phase::Open,
+            last_activity: now,
+            upstream: SharedBuffer::new(1 + usize::from(n)),
+            downstream: SharedBuffer::new(1),
+            client_eof: false,
+            client_fin_sent: false,
+            client_gone: false,
+            primary: Link::Connecting,
+            primary_eof: false,
+            replicas: vec![Link::Connecting; usize::from(n)],
+            actions,
+            stats: SessionStats::with_replicas(n),
+            config,
+        })
+    }
+
+    /// The configuration the session runs with.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Next thing the I/O layer must do, in order. Drain after every input.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// `true` once `Action::Finished` has been queued.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// Counters of this session.
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    /// Bytes the replica still has to receive, `None` if the index is unknown or the
+    /// replica is detached or done.
+    pub fn replica_lag(&self, replica: u16) -> Option<u64> {
+        self.upstream.lag(usize::from(replica) + 1)
+    }
+
+    /// Whether the replica is still part of the session (connecting or receiving).
+    pub fn replica_is_live(&self, replica: u16) -> bool {
+        self.replicas
+            .get(usize::from(replica))
+            .is_some_and(|l| l.is_live())
+    }
+
+    /// Bytes currently held for destinations that have not taken them yet.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.upstream.buffered() + self.downstream.buffered()
+    }
+
+    /// Chunk memory currently held; never above `config().max_memory()`.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.upstream.allocated() + self.downstream.allocated()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next (`None`: no timer).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let connecting =
+            self.primary == Link::Connecting || self.replicas.contains(&Link::Connecting);
+        let connect = self.connect_deadline.filter(|_| connecting);
+        let other = match self.phase {
+            Phase::Open => self.last_activity.checked_add(self.config.idle_timeout),
+            Phase::Draining(until) => until,
+            Phase::Finished => return None,
+        };
+        match (connect, other) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How many bytes the core accepts from `side` right now; read at most that much
+    /// from its socket before calling [`Session::on_data`].
+    ///
+    /// - Client: the primary's free budget (0 when the primary's queue is full, after the
+    ///   client's FIN, or once the session is ending). Replicas never shrink it.
+    /// - Primary: the free response budget toward the client.
+    /// - Replica: unbounded (`usize::MAX`): their answers are always read and dropped.
+    pub fn receive_window(&self, side: Side) -> usize {
+        if self.phase != Phase::Open {
+            return match side {
+                Side::Replica(i) if usize::from(i) < self.replicas.len() => usize::MAX,
+                _ => 0,
+            };
+        }
+        match side {
+            Side::Client => {
+                if self.client_eof || self.client_gone || self.primary == Link::Gone {
+                    return 0;
+                }
+                let used = self.upstream.lag(PRIMARY_READER).unwrap_or(0);
+                to_usize(self.config.primary_budget_bytes.saturating_sub(used))
+            }
+            Side::Primary => {
+                if self.primary_eof
+                    || self.client_gone
+                    || !matches!(self.primary, Link::Open | Link::FinSent)
+                {
+                    return 0;
+                }
+                let used = self.downstream.lag(CLIENT_READER).unwrap_or(0);
+                to_usize(self.config.response_budget_bytes.saturating_sub(used))
+            }
+            Side::Replica(i) if usize::from(i) < self.replicas.len() => usize::MAX,
+            Side::Replica(_) => 0,
+        }
+    }
+
+    /// The next contiguous bytes to hand to `side`'s socket (empty: nothing to send now).
+    /// Report what the socket took with [`Session::on_sent`], then ask again: a slice ends
+    /// at a storage chunk boundary, not necessarily at the end of the data.
+    pub fn pending(&self, side: Side) -> &[u8] {
+        match side {
+            Side::Client if !self.client_gone && !self.client_fin_sent => {
+                self.downstream.readable(CLIENT_READER)
+            }
+            Side::Primary if self.primary == Link::Open => self.upstream.readable(PRIMARY_READER),
+            Side::Replica(i) if self.replicas.get(usize::from(i)) == Some(&Link::Open) => {
+                self.upstream.readable(usize::from(i) + 1)
+            }
+            _ => &[],
+        }
+    }
+
+    /// The upstream `side` finished its connection handshake.
+    pub fn on_connected(&mut self, side: Side, now: Instant) -> Result<(), Error> {
+        let link = self.link_mut(side)?;
+        if *link == Link::Connecting {
+            *link = Link::Open;
+            if side == Side::Primary {
+                self.last_activity = now;
+            }
+        } else {
+            self.stats.ignored_inputs += 1;
+        }
+        self.progress(now);
+        Ok(())
+    }
+
+    /// The connection attempt to upstream `side` failed (RST to the SYN, unreachable...).
+    /// Same handling as [`Session::on_reset`].
+    pub fn on_refused(&mut self, side: Side, now: Instant) -> Result<(), Error> {
+        self.on_reset(side, now)
+    }
+
+    /// `side`'s connection was reset or died (its socket is gone: do not expect a `Reset`
+    /// action for it). Client: everything is aborted. Primary: the client is reset and the
+    /// replicas are closed. Replica: it is detached.
+    pub fn on_reset(&mut self, side: Side, now: Instant) -> Result<(), Error> {
+        self.check_side(side)?;
+        if self.phase == Phase::Finished {
+            self.stats.ignored_inputs += 1;
+            return Ok(());
+        }
+        match side {
+            Side::Client => {
+                if self.client_gone || self.phase != Phase::Open {
+                    self.stats.ignored_inputs += 1;
+                } else {
+                    self.client_gone = true;
+                    self.stats.client_resets += 1;
+                    self.abort_all(false);
+                }
+            }
+            Side::Primary => {
+                if self.primary == Link::Gone || self.phase != Phase::Open {
+                    self.stats.ignored_inputs += 1;
+                } else {
+                    self.primary_failed(false);
+                }
+            }
+            Side::Replica(i) => match self.replicas.get(usize::from(i)) {
+                Some(Link::Connecting) => self.detach(i, DetachReason::Refused),
+                Some(Link::Open) => self.detach(i, DetachReason::Died),
+                _ => self.stats.ignored_inputs += 1,
+            },
+        }
+        self.progress(now);
+        Ok(())
+    }
+
+    /// `side` sent a FIN. Report it only after every byte before it was accepted by
+    /// [`Session::on_data`] (the window may force you to hold data back first).
+    pub fn on_fin(&mut self, side: Side, now: Instant) -> Result<(), Error> {
+        self.check_side(side)?;
+        match side {
+            Side::Client if !self.client_eof && !self.client_gone => {
+                self.client_eof = true;
+                self.last_activity = now;
+            }
+            Side::Primary
+                if !self.primary_eof && matches!(self.primary, Link::Open | Link::FinSent) =>
+            {
+                self.primary_eof = true;
+                self.last_activity = now;
+            }
+            // A replica closing its sending half changes nothing: it may still receive.
+            Side::Replica(_) => {}
+            _ => self.stats.ignored_inputs += 1,
+        }
+        self.progress(now);
+        Ok(())
+    }
+
+    /// Bytes read from `side`. Returns how many were accepted (a prefix of `data`); keep
+    /// the rest in the socket and offer it again once the window reopens.
+    ///
+    /// Client and primary bytes are accepted up to [`Session::receive_window`]; replica
+    /// bytes are always accepted in full and dropped.
+    pub fn on_data(&mut self, side: Side, data: &[u8], now: Instant) -> Result<usize, Error> {
+        self.check_side(side)?;
+        let accepted = match side {
+            Side::Client => {
+                if self.client_eof {
+                    return self.reject(Error::DataAfterFin(side));
+                }
+                let n = data.len().min(self.receive_window(side));
+                if n > 0 {
+                    self.push_upstream(&data[..n]);
+                    self.last_activity = now;
+                } else if !data.is_empty() && self.phase != Phase::Open {
+                    self.stats.ignored_inputs += 1;
+                }
+                n
+            }
+            Side::Primary => {
+                if self.primary_eof {
+                    return self.reject(Error::DataAfterFin(side));
+                }
+                if self.primary == Link::Connecting {
+                    return self.reject(Error::NotConnected(side));
+                }
+                let n = data.len().min(self.receive_window(side));
+                if n > 0 {
+                    self.downstream.push(&data[..n]);
+                    self.stats.primary_bytes_in += n as u64;
+                    self.last_activity = now;
+                }
+                n
+            }
+            Side::Replica(_) => {
+                self.stats.replica_bytes_dropped += data.len() as u64;
+                data.len()
+            }
+        };
+        self.progress(now);
+        Ok(accepted)
+    }
+
+    /// The I/O layer handed `n` bytes of [`Session::pending`]`(side)` to `side`'s socket.
+    pub fn on_sent(&mut self, side: Side, n: usize, now: Instant) -> Result<(), Error> {
+        self.check_side(side)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (buf, reader) = match side {
+            Side::Client => (&mut self.downstream, CLIENT_READER),
+            Side::Primary => (&mut self.upstream, PRIMARY_READER),
+            Side::Replica(i) => (&mut self.upstream, usize::from(i) + 1),
+        };
+        let Some(lag) = buf.lag(reader) else {
+            // Late report for a side that was detached or is done: harmless.
+            self.stats.ignored_inputs += 1;
+            return Ok(());
+        };
+        if !buf.consume(reader, n as u64) {
+            return self.reject(Error::SentTooMuch {
+                side,
+                sent: n,
+                pending: lag,
+            });
+        }
+        match side {
+            Side::Client => {
+                self.stats.client_bytes_out += n as u64;
+                self.last_activity = now;
+            }
+            Side::Primary => {
+                self.stats.primary_bytes_out += n as u64;
+                self.last_activity = now;
+            }
+            Side::Replica(i) => {
+                if let Some(c) = self.stats.replica_bytes_out.get_mut(usize::from(i)) {
+                    *c += n as u64;
+                }
+            }
+        }
+        self.progress(now);
+        Ok(())
+    }
+
+    /// Fires every timer due at `now`: connect timeouts, idle timeout, end of drain.
+    /// Calling it early is harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.phase == Phase::Finished {
+            return;
+        }
+        if self.connect_deadline.is_some_and(|d| d <= now) {
+            if self.primary == Link::Connecting {
+                self.primary_failed(true);
+            }
+            for i in 0..self.replica_count() {
+                if self.replicas.get(usize::from(i)) == Some(&Link::Connecting) {
+                    self.detach(i, DetachReason::ConnectTimeout);
+                }
+            }
+        }
+        match self.phase {
+            // A primary that just timed out has already ended the session's main part;
+            // its replicas drain instead of being reset.
+            Phase::Open if !self.client_gone => {
+                let idle_at = self.last_activity.checked_add(self.config.idle_timeout);
+                if idle_at.is_some_and(|d| d <= now) {
+                    self.stats.idle_timeouts += 1;
+                    self.abort_all(true);
+                }
+            }
+            Phase::Draining(Some(until)) if until <= now => {
+                for i in 0..self.replica_count() {
+                    if self
+                        .replicas
+                        .get(usize::from(i))
+                        .is_some_and(|l| l.is_live())
+                    {
+                        self.detach(i, DetachReason::DrainTimeout);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.progress(now);
+    }
+
+    fn replica_count(&self) -> u16 {
+        self.config.replica_count
+    }
+
+    fn check_side(&mut self, side: Side) -> Result<(), Error> {
+        match side {
+            Side::Replica(i) if i >= self.replica_count() => {
+                self.stats.ignored_inputs += 1;
+                Err(Error::UnknownReplica(i))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn reject<T>(&mut self, e: Error) -> Result<T, Error> {
+        self.stats.ignored_inputs += 1;
+        Err(e)
+    }
+
+    fn link_mut(&mut self, side: Side) -> Result<&mut Link, Error> {
+        self.check_side(side)?;
+        match side {
+            Side::Client => self.reject(Error::NotApplicable(side)),
+            Side::Primary => Ok(&mut self.primary),
+            Side::Replica(i) => match self.replicas.get_mut(usize::from(i)) {
+                Some(l) => Ok(l),
+                None => Err(Error::UnknownReplica(i)),
+            },
+        }
+    }
+
+    /// Stores accepted client bytes. Replicas that these bytes would push past their
+    /// budget are detached first, so memory never exceeds `config.max_memory()`, even
+    /// transiently, and the client is never held back for them.
+    fn push_upstream(&mut self, data: &[u8]) {
+        let n = data.len() as u64;
+        for i in 0..self.replica_count() {
+            let over = self
+                .upstream
+                .lag(usize::from(i) + 1)
+                .is_some_and(|lag| lag + n > self.config.replica_budget_bytes);
+            if over
+                && self
+                    .replicas
+                    .get(usize::from(i))
+                    .is_some_and(|l| l.is_live())
+            {
+                self.detach(i, DetachReason::Lagged);
+            }
+        }
+        self.upstream.push(data);
+        self.stats.client_bytes_in += n;
+    }
+
+    fn detach(&mut self, i: u16, reason: DetachReason) {
+        if let Some(l) = self.replicas.get_mut(usize::from(i)) {
+            *l = Link::Gone;
+        }
+        self.upstream.detach(usize::from(i) + 1);
+        self.stats.detached.record(reason);
+        self.actions
+            .push_back(Action::Detached { replica: i, reason });
+    }
+
+    /// Primary refused, reset, or timed out connecting: the client cannot be served, so it
+    /// is reset. No more client bytes will come, so replicas are closed once they have
+    /// what was accepted.
+    fn primary_failed(&mut self, abort_primary: bool) {
+        if abort_primary {
+            self.actions.push_back(Action::Reset(Side::Primary));
+        }
+        self.primary = Link::Gone;
+        self.upstream.detach(PRIMARY_READER);
+        self.stats.primary_failures += 1;
+        if !self.client_gone {
+            self.client_gone = true;
+            self.actions.push_back(Action::Reset(Side::Client));
+        }
+        self.downstream.detach_all();
+    }
+
+    /// Resets everything still open: client reset (the client's own RST when
+    /// `reset_client` is false) or idle timeout.
+    fn abort_all(&mut self, reset_client: bool) {
+        if reset_client && !self.client_gone {
+            self.actions.push_back(Action::Reset(Side::Client));
+        }
+        self.client_gone = true;
+        if self.primary != Link::Gone {
+            self.primary = Link::Gone;
+            self.actions.push_back(Action::Reset(Side::Primary));
+        }
+        for (i, l) in (0u16..).zip(self.replicas.iter_mut()) {
+            if l.is_live() {
+                *l = Link::Gone;
+                self.actions.push_back(Action::Reset(Side::Replica(i)));
+            }
+        }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.upstream.detach_all();
+        self.downstream.detach_all();
+        self.phase = Phase::Finished;
+        self.actions.push_back(Action::Finished);
+    }
+
+    /// Derives FINs and the end of the session from the current state. Called after
+    /// every input.
+    fn progress(&mut self, now: Instant) {
+        if self.phase == Phase::Finished {
+            return;
+        }
+        // No more client bytes: each upstream gets its FIN once it has everything.
+        if self.client_eof || self.client_gone {
+            if self.client_eof
+                && self.primary == Link::Open
+                && self.upstream.lag(PRIMARY_READER) == Some(0)
+            {
+                self.primary = Link::FinSent;
+                self.actions.push_back(Action::Close(Side::Primary));
+            }
+            for i in 0..self.replica_count() {
+                let reader = usize::from(i) + 1;
+                let slot = usize::from(i);
+                if self.replicas.get(slot) == Some(&Link::Open)
+                    && self.upstream.lag(reader) == Some(0)
+                {
+                    if let Some(l) = self.replicas.get_mut(slot) {
+                        *l = Link::FinSent;
+                    }
+                    self.upstream.detach(reader);
+                    self.actions.push_back(Action::Close(Side::Replica(i)));
+                }
+            }
+        }
+        if self.primary_eof
+            && !self.client_fin_sent
+            && !self.client_gone
+            && self.downstream.lag(CLIENT_READER) == Some(0)
+        {
+            self.client_fin_sent = true;
+            self.downstream.detach(CLIENT_READER);
+            self.actions.push_back(Action::Close(Side::Client));
+        }
+        let main_done = self.client_gone
+            || (self.client_eof
+                && self.primary == Link::FinSent
+                && self.primary_eof
+                && self.client_fin_sent);
+        if !main_done {
+            return;
+        }
+        if !self.replicas.iter().any(|l| l.is_live()) {
+            self.finish();
+        } else if self.phase == Phase::Open {
+            self.phase = Phase::Draining(now.checked_add(self.config.drain_timeout));
+        }
+    }
+}
+
+fn to_usize(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
