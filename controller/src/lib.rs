@@ -1,0 +1,10 @@
+//! NCP controller (issue 4): an OpenFlow 1.3 controller that plans and installs the
+//! redirection rules of the NCP replication service.
+//!
+//! Layers, each usable on its own:
+//! - [`openflow`]: sans-IO codec for the OpenFlow 1.3 messages in use;
+//! - [`topology`] and [`planner`]: pure route and rule computation;
+//! - [`reconcile`]: pure diff of desired rules against what a switch reports;
+//! - [`switch`]: tokio glue that keeps switch connections alive.
+
+pub mod openflow;

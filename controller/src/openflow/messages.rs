@@ -1,0 +1,917 @@
+//! Typed OpenFlow 1.3 messages and their body layouts (everything after the header).
+
+use super::actions::{
+    Action, ActionError, Instruction, emit_actions, emit_instructions, parse_actions,
+    parse_instructions,
+};
+use super::bytes::{Put, Reader, Truncated, len16};
+use super::header::msg_type as t;
+use super::oxm::{MacAddr, Match, OxmError};
+
+/// `OFP_NO_BUFFER`: the packet is carried in full, not held in a switch buffer.
+pub const NO_BUFFER: u32 = 0xffff_ffff;
+/// `OFPG_ANY`: wildcard group in requests and deletes.
+pub const GROUP_ANY: u32 = 0xffff_ffff;
+/// `OFPTT_ALL`: every table, for flow-stats requests and deletes.
+pub const TABLE_ALL: u8 = 0xff;
+
+/// A body could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("message body truncated")]
+    Truncated,
+    #[error("match: {0}")]
+    Match(#[from] OxmError),
+    #[error("actions: {0}")]
+    Actions(#[from] ActionError),
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl From<Truncated> for BodyError {
+    fn from(_: Truncated) -> Self {
+        BodyError::Truncated
+    }
+}
+
+/// `ofp_error_msg`. `data` usually holds the start of the offending request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub err_type: u16,
+    pub code: u16,
+    pub data: Vec<u8>,
+}
+
+/// Error types (`ofp_error_type`) the controller emits or logs by name.
+pub mod error_type {
+    pub const HELLO_FAILED: u16 = 0;
+    pub const BAD_REQUEST: u16 = 1;
+    pub const BAD_ACTION: u16 = 2;
+    pub const BAD_INSTRUCTION: u16 = 3;
+    pub const BAD_MATCH: u16 = 4;
+    pub const FLOW_MOD_FAILED: u16 = 5;
+    pub const GROUP_MOD_FAILED: u16 = 6;
+}
+
+/// `ofp_switch_features`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchFeatures {
+    pub datapath_id: u64,
+    pub n_buffers: u32,
+    pub n_tables: u8,
+    pub auxiliary_id: u8,
+    pub capabilities: u32,
+}
+
+/// `ofp_switch_config` (SET_CONFIG / GET_CONFIG_REPLY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchConfig {
+    pub flags: u16,
+    /// Bytes of a packet sent to the controller when no buffer is used.
+    pub miss_send_len: u16,
+}
+
+/// `ofp_port`: one physical or logical switch port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortDesc {
+    pub port_no: u32,
+    pub hw_addr: MacAddr,
+    pub name: String,
+    pub config: u32,
+    pub state: u32,
+    pub curr: u32,
+    pub advertised: u32,
+    pub supported: u32,
+    pub peer: u32,
+    pub curr_speed: u32,
+    pub max_speed: u32,
+}
+
+/// `OFPPC_PORT_DOWN` in `config`, `OFPPS_LINK_DOWN` in `state`.
+pub const PORT_CONFIG_DOWN: u32 = 1;
+pub const PORT_STATE_LINK_DOWN: u32 = 1;
+const PORT_DESC_LEN: usize = 64;
+
+impl PortDesc {
+    /// True when the port can carry traffic (administratively up and link up).
+    pub fn is_live(&self) -> bool {
+        self.config & PORT_CONFIG_DOWN == 0 && self.state & PORT_STATE_LINK_DOWN == 0
+    }
+
+    fn emit(&self, out: &mut Vec<u8>) {
+        out.put_u32(self.port_no);
+        out.put_zeros(4);
+        out.extend_from_slice(&self.hw_addr.0);
+        out.put_zeros(2);
+        let mut name = [0u8; 16];
+        // Leave room for the terminating NUL the spec requires.
+        let n = self.name.len().min(15);
+        name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
+        out.extend_from_slice(&name);
+        for v in [
+            self.config,
+            self.state,
+            self.curr,
+            self.advertised,
+            self.supported,
+            self.peer,
+            self.curr_speed,
+            self.max_speed,
+        ] {
+            out.put_u32(v);
+        }
+    }
+
+    fn parse(r: &mut Reader<'_>) -> Result<Self, Truncated> {
+        let port_no = r.u32()?;
+        r.skip(4)?;
+        let hw_addr = MacAddr(r.array()?);
+        r.skip(2)?;
+        let raw: [u8; 16] = r.array()?;
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        let name = String::from_utf8_lossy(&raw[..end]).into_owned();
+        Ok(Self {
+            port_no,
+            hw_addr,
+            name,
+            config: r.u32()?,
+            state: r.u32()?,
+            curr: r.u32()?,
+            advertised: r.u32()?,
+            supported: r.u32()?,
+            peer: r.u32()?,
+            curr_speed: r.u32()?,
+            max_speed: r.u32()?,
+        })
+    }
+}
+
+/// `ofp_packet_in`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketIn {
+    pub buffer_id: u32,
+    pub total_len: u16,
+    pub reason: u8,
+    pub table_id: u8,
+    pub cookie: u64,
+    /// Carries at least `in_port`.
+    pub matched: Match,
+    pub data: Vec<u8>,
+}
+
+/// `ofp_packet_out`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketOut {
+    pub buffer_id: u32,
+    pub in_port: u32,
+    pub actions: Vec<Action>,
+    pub data: Vec<u8>,
+}
+
+/// `ofp_port_status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortStatus {
+    /// 0 add, 1 delete, 2 modify.
+    pub reason: u8,
+    pub desc: PortDesc,
+}
+
+/// `ofp_flow_removed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowRemoved {
+    pub cookie: u64,
+    pub priority: u16,
+    pub reason: u8,
+    pub table_id: u8,
+    pub duration_sec: u32,
+    pub duration_nsec: u32,
+    pub idle_timeout: u16,
+    pub hard_timeout: u16,
+    pub packet_count: u64,
+    pub byte_count: u64,
+    pub matched: Match,
+}
+
+/// `ofp_flow_mod_command`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowModCommand {
+    Add,
+    Modify,
+    ModifyStrict,
+    Delete,
+    DeleteStrict,
+    Other(u8),
+}
+
+impl FlowModCommand {
+    fn to_wire(self) -> u8 {
+        match self {
+            Self::Add => 0,
+            Self::Modify => 1,
+            Self::ModifyStrict => 2,
+            Self::Delete => 3,
+            Self::DeleteStrict => 4,
+            Self::Other(v) => v,
+        }
+    }
+    fn from_wire(v: u8) -> Self {
+        match v {
+            0 => Self::Add,
+            1 => Self::Modify,
+            2 => Self::ModifyStrict,
+            3 => Self::Delete,
+            4 => Self::DeleteStrict,
+            v => Self::Other(v),
+        }
+    }
+}
+
+/// `OFPFF_SEND_FLOW_REM`: ask for FLOW_REMOVED when the rule goes away.
+pub const FLOW_FLAG_SEND_FLOW_REM: u16 = 1;
+/// `OFPFF_CHECK_OVERLAP`.
+pub const FLOW_FLAG_CHECK_OVERLAP: u16 = 2;
+
+/// `ofp_flow_mod`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowMod {
+    pub cookie: u64,
+    /// For modify/delete: only rules whose cookie matches under this mask are affected.
+    pub cookie_mask: u64,
+    pub table_id: u8,
+    pub command: FlowModCommand,
+    pub idle_timeout: u16,
+    pub hard_timeout: u16,
+    pub priority: u16,
+    pub buffer_id: u32,
+    /// Delete filters; `port::ANY` / [`GROUP_ANY`] when unused.
+    pub out_port: u32,
+    pub out_group: u32,
+    pub flags: u16,
+    pub matched: Match,
+    pub instructions: Vec<Instruction>,
+}
+
+impl FlowMod {
+    /// An ADD with no timeouts, table 0, no buffer and no filters.
+    pub fn add(cookie: u64, priority: u16, matched: Match, instructions: Vec<Instruction>) -> Self {
+        Self {
+            cookie,
+            cookie_mask: 0,
+            table_id: 0,
+            command: FlowModCommand::Add,
+            idle_timeout: 0,
+            hard_timeout: 0,
+            priority,
+            buffer_id: NO_BUFFER,
+            out_port: super::actions::port::ANY,
+            out_group: GROUP_ANY,
+            flags: 0,
+            matched,
+            instructions,
+        }
+    }
+
+    /// A DELETE_STRICT of exactly the rule with this match and priority, restricted to
+    /// rules whose cookie equals `cookie` so that a foreign rule with the same match
+    /// survives.
+    pub fn delete_strict(cookie: u64, priority: u16, matched: Match) -> Self {
+        Self {
+            cookie,
+            cookie_mask: u64::MAX,
+            command: FlowModCommand::DeleteStrict,
+            ..Self::add(cookie, priority, matched, Vec::new())
+        }
+    }
+}
+
+/// `ofp_bucket` of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    pub weight: u16,
+    pub watch_port: u32,
+    pub watch_group: u32,
+    pub actions: Vec<Action>,
+}
+
+/// `ofp_group_mod`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMod {
+    /// 0 add, 1 modify, 2 delete.
+    pub command: u16,
+    /// 0 all, 1 select, 2 indirect, 3 fast failover.
+    pub group_type: u8,
+    pub group_id: u32,
+    pub buckets: Vec<Bucket>,
+}
+
+/// Request for `OFPMP_FLOW` (individual flow statistics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowStatsRequest {
+    pub table_id: u8,
+    pub out_port: u32,
+    pub out_group: u32,
+    pub cookie: u64,
+    pub cookie_mask: u64,
+    pub matched: Match,
+}
+
+impl FlowStatsRequest {
+    /// All flows in all tables whose cookie matches `cookie` under `cookie_mask`.
+    pub fn by_cookie(cookie: u64, cookie_mask: u64) -> Self {
+        Self {
+            table_id: TABLE_ALL,
+            out_port: super::actions::port::ANY,
+            out_group: GROUP_ANY,
+            cookie,
+            cookie_mask,
+            matched: Match::default(),
+        }
+    }
+}
+
+/// One `ofp_flow_stats` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowStats {
+    pub table_id: u8,
+    pub duration_sec: u32,
+    pub duration_nsec: u32,
+    pub priority: u16,
+    pub idle_timeout: u16,
+    pub hard_timeout: u16,
+    pub flags: u16,
+    pub cookie: u64,
+    pub packet_count: u64,
+    pub byte_count: u64,
+    pub matched: Match,
+    pub instructions: Vec<Instruction>,
+}
+
+mod multipart_type {
+    pub const FLOW: u16 = 1;
+    pub const PORT_DESC: u16 = 13;
+}
+
+/// `OFPMPF_REPLY_MORE`: more parts of this reply follow with the same xid.
+pub const MULTIPART_MORE: u16 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MultipartRequest {
+    PortDesc,
+    Flow(FlowStatsRequest),
+    Other {
+        mp_type: u16,
+        flags: u16,
+        body: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MultipartReplyBody {
+    PortDesc(Vec<PortDesc>),
+    Flow(Vec<FlowStats>),
+    Other { mp_type: u16, body: Vec<u8> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultipartReply {
+    /// [`MULTIPART_MORE`] when the reply continues in another message.
+    pub flags: u16,
+    pub body: MultipartReplyBody,
+}
+
+/// Every message the controller understands. Types outside this set decode to
+/// [`Message::Unknown`] so a connection survives, e.g., vendor extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Versions offered in the version bitmap (empty when the peer sent no bitmap).
+    Hello {
+        versions: Vec<u8>,
+    },
+    Error(ErrorMsg),
+    EchoRequest(Vec<u8>),
+    EchoReply(Vec<u8>),
+    FeaturesRequest,
+    FeaturesReply(SwitchFeatures),
+    SetConfig(SwitchConfig),
+    PacketIn(PacketIn),
+    FlowRemoved(FlowRemoved),
+    PortStatus(PortStatus),
+    PacketOut(PacketOut),
+    FlowMod(FlowMod),
+    GroupMod(GroupMod),
+    MultipartRequest(MultipartRequest),
+    MultipartReply(MultipartReply),
+    BarrierRequest,
+    BarrierReply,
+    Unknown {
+        version: u8,
+        msg_type: u8,
+        body: Vec<u8>,
+    },
+}
+
+const HELLO_ELEM_VERSIONBITMAP: u16 = 1;
+
+impl Message {
+    /// The `ofp_type` number of this message.
+    pub fn msg_type(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => t::HELLO,
+            Message::Error(_) => t::ERROR,
+            Message::EchoRequest(_) => t::ECHO_REQUEST,
+            Message::EchoReply(_) => t::ECHO_REPLY,
+            Message::FeaturesRequest => t::FEATURES_REQUEST,
+            Message::FeaturesReply(_) => t::FEATURES_REPLY,
+            Message::SetConfig(_) => t::SET_CONFIG,
+            Message::PacketIn(_) => t::PACKET_IN,
+            Message::FlowRemoved(_) => t::FLOW_REMOVED,
+            Message::PortStatus(_) => t::PORT_STATUS,
+            Message::PacketOut(_) => t::PACKET_OUT,
+            Message::FlowMod(_) => t::FLOW_MOD,
+            Message::GroupMod(_) => t::GROUP_MOD,
+            Message::MultipartRequest(_) => t::MULTIPART_REQUEST,
+            Message::MultipartReply(_) => t::MULTIPART_REPLY,
+            Message::BarrierRequest => t::BARRIER_REQUEST,
+            Message::BarrierReply => t::BARRIER_REPLY,
+            Message::Unknown { msg_type, .. } => *msg_type,
+        }
+    }
+
+    /// Appends the body (everything after the header).
+    pub fn emit_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Hello { versions } => {
+                if versions.is_empty() {
+                    return;
+                }
+                let words = versions
+                    .iter()
+                    .map(|v| usize::from(*v) / 32)
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
+                let mut bitmap = vec![0u32; words];
+                for v in versions {
+                    bitmap[usize::from(*v) / 32] |= 1 << (v % 32);
+                }
+                let start = out.len();
+                out.put_u16(HELLO_ELEM_VERSIONBITMAP);
+                out.put_u16(len16(4 + 4 * words));
+                for w in bitmap {
+                    out.put_u32(w);
+                }
+                out.pad_to_8(start);
+            }
+            Message::Error(e) => {
+                out.put_u16(e.err_type);
+                out.put_u16(e.code);
+                out.extend_from_slice(&e.data);
+            }
+            Message::EchoRequest(d) | Message::EchoReply(d) => out.extend_from_slice(d),
+            Message::FeaturesRequest | Message::BarrierRequest | Message::BarrierReply => {}
+            Message::FeaturesReply(f) => {
+                out.put_u64(f.datapath_id);
+                out.put_u32(f.n_buffers);
+                out.put_u8(f.n_tables);
+                out.put_u8(f.auxiliary_id);
+                out.put_zeros(2);
+                out.put_u32(f.capabilities);
+                out.put_u32(0);
+            }
+            Message::SetConfig(c) => {
+                out.put_u16(c.flags);
+                out.put_u16(c.miss_send_len);
+            }
+            Message::PacketIn(p) => {
+                out.put_u32(p.buffer_id);
+                out.put_u16(p.total_len);
+                out.put_u8(p.reason);
+                out.put_u8(p.table_id);
+                out.put_u64(p.cookie);
+                p.matched.emit(out);
+                out.put_zeros(2);
+                out.extend_from_slice(&p.data);
+            }
+            Message::FlowRemoved(f) => {
+                out.put_u64(f.cookie);
+                out.put_u16(f.priority);
+                out.put_u8(f.reason);
+                out.put_u8(f.table_id);
+                out.put_u32(f.duration_sec);
+                out.put_u32(f.duration_nsec);
+                out.put_u16(f.idle_timeout);
+                out.put_u16(f.hard_timeout);
+                out.put_u64(f.packet_count);
+                out.put_u64(f.byte_count);
+                f.matched.emit(out);
+            }
+            Message::PortStatus(p) => {
+                out.put_u8(p.reason);
+                out.put_zeros(7);
+                p.desc.emit(out);
+            }
+            Message::PacketOut(p) => {
+                out.put_u32(p.buffer_id);
+                out.put_u32(p.in_port);
+                let len_at = out.len();
+                out.put_u16(0);
+                out.put_zeros(6);
+                let start = out.len();
+                emit_actions(&p.actions, out);
+                let alen = len16(out.len() - start);
+                out.patch_u16(len_at, alen);
+                out.extend_from_slice(&p.data);
+            }
+            Message::FlowMod(f) => {
+                out.put_u64(f.cookie);
+                out.put_u64(f.cookie_mask);
+                out.put_u8(f.table_id);
+                out.put_u8(f.command.to_wire());
+                out.put_u16(f.idle_timeout);
+                out.put_u16(f.hard_timeout);
+                out.put_u16(f.priority);
+                out.put_u32(f.buffer_id);
+                out.put_u32(f.out_port);
+                out.put_u32(f.out_group);
+                out.put_u16(f.flags);
+                out.put_zeros(2);
+                f.matched.emit(out);
+                emit_instructions(&f.instructions, out);
+            }
+            Message::GroupMod(g) => {
+                out.put_u16(g.command);
+                out.put_u8(g.group_type);
+                out.put_u8(0);
+                out.put_u32(g.group_id);
+                for b in &g.buckets {
+                    let start = out.len();
+                    out.put_u16(0);
+                    out.put_u16(b.weight);
+                    out.put_u32(b.watch_port);
+                    out.put_u32(b.watch_group);
+                    out.put_zeros(4);
+                    emit_actions(&b.actions, out);
+                    let blen = len16(out.len() - start);
+                    out.patch_u16(start, blen);
+                }
+            }
+            Message::MultipartRequest(m) => {
+                let (ty, flags) = match m {
+                    MultipartRequest::PortDesc => (multipart_type::PORT_DESC, 0),
+                    MultipartRequest::Flow(_) => (multipart_type::FLOW, 0),
+                    MultipartRequest::Other { mp_type, flags, .. } => (*mp_type, *flags),
+                };
+                out.put_u16(ty);
+                out.put_u16(flags);
+                out.put_zeros(4);
+                match m {
+                    MultipartRequest::PortDesc => {}
+                    MultipartRequest::Flow(f) => {
+                        out.put_u8(f.table_id);
+                        out.put_zeros(3);
+                        out.put_u32(f.out_port);
+                        out.put_u32(f.out_group);
+                        out.put_zeros(4);
+                        out.put_u64(f.cookie);
+                        out.put_u64(f.cookie_mask);
+                        f.matched.emit(out);
+                    }
+                    MultipartRequest::Other { body, .. } => out.extend_from_slice(body),
+                }
+            }
+            Message::MultipartReply(m) => {
+                let ty = match &m.body {
+                    MultipartReplyBody::PortDesc(_) => multipart_type::PORT_DESC,
+                    MultipartReplyBody::Flow(_) => multipart_type::FLOW,
+                    MultipartReplyBody::Other { mp_type, .. } => *mp_type,
+                };
+                out.put_u16(ty);
+                out.put_u16(m.flags);
+                out.put_zeros(4);
+                match &m.body {
+                    MultipartReplyBody::PortDesc(ports) => {
+                        for p in ports {
+                            p.emit(out);
+                        }
+                    }
+                    MultipartReplyBody::Flow(flows) => {
+                        for f in flows {
+                            emit_flow_stats(f, out);
+                        }
+                    }
+                    MultipartReplyBody::Other { body, .. } => out.extend_from_slice(body),
+                }
+            }
+            Message::Unknown { body, .. } => out.extend_from_slice(body),
+        }
+    }
+
+    /// Decodes a body of the given type. `version` only matters for HELLO (any version
+    /// may say hello); the codec routes other versions to [`Message::Unknown`].
+    pub fn parse_body(version: u8, msg_type: u8, body: &[u8]) -> Result<Self, BodyError> {
+        let mut r = Reader::new(body);
+        let m = match msg_type {
+            t::HELLO => Message::Hello {
+                versions: parse_hello(&mut r)?,
+            },
+            t::ERROR => Message::Error(ErrorMsg {
+                err_type: r.u16()?,
+                code: r.u16()?,
+                data: r.rest().to_vec(),
+            }),
+            t::ECHO_REQUEST => Message::EchoRequest(r.rest().to_vec()),
+            t::ECHO_REPLY => Message::EchoReply(r.rest().to_vec()),
+            t::FEATURES_REQUEST => Message::FeaturesRequest,
+            t::FEATURES_REPLY => {
+                let datapath_id = r.u64()?;
+                let n_buffers = r.u32()?;
+                let n_tables = r.u8()?;
+                let auxiliary_id = r.u8()?;
+                r.skip(2)?;
+                let capabilities = r.u32()?;
+                r.skip(4)?;
+                Message::FeaturesReply(SwitchFeatures {
+                    datapath_id,
+                    n_buffers,
+                    n_tables,
+                    auxiliary_id,
+                    capabilities,
+                })
+            }
+            t::SET_CONFIG => Message::SetConfig(SwitchConfig {
+                flags: r.u16()?,
+                miss_send_len: r.u16()?,
+            }),
+            t::PACKET_IN => {
+                let buffer_id = r.u32()?;
+                let total_len = r.u16()?;
+                let reason = r.u8()?;
+                let table_id = r.u8()?;
+                let cookie = r.u64()?;
+                let matched = Match::parse(&mut r)?;
+                r.skip(2)?;
+                Message::PacketIn(PacketIn {
+                    buffer_id,
+                    total_len,
+                    reason,
+                    table_id,
+                    cookie,
+                    matched,
+                    data: r.rest().to_vec(),
+                })
+            }
+            t::FLOW_REMOVED => Message::FlowRemoved(FlowRemoved {
+                cookie: r.u64()?,
+                priority: r.u16()?,
+                reason: r.u8()?,
+                table_id: r.u8()?,
+                duration_sec: r.u32()?,
+                duration_nsec: r.u32()?,
+                idle_timeout: r.u16()?,
+                hard_timeout: r.u16()?,
+                packet_count: r.u64()?,
+                byte_count: r.u64()?,
+                matched: Match::parse(&mut r)?,
+            }),
+            t::PORT_STATUS => {
+                let reason = r.u8()?;
+                r.skip(7)?;
+                Message::PortStatus(PortStatus {
+                    reason,
+                    desc: PortDesc::parse(&mut r)?,
+                })
+            }
+            t::PACKET_OUT => {
+                let buffer_id = r.u32()?;
+                let in_port = r.u32()?;
+                let alen = usize::from(r.u16()?);
+                r.skip(6)?;
+                let actions = parse_actions(r.bytes(alen)?)?;
+                Message::PacketOut(PacketOut {
+                    buffer_id,
+                    in_port,
+                    actions,
+                    data: r.rest().to_vec(),
+                })
+            }
+            t::FLOW_MOD => {
+                let cookie = r.u64()?;
+                let cookie_mask = r.u64()?;
+                let table_id = r.u8()?;
+                let command = FlowModCommand::from_wire(r.u8()?);
+                let idle_timeout = r.u16()?;
+                let hard_timeout = r.u16()?;
+                let priority = r.u16()?;
+                let buffer_id = r.u32()?;
+                let out_port = r.u32()?;
+                let out_group = r.u32()?;
+                let flags = r.u16()?;
+                r.skip(2)?;
+                let matched = Match::parse(&mut r)?;
+                let instructions = parse_instructions(r.rest())?;
+                Message::FlowMod(FlowMod {
+                    cookie,
+                    cookie_mask,
+                    table_id,
+                    command,
+                    idle_timeout,
+                    hard_timeout,
+                    priority,
+                    buffer_id,
+                    out_port,
+                    out_group,
+                    flags,
+                    matched,
+                    instructions,
+                })
+            }
+            t::GROUP_MOD => {
+                let command = r.u16()?;
+                let group_type = r.u8()?;
+                r.skip(1)?;
+                let group_id = r.u32()?;
+                let mut buckets = Vec::new();
+                while !r.is_empty() {
+                    let len = usize::from(r.peek_u16(0)?);
+                    if len < 16 {
+                        return Err(BodyError::Invalid("bucket shorter than its header"));
+                    }
+                    let mut b = Reader::new(r.bytes(len)?);
+                    b.skip(2)?;
+                    buckets.push(Bucket {
+                        weight: b.u16()?,
+                        watch_port: b.u32()?,
+                        watch_group: b.u32()?,
+                        actions: {
+                            b.skip(4)?;
+                            parse_actions(b.rest())?
+                        },
+                    });
+                }
+                Message::GroupMod(GroupMod {
+                    command,
+                    group_type,
+                    group_id,
+                    buckets,
+                })
+            }
+            t::MULTIPART_REQUEST => {
+                let mp_type = r.u16()?;
+                let flags = r.u16()?;
+                r.skip(4)?;
+                Message::MultipartRequest(match mp_type {
+                    multipart_type::PORT_DESC => MultipartRequest::PortDesc,
+                    multipart_type::FLOW => {
+                        let table_id = r.u8()?;
+                        r.skip(3)?;
+                        let out_port = r.u32()?;
+                        let out_group = r.u32()?;
+                        r.skip(4)?;
+                        MultipartRequest::Flow(FlowStatsRequest {
+                            table_id,
+                            out_port,
+                            out_group,
+                            cookie: r.u64()?,
+                            cookie_mask: r.u64()?,
+                            matched: Match::parse(&mut r)?,
+                        })
+                    }
+                    _ => MultipartRequest::Other {
+                        mp_type,
+                        flags,
+                        body: r.rest().to_vec(),
+                    },
+                })
+            }
+            t::MULTIPART_REPLY => {
+                let mp_type = r.u16()?;
+                let flags = r.u16()?;
+                r.skip(4)?;
+                let body = match mp_type {
+                    multipart_type::PORT_DESC => {
+                        if !r.remaining().is_multiple_of(PORT_DESC_LEN) {
+                            return Err(BodyError::Invalid("port list not a multiple of 64"));
+                        }
+                        let mut ports = Vec::new();
+                        while !r.is_empty() {
+                            ports.push(PortDesc::parse(&mut r)?);
+                        }
+                        MultipartReplyBody::PortDesc(ports)
+                    }
+                    multipart_type::FLOW => {
+                        let mut flows = Vec::new();
+                        while !r.is_empty() {
+                            flows.push(parse_flow_stats(&mut r)?);
+                        }
+                        MultipartReplyBody::Flow(flows)
+                    }
+                    _ => MultipartReplyBody::Other {
+                        mp_type,
+                        body: r.rest().to_vec(),
+                    },
+                };
+                Message::MultipartReply(MultipartReply { flags, body })
+            }
+            t::BARRIER_REQUEST => Message::BarrierRequest,
+            t::BARRIER_REPLY => Message::BarrierReply,
+            other => Message::Unknown {
+                version,
+                msg_type: other,
+                body: r.rest().to_vec(),
+            },
+        };
+        Ok(m)
+    }
+}
+
+/// Reads the HELLO elements and returns the versions named in a version bitmap.
+/// Unknown element types are skipped, as the spec asks.
+fn parse_hello(r: &mut Reader<'_>) -> Result<Vec<u8>, BodyError> {
+    let mut versions = Vec::new();
+    while r.remaining() >= 4 {
+        let ty = r.u16()?;
+        let len = usize::from(r.u16()?);
+        if len < 4 {
+            return Err(BodyError::Invalid("hello element shorter than its header"));
+        }
+        let mut body = Reader::new(r.bytes(len - 4)?);
+        // Elements are padded to 8 bytes; tolerate a missing pad on the last one.
+        let pad = (8 - len % 8) % 8;
+        r.skip(pad.min(r.remaining()))?;
+        if ty == HELLO_ELEM_VERSIONBITMAP {
+            let mut word_no: u32 = 0;
+            while body.remaining() >= 4 {
+                let w = body.u32()?;
+                for bit in 0..32u32 {
+                    if w & (1 << bit) != 0
+                        && let Ok(v) = u8::try_from(word_no * 32 + bit)
+                    {
+                        versions.push(v);
+                    }
+                }
+                word_no = word_no.saturating_add(1);
+            }
+        }
+    }
+    Ok(versions)
+}
+
+fn emit_flow_stats(f: &FlowStats, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.put_u16(0);
+    out.put_u8(f.table_id);
+    out.put_u8(0);
+    out.put_u32(f.duration_sec);
+    out.put_u32(f.duration_nsec);
+    out.put_u16(f.priority);
+    out.put_u16(f.idle_timeout);
+    out.put_u16(f.hard_timeout);
+    out.put_u16(f.flags);
+    out.put_zeros(4);
+    out.put_u64(f.cookie);
+    out.put_u64(f.packet_count);
+    out.put_u64(f.byte_count);
+    f.matched.emit(out);
+    emit_instructions(&f.instructions, out);
+    let len = len16(out.len() - start);
+    out.patch_u16(start, len);
+}
+
+fn parse_flow_stats(r: &mut Reader<'_>) -> Result<FlowStats, BodyError> {
+    let len = usize::from(r.peek_u16(0)?);
+    if len < 56 {
+        return Err(BodyError::Invalid(
+            "flow stats entry shorter than its header",
+        ));
+    }
+    let mut e = Reader::new(r.bytes(len)?);
+    e.skip(2)?;
+    let table_id = e.u8()?;
+    e.skip(1)?;
+    let duration_sec = e.u32()?;
+    let duration_nsec = e.u32()?;
+    let priority = e.u16()?;
+    let idle_timeout = e.u16()?;
+    let hard_timeout = e.u16()?;
+    let flags = e.u16()?;
+    e.skip(4)?;
+    let cookie = e.u64()?;
+    let packet_count = e.u64()?;
+    let byte_count = e.u64()?;
+    let matched = Match::parse(&mut e)?;
+    let instructions = parse_instructions(e.rest())?;
+    Ok(FlowStats {
+        table_id,
+        duration_sec,
+        duration_nsec,
+        priority,
+        idle_timeout,
+        hard_timeout,
+        flags,
+        cookie,
+        packet_count,
+        byte_count,
+        matched,
+        instructions,
+    })
+}
