@@ -215,7 +215,10 @@ impl Manager {
         }
         let stats = slot.session.stats().clone();
         self.retired.totals.add(&stats);
-        if self.timers.len() > 2 * self.sessions.len() + 64 {
+        if self.sessions.is_empty() {
+            // Nothing left to wake up for: spare the caller stale wakeups.
+            self.timers.clear();
+        } else if self.timers.len() > 2 * self.sessions.len() + 64 {
             self.rebuild_timers();
         }
         Some(stats)

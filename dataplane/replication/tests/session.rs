@@ -481,3 +481,34 @@ fn extreme_timeouts_do_not_panic() {
     s.handle_timeout(clock.now());
     assert_eq!(actions(&mut s).last(), Some(&Action::Finished));
 }
+
+#[test]
+fn stalled_replicas_never_change_what_the_client_may_send() {
+    // Same primary behaviour, with and without two replicas that never read: the client
+    // sees exactly the same windows and acceptance.
+    let clock = Clock::new();
+    let now = clock.now();
+    let mut plain = connected(config(0), &clock);
+    let mut replicated = connected(config(2), &clock);
+    let mut rng = common::Rng::new(42);
+    for _ in 0..500 {
+        let chunk = vec![3u8; rng.upto(9_000)];
+        let take = rng.upto(6_000);
+        for s in [&mut plain, &mut replicated] {
+            s.on_data(Side::Client, &chunk, now).unwrap();
+            let n = take.min(s.pending(Side::Primary).len());
+            s.on_sent(Side::Primary, n, now).unwrap();
+        }
+        assert_eq!(
+            plain.receive_window(Side::Client),
+            replicated.receive_window(Side::Client)
+        );
+        assert_eq!(
+            plain.stats().client_bytes_in,
+            replicated.stats().client_bytes_in
+        );
+    }
+    // The stalled replicas were cut loose instead.
+    assert_eq!(replicated.stats().detached.lagged, 2);
+    assert!(replicated.allocated_bytes() <= replicated.config().max_memory());
+}
