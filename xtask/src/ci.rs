@@ -13,7 +13,8 @@ use crate::{
 pub fn ci() -> anyhow::Result<()> {
     setup::setup()?;
     step("formatting (cargo fmt --check)");
-    run(&["cargo", "fmt", "--all", "--", "--check"]).context("run `cargo fmt --all` and commit the result")?;
+    run(&["cargo", "fmt", "--all", "--", "--check"])
+        .context("run `cargo fmt --all` and commit the result")?;
     step("lints (cargo clippy -D warnings)");
     run(&["cargo", "clippy", "--all-targets", "--", "-D", "warnings"])?;
     step("lints of the XDP program (bpf target, nightly)");
@@ -40,7 +41,15 @@ pub fn ci() -> anyhow::Result<()> {
     // CI=true turns a missing privilege or tool into a failure instead of a skip.
     let ci = std::env::var("CI").unwrap_or_default();
     run_env(
-        &["cargo", "test", "--workspace", "--exclude", "ncp-xdp", "--", "--test-threads=1"],
+        &[
+            "cargo",
+            "test",
+            "--workspace",
+            "--exclude",
+            "ncp-xdp",
+            "--",
+            "--test-threads=1",
+        ],
         &[("CI", if ci.is_empty() { "false" } else { ci.as_str() })],
     )?;
     step("all checks passed");

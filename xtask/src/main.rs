@@ -1,12 +1,19 @@
 //! `cargo xtask`: NCP's developer and operator tasks.
 
+mod bench;
 mod ci;
 mod cmd;
+mod demo;
+mod middlebox;
 mod setup;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
-/// NCP's tasks: install prerequisites, run CI, manage the test bed.
+use clap::{Parser, Subcommand};
+use ncp_testbed::{DEFAULT_PREFIX, Testbed, Topology, UpOptions};
+
+/// NCP's tasks: install prerequisites, run CI, manage the test bed, run the demo and the
+/// benchmarks. Everything that touches the network needs root.
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -20,6 +27,45 @@ enum Task {
     Setup,
     /// Everything CI checks: setup, fmt, clippy, unit and privileged integration tests.
     Ci,
+    /// Bring a test bed (namespaces + Open vSwitch bridges) up or down.
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
+    },
+    /// The main job on the built-in test bed (paper topology), with a short report.
+    Demo {
+        /// Leave the test bed and the middlebox running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Benchmarks, side by side in one run; results in bench-results/.
+    Bench {
+        /// Experiments to run (default: all).
+        #[arg(value_enum)]
+        experiments: Vec<bench::Experiment>,
+        /// Rounds per measurement.
+        #[arg(long, default_value_t = 3)]
+        repetitions: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TestbedAction {
+    /// Create the hosts, switches and links of a topology file (a second `up` is fine).
+    Up {
+        /// Topology file, e.g. testbed/paper.toml or testbed/tree.toml.
+        #[arg(long, default_value = "testbed/paper.toml")]
+        topology: PathBuf,
+        /// Prefix of every name created.
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Remove everything a test bed with this prefix created, also after a crash.
+    Down {
+        /// Prefix given to `up`.
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
 }
 
 fn main() {
@@ -33,9 +79,55 @@ fn main() {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Ci => ci::ci(),
+        Task::Testbed { action } => testbed(action),
+        Task::Demo { keep } => demo::demo(keep),
+        Task::Bench {
+            experiments,
+            repetitions,
+        } => {
+            let all = [bench::Experiment::Steering];
+            bench::bench(
+                if experiments.is_empty() {
+                    &all
+                } else {
+                    &experiments
+                },
+                repetitions.max(1),
+            )
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn testbed(action: TestbedAction) -> anyhow::Result<()> {
+    match action {
+        TestbedAction::Up { topology, prefix } => {
+            let topo = Topology::load(&topology)?;
+            let bed = Testbed::up(&topo, &UpOptions::with_prefix(&prefix))?;
+            for host in &topo.hosts {
+                for iface in &host.interfaces {
+                    println!(
+                        "{:<12} {:<5} {:<16} {}  (netns {})",
+                        host.name,
+                        iface.name,
+                        bed.address(&host.name, &iface.name)?,
+                        ncp_testbed::Mac(bed.mac(&host.name, &iface.name)?),
+                        bed.netns(&host.name)?
+                    );
+                }
+            }
+            println!(
+                "test bed `{prefix}` is up; tear down with: cargo xtask testbed down --prefix {prefix}"
+            );
+            Ok(())
+        }
+        TestbedAction::Down { prefix } => {
+            let report = Testbed::down(&prefix)?;
+            println!("{report:?}");
+            Ok(())
+        }
     }
 }

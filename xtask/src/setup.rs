@@ -42,18 +42,37 @@ pub fn setup() -> anyhow::Result<()> {
         run_env(&argv, &[("DEBIAN_FRONTEND", "noninteractive")])?;
     }
 
-    step(&format!("checking rust-src for the `{EBPF_TOOLCHAIN}` toolchain"));
-    let components = capture(&["rustup", "component", "list", "--toolchain", EBPF_TOOLCHAIN, "--installed"])?;
+    step(&format!(
+        "checking rust-src for the `{EBPF_TOOLCHAIN}` toolchain"
+    ));
+    let components = capture(&[
+        "rustup",
+        "component",
+        "list",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+        "--installed",
+    ])?;
     if !components.status.success() {
         bail!(
             "the `{EBPF_TOOLCHAIN}` Rust toolchain is missing; the XDP program needs it \
              (rustup toolchain install nightly)"
         );
     }
-    if String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&components.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         eprintln!("    present");
     } else {
-        run(&["rustup", "component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN])?;
+        run(&[
+            "rustup",
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ])?;
     }
 
     step(&format!("checking bpf-linker {BPF_LINKER_VERSION}"));

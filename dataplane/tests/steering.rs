@@ -1,0 +1,531 @@
+//! Privileged integration tests of XDP steering on the paper's test bed (Open vSwitch
+//! bridges and network namespaces): the middlebox runs in its namespace, the source host
+//! sends real and generated traffic through the production switch.
+//!
+//! These need root, Open vSwitch and XDP. When they are missing the tests print why and
+//! return, except under CI=true, where that is a failure.
+
+#![allow(clippy::unwrap_used, reason = "test code: a failed step should fail the test")]
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ncp_dataplane::{
+    control::{self, Request, Response, Stats},
+    frame::Malformation,
+};
+use ncp_testbed::{Testbed, Topology, UpOptions};
+
+const PKTGEN: &str = env!("CARGO_BIN_EXE_ncp-pktgen");
+const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
+const SERVICE_PORT: u16 = 5201;
+
+/// Runs `argv` in `host` and returns its output whatever the exit status.
+fn unchecked(bed: &Testbed, host: &str, argv: &[&str]) -> std::io::Result<std::process::Output> {
+    bed.command(host, argv)
+        .map_err(std::io::Error::other)?
+        .stdin(Stdio::null())
+        .output()
+}
+
+/// Skips (or, under CI, fails) when the machine cannot run these tests.
+fn privileged() -> bool {
+    match ncp_testbed::require_privileges() {
+        Ok(()) => true,
+        Err(missing) => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "CI=true but the steering tests cannot run: {missing}");
+            eprintln!("skipped: {missing}");
+            false
+        }
+    }
+}
+
+fn paper_topology() -> Topology {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml");
+    Topology::load(&path).expect("testbed/paper.toml loads")
+}
+
+/// The paper test bed plus a running middlebox on its production NIC; torn down on drop.
+struct Scene {
+    bed: Testbed,
+    prefix: String,
+    middlebox: Option<Child>,
+    socket: PathBuf,
+    config: PathBuf,
+    source_ip: Ipv4Addr,
+    primary_ip: Ipv4Addr,
+    middlebox_ip: Ipv4Addr,
+    middlebox_mac: String,
+}
+
+impl Scene {
+    fn start(prefix: &str) -> Scene {
+        let topology = paper_topology();
+        let _ = Testbed::down(prefix);
+        let bed =
+            Testbed::up(&topology, &UpOptions::with_prefix(prefix)).expect("test bed comes up");
+        let source_ip = bed.address("source", "eth0").unwrap();
+        let primary_ip = bed.address("primary", "eth0").unwrap();
+        let middlebox_ip = bed.address("middlebox", "eth0").unwrap();
+        let mac = bed.mac("middlebox", "eth0").unwrap();
+        let middlebox_mac = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let dir = std::env::temp_dir().join(format!("ncp-steering-{prefix}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("mb.sock");
+        let config = dir.join("mb.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+control_socket = "{socket}"
+[[interfaces]]
+name = "eth0"
+address = "{middlebox_ip}"
+ports = {{ first = 40000, last = 40999 }}
+queues = [{{ queue = 0, core = 1 }}]
+
+[[rules]]
+id = 1
+source = "{source_ip}/32"
+destination = "{primary_ip}"
+destination_port = {SERVICE_PORT}
+"#,
+                socket = socket.display()
+            ),
+        )
+        .unwrap();
+        let mut scene = Scene {
+            bed,
+            prefix: prefix.to_owned(),
+            middlebox: None,
+            socket,
+            config,
+            source_ip,
+            primary_ip,
+            middlebox_ip,
+            middlebox_mac,
+        };
+        scene.start_middlebox();
+        scene
+    }
+
+    fn start_middlebox(&mut self) {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.bed.netns("middlebox").unwrap(),
+                MIDDLEBOX,
+                "run",
+                "--config",
+            ])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("middlebox starts");
+        self.middlebox = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while control::call(&self.socket, &Request::Stats).is_err() {
+            if let Some(status) = self.middlebox.as_mut().unwrap().try_wait().unwrap() {
+                panic!("middlebox exited during start-up: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "middlebox control socket never came up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        match control::call(&self.socket, &Request::Stats).expect("stats") {
+            Response::Stats(s) => s,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    fn request(&self, request: Request) -> Response {
+        control::call(&self.socket, &request).expect("control request")
+    }
+
+    /// Sends `count` generated frames from the source to the middlebox's MAC.
+    fn pktgen(
+        &self,
+        dst: Ipv4Addr,
+        port: u16,
+        count: u64,
+        malformed: Option<Malformation>,
+    ) -> std::process::Output {
+        let count = count.to_string();
+        let port = port.to_string();
+        let src = self.source_ip.to_string();
+        let dst = dst.to_string();
+        let mut argv = vec![
+            PKTGEN,
+            "--interface",
+            "eth0",
+            "--dst-mac",
+            &self.middlebox_mac,
+            "--src-ip",
+            &src,
+            "--dst-ip",
+            &dst,
+            "--dst-port",
+            &port,
+            "--count",
+            &count,
+            // OVS's userspace datapath drops bursts it cannot keep up with; a steady
+            // rate lets every frame through so the counts can be compared exactly.
+            "--rate",
+            "10000",
+        ];
+        let kind;
+        if let Some(m) = malformed {
+            kind = serde_json::to_value(m)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned();
+            argv.extend(["--malformed", kind.as_str()]);
+        }
+        unchecked(&self.bed, "source", &argv).expect("pktgen runs")
+    }
+
+    fn pktgen_ok(&self, dst: Ipv4Addr, port: u16, count: u64) {
+        let out = self.pktgen(dst, port, count, None);
+        assert!(
+            out.status.success(),
+            "pktgen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until the workers have taken every redirected frame, then returns the stats.
+    fn settled_stats(&self, min_redirected: u64) -> Stats {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.stats();
+            let redirected = s.interfaces[0].xdp.redirected;
+            let taken: u64 = s.workers.iter().map(|w| w.rx_frames).sum();
+            if redirected >= min_redirected && taken == redirected {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workers took {taken} frames, XDP redirected {redirected} (wanted at least {min_redirected}): {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn xdp_attached(&self) -> bool {
+        let out = self
+            .bed
+            .exec("middlebox", &["ip", "-d", "link", "show", "dev", "eth0"])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    }
+
+    fn stop_middlebox(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.middlebox.take().expect("middlebox running");
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "middlebox ignored signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.middlebox.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = Testbed::down(&self.prefix) {
+            eprintln!("test bed teardown failed: {e}");
+        }
+    }
+}
+
+#[test]
+fn matching_flow_reaches_the_af_xdp_ring_and_counts_agree() {
+    if !privileged() {
+        return;
+    }
+    let scene = Scene::start("nsa");
+    scene.pktgen_ok(scene.primary_ip, SERVICE_PORT, 5000);
+    let stats = scene.settled_stats(5000);
+    assert_eq!(stats.interfaces[0].xdp.redirected, 5000, "{stats:?}");
+    assert_eq!(stats.interfaces[0].xdp.no_socket, 0);
+    assert_eq!(stats.interfaces[0].xdp.redirect_failed, 0);
+
+    // Real TCP from the source's kernel: its SYNs, sent to the primary's address but to the
+    // middlebox's MAC (as the switch rule will do later), are redirected too.
+    let before = stats.interfaces[0].xdp.redirected;
+    let mac = scene.middlebox_mac.clone();
+    let primary = scene.primary_ip.to_string();
+    scene
+        .bed
+        .exec(
+            "source",
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &primary,
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )
+        .unwrap();
+    let target = format!("TCP:{primary}:{SERVICE_PORT},connect-timeout=1");
+    let _ = unchecked(
+        &scene.bed,
+        "source",
+        &["socat", "-u", "OPEN:/dev/null", &target],
+    );
+    let after = scene.settled_stats(before + 1);
+    assert!(
+        after.interfaces[0].xdp.redirected > before,
+        "the SYN was not redirected: {after:?}"
+    );
+}
+
+#[test]
+fn unmatched_traffic_still_works_through_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let scene = Scene::start("nsb");
+    let mb = scene.middlebox_ip.to_string();
+    let ping = unchecked(
+        &scene.bed,
+        "source",
+        &["ping", "-c", "3", "-i", "0.2", "-W", "2", &mb],
+    )
+    .unwrap();
+    assert!(
+        ping.status.success(),
+        "ping through the kernel failed: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    let mut server = scene
+        .bed
+        .spawn("middlebox", &["iperf3", "-s", "-p", "5301"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let tcp = unchecked(
+        &scene.bed,
+        "source",
+        &[
+            "iperf3",
+            "-c",
+            &mb,
+            "-p",
+            "5301",
+            "-t",
+            "1",
+            "--connect-timeout",
+            "3000",
+        ],
+    )
+    .unwrap();
+    assert!(
+        tcp.status.success(),
+        "TCP to another port failed: {}",
+        String::from_utf8_lossy(&tcp.stdout)
+    );
+    let udp = unchecked(
+        &scene.bed,
+        "source",
+        &[
+            "iperf3", "-c", &mb, "-p", "5301", "-u", "-b", "10M", "-t", "1",
+        ],
+    )
+    .unwrap();
+    assert!(
+        udp.status.success(),
+        "UDP failed: {}",
+        String::from_utf8_lossy(&udp.stdout)
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let stats = scene.stats();
+    assert_eq!(
+        stats.interfaces[0].xdp.redirected, 0,
+        "nothing here matches a rule: {stats:?}"
+    );
+    assert!(
+        stats.interfaces[0].xdp.passed > 100,
+        "the kernel's traffic was counted as passed: {stats:?}"
+    );
+}
+
+#[test]
+fn rules_change_at_run_time_without_reloading() {
+    if !privileged() {
+        return;
+    }
+    let scene = Scene::start("nsc");
+    let port = 6000;
+    scene.pktgen_ok(scene.primary_ip, port, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let s0 = scene.stats();
+    assert_eq!(
+        s0.interfaces[0].xdp.redirected, 0,
+        "no rule for port {port} yet: {s0:?}"
+    );
+
+    let add = scene.request(Request::RuleAdd {
+        rule: ncp_dataplane::rules::RedirectRule {
+            id: 2,
+            source: "0.0.0.0/0".parse().unwrap(),
+            source_port: None,
+            destination: scene.primary_ip,
+            destination_port: port,
+        },
+    });
+    assert_eq!(add, Response::Done);
+    scene.pktgen_ok(scene.primary_ip, port, 200);
+    let s1 = scene.settled_stats(200);
+    assert_eq!(s1.interfaces[0].xdp.redirected, 200);
+
+    assert_eq!(scene.request(Request::RuleDel { id: 2 }), Response::Done);
+    scene.pktgen_ok(scene.primary_ip, port, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = scene.settled_stats(200);
+    assert_eq!(
+        s2.interfaces[0].xdp.redirected, 200,
+        "removed rule still matched: {s2:?}"
+    );
+    assert!(s2.interfaces[0].xdp.passed >= s1.interfaces[0].xdp.passed + 200);
+
+    // A bad rule is refused with a message, and nothing changes.
+    let bad = scene.request(Request::RuleDel { id: 99 });
+    assert!(
+        matches!(bad, Response::Error { ref message } if message.contains("99")),
+        "{bad:?}"
+    );
+}
+
+#[test]
+fn malformed_frames_are_counted_and_harmless() {
+    if !privileged() {
+        return;
+    }
+    let mut scene = Scene::start("nsd");
+    let per_kind = 25;
+    let mut sent = 0;
+    for kind in Malformation::ALL {
+        let out = scene.pktgen(scene.primary_ip, SERVICE_PORT, per_kind, Some(kind));
+        if kind == Malformation::TruncatedEthernet {
+            // The kernel refuses to put a frame shorter than its link header on a veth, so
+            // it can never reach the program here (a physical NIC could deliver one).
+            assert!(!out.status.success(), "the kernel sent a runt frame");
+            continue;
+        }
+        assert!(
+            out.status.success(),
+            "{kind:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sent += per_kind;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stats = loop {
+        let s = scene.stats();
+        if s.interfaces[0].xdp.unparsed >= sent || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(stats.interfaces[0].xdp.unparsed, sent, "{stats:?}");
+    assert_eq!(
+        stats.interfaces[0].xdp.redirected, 0,
+        "a malformed frame was redirected: {stats:?}"
+    );
+    assert!(
+        scene
+            .middlebox
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "middlebox died"
+    );
+
+    // Still steering after the garbage.
+    scene.pktgen_ok(scene.primary_ip, SERVICE_PORT, 100);
+    scene.settled_stats(100);
+}
+
+#[test]
+fn no_program_stays_attached_after_exit() {
+    if !privileged() {
+        return;
+    }
+    let mut scene = Scene::start("nse");
+    assert!(scene.xdp_attached());
+    let status = scene.stop_middlebox(libc::SIGTERM);
+    assert!(
+        status.success(),
+        "SIGTERM should be a clean exit, got {status}"
+    );
+    assert!(!scene.xdp_attached(), "XDP still attached after SIGTERM");
+    assert!(!scene.socket.exists(), "control socket left behind");
+
+    scene.start_middlebox();
+    assert!(scene.xdp_attached());
+    let status = scene.stop_middlebox(libc::SIGINT);
+    assert!(
+        status.success(),
+        "SIGINT should be a clean exit, got {status}"
+    );
+    assert!(!scene.xdp_attached(), "XDP still attached after SIGINT");
+
+    // Even a crash leaves nothing behind: the attachment is a link owned by the process.
+    scene.start_middlebox();
+    let _ = scene.stop_middlebox(libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scene.xdp_attached() {
+        assert!(
+            Instant::now() < deadline,
+            "XDP still attached after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And the interface keeps working for the kernel.
+    let mb = scene.middlebox_ip.to_string();
+    let ping = unchecked(
+        &scene.bed,
+        "source",
+        &["ping", "-c", "2", "-i", "0.2", "-W", "2", &mb],
+    )
+    .unwrap();
+    assert!(ping.status.success());
+}

@@ -1,0 +1,156 @@
+//! Starting `ncp-middlebox` inside a test-bed host and reading its counters, for the demo
+//! and the benchmarks. xtask does not link the data plane (building it needs bpf-linker,
+//! which `cargo xtask setup` installs), so it drives the release binaries.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ncp_testbed::Testbed;
+
+use crate::cmd::{run, step};
+
+/// Builds the data-plane binaries in release mode and returns their directory.
+pub fn build_release() -> anyhow::Result<PathBuf> {
+    step("building the data plane (release)");
+    run(&[
+        "cargo",
+        "build",
+        "--release",
+        "-p",
+        "ncp-dataplane",
+        "--bins",
+    ])?;
+    let dir = std::env::current_dir()?.join("target/release");
+    Ok(dir)
+}
+
+/// A middlebox process running in a test-bed host.
+pub struct Middlebox {
+    child: Option<Child>,
+    binary: PathBuf,
+    socket: PathBuf,
+}
+
+impl Middlebox {
+    /// Writes `config` next to `socket` and starts the middlebox in `host`'s namespace.
+    pub fn start(
+        bed: &Testbed,
+        host: &str,
+        bin_dir: &Path,
+        config: &str,
+        socket: &Path,
+    ) -> anyhow::Result<Self> {
+        let dir = socket
+            .parent()
+            .context("control socket path has no directory")?;
+        std::fs::create_dir_all(dir)?;
+        let config_path = dir.join("middlebox.toml");
+        std::fs::write(&config_path, config)?;
+        let binary = bin_dir.join("ncp-middlebox");
+        let netns = bed.netns(host)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .arg(&binary)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting ncp-middlebox")?;
+        let mut mb = Self {
+            child: Some(child),
+            binary,
+            socket: socket.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while mb.stats().is_err() {
+            if let Some(child) = mb.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("ncp-middlebox exited during start-up ({status})");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ncp-middlebox did not answer on {} within 20 s",
+                    socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(mb)
+    }
+
+    /// The counters as JSON (`ncp-middlebox stats --json`).
+    pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&self.binary)
+            .args(["stats", "--json", "--socket"])
+            .arg(&self.socket)
+            .stderr(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("stats failed");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The human-readable counters table.
+    pub fn stats_table(&self) -> anyhow::Result<String> {
+        let out = Command::new(&self.binary)
+            .args(["stats", "--socket"])
+            .arg(&self.socket)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signals our own child by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Middlebox {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads a counter out of the stats JSON: `xdp(stats, "redirected")`.
+pub fn xdp_counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["interfaces"]
+        .as_array()
+        .map(|ifaces| {
+            ifaces
+                .iter()
+                .map(|i| i["xdp"][name].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Frames the workers took from their AF_XDP rings.
+pub fn worker_frames(stats: &serde_json::Value) -> u64 {
+    stats["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| w["rx_frames"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
