@@ -3,6 +3,9 @@
 //! exactly once (a detached replica: a prefix of it), FINs must follow the last byte, and
 //! the client's window must depend on the primary alone.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{Clock, Rng, actions};
@@ -39,7 +42,7 @@ impl Run {
     fn new(seed: u64, now: std::time::Instant) -> Self {
         let mut rng = Rng::new(seed);
         let replicas = (seed % 4) as u16;
-        let tight = seed % 3 == 0;
+        let tight = seed.is_multiple_of(3);
         let cfg = SessionConfig {
             replica_count: replicas,
             replica_budget_bytes: if tight {

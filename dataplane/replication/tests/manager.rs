@@ -1,5 +1,8 @@
 //! The manager: admission caps, ids, timers over sessions, metrics.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! Behaviour of one session: data paths, FIN/RST propagation, detaches, timeouts.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
