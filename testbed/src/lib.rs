@@ -1,0 +1,44 @@
+//! NCP test bed: hosts as network namespaces, switches as Open vSwitch bridges (userspace
+//! datapath), joined by veth pairs, all described by a TOML topology file.
+//!
+//! ```no_run
+//! use ncp_testbed::{Testbed, Topology, UpOptions};
+//!
+//! # fn main() -> ncp_testbed::Result<()> {
+//! let topology = Topology::load("testbed/paper.toml")?;
+//! let bed = Testbed::up(&topology, &UpOptions::with_prefix("demo"))?;
+//! let primary = bed.address("primary", "eth0")?.to_string();
+//! bed.exec("source", &["ping", "-c", "1", &primary])?;
+//! println!("port of primary on prod: {}", bed.ofport("prod", "primary")?);
+//! Testbed::down("demo")?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Modules:
+//! * [`topology`]: the file format, parsing and validation (pure).
+//! * [`plan`]: names, port numbers and objects a topology yields under a prefix (pure).
+//! * [`Testbed`]: `up`/`down` and accessors; runs `ip`, `ethtool`, `sysctl`, `ovs-vsctl`.
+//! * [`require_privileges`] / [`ready_or_skip`]: machine checks and the test skip rule.
+//!
+//! Everything created is named `<prefix>-...`, so [`Testbed::down`] finds it by name even
+//! after a crash. Progress is reported through `tracing` (`info` for each object created
+//! or removed, `debug` for every command run).
+//!
+//! Bridges speak OpenFlow 1.3 only, so `ovs-ofctl` needs `-O OpenFlow13`.
+
+mod cmd;
+mod error;
+mod ovs;
+pub mod plan;
+mod privileges;
+mod state;
+mod testbed;
+pub mod topology;
+
+pub use error::{Error, Result};
+pub use plan::{DEFAULT_PREFIX, Plan};
+pub use privileges::{Missing, REQUIRED_TOOLS, ready_or_skip, require_privileges, require_tools};
+pub use state::STATE_DIR;
+pub use testbed::{DownReport, Testbed, UpOptions};
+pub use topology::{Mac, Topology};
