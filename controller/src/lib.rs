@@ -8,3 +8,7 @@
 //! - [`switch`]: tokio glue that keeps switch connections alive.
 
 pub mod openflow;
+pub mod planner;
+pub mod reconcile;
+pub mod rules;
+pub mod topology;
