@@ -1,6 +1,7 @@
 //! Checking that this machine can build a test bed, and the skip-or-fail rule for tests.
 
 use std::fmt;
+use std::io::Write;
 
 use crate::cmd;
 
@@ -65,7 +66,9 @@ pub fn ready_or_skip(test: &str, extra_tools: &[&str]) -> bool {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("{test}: CI=true and {missing}");
             }
-            eprintln!("skipped: {test}: {missing}");
+            // Written to stderr directly rather than with `eprintln!`, which the test harness
+            // captures and hides for passing tests: a skip must be visible.
+            let _ = writeln!(std::io::stderr(), "skipped: {test}: {missing}");
             false
         }
     }

@@ -383,3 +383,42 @@ fn controller_option_sets_secure_mode_and_connects() {
     Testbed::down(prefix).expect("down");
     assert_clean(prefix);
 }
+
+#[test]
+fn two_prefixes_coexist_and_down_touches_only_its_own() {
+    if !ncp_testbed::ready_or_skip("two_prefixes", &["ping"]) {
+        return;
+    }
+    let _serial = serial();
+    let (pa, pb) = ("nt6", "nt7");
+    let _cleanup_a = Cleanup(pa);
+    let _cleanup_b = Cleanup(pb);
+    let topo = topology("paper.toml");
+    let a = Testbed::up(&topo, &UpOptions::with_prefix(pa)).expect("up a");
+    let b = Testbed::up(&topo, &UpOptions::with_prefix(pb)).expect("up b");
+    // Same addresses in both: they live in separate namespaces on separate bridges.
+    ping(&a, "source", a.address("primary", "eth0").expect("address"));
+    ping(&b, "source", b.address("primary", "eth0").expect("address"));
+
+    let report = Testbed::down(pa).expect("down a");
+    assert!(
+        !report.ovs_stopped,
+        "OVS must keep running while {pb} is up"
+    );
+    assert_clean(pa);
+    // The other test bed is untouched and still forwards.
+    ping(
+        &b,
+        "replica",
+        b.address("middlebox", "eth1").expect("address"),
+    );
+    assert_eq!(
+        stdout(&["ip", "netns", "list"])
+            .lines()
+            .filter(|l| l.starts_with("nt7-"))
+            .count(),
+        4
+    );
+    Testbed::down(pb).expect("down b");
+    assert_clean(pb);
+}
