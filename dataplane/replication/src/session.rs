@@ -55,14 +55,16 @@ pub enum DetachReason {
     DrainTimeout,
 }
 
-/// Something the I/O layer must do. Each is emitted at most once per side and session, so
-/// the queue is bounded by the number of sides.
+/// Something the I/O layer must do. Per side and session there is at most one `Connect`,
+/// one `Close` and one `Reset` or `Detached` (plus one `Finished`), so the queue is
+/// bounded by the number of sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Open the connection to this upstream (primary or replica). Emitted at creation.
     Connect(Side),
     /// Everything for this side has been handed to its socket: send a FIN (shut down the
-    /// write half). Keep reading from it if the session is still running.
+    /// write half). Keep reading from it if the session is still running. If the session
+    /// is aborted later, a `Reset` of the same side may follow.
     Close(Side),
     /// Abort this connection (RST) and release its socket.
     Reset(Side),
