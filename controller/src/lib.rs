@@ -11,4 +11,5 @@ pub mod openflow;
 pub mod planner;
 pub mod reconcile;
 pub mod rules;
+pub mod switch;
 pub mod topology;

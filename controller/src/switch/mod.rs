@@ -1,0 +1,7 @@
+//! Switch connections: the sans-IO [`session`] state machine and the tokio [`server`].
+
+pub mod server;
+pub mod session;
+
+pub use server::{Controller, ServerConfig, SwitchError, SwitchEvent};
+pub use session::{CloseReason, Session, SessionConfig};

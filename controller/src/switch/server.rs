@@ -1,0 +1,444 @@
+//! Tokio glue: accept switch connections, run one [`Session`] per connection in its own
+//! task, and offer request/response calls (barrier, flow stats, port list) to the rest of
+//! the controller.
+//!
+//! Isolation is by construction: each connection owns its task, buffers and timers, and
+//! every wait on the peer (including writes to a peer that stops reading) is bounded, so a
+//! hostile or broken peer can only end its own connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::session::{CloseReason, Output, Session, SessionConfig};
+use crate::openflow::messages::MULTIPART_MORE;
+use crate::openflow::{
+    FlowStats, FlowStatsRequest, Frame, Message, MultipartReplyBody, MultipartRequest, PortDesc,
+    SwitchFeatures,
+};
+use crate::topology::Dpid;
+
+/// Controller listener settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where switches connect; OpenFlow's registered port is 6653.
+    pub listen: SocketAddr,
+    pub session: SessionConfig,
+    /// How long a request waits for its reply.
+    pub request_timeout: Duration,
+    /// Capacity of the event channel. Lifecycle events wait for room; switch messages
+    /// (packet-ins...) are dropped with a warning when the application falls behind, so a
+    /// chatty switch cannot stall its own keepalive.
+    pub event_capacity: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6653)),
+            session: SessionConfig::default(),
+            request_timeout: Duration::from_secs(10),
+            event_capacity: 1024,
+        }
+    }
+}
+
+/// What happens on the switch side, in order per switch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchEvent {
+    Connected {
+        dpid: Dpid,
+        features: SwitchFeatures,
+        peer: SocketAddr,
+    },
+    Disconnected {
+        dpid: Dpid,
+        reason: String,
+    },
+    /// An unsolicited message (PACKET_IN, PORT_STATUS, FLOW_REMOVED, ERROR, ...).
+    Message {
+        dpid: Dpid,
+        frame: Frame,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchError {
+    #[error("switch {0:#x} is not connected")]
+    NotConnected(Dpid),
+    #[error("switch {0:#x} went away before replying")]
+    Disconnected(Dpid),
+    #[error("switch {0:#x} did not reply in time")]
+    Timeout(Dpid),
+    #[error("switch {dpid:#x} answered with error type {err_type} code {code}")]
+    Refused {
+        dpid: Dpid,
+        err_type: u16,
+        code: u16,
+    },
+    #[error("switch {0:#x} sent an unexpected reply")]
+    BadReply(Dpid),
+}
+
+type ReplyTx = oneshot::Sender<Result<Vec<Message>, (u16, u16)>>;
+
+enum Command {
+    /// Send; when `reply` is set, collect the reply (all parts of a multipart reply).
+    Send {
+        msg: Message,
+        reply: Option<ReplyTx>,
+    },
+}
+
+struct Entry {
+    conn_id: u64,
+    commands: mpsc::Sender<Command>,
+    kill: Arc<Notify>,
+}
+
+struct Shared {
+    cfg: ServerConfig,
+    switches: Mutex<HashMap<Dpid, Entry>>,
+    next_conn: AtomicU64,
+    events: mpsc::Sender<SwitchEvent>,
+}
+
+impl Shared {
+    fn switches(&self) -> MutexGuard<'_, HashMap<Dpid, Entry>> {
+        // A panic while holding this lock cannot leave the map half-updated (every
+        // critical section is a single insert/remove), so poisoning is safe to ignore.
+        self.switches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Handle on the running controller listener. Cheap to clone.
+#[derive(Clone)]
+pub struct Controller {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl Controller {
+    /// Binds the listener and starts accepting. Returns the handle and the event stream.
+    pub async fn start(
+        cfg: ServerConfig,
+    ) -> std::io::Result<(Controller, mpsc::Receiver<SwitchEvent>)> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let (events, events_rx) = mpsc::channel(cfg.event_capacity.max(1));
+        let shared = Arc::new(Shared {
+            cfg,
+            switches: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            events,
+        });
+        tracing::info!(%local_addr, "OpenFlow listener up");
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+        Ok((Controller { shared, local_addr }, events_rx))
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Dpids of switches that finished the handshake.
+    pub fn connected(&self) -> Vec<Dpid> {
+        let mut v: Vec<Dpid> = self.shared.switches().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn commands(&self, dpid: Dpid) -> Result<mpsc::Sender<Command>, SwitchError> {
+        self.shared
+            .switches()
+            .get(&dpid)
+            .map(|e| e.commands.clone())
+            .ok_or(SwitchError::NotConnected(dpid))
+    }
+
+    /// Sends a message without waiting for anything.
+    pub async fn send(&self, dpid: Dpid, msg: Message) -> Result<(), SwitchError> {
+        self.commands(dpid)?
+            .send(Command::Send { msg, reply: None })
+            .await
+            .map_err(|_| SwitchError::Disconnected(dpid))
+    }
+
+    /// Sends a request and waits for the reply with the same xid; multipart replies are
+    /// gathered until the last part.
+    pub async fn request(&self, dpid: Dpid, msg: Message) -> Result<Vec<Message>, SwitchError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands(dpid)?
+            .send(Command::Send {
+                msg,
+                reply: Some(tx),
+            })
+            .await
+            .map_err(|_| SwitchError::Disconnected(dpid))?;
+        match tokio::time::timeout(self.shared.cfg.request_timeout, rx).await {
+            Err(_) => Err(SwitchError::Timeout(dpid)),
+            Ok(Err(_)) => Err(SwitchError::Disconnected(dpid)),
+            Ok(Ok(Err((err_type, code)))) => Err(SwitchError::Refused {
+                dpid,
+                err_type,
+                code,
+            }),
+            Ok(Ok(Ok(parts))) => Ok(parts),
+        }
+    }
+
+    /// Waits until the switch has processed everything sent before.
+    pub async fn barrier(&self, dpid: Dpid) -> Result<(), SwitchError> {
+        match self
+            .request(dpid, Message::BarrierRequest)
+            .await?
+            .as_slice()
+        {
+            [Message::BarrierReply] => Ok(()),
+            _ => Err(SwitchError::BadReply(dpid)),
+        }
+    }
+
+    /// Flow statistics (all parts).
+    pub async fn flow_stats(
+        &self,
+        dpid: Dpid,
+        req: FlowStatsRequest,
+    ) -> Result<Vec<FlowStats>, SwitchError> {
+        let parts = self
+            .request(dpid, Message::MultipartRequest(MultipartRequest::Flow(req)))
+            .await?;
+        let mut flows = Vec::new();
+        for p in parts {
+            match p {
+                Message::MultipartReply(r) => match r.body {
+                    MultipartReplyBody::Flow(f) => flows.extend(f),
+                    _ => return Err(SwitchError::BadReply(dpid)),
+                },
+                _ => return Err(SwitchError::BadReply(dpid)),
+            }
+        }
+        Ok(flows)
+    }
+
+    /// The switch's ports.
+    pub async fn port_desc(&self, dpid: Dpid) -> Result<Vec<PortDesc>, SwitchError> {
+        let parts = self
+            .request(dpid, Message::MultipartRequest(MultipartRequest::PortDesc))
+            .await?;
+        let mut ports = Vec::new();
+        for p in parts {
+            match p {
+                Message::MultipartReply(r) => match r.body {
+                    MultipartReplyBody::PortDesc(v) => ports.extend(v),
+                    _ => return Err(SwitchError::BadReply(dpid)),
+                },
+                _ => return Err(SwitchError::BadReply(dpid)),
+            }
+        }
+        Ok(ports)
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, conn_id, "switch connection accepted");
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(run_connection(stream, peer, conn_id, Arc::clone(&shared)));
+            }
+            Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if shared.events.is_closed() {
+            tracing::info!("event receiver dropped; listener stops");
+            return;
+        }
+    }
+}
+
+/// A request waiting for its reply.
+struct Pending {
+    parts: Vec<Message>,
+    tx: ReplyTx,
+}
+
+/// Why the connection loop ended (for the log and the Disconnected event).
+enum End {
+    Session(CloseReason),
+    PeerClosed,
+    Io(std::io::Error),
+    WriteStalled,
+    Replaced,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Session(r) => write!(f, "{r}"),
+            End::PeerClosed => write!(f, "peer closed the connection"),
+            End::Io(e) => write!(f, "I/O error: {e}"),
+            End::WriteStalled => write!(f, "peer stopped reading"),
+            End::Replaced => write!(f, "replaced by a newer connection of the same switch"),
+        }
+    }
+}
+
+async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, shared: Arc<Shared>) {
+    let cfg = shared.cfg.session;
+    let mut session = Session::new(cfg, Instant::now());
+    let (commands_tx, mut commands) = mpsc::channel::<Command>(64);
+    let kill = Arc::new(Notify::new());
+    let mut dpid: Option<Dpid> = None;
+    let mut pending: HashMap<u32, Pending> = HashMap::new();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut commands_tx = Some(commands_tx);
+
+    let end = 'conn: loop {
+        while let Some(out) = session.poll_output() {
+            match out {
+                Output::Send(bytes) => {
+                    match tokio::time::timeout(cfg.dead_after, wr.write_all(&bytes)).await {
+                        Err(_) => break 'conn End::WriteStalled,
+                        Ok(Err(e)) => break 'conn End::Io(e),
+                        Ok(Ok(())) => {}
+                    }
+                }
+                Output::Up(features) => {
+                    let id = features.datapath_id;
+                    dpid = Some(id);
+                    let Some(tx) = commands_tx.take() else {
+                        continue;
+                    };
+                    let old = shared.switches().insert(
+                        id,
+                        Entry {
+                            conn_id,
+                            commands: tx,
+                            kill: Arc::clone(&kill),
+                        },
+                    );
+                    if let Some(old) = old {
+                        tracing::info!(
+                            dpid = format_args!("{id:#x}"),
+                            "switch reconnected; dropping the stale connection"
+                        );
+                        old.kill.notify_one();
+                    }
+                    tracing::info!(dpid = format_args!("{id:#x}"), %peer, "switch connected");
+                    let _ = shared
+                        .events
+                        .send(SwitchEvent::Connected {
+                            dpid: id,
+                            features,
+                            peer,
+                        })
+                        .await;
+                }
+                Output::Deliver(frame) => deliver(frame, dpid, &mut pending, &shared),
+                Output::Close(reason) => break 'conn End::Session(reason),
+            }
+        }
+        pending.retain(|_, p| !p.tx.is_closed());
+        let deadline = tokio::time::Instant::from_std(session.next_deadline());
+        tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) => break End::PeerClosed,
+                Ok(n) => session.receive(&buf[..n], Instant::now()),
+                Err(e) => break End::Io(e),
+            },
+            Some(cmd) = commands.recv() => match cmd {
+                Command::Send { msg, reply } => {
+                    let xid = session.send(msg);
+                    if let Some(tx) = reply {
+                        pending.insert(xid, Pending { parts: Vec::new(), tx });
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => session.on_tick(Instant::now()),
+            () = kill.notified() => break End::Replaced,
+        }
+    };
+
+    let _ = wr.shutdown().await;
+    let who = dpid
+        .map(|d| format!("{d:#x}"))
+        .unwrap_or_else(|| "(no handshake)".into());
+    match &end {
+        End::Session(CloseReason::Protocol(_)) | End::Session(CloseReason::Unexpected(_)) => {
+            tracing::warn!(%peer, dpid = %who, reason = %end, "dropping misbehaving peer")
+        }
+        _ => tracing::info!(%peer, dpid = %who, reason = %end, "switch connection closed"),
+    }
+    if let Some(id) = dpid {
+        // Only remove our own entry: a replacement may already have taken the slot.
+        let mine = {
+            let mut map = shared.switches();
+            if map.get(&id).is_some_and(|e| e.conn_id == conn_id) {
+                map.remove(&id);
+                true
+            } else {
+                false
+            }
+        };
+        if mine {
+            let _ = shared
+                .events
+                .send(SwitchEvent::Disconnected {
+                    dpid: id,
+                    reason: end.to_string(),
+                })
+                .await;
+        }
+    }
+    // Dropping `pending` wakes every waiter with a disconnect error.
+}
+
+/// Routes a message either to the request waiting for it or to the event stream.
+fn deliver(frame: Frame, dpid: Option<Dpid>, pending: &mut HashMap<u32, Pending>, shared: &Shared) {
+    let Some(dpid) = dpid else { return };
+    if let Some(mut p) = pending.remove(&frame.xid) {
+        match frame.message {
+            Message::Error(e) => {
+                let _ = p.tx.send(Err((e.err_type, e.code)));
+            }
+            Message::MultipartReply(r) if r.flags & MULTIPART_MORE != 0 => {
+                p.parts.push(Message::MultipartReply(r));
+                pending.insert(frame.xid, p);
+            }
+            m => {
+                p.parts.push(m);
+                let _ = p.tx.send(Ok(p.parts));
+            }
+        }
+        return;
+    }
+    if let Message::Error(e) = &frame.message {
+        tracing::warn!(
+            dpid = format_args!("{dpid:#x}"),
+            xid = frame.xid,
+            err_type = e.err_type,
+            code = e.code,
+            "switch reported an error"
+        );
+    }
+    if let Err(e) = shared.events.try_send(SwitchEvent::Message { dpid, frame }) {
+        tracing::warn!(
+            dpid = format_args!("{dpid:#x}"),
+            "event queue full or closed, dropping message: {e}"
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! Switch connection handling over real TCP on loopback: a well-behaved fake switch built
+//! from the crate's own codec, and hostile peers that must be dropped without disturbing it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ncp_controller::openflow::messages::MULTIPART_MORE;
+use ncp_controller::openflow::{
+    Decoder, MacAddr, Message, MultipartReply, MultipartReplyBody, MultipartRequest, PortDesc,
+    SwitchFeatures, encode,
+};
+use ncp_controller::switch::{Controller, ServerConfig, SessionConfig, SwitchError, SwitchEvent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+fn fast_config() -> ServerConfig {
+    ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        session: SessionConfig {
+            echo_interval: Duration::from_millis(200),
+            dead_after: Duration::from_millis(700),
+            handshake_timeout: Duration::from_millis(500),
+            max_message_len: 4096,
+        },
+        request_timeout: Duration::from_secs(2),
+        event_capacity: 64,
+    }
+}
+
+fn port(no: u32) -> PortDesc {
+    PortDesc {
+        port_no: no,
+        hw_addr: MacAddr([2, 0, 0, 0, 0, no as u8]),
+        name: format!("p{no}"),
+        config: 0,
+        state: 0,
+        curr: 0,
+        advertised: 0,
+        supported: 0,
+        peer: 0,
+        curr_speed: 0,
+        max_speed: 0,
+    }
+}
+
+/// A minimal switch: answers the handshake, echo, barrier and port-desc (in two parts).
+/// With `mute_after_handshake` it goes silent once connected, like a hung switch.
+fn fake_switch(addr: SocketAddr, dpid: u64, mute_after_handshake: bool) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            return;
+        };
+        let mut dec = Decoder::default();
+        let mut buf = [0u8; 4096];
+        let mut connected = false;
+        let _ = s
+            .write_all(&encode(&Message::Hello { versions: vec![4] }, 1))
+            .await;
+        loop {
+            let n = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            dec.feed(&buf[..n]);
+            while let Ok(Some(f)) = dec.next_frame() {
+                if connected && mute_after_handshake {
+                    continue;
+                }
+                let replies: Vec<Message> = match f.message {
+                    Message::FeaturesRequest => {
+                        connected = true;
+                        vec![Message::FeaturesReply(SwitchFeatures {
+                            datapath_id: dpid,
+                            n_buffers: 0,
+                            n_tables: 1,
+                            auxiliary_id: 0,
+                            capabilities: 0,
+                        })]
+                    }
+                    Message::EchoRequest(d) => vec![Message::EchoReply(d)],
+                    Message::BarrierRequest => vec![Message::BarrierReply],
+                    Message::MultipartRequest(MultipartRequest::PortDesc) => vec![
+                        Message::MultipartReply(MultipartReply {
+                            flags: MULTIPART_MORE,
+                            body: MultipartReplyBody::PortDesc(vec![port(1), port(2)]),
+                        }),
+                        Message::MultipartReply(MultipartReply {
+                            flags: 0,
+                            body: MultipartReplyBody::PortDesc(vec![port(3)]),
+                        }),
+                    ],
+                    _ => vec![],
+                };
+                for r in replies {
+                    if s.write_all(&encode(&r, f.xid)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn next_event(rx: &mut mpsc::Receiver<SwitchEvent>) -> SwitchEvent {
+    timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("event in time")
+        .expect("channel open")
+}
+
+async fn start() -> (Controller, mpsc::Receiver<SwitchEvent>) {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    Controller::start(fast_config())
+        .await
+        .expect("bind loopback")
+}
+
+#[tokio::test]
+async fn handshake_barrier_and_multipart() {
+    let (ctl, mut events) = start().await;
+    let _sw = fake_switch(ctl.local_addr(), 0x11, false);
+    match next_event(&mut events).await {
+        SwitchEvent::Connected { dpid, features, .. } => {
+            assert_eq!(dpid, 0x11);
+            assert_eq!(features.n_tables, 1);
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    assert_eq!(ctl.connected(), vec![0x11]);
+    ctl.barrier(0x11).await.expect("barrier reply");
+    let ports = ctl.port_desc(0x11).await.expect("ports");
+    assert_eq!(
+        ports.iter().map(|p| p.port_no).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(
+        ctl.barrier(0x99).await,
+        Err(SwitchError::NotConnected(0x99))
+    );
+    // Keepalive holds the connection across several echo intervals.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ctl.barrier(0x11).await.expect("still alive");
+}
+
+#[tokio::test]
+async fn new_connection_replaces_stale_one() {
+    let (ctl, mut events) = start().await;
+    let first = fake_switch(ctl.local_addr(), 7, false);
+    assert!(matches!(
+        next_event(&mut events).await,
+        SwitchEvent::Connected { dpid: 7, .. }
+    ));
+    let _second = fake_switch(ctl.local_addr(), 7, false);
+    assert!(matches!(
+        next_event(&mut events).await,
+        SwitchEvent::Connected { dpid: 7, .. }
+    ));
+    // The controller closes the first connection, so the first fake switch ends.
+    timeout(Duration::from_secs(3), first)
+        .await
+        .expect("stale connection closed")
+        .expect("task");
+    assert_eq!(ctl.connected(), vec![7]);
+    ctl.barrier(7)
+        .await
+        .expect("the new connection serves requests");
+    // No Disconnected event for 7: the replaced connection does not own the slot.
+    assert!(
+        timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn silent_switch_is_declared_dead() {
+    let (ctl, mut events) = start().await;
+    let _sw = fake_switch(ctl.local_addr(), 5, true);
+    assert!(matches!(
+        next_event(&mut events).await,
+        SwitchEvent::Connected { dpid: 5, .. }
+    ));
+    match next_event(&mut events).await {
+        SwitchEvent::Disconnected { dpid, reason } => {
+            assert_eq!(dpid, 5);
+            assert!(reason.contains("no complete message"), "{reason}");
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    assert!(ctl.connected().is_empty());
+}
+
+/// Connects, sends `bytes`, and returns how long the controller took to close on us.
+async fn hostile(addr: SocketAddr, bytes: Vec<u8>) -> Duration {
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(&bytes).await.expect("write");
+    let mut buf = [0u8; 1024];
+    loop {
+        match timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Err(_) => panic!("hostile peer was not dropped"),
+            Ok(Ok(0) | Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => {} // our HELLO, maybe an echo request
+        }
+    }
+}
+
+#[tokio::test]
+async fn hostile_peers_are_dropped_and_harm_nobody() {
+    let (ctl, mut events) = start().await;
+    let addr = ctl.local_addr();
+    let _good = fake_switch(addr, 1, false);
+    assert!(matches!(
+        next_event(&mut events).await,
+        SwitchEvent::Connected { dpid: 1, .. }
+    ));
+
+    let hello = encode(&Message::Hello { versions: vec![4] }, 1);
+    // Garbage: the header's length field says 0x0101... bytes below 8 or absurd.
+    let garbage = vec![0x41, 0x41, 0x00, 0x02, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41];
+    // A valid hello, then a message claiming more than the configured maximum.
+    let mut absurd = hello.clone();
+    absurd.extend_from_slice(&[4, 10, 0xff, 0xff, 0, 0, 0, 2]);
+    // A valid hello, then half a header, and nothing more.
+    let mut unfinished = hello.clone();
+    unfinished.extend_from_slice(&[4, 0]);
+    // Wrong protocol version only.
+    let old = encode(&Message::Hello { versions: vec![1] }, 1);
+
+    let quick = [garbage, absurd, old];
+    let handles: Vec<_> = quick
+        .into_iter()
+        .map(|b| tokio::spawn(hostile(addr, b)))
+        .collect();
+    let slow = tokio::spawn(hostile(addr, unfinished));
+    let silent = tokio::spawn(hostile(addr, Vec::new()));
+    for h in handles {
+        let took = h.await.expect("task");
+        assert!(
+            took < Duration::from_millis(400),
+            "protocol errors drop at once, took {took:?}"
+        );
+    }
+    for h in [slow, silent] {
+        let took = h.await.expect("task");
+        assert!(
+            took >= Duration::from_millis(400),
+            "timeouts drop these, took {took:?}"
+        );
+    }
+
+    // The good switch never noticed.
+    ctl.barrier(1).await.expect("good switch unaffected");
+    assert_eq!(ctl.connected(), vec![1]);
+    assert!(
+        timeout(Duration::from_millis(100), events.recv())
+            .await
+            .is_err(),
+        "no events from hostile peers"
+    );
+}
