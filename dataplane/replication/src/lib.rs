@@ -56,10 +56,57 @@
 //!    Access sessions through [`Manager::session_mut`]: its guard keeps the timer heap
 //!    up to date.
 //!
+//! # Example
+//!
+//! A client request relayed to a primary and one replica, with in-memory "sockets":
+//!
+//! ```
+//! use std::time::Instant;
+//! use ncp_replication::{Action, Manager, ManagerConfig, Side};
+//!
+//! let now = Instant::now();
+//! let mut manager = Manager::new(ManagerConfig::default());
+//! let id = manager.open(now).expect("admitted");
+//! let mut s = manager.session_mut(id).expect("open");
+//! assert_eq!(s.poll_action(), Some(Action::Connect(Side::Primary)));
+//! assert_eq!(s.poll_action(), Some(Action::Connect(Side::Replica(0))));
+//! s.on_connected(Side::Primary, now)?;
+//! s.on_connected(Side::Replica(0), now)?;
+//!
+//! // The client's request is stored once and offered to both upstreams.
+//! let request = b"GET / HTTP/1.0\r\n\r\n";
+//! assert!(s.receive_window(Side::Client) >= request.len());
+//! assert_eq!(s.on_data(Side::Client, request, now)?, request.len());
+//! s.on_fin(Side::Client, now)?;
+//! for side in [Side::Primary, Side::Replica(0)] {
+//!     let out = s.pending(side).to_vec(); // a real I/O layer writes this to the socket
+//!     assert_eq!(out, request);
+//!     s.on_sent(side, out.len(), now)?;
+//! }
+//! assert_eq!(s.poll_action(), Some(Action::Close(Side::Primary)));
+//! assert_eq!(s.poll_action(), Some(Action::Close(Side::Replica(0))));
+//!
+//! // Only the primary's answer reaches the client; the replica's is counted and dropped.
+//! s.on_data(Side::Replica(0), b"HTTP/1.0 200 OK (replica)", now)?;
+//! s.on_data(Side::Primary, b"HTTP/1.0 200 OK", now)?;
+//! s.on_fin(Side::Primary, now)?;
+//! assert_eq!(s.pending(Side::Client), b"HTTP/1.0 200 OK");
+//! s.on_sent(Side::Client, 15, now)?;
+//! assert_eq!(s.poll_action(), Some(Action::Close(Side::Client)));
+//! assert_eq!(s.poll_action(), Some(Action::Finished));
+//! drop(s);
+//! manager.remove(id);
+//! assert_eq!(manager.metrics().totals.primary_bytes_out, request.len() as u64);
+//! # Ok::<(), ncp_replication::Error>(())
+//! ```
+//!
 //! Calls with an invalid argument (unknown replica index, more bytes reported sent than
 //! were pending, data after a FIN) return an [`Error`] and change nothing; events that no
 //! longer apply (a late event for a side that is already gone) are ignored. Both are
 //! counted in [`SessionStats::ignored_inputs`]. No input panics.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod buffer;
 pub mod config;
