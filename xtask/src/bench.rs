@@ -130,6 +130,8 @@ fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<()> 
     let _ = server.kill();
     let _ = server.wait();
 
+    let direct = direct_link_rates(bed, bins, &pktgen)?;
+
     let med_without = median(&without);
     let med_with = median(&with);
     let med_rate = median(&rx_rates.iter().map(|r| r.0).collect::<Vec<_>>());
@@ -147,13 +149,35 @@ fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<()> 
     );
     println!("| attached / detached | {:.3} |", med_with / med_without);
     println!("| matching frames into AF_XDP (via OVS) | {med_rate:.0} frames/s |");
-    println!("| matching frames delivered | {:.1} % |", delivered * 100.0);
+    println!(
+        "| matching frames delivered (via OVS) | {:.1} % |",
+        delivered * 100.0
+    );
+    println!(
+        "| direct veth: pktgen send rate | {:.0} frames/s |",
+        direct.sent_fps
+    );
+    println!(
+        "| direct veth: matching frames into AF_XDP | {:.0} frames/s ({:.1} % delivered) |",
+        direct.redirect_fps,
+        direct.redirect_delivered * 100.0
+    );
+    println!(
+        "| direct veth: unmatched frames passed to the kernel | {:.0} frames/s |",
+        direct.pass_fps
+    );
     let json = serde_json::json!({
         "experiment": "steering",
         "repetitions": repetitions,
         "iperf_unmatched_bps": { "detached": without, "attached": with, "ratio_of_medians": med_with / med_without },
         "af_xdp_rx_frames_per_second": rx_rates.iter().map(|r| r.0).collect::<Vec<_>>(),
         "af_xdp_delivered_fraction": delivered,
+        "direct_veth": {
+            "pktgen_frames_per_second": direct.sent_fps,
+            "redirect_frames_per_second": direct.redirect_fps,
+            "redirect_delivered_fraction": direct.redirect_delivered,
+            "pass_frames_per_second": direct.pass_fps,
+        },
     });
     std::fs::create_dir_all("bench-results")?;
     std::fs::write(
@@ -183,4 +207,117 @@ fn median(values: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+struct DirectRates {
+    sent_fps: f64,
+    redirect_fps: f64,
+    redirect_delivered: f64,
+    pass_fps: f64,
+}
+
+/// The XDP → AF_XDP path without the software switch in the way: a veth pair straight from
+/// the source to the middlebox, frames generated as fast as one core can.
+fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result<DirectRates> {
+    step("direct veth source ↔ middlebox: frames per second through XDP, redirect versus pass");
+    let source_ns = bed.netns("source")?;
+    let mb_ns = bed.netns("middlebox")?;
+    let (a, b) = (format!("{PREFIX}-da"), format!("{PREFIX}-db"));
+    let _ = crate::cmd::capture(&["ip", "link", "del", &a]);
+    crate::cmd::run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b])?;
+    for (dev, ns, addr) in [
+        (&a, &source_ns, "198.19.9.1/24"),
+        (&b, &mb_ns, "198.19.9.2/24"),
+    ] {
+        crate::cmd::run(&["ip", "link", "set", dev, "netns", ns])?;
+        crate::cmd::run(&["ip", "-n", ns, "link", "set", dev, "name", "direct0"])?;
+        crate::cmd::run(&["ip", "-n", ns, "addr", "add", addr, "dev", "direct0"])?;
+        crate::cmd::run(&["ip", "-n", ns, "link", "set", "direct0", "up"])?;
+        crate::cmd::run(&[
+            "ip", "netns", "exec", ns, "ethtool", "-K", "direct0", "tx", "off",
+        ])?;
+    }
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{b}/address")).ok();
+    let mac = match mac {
+        Some(m) => m.trim().to_owned(),
+        None => {
+            let out = bed.exec("middlebox", &["cat", "/sys/class/net/direct0/address"])?;
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+    };
+    let socket = Path::new("/run/ncp-bench/direct.sock");
+    let config = format!(
+        "control_socket = \"{}\"\n[[interfaces]]\nname = \"direct0\"\naddress = \"198.19.9.2\"\n\
+         queues = [{{ queue = 0, core = 1 }}]\n[[rules]]\nid = 1\nsource = \"198.19.9.1/32\"\n\
+         destination = \"198.19.9.3\"\ndestination_port = 5201\n",
+        socket.display()
+    );
+    let mb = Middlebox::start(bed, "middlebox", bins, &config, socket)?;
+    let frames: u64 = 1_000_000;
+    let send = |port: &str| -> anyhow::Result<f64> {
+        let out = bed.exec(
+            "source",
+            &[
+                pktgen,
+                "--interface",
+                "direct0",
+                "--dst-mac",
+                &mac,
+                "--src-ip",
+                "198.19.9.1",
+                "--dst-ip",
+                "198.19.9.3",
+                "--dst-port",
+                port,
+                "--count",
+                &frames.to_string(),
+                "--flows",
+                "64",
+                "--json",
+            ],
+        )?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("pktgen JSON")?;
+        report["frames_per_second"]
+            .as_f64()
+            .context("pktgen report")
+    };
+    let counted =
+        |counter: &dyn Fn(&serde_json::Value) -> u64, port: &str| -> anyhow::Result<(f64, f64)> {
+            let before = counter(&mb.stats()?);
+            let start = Instant::now();
+            let send_rate = send(port)?;
+            let mut last = counter(&mb.stats()?);
+            let mut last_change = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = counter(&mb.stats()?);
+                if now != last {
+                    last = now;
+                    last_change = Instant::now();
+                } else if last_change.elapsed() > Duration::from_millis(400) {
+                    break;
+                }
+            }
+            let got = (last - before) as f64;
+            let secs = (frames as f64 / send_rate)
+                .max(last_change.duration_since(start).as_secs_f64() - 0.1);
+            Ok((got / secs.max(1e-6), send_rate))
+        };
+    let (redirect_fps, sent_fps) = counted(&|s| middlebox::worker_frames(s), "5201")?;
+    let delivered = {
+        let s = mb.stats()?;
+        middlebox::worker_frames(&s) as f64 / frames as f64
+    };
+    let (pass_fps, _) = counted(&|s| middlebox::xdp_counter(s, "passed"), "6000")?;
+    eprintln!(
+        "    sent {sent_fps:.0} frames/s; redirected {redirect_fps:.0}/s; passed {pass_fps:.0}/s"
+    );
+    drop(mb);
+    Ok(DirectRates {
+        sent_fps,
+        redirect_fps,
+        redirect_delivered: delivered,
+        pass_fps,
+    })
 }
