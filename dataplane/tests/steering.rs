@@ -5,7 +5,10 @@
 //! These need root, Open vSwitch and XDP. When they are missing the tests print why and
 //! return, except under CI=true, where that is a failure.
 
-#![allow(clippy::unwrap_used, reason = "test code: a failed step should fail the test")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step should fail the test"
+)]
 
 use std::{
     net::Ipv4Addr,
