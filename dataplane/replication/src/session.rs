@@ -339,8 +339,11 @@ impl Session {
     }
 
     /// The connection attempt to upstream `side` failed (RST to the SYN, unreachable...).
-    /// Same handling as [`Session::on_reset`].
+    /// Same handling as [`Session::on_reset`]; the client never "refuses".
     pub fn on_refused(&mut self, side: Side, now: Instant) -> Result<(), Error> {
+        if side == Side::Client {
+            return self.reject(Error::NotApplicable(side));
+        }
         self.on_reset(side, now)
     }
 

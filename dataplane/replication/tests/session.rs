@@ -442,6 +442,10 @@ fn invalid_inputs_return_errors_and_change_nothing() {
         Err(Error::NotApplicable(Side::Client))
     );
     assert_eq!(
+        s.on_refused(Side::Client, now),
+        Err(Error::NotApplicable(Side::Client))
+    );
+    assert_eq!(
         s.on_data(Side::Primary, b"x", now),
         Err(Error::NotConnected(Side::Primary))
     );
@@ -465,7 +469,7 @@ fn invalid_inputs_return_errors_and_change_nothing() {
     );
     // The primary's FIN itself was valid and reaches the client.
     assert_eq!(actions(&mut s), vec![Action::Close(Side::Client)]);
-    assert_eq!(s.stats().ignored_inputs, 7);
+    assert_eq!(s.stats().ignored_inputs, 8);
 }
 
 #[test]
