@@ -7,6 +7,7 @@
 //! - [`reconcile`]: pure diff of desired rules against what a switch reports;
 //! - [`switch`]: tokio glue that keeps switch connections alive.
 
+pub mod installer;
 pub mod openflow;
 pub mod planner;
 pub mod reconcile;

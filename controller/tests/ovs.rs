@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use ncp_controller::installer;
 use ncp_controller::openflow::{FlowStatsRequest, Ipv4Prefix, MacAddr, Match, Message};
 use ncp_controller::planner::{Mode, Replication, plan};
 use ncp_controller::reconcile::diff;
@@ -65,18 +66,6 @@ fn ncp_topology(bed: &Testbed) -> Topology {
         }
     }
     t
-}
-
-async fn install(ctl: &Controller, rules: &[FlowRule]) {
-    for r in rules {
-        ctl.send(r.dpid, Message::FlowMod(r.to_add()))
-            .await
-            .expect("send flow mod");
-    }
-    let switches: BTreeSet<Dpid> = rules.iter().map(|r| r.dpid).collect();
-    for d in switches {
-        ctl.barrier(d).await.expect("barrier");
-    }
 }
 
 async fn ncp_rules(ctl: &Controller, dpid: Dpid) -> Vec<FlowRule> {
@@ -169,14 +158,36 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
     let p = plan(&topo, &[rewrite, tunnel, mpls]);
     assert!(p.failures.is_empty(), "{:?}", p.failures);
     assert!(p.plans.iter().all(|x| x.redirection_switch == agg1));
-    install(&ctl, &p.rules).await;
+    let switches: Vec<Dpid> = want.iter().copied().collect();
+    let report = installer::sync(&ctl, &p, &switches).await;
+    assert_eq!(report.installed, BTreeSet::from([1, 2, 3]), "{report:#?}");
+    assert!(
+        report
+            .switches
+            .values()
+            .all(|s| s.error.is_none() && s.rejected.is_empty())
+    );
+    assert_eq!(
+        report.switches.values().map(|s| s.added).sum::<usize>(),
+        p.rules.len()
+    );
 
-    // Read back: OVS reports exactly what was planned, so the diff is empty.
+    // Read back: OVS reports exactly what was planned, so the diff is empty, and a second
+    // sync changes nothing.
     for d in &want {
         let have = ncp_rules(&ctl, *d).await;
         let dd = diff(&p.rules_for(*d), &have);
         assert!(dd.is_empty(), "switch {d:#x}: {dd:#?}\nhave {have:#?}");
     }
+    let again = installer::sync(&ctl, &p, &switches).await;
+    assert_eq!(again.installed, BTreeSet::from([1, 2, 3]));
+    assert!(
+        again
+            .switches
+            .values()
+            .all(|s| s.added == 0 && s.deleted == 0),
+        "{again:#?}"
+    );
 
     // A stale NCP rule is found and removed; a foreign rule with no NCP cookie survives.
     let br = bed.bridge("agg1").expect("bridge");
@@ -199,14 +210,17 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
         },
         instructions: vec![],
     };
-    install(&ctl, std::slice::from_ref(&stale)).await;
+    let rejected = ctl
+        .apply(agg1, vec![Message::FlowMod(stale.to_add())])
+        .await
+        .expect("apply");
+    assert!(rejected.is_empty());
     let dd = diff(&p.rules_for(agg1), &ncp_rules(&ctl, agg1).await);
     assert_eq!(dd.delete, vec![stale.clone()]);
     assert!(dd.add.is_empty() && dd.conflicts.is_empty());
-    ctl.send(agg1, Message::FlowMod(stale.to_delete()))
-        .await
-        .expect("delete");
-    ctl.barrier(agg1).await.expect("barrier");
+    let report = installer::sync(&ctl, &p, &switches).await;
+    assert_eq!(report.switches[&agg1].deleted, 1);
+    assert_eq!(report.installed, BTreeSet::from([1, 2, 3]));
     let after = ncp_rules(&ctl, agg1).await;
     assert!(diff(&p.rules_for(agg1), &after).is_empty());
     assert!(
@@ -224,8 +238,8 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
         .expect("flow stats");
     assert_eq!(ours.len(), p.rules_for(agg1).len());
 
-    // The switch refuses a rule that breaks OXM prerequisites; the error comes back as an
-    // event carrying the offending xid's error type (OFPET_BAD_MATCH = 4).
+    // The switch refuses a rule that breaks OXM prerequisites (OFPET_BAD_MATCH = 4): in a
+    // batch the refusal is tied to the message; sent alone it arrives as an event.
     let bad = FlowRule {
         matched: Match {
             tcp_dst: Some(1),
@@ -233,6 +247,18 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
         },
         ..stale.clone()
     };
+    let refused = ctl
+        .apply(
+            agg1,
+            vec![
+                Message::FlowMod(stale.to_add()),
+                Message::FlowMod(bad.to_add()),
+            ],
+        )
+        .await
+        .expect("apply");
+    assert_eq!(refused.len(), 1);
+    assert_eq!((refused[0].index, refused[0].err_type), (1, 4));
     ctl.send(agg1, Message::FlowMod(bad.to_add()))
         .await
         .expect("send");

@@ -3,5 +3,5 @@
 pub mod server;
 pub mod session;
 
-pub use server::{Controller, ServerConfig, SwitchError, SwitchEvent};
+pub use server::{Controller, Rejected, ServerConfig, SwitchError, SwitchEvent};
 pub use session::{CloseReason, Session, SessionConfig};

@@ -88,12 +88,26 @@ pub enum SwitchError {
 
 type ReplyTx = oneshot::Sender<Result<Vec<Message>, (u16, u16)>>;
 
+/// A message of a batch the switch refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Position of the message in the batch.
+    pub index: usize,
+    pub err_type: u16,
+    pub code: u16,
+}
+
+type BatchTx = oneshot::Sender<Vec<Rejected>>;
+
 enum Command {
     /// Send; when `reply` is set, collect the reply (all parts of a multipart reply).
     Send {
         msg: Message,
         reply: Option<ReplyTx>,
     },
+    /// Send all, then a barrier; answer with the refused messages once the barrier reply
+    /// arrives (a switch reports every error of earlier messages before that reply).
+    Batch { msgs: Vec<Message>, reply: BatchTx },
 }
 
 struct Entry {
@@ -194,6 +208,26 @@ impl Controller {
         }
     }
 
+    /// Sends `msgs` followed by a barrier and waits for the barrier reply. `Ok` with an
+    /// empty list means the switch has applied every message; otherwise the list names
+    /// the refused ones. Only after this returns may the changes be reported installed.
+    pub async fn apply(
+        &self,
+        dpid: Dpid,
+        msgs: Vec<Message>,
+    ) -> Result<Vec<Rejected>, SwitchError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands(dpid)?
+            .send(Command::Batch { msgs, reply: tx })
+            .await
+            .map_err(|_| SwitchError::Disconnected(dpid))?;
+        match tokio::time::timeout(self.shared.cfg.request_timeout, rx).await {
+            Err(_) => Err(SwitchError::Timeout(dpid)),
+            Ok(Err(_)) => Err(SwitchError::Disconnected(dpid)),
+            Ok(Ok(rejected)) => Ok(rejected),
+        }
+    }
+
     /// Waits until the switch has processed everything sent before.
     pub async fn barrier(&self, dpid: Dpid) -> Result<(), SwitchError> {
         match self
@@ -275,6 +309,68 @@ struct Pending {
     tx: ReplyTx,
 }
 
+/// A batch waiting for its closing barrier reply.
+struct PendingBatch {
+    rejected: Vec<Rejected>,
+    tx: BatchTx,
+}
+
+/// Everything waiting on replies from one switch, keyed by xid.
+#[derive(Default)]
+struct Waiters {
+    requests: HashMap<u32, Pending>,
+    /// Keyed by the xid of the batch's barrier.
+    batches: HashMap<u32, PendingBatch>,
+    /// xid of a batch member -> (barrier xid, index in the batch).
+    members: HashMap<u32, (u32, usize)>,
+}
+
+impl Waiters {
+    /// Forgets waiters whose caller gave up (timed out), so they cannot pile up.
+    fn prune(&mut self) {
+        self.requests.retain(|_, p| !p.tx.is_closed());
+        self.batches.retain(|_, b| !b.tx.is_closed());
+        let batches = &self.batches;
+        self.members
+            .retain(|_, (barrier, _)| batches.contains_key(barrier));
+    }
+
+    /// Takes the message if someone waits for it; gives it back otherwise.
+    fn take(&mut self, frame: Frame) -> Option<Frame> {
+        if let Some((barrier, index)) = self.members.remove(&frame.xid) {
+            if let (Message::Error(e), Some(b)) = (&frame.message, self.batches.get_mut(&barrier)) {
+                b.rejected.push(Rejected {
+                    index,
+                    err_type: e.err_type,
+                    code: e.code,
+                });
+            }
+            return None;
+        }
+        if let Some(b) = self.batches.remove(&frame.xid) {
+            let _ = b.tx.send(b.rejected);
+            return None;
+        }
+        let Some(mut p) = self.requests.remove(&frame.xid) else {
+            return Some(frame);
+        };
+        match frame.message {
+            Message::Error(e) => {
+                let _ = p.tx.send(Err((e.err_type, e.code)));
+            }
+            Message::MultipartReply(r) if r.flags & MULTIPART_MORE != 0 => {
+                p.parts.push(Message::MultipartReply(r));
+                self.requests.insert(frame.xid, p);
+            }
+            m => {
+                p.parts.push(m);
+                let _ = p.tx.send(Ok(p.parts));
+            }
+        }
+        None
+    }
+}
+
 /// Why the connection loop ended (for the log and the Disconnected event).
 enum End {
     Session(CloseReason),
@@ -302,7 +398,7 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
     let (commands_tx, mut commands) = mpsc::channel::<Command>(64);
     let kill = Arc::new(Notify::new());
     let mut dpid: Option<Dpid> = None;
-    let mut pending: HashMap<u32, Pending> = HashMap::new();
+    let mut waiters = Waiters::default();
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0u8; 16 * 1024];
     let mut commands_tx = Some(commands_tx);
@@ -348,11 +444,11 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
                         })
                         .await;
                 }
-                Output::Deliver(frame) => deliver(frame, dpid, &mut pending, &shared),
+                Output::Deliver(frame) => deliver(frame, dpid, &mut waiters, &shared),
                 Output::Close(reason) => break 'conn End::Session(reason),
             }
         }
-        pending.retain(|_, p| !p.tx.is_closed());
+        waiters.prune();
         let deadline = tokio::time::Instant::from_std(session.next_deadline());
         tokio::select! {
             r = rd.read(&mut buf) => match r {
@@ -364,8 +460,16 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
                 Command::Send { msg, reply } => {
                     let xid = session.send(msg);
                     if let Some(tx) = reply {
-                        pending.insert(xid, Pending { parts: Vec::new(), tx });
+                        waiters.requests.insert(xid, Pending { parts: Vec::new(), tx });
                     }
+                }
+                Command::Batch { msgs, reply } => {
+                    let xids: Vec<u32> = msgs.into_iter().map(|m| session.send(m)).collect();
+                    let barrier = session.send(Message::BarrierRequest);
+                    for (index, xid) in xids.into_iter().enumerate() {
+                        waiters.members.insert(xid, (barrier, index));
+                    }
+                    waiters.batches.insert(barrier, PendingBatch { rejected: Vec::new(), tx: reply });
                 }
             },
             () = tokio::time::sleep_until(deadline) => session.on_tick(Instant::now()),
@@ -404,28 +508,16 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
                 .await;
         }
     }
-    // Dropping `pending` wakes every waiter with a disconnect error.
+    // Dropping `waiters` wakes every waiter with a disconnect error.
+    drop(waiters);
 }
 
-/// Routes a message either to the request waiting for it or to the event stream.
-fn deliver(frame: Frame, dpid: Option<Dpid>, pending: &mut HashMap<u32, Pending>, shared: &Shared) {
+/// Routes a message either to whoever waits for it or to the event stream.
+fn deliver(frame: Frame, dpid: Option<Dpid>, waiters: &mut Waiters, shared: &Shared) {
     let Some(dpid) = dpid else { return };
-    if let Some(mut p) = pending.remove(&frame.xid) {
-        match frame.message {
-            Message::Error(e) => {
-                let _ = p.tx.send(Err((e.err_type, e.code)));
-            }
-            Message::MultipartReply(r) if r.flags & MULTIPART_MORE != 0 => {
-                p.parts.push(Message::MultipartReply(r));
-                pending.insert(frame.xid, p);
-            }
-            m => {
-                p.parts.push(m);
-                let _ = p.tx.send(Ok(p.parts));
-            }
-        }
+    let Some(frame) = waiters.take(frame) else {
         return;
-    }
+    };
     if let Message::Error(e) = &frame.message {
         tracing::warn!(
             dpid = format_args!("{dpid:#x}"),
