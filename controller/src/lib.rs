@@ -7,7 +7,9 @@
 //! - [`reconcile`]: pure diff of desired rules against what a switch reports;
 //! - [`switch`]: tokio glue that keeps switch connections alive.
 
+pub mod discovery;
 pub mod installer;
+pub mod lldp;
 pub mod openflow;
 pub mod planner;
 pub mod reconcile;

@@ -22,6 +22,8 @@ pub enum RuleKind {
     Flow = 1,
     /// Per-middlebox tunnel rule shared by all flows; low bits = tag.
     Tunnel = 2,
+    /// A rule every switch carries for the controller itself (LLDP, fallback forwarding).
+    Switch = 3,
 }
 
 /// Builds an NCP cookie.
@@ -43,6 +45,7 @@ pub fn parse_cookie(c: u64) -> Option<(RuleKind, u32)> {
     match (c >> 32) & 0xffff {
         1 => Some((RuleKind::Flow, id)),
         2 => Some((RuleKind::Tunnel, id)),
+        3 => Some((RuleKind::Switch, id)),
         _ => None,
     }
 }
