@@ -2,11 +2,16 @@
 //! and ports the data plane owns, and the redirect rules. Parsing and validation are pure
 //! so `ncp-middlebox check` and the unit tests exercise exactly what `run` uses.
 
-use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
-use crate::rules::RedirectRule;
+use crate::rules::{Ipv4Prefix, RedirectRule};
 
 /// Default location of the control socket that `stats` and `rule` talk to.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ncp/middlebox.sock";
@@ -27,6 +32,109 @@ pub struct Config {
     /// Redirect rules installed at start; more can be added at run time.
     #[serde(default)]
     pub rules: Vec<RedirectRule>,
+    /// Replicated services: each implies a redirect rule for its clients.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+    /// Global caps over all services.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// First rule id used for the rules that services imply; operator rules stay below it.
+pub const SERVICE_RULE_ID_BASE: u32 = 0x8000_0000;
+
+/// One replicated TCP service: clients' connections to `primary` are terminated by the
+/// middlebox, which opens its own connections to the primary and every replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// The primary server; clients address it, the middlebox answers in its name.
+    pub primary: SocketAddrV4,
+    /// Clients whose connections are replicated (default: all).
+    #[serde(default = "any_client")]
+    pub clients: Ipv4Prefix,
+    /// Replica servers that receive a copy of every client byte stream.
+    #[serde(default)]
+    pub replicas: Vec<SocketAddrV4>,
+    /// Interface the replicas are reached through (the paper's separate replication NIC);
+    /// by default the one the client arrived on.
+    #[serde(default)]
+    pub replica_interface: Option<String>,
+    /// How far (bytes) a replica may fall behind before it is cut loose.
+    #[serde(default = "default_replica_budget")]
+    pub replica_budget_bytes: u64,
+    /// Client bytes buffered for the primary before the client is slowed down.
+    #[serde(default = "default_primary_budget")]
+    pub primary_budget_bytes: u64,
+    /// Seconds without traffic before a session is reset.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds an upstream may take to accept the connection.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+fn any_client() -> Ipv4Prefix {
+    Ipv4Prefix {
+        addr: Ipv4Addr::UNSPECIFIED,
+        len: 0,
+    }
+}
+fn default_replica_budget() -> u64 {
+    4 << 20
+}
+fn default_primary_budget() -> u64 {
+    1 << 20
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+
+impl ServiceConfig {
+    /// The redirect rule steering this service's clients to the data plane.
+    pub fn rule(&self, index: usize) -> RedirectRule {
+        RedirectRule {
+            id: SERVICE_RULE_ID_BASE + index as u32,
+            source: self.clients,
+            source_port: None,
+            destination: *self.primary.ip(),
+            destination_port: self.primary.port(),
+        }
+    }
+
+    /// Idle timeout as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// Connect timeout as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+/// Global caps; beyond them new client connections are refused with a reset and counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most concurrent sessions per worker.
+    pub max_sessions: usize,
+    /// Most buffer memory per worker, bytes.
+    pub max_buffer_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 10_000,
+            max_buffer_bytes: 1 << 30,
+        }
+    }
 }
 
 fn default_control_socket() -> PathBuf {
@@ -221,8 +329,14 @@ impl Config {
                 }
             }
         }
+        self.validate_services()?;
         let mut ids = HashSet::new();
         for (i, rule) in self.rules.iter().enumerate() {
+            if rule.id >= SERVICE_RULE_ID_BASE {
+                return invalid(format!(
+                    "rules[{i}]: ids from {SERVICE_RULE_ID_BASE} up are reserved for services"
+                ));
+            }
             rule.validate()
                 .map_err(|e| ConfigError::Invalid(format!("rules[{i}] ({rule}): {e}")))?;
             if !ids.insert(rule.id) {
@@ -237,6 +351,112 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Every rule to install: the operator's and the ones services imply.
+    pub fn all_rules(&self) -> Vec<RedirectRule> {
+        let implied = self.services.iter().enumerate().map(|(i, s)| s.rule(i));
+        self.rules.iter().copied().chain(implied).collect()
+    }
+
+    /// Service checks, including the paper's R4: primary and replicas share no host, and
+    /// the middlebox is neither.
+    fn validate_services(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let own: Vec<Ipv4Addr> = self.interfaces.iter().map(|i| i.address).collect();
+        let mut names = HashSet::new();
+        let mut endpoints = HashSet::new();
+        if self.limits.max_sessions == 0 || self.limits.max_buffer_bytes == 0 {
+            return invalid("limits: max_sessions and max_buffer_bytes must be above 0".into());
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}] ({})", s.name);
+            if s.name.is_empty() || !names.insert(s.name.as_str()) {
+                return invalid(format!(
+                    "{at}: every service needs a unique, non-empty name"
+                ));
+            }
+            if !endpoints.insert(s.primary) {
+                return invalid(format!(
+                    "{at}: primary {} is already another service's",
+                    s.primary
+                ));
+            }
+            if s.primary.port() == 0 || s.primary.ip().is_unspecified() {
+                return invalid(format!(
+                    "{at}.primary {} needs an address and a port",
+                    s.primary
+                ));
+            }
+            if own.contains(s.primary.ip()) {
+                return invalid(format!(
+                    "{at}.primary {} is the middlebox's own address",
+                    s.primary
+                ));
+            }
+            if s.replicas.len() > usize::from(ncp_replication::MAX_REPLICAS) {
+                return invalid(format!(
+                    "{at}: {} replicas, at most {} are supported",
+                    s.replicas.len(),
+                    ncp_replication::MAX_REPLICAS
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (j, r) in s.replicas.iter().enumerate() {
+                let rat = format!("{at}.replicas[{j}] ({r})");
+                if r.ip() == s.primary.ip() {
+                    return invalid(format!(
+                        "{rat}: a replica on the primary's host ({}) would share its fate (R4)",
+                        s.primary.ip()
+                    ));
+                }
+                if own.contains(r.ip()) {
+                    return invalid(format!(
+                        "{rat}: a replica cannot be the middlebox itself (R4)"
+                    ));
+                }
+                if s.clients.len == 32 && s.clients.addr == *r.ip() {
+                    return invalid(format!("{rat}: a replica cannot be the client host (R4)"));
+                }
+                if r.port() == 0 || r.ip().is_unspecified() {
+                    return invalid(format!("{rat}: needs an address and a port"));
+                }
+                if !seen.insert(*r) {
+                    return invalid(format!("{rat}: listed twice"));
+                }
+            }
+            if let Some(name) = &s.replica_interface
+                && !self.interfaces.iter().any(|i| &i.name == name)
+            {
+                return invalid(format!(
+                    "{at}.replica_interface `{name}` is not one of the configured interfaces"
+                ));
+            }
+            let session = s.session_config();
+            session
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?;
+            if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
+                return invalid(format!("{at}: timeouts must be at least 1 second"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServiceConfig {
+    /// The replication core's per-session configuration for this service.
+    pub fn session_config(&self) -> ncp_replication::SessionConfig {
+        ncp_replication::SessionConfig {
+            replica_count: self.replicas.len().min(usize::from(u16::MAX)) as u16,
+            replica_budget_bytes: self.replica_budget_bytes,
+            primary_budget_bytes: self.primary_budget_bytes,
+            idle_timeout: self.idle_timeout(),
+            connect_timeout: self.connect_timeout(),
+            ..ncp_replication::SessionConfig::default()
+        }
     }
 }
 
@@ -284,6 +504,54 @@ mod tests {
         assert_eq!(c.interfaces[0].xdp_mode, XdpAttachMode::Auto);
         assert_eq!(c.interfaces[0].umem_frames, 4096);
         assert_eq!(c.rules[0].destination_port, 5201);
+    }
+
+    const SERVICE: &str = r#"
+        [[services]]
+        name = "redis"
+        primary = "198.18.1.2:6379"
+        clients = "198.18.1.0/24"
+        replicas = ["198.18.2.3:6379"]
+    "#;
+
+    #[test]
+    fn services_imply_rules_and_session_configs() {
+        let c = parse(&format!("{GOOD}{SERVICE}")).unwrap();
+        let rules = c.all_rules();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[1].id, SERVICE_RULE_ID_BASE);
+        assert_eq!(rules[1].destination_port, 6379);
+        assert_eq!(c.services[0].session_config().replica_count, 1);
+        assert_eq!(c.services[0].replica_budget_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn r4_replicas_share_no_host_with_primary_client_or_middlebox() {
+        let with = |replica: &str| format!("{GOOD}{}", SERVICE.replace("198.18.2.3:6379", replica));
+        assert!(error(&with("198.18.1.2:7000")).contains("R4"));
+        assert!(error(&with("198.18.1.4:6379")).contains("middlebox"));
+        let client = format!(
+            "{GOOD}{}",
+            SERVICE.replace("198.18.1.0/24", "198.18.2.3/32")
+        );
+        assert!(error(&client).contains("client host"));
+        let twice = format!(
+            "{GOOD}{}",
+            SERVICE.replace(
+                "[\"198.18.2.3:6379\"]",
+                "[\"198.18.2.3:6379\", \"198.18.2.3:6379\"]"
+            )
+        );
+        assert!(error(&twice).contains("twice"));
+        let own_primary = format!(
+            "{GOOD}{}",
+            SERVICE.replace("198.18.1.2:6379", "198.18.1.4:6379")
+        );
+        assert!(error(&own_primary).contains("own address"));
+        let bad_iface = format!("{GOOD}{SERVICE}replica_interface = \"eth9\"\n");
+        assert!(error(&bad_iface).contains("eth9"));
+        let budget = format!("{GOOD}{SERVICE}replica_budget_bytes = 0\n");
+        assert!(error(&budget).contains("services[0]"));
     }
 
     #[test]

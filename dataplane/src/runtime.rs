@@ -30,7 +30,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let mut steering = Steering::attach(&iface.name, iface.xdp_mode)
             .with_context(|| format!("setting up XDP on {}", iface.name))?;
         steering.set_owned_endpoints(iface.address, iface.ports)?;
-        for rule in &config.rules {
+        for rule in &config.all_rules() {
             steering.insert_rule(rule)?;
         }
         steerings.push(steering);
@@ -46,7 +46,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let handler = MiddleboxHandler {
         steerings: Arc::new(Mutex::new(steerings)),
-        rules: config.rules.iter().map(|r| (r.id, *r)).collect(),
+        rules: config.all_rules().into_iter().map(|r| (r.id, r)).collect(),
         workers: workers.iter().map(Worker::stats_handle).collect(),
     };
     let steerings = Arc::clone(&handler.steerings);

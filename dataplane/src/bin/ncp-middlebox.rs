@@ -148,7 +148,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
-            for rule in &config.rules {
+            for service in &config.services {
+                let replicas: Vec<String> =
+                    service.replicas.iter().map(|r| r.to_string()).collect();
+                println!(
+                    "service {}: clients {} -> primary {}, replicas [{}], replica budget {} bytes",
+                    service.name,
+                    service.clients,
+                    service.primary,
+                    replicas.join(", "),
+                    service.replica_budget_bytes
+                );
+            }
+            for rule in &config.all_rules() {
                 println!("rule {rule}");
             }
             Ok(())
