@@ -126,7 +126,22 @@ fn testbed(action: TestbedAction) -> anyhow::Result<()> {
         }
         TestbedAction::Down { prefix } => {
             let report = Testbed::down(&prefix)?;
-            println!("{report:?}");
+            if report.is_empty() {
+                println!("test bed `{prefix}`: nothing to remove");
+            } else {
+                println!(
+                    "test bed `{prefix}` removed: {} namespaces, {} bridges, {} links, {} processes ended{}",
+                    report.namespaces.len(),
+                    report.bridges.len(),
+                    report.links.len(),
+                    report.killed.len(),
+                    if report.ovs_stopped {
+                        "; Open vSwitch stopped (the test bed had started it)"
+                    } else {
+                        ""
+                    }
+                );
+            }
             Ok(())
         }
     }
