@@ -14,5 +14,7 @@ pub mod openflow;
 pub mod planner;
 pub mod reconcile;
 pub mod rules;
+pub mod service;
+pub mod store;
 pub mod switch;
 pub mod topology;

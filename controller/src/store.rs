@@ -1,0 +1,305 @@
+//! Desired state (pinned hosts and replications) and its file on disk.
+//!
+//! These are the operator-facing forms: plain serde types with addresses and MACs as
+//! strings, converted into the planner's types in one place ([`DesiredState::hosts`],
+//! [`ReplicationSpec::to_replication`]). The file is replaced atomically (write to a
+//! temporary file, fsync, rename) so a crash never leaves half a state behind.
+
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::openflow::{Ipv4Prefix, MacAddr};
+use crate::planner::{Mode, Replication};
+use crate::topology::{Host, PortRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Format {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("invalid {what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
+}
+
+/// A host pinned to a switch port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSpec {
+    pub ip: Ipv4Addr,
+    /// `aa:bb:cc:dd:ee:ff`
+    pub mac: String,
+    pub dpid: u64,
+    pub port: u32,
+}
+
+impl HostSpec {
+    pub fn to_host(&self) -> Result<Host, StoreError> {
+        let mac: MacAddr = self.mac.parse().map_err(|detail| StoreError::Invalid {
+            what: "MAC address",
+            detail,
+        })?;
+        Ok(Host {
+            ip: self.ip,
+            mac,
+            at: PortRef::new(self.dpid, self.port),
+        })
+    }
+}
+
+/// How redirected packets reach the middlebox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ModeSpec {
+    Rewrite,
+    Vlan { vid: u16 },
+    Mpls { label: u32 },
+}
+
+/// A replication as the operator states it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationSpec {
+    pub id: u32,
+    /// Client address or prefix: `198.18.3.11` or `198.18.3.0/24`.
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_port: Option<u16>,
+    pub primary: Ipv4Addr,
+    pub primary_port: u16,
+    pub middlebox: Ipv4Addr,
+    /// Replica servers; the middlebox is told about them, the switches are not.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    #[serde(default = "rewrite")]
+    pub mode: ModeSpec,
+}
+
+fn rewrite() -> ModeSpec {
+    ModeSpec::Rewrite
+}
+
+/// Parses `a.b.c.d` or `a.b.c.d/len`.
+pub fn parse_prefix(s: &str) -> Result<Ipv4Prefix, StoreError> {
+    let bad = |detail: String| StoreError::Invalid {
+        what: "source prefix",
+        detail,
+    };
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().map_err(|e| bad(format!("{s:?}: {e}")))?),
+        None => (s, 32),
+    };
+    if len > 32 {
+        return Err(bad(format!("{s:?}: length above 32")));
+    }
+    let addr: Ipv4Addr = addr.parse().map_err(|e| bad(format!("{s:?}: {e}")))?;
+    Ok(Ipv4Prefix::new(addr, len))
+}
+
+impl ReplicationSpec {
+    pub fn to_replication(&self) -> Result<Replication, StoreError> {
+        Ok(Replication {
+            id: self.id,
+            source: parse_prefix(&self.source)?,
+            source_port: self.source_port,
+            primary: self.primary,
+            primary_port: self.primary_port,
+            middlebox: self.middlebox,
+            mode: match self.mode {
+                ModeSpec::Rewrite => Mode::Rewrite,
+                ModeSpec::Vlan { vid } => Mode::Vlan { vid },
+                ModeSpec::Mpls { label } => Mode::Mpls { label },
+            },
+        })
+    }
+}
+
+/// Everything the controller must converge the network to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    #[serde(default)]
+    pub hosts: Vec<HostSpec>,
+    #[serde(default)]
+    pub replications: Vec<ReplicationSpec>,
+}
+
+impl DesiredState {
+    /// Validates everything once, so that what is stored always converts.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        for h in &self.hosts {
+            h.to_host()?;
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for r in &self.replications {
+            r.to_replication()?;
+            if !ids.insert(r.id) {
+                return Err(StoreError::Invalid {
+                    what: "replication id",
+                    detail: format!("{} used twice", r.id),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hosts in planner form; invalid entries (impossible after `validate`) are skipped.
+    pub fn hosts(&self) -> Vec<Host> {
+        self.hosts.iter().filter_map(|h| h.to_host().ok()).collect()
+    }
+
+    pub fn replications(&self) -> Vec<Replication> {
+        self.replications
+            .iter()
+            .filter_map(|r| r.to_replication().ok())
+            .collect()
+    }
+}
+
+/// The state file.
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: PathBuf,
+}
+
+impl Store {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the state; a missing file is an empty state (first start).
+    pub fn load(&self) -> Result<DesiredState, StoreError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(DesiredState::default());
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let state: DesiredState =
+            serde_json::from_str(&text).map_err(|source| StoreError::Format {
+                path: self.path.clone(),
+                source,
+            })?;
+        state.validate()?;
+        Ok(state)
+    }
+
+    /// Replaces the state atomically.
+    pub fn save(&self, state: &DesiredState) -> Result<(), StoreError> {
+        state.validate()?;
+        let io = |source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let text = serde_json::to_string_pretty(state).map_err(|source| StoreError::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ReplicationSpec {
+        ReplicationSpec {
+            id: 1,
+            source: "198.18.3.0/24".into(),
+            source_port: None,
+            primary: Ipv4Addr::new(198, 18, 3, 21),
+            primary_port: 80,
+            middlebox: Ipv4Addr::new(198, 18, 3, 31),
+            replicas: vec!["198.18.3.32:80".into()],
+            mode: ModeSpec::Vlan { vid: 31 },
+        }
+    }
+
+    #[test]
+    fn json_shape_and_conversion() {
+        let json = serde_json::to_value(spec()).expect("serialize");
+        assert_eq!(json["mode"]["kind"], "vlan");
+        assert_eq!(json["mode"]["vid"], 31);
+        let minimal: ReplicationSpec = serde_json::from_str(
+            r#"{"id":2,"source":"198.18.3.11","primary":"198.18.3.21","primary_port":80,"middlebox":"198.18.3.31"}"#,
+        )
+        .expect("defaults apply");
+        assert_eq!(minimal.mode, ModeSpec::Rewrite);
+        let r = minimal.to_replication().expect("valid");
+        assert_eq!(r.source.prefix_len(), 32);
+        assert_eq!(
+            spec().to_replication().expect("valid").mode,
+            Mode::Vlan { vid: 31 }
+        );
+    }
+
+    #[test]
+    fn invalid_input_is_rejected() {
+        assert!(parse_prefix("198.18.3.0/33").is_err());
+        assert!(parse_prefix("nonsense").is_err());
+        let mut s = DesiredState {
+            hosts: vec![],
+            replications: vec![spec(), spec()],
+        };
+        assert!(s.validate().is_err(), "duplicate ids");
+        s.replications.pop();
+        s.hosts.push(HostSpec {
+            ip: Ipv4Addr::new(198, 18, 3, 1),
+            mac: "zz".into(),
+            dpid: 1,
+            port: 1,
+        });
+        assert!(s.validate().is_err(), "bad MAC");
+    }
+
+    #[test]
+    fn save_and_load_roundtrip() {
+        let dir = std::env::temp_dir().join(format!("ncpc-store-{}", std::process::id()));
+        let store = Store::new(dir.join("state.json"));
+        assert_eq!(
+            store.load().expect("missing file is empty"),
+            DesiredState::default()
+        );
+        let state = DesiredState {
+            hosts: vec![HostSpec {
+                ip: Ipv4Addr::new(198, 18, 3, 11),
+                mac: "02:00:c6:12:03:0b".into(),
+                dpid: 0x31,
+                port: 1,
+            }],
+            replications: vec![spec()],
+        };
+        store.save(&state).expect("save");
+        assert_eq!(store.load().expect("load"), state);
+        std::fs::write(store.path(), "{not json").expect("write");
+        assert!(matches!(store.load(), Err(StoreError::Format { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
