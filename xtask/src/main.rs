@@ -4,6 +4,7 @@ mod bench;
 mod ci;
 mod cmd;
 mod demo;
+mod deploy;
 mod middlebox;
 mod setup;
 
@@ -37,6 +38,16 @@ enum Task {
         /// Leave the test bed and the middlebox running afterwards.
         #[arg(long)]
         keep: bool,
+    },
+    /// Validate a middlebox configuration, build in release mode and run it on the NIC
+    /// queues it names, workers pinned to the configured cores.
+    Deploy {
+        /// Middlebox configuration (TOML); see `ncp-middlebox check --help`.
+        #[arg(long)]
+        config: PathBuf,
+        /// Run inside this network namespace (e.g. a test-bed host: ncp-middlebox).
+        #[arg(long)]
+        netns: Option<String>,
     },
     /// Benchmarks, side by side in one run; results in bench-results/.
     Bench {
@@ -81,6 +92,7 @@ fn main() {
         Task::Ci => ci::ci(),
         Task::Testbed { action } => testbed(action),
         Task::Demo { keep } => demo::demo(keep),
+        Task::Deploy { config, netns } => deploy::deploy(&config, netns.as_deref()),
         Task::Bench {
             experiments,
             repetitions,
