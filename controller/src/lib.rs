@@ -7,6 +7,8 @@
 //! - [`reconcile`]: pure diff of desired rules against what a switch reports;
 //! - [`switch`]: tokio glue that keeps switch connections alive.
 
+pub mod api;
+pub mod client;
 pub mod discovery;
 pub mod installer;
 pub mod lldp;

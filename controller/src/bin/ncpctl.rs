@@ -1,0 +1,165 @@
+//! `ncpctl`: command-line client of the NCP controller's REST API.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use ncp_controller::client::Client;
+use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
+
+#[derive(Parser, Debug)]
+#[command(about = "Manage NCP replications through the controller's API")]
+struct Args {
+    #[arg(long, env = "NCP_API", default_value = "127.0.0.1:8653")]
+    api: SocketAddr,
+    /// File holding the bearer token (else NCP_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Replications and whether they are installed.
+    Status,
+    /// Add a replication.
+    Add {
+        #[arg(long)]
+        id: u32,
+        /// Client address or prefix (198.18.3.11 or 198.18.3.0/24).
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        source_port: Option<u16>,
+        /// Primary server as address:port.
+        #[arg(long)]
+        primary: std::net::SocketAddrV4,
+        #[arg(long)]
+        middlebox: Ipv4Addr,
+        /// Replica servers (address:port), repeatable.
+        #[arg(long)]
+        replica: Vec<String>,
+        /// rewrite, vlan:<vid> or mpls:<label>.
+        #[arg(long, default_value = "rewrite")]
+        mode: String,
+    },
+    /// Remove a replication.
+    Rm { id: u32 },
+    /// Pinned hosts.
+    Hosts,
+    /// Pin a host to a switch port.
+    Pin {
+        #[arg(long)]
+        ip: Ipv4Addr,
+        #[arg(long)]
+        mac: String,
+        /// Datapath id, decimal or 0x-hex.
+        #[arg(long, value_parser = parse_dpid)]
+        dpid: u64,
+        #[arg(long)]
+        port: u32,
+    },
+    /// Unpin a host.
+    Unpin { ip: Ipv4Addr },
+    /// Switches, discovered links and hosts.
+    Topology,
+    /// Reconcile all switches now.
+    Reconcile,
+}
+
+fn parse_dpid(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("bad dpid {s:?}: {e}"))
+}
+
+fn parse_mode(s: &str) -> anyhow::Result<ModeSpec> {
+    Ok(match s.split_once(':') {
+        None if s == "rewrite" => ModeSpec::Rewrite,
+        Some(("vlan", v)) => ModeSpec::Vlan {
+            vid: v.parse().context("VLAN id")?,
+        },
+        Some(("mpls", v)) => ModeSpec::Mpls {
+            label: v.parse().context("MPLS label")?,
+        },
+        _ => bail!("mode must be rewrite, vlan:<vid> or mpls:<label>"),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let token = match &args.token_file {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => std::env::var("NCP_TOKEN").unwrap_or_default(),
+    };
+    let client = Client::new(args.api, token.trim());
+    let (method, path, body) = match args.cmd {
+        Cmd::Status => ("GET", "/v1/replications".to_string(), None),
+        Cmd::Add {
+            id,
+            source,
+            source_port,
+            primary,
+            middlebox,
+            replica,
+            mode,
+        } => {
+            let spec = ReplicationSpec {
+                id,
+                source,
+                source_port,
+                primary: *primary.ip(),
+                primary_port: primary.port(),
+                middlebox,
+                replicas: replica,
+                mode: parse_mode(&mode)?,
+            };
+            (
+                "POST",
+                "/v1/replications".to_string(),
+                Some(serde_json::to_string(&spec)?),
+            )
+        }
+        Cmd::Rm { id } => ("DELETE", format!("/v1/replications/{id}"), None),
+        Cmd::Hosts => ("GET", "/v1/hosts".to_string(), None),
+        Cmd::Pin {
+            ip,
+            mac,
+            dpid,
+            port,
+        } => {
+            let h = HostSpec {
+                ip,
+                mac,
+                dpid,
+                port,
+            };
+            (
+                "PUT",
+                "/v1/hosts".to_string(),
+                Some(serde_json::to_string(&h)?),
+            )
+        }
+        Cmd::Unpin { ip } => ("DELETE", format!("/v1/hosts/{ip}"), None),
+        Cmd::Topology => ("GET", "/v1/topology".to_string(), None),
+        Cmd::Reconcile => ("POST", "/v1/reconcile".to_string(), None),
+    };
+    let resp = client.request(method, &path, body.as_deref())?;
+    let shown = serde_json::from_str::<serde_json::Value>(&resp.body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(resp.body);
+    if !shown.trim().is_empty() {
+        println!("{}", shown.trim_end());
+    }
+    if !(200..300).contains(&resp.status) {
+        bail!("{method} {path}: HTTP {}", resp.status);
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! The whole controller: REST API with its token, persistence across restarts, and (with
+//! Open vSwitch) discovery, planning and installation driven only through the API, checked
+//! with real TCP traffic.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ncp_controller::client::{Client, Response};
+use ncp_controller::openflow::{FlowStatsRequest, MacAddr};
+use ncp_controller::rules::{RuleKind, parse_cookie};
+use ncp_controller::service::{Service, ServiceConfig};
+use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
+use ncp_controller::switch::ServerConfig;
+use ncp_testbed::{Testbed, UpOptions};
+use serde_json::Value;
+
+const TOKEN: &str = "test-token-ncpc";
+
+fn config(state_file: PathBuf) -> ServiceConfig {
+    ServiceConfig {
+        server: ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ServerConfig::default()
+        },
+        state_file,
+        probe_interval: Duration::from_millis(500),
+        link_ttl: Duration::from_secs(3),
+        reconcile_interval: Duration::from_secs(2),
+        normal_fallback: true,
+    }
+}
+
+/// Starts the service and its API on ephemeral loopback ports.
+async fn start(state_file: PathBuf) -> (Service, Client) {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let svc = Service::start(config(state_file)).await.expect("service");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind api");
+    let addr = listener.local_addr().expect("addr");
+    let app = ncp_controller::api::router(svc.clone(), TOKEN);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (svc, Client::new(addr, TOKEN))
+}
+
+async fn call(c: &Client, method: &'static str, path: &str, body: Option<String>) -> Response {
+    let c = c.clone();
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || c.request(method, &path, body.as_deref()))
+        .await
+        .expect("join")
+        .expect("http")
+}
+
+fn temp_state(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ncpc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("state.json")
+}
+
+fn spec(id: u32, source: &str, primary: &str, middlebox: &str, mode: ModeSpec) -> ReplicationSpec {
+    ReplicationSpec {
+        id,
+        source: source.to_string(),
+        source_port: None,
+        primary: primary.parse().expect("ip"),
+        primary_port: 80,
+        middlebox: middlebox.parse().expect("ip"),
+        replicas: vec![],
+        mode,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_needs_token_and_state_survives_restart() {
+    let state = temp_state("api");
+    let (_svc, api) = start(state.clone()).await;
+    assert_eq!(call(&api, "GET", "/v1/health", None).await.status, 200);
+    let anonymous = Client::new(api.addr, "");
+    let wrong = Client::new(api.addr, "nope");
+    for c in [&anonymous, &wrong] {
+        assert_eq!(call(c, "GET", "/v1/replications", None).await.status, 401);
+        let body = serde_json::to_string(&spec(
+            1,
+            "198.18.3.11",
+            "198.18.3.21",
+            "198.18.3.31",
+            ModeSpec::Rewrite,
+        ))
+        .expect("json");
+        assert_eq!(
+            call(c, "POST", "/v1/replications", Some(body)).await.status,
+            401
+        );
+    }
+
+    let r1 = serde_json::to_string(&spec(
+        1,
+        "198.18.3.0/24",
+        "198.18.3.21",
+        "198.18.3.31",
+        ModeSpec::Vlan { vid: 31 },
+    ))
+    .expect("json");
+    assert_eq!(
+        call(&api, "POST", "/v1/replications", Some(r1.clone()))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        call(&api, "POST", "/v1/replications", Some(r1))
+            .await
+            .status,
+        409
+    );
+    let bad = serde_json::to_string(&spec(
+        2,
+        "198.18.3.0/40",
+        "198.18.3.21",
+        "198.18.3.31",
+        ModeSpec::Rewrite,
+    ))
+    .expect("json");
+    assert_eq!(
+        call(&api, "POST", "/v1/replications", Some(bad))
+            .await
+            .status,
+        400
+    );
+    let host = HostSpec {
+        ip: "198.18.3.31".parse().expect("ip"),
+        mac: "02:00:c6:12:03:1f".into(),
+        dpid: 0x33,
+        port: 1,
+    };
+    let body = serde_json::to_string(&host).expect("json");
+    assert_eq!(call(&api, "PUT", "/v1/hosts", Some(body)).await.status, 204);
+    assert_eq!(
+        call(&api, "DELETE", "/v1/replications/9", None)
+            .await
+            .status,
+        404
+    );
+
+    let list: Value = serde_json::from_str(&call(&api, "GET", "/v1/replications", None).await.body)
+        .expect("json");
+    assert_eq!(list[0]["id"], 1);
+    assert_eq!(list[0]["installed"], false);
+    assert_eq!(list[0]["mode"]["kind"], "vlan");
+
+    // A second controller on the same state file sees the same desired state.
+    let (svc2, _api2) = start(state.clone()).await;
+    let d = svc2.desired();
+    assert_eq!(d.replications.len(), 1);
+    assert_eq!(d.hosts, vec![host]);
+    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
+}
+
+const PREFIX: &str = "ncpc";
+
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = Testbed::down(PREFIX) {
+            eprintln!("cleanup of test bed {PREFIX} failed: {e}");
+        }
+    }
+}
+
+/// Polls the API until replication `id` reports `installed == want`.
+async fn wait_installed(api: &Client, id: u32, want: bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let list: Value =
+            serde_json::from_str(&call(api, "GET", "/v1/replications", None).await.body)
+                .expect("json");
+        let entry = list
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["id"] == id))
+            .cloned();
+        if entry
+            .as_ref()
+            .map(|e| e["installed"] == want)
+            .unwrap_or(!want)
+        {
+            return entry.unwrap_or(Value::Null);
+        }
+        let topo = call(api, "GET", "/v1/topology", None).await.body;
+        assert!(
+            Instant::now() < deadline,
+            "replication {id} not installed={want}: {entry:?}\ntopology {topo}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_on_ovs_through_the_api() {
+    if !ncp_testbed::ready_or_skip("controller service", &["ovs-ofctl", "bash", "timeout"]) {
+        return;
+    }
+    let state = temp_state("e2e");
+    let (svc, api) = start(state.clone()).await;
+    let _ = Testbed::down(PREFIX);
+    let _cleanup = Cleanup;
+    let topo_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../testbed/tree.toml");
+    let tb = ncp_testbed::Topology::load(topo_file).expect("tree topology");
+    let options = UpOptions {
+        prefix: PREFIX.to_string(),
+        controller_port: Some(svc.controller().local_addr().port()),
+    };
+    let bed = tokio::task::block_in_place(|| Testbed::up(&tb, &options)).expect("test bed up");
+
+    // Pin every host where the test bed attached it.
+    for h in &tb.hosts {
+        for i in &h.interfaces {
+            let port = bed
+                .ofport(&i.switch, &format!("{}:{}", h.name, i.name))
+                .expect("port");
+            let spec = HostSpec {
+                ip: i.address,
+                mac: MacAddr(i.mac.0).to_string(),
+                dpid: bed.dpid(&i.switch).expect("dpid"),
+                port: u32::from(port),
+            };
+            let r = call(
+                &api,
+                "PUT",
+                "/v1/hosts",
+                Some(serde_json::to_string(&spec).expect("json")),
+            )
+            .await;
+            assert_eq!(r.status, 204, "{}", r.body);
+        }
+    }
+    let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
+    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
+    let resp = call(
+        &api,
+        "POST",
+        "/v1/replications",
+        Some(serde_json::to_string(&r).expect("json")),
+    )
+    .await;
+    assert_eq!(resp.status, 201, "{}", resp.body);
+
+    // LLDP finds all six links, the plan places the redirect on agg1, and the rules are
+    // confirmed by barrier replies.
+    let status = wait_installed(&api, 1, true).await;
+    let agg1 = bed.dpid("agg1").expect("dpid");
+    assert_eq!(status["redirection_switch"], agg1);
+    let topo: Value =
+        serde_json::from_str(&call(&api, "GET", "/v1/topology", None).await.body).expect("json");
+    assert_eq!(topo["links"].as_array().map(Vec::len), Some(6), "{topo}");
+
+    // Unsteered traffic flows through the NORMAL fallback.
+    bed.exec("h11", &["ping", "-c", "1", "-W", "2", &ip("h22")])
+        .expect("ping through fallback");
+
+    // A TCP SYN from the source to the primary's port 80 reaches the middlebox's switch
+    // port through the route rule on leaf3 (counted by OVS).
+    let leaf3 = bed.dpid("leaf3").expect("dpid");
+    let attempt = format!("exec 3<>/dev/tcp/{}/80", ip("h21"));
+    for _ in 0..3 {
+        let mut c = bed
+            .command("h11", &["timeout", "2", "bash", "-c", &attempt])
+            .expect("command");
+        let _ = tokio::task::block_in_place(|| c.output());
+    }
+    let stats = svc
+        .controller()
+        .flow_stats(leaf3, FlowStatsRequest::by_cookie(0, 0))
+        .await
+        .expect("stats");
+    let route = stats
+        .iter()
+        .find(|s| parse_cookie(s.cookie) == Some((RuleKind::Flow, 1)))
+        .expect("route rule on leaf3");
+    assert!(
+        route.packet_count >= 1,
+        "redirected SYNs must reach leaf3: {route:?}"
+    );
+
+    // Removing the replication removes its rules everywhere.
+    assert_eq!(
+        call(&api, "DELETE", "/v1/replications/1", None)
+            .await
+            .status,
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut left = 0;
+        for d in svc.controller().connected() {
+            let stats = svc
+                .controller()
+                .flow_stats(d, FlowStatsRequest::by_cookie(0, 0))
+                .await
+                .expect("stats");
+            left += stats
+                .iter()
+                .filter(|s| parse_cookie(s.cookie).is_some_and(|(k, _)| k == RuleKind::Flow))
+                .count();
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} flow rules left after delete"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(bed);
+    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
+}
