@@ -8,7 +8,7 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connection to {addr}: {source}")]
+    #[error("connection to {addr}")]
     Io {
         addr: SocketAddr,
         source: std::io::Error,

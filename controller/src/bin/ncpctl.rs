@@ -95,15 +95,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // Some I/O errors repeat their own text as their source; print each once.
-            let mut parts: Vec<String> = Vec::new();
-            for cause in e.chain() {
-                let text = cause.to_string();
-                if parts.last() != Some(&text) {
-                    parts.push(text);
-                }
-            }
-            eprintln!("ncpctl: {}", parts.join(": "));
+            eprintln!("ncpctl: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
