@@ -80,50 +80,30 @@ pub async fn apply(
     diffs: BTreeMap<Dpid, Diff>,
     mut report: InstallReport,
 ) -> InstallReport {
-    type Pick = fn(&Diff) -> Vec<(FlowRule, bool)>;
-    let phases: [(&str, Pick); 4] = [
-        ("delete stale redirects", |d| {
-            d.delete
-                .iter()
-                .filter(|r| is_redirect(r))
-                .map(|r| (r.clone(), false))
-                .collect()
-        }),
-        ("add routes", |d| {
-            d.add
-                .iter()
-                .filter(|r| !is_redirect(r))
-                .map(|r| (r.clone(), true))
-                .collect()
-        }),
-        ("add redirects", |d| {
-            d.add
-                .iter()
-                .filter(|r| is_redirect(r))
-                .map(|r| (r.clone(), true))
-                .collect()
-        }),
-        ("delete stale routes", |d| {
-            d.delete
-                .iter()
-                .filter(|r| !is_redirect(r))
-                .map(|r| (r.clone(), false))
-                .collect()
-        }),
+    // (name, adds rather than deletes, redirect rules rather than the others)
+    let phases = [
+        ("delete stale redirects", false, true),
+        ("add routes", true, false),
+        ("add redirects", true, true),
+        ("delete stale routes", false, false),
     ];
-    for (name, pick) in phases {
+    for (name, add, redirects) in phases {
         for (&dpid, d) in &diffs {
             let sw = report.switches.entry(dpid).or_default();
             if sw.error.is_some() {
                 continue;
             }
-            let batch = pick(d);
+            let list = if add { &d.add } else { &d.delete };
+            let batch: Vec<&FlowRule> = list
+                .iter()
+                .filter(|r| is_redirect(r) == redirects)
+                .collect();
             if batch.is_empty() {
                 continue;
             }
             let msgs = batch
                 .iter()
-                .map(|(r, add)| Message::FlowMod(if *add { r.to_add() } else { r.to_delete() }))
+                .map(|r| Message::FlowMod(if add { r.to_add() } else { r.to_delete() }))
                 .collect();
             tracing::debug!(
                 dpid = format_args!("{dpid:#x}"),
@@ -135,7 +115,7 @@ pub async fn apply(
                 Ok(rejected) => {
                     let refused: HashSet<usize> = rejected.iter().map(|r| r.index).collect();
                     for r in &rejected {
-                        if let Some((rule, _)) = batch.get(r.index) {
+                        if let Some(rule) = batch.get(r.index) {
                             tracing::warn!(
                                 dpid = format_args!("{dpid:#x}"),
                                 phase = name,
@@ -144,17 +124,14 @@ pub async fn apply(
                                 ?rule,
                                 "switch refused a rule"
                             );
-                            sw.rejected.push((rule.clone(), r.err_type, r.code));
+                            sw.rejected.push(((*rule).clone(), r.err_type, r.code));
                         }
                     }
-                    for (i, (_, add)) in batch.iter().enumerate() {
-                        if !refused.contains(&i) {
-                            if *add {
-                                sw.added += 1;
-                            } else {
-                                sw.deleted += 1;
-                            }
-                        }
+                    let done = batch.len().saturating_sub(refused.len());
+                    if add {
+                        sw.added += done;
+                    } else {
+                        sw.deleted += done;
                     }
                 }
                 Err(e) => {

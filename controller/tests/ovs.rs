@@ -6,11 +6,14 @@
 //! Needs root, Open vSwitch and iproute2 (the test bed starts OVS if it is not running).
 //! Without them the test is skipped, except under CI=true, where it fails.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use common::{Cleanup, PREFIX, TREE};
 use ncp_controller::installer;
 use ncp_controller::openflow::{FlowStatsRequest, Ipv4Prefix, MacAddr, Match, Message};
 use ncp_controller::planner::{Mode, Replication, plan};
@@ -20,19 +23,6 @@ use ncp_controller::switch::{Controller, ServerConfig, SwitchEvent};
 use ncp_controller::topology::{Dpid, Host, PortRef, Topology};
 use ncp_testbed::{Testbed, UpOptions};
 use tokio::time::timeout;
-
-const PREFIX: &str = "ncpc";
-
-/// Takes the test bed down even when an assertion fails.
-struct Cleanup;
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Err(e) = Testbed::down(PREFIX) {
-            eprintln!("cleanup of test bed {PREFIX} failed: {e}");
-        }
-    }
-}
 
 /// The controller's view of the test bed (what LLDP discovery will learn later).
 fn ncp_topology(bed: &Testbed) -> Topology {
@@ -102,8 +92,7 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
     let (ctl, mut events) = Controller::start(cfg).await.expect("listen");
     let _ = Testbed::down(PREFIX);
     let _cleanup = Cleanup;
-    let topo_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../testbed/tree.toml");
-    let tb_topo = ncp_testbed::Topology::load(topo_file).expect("tree topology");
+    let tb_topo = ncp_testbed::Topology::load(TREE).expect("tree topology");
     let options = UpOptions {
         prefix: PREFIX.to_string(),
         controller_port: Some(ctl.local_addr().port()),

@@ -2,10 +2,13 @@
 //! Open vSwitch) discovery, planning and installation driven only through the API, checked
 //! with real TCP traffic.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::{Cleanup, PREFIX, TREE};
 use ncp_controller::client::{Client, Response};
 use ncp_controller::openflow::{FlowStatsRequest, MacAddr};
 use ncp_controller::rules::{RuleKind, parse_cookie};
@@ -158,18 +161,6 @@ async fn api_needs_token_and_state_survives_restart() {
     let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
 }
 
-const PREFIX: &str = "ncpc";
-
-struct Cleanup;
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Err(e) = Testbed::down(PREFIX) {
-            eprintln!("cleanup of test bed {PREFIX} failed: {e}");
-        }
-    }
-}
-
 /// Polls the API until replication `id` reports `installed == want`.
 async fn wait_installed(api: &Client, id: u32, want: bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -206,8 +197,7 @@ async fn end_to_end_on_ovs_through_the_api() {
     let (svc, api) = start(state.clone()).await;
     let _ = Testbed::down(PREFIX);
     let _cleanup = Cleanup;
-    let topo_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../testbed/tree.toml");
-    let tb = ncp_testbed::Topology::load(topo_file).expect("tree topology");
+    let tb = ncp_testbed::Topology::load(TREE).expect("tree topology");
     let options = UpOptions {
         prefix: PREFIX.to_string(),
         controller_port: Some(svc.controller().local_addr().port()),

@@ -246,38 +246,38 @@ impl Controller {
         dpid: Dpid,
         req: FlowStatsRequest,
     ) -> Result<Vec<FlowStats>, SwitchError> {
-        let parts = self
-            .request(dpid, Message::MultipartRequest(MultipartRequest::Flow(req)))
-            .await?;
-        let mut flows = Vec::new();
-        for p in parts {
-            match p {
-                Message::MultipartReply(r) => match r.body {
-                    MultipartReplyBody::Flow(f) => flows.extend(f),
-                    _ => return Err(SwitchError::BadReply(dpid)),
-                },
-                _ => return Err(SwitchError::BadReply(dpid)),
-            }
-        }
-        Ok(flows)
+        self.multipart(dpid, MultipartRequest::Flow(req), |body| match body {
+            MultipartReplyBody::Flow(f) => Some(f),
+            _ => None,
+        })
+        .await
     }
 
     /// The switch's ports.
     pub async fn port_desc(&self, dpid: Dpid) -> Result<Vec<PortDesc>, SwitchError> {
-        let parts = self
-            .request(dpid, Message::MultipartRequest(MultipartRequest::PortDesc))
-            .await?;
-        let mut ports = Vec::new();
-        for p in parts {
-            match p {
-                Message::MultipartReply(r) => match r.body {
-                    MultipartReplyBody::PortDesc(v) => ports.extend(v),
-                    _ => return Err(SwitchError::BadReply(dpid)),
-                },
-                _ => return Err(SwitchError::BadReply(dpid)),
-            }
+        self.multipart(dpid, MultipartRequest::PortDesc, |body| match body {
+            MultipartReplyBody::PortDesc(p) => Some(p),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends a multipart request and concatenates the entries of every reply part;
+    /// `pick` takes the entries out of a part of the expected kind.
+    async fn multipart<T>(
+        &self,
+        dpid: Dpid,
+        req: MultipartRequest,
+        pick: impl Fn(MultipartReplyBody) -> Option<Vec<T>>,
+    ) -> Result<Vec<T>, SwitchError> {
+        let mut out = Vec::new();
+        for part in self.request(dpid, Message::MultipartRequest(req)).await? {
+            let Message::MultipartReply(r) = part else {
+                return Err(SwitchError::BadReply(dpid));
+            };
+            out.extend(pick(r.body).ok_or(SwitchError::BadReply(dpid))?);
         }
-        Ok(ports)
+        Ok(out)
     }
 }
 
