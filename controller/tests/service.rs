@@ -247,8 +247,11 @@ async fn end_to_end_on_ovs_through_the_api() {
     assert_eq!(topo["links"].as_array().map(Vec::len), Some(6), "{topo}");
 
     // Unsteered traffic flows through the NORMAL fallback.
-    bed.exec("h11", &["ping", "-c", "1", "-W", "2", &ip("h22")])
-        .expect("ping through fallback");
+    bed.exec(
+        "h11",
+        &["ping", "-c", "3", "-i", "0.2", "-W", "2", &ip("h22")],
+    )
+    .expect("ping through fallback");
 
     // A TCP SYN from the source to the primary's port 80 reaches the middlebox's switch
     // port through the route rule on leaf3 (counted by OVS).
