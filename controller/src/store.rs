@@ -104,6 +104,27 @@ pub fn parse_prefix(s: &str) -> Result<Ipv4Prefix, StoreError> {
 }
 
 impl ReplicationSpec {
+    /// Replicas are `address:port`, and (requirement R4) the replica environment shares
+    /// no host with the production side: no replica on the primary, the middlebox or a
+    /// source address.
+    fn check_replicas(&self, rep: &Replication) -> Result<(), StoreError> {
+        for text in &self.replicas {
+            let bad = |detail: String| StoreError::Invalid {
+                what: "replica",
+                detail,
+            };
+            let addr: std::net::SocketAddrV4 =
+                text.parse().map_err(|e| bad(format!("{text:?}: {e}")))?;
+            let ip = *addr.ip();
+            if ip == rep.primary || ip == rep.middlebox || rep.source.contains(ip) {
+                return Err(bad(format!(
+                    "{text} shares a host with the production side"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn to_replication(&self) -> Result<Replication, StoreError> {
         Ok(Replication {
             id: self.id,
@@ -138,7 +159,8 @@ impl DesiredState {
         }
         let mut ids = std::collections::BTreeSet::new();
         for r in &self.replications {
-            r.to_replication()?;
+            let rep = r.to_replication()?;
+            r.check_replicas(&rep)?;
             if !ids.insert(r.id) {
                 return Err(StoreError::Invalid {
                     what: "replication id",
@@ -237,7 +259,7 @@ mod tests {
             primary: Ipv4Addr::new(198, 18, 3, 21),
             primary_port: 80,
             middlebox: Ipv4Addr::new(198, 18, 3, 31),
-            replicas: vec!["198.18.3.32:80".into()],
+            replicas: vec!["198.18.4.32:80".into()],
             mode: ModeSpec::Vlan { vid: 31 },
         }
     }
@@ -277,6 +299,17 @@ mod tests {
             port: 1,
         });
         assert!(s.validate().is_err(), "bad MAC");
+        s.hosts.clear();
+        assert!(s.validate().is_ok());
+        for bad in [
+            "198.18.3.21:8080",
+            "198.18.3.31:80",
+            "198.18.3.5:80",
+            "198.18.4.1",
+        ] {
+            s.replications[0].replicas = vec![bad.to_string()];
+            assert!(s.validate().is_err(), "replica {bad} must be refused");
+        }
     }
 
     #[test]
