@@ -477,7 +477,8 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
         }
     };
 
-    let _ = wr.shutdown().await;
+    // Bounded like every other wait on the peer.
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     let who = dpid
         .map(|d| format!("{d:#x}"))
         .unwrap_or_else(|| "(no handshake)".into());
