@@ -433,6 +433,48 @@ fn rules_change_at_run_time_without_reloading() {
         matches!(bad, Response::Error { ref message } if message.contains("99")),
         "{bad:?}"
     );
+    let port_zero = scene.request(Request::RuleAdd {
+        rule: ncp_dataplane::rules::RedirectRule {
+            id: 3,
+            source: "0.0.0.0/0".parse().unwrap(),
+            source_port: None,
+            destination: scene.primary_ip,
+            destination_port: 0,
+        },
+    });
+    assert!(matches!(port_zero, Response::Error { .. }), "{port_zero:?}");
+
+    // 1,024 rules at once (one per destination port), installed at run time; the last
+    // one steers, a port next to them does not.
+    for i in 0..1024u16 {
+        let add = scene.request(Request::RuleAdd {
+            rule: ncp_dataplane::rules::RedirectRule {
+                id: 100 + u32::from(i),
+                source: "198.18.1.0/24".parse().unwrap(),
+                source_port: None,
+                destination: scene.primary_ip,
+                destination_port: 10_000 + i,
+            },
+        });
+        assert_eq!(add, Response::Done, "rule {i}");
+    }
+    match scene.request(Request::Rules) {
+        Response::Rules { rules } => assert!(rules.len() >= 1024, "{} rules listed", rules.len()),
+        other => panic!("{other:?}"),
+    }
+    let before = scene.stats().interfaces[0].xdp;
+    scene.pktgen_ok(scene.primary_ip, 10_000 + 1023, 50);
+    scene.pktgen_ok(scene.primary_ip, 10_000 + 1024, 50);
+    let after = scene.settled_stats(before.redirected + 50);
+    assert_eq!(
+        after.interfaces[0].xdp.redirected,
+        before.redirected + 50,
+        "{after:?}"
+    );
+    assert!(
+        after.interfaces[0].xdp.passed >= before.passed + 50,
+        "{after:?}"
+    );
 }
 
 #[test]
