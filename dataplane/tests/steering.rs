@@ -265,6 +265,9 @@ impl Drop for Scene {
         if let Err(e) = Testbed::down(&self.prefix) {
             eprintln!("test bed teardown failed: {e}");
         }
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
