@@ -13,6 +13,7 @@ pub mod control;
 pub mod frame;
 pub mod rules;
 pub mod runtime;
+pub mod sockets;
 pub mod steering;
 pub mod worker;
 pub mod xsk;

@@ -1,0 +1,381 @@
+//! Counters of the socket relay and the snapshot it publishes.
+//!
+//! Each worker keeps its counters in plain integers (it owns its sessions, nothing is
+//! shared on the data path) and, every [`PUBLISH_INTERVAL`] and when it stops, copies a
+//! [`SocketsStats`] of its own into a mutex that the [`StatsHandle`] reads. A snapshot
+//! is therefore at most that old; reading it never blocks a worker for longer than one
+//! struct copy.
+
+use std::{
+    net::SocketAddrV4,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ncp_replication::{DetachCounts, DetachReason, SessionStats};
+use serde::{Deserialize, Serialize};
+
+/// How often a worker refreshes its published snapshot.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Everything `ncp-middlebox stats` shows for the socket relay: totals over all workers
+/// and one entry per configured service.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SocketsStats {
+    /// Worker threads (each with its own event loop and listeners).
+    pub workers: u64,
+    /// Sessions open right now (gauge).
+    pub sessions_active: u64,
+    /// Sessions ever admitted.
+    pub sessions_total: u64,
+    /// Client connections reset at accept time, for any reason.
+    pub sessions_refused: u64,
+    /// Worst-case buffer memory reserved by open sessions (gauge).
+    pub memory_reserved_bytes: u64,
+    /// Bytes buffered in the replication core right now (gauge).
+    pub memory_buffered_bytes: u64,
+    /// Upstream sockets of finished sessions still draining their peer's last bytes
+    /// before they are closed (gauge).
+    pub lingering_sockets: u64,
+    /// Bytes read and discarded from lingering sockets.
+    pub lingering_bytes_discarded: u64,
+    /// Per service, in configuration order.
+    pub services: Vec<ServiceStats>,
+}
+
+/// Counters of one replicated service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Service name from the configuration.
+    pub name: String,
+    /// The primary clients address.
+    pub primary: SocketAddrV4,
+    /// Local port the redirected connections arrive on.
+    pub listen_port: u16,
+    /// Sessions open right now (gauge).
+    pub sessions_active: u64,
+    /// Sessions ever admitted.
+    pub sessions_total: u64,
+    /// Client connections reset at accept time, by reason.
+    pub refused: RefusalStats,
+    /// Client bytes accepted by the relay.
+    pub client_bytes_in: u64,
+    /// Client bytes handed to the primary's socket.
+    pub primary_bytes_out: u64,
+    /// Primary bytes accepted by the relay.
+    pub primary_bytes_in: u64,
+    /// Primary bytes handed to the client's socket.
+    pub client_bytes_out: u64,
+    /// Bytes the replicas answered, read and discarded.
+    pub replica_bytes_dropped: u64,
+    /// Sessions reset because the primary refused, died or did not connect.
+    pub primary_failures: u64,
+    /// Sessions aborted by a client reset.
+    pub client_resets: u64,
+    /// Sessions reset by the idle timeout.
+    pub idle_timeouts: u64,
+    /// Replica detaches of all replicas, by reason.
+    pub detached: DetachStats,
+    /// Per replica, in configuration order.
+    pub replicas: Vec<ReplicaStats>,
+}
+
+/// Counters of one replica of a service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// The replica's address.
+    pub address: SocketAddrV4,
+    /// Client bytes handed to this replica's sockets.
+    pub bytes_out: u64,
+    /// Largest current lag (bytes still owed) among open sessions (gauge).
+    pub lag_bytes: u64,
+    /// Open sessions in which this replica still takes part (gauge).
+    pub live_sessions: u64,
+    /// Times this replica was cut loose from a session, by reason.
+    pub detached: DetachStats,
+}
+
+/// Client connections reset at accept time, by reason.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusalStats {
+    /// The worker's session cap was reached.
+    pub session_limit: u64,
+    /// The worker's buffer memory cap was reached.
+    pub memory_limit: u64,
+    /// The service's session configuration was rejected by the core.
+    pub invalid_config: u64,
+    /// The peer is outside the service's `clients` prefix (it reached the listening port
+    /// directly rather than through the redirect).
+    pub not_a_client: u64,
+}
+
+impl RefusalStats {
+    /// All refusals.
+    pub fn total(&self) -> u64 {
+        self.session_limit + self.memory_limit + self.invalid_config + self.not_a_client
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.session_limit += o.session_limit;
+        self.memory_limit += o.memory_limit;
+        self.invalid_config += o.invalid_config;
+        self.not_a_client += o.not_a_client;
+    }
+}
+
+/// Replica detaches by reason (the replication core's [`DetachCounts`], serialisable).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DetachStats {
+    /// The connection attempt failed.
+    pub refused: u64,
+    /// The established connection was reset or died.
+    pub died: u64,
+    /// The replica fell further behind than its byte budget.
+    pub lagged: u64,
+    /// The replica did not connect within the connect timeout.
+    pub connect_timeout: u64,
+    /// The replica had not caught up when the drain period after the session ran out.
+    pub drain_timeout: u64,
+}
+
+impl DetachStats {
+    /// All detaches.
+    pub fn total(&self) -> u64 {
+        self.refused + self.died + self.lagged + self.connect_timeout + self.drain_timeout
+    }
+
+    pub(crate) fn record(&mut self, reason: DetachReason) {
+        let slot = match reason {
+            DetachReason::Refused => &mut self.refused,
+            DetachReason::Died => &mut self.died,
+            DetachReason::Lagged => &mut self.lagged,
+            DetachReason::ConnectTimeout => &mut self.connect_timeout,
+            DetachReason::DrainTimeout => &mut self.drain_timeout,
+        };
+        *slot += 1;
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.refused += o.refused;
+        self.died += o.died;
+        self.lagged += o.lagged;
+        self.connect_timeout += o.connect_timeout;
+        self.drain_timeout += o.drain_timeout;
+    }
+}
+
+impl From<&DetachCounts> for DetachStats {
+    fn from(c: &DetachCounts) -> Self {
+        Self {
+            refused: c.refused,
+            died: c.died,
+            lagged: c.lagged,
+            connect_timeout: c.connect_timeout,
+            drain_timeout: c.drain_timeout,
+        }
+    }
+}
+
+impl ServiceStats {
+    pub(crate) fn new(
+        name: &str,
+        primary: SocketAddrV4,
+        listen_port: u16,
+        replicas: &[SocketAddrV4],
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            primary,
+            listen_port,
+            sessions_active: 0,
+            sessions_total: 0,
+            refused: RefusalStats::default(),
+            client_bytes_in: 0,
+            primary_bytes_out: 0,
+            primary_bytes_in: 0,
+            client_bytes_out: 0,
+            replica_bytes_dropped: 0,
+            primary_failures: 0,
+            client_resets: 0,
+            idle_timeouts: 0,
+            detached: DetachStats::default(),
+            replicas: replicas
+                .iter()
+                .map(|&address| ReplicaStats {
+                    address,
+                    bytes_out: 0,
+                    lag_bytes: 0,
+                    live_sessions: 0,
+                    detached: DetachStats::default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds one session's counters (a finished one, or a live one for a snapshot).
+    pub(crate) fn add_session(&mut self, s: &SessionStats) {
+        self.client_bytes_in += s.client_bytes_in;
+        self.primary_bytes_out += s.primary_bytes_out;
+        self.primary_bytes_in += s.primary_bytes_in;
+        self.client_bytes_out += s.client_bytes_out;
+        self.replica_bytes_dropped += s.replica_bytes_dropped;
+        self.primary_failures += s.primary_failures;
+        self.client_resets += s.client_resets;
+        self.idle_timeouts += s.idle_timeouts;
+        self.detached.add(&DetachStats::from(&s.detached));
+        for (r, bytes) in self.replicas.iter_mut().zip(&s.replica_bytes_out) {
+            r.bytes_out += bytes;
+        }
+    }
+
+    /// Folds another worker's view of the same service into this one.
+    fn merge(&mut self, o: &Self) {
+        self.sessions_active += o.sessions_active;
+        self.sessions_total += o.sessions_total;
+        self.refused.add(&o.refused);
+        self.client_bytes_in += o.client_bytes_in;
+        self.primary_bytes_out += o.primary_bytes_out;
+        self.primary_bytes_in += o.primary_bytes_in;
+        self.client_bytes_out += o.client_bytes_out;
+        self.replica_bytes_dropped += o.replica_bytes_dropped;
+        self.primary_failures += o.primary_failures;
+        self.client_resets += o.client_resets;
+        self.idle_timeouts += o.idle_timeouts;
+        self.detached.add(&o.detached);
+        for (a, b) in self.replicas.iter_mut().zip(&o.replicas) {
+            a.bytes_out += b.bytes_out;
+            a.lag_bytes = a.lag_bytes.max(b.lag_bytes);
+            a.live_sessions += b.live_sessions;
+            a.detached.add(&b.detached);
+        }
+    }
+}
+
+impl SocketsStats {
+    /// Folds another worker's snapshot into this one (same services, same order).
+    fn merge(&mut self, o: &Self) {
+        self.workers += o.workers;
+        self.sessions_active += o.sessions_active;
+        self.sessions_total += o.sessions_total;
+        self.sessions_refused += o.sessions_refused;
+        self.memory_reserved_bytes += o.memory_reserved_bytes;
+        self.memory_buffered_bytes += o.memory_buffered_bytes;
+        self.lingering_sockets += o.lingering_sockets;
+        self.lingering_bytes_discarded += o.lingering_bytes_discarded;
+        if self.services.is_empty() {
+            self.services = o.services.clone();
+        } else {
+            for (a, b) in self.services.iter_mut().zip(&o.services) {
+                a.merge(b);
+            }
+        }
+    }
+}
+
+/// Shared view of the relay's counters: clone it, hand one clone to [`super::run`] and
+/// read [`StatsHandle::snapshot`] from anywhere (the control socket, a test).
+#[derive(Clone, Debug, Default)]
+pub struct StatsHandle {
+    slots: Arc<Mutex<Vec<SocketsStats>>>,
+}
+
+impl StatsHandle {
+    /// An empty handle (the snapshot is all zeros until `run` starts its workers).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Totals over all workers as last published (at most [`PUBLISH_INTERVAL`] old).
+    pub fn snapshot(&self) -> SocketsStats {
+        let slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut total = SocketsStats::default();
+        for s in slots.iter() {
+            total.merge(s);
+        }
+        total
+    }
+
+    /// Makes room for `workers` snapshots (called once by `run`, before the workers start).
+    pub(crate) fn reset(&self, workers: usize, initial: &SocketsStats) {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *slots = vec![initial.clone(); workers];
+    }
+
+    /// Stores worker `index`'s latest snapshot.
+    pub(crate) fn publish(&self, index: usize, snapshot: SocketsStats) {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(slot) = slots.get_mut(index) {
+            *slot = snapshot;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> ServiceStats {
+        ServiceStats::new(
+            "svc",
+            "198.18.1.2:80".parse().unwrap(),
+            40000,
+            &["198.18.2.3:80".parse().unwrap()],
+        )
+    }
+
+    #[test]
+    fn snapshots_of_workers_add_up_and_lag_takes_the_max() {
+        let handle = StatsHandle::new();
+        let mut base = SocketsStats {
+            workers: 1,
+            services: vec![service()],
+            ..SocketsStats::default()
+        };
+        handle.reset(2, &base);
+        base.sessions_active = 2;
+        base.services[0].sessions_active = 2;
+        base.services[0].replicas[0].lag_bytes = 10;
+        base.services[0].replicas[0]
+            .detached
+            .record(DetachReason::Died);
+        handle.publish(0, base.clone());
+        base.services[0].replicas[0].lag_bytes = 7;
+        handle.publish(1, base);
+        handle.publish(5, SocketsStats::default()); // unknown worker: ignored
+
+        let s = handle.snapshot();
+        assert_eq!(s.workers, 2);
+        assert_eq!(s.sessions_active, 4);
+        assert_eq!(s.services[0].sessions_active, 4);
+        assert_eq!(s.services[0].replicas[0].lag_bytes, 10);
+        assert_eq!(s.services[0].replicas[0].detached.died, 2);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"listen_port\":40000"), "{json}");
+    }
+
+    #[test]
+    fn session_counters_fold_into_the_service() {
+        let mut svc = service();
+        let mut stats = SessionStats {
+            primary_bytes_out: 5,
+            replica_bytes_out: vec![3, 9], // a second index the service lacks is ignored
+            ..SessionStats::default()
+        };
+        stats.detached.record(DetachReason::Lagged);
+        svc.add_session(&stats);
+        svc.add_session(&stats);
+        assert_eq!(svc.primary_bytes_out, 10);
+        assert_eq!(svc.replicas[0].bytes_out, 6);
+        assert_eq!(svc.detached.lagged, 2);
+        assert_eq!(svc.detached.total(), 2);
+    }
+}
