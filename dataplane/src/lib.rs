@@ -6,11 +6,13 @@
 //! - [`control`]: the control socket used by `stats` and `rule`;
 //! - [`config`] and [`rules`]: the operator's configuration, validated without I/O;
 //! - [`frame`]: building Ethernet/IPv4/TCP frames (packet generator and tests);
+//! - [`offline`]: recording sessions to pcapng files and replaying them (offline mode);
 //! - [`runtime`]: `ncp-middlebox run`, tying the above together.
 
 pub mod config;
 pub mod control;
 pub mod frame;
+pub mod offline;
 pub mod rules;
 pub mod runtime;
 pub mod sockets;
