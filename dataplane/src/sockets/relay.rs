@@ -44,6 +44,9 @@ const ACCEPTS_PER_TURN: usize = 64;
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Longest sleep, so a stop request is seen promptly.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// At most one `info` line per replica and interval about detaches: a replica that is
+/// down is detached from every new session, and the counters already say how often.
+const DETACH_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One configured service as the workers use it.
 #[derive(Clone, Debug)]
@@ -142,6 +145,9 @@ struct Worker {
     next_serial: u64,
     scratch: Box<[u8]>,
     sides: Vec<(Side, usize)>,
+    /// Per service and replica: when a detach was last logged at `info`, and how many
+    /// were only logged at `debug` since.
+    detach_log: Vec<Vec<(Option<Instant>, u64)>>,
     stats: StatsHandle,
 }
 
@@ -169,6 +175,11 @@ impl Worker {
             .iter()
             .map(|s| ServiceStats::new(&s.name, s.primary, s.listen_port, &s.replicas))
             .collect();
+        let detach_log = setup
+            .services
+            .iter()
+            .map(|s| vec![(None, 0); s.replicas.len()])
+            .collect();
         Ok(Self {
             index: setup.index,
             poll,
@@ -186,6 +197,7 @@ impl Worker {
             next_serial: 0,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             sides: Vec::new(),
+            detach_log,
             stats: setup.stats,
         })
     }
@@ -652,7 +664,25 @@ impl Worker {
                     };
                     let plan = &self.services[service];
                     let address = plan.replicas.get(usize::from(replica));
-                    tracing::info!(session = %id, service = %plan.name, replica, address = ?address, ?reason, "replica detached");
+                    let log = self
+                        .detach_log
+                        .get_mut(service)
+                        .and_then(|l| l.get_mut(usize::from(replica)));
+                    match log {
+                        Some((last, quiet))
+                            if last
+                                .is_none_or(|t| now.duration_since(t) >= DETACH_LOG_INTERVAL) =>
+                        {
+                            tracing::info!(session = %id, service = %plan.name, replica, address = ?address, ?reason, since_last_logged = *quiet, "replica detached");
+                            *last = Some(now);
+                            *quiet = 0;
+                        }
+                        Some((_, quiet)) => {
+                            *quiet += 1;
+                            tracing::debug!(session = %id, service = %plan.name, replica, ?reason, "replica detached");
+                        }
+                        None => {}
+                    }
                     if let Some(r) = self.counters[service]
                         .replicas
                         .get_mut(usize::from(replica))

@@ -1,0 +1,693 @@
+//! Privileged tests of the kernel-socket relay (`--mode sockets`) on the paper's test bed:
+//! the source host talks to the primary's address, a static neighbour entry sends those
+//! frames to the middlebox, whose nftables rule redirects them to the relay; the relay
+//! copies the stream to the primary (production network) and the replica (replication
+//! network, through `replica_interface = "eth1"`).
+//!
+//! The relay runs in this test process, on a thread moved into the middlebox's network
+//! namespace (its worker threads and the `nft` it runs inherit that namespace). Small Rust
+//! clients and servers run the same way in the other hosts' namespaces; redis runs as
+//! real processes started with `ip netns exec`.
+//!
+//! They need root, Open vSwitch, nftables (and redis for two of them). When those are
+//! missing the tests print `skipped: …` and return, except under CI=true, where that is a
+//! failure.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step should fail the test"
+)]
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use ncp_dataplane::{
+    config::Config,
+    sockets::{self, SocketsStats, StatsHandle},
+};
+use ncp_testbed::{Testbed, Topology, UpOptions};
+
+/// One test bed at a time: on two shared cores, parallel userspace-datapath traffic
+/// makes the timings of every test unreliable.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const STREAM_PORT: u16 = 5001;
+const REDIS_PORT: u16 = 6379;
+const CLOSED_PORT: u16 = 7000;
+/// Upper bound for anything a test waits on.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn serial() -> MutexGuard<'static, ()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ncp_dataplane=info,ncp_testbed=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `f` on a new thread inside network namespace `netns` (threads it spawns and
+/// programs it runs inherit the namespace; the rest of the process stays where it is).
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{netns}");
+    thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on a valid namespace fd; it only changes this thread's network
+        // namespace, which is the point.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be replayed.
+fn seeded_bytes(seed: u64, len: usize) -> Vec<u8> {
+    // Spread the seed so nearby seeds give unrelated streams (and never zero).
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Waits for `child` at most `limit`, killing it if it overruns.
+fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The paper test bed, the redirect toward the middlebox and a running relay; everything
+/// (relay, servers started through [`Scene::spawn`], namespaces, bridges) goes on drop.
+struct Scene {
+    bed: Testbed,
+    prefix: &'static str,
+    stop: Arc<AtomicBool>,
+    stats: StatsHandle,
+    relay: Option<JoinHandle<anyhow::Result<()>>>,
+    children: Vec<Child>,
+    primary: Ipv4Addr,
+}
+
+impl Scene {
+    /// Brings the bed up and starts the relay for one service on `port`, replicated to
+    /// the replica's replication-network address.
+    fn start(prefix: &'static str, port: u16) -> Scene {
+        let topology =
+            Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
+                .unwrap();
+        let _ = Testbed::down(prefix);
+        let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
+        let primary = bed.address("primary", "eth0").unwrap();
+        let replica = bed.address("replica", "eth1").unwrap();
+        let mb0 = bed.address("middlebox", "eth0").unwrap();
+        let mb1 = bed.address("middlebox", "eth1").unwrap();
+        let mut scene = Scene {
+            bed,
+            prefix,
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: StatsHandle::new(),
+            relay: None,
+            children: Vec::new(),
+            primary,
+        };
+
+        // The network's part: frames for the primary leave the source toward the
+        // middlebox's production NIC (the controller's redirect rule in production).
+        let mac = scene.bed.mac("middlebox", "eth0").unwrap();
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        scene
+            .bed
+            .exec(
+                "source",
+                &[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    &primary.to_string(),
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )
+            .unwrap();
+        // The userspace datapath needs a moment after the ports appear.
+        scene.ping("source", mb0);
+        scene.ping("middlebox", primary);
+        scene.ping("middlebox", replica);
+
+        let config = Config::parse(&format!(
+            r#"
+[[interfaces]]
+name = "eth0"
+address = "{mb0}"
+queues = [{{ queue = 0 }}]
+
+[[interfaces]]
+name = "eth1"
+address = "{mb1}"
+queues = [{{ queue = 0 }}]
+
+[[services]]
+name = "svc"
+primary = "{primary}:{port}"
+clients = "198.18.1.0/24"
+replicas = ["{replica}:{port}"]
+replica_interface = "eth1"
+replica_budget_bytes = 67108864
+connect_timeout_secs = 5
+"#
+        ))
+        .unwrap();
+        let (stop, stats) = (Arc::clone(&scene.stop), scene.stats.clone());
+        let netns = scene.bed.netns("middlebox").unwrap();
+        scene.relay = Some(in_netns(&netns, move || {
+            sockets::run(&config, stop, &stats)
+        }));
+        let deadline = Instant::now() + PATIENCE;
+        while scene
+            .bed
+            .exec("middlebox", &["nft", "list", "table", "ip", "ncp_sockets"])
+            .is_err()
+            || scene.stats.snapshot().workers == 0
+        {
+            assert!(
+                !scene.relay.as_ref().unwrap().is_finished(),
+                "relay exited at start: {:?}",
+                scene.relay.take().unwrap().join()
+            );
+            assert!(Instant::now() < deadline, "relay did not come up");
+            thread::sleep(Duration::from_millis(50));
+        }
+        scene
+    }
+
+    fn ping(&self, host: &str, to: Ipv4Addr) {
+        let to = to.to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = self.bed.exec(host, &["ping", "-c", "1", "-W", "1", &to]) {
+            assert!(Instant::now() < deadline, "{host} cannot ping {to}: {e}");
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn spawn(&mut self, host: &str, argv: &[&str]) -> usize {
+        let child = self
+            .bed
+            .command(host, argv)
+            .unwrap()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Kills one child started with [`Scene::spawn`] (by its pid, via `Child::kill`).
+    fn kill(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Stats once `done` holds, failing after [`PATIENCE`].
+    fn stats_when(&self, what: &str, done: impl Fn(&SocketsStats) -> bool) -> SocketsStats {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = self.stats.snapshot();
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: {s:#?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the relay and checks that it cleaned up its nftables table.
+    fn stop_relay(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(relay) = self.relay.take() {
+            relay.join().unwrap().unwrap();
+        }
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.bed.netns("middlebox").unwrap()])
+            .args(["nft", "list", "table", "ip", "ncp_sockets"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "nftables table left after stop");
+    }
+
+    fn start_redis(&mut self, host: &str) -> usize {
+        let port = REDIS_PORT.to_string();
+        let index = self.spawn(
+            host,
+            &[
+                "redis-server",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+                &port,
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--enable-debug-command",
+                "yes",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.redis(host, &["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis on {host} did not start");
+            thread::sleep(Duration::from_millis(100));
+        }
+        index
+    }
+
+    /// One redis command against the server on `host` itself (not through the relay).
+    fn redis(&self, host: &str, args: &[&str]) -> String {
+        let port = REDIS_PORT.to_string();
+        let mut argv = vec!["redis-cli", "-h", "127.0.0.1", "-p", &port];
+        argv.extend_from_slice(args);
+        match self.bed.exec(host, &argv) {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    /// `redis-cli --pipe` from the source to the primary's address, so through the relay.
+    fn pipe_command(&self) -> Command {
+        let port = REDIS_PORT.to_string();
+        let primary = self.primary.to_string();
+        self.bed
+            .command(
+                "source",
+                &["redis-cli", "-h", &primary, "-p", &port, "--pipe"],
+            )
+            .unwrap()
+    }
+}
+
+/// Runs a `redis-cli --pipe` command fed by `feed` (which gets its stdin) and returns its
+/// output; fails if it fails or takes longer than three minutes.
+fn run_pipe(
+    mut command: Command,
+    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
+) -> String {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let feeder = thread::spawn(move || feed(stdin));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = wait_bounded(&mut child, Duration::from_secs(180), "redis-cli --pipe");
+    let fed = feeder.join();
+    let out = reader.join().unwrap();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(fed.is_ok(), "feeding redis-cli failed; it said: {out}{err}");
+    assert!(status.success(), "redis-cli --pipe failed: {out}{err}");
+    out
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(relay) = self.relay.take() {
+            let _ = relay.join();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = Testbed::down(self.prefix) {
+            eprintln!("test bed teardown failed: {e}");
+        }
+    }
+}
+
+/// A server in `host`'s namespace taking one connection: it reads the whole stream,
+/// answers `<tag> <length>` and returns what it read. Ready when the function returns.
+fn one_shot_server(bed: &Testbed, host: &str, tag: &'static str) -> JoinHandle<Vec<u8>> {
+    let (ready, bound) = mpsc::channel();
+    let server = in_netns(&bed.netns(host).unwrap(), move || {
+        let listener = TcpListener::bind(("0.0.0.0", STREAM_PORT)).unwrap();
+        ready.send(()).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        let _ = s.write_all(format!("{tag} {}\n", all.len()).as_bytes());
+        all
+    });
+    bound.recv_timeout(PATIENCE).unwrap();
+    server
+}
+
+/// RESP commands of a mixed write workload over many keys of four types; each type has
+/// its own key names so no command fails with WRONGTYPE.
+fn redis_workload(commands: usize, seed: u64) -> Vec<u8> {
+    let randoms = seeded_bytes(seed, commands * 8);
+    let mut out = Vec::new();
+    for (i, r) in randoms.chunks_exact(8).enumerate() {
+        let r = u64::from_le_bytes(r.try_into().unwrap());
+        // Key and command come from different bits, so every type sees every key.
+        let key = (r >> 24) % 5000;
+        let args: Vec<String> = match r % 5 {
+            0 => vec!["SET".into(), format!("str:{key}"), format!("v{i}")],
+            1 => vec!["INCR".into(), format!("ctr:{key}")],
+            2 => vec!["LPUSH".into(), format!("list:{key}"), format!("e{i}")],
+            3 => vec![
+                "HSET".into(),
+                format!("hash:{key}"),
+                format!("f{}", (r >> 40) % 16),
+                format!("v{i}"),
+            ],
+            _ => {
+                let kind = ["str", "ctr", "list", "hash"][((r >> 48) % 4) as usize];
+                vec!["DEL".into(), format!("{kind}:{key}")]
+            }
+        };
+        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+    }
+    out
+}
+
+#[test]
+fn byte_stream_reaches_primary_and_replica_identically() {
+    if !ncp_testbed::ready_or_skip("sockets byte stream", &["nft", "ping", "sha256sum"]) {
+        return;
+    }
+    let _serial = serial();
+    let scene = Scene::start("nso1", STREAM_PORT);
+    let primary_server = one_shot_server(&scene.bed, "primary", "primary");
+    let replica_server = one_shot_server(&scene.bed, "replica", "replica");
+
+    let data = Arc::new(seeded_bytes(0x5eed_0001, 20 << 20));
+    let sent = Arc::clone(&data);
+    let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
+    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
+        let started = Instant::now();
+        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.set_write_timeout(Some(PATIENCE)).unwrap();
+        s.write_all(&sent).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        (answer, started.elapsed())
+    });
+    let (answer, elapsed) = client.join().unwrap();
+    let at_primary = primary_server.join().unwrap();
+    let at_replica = replica_server.join().unwrap();
+
+    // Only the primary's answer reaches the client; both servers got the same stream.
+    assert_eq!(answer, format!("primary {}\n", data.len()));
+    let digests = [sha256(&data), sha256(&at_primary), sha256(&at_replica)];
+    eprintln!(
+        "sockets byte stream: {} MiB in {elapsed:.2?} ({:.1} MiB/s); sha256 sent {} primary {} replica {}",
+        data.len() >> 20,
+        data.len() as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
+        digests[0],
+        digests[1],
+        digests[2]
+    );
+    assert_eq!(at_primary.len(), data.len());
+    assert_eq!(at_replica.len(), data.len());
+    assert!(at_primary == *data, "primary got a different stream");
+    assert!(at_replica == *data, "replica got a different stream");
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(digests[0], digests[2]);
+
+    let s = scene.stats_when("session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    assert_eq!(svc.primary_bytes_out, data.len() as u64, "{s:#?}");
+    assert_eq!(svc.replicas[0].bytes_out, data.len() as u64, "{s:#?}");
+    assert_eq!(svc.client_bytes_out, answer.len() as u64);
+    assert_eq!(svc.detached.total(), 0, "{s:#?}");
+    assert_eq!(s.workers, 2);
+    let mut scene = scene;
+    scene.stop_relay();
+}
+
+#[test]
+fn redis_workload_leaves_primary_and_replica_with_the_same_data() {
+    if !ncp_testbed::ready_or_skip(
+        "sockets redis",
+        &["nft", "ping", "redis-server", "redis-cli"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut scene = Scene::start("nso2", REDIS_PORT);
+    scene.start_redis("primary");
+    scene.start_redis("replica");
+    let workload = redis_workload(100_000, 0x5eed_0002);
+    let len = workload.len() as u64;
+
+    let started = Instant::now();
+    let out = run_pipe(scene.pipe_command(), move |mut stdin| {
+        stdin.write_all(&workload).unwrap();
+    });
+    let elapsed = started.elapsed();
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+
+    let s = scene.stats_when("session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
+    assert!(svc.primary_bytes_out >= len, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
+    assert_eq!(svc.replicas[0].bytes_out, svc.primary_bytes_out, "{s:#?}");
+    assert_eq!(svc.detached.total(), 0, "{s:#?}");
+
+    // The replica processes on its own schedule: give it a moment to catch up.
+    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    while replica != primary && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    }
+    let keys = scene.redis("primary", &["DBSIZE"]);
+    eprintln!(
+        "sockets redis: 100000 commands ({len} bytes) in {elapsed:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {primary} replica {replica}"
+    );
+    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
+    assert_ne!(primary, "0".repeat(40), "primary is empty");
+    assert_eq!(primary, replica);
+    scene.stop_relay();
+}
+
+#[test]
+fn killed_replica_is_detached_and_the_primary_completes() {
+    if !ncp_testbed::ready_or_skip(
+        "sockets replica killed",
+        &["nft", "ping", "redis-server", "redis-cli"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut scene = Scene::start("nso3", REDIS_PORT);
+    scene.start_redis("primary");
+    let replica_redis = scene.start_redis("replica");
+    let workload = redis_workload(100_000, 0x5eed_0003);
+    let len = workload.len() as u64;
+    // Cut at a command boundary: the first half is whole commands.
+    let half = workload
+        .windows(3)
+        .enumerate()
+        .skip(workload.len() / 2)
+        .find(|(_, w)| w == b"\n*2" || w == b"\n*3" || w == b"\n*4")
+        .map(|(i, _)| i + 1)
+        .unwrap();
+
+    // The feeder sends the first half, waits until the replica is dead, sends the rest.
+    let (killed_tx, killed_rx) = mpsc::channel::<()>();
+    let body = workload.clone();
+    let pipe = {
+        let command = scene.pipe_command();
+        thread::spawn(move || {
+            run_pipe(command, move |mut stdin| {
+                stdin.write_all(&body[..half]).unwrap();
+                stdin.flush().unwrap();
+                killed_rx.recv_timeout(PATIENCE).unwrap();
+                stdin.write_all(&body[half..]).unwrap();
+            })
+        })
+    };
+    // Kill the replica once it has been handed the whole first half: mid-session for sure.
+    let s = scene.stats_when("first half reaches the replica", |s| {
+        s.services[0].replicas[0].bytes_out >= half as u64
+    });
+    assert_eq!(s.sessions_active, 1);
+    scene.kill(replica_redis);
+    killed_tx.send(()).unwrap();
+    let out = pipe.join().unwrap();
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+
+    let s = scene.stats_when("session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    assert!(svc.primary_bytes_out >= len, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
+    assert_eq!(svc.replicas[0].detached.total(), 1, "{s:#?}");
+    assert!(svc.replicas[0].bytes_out < len, "{s:#?}");
+    assert_eq!(svc.primary_failures, 0);
+
+    // Reference: the same workload straight into a fresh redis on the replica host.
+    scene.start_redis("replica");
+    let port = REDIS_PORT.to_string();
+    let direct = scene
+        .bed
+        .command(
+            "replica",
+            &["redis-cli", "-h", "127.0.0.1", "-p", &port, "--pipe"],
+        )
+        .unwrap();
+    let reference = workload;
+    let out = run_pipe(direct, move |mut stdin| {
+        stdin.write_all(&reference).unwrap();
+    });
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
+    let expected = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    eprintln!(
+        "sockets replica killed: detached {:?}, replica was handed {} of {len} bytes; DBSIZE {}; digest primary {primary} reference {expected}",
+        svc.replicas[0].detached,
+        svc.replicas[0].bytes_out,
+        scene.redis("primary", &["DBSIZE"]),
+    );
+    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
+    assert_eq!(primary, expected, "primary differs from a direct run");
+    scene.stop_relay();
+}
+
+#[test]
+fn refusing_primary_resets_clients_promptly_and_leaves_no_session() {
+    if !ncp_testbed::ready_or_skip("sockets primary refusing", &["nft", "ping"]) {
+        return;
+    }
+    let _serial = serial();
+    // Nothing listens on this port, on the primary or on the replica.
+    let mut scene = Scene::start("nso4", CLOSED_PORT);
+    let to = SocketAddrV4::new(scene.primary, CLOSED_PORT);
+    const CONNECTIONS: usize = 1000;
+    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
+        let mut slowest = Duration::ZERO;
+        let started = Instant::now();
+        for i in 0..CONNECTIONS {
+            let t = Instant::now();
+            let outcome = match TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)) {
+                Err(e) => e.kind(),
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    match s.read(&mut [0; 64]) {
+                        Ok(n) => panic!("connection {i}: read {n} bytes instead of a reset"),
+                        Err(e) => e.kind(),
+                    }
+                }
+            };
+            assert!(
+                matches!(
+                    outcome,
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
+                ),
+                "connection {i}: {outcome:?}"
+            );
+            slowest = slowest.max(t.elapsed());
+        }
+        (started.elapsed(), slowest)
+    });
+    let (total, slowest) = client.join().unwrap();
+    eprintln!(
+        "sockets primary refusing: {CONNECTIONS} connections reset in {total:.2?} (slowest {slowest:.2?})"
+    );
+    assert!(slowest < Duration::from_secs(2), "a reset took {slowest:?}");
+
+    let s = scene.stats_when("all sessions end", |s| {
+        s.sessions_total == CONNECTIONS as u64 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    assert_eq!(svc.primary_failures, CONNECTIONS as u64, "{s:#?}");
+    assert_eq!(s.sessions_refused, 0);
+    assert_eq!(svc.primary_bytes_out, 0);
+    assert_eq!(
+        svc.replicas[0].detached.total(),
+        CONNECTIONS as u64,
+        "every replica connection was refused too: {s:#?}"
+    );
+    scene.stop_relay();
+}
