@@ -500,30 +500,40 @@ fn recorder_rotates_and_sessions_continue_across_files() {
     }
 }
 
+/// Chunks the overflow test pushes in session `k`.
+fn burst(k: u64) -> usize {
+    if k.is_multiple_of(2) { 20 } else { 400 }
+}
+
 #[test]
 fn recorder_overflow_detaches_without_blocking() {
     let dir = TempDir::new("overflow");
-    let rec = Recorder::start(recorder_config(dir.path(), 2)).unwrap();
+    let rec = Recorder::start(recorder_config(dir.path(), 64)).unwrap();
     let h = rec.handle();
     let data = vec![0x5au8; 1400];
     let t0 = Instant::now();
     let mut sessions = 0;
     let mut calls = 0u64;
     let mut slowest = Duration::ZERO;
-    // Keep opening sessions and pushing bytes until some recording has been cut loose.
-    while h.stats().sessions_detached == 0 && sessions < 10_000 {
+    // Keep opening sessions and pushing bytes until some recording has been cut loose, and
+    // for at least 50 sessions so that some also get through whole.
+    while (h.stats().sessions_detached == 0 || sessions < 50) && sessions < 10_000 {
         let Some(id) = h.open_session(meta(sessions, "burst")) else {
             sessions += 1;
+            std::thread::sleep(Duration::from_millis(5));
             continue;
         };
         sessions += 1;
-        for _ in 0..200 {
+        // Short bursts fit the queue, long ones overflow it.
+        for _ in 0..burst(sessions - 1) {
             let t = Instant::now();
             h.client_bytes(&id, &data, SystemTime::now());
             slowest = slowest.max(t.elapsed());
             calls += 1;
         }
         h.close(id);
+        // Let the writer catch up between bursts, so later sessions get recorded too.
+        std::thread::sleep(Duration::from_millis(5));
     }
     let elapsed = t0.elapsed();
     let stats = rec.finish();
@@ -531,20 +541,23 @@ fn recorder_overflow_detaches_without_blocking() {
         "overflow: {sessions} sessions, {calls} calls in {elapsed:?}, slowest call {slowest:?}, {stats:?}"
     );
     assert!(stats.sessions_detached > 0, "{stats:?}");
+    assert!(stats.sessions_opened > stats.sessions_detached, "{stats:?}");
     // The file ends detached sessions with an annotated reset, after an intact prefix.
     let all = read_files(&pcapng_files(dir.path()));
     assert!(all.errors.is_empty(), "{:?}", all.errors);
-    let detached: Vec<_> = all
+    let detached = all
         .sessions
         .iter()
         .filter(|s| s.end == EndKind::Detached)
-        .collect();
-    assert!(!detached.is_empty());
+        .count();
+    assert_eq!(detached as u64, stats.sessions_detached);
+    assert_eq!(all.sessions.len() as u64, stats.sessions_opened);
     for s in all.sessions {
         assert!(s.client.iter().all(|&b| b == 0x5a));
         assert!(s.client.len().is_multiple_of(1400));
         if s.end == EndKind::Fin {
-            assert_eq!(s.client.len(), 200 * 1400);
+            let k = u64::from(s.meta.client.port() - 40_000);
+            assert_eq!(s.client.len(), burst(k) * 1400);
         }
     }
 }
@@ -600,21 +613,29 @@ fn replay_reports_a_target_that_closes_early() {
 }
 
 /// Collects what every connection sends, with the time each connection was accepted.
-/// Per connection: when it was accepted and everything it sent.
-type Collected = Vec<(Instant, Vec<u8>)>;
+/// Per connection: when it was accepted, everything it sent, whether it ended in a reset.
+type Collected = Vec<(Instant, Vec<u8>, bool)>;
+
+/// Peak number of connections the sink had open at once.
+static SINK_PEAK: AtomicU64 = AtomicU64::new(0);
 
 fn collecting_sink(conns: usize) -> (std::net::SocketAddr, std::thread::JoinHandle<Collected>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    let open = Arc::new(AtomicU64::new(0));
     let h = std::thread::spawn(move || {
         let mut readers = Vec::new();
         for _ in 0..conns {
             let (mut s, _) = l.accept().unwrap();
             let at = Instant::now();
+            let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
+            SINK_PEAK.fetch_max(now_open, Ordering::SeqCst);
+            let open = Arc::clone(&open);
             readers.push(std::thread::spawn(move || {
                 let mut v = Vec::new();
-                let _ = s.read_to_end(&mut v);
-                (at, v)
+                let reset = s.read_to_end(&mut v).is_err();
+                open.fetch_sub(1, Ordering::SeqCst);
+                (at, v, reset)
             }));
         }
         readers.into_iter().map(|r| r.join().unwrap()).collect()
@@ -662,7 +683,7 @@ fn replay_keeps_order_filters_and_original_pacing() {
     assert_eq!(sum.sessions_filtered, 1);
     assert_eq!(sum.sessions_replayed, 2);
     assert_eq!(sum.sessions_failed, 0, "{:?}", sum.sessions);
-    let mut payloads: Vec<&[u8]> = got.iter().map(|(_, v)| v.as_slice()).collect();
+    let mut payloads: Vec<&[u8]> = got.iter().map(|(_, v, _)| v.as_slice()).collect();
     payloads.sort();
     assert_eq!(payloads, vec![&b"a1-a2-a3"[..], &b"b1-b2"[..]]);
     // Session b connected about 100 ms after a (lower bound only: sleeps never end early).
@@ -888,4 +909,101 @@ fn replay_binary_reports_damage_and_replays_what_is_intact() {
     assert_eq!(got[0].1, b"intact bytes");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("replayed 1 sessions"), "{stdout}");
+}
+
+#[test]
+fn replay_over_the_session_limit_waits_instead_of_deadlocking() {
+    // 30 sessions all open before any sends or ends, replayed with room for 4 at a time:
+    // sessions 5.. must wait in memory while the first four still need later events.
+    let dir = TempDir::new("limit");
+    let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
+    let n = 30u64;
+    let mut sessions: Vec<_> = (0..n)
+        .map(|i| {
+            let m = meta(i, "kv");
+            w.open(i, &m, m.start_ns).unwrap()
+        })
+        .collect();
+    for round in 0..3u8 {
+        for (i, s) in sessions.iter_mut().enumerate() {
+            w.client_data(s, &[i as u8, round], 1).unwrap();
+        }
+    }
+    for (i, s) in sessions.iter_mut().enumerate() {
+        if i == 7 {
+            w.abort(s, false, 2).unwrap();
+        } else {
+            w.close(s, 2).unwrap();
+        }
+    }
+    let file = dir.path().join("many.pcapng");
+    std::fs::write(&file, w.into_inner()).unwrap();
+
+    SINK_PEAK.store(0, Ordering::SeqCst);
+    let (addr, sink) = collecting_sink(n as usize);
+    let mut cfg = ReplayConfig::new(addr);
+    cfg.pace = Pace::Fast;
+    cfg.max_sessions = 4;
+    let sum = replay(&[file], &cfg, Arc::new(Progress::default()));
+    let got = sink.join().unwrap();
+    assert_eq!(sum.sessions_replayed, n);
+    assert_eq!(sum.sessions_failed, 0, "{:?}", sum.sessions);
+    assert_eq!(sum.bytes_sent, n * 6);
+    let peak = SINK_PEAK.load(Ordering::SeqCst);
+    assert!(peak <= 4, "{peak} connections at once");
+    let mut seen: Vec<Vec<u8>> = got.iter().map(|(_, v, _)| v.clone()).collect();
+    seen.sort();
+    for (i, v) in seen.iter().enumerate() {
+        assert_eq!(v, &[i as u8, 0, i as u8, 1, i as u8, 2]);
+    }
+    // The reset session was reset toward the target too; the others ended with a FIN.
+    let resets: Vec<u8> = got.iter().filter(|c| c.2).map(|c| c.1[0]).collect();
+    assert_eq!(resets, vec![7]);
+    assert_eq!(sum.sessions[7].recorded_end, EndKind::Reset);
+}
+
+#[test]
+fn recorder_rotates_by_time_and_files_read_while_recording() {
+    let dir = TempDir::new("timerot");
+    let mut cfg = recorder_config(dir.path(), 1024);
+    cfg.rotate_secs = 1;
+    let rec = Recorder::start(cfg).unwrap();
+    let h = rec.handle();
+    let id = h.open_session(meta(1, "kv")).unwrap();
+    let mut sent = Vec::new();
+    let mut rng = Rng(21);
+    let start = Instant::now();
+    let mut checked_live = false;
+    while start.elapsed() < Duration::from_millis(2300) {
+        let len = rng.below(4000) as usize;
+        let d = rng.bytes(len);
+        h.client_bytes(&id, &d, SystemTime::now());
+        sent.extend_from_slice(&d);
+        std::thread::sleep(Duration::from_millis(50));
+        if !checked_live && start.elapsed() > Duration::from_millis(1500) {
+            // The recorder is still running: what it flushed is already readable, whole,
+            // and a prefix of what was sent (up to the last ~200 ms batch).
+            let files = pcapng_files(dir.path());
+            let live = read_files(&files);
+            assert!(live.errors.is_empty(), "{:?}", live.errors);
+            assert_eq!(live.sessions.len(), 1);
+            assert!(sent.starts_with(&live.sessions[0].client));
+            assert!(
+                live.sessions[0].client.len() * 2 > sent.len(),
+                "too little flushed"
+            );
+            assert_eq!(live.sessions[0].end, EndKind::Unterminated);
+            checked_live = true;
+        }
+    }
+    h.close(id);
+    let stats = rec.finish();
+    let files = pcapng_files(dir.path());
+    assert!(files.len() >= 2, "{files:?}");
+    assert_eq!(stats.files as usize, files.len());
+    let all = read_files(&files);
+    assert!(all.errors.is_empty());
+    assert_eq!(all.sessions[0].client, sent);
+    assert_eq!(all.sessions[0].end, EndKind::Fin);
+    assert!(checked_live);
 }

@@ -184,6 +184,15 @@ fn print_summary(s: &Summary, json: bool) {
         mb / s.seconds.max(1e-9),
         s.answer_bytes
     );
+    if s.sessions_incomplete > 0 {
+        println!(
+            "{} sessions were recorded incompletely (cut loose, unterminated, or begun in an earlier file)",
+            s.sessions_incomplete
+        );
+    }
+    if s.sessions_unlisted > 0 {
+        println!("{} sessions not listed individually", s.sessions_unlisted);
+    }
     if s.read_stats.gap_bytes > 0 || s.read_stats.orphan_segments > 0 {
         println!(
             "reader: {} bytes lost to sequence holes, {} segments outside any session",

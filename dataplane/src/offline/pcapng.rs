@@ -1059,12 +1059,10 @@ mod tests {
         let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
         let _ = w.open(1, &meta(), 1).unwrap();
         let mut bytes = w.into_inner();
-        let first_epb = 28 + 4 + 32 + 8 + 4; // SHB with userappl option, checked below
         let mut r = BlockReader::new(&bytes[..]);
         r.next_block().unwrap();
         r.next_block().unwrap();
         let epb_at = r.offset() as usize;
-        let _ = first_epb;
         bytes[epb_at + 4..epb_at + 8].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
         let mut r = BlockReader::new(&bytes[..]);
         r.next_block().unwrap();

@@ -124,10 +124,15 @@ pub struct ReadStats {
     pub sessions_refused: u64,
 }
 
-/// Out-of-order data kept per direction before a hole is given up on.
+/// Out-of-order data kept per direction before a hole is given up on. Our own recordings
+/// never need any; foreign captures do, within about one TCP window.
 const MAX_OOO_BYTES: usize = 4 << 20;
-/// Sessions tracked at once: bounds the reader's memory on hostile or enormous captures.
-pub const MAX_LIVE_SESSIONS: usize = 1 << 20;
+/// Out-of-order data kept over all sessions: past it, every new early segment makes its
+/// stream give up its hole. Together with [`MAX_LIVE_SESSIONS`] this bounds the reader's
+/// memory on hostile or enormous captures.
+const MAX_OOO_TOTAL: usize = 64 << 20;
+/// Sessions tracked at once.
+pub const MAX_LIVE_SESSIONS: usize = 1 << 16;
 
 /// Reassembly state of one direction.
 #[derive(Default)]
@@ -144,7 +149,8 @@ struct Stream {
 impl Stream {
     /// Accepts a segment's payload; returns the bytes now deliverable in order, and the
     /// number of bytes skipped over a hole.
-    fn accept(&mut self, seq: u32, payload: &[u8]) -> (Vec<u8>, u64) {
+    /// `squeezed`: the reader as a whole holds too much early data, so do not wait.
+    fn accept(&mut self, seq: u32, payload: &[u8], squeezed: bool) -> (Vec<u8>, u64) {
         let next = *self.next.get_or_insert(seq);
         let ahead = seq.wrapping_sub(next);
         let mut out = Vec::new();
@@ -167,7 +173,7 @@ impl Stream {
                     self.ooo_bytes -= old.len();
                 }
             }
-            if self.ooo_bytes <= MAX_OOO_BYTES {
+            if self.ooo_bytes <= MAX_OOO_BYTES && !squeezed {
                 return (out, 0);
             }
             // Give the hole up: jump to the earliest buffered segment.
@@ -218,6 +224,8 @@ pub struct SessionReader {
     live: HashMap<(SocketAddrV4, SocketAddrV4), Live>,
     next_sid: u64,
     stats: ReadStats,
+    /// Early bytes buffered over all live sessions.
+    ooo_total: usize,
 }
 
 impl SessionReader {
@@ -278,6 +286,7 @@ impl SessionReader {
     /// input.
     pub fn finish(&mut self, sink: &mut dyn FnMut(Event) -> ControlFlow<()>) {
         let mut rest: Vec<Live> = self.live.drain().map(|(_, l)| l).collect();
+        self.ooo_total = 0;
         rest.sort_by_key(|l| l.sid);
         for l in rest {
             if sink(Event::End {
@@ -316,6 +325,7 @@ impl SessionReader {
             }
             // The 4-tuple was reused: the old session ended without us seeing it end.
             if let Some(old) = self.live.remove(&fwd) {
+                self.ooo_total -= old.client.ooo_bytes + old.server.ooo_bytes;
                 sink(Event::End {
                     sid: old.sid,
                     kind: EndKind::Unterminated,
@@ -342,7 +352,10 @@ impl SessionReader {
         } else {
             &mut live.server
         };
-        let (data, skipped) = stream.accept(seg.seq, seg.payload);
+        let before = stream.ooo_bytes;
+        let squeezed = self.ooo_total + seg.payload.len() > MAX_OOO_TOTAL;
+        let (data, skipped) = stream.accept(seg.seq, seg.payload, squeezed);
+        self.ooo_total = self.ooo_total + stream.ooo_bytes - before;
         self.stats.gap_bytes += skipped;
         if !data.is_empty() {
             sink(if from_client {
@@ -366,7 +379,9 @@ impl SessionReader {
             None
         };
         if let Some(kind) = end {
-            self.live.remove(&key);
+            if let Some(old) = self.live.remove(&key) {
+                self.ooo_total -= old.client.ooo_bytes + old.server.ooo_bytes;
+            }
             sink(Event::End { sid, kind, ts_ns })?;
         }
         ControlFlow::Continue(())
@@ -560,17 +575,17 @@ mod tests {
             next: Some(u32::MAX - 2), // wraps during the test
             ..Stream::default()
         };
-        let (a, _) = s.accept(u32::MAX - 2, b"abc");
+        let (a, _) = s.accept(u32::MAX - 2, b"abc", false);
         assert_eq!(a, b"abc");
-        let (b, _) = s.accept(3, b"ghi"); // early
+        let (b, _) = s.accept(3, b"ghi", false); // early
         assert!(b.is_empty());
-        let (c, _) = s.accept(u32::MAX - 1, b"bcdef"); // overlaps the past, fills the hole
+        let (c, _) = s.accept(u32::MAX - 1, b"bcdef", false); // overlaps the past, fills the hole
         assert_eq!(c, b"defghi");
-        let (d, _) = s.accept(4, b"hi"); // pure retransmission
+        let (d, _) = s.accept(4, b"hi", false); // pure retransmission
         assert!(d.is_empty());
         // A hole too wide to wait for.
         let big = vec![1u8; MAX_OOO_BYTES + 1];
-        let (e, skipped) = s.accept(6 + 10, &big);
+        let (e, skipped) = s.accept(6 + 10, &big, false);
         assert_eq!(skipped, 10);
         assert_eq!(e.len(), big.len());
     }

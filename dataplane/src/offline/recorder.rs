@@ -312,6 +312,7 @@ impl Recorder {
             file: None,
             file_seq: 0,
             closed_bytes: 0,
+            header_bytes: 0,
             opened_at: Instant::now(),
             sessions: HashMap::new(),
             pending_detach: Vec::new(),
@@ -378,6 +379,8 @@ struct Writer {
     file_seq: u64,
     /// Bytes in files already closed (for the running total).
     closed_bytes: u64,
+    /// Size of a new file's headers (a file this size holds no packets).
+    header_bytes: u64,
     opened_at: Instant,
     sessions: HashMap<u64, Live>,
     /// Detached sessions whose queued messages are not all handled yet.
@@ -501,7 +504,12 @@ impl Writer {
 
     fn until_rotation(&self) -> Duration {
         let mut d = Duration::from_secs(3600);
-        if self.cfg.rotate_secs > 0 {
+        let has_packets = self
+            .file
+            .as_ref()
+            .is_some_and(|f| f.bytes_written() > self.header_bytes);
+        // An idle recorder keeps its (empty) file rather than leaving a trail of them.
+        if self.cfg.rotate_secs > 0 && has_packets {
             d = Duration::from_secs(self.cfg.rotate_secs).saturating_sub(self.opened_at.elapsed());
         }
         if self.cfg.rotate_bytes > 0
@@ -548,6 +556,7 @@ impl Writer {
             WriterOptions::default(),
         )?;
         self.shared.files.fetch_add(1, Ordering::Relaxed);
+        self.header_bytes = w.bytes_written();
         self.file = Some(w);
         Ok(())
     }

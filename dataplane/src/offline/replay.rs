@@ -13,9 +13,9 @@
 //! mode: the target's TCP stack gets a normal connection, with retransmission and flow
 //! control handled by the kernel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -159,6 +159,9 @@ pub struct SessionReport {
     pub meta: SessionMeta,
     /// How the recording of the session ended.
     pub recorded_end: EndKind,
+    /// The session began in a file that was not given (after rotation): replayed from the
+    /// middle of its stream.
+    pub continued: bool,
     /// Client bytes in the recording.
     pub bytes_recorded: u64,
     /// Client bytes written to the target.
@@ -181,6 +184,11 @@ pub struct Summary {
     pub sessions_replayed: u64,
     /// Replayed sessions with an error outcome.
     pub sessions_failed: u64,
+    /// Replayed sessions whose recording is only a prefix (detached, unterminated) or
+    /// starts mid-stream (continued).
+    pub sessions_incomplete: u64,
+    /// Sessions replayed but left out of [`Summary::sessions`] to bound memory.
+    pub sessions_unlisted: u64,
     /// Client bytes written to the target.
     pub bytes_sent: u64,
     /// Answer bytes read from the target.
@@ -191,9 +199,15 @@ pub struct Summary {
     pub read_errors: Vec<String>,
     /// Reader counters.
     pub read_stats: ReadStats,
-    /// One entry per replayed session, in recording order.
+    /// One entry per replayed session, in recording order: every failed one and the first
+    /// [`MAX_OK_REPORTS`] successful ones (up to [`MAX_FAILED_REPORTS`] failed).
     pub sessions: Vec<SessionReport>,
 }
+
+/// Successful sessions listed in a [`Summary`] at most.
+pub const MAX_OK_REPORTS: usize = 10_000;
+/// Failed sessions listed in a [`Summary`] at most.
+pub const MAX_FAILED_REPORTS: usize = 10_000;
 
 /// What travels from dispatcher to a session's writer thread.
 enum Chunk {
@@ -207,20 +221,45 @@ const SESSION_QUEUE: usize = 256;
 /// The writer coalesces queued chunks up to this size per `write`.
 const WRITE_BATCH: usize = 64 * 1024;
 
-struct Slot {
-    tx: Sender<Chunk>,
+/// Bytes held for sessions waiting for a free slot, over all of them. A session that would
+/// exceed it is not replayed (reported as failed) rather than growing memory.
+pub const PENDING_BUDGET: usize = 64 << 20;
+
+/// A session's place in the dispatcher.
+enum Slot {
+    /// Its thread runs; chunks go through the channel.
+    Running(Sender<Chunk>),
+    /// Waiting for a free slot (more than `max_sessions` at once): its chunks are held here.
+    Pending(Box<Waiting>),
+}
+
+struct Waiting {
+    job: Job,
+    chunks: Vec<Chunk>,
+    bytes: usize,
+    ended: bool,
+    /// Dropped for lack of pending budget: bytes are only counted.
+    overflowed: bool,
+    bytes_recorded: u64,
+    end: EndKind,
 }
 
 struct Dispatcher<'a> {
     cfg: &'a ReplayConfig,
     progress: Arc<Progress>,
     slots: HashMap<u64, Slot>,
-    skipped: HashMap<u64, ()>,
+    /// Pending sessions, oldest first.
+    queue: VecDeque<u64>,
+    /// Bytes held by pending sessions.
+    pending_bytes: usize,
     threads: Vec<JoinHandle<()>>,
     done_tx: Sender<SessionReport>,
     done_rx: Receiver<SessionReport>,
     active: usize,
     reports: Vec<SessionReport>,
+    listed_ok: usize,
+    listed_failed: usize,
+    totals: Summary,
     first_start: Option<u64>,
     /// Pacing origin: (recorded ns, wall clock) of the first replayed event.
     origin: Option<(u64, Instant)>,
@@ -232,82 +271,88 @@ impl Dispatcher<'_> {
     fn event(&mut self, ev: Event) -> ControlFlow<()> {
         match ev {
             Event::Open {
-                sid, meta, ts_ns, ..
+                sid,
+                meta,
+                ts_ns,
+                continued,
+                ..
             } => {
                 self.seen += 1;
                 let first = *self.first_start.get_or_insert(meta.start_ns);
                 if !self.cfg.filter.accepts(&meta, first) {
                     self.filtered += 1;
-                    self.skipped.insert(sid, ());
                     return ControlFlow::Continue(());
                 }
                 self.pace(ts_ns);
-                while self.active >= self.cfg.max_sessions.max(1) {
-                    match self.done_rx.recv() {
-                        Ok(r) => self.collect(r),
-                        Err(_) => break,
-                    }
-                }
-                let (tx, rx) = crossbeam_channel::bounded(SESSION_QUEUE);
-                let target = self.cfg.target;
-                let progress = Arc::clone(&self.progress);
-                let done = self.done_tx.clone();
-                let connect_timeout = self.cfg.connect_timeout;
-                let drain_timeout = self.cfg.drain_timeout;
-                let spawned = std::thread::Builder::new()
-                    .name(format!("replay-{sid}"))
-                    .spawn(move || {
-                        let r = run_session(
-                            sid,
-                            meta,
-                            target,
-                            connect_timeout,
-                            drain_timeout,
-                            &rx,
-                            &progress,
-                        );
-                        let _ = done.send(r);
-                    });
-                match spawned {
-                    Ok(h) => {
-                        self.progress.started.fetch_add(1, Ordering::Relaxed);
-                        self.active += 1;
-                        self.threads.push(h);
-                        self.slots.insert(sid, Slot { tx });
-                    }
-                    Err(_) => {
-                        // Out of threads: count it as filtered-out rather than stall.
-                        self.filtered += 1;
-                        self.skipped.insert(sid, ());
-                    }
-                }
-                // Reap finished threads now and then so the handle list stays short.
-                if self.threads.len() > 2 * self.cfg.max_sessions.max(1) {
-                    let (fin, live): (Vec<_>, Vec<_>) =
-                        self.threads.drain(..).partition(|t| t.is_finished());
-                    for t in fin {
-                        let _ = t.join();
-                    }
-                    self.threads = live;
+                self.reap();
+                let job = Job {
+                    index: sid,
+                    meta,
+                    continued,
+                    target: self.cfg.target,
+                    connect_timeout: self.cfg.connect_timeout,
+                    drain_timeout: self.cfg.drain_timeout,
+                };
+                // Waiting here for a running session to finish could deadlock (it may
+                // need events that come later in the file), so over the limit the new
+                // session waits in memory instead.
+                if self.active < self.cfg.max_sessions.max(1) && self.queue.is_empty() {
+                    self.spawn(sid, job, Vec::new(), None);
+                } else {
+                    self.queue.push_back(sid);
+                    let w = Waiting {
+                        job,
+                        chunks: Vec::new(),
+                        bytes: 0,
+                        ended: false,
+                        overflowed: false,
+                        bytes_recorded: 0,
+                        end: EndKind::Unterminated,
+                    };
+                    self.slots.insert(sid, Slot::Pending(Box::new(w)));
                 }
             }
-            Event::Client { sid, data, ts_ns } => {
-                if let Some(slot) = self.slots.get(&sid) {
-                    let tx = slot.tx.clone();
+            Event::Client { sid, data, ts_ns } => match self.slots.get_mut(&sid) {
+                Some(Slot::Running(tx)) => {
+                    let tx = tx.clone();
                     self.pace(ts_ns);
                     // Blocks while the session's queue is full: back-pressure from a slow
                     // target reaches the reader instead of growing memory.
                     let _ = tx.send(Chunk::Data(data));
                 }
-            }
-            Event::Server { .. } => {}
-            Event::End { sid, kind, ts_ns } => {
-                self.skipped.remove(&sid);
-                if let Some(slot) = self.slots.remove(&sid) {
-                    self.pace(ts_ns);
-                    let _ = slot.tx.send(Chunk::End(kind));
+                Some(Slot::Pending(w)) => {
+                    w.bytes_recorded += data.len() as u64;
+                    if !w.overflowed && self.pending_bytes + data.len() > PENDING_BUDGET {
+                        w.overflowed = true;
+                        self.pending_bytes -= w.bytes;
+                        w.bytes = 0;
+                        w.chunks = Vec::new();
+                    }
+                    if !w.overflowed {
+                        self.pending_bytes += data.len();
+                        w.bytes += data.len();
+                        w.chunks.push(Chunk::Data(data));
+                    }
                 }
-            }
+                None => {}
+            },
+            Event::Server { .. } => {}
+            Event::End { sid, kind, ts_ns } => match self.slots.get_mut(&sid) {
+                Some(Slot::Running(_)) => {
+                    if let Some(Slot::Running(tx)) = self.slots.remove(&sid) {
+                        self.pace(ts_ns);
+                        let _ = tx.send(Chunk::End(kind));
+                    }
+                }
+                Some(Slot::Pending(w)) => {
+                    w.ended = true;
+                    w.end = kind;
+                    if !w.overflowed {
+                        w.chunks.push(Chunk::End(kind));
+                    }
+                }
+                None => {}
+            },
         }
         while let Ok(r) = self.done_rx.try_recv() {
             self.collect(r);
@@ -315,9 +360,128 @@ impl Dispatcher<'_> {
         ControlFlow::Continue(())
     }
 
+    /// Starts a session thread, handing it chunks that were held while it waited.
+    fn spawn(&mut self, sid: u64, job: Job, held: Vec<Chunk>, ended: Option<EndKind>) {
+        let (tx, rx) = crossbeam_channel::bounded(SESSION_QUEUE);
+        let progress = Arc::clone(&self.progress);
+        let done = self.done_tx.clone();
+        let fallback = SessionReport {
+            index: sid,
+            meta: job.meta.clone(),
+            continued: job.continued,
+            recorded_end: ended.unwrap_or(EndKind::Unterminated),
+            bytes_recorded: 0,
+            bytes_sent: 0,
+            answer_bytes: 0,
+            outcome: Outcome::Error("no thread for the session".into()),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("replay-{sid}"))
+            .spawn(move || {
+                let _ = done.send(run_session(job, &rx, &progress));
+            });
+        match spawned {
+            Ok(h) => {
+                self.progress.started.fetch_add(1, Ordering::Relaxed);
+                self.active += 1;
+                self.threads.push(h);
+                for c in held {
+                    // The thread is running, so this only waits for it to write.
+                    let _ = tx.send(c);
+                }
+                if ended.is_none() {
+                    self.slots.insert(sid, Slot::Running(tx));
+                }
+            }
+            Err(_) => {
+                // Out of threads: report the session as failed rather than stall.
+                self.active += 1; // balanced by collect()
+                let _ = self.done_tx.send(fallback);
+            }
+        }
+    }
+
+    /// Moves waiting sessions into free slots, oldest first.
+    fn promote(&mut self) {
+        while self.active < self.cfg.max_sessions.max(1) {
+            let Some(sid) = self.queue.pop_front() else {
+                return;
+            };
+            let Some(Slot::Pending(w)) = self.slots.remove(&sid) else {
+                continue;
+            };
+            let w = *w;
+            self.pending_bytes -= w.bytes;
+            if w.overflowed {
+                let report = SessionReport {
+                    index: sid,
+                    meta: w.job.meta,
+                    continued: w.job.continued,
+                    recorded_end: w.end,
+                    bytes_recorded: w.bytes_recorded,
+                    bytes_sent: 0,
+                    answer_bytes: 0,
+                    outcome: Outcome::Error(format!(
+                        "not replayed: more than {} sessions at once and {} MiB of their data waiting",
+                        self.cfg.max_sessions,
+                        PENDING_BUDGET >> 20
+                    )),
+                };
+                // Any events of it still to come find no slot and are dropped.
+                self.record(report);
+                continue;
+            }
+            let ended = w.ended.then_some(w.end);
+            self.spawn(sid, w.job, w.chunks, ended);
+        }
+    }
+
+    /// Joins finished threads now and then so the handle list stays short.
+    fn reap(&mut self) {
+        if self.threads.len() > 2 * self.cfg.max_sessions.max(1) {
+            let (fin, live): (Vec<_>, Vec<_>) =
+                self.threads.drain(..).partition(|t| t.is_finished());
+            for t in fin {
+                let _ = t.join();
+            }
+            self.threads = live;
+        }
+    }
+
     fn collect(&mut self, r: SessionReport) {
         self.active = self.active.saturating_sub(1);
-        self.reports.push(r);
+        self.record(r);
+        self.promote();
+    }
+
+    fn record(&mut self, r: SessionReport) {
+        let t = &mut self.totals;
+        t.sessions_replayed += 1;
+        t.bytes_sent += r.bytes_sent;
+        t.answer_bytes += r.answer_bytes;
+        if r.continued || matches!(r.recorded_end, EndKind::Detached | EndKind::Unterminated) {
+            t.sessions_incomplete += 1;
+        }
+        let ok = r.outcome == Outcome::Ok;
+        if !ok {
+            t.sessions_failed += 1;
+        }
+        let listed = if ok {
+            &mut self.listed_ok
+        } else {
+            &mut self.listed_failed
+        };
+        let cap = if ok {
+            MAX_OK_REPORTS
+        } else {
+            MAX_FAILED_REPORTS
+        };
+        if *listed < cap {
+            *listed += 1;
+            self.reports.push(r);
+        } else {
+            t.sessions_unlisted += 1;
+        }
     }
 
     /// Sleeps until the recorded time `ts_ns` comes up on the replay clock.
@@ -347,12 +511,16 @@ pub fn replay(paths: &[PathBuf], cfg: &ReplayConfig, progress: Arc<Progress>) ->
         cfg,
         progress,
         slots: HashMap::new(),
-        skipped: HashMap::new(),
+        queue: VecDeque::new(),
+        pending_bytes: 0,
         threads: Vec::new(),
         done_tx,
         done_rx,
         active: 0,
         reports: Vec::new(),
+        listed_ok: 0,
+        listed_failed: 0,
+        totals: Summary::default(),
         first_start: None,
         origin: None,
         seen: 0,
@@ -366,46 +534,56 @@ pub fn replay(paths: &[PathBuf], cfg: &ReplayConfig, progress: Arc<Progress>) ->
         }
     }
     reader.finish(&mut |ev| d.event(ev));
-    // Whatever is left (should be nothing after finish) ends normally.
-    for (_, slot) in d.slots.drain() {
-        let _ = slot.tx.send(Chunk::End(EndKind::Unterminated));
+    // Every session has had its end now: running ones finish on their own, and each one
+    // that finishes lets a waiting one start.
+    while d.active > 0 || !d.queue.is_empty() {
+        match d.done_rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(r) => d.collect(r),
+            Err(_) if d.active == 0 => d.promote(),
+            Err(_) => {}
+        }
     }
     for t in d.threads.drain(..) {
         let _ = t.join();
     }
-    while let Ok(r) = d.done_rx.try_recv() {
-        d.reports.push(r);
-    }
     let mut reports = std::mem::take(&mut d.reports);
     reports.sort_by_key(|r| r.index);
-    let failed = reports.iter().filter(|r| r.outcome != Outcome::Ok).count() as u64;
     Summary {
         sessions_seen: d.seen,
         sessions_filtered: d.filtered,
-        sessions_replayed: reports.len() as u64,
-        sessions_failed: failed,
-        bytes_sent: reports.iter().map(|r| r.bytes_sent).sum(),
-        answer_bytes: reports.iter().map(|r| r.answer_bytes).sum(),
+        sessions_failed: d.totals.sessions_failed,
         seconds: started.elapsed().as_secs_f64(),
         read_errors,
         read_stats: reader.stats(),
         sessions: reports,
+        ..d.totals
     }
 }
 
-/// One session: connect, write the recorded bytes in order, half-close, drain answers.
-fn run_session(
+/// What a session thread needs to know.
+struct Job {
     index: u64,
     meta: SessionMeta,
+    continued: bool,
     target: SocketAddr,
     connect_timeout: Duration,
     drain_timeout: Duration,
-    rx: &Receiver<Chunk>,
-    progress: &Progress,
-) -> SessionReport {
+}
+
+/// One session: connect, write the recorded bytes in order, half-close, drain answers.
+fn run_session(job: Job, rx: &Receiver<Chunk>, progress: &Progress) -> SessionReport {
+    let Job {
+        index,
+        meta,
+        continued,
+        target,
+        connect_timeout,
+        drain_timeout,
+    } = job;
     let mut report = SessionReport {
         index,
         meta,
+        continued,
         recorded_end: EndKind::Unterminated,
         bytes_recorded: 0,
         bytes_sent: 0,
@@ -492,9 +670,12 @@ fn run_session(
         .is_some_and(|(_, peer_closed, _)| peer_closed.load(Ordering::Acquire));
     if let Some(s) = &stream {
         match report.recorded_end {
-            // The client reset the original session: drop the connection as well.
-            EndKind::Reset => {
-                let _ = s.shutdown(Shutdown::Both);
+            // The original session was reset, or its recording cut short: reset this one
+            // too (linger 0 makes the close an RST), so the target does not take a partial
+            // stream for a complete one.
+            EndKind::Reset | EndKind::Detached => {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+                let _ = s.shutdown(Shutdown::Read);
             }
             _ => {
                 let _ = s.shutdown(Shutdown::Write);
@@ -666,11 +847,6 @@ pub fn parse_pace(s: &str) -> Result<Pace, String> {
             Ok(Pace::Factor(f))
         }
     }
-}
-
-/// Convenience for callers that print addresses.
-pub fn fmt_addr(a: &SocketAddrV4) -> String {
-    a.to_string()
 }
 
 #[cfg(test)]
