@@ -2,6 +2,8 @@
 //!
 //! - [`steering`]: the XDP program and its maps (which frames reach the workers);
 //! - [`xsk`]: one AF_XDP socket and its UMEM;
+//! - [`device`]: a smoltcp device over that socket, doing Ethernet itself;
+//! - [`engine`]: a worker's TCP engine (smoltcp in any-IP mode) over such a device;
 //! - [`worker`]: per-queue worker threads pinned to cores;
 //! - [`control`]: the control socket used by `stats` and `rule`;
 //! - [`config`] and [`rules`]: the operator's configuration, validated without I/O;
@@ -11,6 +13,8 @@
 
 pub mod config;
 pub mod control;
+pub mod device;
+pub mod engine;
 pub mod frame;
 pub mod offline;
 pub mod rules;

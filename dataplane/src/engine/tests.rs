@@ -1,0 +1,358 @@
+//! Engine tests without sockets: two engines joined by an in-memory IP "wire".
+
+use std::{
+    cell::RefCell,
+    collections::VecDeque,
+    net::{Ipv4Addr, SocketAddrV4},
+    rc::Rc,
+    time::Instant,
+};
+
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+
+use super::*;
+
+type Queue = Rc<RefCell<VecDeque<Vec<u8>>>>;
+
+/// One end of an in-memory IP link.
+struct Pipe {
+    inbox: Queue,
+    outbox: Queue,
+}
+
+fn pipe_pair() -> (Pipe, Pipe) {
+    let ab: Queue = Rc::default();
+    let ba: Queue = Rc::default();
+    (
+        Pipe {
+            inbox: ba.clone(),
+            outbox: ab.clone(),
+        },
+        Pipe {
+            inbox: ab,
+            outbox: ba,
+        },
+    )
+}
+
+struct PipeRx(Vec<u8>);
+struct PipeTx(Queue);
+
+impl phy::RxToken for PipeRx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for PipeTx {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0; len];
+        let r = f(&mut buf);
+        self.0.borrow_mut().push_back(buf);
+        r
+    }
+}
+
+impl phy::Device for Pipe {
+    type RxToken<'a> = PipeRx;
+    type TxToken<'a> = PipeTx;
+
+    fn receive(
+        &mut self,
+        _: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = self.inbox.borrow_mut().pop_front()?;
+        Some((PipeRx(frame), PipeTx(self.outbox.clone())))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        Some(PipeTx(self.outbox.clone()))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = 1500;
+        caps
+    }
+}
+
+impl EngineDevice for Pipe {}
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+const MIDDLEBOX: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 2);
+const PRIMARY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 200, 50), 7000);
+
+fn ports() -> PortRange {
+    PortRange {
+        first: 20000,
+        last: 20999,
+    }
+}
+
+/// The "client" engine (plain, connects out) and the middlebox engine listening on a
+/// foreign address.
+fn pair(listeners: usize) -> (Engine<Pipe>, Engine<Pipe>) {
+    let (a, b) = pipe_pair();
+    let client = Engine::new(a, EngineConfig::new(CLIENT, ports())).unwrap();
+    let mut config = EngineConfig::new(MIDDLEBOX, ports());
+    config.listen = vec![PRIMARY];
+    config.listeners_per_endpoint = listeners;
+    config.rx_buffer = 64 * 1024;
+    config.tx_buffer = 64 * 1024;
+    let middlebox = Engine::new(b, config).unwrap();
+    (client, middlebox)
+}
+
+/// Polls both engines until `done` says so (or panics after many rounds).
+fn pump(
+    a: &mut Engine<Pipe>,
+    b: &mut Engine<Pipe>,
+    mut step: impl FnMut(&mut Engine<Pipe>, &mut Engine<Pipe>, &[EngineEvent], &[EngineEvent]) -> bool,
+) {
+    let mut ea = Vec::new();
+    let mut eb = Vec::new();
+    for _ in 0..100_000 {
+        ea.clear();
+        eb.clear();
+        a.poll(Instant::now(), &mut ea);
+        b.poll(Instant::now(), &mut eb);
+        if step(a, b, &ea, &eb) {
+            return;
+        }
+    }
+    panic!("did not finish");
+}
+
+#[test]
+fn accepts_on_a_foreign_address_and_echoes() {
+    let (mut client, mut mb) = pair(2);
+    let conn = client.connect(PRIMARY).unwrap();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let mut sent = 0;
+    let mut echoed = Vec::new();
+    let mut accepted = None;
+    let mut pending: VecDeque<u8> = VecDeque::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut connected = false;
+    pump(&mut client, &mut mb, |c, m, ec, em| {
+        for e in em {
+            match *e {
+                EngineEvent::Accepted {
+                    conn,
+                    local,
+                    remote,
+                } => {
+                    assert_eq!(local, PRIMARY, "answered as the primary");
+                    assert_eq!(*remote.ip(), CLIENT);
+                    accepted = Some(conn);
+                }
+                EngineEvent::Readable { conn } => loop {
+                    let n = m.recv(conn, &mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    pending.extend(&buf[..n]);
+                },
+                _ => {}
+            }
+        }
+        if let Some(id) = accepted {
+            let (front, _) = pending.as_slices();
+            if !front.is_empty() {
+                let n = m.send(id, front).unwrap();
+                pending.drain(..n);
+            }
+        }
+        for e in ec {
+            match *e {
+                EngineEvent::Connected { conn: id } => {
+                    assert_eq!(id, conn);
+                    connected = true;
+                }
+                EngineEvent::Readable { conn: id } => loop {
+                    let n = c.recv(id, &mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    echoed.extend_from_slice(&buf[..n]);
+                },
+                _ => {}
+            }
+        }
+        if connected && sent < data.len() {
+            sent += c.send(conn, &data[sent..]).unwrap();
+        }
+        echoed.len() == data.len()
+    });
+    assert_eq!(echoed, data);
+    assert_eq!(mb.counters().accepted, 1);
+    assert_eq!(mb.listeners(), 2, "the pool was re-armed after the accept");
+
+    // Clean close from both sides: each sees PeerClosed, then Closed.
+    let server = accepted.unwrap();
+    client.close(conn).unwrap();
+    let mut client_done = false;
+    let mut server_done = false;
+    let mut server_saw_fin = false;
+    pump(&mut client, &mut mb, |c, m, ec, em| {
+        for e in em {
+            match *e {
+                EngineEvent::PeerClosed { conn } => {
+                    assert_eq!(conn, server);
+                    server_saw_fin = true;
+                    m.close(conn).unwrap();
+                }
+                EngineEvent::Closed { conn } => {
+                    assert!(server_saw_fin);
+                    assert_eq!(conn, server);
+                    server_done = true;
+                }
+                EngineEvent::Reset { .. } => panic!("unexpected reset"),
+                _ => {}
+            }
+        }
+        for e in ec {
+            match *e {
+                EngineEvent::Closed { conn: id } => {
+                    assert_eq!(id, conn);
+                    client_done = true;
+                }
+                EngineEvent::Reset { .. } => panic!("unexpected reset"),
+                _ => {}
+            }
+        }
+        let _ = c;
+        client_done && server_done
+    });
+    assert_eq!(
+        mb.send(server, b"x"),
+        Err(EngineError::UnknownConnection(server))
+    );
+    assert_eq!(mb.connections(), 0);
+    // The client's port is held through TIME-WAIT.
+    assert_eq!(client.ports_in_use(), 1);
+}
+
+#[test]
+fn connection_to_a_closed_port_is_refused() {
+    let (mut client, mut mb) = pair(1);
+    let nobody = SocketAddrV4::new(*PRIMARY.ip(), 7999);
+    let conn = client.connect(nobody).unwrap();
+    let mut refused = false;
+    pump(&mut client, &mut mb, |_, _, ec, _| {
+        refused |= ec.contains(&EngineEvent::Refused { conn });
+        refused
+    });
+    // The port went back once smoltcp was done with the socket.
+    let mut events = Vec::new();
+    client.poll(Instant::now(), &mut events);
+    assert_eq!(client.ports_in_use(), 0);
+    assert_eq!(client.counters().refused, 1);
+}
+
+#[test]
+fn abort_resets_the_peer() {
+    let (mut client, mut mb) = pair(1);
+    let conn = client.connect(PRIMARY).unwrap();
+    let mut server = None;
+    pump(&mut client, &mut mb, |_, _, ec, em| {
+        for e in em {
+            if let EngineEvent::Accepted { conn, .. } = *e {
+                server = Some(conn);
+            }
+        }
+        server.is_some() && ec.contains(&EngineEvent::Connected { conn })
+    });
+    let server = server.unwrap();
+    client.abort(conn).unwrap();
+    assert_eq!(
+        client.abort(conn),
+        Err(EngineError::UnknownConnection(conn))
+    );
+    let mut reset = false;
+    pump(&mut client, &mut mb, |_, _, ec, em| {
+        assert!(ec.is_empty(), "no events after abort: {ec:?}");
+        reset |= em.contains(&EngineEvent::Reset { conn: server });
+        reset
+    });
+    assert_eq!(mb.counters().reset, 1);
+}
+
+#[test]
+fn listener_pool_is_rearmed_for_successive_bursts() {
+    let (mut client, mut mb) = pair(4);
+    for _round in 0..3 {
+        let conns: Vec<ConnId> = (0..4).map(|_| client.connect(PRIMARY).unwrap()).collect();
+        let mut connected = 0;
+        let mut accepted = 0;
+        pump(&mut client, &mut mb, |_, _, ec, em| {
+            for e in ec {
+                match e {
+                    EngineEvent::Connected { .. } => connected += 1,
+                    EngineEvent::Refused { .. } => panic!("refused: pool not re-armed"),
+                    _ => {}
+                }
+            }
+            accepted += em
+                .iter()
+                .filter(|e| matches!(e, EngineEvent::Accepted { .. }))
+                .count();
+            connected == 4 && accepted == 4
+        });
+        for conn in conns {
+            client.abort(conn).unwrap();
+        }
+    }
+    assert_eq!(mb.counters().accepted, 12);
+}
+
+#[test]
+fn bounds_on_connections_and_ports() {
+    let (a, _b) = pipe_pair();
+    let mut config = EngineConfig::new(
+        CLIENT,
+        PortRange {
+            first: 30000,
+            last: 30001,
+        },
+    );
+    config.max_connections = 3;
+    let mut engine = Engine::new(a, config).unwrap();
+    let target = SocketAddrV4::new(MIDDLEBOX, 9);
+    engine.connect(target).unwrap();
+    engine.connect(target).unwrap();
+    assert_eq!(engine.connect(target), Err(EngineError::NoFreePort));
+    let (a, _b) = pipe_pair();
+    let mut config = EngineConfig::new(CLIENT, ports());
+    config.max_connections = 1;
+    let mut engine = Engine::new(a, config).unwrap();
+    engine.connect(target).unwrap();
+    assert_eq!(engine.connect(target), Err(EngineError::TooManyConnections));
+    assert_eq!(
+        engine.connect(SocketAddrV4::new(MIDDLEBOX, 0)),
+        Err(EngineError::TooManyConnections)
+    );
+    let (a, _b) = pipe_pair();
+    assert!(matches!(
+        Engine::new(a, EngineConfig::new(Ipv4Addr::BROADCAST, ports())),
+        Err(EngineError::Config(_))
+    ));
+}
+
+#[test]
+fn unknown_ids_are_errors_not_panics() {
+    let (mut client, _mb) = pair(1);
+    let bogus = ConnId(999);
+    let mut buf = [0u8; 4];
+    assert_eq!(
+        client.recv(bogus, &mut buf),
+        Err(EngineError::UnknownConnection(bogus))
+    );
+    assert!(client.send(bogus, b"x").is_err());
+    assert!(client.close(bogus).is_err());
+    assert!(client.abort(bogus).is_err());
+    // Sending before the handshake completes is refused, not buffered.
+    let conn = client.connect(PRIMARY).unwrap();
+    assert_eq!(client.send(conn, b"x"), Err(EngineError::NotWritable(conn)));
+}
