@@ -1,5 +1,13 @@
 //! REST API (axum) over the [`Service`]. Every route but `/v1/health` needs
-//! `Authorization: Bearer <token>`; the token is compared in constant time.
+//! `Authorization: Bearer <token>`; tokens are compared in constant time, and a missing
+//! or wrong token gets 401 before any handler runs, so it changes nothing. Each token has
+//! a name ([`router_with_tokens`]); every change is logged and kept in the audit log with
+//! the name of the caller who made it.
+//!
+//! Bodies are JSON of at most [`MAX_BODY`] bytes. A body that is not JSON gets 400, one
+//! with a missing field or a field of the wrong type gets 422 naming the field (e.g.
+//! `primary_port: invalid type: string "http", expected u16`), a value that parses but is
+//! not valid (a prefix length of 40) gets 400 naming what is wrong.
 //!
 //! | method | path                      | body / answer                         |
 //! |--------|---------------------------|---------------------------------------|
@@ -12,13 +20,16 @@
 //! | DELETE | /v1/hosts/{ip}            | 204 / 404                             |
 //! | GET    | /v1/topology              | `TopologyView`                        |
 //! | POST   | /v1/reconcile             | `ReconcileSummary` (runs now)         |
+//! | GET    | /v1/audit                 | `[AuditEntry]` (who changed what)     |
+//! | GET    | /v1/metrics               | `Metrics` (flow-mods sent, ...)       |
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,17 +38,30 @@ use axum::routing::{delete, get, post};
 use crate::service::Service;
 use crate::store::{HostSpec, ReplicationSpec, StoreError};
 
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
 #[derive(Clone)]
 struct AppState {
     svc: Service,
-    token: Arc<str>,
+    /// (caller name, token)
+    tokens: Arc<[(String, String)]>,
 }
 
-/// The API router. `token` must be non-empty.
+/// The authenticated caller's name.
+#[derive(Clone)]
+struct Caller(Arc<str>);
+
+/// The API router with one token, whose caller is named `operator`.
 pub fn router(svc: Service, token: &str) -> Router {
+    router_with_tokens(svc, vec![("operator".to_string(), token.to_string())])
+}
+
+/// The API router; `tokens` are (caller name, token) pairs. Empty tokens never match.
+pub fn router_with_tokens(svc: Service, tokens: Vec<(String, String)>) -> Router {
     let state = AppState {
         svc,
-        token: Arc::from(token),
+        tokens: Arc::from(tokens),
     };
     let protected = Router::new()
         .route(
@@ -49,10 +73,13 @@ pub fn router(svc: Service, token: &str) -> Router {
         .route("/v1/hosts/{ip}", delete(delete_host))
         .route("/v1/topology", get(topology))
         .route("/v1/reconcile", post(reconcile))
+        .route("/v1/audit", get(audit))
+        .route("/v1/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/v1/health", get(|| async { "ok" }))
         .merge(protected)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
@@ -61,17 +88,30 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// The name of the caller whose token this is. Every token is compared, so the time
+/// taken does not say which one matched.
+fn caller_of(tokens: &[(String, String)], given: &str) -> Option<Arc<str>> {
+    let mut found = None;
+    for (name, token) in tokens {
+        if !token.is_empty() && same_secret(given.as_bytes(), token.as_bytes()) {
+            found = Some(Arc::from(name.as_str()));
+        }
+    }
+    found
+}
+
+async fn require_token(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if !st.token.is_empty() && same_secret(t.as_bytes(), st.token.as_bytes()) => {
+    match given.and_then(|t| caller_of(&st.tokens, t)) {
+        Some(name) => {
+            req.extensions_mut().insert(Caller(name));
             next.run(req).await
         }
-        _ => (
+        None => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             "unauthorized\n",
@@ -92,17 +132,37 @@ async fn list_replications(State(st): State<AppState>) -> Response {
     Json(st.svc.status()).into_response()
 }
 
+/// A body that did not deserialize: the rejection's status (400 not JSON, 415 not
+/// declared JSON, 413 too large, 422 wrong or missing field) and its text, which names the
+/// field.
+fn body_error(e: JsonRejection) -> Response {
+    (
+        e.status(),
+        format!("invalid request body: {}\n", e.body_text()),
+    )
+        .into_response()
+}
+
 async fn add_replication(
     State(st): State<AppState>,
-    Json(spec): Json<ReplicationSpec>,
+    Extension(Caller(who)): Extension<Caller>,
+    body: Result<Json<ReplicationSpec>, JsonRejection>,
 ) -> Response {
+    let spec = match body {
+        Ok(Json(s)) => s,
+        Err(e) => return body_error(e),
+    };
     let id = spec.id;
-    let added = st.svc.update(|d| {
+    let added = st.svc.update(&who, |d| {
         if d.replications.iter().any(|r| r.id == id) {
-            return false;
+            return (false, None);
         }
+        let what = format!(
+            "add replication {id}: {} -> {}:{} via {}",
+            spec.source, spec.primary, spec.primary_port, spec.middlebox
+        );
         d.replications.push(spec);
-        true
+        (true, Some(what))
     });
     match added {
         Ok(true) => StatusCode::CREATED.into_response(),
@@ -111,11 +171,16 @@ async fn add_replication(
     }
 }
 
-async fn delete_replication(State(st): State<AppState>, Path(id): Path<u32>) -> Response {
-    let removed = st.svc.update(|d| {
+async fn delete_replication(
+    State(st): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(id): Path<u32>,
+) -> Response {
+    let removed = st.svc.update(&who, |d| {
         let before = d.replications.len();
         d.replications.retain(|r| r.id != id);
-        before != d.replications.len()
+        let gone = before != d.replications.len();
+        (gone, gone.then(|| format!("delete replication {id}")))
     });
     match removed {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
@@ -128,10 +193,23 @@ async fn list_hosts(State(st): State<AppState>) -> Response {
     Json(st.svc.desired().hosts).into_response()
 }
 
-async fn put_host(State(st): State<AppState>, Json(host): Json<HostSpec>) -> Response {
-    let done = st.svc.update(|d| {
+async fn put_host(
+    State(st): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    body: Result<Json<HostSpec>, JsonRejection>,
+) -> Response {
+    let host = match body {
+        Ok(Json(h)) => h,
+        Err(e) => return body_error(e),
+    };
+    let done = st.svc.update(&who, |d| {
+        let what = format!(
+            "pin host {} ({}) at {:#x}:{}",
+            host.ip, host.mac, host.dpid, host.port
+        );
         d.hosts.retain(|h| h.ip != host.ip);
         d.hosts.push(host);
+        ((), Some(what))
     });
     match done {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -139,11 +217,16 @@ async fn put_host(State(st): State<AppState>, Json(host): Json<HostSpec>) -> Res
     }
 }
 
-async fn delete_host(State(st): State<AppState>, Path(ip): Path<Ipv4Addr>) -> Response {
-    let removed = st.svc.update(|d| {
+async fn delete_host(
+    State(st): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(ip): Path<Ipv4Addr>,
+) -> Response {
+    let removed = st.svc.update(&who, |d| {
         let before = d.hosts.len();
         d.hosts.retain(|h| h.ip != ip);
-        before != d.hosts.len()
+        let gone = before != d.hosts.len();
+        (gone, gone.then(|| format!("unpin host {ip}")))
     });
     match removed {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
@@ -160,14 +243,35 @@ async fn reconcile(State(st): State<AppState>) -> Response {
     Json(st.svc.reconcile_now().await).into_response()
 }
 
+async fn audit(State(st): State<AppState>) -> Response {
+    Json(st.svc.audit()).into_response()
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    Json(st.svc.metrics()).into_response()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::{caller_of, same_secret};
 
     #[test]
     fn secret_comparison() {
         assert!(same_secret(b"abc", b"abc"));
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn callers_are_named_by_their_token() {
+        let tokens = vec![
+            ("alice".to_string(), "t-alice".to_string()),
+            ("bob".to_string(), "t-bob".to_string()),
+            ("nobody".to_string(), String::new()),
+        ];
+        assert_eq!(caller_of(&tokens, "t-bob").as_deref(), Some("bob"));
+        assert_eq!(caller_of(&tokens, "t-alice").as_deref(), Some("alice"));
+        assert_eq!(caller_of(&tokens, ""), None);
+        assert_eq!(caller_of(&tokens, "t-carol"), None);
     }
 }

@@ -4,18 +4,28 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::health::PROBE_MAC;
+use crate::hosts::ETH_TYPE_ARP;
 use crate::lldp;
 use crate::openflow::actions::OFPCML_NO_BUFFER;
 use crate::openflow::messages::NO_BUFFER;
-use crate::openflow::oxm::ETH_TYPE_LLDP;
-use crate::openflow::{Action, Instruction, Match, Message, PacketOut, PortDesc, port};
-use crate::rules::{FlowRule, RuleKind, cookie};
-use crate::topology::{Dpid, PortRef, Topology};
+use crate::openflow::oxm::{ETH_TYPE_IPV4, ETH_TYPE_LLDP};
+use crate::openflow::{Action, Instruction, Ipv4Prefix, Match, Message, PacketOut, PortDesc, port};
+use crate::rules::{FlowRule, RuleKind, cookie, parse_cookie};
+use crate::topology::{Dpid, Host, PortRef, Topology};
 
 /// Priority of the rule that lifts LLDP to the controller: above everything else.
 pub const PRIORITY_LLDP: u16 = 65_000;
+/// Priority of the rule that lifts replies to health probes to the controller.
+pub const PRIORITY_PROBE_REPLY: u16 = 60_000;
+/// Priority of the rules for known senders: link ports and known hosts at their ports.
+pub const PRIORITY_KNOWN: u16 = 3;
+/// Priority of the rules that copy ARP and IPv4 from unknown senders to the controller.
+pub const PRIORITY_LEARN: u16 = 2;
 /// Priority of the optional fallback to OpenFlow NORMAL forwarding.
 pub const PRIORITY_NORMAL: u16 = 1;
+/// Bytes of a learning PACKET_IN: enough for Ethernet, ARP and the IPv4 header.
+pub const LEARN_MAX_LEN: u16 = 128;
 
 /// Rules every switch carries for the controller itself (cookie kind `Switch`): LLDP to
 /// the controller and, when `normal_fallback`, plain learning-switch forwarding for all
@@ -48,6 +58,121 @@ pub fn base_rules(dpid: Dpid, normal_fallback: bool) -> Vec<FlowRule> {
         });
     }
     v
+}
+
+/// What the switch does with traffic it does not steer: NORMAL, or nothing.
+fn forward(normal_fallback: bool) -> Vec<Action> {
+    if normal_fallback {
+        vec![Action::output(port::NORMAL)]
+    } else {
+        Vec::new()
+    }
+}
+
+fn rule(dpid: Dpid, priority: u16, cookie: u64, matched: Match, actions: Vec<Action>) -> FlowRule {
+    FlowRule {
+        dpid,
+        table_id: 0,
+        priority,
+        cookie,
+        matched,
+        instructions: vec![Instruction::ApplyActions(actions)],
+    }
+}
+
+/// The rule that lifts replies to health probes (ARP to [`PROBE_MAC`]) to the controller.
+pub fn probe_reply_rule(dpid: Dpid) -> FlowRule {
+    rule(
+        dpid,
+        PRIORITY_PROBE_REPLY,
+        cookie(RuleKind::Switch, 3),
+        Match {
+            eth_dst: Some(PROBE_MAC),
+            eth_type: Some(ETH_TYPE_ARP),
+            ..Match::default()
+        },
+        vec![Action::Output {
+            port: port::CONTROLLER,
+            max_len: OFPCML_NO_BUFFER,
+        }],
+    )
+}
+
+/// Host learning (see [`crate::hosts`]). ARP and IPv4 from senders the controller does
+/// not know are copied to the controller (first [`LEARN_MAX_LEN`] bytes) and forwarded
+/// as usual. Known senders are exempt, so the controller sees each host about once:
+/// everything arriving on a port with a discovered link (transit traffic), and IPv4 from
+/// each known host at its own port (the rule also records where the host is, which a
+/// restarted controller reads back with [`host_from_rule`]). A host that moves sends
+/// from a port where no exemption matches, so its next packet reports the move. ARP is
+/// always copied from edge ports: it is rare, and it is how a moved host announces
+/// itself.
+pub fn learning_rules<'a>(
+    dpid: Dpid,
+    normal_fallback: bool,
+    link_ports: impl IntoIterator<Item = u32>,
+    hosts: impl IntoIterator<Item = &'a Host>,
+) -> Vec<FlowRule> {
+    let copy = |eth_type: u16, id: u32| {
+        let mut actions = vec![Action::Output {
+            port: port::CONTROLLER,
+            max_len: LEARN_MAX_LEN,
+        }];
+        actions.extend(forward(normal_fallback));
+        rule(
+            dpid,
+            PRIORITY_LEARN,
+            cookie(RuleKind::Switch, id),
+            Match {
+                eth_type: Some(eth_type),
+                ..Match::default()
+            },
+            actions,
+        )
+    };
+    let mut v = vec![copy(ETH_TYPE_ARP, 4), copy(ETH_TYPE_IPV4, 5)];
+    for p in link_ports {
+        v.push(rule(
+            dpid,
+            PRIORITY_KNOWN,
+            cookie(RuleKind::Port, p),
+            Match {
+                in_port: Some(p),
+                ..Match::default()
+            },
+            forward(normal_fallback),
+        ));
+    }
+    for h in hosts.into_iter().filter(|h| h.at.dpid == dpid) {
+        v.push(rule(
+            dpid,
+            PRIORITY_KNOWN,
+            cookie(RuleKind::Host, u32::from(h.ip)),
+            Match {
+                in_port: Some(h.at.port),
+                eth_src: Some(h.mac),
+                eth_type: Some(ETH_TYPE_IPV4),
+                ipv4_src: Some(Ipv4Prefix::host(h.ip)),
+                ..Match::default()
+            },
+            forward(normal_fallback),
+        ));
+    }
+    v
+}
+
+/// The host a known-host rule (see [`learning_rules`]) records.
+pub fn host_from_rule(r: &FlowRule) -> Option<Host> {
+    let (RuleKind::Host, id) = parse_cookie(r.cookie)? else {
+        return None;
+    };
+    let m = &r.matched;
+    let ip = m.ipv4_src.filter(|p| p.prefix_len() == 32)?.addr();
+    (u32::from(ip) == id).then_some(Host {
+        ip,
+        mac: m.eth_src?,
+        at: PortRef::new(r.dpid, m.in_port?),
+    })
 }
 
 /// PACKET_OUTs sending one probe out of every live physical port.
@@ -106,10 +231,32 @@ impl Discovery {
         old
     }
 
-    /// Forgets every link touching a port (port down) or a switch (`port == None`).
-    pub fn forget(&mut self, dpid: Dpid, port: Option<u32>) {
+    /// Forgets every link touching a port (port down) or a switch (`port == None`);
+    /// returns how many were forgotten.
+    pub fn forget(&mut self, dpid: Dpid, port: Option<u32>) -> usize {
         let hit = |p: &PortRef| p.dpid == dpid && port.is_none_or(|n| n == p.port);
+        let before = self.links.len();
         self.links.retain(|(a, b), _| !hit(a) && !hit(b));
+        before - self.links.len()
+    }
+
+    /// True when a discovered link uses this port.
+    pub fn is_link_port(&self, p: PortRef) -> bool {
+        self.links.keys().any(|(a, b)| *a == p || *b == p)
+    }
+
+    /// The ports of `dpid` that carry discovered links.
+    pub fn link_ports(&self, dpid: Dpid) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .links
+            .keys()
+            .flat_map(|(a, b)| [*a, *b])
+            .filter(|p| p.dpid == dpid)
+            .map(|p| p.port)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     pub fn links(&self) -> impl Iterator<Item = (PortRef, PortRef)> + '_ {
@@ -202,6 +349,58 @@ mod tests {
         assert_eq!(d.links().count(), 1);
         d.forget(1, None);
         assert_eq!(d.links().count(), 0);
+    }
+
+    #[test]
+    fn learning_rules_and_host_readback() {
+        let h = Host {
+            ip: std::net::Ipv4Addr::new(198, 18, 3, 11),
+            mac: MacAddr([2, 0, 0xc6, 0x12, 3, 0x0b]),
+            at: PortRef::new(0x31, 1),
+        };
+        let elsewhere = Host {
+            at: PortRef::new(0x32, 1),
+            ..h
+        };
+        let rules = learning_rules(0x31, true, [3], [&h, &elsewhere]);
+        // ARP copy, IPv4 copy, link port 3, host h (not the host on another switch).
+        assert_eq!(rules.len(), 4);
+        assert!(rules.iter().all(|r| crate::rules::is_ncp_cookie(r.cookie)));
+        let copies: Vec<&FlowRule> = rules
+            .iter()
+            .filter(|r| r.priority == PRIORITY_LEARN)
+            .collect();
+        assert_eq!(copies.len(), 2);
+        assert!(copies.iter().all(|r| r.instructions
+            == vec![Instruction::ApplyActions(vec![
+                Action::Output {
+                    port: port::CONTROLLER,
+                    max_len: LEARN_MAX_LEN
+                },
+                Action::output(port::NORMAL)
+            ])]));
+        let recovered: Vec<Host> = rules.iter().filter_map(host_from_rule).collect();
+        assert_eq!(recovered, vec![h]);
+        // Without the fallback, exempted traffic is dropped rather than forwarded.
+        let quiet = learning_rules(0x31, false, [3], []);
+        assert_eq!(
+            quiet[2].instructions,
+            vec![Instruction::ApplyActions(vec![])]
+        );
+        assert_eq!(probe_reply_rule(1).matched.eth_dst, Some(PROBE_MAC));
+    }
+
+    #[test]
+    fn link_ports_are_listed_once() {
+        let t0 = Instant::now();
+        let mut d = Discovery::default();
+        d.observe(PortRef::new(1, 1), PortRef::new(2, 1), t0);
+        d.observe(PortRef::new(1, 2), PortRef::new(3, 1), t0);
+        assert_eq!(d.link_ports(1), vec![1, 2]);
+        assert!(d.is_link_port(PortRef::new(3, 1)));
+        assert!(!d.is_link_port(PortRef::new(3, 2)));
+        assert_eq!(d.forget(1, Some(1)), 1);
+        assert_eq!(d.link_ports(1), vec![2]);
     }
 
     #[test]

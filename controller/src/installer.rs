@@ -45,10 +45,20 @@ pub struct InstallReport {
 /// Switches of the plan that are not in `dpids` (not connected) leave their
 /// replications not installed.
 pub async fn sync(ctl: &Controller, plan: &Plan, dpids: &[Dpid]) -> InstallReport {
-    let mut diffs = BTreeMap::new();
+    let (flows, report) = read(ctl, dpids).await;
+    sync_read(ctl, plan, &flows, report).await
+}
+
+/// Every rule of every switch in `dpids` (foreign ones too: a foreign rule on one of our
+/// keys must be seen). Switches that cannot be read are left out of the map and carry
+/// their error in the report.
+pub async fn read(
+    ctl: &Controller,
+    dpids: &[Dpid],
+) -> (BTreeMap<Dpid, Vec<FlowRule>>, InstallReport) {
+    let mut flows = BTreeMap::new();
     let mut report = InstallReport::default();
     for &dpid in dpids {
-        // All rules, not only ours: a foreign rule on one of our keys must be seen.
         match ctl
             .flow_stats(dpid, FlowStatsRequest::by_cookie(0, 0))
             .await
@@ -58,7 +68,7 @@ pub async fn sync(ctl: &Controller, plan: &Plan, dpids: &[Dpid]) -> InstallRepor
                     .iter()
                     .map(|s| FlowRule::from_stats(dpid, s))
                     .collect();
-                diffs.insert(dpid, diff(&plan.rules_for(dpid), &have));
+                flows.insert(dpid, have);
             }
             Err(e) => {
                 tracing::warn!(dpid = format_args!("{dpid:#x}"), error = %e, "cannot read flows");
@@ -66,6 +76,20 @@ pub async fn sync(ctl: &Controller, plan: &Plan, dpids: &[Dpid]) -> InstallRepor
             }
         }
     }
+    (flows, report)
+}
+
+/// Diffs what [`read`] returned against `plan` and applies the difference.
+pub async fn sync_read(
+    ctl: &Controller,
+    plan: &Plan,
+    flows: &BTreeMap<Dpid, Vec<FlowRule>>,
+    report: InstallReport,
+) -> InstallReport {
+    let diffs = flows
+        .iter()
+        .map(|(dpid, have)| (*dpid, diff(&plan.rules_for(*dpid), have)))
+        .collect();
     apply(ctl, plan, diffs, report).await
 }
 

@@ -17,6 +17,8 @@
 pub mod api;
 pub mod client;
 pub mod discovery;
+pub mod health;
+pub mod hosts;
 pub mod installer;
 pub mod lldp;
 pub mod openflow;

@@ -67,6 +67,10 @@ pub enum PlanError {
     TagConflict { tag: u32, other: Ipv4Addr },
     #[error("a rule on switch {dpid:#x} conflicts with one of replication {other}")]
     RuleConflict { dpid: Dpid, other: u32 },
+    #[error(
+        "middlebox {0} does not answer health probes; its traffic goes straight to the primary (fail-open)"
+    )]
+    MiddleboxDown(Ipv4Addr),
     #[error(transparent)]
     Topology(#[from] TopologyError),
 }

@@ -7,7 +7,7 @@
 //! bits are the magic, and every delete it issues is cookie-exact, so rules of other
 //! controllers or of the operator are never touched.
 
-use crate::openflow::{FlowMod, FlowStats, Instruction, Match};
+use crate::openflow::{FLOW_FLAG_SEND_FLOW_REM, FlowMod, FlowStats, Instruction, Match};
 use crate::topology::Dpid;
 
 /// Ownership magic in the cookie's top 16 bits.
@@ -22,8 +22,14 @@ pub enum RuleKind {
     Flow = 1,
     /// Per-middlebox tunnel rule shared by all flows; low bits = tag.
     Tunnel = 2,
-    /// A rule every switch carries for the controller itself (LLDP, fallback forwarding).
+    /// A rule every switch carries for the controller itself (LLDP, fallback forwarding,
+    /// host learning, health-probe replies).
     Switch = 3,
+    /// Forwarding for a port that carries a discovered link; low bits = port number.
+    Port = 4,
+    /// Forwarding for a known host at its edge port; low bits = its IPv4 address. The rule
+    /// also stores where the host was learned, so a restarted controller reads it back.
+    Host = 5,
 }
 
 /// Builds an NCP cookie.
@@ -46,6 +52,8 @@ pub fn parse_cookie(c: u64) -> Option<(RuleKind, u32)> {
         1 => Some((RuleKind::Flow, id)),
         2 => Some((RuleKind::Tunnel, id)),
         3 => Some((RuleKind::Switch, id)),
+        4 => Some((RuleKind::Port, id)),
+        5 => Some((RuleKind::Host, id)),
         _ => None,
     }
 }
@@ -86,7 +94,9 @@ impl FlowRule {
         }
     }
 
-    /// The FLOW_MOD that installs this rule.
+    /// The FLOW_MOD that installs this rule. It asks for a FLOW_REMOVED, so a rule
+    /// deleted behind the controller's back (by hand, by another tool) triggers a
+    /// reconcile at once instead of waiting for the periodic one.
     pub fn to_add(&self) -> FlowMod {
         let mut fm = FlowMod::add(
             self.cookie,
@@ -95,6 +105,7 @@ impl FlowRule {
             self.instructions.clone(),
         );
         fm.table_id = self.table_id;
+        fm.flags |= FLOW_FLAG_SEND_FLOW_REM;
         fm
     }
 
@@ -135,6 +146,14 @@ mod tests {
         assert!(!is_ncp_cookie(0));
         assert!(!is_ncp_cookie(0x4e42_0001_0000_0007));
         assert_eq!(parse_cookie(0x4e43_0009_0000_0001), None);
+        assert_eq!(
+            parse_cookie(cookie(RuleKind::Host, 0xc612_030b)),
+            Some((RuleKind::Host, 0xc612_030b))
+        );
+        assert_eq!(
+            parse_cookie(cookie(RuleKind::Port, 3)),
+            Some((RuleKind::Port, 3))
+        );
     }
 
     #[test]

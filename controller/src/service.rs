@@ -1,26 +1,50 @@
 //! The running controller: switch events in, converged network out.
 //!
-//! Three loops share one state: the event loop (switch connects, port changes, LLDP
-//! packet-ins), the probe loop (LLDP out of every port, link expiry) and the reconcile
-//! loop (plan from desired state plus discovered topology, then [`installer::sync`]). The
-//! reconcile loop runs on a timer and whenever something relevant changes; runs never
-//! overlap.
+//! Four loops share one state: the event loop (switch connects, port changes, LLDP,
+//! learning and health-reply packet-ins), the probe loop (LLDP out of every port, link
+//! expiry), the health loop (ARP probes to every middlebox in use, see [`crate::health`])
+//! and the reconcile loop (read every switch, plan from desired state plus discovered
+//! topology, apply the difference). The reconcile loop runs on a timer and whenever
+//! something relevant changes; runs never overlap.
+//!
+//! Re-planning happens on every change that can move a route or a redirect: a switch
+//! connecting or leaving, a link discovered or lost (LLDP expiry, PORT_STATUS link down or
+//! port deleted), a host learned or moved, a middlebox going down or up, a change of the
+//! desired state, and a rule removed behind our back (FLOW_REMOVED; every NCP rule asks
+//! for one). After a topology change the reconcile waits until the topology has been
+//! quiet for [`ServiceConfig::settle`], so a network that is still connecting (a
+//! restarted controller, a re-created bridge) is planned once, complete, instead of
+//! having rules deleted for switches or links that are about to appear.
+//!
+//! A restarted controller finds the rules it installed before and changes nothing that is
+//! already right: desired state comes from the store, hosts it had learned come back from
+//! the known-host rules on the switches ([`discovery::host_from_rule`]), and middleboxes
+//! count as healthy until they miss their probes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 
 use crate::discovery::{self, Discovery};
+use crate::health::{self, Health, HealthConfig, PROBE_MAC};
+use crate::hosts::{self, LearnConfig, Learned};
 use crate::installer::{self, InstallReport};
-use crate::openflow::{Message, PortDesc};
-use crate::planner::{self, Plan};
+use crate::lldp;
+use crate::openflow::messages::NO_BUFFER;
+use crate::openflow::{Action, Message, PacketIn, PacketOut, PortDesc, port};
+use crate::planner::{self, Plan, PlanError};
 use crate::store::{DesiredState, HostSpec, ReplicationSpec, Store, StoreError};
 use crate::switch::{Controller, ServerConfig, SwitchEvent};
-use crate::topology::{Dpid, PortRef, Topology};
+use crate::topology::{Dpid, Host, PortRef, Topology};
+
+/// Entries kept in the in-memory audit log.
+pub const AUDIT_LEN: usize = 512;
 
 /// Service settings.
 #[derive(Debug, Clone)]
@@ -33,6 +57,13 @@ pub struct ServiceConfig {
     pub reconcile_interval: Duration,
     /// Install OpenFlow NORMAL as lowest-priority rule so unsteered traffic still flows.
     pub normal_fallback: bool,
+    /// Learn hosts from ARP and IPv4 PACKET_INs at edge ports (see [`crate::hosts`]).
+    pub learn_hosts: bool,
+    pub learn: LearnConfig,
+    /// Middlebox health checks for fail-open; `None` turns them off.
+    pub health: Option<HealthConfig>,
+    /// After a topology change, reconcile only once nothing changed for this long.
+    pub settle: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -44,6 +75,10 @@ impl Default for ServiceConfig {
             link_ttl: Duration::from_secs(16),
             reconcile_interval: Duration::from_secs(30),
             normal_fallback: true,
+            learn_hosts: true,
+            learn: LearnConfig::default(),
+            health: Some(HealthConfig::default()),
+            settle: Duration::from_secs(1),
         }
     }
 }
@@ -70,7 +105,31 @@ pub struct LinkView {
 pub struct TopologyView {
     pub switches: Vec<Dpid>,
     pub links: Vec<LinkView>,
+    /// Pinned by the operator.
     pub hosts: Vec<HostSpec>,
+    /// Learned from traffic (pinned addresses excluded).
+    pub learned: Vec<HostSpec>,
+    /// Middleboxes that do not answer health probes.
+    pub middleboxes_down: Vec<Ipv4Addr>,
+}
+
+/// One change, who made it and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The API caller's name, or `controller` for what the controller did by itself.
+    pub who: String,
+    pub what: String,
+}
+
+/// Counters, as the API reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Metrics {
+    pub flow_mods_sent: u64,
+    pub reconciles: u64,
+    pub packet_ins: u64,
+    pub learned_hosts: usize,
 }
 
 /// Summary of the last reconcile run.
@@ -84,13 +143,63 @@ pub struct ReconcileSummary {
     pub unreachable: Vec<Dpid>,
 }
 
-#[derive(Default)]
 struct State {
     desired: DesiredState,
     ports: HashMap<Dpid, Vec<PortDesc>>,
     discovery: Discovery,
+    learned: Learned,
+    health: Health,
+    /// Switches whose rules have been read since they connected: learned hosts are
+    /// recovered from a switch's first read only.
+    read_once: BTreeSet<Dpid>,
+    last_topology_change: Option<Instant>,
+    audit: VecDeque<AuditEntry>,
     last: Option<(Plan, InstallReport)>,
 }
+
+impl State {
+    fn topology_changed(&mut self) {
+        self.last_topology_change = Some(Instant::now());
+    }
+
+    fn audit(&mut self, who: &str, what: String) {
+        if self.audit.len() >= AUDIT_LEN {
+            self.audit.pop_front();
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        self.audit.push_back(AuditEntry {
+            at_ms,
+            who: who.to_string(),
+            what,
+        });
+    }
+
+    fn pinned(&self, ip: Ipv4Addr) -> bool {
+        self.desired.hosts.iter().any(|h| h.ip == ip)
+    }
+
+    /// Pinned hosts, then learned ones whose address is not pinned.
+    fn all_hosts(&self) -> Vec<Host> {
+        let mut v = self.desired.hosts();
+        v.extend(self.learned.hosts().filter(|h| !self.pinned(h.ip)).copied());
+        v
+    }
+}
+
+fn host_spec(h: &Host) -> HostSpec {
+    HostSpec {
+        ip: h.ip,
+        mac: h.mac.to_string(),
+        dpid: h.at.dpid,
+        port: h.at.port,
+    }
+}
+
+/// Who the controller is in the audit log.
+pub const CONTROLLER: &str = "controller";
 
 struct Inner {
     cfg: ServiceConfig,
@@ -100,6 +209,8 @@ struct Inner {
     kick: Notify,
     /// Serialises reconcile runs.
     running: tokio::sync::Mutex<()>,
+    reconciles: AtomicU64,
+    packet_ins: AtomicU64,
 }
 
 /// Handle on the running service. Cheap to clone.
@@ -115,20 +226,32 @@ impl Service {
         let desired = store.load()?;
         let (ctl, events) = Controller::start(cfg.server.clone()).await?;
         let inner = Arc::new(Inner {
-            cfg,
             ctl,
             store,
             state: Mutex::new(State {
                 desired,
-                ..State::default()
+                ports: HashMap::new(),
+                discovery: Discovery::default(),
+                learned: Learned::new(cfg.learn),
+                health: Health::new(cfg.health.unwrap_or_default()),
+                read_once: BTreeSet::new(),
+                last_topology_change: None,
+                audit: VecDeque::new(),
+                last: None,
             }),
+            cfg,
             kick: Notify::new(),
             running: tokio::sync::Mutex::new(()),
+            reconciles: AtomicU64::new(0),
+            packet_ins: AtomicU64::new(0),
         });
         let svc = Service { inner };
         tokio::spawn(svc.clone().event_loop(events));
         tokio::spawn(svc.clone().probe_loop());
         tokio::spawn(svc.clone().reconcile_loop());
+        if let Some(h) = svc.inner.cfg.health {
+            tokio::spawn(svc.clone().health_loop(h));
+        }
         Ok(svc)
     }
 
@@ -151,19 +274,47 @@ impl Service {
         self.state().desired.clone()
     }
 
-    /// Applies `change` to the desired state, persists it, and triggers a reconcile. The
-    /// change is dropped again if it does not validate or cannot be saved.
-    pub fn update<T>(&self, change: impl FnOnce(&mut DesiredState) -> T) -> Result<T, StoreError> {
+    /// Applies `change` to the desired state, persists it, logs it with `who` made it, and
+    /// triggers a reconcile. `change` returns its result and, when it changed anything, a
+    /// description for the log. The change is dropped again if it does not validate or
+    /// cannot be saved.
+    pub fn update<T>(
+        &self,
+        who: &str,
+        change: impl FnOnce(&mut DesiredState) -> (T, Option<String>),
+    ) -> Result<T, StoreError> {
         let out = {
             let mut st = self.state();
             let mut next = st.desired.clone();
-            let out = change(&mut next);
-            self.inner.store.save(&next)?;
+            let (out, what) = change(&mut next);
+            let Some(what) = what else {
+                return Ok(out);
+            };
+            if let Err(e) = self.inner.store.save(&next) {
+                tracing::warn!(who, change = %what, error = %e, "change refused");
+                return Err(e);
+            }
+            tracing::info!(who, change = %what, "desired state changed");
+            st.audit(who, what);
             st.desired = next;
             out
         };
         self.kick();
         Ok(out)
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit(&self) -> Vec<AuditEntry> {
+        self.state().audit.iter().cloned().collect()
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics {
+            flow_mods_sent: self.inner.ctl.flow_mods_sent(),
+            reconciles: self.inner.reconciles.load(Ordering::Relaxed),
+            packet_ins: self.inner.packet_ins.load(Ordering::Relaxed),
+            learned_hosts: self.state().learned.len(),
+        }
     }
 
     pub fn status(&self) -> Vec<ReplicationStatus> {
@@ -211,37 +362,82 @@ impl Service {
                 })
                 .collect(),
             hosts: st.desired.hosts.clone(),
+            learned: st
+                .learned
+                .hosts()
+                .filter(|h| !st.pinned(h.ip))
+                .map(host_spec)
+                .collect(),
+            middleboxes_down: st.health.down(),
         }
     }
 
-    /// Plans from the current desired state and topology and syncs every connected switch.
+    /// Reads every connected switch, plans from the current desired state and topology,
+    /// and applies the difference.
     pub async fn reconcile_now(&self) -> ReconcileSummary {
         let _one_at_a_time = self.inner.running.lock().await;
+        self.inner.reconciles.fetch_add(1, Ordering::Relaxed);
         let switches = self.inner.ctl.connected();
+        let (flows, report) = installer::read(&self.inner.ctl, &switches).await;
+        let cfg = &self.inner.cfg;
         let mut plan = {
-            let st = self.state();
+            let mut st = self.state();
+            let now = Instant::now();
+            for (dpid, rules) in &flows {
+                if !st.read_once.insert(*dpid) || !cfg.learn_hosts {
+                    continue;
+                }
+                for h in rules.iter().filter_map(discovery::host_from_rule) {
+                    if !st.pinned(h.ip) && st.learned.recover(h, now) {
+                        tracing::info!(ip = %h.ip, dpid = format_args!("{:#x}", h.at.dpid), port = h.at.port, "learned host recovered from its switch");
+                    }
+                }
+            }
             let mut topo = Topology::new();
             for d in &switches {
                 topo.add_switch(*d);
             }
             st.discovery.apply_to(&mut topo);
-            for h in st.desired.hosts() {
+            for h in st.all_hosts() {
                 if let Err(e) = topo.add_host(h) {
                     tracing::debug!(ip = %h.ip, error = %e, "host not placed");
                 }
             }
-            planner::plan(&topo, &st.desired.replications())
+            let (up, down): (Vec<_>, Vec<_>) = st
+                .desired
+                .replications()
+                .into_iter()
+                .partition(|r| st.health.is_up(r.middlebox));
+            let mut plan = planner::plan(&topo, &up);
+            plan.failures.extend(
+                down.iter()
+                    .map(|r| (r.id, PlanError::MiddleboxDown(r.middlebox))),
+            );
+            let mut base = Vec::new();
+            let hosts: Vec<Host> = topo.hosts().copied().collect();
+            for d in &switches {
+                base.extend(discovery::base_rules(*d, cfg.normal_fallback));
+                if cfg.health.is_some() {
+                    base.push(discovery::probe_reply_rule(*d));
+                }
+                if cfg.learn_hosts {
+                    base.extend(discovery::learning_rules(
+                        *d,
+                        cfg.normal_fallback,
+                        st.discovery.link_ports(*d),
+                        &hosts,
+                    ));
+                }
+            }
+            base.append(&mut plan.rules);
+            plan.rules = base;
+            plan
         };
+        plan.failures.sort_by_key(|(id, _)| *id);
         for (id, e) in &plan.failures {
-            tracing::warn!(replication = id, error = %e, "cannot plan replication");
+            tracing::debug!(replication = id, error = %e, "replication not planned");
         }
-        let mut base: Vec<_> = switches
-            .iter()
-            .flat_map(|d| discovery::base_rules(*d, self.inner.cfg.normal_fallback))
-            .collect();
-        base.append(&mut plan.rules);
-        plan.rules = base;
-        let report = installer::sync(&self.inner.ctl, &plan, &switches).await;
+        let report = installer::sync_read(&self.inner.ctl, &plan, &flows, report).await;
         let summary = ReconcileSummary {
             switches: switches.len(),
             added: report.switches.values().map(|s| s.added).sum(),
@@ -258,14 +454,103 @@ impl Service {
         if summary.added + summary.deleted + summary.rejected + summary.conflicts > 0 {
             tracing::info!(?summary, installed = ?report.installed, "reconciled");
         }
-        self.state().last = Some((plan, report));
+        // Report changes of a replication's fate once, not on every run.
+        {
+            let mut st = self.state();
+            let before: BTreeSet<u32> = st
+                .last
+                .as_ref()
+                .map(|(_, r)| r.installed.clone())
+                .unwrap_or_default();
+            for (id, e) in &plan.failures {
+                if before.contains(id) {
+                    tracing::warn!(replication = id, error = %e, "replication withdrawn");
+                }
+            }
+            st.last = Some((plan, report));
+        }
         summary
+    }
+
+    /// Handles a PACKET_IN: LLDP probe, health-probe reply, or a frame to learn from.
+    fn on_packet_in(&self, dpid: Dpid, pi: &PacketIn) {
+        self.inner.packet_ins.fetch_add(1, Ordering::Relaxed);
+        let Some(in_port) = pi.matched.in_port else {
+            return;
+        };
+        let at = PortRef::new(dpid, in_port);
+        let now = Instant::now();
+        if let Some((d, p)) = lldp::parse_probe(&pi.data) {
+            let from = PortRef::new(d, p);
+            let mut st = self.state();
+            if st.discovery.observe(from, at, now) {
+                // Hosts "seen" on these ports were traffic passing through.
+                let dropped = st.learned.drop_port(from) + st.learned.drop_port(at);
+                st.topology_changed();
+                drop(st);
+                tracing::info!(
+                    dpid = format_args!("{dpid:#x}"),
+                    in_port,
+                    from = format_args!("{d:#x}:{p}"),
+                    dropped_hosts = dropped,
+                    "link discovered"
+                );
+                self.kick();
+            }
+            return;
+        }
+        let Some(sender) = hosts::parse_sender(&pi.data) else {
+            return;
+        };
+        let mut kick = false;
+        let mut st = self.state();
+        if sender.arp_op == Some(2)
+            && sender.eth_dst == PROBE_MAC
+            && let Some(c) = st.health.answered(sender.ip)
+        {
+            tracing::info!(middlebox = %c.ip, "middlebox answers again; restoring its redirects");
+            st.audit(CONTROLLER, format!("middlebox {} up", c.ip));
+            kick = true;
+        }
+        if self.inner.cfg.learn_hosts
+            && in_port <= port::MAX
+            && !st.discovery.is_link_port(at)
+            && !st.pinned(sender.ip)
+        {
+            match st.learned.observe(sender.ip, sender.mac, at, now) {
+                hosts::Learn::Nothing => {}
+                hosts::Learn::New(h) => {
+                    tracing::info!(ip = %h.ip, mac = %h.mac, dpid = format_args!("{dpid:#x}"), port = in_port, "host learned");
+                    st.audit(
+                        CONTROLLER,
+                        format!("host {} ({}) learned at {dpid:#x}:{in_port}", h.ip, h.mac),
+                    );
+                    kick = true;
+                }
+                hosts::Learn::Moved { from, host } => {
+                    tracing::info!(ip = %host.ip, from = format_args!("{:#x}:{}", from.dpid, from.port), to = format_args!("{dpid:#x}:{in_port}"), "host moved; re-planning");
+                    st.audit(
+                        CONTROLLER,
+                        format!(
+                            "host {} moved from {:#x}:{} to {dpid:#x}:{in_port}",
+                            host.ip, from.dpid, from.port
+                        ),
+                    );
+                    kick = true;
+                }
+            }
+        }
+        drop(st);
+        if kick {
+            self.kick();
+        }
     }
 
     async fn event_loop(self, mut events: mpsc::Receiver<SwitchEvent>) {
         while let Some(ev) = events.recv().await {
             match ev {
                 SwitchEvent::Connected { dpid, .. } => {
+                    self.state().topology_changed();
                     let svc = self.clone();
                     tokio::spawn(async move {
                         match svc.inner.ctl.port_desc(dpid).await {
@@ -284,44 +569,56 @@ impl Service {
                     let mut st = self.state();
                     st.ports.remove(&dpid);
                     st.discovery.forget(dpid, None);
+                    st.read_once.remove(&dpid);
+                    st.topology_changed();
                     drop(st);
                     self.kick();
                 }
                 SwitchEvent::Message { dpid, frame } => match frame.message {
-                    Message::PacketIn(pi) => {
-                        let Some(in_port) = pi.matched.in_port else {
-                            continue;
+                    Message::PacketIn(pi) => self.on_packet_in(dpid, &pi),
+                    Message::PortStatus(ps) => {
+                        let live = ps.desc.is_live() && ps.reason != 1;
+                        let port_no = ps.desc.port_no;
+                        let desc = ps.desc.clone();
+                        let lost = {
+                            let mut st = self.state();
+                            let ports = st.ports.entry(dpid).or_default();
+                            ports.retain(|p| p.port_no != ps.desc.port_no);
+                            if ps.reason != 1 {
+                                ports.push(ps.desc);
+                            }
+                            let lost = if live {
+                                0
+                            } else {
+                                st.discovery.forget(dpid, Some(port_no))
+                            };
+                            if lost > 0 {
+                                st.topology_changed();
+                            }
+                            lost
                         };
-                        let new = self.state().discovery.on_packet_in(
-                            PortRef::new(dpid, in_port),
-                            &pi.data,
-                            Instant::now(),
-                        );
-                        if new {
+                        if lost > 0 {
                             tracing::info!(
                                 dpid = format_args!("{dpid:#x}"),
-                                in_port,
-                                "link discovered"
+                                port = port_no,
+                                "link down; re-planning"
                             );
                             self.kick();
                         }
-                    }
-                    Message::PortStatus(ps) => {
-                        let mut st = self.state();
-                        let ports = st.ports.entry(dpid).or_default();
-                        ports.retain(|p| p.port_no != ps.desc.port_no);
-                        let live = ps.desc.is_live();
-                        let port_no = ps.desc.port_no;
-                        if ps.reason != 1 {
-                            ports.push(ps.desc);
-                        }
-                        if !live || ps.reason == 1 {
-                            st.discovery.forget(dpid, Some(port_no));
-                            drop(st);
-                            self.kick();
+                        if live {
+                            // A port that comes up may carry a new link: probe it now.
+                            self.send_probes(dpid, std::slice::from_ref(&desc)).await;
                         }
                     }
-                    Message::FlowRemoved(_) => self.kick(),
+                    Message::FlowRemoved(fr) if crate::rules::is_ncp_cookie(fr.cookie) => {
+                        tracing::info!(
+                            dpid = format_args!("{dpid:#x}"),
+                            cookie = format_args!("{:#x}", fr.cookie),
+                            reason = fr.reason,
+                            "NCP rule removed on the switch"
+                        );
+                        self.kick();
+                    }
                     _ => {}
                 },
             }
@@ -361,7 +658,56 @@ impl Service {
         }
     }
 
+    /// Probes every middlebox in use (see [`crate::health`]).
+    async fn health_loop(self, cfg: HealthConfig) {
+        let mut tick = tokio::time::interval(cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (probes, changes) = {
+                let mut st = self.state();
+                let hosts = st.all_hosts();
+                let mut located: Vec<Host> = Vec::new();
+                for r in &st.desired.replications {
+                    if let Some(h) = hosts.iter().find(|h| h.ip == r.middlebox)
+                        && !located.iter().any(|l| l.ip == h.ip)
+                    {
+                        located.push(*h);
+                    }
+                }
+                let ips: Vec<Ipv4Addr> = located.iter().map(|h| h.ip).collect();
+                let changes = st.health.round(&ips);
+                for c in &changes {
+                    st.audit(CONTROLLER, format!("middlebox {} down", c.ip));
+                }
+                (located, changes)
+            };
+            for c in &changes {
+                tracing::warn!(
+                    middlebox = %c.ip,
+                    failures = cfg.failures,
+                    "middlebox stopped answering; withdrawing its redirects (fail-open)"
+                );
+            }
+            if !changes.is_empty() {
+                self.kick();
+            }
+            for h in probes {
+                let msg = Message::PacketOut(PacketOut {
+                    buffer_id: NO_BUFFER,
+                    in_port: port::CONTROLLER,
+                    actions: vec![Action::output(h.at.port)],
+                    data: health::probe_frame(h.ip, h.mac),
+                });
+                if let Err(e) = self.inner.ctl.send(h.at.dpid, msg).await {
+                    tracing::debug!(middlebox = %h.ip, error = %e, "health probe not sent");
+                }
+            }
+        }
+    }
+
     async fn reconcile_loop(self) {
+        let settle = self.inner.cfg.settle;
         loop {
             tokio::select! {
                 () = self.inner.kick.notified() => {}
@@ -369,6 +715,19 @@ impl Service {
             }
             // Let a burst of changes (a whole network connecting) settle into one run.
             tokio::time::sleep(Duration::from_millis(200)).await;
+            // Wait for a quiet topology, but not forever on a flapping one.
+            let waiting = Instant::now();
+            loop {
+                let since = self
+                    .state()
+                    .last_topology_change
+                    .map(|t| t.elapsed())
+                    .unwrap_or(Duration::MAX);
+                if since >= settle || waiting.elapsed() >= settle * 5 {
+                    break;
+                }
+                tokio::time::sleep(settle - since).await;
+            }
             self.reconcile_now().await;
         }
     }

@@ -30,7 +30,7 @@ fn config(state_file: PathBuf) -> ServiceConfig {
         probe_interval: Duration::from_millis(500),
         link_ttl: Duration::from_secs(3),
         reconcile_interval: Duration::from_secs(2),
-        normal_fallback: true,
+        ..ServiceConfig::default()
     }
 }
 

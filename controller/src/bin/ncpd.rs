@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use ncp_controller::health::HealthConfig;
+use ncp_controller::hosts::LearnConfig;
 use ncp_controller::service::{Service, ServiceConfig};
 use ncp_controller::switch::ServerConfig;
 
@@ -18,7 +20,9 @@ struct Args {
     /// Where the REST API listens.
     #[arg(long, default_value = "127.0.0.1:8653")]
     api: SocketAddr,
-    /// File holding the API bearer token (else the NCP_TOKEN environment variable).
+    /// File of API bearer tokens (else the NCP_TOKEN environment variable): one per line,
+    /// `<name> <token>`, or a bare token for a caller named `operator`. The name is what
+    /// the audit log records as who made a change. Lines starting with `#` are ignored.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Desired-state file (created on first change).
@@ -31,20 +35,46 @@ struct Args {
     /// Do not install the lowest-priority NORMAL forwarding rule.
     #[arg(long)]
     no_normal_fallback: bool,
+    /// Do not learn hosts from traffic (only pinned hosts are known).
+    #[arg(long)]
+    no_learn_hosts: bool,
+    /// Do not health-check middleboxes (no fail-open).
+    #[arg(long)]
+    no_health: bool,
+    /// Milliseconds between health probes to each middlebox.
+    #[arg(long, default_value_t = 500)]
+    health_interval_ms: u64,
+    /// Unanswered probes in a row after which a middlebox is down.
+    #[arg(long, default_value_t = 3)]
+    health_failures: u32,
+    /// Milliseconds the topology must be quiet before a reconcile after a change.
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
 }
 
-fn token(args: &Args) -> anyhow::Result<String> {
-    let t = match &args.token_file {
+/// (caller name, token) pairs from the token file or NCP_TOKEN.
+fn tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
+    let text = match &args.token_file {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }
         None => std::env::var("NCP_TOKEN").unwrap_or_default(),
     };
-    let t = t.trim().to_string();
-    if t.is_empty() {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, token) = match line.split_once(char::is_whitespace) {
+            Some((n, t)) => (n.to_string(), t.trim().to_string()),
+            None => ("operator".to_string(), line.to_string()),
+        };
+        out.push((name, token));
+    }
+    if out.is_empty() {
         bail!("an API token is required: --token-file or NCP_TOKEN");
     }
-    Ok(t)
+    Ok(out)
 }
 
 #[tokio::main]
@@ -56,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let token = token(&args)?;
+    let tokens = tokens(&args)?;
     let cfg = ServiceConfig {
         server: ServerConfig {
             listen: args.listen,
@@ -67,12 +97,23 @@ async fn main() -> anyhow::Result<()> {
         link_ttl: Duration::from_secs(args.probe_secs.max(1) * 3 + 1),
         reconcile_interval: Duration::from_secs(args.reconcile_secs.max(1)),
         normal_fallback: !args.no_normal_fallback,
+        learn_hosts: !args.no_learn_hosts,
+        learn: LearnConfig::default(),
+        health: (!args.no_health).then(|| HealthConfig {
+            interval: Duration::from_millis(args.health_interval_ms.max(10)),
+            failures: args.health_failures.max(1),
+        }),
+        settle: Duration::from_millis(args.settle_ms),
     };
     let svc = Service::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("binding API on {}", args.api))?;
     tracing::info!(api = %args.api, "REST API up");
-    axum::serve(listener, ncp_controller::api::router(svc, &token)).await?;
+    axum::serve(
+        listener,
+        ncp_controller::api::router_with_tokens(svc, tokens),
+    )
+    .await?;
     Ok(())
 }

@@ -120,6 +120,8 @@ struct Shared {
     cfg: ServerConfig,
     switches: Mutex<HashMap<Dpid, Entry>>,
     next_conn: AtomicU64,
+    /// FLOW_MODs handed to switch connections since start.
+    flow_mods: AtomicU64,
     events: mpsc::Sender<SwitchEvent>,
 }
 
@@ -150,6 +152,7 @@ impl Controller {
             cfg,
             switches: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            flow_mods: AtomicU64::new(0),
             events,
         });
         tracing::info!(%local_addr, "OpenFlow listener up");
@@ -169,6 +172,22 @@ impl Controller {
         v
     }
 
+    /// FLOW_MODs sent to switches since start (a restart on unchanged state must not
+    /// send any).
+    pub fn flow_mods_sent(&self) -> u64 {
+        self.shared.flow_mods.load(Ordering::Relaxed)
+    }
+
+    fn count_flow_mods<'a>(&self, msgs: impl IntoIterator<Item = &'a Message>) {
+        let n = msgs
+            .into_iter()
+            .filter(|m| matches!(m, Message::FlowMod(_)))
+            .count();
+        self.shared
+            .flow_mods
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     fn commands(&self, dpid: Dpid) -> Result<mpsc::Sender<Command>, SwitchError> {
         self.shared
             .switches()
@@ -179,7 +198,9 @@ impl Controller {
 
     /// Sends a message without waiting for anything.
     pub async fn send(&self, dpid: Dpid, msg: Message) -> Result<(), SwitchError> {
-        self.commands(dpid)?
+        let commands = self.commands(dpid)?;
+        self.count_flow_mods([&msg]);
+        commands
             .send(Command::Send { msg, reply: None })
             .await
             .map_err(|_| SwitchError::Disconnected(dpid))
@@ -189,7 +210,9 @@ impl Controller {
     /// gathered until the last part.
     pub async fn request(&self, dpid: Dpid, msg: Message) -> Result<Vec<Message>, SwitchError> {
         let (tx, rx) = oneshot::channel();
-        self.commands(dpid)?
+        let commands = self.commands(dpid)?;
+        self.count_flow_mods([&msg]);
+        commands
             .send(Command::Send {
                 msg,
                 reply: Some(tx),
@@ -217,7 +240,9 @@ impl Controller {
         msgs: Vec<Message>,
     ) -> Result<Vec<Rejected>, SwitchError> {
         let (tx, rx) = oneshot::channel();
-        self.commands(dpid)?
+        let commands = self.commands(dpid)?;
+        self.count_flow_mods(&msgs);
+        commands
             .send(Command::Batch { msgs, reply: tx })
             .await
             .map_err(|_| SwitchError::Disconnected(dpid))?;
