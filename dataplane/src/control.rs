@@ -71,6 +71,10 @@ pub struct Stats {
     pub interfaces: Vec<InterfaceStats>,
     /// One entry per worker.
     pub workers: Vec<WorkerStatsView>,
+    /// Replication counters (sessions, bytes per destination, replica lag, detaches),
+    /// in the shape of the running mode's own stats type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<serde_json::Value>,
 }
 
 /// XDP counters of one interface.

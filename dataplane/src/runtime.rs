@@ -22,7 +22,61 @@ use crate::{
     xsk::XskOptions,
 };
 
-/// Runs the middlebox until `stop` is set (by SIGINT/SIGTERM in the binary).
+/// Which data plane carries the sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// XDP steering into AF_XDP sockets and user-space TCP on pinned workers.
+    #[default]
+    Xdp,
+    /// Kernel TCP sockets reached through an nftables redirect: the paper's own design,
+    /// the fallback for hosts without AF_XDP and the baseline for benchmarks.
+    Sockets,
+}
+
+/// Runs the middlebox in `mode` until `stop` is set (by SIGINT/SIGTERM in the binary).
+pub fn run_mode(config: &Config, mode: Mode, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    match mode {
+        Mode::Xdp => run(config, stop),
+        Mode::Sockets => run_sockets(config, stop),
+    }
+}
+
+/// `--mode sockets`: the kernel-socket relay, with the same control socket for `stats`.
+fn run_sockets(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let stats = crate::sockets::StatsHandle::new();
+    let handler = SocketsHandler {
+        stats: stats.clone(),
+    };
+    let _control = ControlServer::start(&config.control_socket, handler)?;
+    tracing::info!(socket = %config.control_socket.display(), "sockets-mode middlebox running; stop with SIGINT or SIGTERM");
+    crate::sockets::run(config, stop, &stats)
+}
+
+struct SocketsHandler {
+    stats: crate::sockets::StatsHandle,
+}
+
+impl Handler for SocketsHandler {
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Stats => match serde_json::to_value(self.stats.snapshot()) {
+                Ok(value) => Response::Stats(Stats {
+                    replication: Some(value),
+                    ..Stats::default()
+                }),
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+            Request::Rules | Request::RuleAdd { .. } | Request::RuleDel { .. } => Response::Error {
+                message: "sockets mode has no XDP redirect rules; services are steered by nftables"
+                    .into(),
+            },
+        }
+    }
+}
+
+/// Runs the XDP/AF_XDP middlebox until `stop` is set.
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     raise_memlock_limit();
     let mut steerings = Vec::new();

@@ -38,6 +38,10 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// `xdp`: XDP steering + AF_XDP workers. `sockets`: kernel TCP sockets behind an
+        /// nftables redirect (fallback without AF_XDP; benchmark baseline).
+        #[arg(long, value_enum, default_value_t = runtime::Mode::Xdp)]
+        mode: runtime::Mode,
     },
     /// Validate a configuration file and print what it would do.
     Check {
@@ -110,7 +114,7 @@ fn main() {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, mode } => {
             let config = Config::load(&config)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let stop = Arc::new(AtomicBool::new(false));
@@ -118,7 +122,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 signal_hook::flag::register(signal, Arc::clone(&stop))
                     .context("installing signal handlers")?;
             }
-            runtime::run(&config, stop)
+            runtime::run_mode(&config, mode, stop)
         }
         Command::Check { config } => {
             let path = config;
@@ -225,6 +229,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn print_stats(stats: &Stats) {
+    if let Some(replication) = &stats.replication {
+        println!("replication: {replication:#}");
+    }
     println!(
         "{:<12} {:<8} {:>12} {:>12} {:>10} {:>10} {:>8}",
         "interface", "mode", "redirected", "passed", "unparsed", "no_socket", "failed"
