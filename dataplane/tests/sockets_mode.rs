@@ -393,10 +393,10 @@ impl Drop for Scene {
 
 /// A server in `host`'s namespace taking one connection: it reads the whole stream,
 /// answers `<tag> <length>` and returns what it read. Ready when the function returns.
-fn one_shot_server(bed: &Testbed, host: &str, tag: &'static str) -> JoinHandle<Vec<u8>> {
+fn one_shot_server(bed: &Testbed, host: &str, port: u16, tag: &'static str) -> JoinHandle<Vec<u8>> {
     let (ready, bound) = mpsc::channel();
     let server = in_netns(&bed.netns(host).unwrap(), move || {
-        let listener = TcpListener::bind(("0.0.0.0", STREAM_PORT)).unwrap();
+        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
         ready.send(()).unwrap();
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -407,6 +407,33 @@ fn one_shot_server(bed: &Testbed, host: &str, tag: &'static str) -> JoinHandle<V
     });
     bound.recv_timeout(PATIENCE).unwrap();
     server
+}
+
+/// From `host`: sends `data` to `to`, half-closes, reads the answer to the end. Returns
+/// the answer and the time from connect to the server's close.
+fn send_stream(
+    bed: &Testbed,
+    host: &str,
+    to: SocketAddrV4,
+    data: Arc<Vec<u8>>,
+) -> (String, Duration) {
+    in_netns(&bed.netns(host).unwrap(), move || {
+        let started = Instant::now();
+        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.set_write_timeout(Some(PATIENCE)).unwrap();
+        s.write_all(&data).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        (answer, started.elapsed())
+    })
+    .join()
+    .unwrap()
+}
+
+fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / f64::from(1 << 20) / elapsed.as_secs_f64()
 }
 
 /// RESP commands of a mixed write workload over many keys of four types; each type has
@@ -448,34 +475,33 @@ fn byte_stream_reaches_primary_and_replica_identically() {
     }
     let _serial = serial();
     let scene = Scene::start("nso1", STREAM_PORT);
-    let primary_server = one_shot_server(&scene.bed, "primary", "primary");
-    let replica_server = one_shot_server(&scene.bed, "replica", "replica");
+    let primary_server = one_shot_server(&scene.bed, "primary", STREAM_PORT, "primary");
+    let replica_server = one_shot_server(&scene.bed, "replica", STREAM_PORT, "replica");
 
     let data = Arc::new(seeded_bytes(0x5eed_0001, 20 << 20));
-    let sent = Arc::clone(&data);
     let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
-    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
-        let started = Instant::now();
-        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s.set_write_timeout(Some(PATIENCE)).unwrap();
-        s.write_all(&sent).unwrap();
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        (answer, started.elapsed())
-    });
-    let (answer, elapsed) = client.join().unwrap();
+    let (answer, elapsed) = send_stream(&scene.bed, "source", to, Arc::clone(&data));
     let at_primary = primary_server.join().unwrap();
     let at_replica = replica_server.join().unwrap();
 
     // Only the primary's answer reaches the client; both servers got the same stream.
     assert_eq!(answer, format!("primary {}\n", data.len()));
     let digests = [sha256(&data), sha256(&at_primary), sha256(&at_replica)];
+    // For comparison only: the same stream straight to the primary over the replication
+    // network (one switch, no relay).
+    let direct_server = one_shot_server(&scene.bed, "primary", STREAM_PORT + 1, "direct");
+    let direct_to = SocketAddrV4::new(
+        scene.bed.address("primary", "eth1").unwrap(),
+        STREAM_PORT + 1,
+    );
+    let (_, direct) = send_stream(&scene.bed, "source", direct_to, Arc::clone(&data));
+    assert!(direct_server.join().unwrap() == *data);
     eprintln!(
-        "sockets byte stream: {} MiB in {elapsed:.2?} ({:.1} MiB/s); sha256 sent {} primary {} replica {}",
+        "sockets byte stream: {} MiB through the relay in {elapsed:.2?} ({:.1} MiB/s; direct, \
+         no relay: {:.1} MiB/s); sha256 sent {} primary {} replica {}",
         data.len() >> 20,
-        data.len() as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
+        mib_per_s(data.len(), elapsed),
+        mib_per_s(data.len(), direct),
         digests[0],
         digests[1],
         digests[2]
@@ -522,8 +548,9 @@ fn redis_workload_leaves_primary_and_replica_with_the_same_data() {
     let elapsed = started.elapsed();
     assert!(out.contains("errors: 0, replies: 100000"), "{out}");
 
-    let s = scene.stats_when("session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0
+    // The replica's connection lingers after the session until the replica closes it.
+    let s = scene.stats_when("session ends and its sockets are closed", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0 && s.lingering_sockets == 0
     });
     let svc = &s.services[0];
     // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
