@@ -36,6 +36,7 @@ use std::{
 
 use ncp_dataplane::{
     config::Config,
+    control::{self, Request, Response},
     sockets::{self, SocketsStats, StatsHandle},
 };
 use ncp_testbed::{Testbed, Topology, UpOptions};
@@ -142,9 +143,31 @@ struct Scene {
 }
 
 impl Scene {
-    /// Brings the bed up and starts the relay for one service on `port`, replicated to
-    /// the replica's replication-network address.
+    /// Brings the bed up and starts the relay (in this process) for one service on
+    /// `port`, replicated to the replica's replication-network address.
     fn start(prefix: &'static str, port: u16) -> Scene {
+        let mut scene = Scene::network(prefix);
+        let config = Config::parse(&scene.config_toml(port, "")).unwrap();
+        let (stop, stats) = (Arc::clone(&scene.stop), scene.stats.clone());
+        let netns = scene.bed.netns("middlebox").unwrap();
+        scene.relay = Some(in_netns(&netns, move || {
+            sockets::run(&config, stop, &stats)
+        }));
+        let deadline = Instant::now() + PATIENCE;
+        while !scene.nft_table_present() || scene.stats.snapshot().workers == 0 {
+            assert!(
+                !scene.relay.as_ref().unwrap().is_finished(),
+                "relay exited at start: {:?}",
+                scene.relay.take().unwrap().join()
+            );
+            assert!(Instant::now() < deadline, "relay did not come up");
+            thread::sleep(Duration::from_millis(50));
+        }
+        scene
+    }
+
+    /// The test bed and the steering toward the middlebox, no relay yet.
+    fn network(prefix: &'static str) -> Scene {
         let topology =
             Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
                 .unwrap();
@@ -153,8 +176,7 @@ impl Scene {
         let primary = bed.address("primary", "eth0").unwrap();
         let replica = bed.address("replica", "eth1").unwrap();
         let mb0 = bed.address("middlebox", "eth0").unwrap();
-        let mb1 = bed.address("middlebox", "eth1").unwrap();
-        let mut scene = Scene {
+        let scene = Scene {
             bed,
             prefix,
             stop: Arc::new(AtomicBool::new(false)),
@@ -191,8 +213,16 @@ impl Scene {
         scene.ping("middlebox", primary);
         scene.ping("middlebox", replica);
 
-        let config = Config::parse(&format!(
-            r#"
+        scene
+    }
+
+    /// Configuration of one service on `port` (plus `extra` top-level lines).
+    fn config_toml(&self, port: u16, extra: &str) -> String {
+        let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
+        let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
+        let (primary, replica) = (self.primary, address("replica", "eth1"));
+        format!(
+            r#"{extra}
 [[interfaces]]
 name = "eth0"
 address = "{mb0}"
@@ -212,29 +242,13 @@ replica_interface = "eth1"
 replica_budget_bytes = 67108864
 connect_timeout_secs = 5
 "#
-        ))
-        .unwrap();
-        let (stop, stats) = (Arc::clone(&scene.stop), scene.stats.clone());
-        let netns = scene.bed.netns("middlebox").unwrap();
-        scene.relay = Some(in_netns(&netns, move || {
-            sockets::run(&config, stop, &stats)
-        }));
-        let deadline = Instant::now() + PATIENCE;
-        while scene
-            .bed
+        )
+    }
+
+    fn nft_table_present(&self) -> bool {
+        self.bed
             .exec("middlebox", &["nft", "list", "table", "ip", "ncp_sockets"])
-            .is_err()
-            || scene.stats.snapshot().workers == 0
-        {
-            assert!(
-                !scene.relay.as_ref().unwrap().is_finished(),
-                "relay exited at start: {:?}",
-                scene.relay.take().unwrap().join()
-            );
-            assert!(Instant::now() < deadline, "relay did not come up");
-            thread::sleep(Duration::from_millis(50));
-        }
-        scene
+            .is_ok()
     }
 
     fn ping(&self, host: &str, to: Ipv4Addr) {
@@ -285,12 +299,7 @@ connect_timeout_secs = 5
         if let Some(relay) = self.relay.take() {
             relay.join().unwrap().unwrap();
         }
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.bed.netns("middlebox").unwrap()])
-            .args(["nft", "list", "table", "ip", "ncp_sockets"])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "nftables table left after stop");
+        assert!(!self.nft_table_present(), "nftables table left after stop");
     }
 
     fn start_redis(&mut self, host: &str) -> usize {
@@ -717,4 +726,82 @@ fn refusing_primary_resets_clients_promptly_and_leaves_no_session() {
         "every replica connection was refused too: {s:#?}"
     );
     scene.stop_relay();
+}
+
+#[test]
+fn middlebox_binary_runs_sockets_mode_with_stats_and_cleans_up_on_sigterm() {
+    if !ncp_testbed::ready_or_skip("sockets binary", &["nft", "ping"]) {
+        return;
+    }
+    let _serial = serial();
+    let mut scene = Scene::network("nso5");
+    let dir = std::env::temp_dir().join("ncp-sockets-nso5");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("mb.sock");
+    let config = dir.join("mb.toml");
+    let extra = format!("control_socket = \"{}\"", socket.display());
+    std::fs::write(&config, scene.config_toml(STREAM_PORT, &extra)).unwrap();
+    let middlebox = scene.spawn(
+        "middlebox",
+        &[
+            env!("CARGO_BIN_EXE_ncp-middlebox"),
+            "run",
+            "--mode",
+            "sockets",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let stats = || -> Option<SocketsStats> {
+        match control::call(&socket, &Request::Stats).ok()? {
+            Response::Stats(s) => serde_json::from_value(s.replication?).ok(),
+            _ => None,
+        }
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while !scene.nft_table_present() || stats().is_none_or(|s| s.workers == 0) {
+        assert!(Instant::now() < deadline, "ncp-middlebox did not come up");
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    let primary_server = one_shot_server(&scene.bed, "primary", STREAM_PORT, "primary");
+    let replica_server = one_shot_server(&scene.bed, "replica", STREAM_PORT, "replica");
+    let data = Arc::new(seeded_bytes(0x5eed_0005, 1 << 20));
+    let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
+    let (answer, _) = send_stream(&scene.bed, "source", to, Arc::clone(&data));
+    assert_eq!(answer, format!("primary {}\n", data.len()));
+    assert!(primary_server.join().unwrap() == *data);
+    assert!(replica_server.join().unwrap() == *data);
+    let deadline = Instant::now() + PATIENCE;
+    let s = loop {
+        let s = stats();
+        if let Some(s) = s
+            .as_ref()
+            .filter(|s| s.sessions_total == 1 && s.sessions_active == 0)
+        {
+            break s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stats never showed the session: {s:#?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s.services[0].replicas[0].bytes_out, data.len() as u64);
+
+    // SIGTERM (by pid) stops it cleanly: exit status 0, redirect table gone.
+    let pid = i32::try_from(scene.children[middlebox].id()).unwrap();
+    // SAFETY: kill(2) with a pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = wait_bounded(
+        &mut scene.children[middlebox],
+        Duration::from_secs(20),
+        "ncp-middlebox after SIGTERM",
+    );
+    assert!(status.success(), "ncp-middlebox exited with {status}");
+    assert!(
+        !scene.nft_table_present(),
+        "nftables table left after SIGTERM"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
