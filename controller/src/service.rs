@@ -611,7 +611,7 @@ impl Service {
                         }
                     }
                     Message::FlowRemoved(fr) if crate::rules::is_ncp_cookie(fr.cookie) => {
-                        tracing::info!(
+                        tracing::debug!(
                             dpid = format_args!("{dpid:#x}"),
                             cookie = format_args!("{:#x}", fr.cookie),
                             reason = fr.reason,

@@ -1,12 +1,28 @@
 //! Shared by the integration tests that bring up the test bed.
+#![allow(dead_code)] // each test binary uses a different part
 
-use ncp_testbed::Testbed;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-/// Name prefix of everything these tests create (bridges, namespaces, veths).
+use ncp_controller::client::{Client, Response};
+use ncp_controller::openflow::{FlowStatsRequest, MacAddr};
+use ncp_controller::rules::{FlowRule, is_ncp_cookie};
+use ncp_controller::service::{Service, ServiceConfig};
+use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
+use ncp_controller::switch::ServerConfig;
+use ncp_controller::topology::Dpid;
+use ncp_testbed::{Testbed, UpOptions};
+use serde_json::Value;
+
+/// Name prefix of everything the older tests create (bridges, namespaces, veths).
 pub const PREFIX: &str = "ncpc";
 
 /// The three-level tree topology of the test bed.
 pub const TREE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testbed/tree.toml");
+
+pub const TOKEN: &str = "test-token-ncpc";
 
 /// Takes the test bed down when dropped, also when an assertion fails.
 pub struct Cleanup;
@@ -17,4 +33,216 @@ impl Drop for Cleanup {
             eprintln!("cleanup of test bed {PREFIX} failed: {e}");
         }
     }
+}
+
+/// Takes the test bed of `prefix` down when dropped.
+pub struct Down(pub &'static str);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if let Err(e) = Testbed::down(self.0) {
+            eprintln!("cleanup of test bed {} failed: {e}", self.0);
+        }
+    }
+}
+
+/// Service settings for tests: ephemeral OpenFlow port, fast probes.
+pub fn config(state_file: PathBuf) -> ServiceConfig {
+    ServiceConfig {
+        server: ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ServerConfig::default()
+        },
+        state_file,
+        probe_interval: Duration::from_millis(500),
+        link_ttl: Duration::from_secs(3),
+        reconcile_interval: Duration::from_secs(2),
+        settle: Duration::from_millis(500),
+        ..ServiceConfig::default()
+    }
+}
+
+/// Starts the service and its API on ephemeral loopback ports.
+pub async fn start_with(cfg: ServiceConfig) -> (Service, Client) {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let svc = Service::start(cfg).await.expect("service");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind api");
+    let addr = listener.local_addr().expect("addr");
+    let app = ncp_controller::api::router(svc.clone(), TOKEN);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (svc, Client::new(addr, TOKEN))
+}
+
+pub async fn call(c: &Client, method: &'static str, path: &str, body: Option<String>) -> Response {
+    let c = c.clone();
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || c.request(method, &path, body.as_deref()))
+        .await
+        .expect("join")
+        .expect("http")
+}
+
+pub async fn get_json(c: &Client, path: &str) -> Value {
+    let r = call(c, "GET", path, None).await;
+    assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+    serde_json::from_str(&r.body).expect("json")
+}
+
+pub fn temp_state(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ncpc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("state.json")
+}
+
+pub fn spec(
+    id: u32,
+    source: &str,
+    primary: &str,
+    middlebox: &str,
+    mode: ModeSpec,
+) -> ReplicationSpec {
+    ReplicationSpec {
+        id,
+        source: source.to_string(),
+        source_port: None,
+        primary: primary.parse().expect("ip"),
+        primary_port: 80,
+        middlebox: middlebox.parse().expect("ip"),
+        replicas: vec![],
+        mode,
+    }
+}
+
+/// Brings the tree up under `prefix`, its bridges pointing at `controller_port`.
+pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
+    let _ = Testbed::down(prefix);
+    let tb = ncp_testbed::Topology::load(TREE).expect("tree topology");
+    let options = UpOptions {
+        prefix: prefix.to_string(),
+        controller_port: Some(controller_port),
+    };
+    tokio::task::block_in_place(|| Testbed::up(&tb, &options)).expect("test bed up")
+}
+
+/// Pins every host of the test bed where it is attached.
+pub async fn pin_all(api: &Client, bed: &Testbed) {
+    for h in &bed.topology().hosts {
+        for i in &h.interfaces {
+            let port = bed
+                .ofport(&i.switch, &format!("{}:{}", h.name, i.name))
+                .expect("port");
+            let spec = HostSpec {
+                ip: i.address,
+                mac: MacAddr(i.mac.0).to_string(),
+                dpid: bed.dpid(&i.switch).expect("dpid"),
+                port: u32::from(port),
+            };
+            let r = call(
+                api,
+                "PUT",
+                "/v1/hosts",
+                Some(serde_json::to_string(&spec).expect("json")),
+            )
+            .await;
+            assert_eq!(r.status, 204, "{}", r.body);
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `limit` with `what`.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return (v, t0.elapsed());
+        }
+        assert!(t0.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The API's entry for replication `id`.
+pub async fn replication(api: &Client, id: u32) -> Value {
+    let list = get_json(api, "/v1/replications").await;
+    list.as_array()
+        .and_then(|a| a.iter().find(|r| r["id"] == id))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until replication `id` reports `installed == want`.
+pub async fn wait_installed(api: &Client, id: u32, want: bool, limit: Duration) -> Value {
+    let what = format!("replication {id} installed={want}");
+    wait_for(limit, &what, || async {
+        let r = replication(api, id).await;
+        (r["installed"] == want).then_some(r)
+    })
+    .await
+    .0
+}
+
+/// Waits until LLDP discovery knows all six links of the tree.
+pub async fn wait_links(api: &Client, limit: Duration) {
+    wait_for(limit, "six links discovered", || async {
+        let t = get_json(api, "/v1/topology").await;
+        (t["links"].as_array().map(Vec::len) == Some(6)).then_some(())
+    })
+    .await;
+}
+
+/// NCP rules on a switch, read through the controller.
+pub async fn ncp_rules(svc: &Service, dpid: Dpid) -> Vec<FlowRule> {
+    match svc
+        .controller()
+        .flow_stats(dpid, FlowStatsRequest::by_cookie(0, 0))
+        .await
+    {
+        Ok(stats) => stats
+            .iter()
+            .map(|s| FlowRule::from_stats(dpid, s))
+            .filter(|r| is_ncp_cookie(r.cookie))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Runs a command that must succeed; returns its standard output.
+pub fn sh(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .expect("run command");
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ovs-ofctl dump-flows` of a bridge, one flow per line, without the counters that
+/// change with traffic and time.
+pub fn dump_flows(bridge: &str) -> Vec<String> {
+    let out = sh(&[
+        "ovs-ofctl",
+        "-O",
+        "OpenFlow13",
+        "--no-stats",
+        "dump-flows",
+        bridge,
+    ]);
+    let mut v: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("OFPST_FLOW") && !l.contains("reply"))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
 }

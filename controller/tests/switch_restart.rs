@@ -1,0 +1,191 @@
+//! On Open vSwitch with the tree test bed: an NCP rule deleted by hand comes back, a
+//! bridge deleted and re-created (same datapath id and ports) gets its NCP rules back
+//! within 5 seconds, and rules with a foreign cookie are never touched, not even one that
+//! sits exactly where NCP wants a rule.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{Down, call, config, dump_flows, ncp_rules, sh, spec, start_with, temp_state};
+use ncp_controller::rules::{PRIORITY_REDIRECT, PRIORITY_ROUTE, RuleKind, cookie};
+use ncp_controller::store::ModeSpec;
+
+const PREFIX: &str = "nc4b";
+
+/// Deletes a bridge and creates it again the way the test bed does: same datapath id,
+/// same ports with the same OpenFlow port numbers, same controller.
+fn recreate_bridge(br: &str, controller_port: u16) {
+    let dpid = sh(&["ovs-vsctl", "get", "bridge", br, "other-config:datapath-id"]);
+    let dpid = dpid.trim().trim_matches('"').to_string();
+    let ports: Vec<(String, String)> = sh(&["ovs-vsctl", "list-ports", br])
+        .lines()
+        .map(|p| {
+            let ofport = sh(&["ovs-vsctl", "get", "interface", p, "ofport"]);
+            (p.to_string(), ofport.trim().to_string())
+        })
+        .collect();
+    assert!(!ports.is_empty());
+    sh(&["ovs-vsctl", "del-br", br]);
+    let dpid_arg = format!("other-config:datapath-id={dpid}");
+    let target = format!("tcp:127.0.0.1:{controller_port}");
+    let requests: Vec<String> = ports
+        .iter()
+        .map(|(_, n)| format!("ofport_request={n}"))
+        .collect();
+    let mut argv: Vec<&str> = vec![
+        "ovs-vsctl",
+        "--timeout=60",
+        "--",
+        "add-br",
+        br,
+        "--",
+        "set",
+        "bridge",
+        br,
+        "datapath_type=netdev",
+        "protocols=OpenFlow13",
+        &dpid_arg,
+        "other-config:disable-in-band=true",
+        "fail_mode=secure",
+        "--",
+        "set-controller",
+        br,
+        &target,
+    ];
+    for ((p, _), req) in ports.iter().zip(&requests) {
+        argv.extend(["--", "add-port", br, p, "--", "set", "interface", p, req]);
+    }
+    sh(&argv);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_come_back_and_foreign_rules_stay() {
+    if !ncp_testbed::ready_or_skip("controller switch restart", &["ovs-ofctl", "ovs-vsctl"]) {
+        return;
+    }
+    let state = temp_state("restart-switch");
+    let (svc, api) = start_with(config(state.clone())).await;
+    let of_port = svc.controller().local_addr().port();
+    let _down = Down(PREFIX);
+    let bed = common::tree_up(PREFIX, of_port);
+    common::pin_all(&api, &bed).await;
+    let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
+    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
+    let resp = call(
+        &api,
+        "POST",
+        "/v1/replications",
+        Some(serde_json::to_string(&r).expect("json")),
+    )
+    .await;
+    assert_eq!(resp.status, 201, "{}", resp.body);
+    common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
+
+    let agg1 = bed.dpid("agg1").expect("dpid");
+    let core = bed.dpid("core").expect("dpid");
+    let br_agg1 = bed.bridge("agg1").expect("bridge");
+    let br_core = bed.bridge("core").expect("bridge");
+
+    // A foreign rule on core, next to NCP's.
+    sh(&[
+        "ovs-ofctl",
+        "-O",
+        "OpenFlow13",
+        "add-flow",
+        &br_core,
+        "cookie=0x1234,priority=5,ip,nw_dst=198.18.3.99,actions=drop",
+    ]);
+    let foreign = |br: &str| {
+        dump_flows(br)
+            .into_iter()
+            .filter(|l| l.contains("cookie=0x1234"))
+            .count()
+    };
+    assert_eq!(foreign(&br_core), 1);
+
+    // 1. The redirect deleted by hand comes back (FLOW_REMOVED triggers a reconcile).
+    let before: BTreeSet<String> = dump_flows(&br_agg1).into_iter().collect();
+    let redirect = format!("cookie={:#x}/-1", cookie(RuleKind::Flow, 1));
+    sh(&[
+        "ovs-ofctl",
+        "-O",
+        "OpenFlow13",
+        "del-flows",
+        &br_agg1,
+        &redirect,
+    ]);
+    let has_redirect = |rules: &[ncp_controller::rules::FlowRule]| {
+        rules
+            .iter()
+            .any(|r| r.priority == PRIORITY_REDIRECT && r.cookie == cookie(RuleKind::Flow, 1))
+    };
+    assert!(!has_redirect(&ncp_rules(&svc, agg1).await));
+    let (_, took) = common::wait_for(
+        Duration::from_secs(5),
+        "redirect restored after deletion by hand",
+        || async { has_redirect(&ncp_rules(&svc, agg1).await).then_some(()) },
+    )
+    .await;
+    eprintln!("hand-deleted redirect back in {took:?}");
+    let after: BTreeSet<String> = dump_flows(&br_agg1).into_iter().collect();
+    assert_eq!(before, after, "same rules as before, nothing doubled");
+
+    // 2. The bridge is deleted and re-created: all its NCP rules are back within 5 s.
+    let want: BTreeSet<String> = before;
+    let t0 = Instant::now();
+    recreate_bridge(&br_agg1, of_port);
+    let recreated = t0.elapsed();
+    let (_, took) = common::wait_for(
+        Duration::from_secs(5),
+        "rules of the re-created bridge restored",
+        || async {
+            let now: BTreeSet<String> = dump_flows(&br_agg1).into_iter().collect();
+            (now == want).then_some(())
+        },
+    )
+    .await;
+    eprintln!("re-created bridge (ovs-vsctl took {recreated:?}) had its rules back in {took:?}");
+    assert!(has_redirect(&ncp_rules(&svc, agg1).await));
+    common::wait_installed(&api, 1, true, Duration::from_secs(5)).await;
+    assert_eq!(foreign(&br_core), 1, "foreign rule untouched");
+
+    // 3. A foreign rule exactly on an NCP key (same priority and match) replaces NCP's
+    //    rule on the switch; the controller reports the conflict and leaves it alone.
+    let route = ncp_rules(&svc, core)
+        .await
+        .into_iter()
+        .find(|r| r.priority == PRIORITY_ROUTE && r.cookie == cookie(RuleKind::Flow, 1))
+        .expect("route rule on core");
+    let in_port = route.matched.in_port.expect("in_port");
+    let spec_line = format!(
+        "cookie=0x1234,priority={PRIORITY_ROUTE},in_port={in_port},tcp,nw_src={},nw_dst={},tp_dst=80,actions=drop",
+        ip("h11"),
+        ip("h21")
+    );
+    sh(&[
+        "ovs-ofctl",
+        "-O",
+        "OpenFlow13",
+        "add-flow",
+        &br_core,
+        &spec_line,
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&call(&api, "POST", "/v1/reconcile", None).await.body).expect("json");
+    assert_eq!(summary["conflicts"], 1, "{summary}");
+    // A few more runs (periodic, triggered) change nothing about it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(foreign(&br_core), 2, "{:#?}", dump_flows(&br_core));
+    let conflicting = dump_flows(&br_core)
+        .into_iter()
+        .find(|l| l.contains("cookie=0x1234") && l.contains(&format!("priority={PRIORITY_ROUTE}")))
+        .expect("foreign rule on NCP's key");
+    assert!(conflicting.contains("actions=drop"), "{conflicting}");
+    let r = common::replication(&api, 1).await;
+    assert_eq!(r["installed"], false, "{r}");
+
+    drop(bed);
+    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
+}
