@@ -17,8 +17,10 @@
 //!
 //! This checks that the middlebox host is on the network and its kernel answers, which is
 //! what steering traffic to it needs; it does not check the replication process itself.
-//! With the defaults (500 ms, 3 failures) a silent middlebox is declared down after at
-//! most 2 s, well inside the 3 s the issue allows for withdrawal.
+//! With the defaults (300 ms, 3 failures) a silent middlebox is declared down after at
+//! most about 1.2 s, and its redirects are gone a reconcile run later: inside the 3 s
+//! the issue allows for withdrawal, with room for a loaded machine. The probes cost one
+//! 60-byte frame per middlebox per interval.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -41,7 +43,7 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {
-            interval: Duration::from_millis(500),
+            interval: Duration::from_millis(300),
             failures: 3,
         }
     }

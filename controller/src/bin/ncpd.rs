@@ -42,7 +42,7 @@ struct Args {
     #[arg(long)]
     no_health: bool,
     /// Milliseconds between health probes to each middlebox.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 300)]
     health_interval_ms: u64,
     /// Unanswered probes in a row after which a middlebox is down.
     #[arg(long, default_value_t = 3)]

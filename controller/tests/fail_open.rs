@@ -1,0 +1,143 @@
+//! Fail-open on Open vSwitch with the tree test bed: the controller health-checks the
+//! middlebox with ARP probes sent through OpenFlow; when the middlebox stops answering its
+//! redirect is withdrawn within 3 seconds and a TCP connection from the source reaches the
+//! primary directly; when it answers again the redirect returns.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Down, call, config, get_json, ncp_rules, sh, spec, start_with, temp_state};
+use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, cookie};
+use ncp_controller::store::ModeSpec;
+
+const PREFIX: &str = "nc4c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_middlebox_is_bypassed_and_restored() {
+    if !ncp_testbed::ready_or_skip("controller fail-open", &["ovs-ofctl", "socat", "timeout"]) {
+        return;
+    }
+    let state = temp_state("fail-open");
+    let cfg = config(state.clone());
+    let health = cfg.health.expect("health checks on by default");
+    assert!(health.interval * (health.failures + 1) < Duration::from_secs(3));
+    let (svc, api) = start_with(cfg).await;
+    let _down = Down(PREFIX);
+    let bed = common::tree_up(PREFIX, svc.controller().local_addr().port());
+    common::pin_all(&api, &bed).await;
+    let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
+
+    // A real server on the primary.
+    let mut server = bed
+        .spawn(
+            "h21",
+            &[
+                "socat",
+                "TCP-LISTEN:80,reuseaddr,fork",
+                "SYSTEM:echo ncp-primary",
+            ],
+        )
+        .expect("server");
+    let primary = ip("h21");
+    let connect = || {
+        let target = format!("TCP:{primary}:80,connect-timeout=2");
+        let mut c = bed
+            .command("h11", &["timeout", "3", "socat", "-u", &target, "STDOUT"])
+            .expect("command");
+        let out = tokio::task::block_in_place(|| c.output()).expect("run socat");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Without any replication, the connection goes straight through (NORMAL fallback).
+    common::wait_for(Duration::from_secs(10), "primary reachable", || async {
+        (connect() == "ncp-primary").then_some(())
+    })
+    .await;
+
+    let r = spec(1, &ip("h11"), &primary, &ip("h31"), ModeSpec::Rewrite);
+    let resp = call(
+        &api,
+        "POST",
+        "/v1/replications",
+        Some(serde_json::to_string(&r).expect("json")),
+    )
+    .await;
+    assert_eq!(resp.status, 201, "{}", resp.body);
+    common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
+    let agg1 = bed.dpid("agg1").expect("dpid");
+    let redirect_on = |rules: Vec<ncp_controller::rules::FlowRule>| {
+        rules
+            .iter()
+            .any(|r| r.priority == PRIORITY_REDIRECT && r.cookie == cookie(RuleKind::Flow, 1))
+    };
+    assert!(redirect_on(ncp_rules(&svc, agg1).await));
+    // The redirect sits on the path: the SYN now goes to the middlebox, which does not
+    // forward it (a fresh namespace does not route), so the connection fails.
+    let mb_ns = bed.netns("h31").expect("netns");
+    let forwarding = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &mb_ns,
+        "sysctl",
+        "-n",
+        "net.ipv4.ip_forward",
+    ]);
+    assert_eq!(forwarding.trim(), "0");
+    assert_eq!(connect(), "", "steered to the middlebox, not the primary");
+
+    // The middlebox goes silent.
+    sh(&[
+        "ip", "netns", "exec", &mb_ns, "ip", "link", "set", "eth0", "down",
+    ]);
+    let t0 = Instant::now();
+    loop {
+        if !redirect_on(ncp_rules(&svc, agg1).await) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "redirect still installed 3 s after the middlebox went silent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "redirect withdrawn {:?} after the middlebox went silent",
+        t0.elapsed()
+    );
+    assert_eq!(connect(), "ncp-primary", "straight to the primary");
+    let r = common::replication(&api, 1).await;
+    assert_eq!(r["installed"], false);
+    assert!(
+        r["error"].as_str().is_some_and(|e| e.contains("fail-open")),
+        "{r}"
+    );
+    let topo = get_json(&api, "/v1/topology").await;
+    assert_eq!(topo["middleboxes_down"][0], ip("h31"), "{topo}");
+
+    // It answers again: the redirect returns.
+    sh(&[
+        "ip", "netns", "exec", &mb_ns, "ip", "link", "set", "eth0", "up",
+    ]);
+    let (_, took) = common::wait_for(Duration::from_secs(10), "redirect restored", || async {
+        redirect_on(ncp_rules(&svc, agg1).await).then_some(())
+    })
+    .await;
+    eprintln!("redirect restored {took:?} after the middlebox came back");
+    common::wait_installed(&api, 1, true, Duration::from_secs(5)).await;
+    assert_eq!(connect(), "", "steered to the middlebox again");
+    let audit = get_json(&api, "/v1/audit").await;
+    let said = |what: &str| {
+        audit.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e["who"] == "controller" && e["what"] == what)
+        })
+    };
+    assert!(said(&format!("middlebox {} down", ip("h31"))), "{audit}");
+    assert!(said(&format!("middlebox {} up", ip("h31"))), "{audit}");
+
+    let _ = server.kill();
+    let _ = server.wait();
+    drop(bed);
+    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
+}
