@@ -25,6 +25,15 @@
 //! `umem_frames`) and operator `rules` without a service are not used — upstream
 //! connections take ordinary kernel ephemeral ports.
 //!
+//! Memory: the core's budgets (per session, reserved against `limits.max_buffer_bytes`)
+//! are the relay's own queues. On top of them each socket has the kernel's buffers
+//! (autotuned, bounded by `net.ipv4.tcp_rmem`/`tcp_wmem`); the relay reads a client or
+//! primary only as far as the core's window allows, so a full budget pushes back through
+//! TCP flow control rather than piling up here. Upstream sockets of a finished session
+//! that still have a talking peer are drained and discarded for up to the drain timeout
+//! before they are closed, so a replica never gets a RST that could cost it data it was
+//! already sent (at most `limits.max_sessions` such sockets per worker).
+//!
 //! Limits of this mode: the client sees the middlebox's TCP stack (its handshake succeeds
 //! before the primary is even contacted; a refusing primary shows up as a reset right
 //! after connecting); only connections arriving from the network are redirected (the
