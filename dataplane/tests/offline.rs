@@ -719,6 +719,8 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            // DEBUG DIGEST is refused unless enabled (redis ≥ 7).
+            .args(["--enable-debug-command", "local"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -868,7 +870,10 @@ fn replay_into_redis_matches_direct_pipe() {
         replayed.cli(&["DEBUG", "DIGEST"]),
         direct.cli(&["DEBUG", "DIGEST"]),
     );
-    assert!(!a.trim().is_empty() && a.trim() != "0000000000000000000000000000000000000000");
+    let is_digest =
+        |d: &str| d.trim().len() == 40 && d.trim().bytes().all(|c| c.is_ascii_hexdigit());
+    assert!(is_digest(&a) && is_digest(&b), "not digests: {a:?} {b:?}");
+    assert_ne!(a.trim(), "0".repeat(40), "empty data set");
     assert_eq!(a, b, "DEBUG DIGEST differs");
     let keys: u64 = replayed.cli(&["DBSIZE"]).trim().parse().unwrap();
     assert!(keys > 1000, "{keys} keys");
@@ -1006,4 +1011,84 @@ fn recorder_rotates_by_time_and_files_read_while_recording() {
     assert_eq!(all.sessions[0].client, sent);
     assert_eq!(all.sessions[0].end, EndKind::Fin);
     assert!(checked_live);
+}
+
+/// A discard server: accepts any number of connections and reads them to the end.
+fn discard_sink() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s, &mut std::io::sink());
+            });
+        }
+    });
+    addr
+}
+
+/// Throughput of the whole path (file → reader → sessions → kernel TCP) on a larger
+/// recording. Information only; run with
+/// `cargo test --release -p ncp-dataplane --test offline -- --ignored --nocapture`.
+#[test]
+#[ignore = "large recording; run explicitly for a throughput figure"]
+fn replay_throughput_large_recording() {
+    let dir = TempDir::new("throughput");
+    let file = dir.path().join("big.pcapng");
+    let (sessions, per_session) = (192u64, 1usize << 20);
+    let t = Instant::now();
+    {
+        let f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        let mut w = PcapngWriter::new(f, WriterOptions::default()).unwrap();
+        let mut rng = Rng(9);
+        let chunk = rng.bytes(16 * 1024);
+        // 16 sessions at a time, each written in 16 KiB client writes.
+        for group in 0..sessions / 16 {
+            let mut live: Vec<_> = (0..16)
+                .map(|j| {
+                    let m = meta(group * 16 + j, "bulk");
+                    w.open(group * 16 + j, &m, m.start_ns).unwrap()
+                })
+                .collect();
+            for _ in 0..per_session / chunk.len() {
+                for s in &mut live {
+                    w.client_data(s, &chunk, 1).unwrap();
+                }
+            }
+            for s in &mut live {
+                w.close(s, 2).unwrap();
+            }
+        }
+        w.flush().unwrap();
+    }
+    let file_len = file.metadata().unwrap().len();
+    println!(
+        "wrote {file_len} bytes of pcapng for {} MiB of client data in {:?}",
+        sessions as usize * per_session >> 20,
+        t.elapsed()
+    );
+    let t = Instant::now();
+    let rec = read_files(std::slice::from_ref(&file));
+    println!(
+        "read back {} sessions in {:?} ({:.0} MB/s of file)",
+        rec.sessions.len(),
+        t.elapsed(),
+        file_len as f64 / t.elapsed().as_secs_f64() / 1e6
+    );
+    drop(rec);
+
+    let mut cfg = ReplayConfig::new(discard_sink());
+    cfg.pace = Pace::Fast;
+    cfg.max_sessions = 64;
+    let sum = replay(&[file], &cfg, Arc::new(Progress::default()));
+    assert_eq!(sum.sessions_failed, 0);
+    assert_eq!(sum.bytes_sent, sessions * per_session as u64);
+    println!(
+        "replay throughput: {} sessions, {} bytes in {:.2} s = {:.0} MB/s",
+        sum.sessions_replayed,
+        sum.bytes_sent,
+        sum.seconds,
+        sum.bytes_sent as f64 / sum.seconds / 1e6
+    );
 }
