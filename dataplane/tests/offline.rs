@@ -1065,7 +1065,7 @@ fn replay_throughput_large_recording() {
     let file_len = file.metadata().unwrap().len();
     println!(
         "wrote {file_len} bytes of pcapng for {} MiB of client data in {:?}",
-        sessions as usize * per_session >> 20,
+        (sessions as usize * per_session) >> 20,
         t.elapsed()
     );
     let t = Instant::now();
