@@ -55,8 +55,14 @@ enum Task {
         #[arg(value_enum)]
         experiments: Vec<bench::Experiment>,
         /// Rounds per measurement.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 1)]
         repetitions: u32,
+        /// Middlebox data planes to measure, comma-separated (xdp, sockets).
+        #[arg(long, value_delimiter = ',', default_value = "xdp,sockets")]
+        dataplane: Vec<String>,
+        /// Fewer stream counts and shorter runs.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -96,15 +102,22 @@ fn main() {
         Task::Bench {
             experiments,
             repetitions,
+            dataplane,
+            quick,
         } => {
-            let all = [bench::Experiment::Steering];
+            let all = [bench::Experiment::Steering, bench::Experiment::Iperf];
+            let options = bench::Options {
+                repetitions: repetitions.max(1),
+                dataplanes: dataplane,
+                quick,
+            };
             bench::bench(
                 if experiments.is_empty() {
                     &all
                 } else {
                     &experiments
                 },
-                repetitions.max(1),
+                &options,
             )
         }
     };

@@ -36,13 +36,25 @@ pub struct Middlebox {
 }
 
 impl Middlebox {
-    /// Writes `config` next to `socket` and starts the middlebox in `host`'s namespace.
+    /// Writes `config` next to `socket` and starts the XDP middlebox in `host`'s namespace.
     pub fn start(
         bed: &Testbed,
         host: &str,
         bin_dir: &Path,
         config: &str,
         socket: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::start_mode(bed, host, bin_dir, config, socket, "xdp")
+    }
+
+    /// Like [`Middlebox::start`] with an explicit `--mode` (`xdp` or `sockets`).
+    pub fn start_mode(
+        bed: &Testbed,
+        host: &str,
+        bin_dir: &Path,
+        config: &str,
+        socket: &Path,
+        mode: &str,
     ) -> anyhow::Result<Self> {
         let dir = socket
             .parent()
@@ -58,6 +70,7 @@ impl Middlebox {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .args(["--mode", mode])
             .stdin(Stdio::null())
             .spawn()
             .context("starting ncp-middlebox")?;

@@ -1,53 +1,25 @@
-//! `cargo xtask bench`: measurements, side by side in one run (this machine is shared and
-//! noisy, so only ratios from the same run mean much). Results go to `bench-results/`.
+//! Steering costs: frames per second into AF_XDP for a matching flow (over OVS and over a
+//! direct veth), and the pass-through cost on an unmatched iperf3 flow.
 
 use std::{
     path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
-use ncp_testbed::{Testbed, Topology, UpOptions};
+use std::fmt::Write as _;
 
+use anyhow::Context as _;
+use ncp_testbed::Testbed;
+
+use super::median;
 use crate::{
     cmd::step,
     middlebox::{self, Middlebox},
-    setup,
 };
 
-const PREFIX: &str = "ncpb";
+const PREFIX: &str = super::PREFIX;
 
-/// Which experiment to run.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Experiment {
-    /// AF_XDP receive rate of a matching flow, and the pass-through cost of steering on an
-    /// unmatched iperf3 flow.
-    Steering,
-}
-
-/// Runs the chosen experiments.
-pub fn bench(experiments: &[Experiment], repetitions: u32) -> anyhow::Result<()> {
-    setup::setup()?;
-    let bins = middlebox::build_release()?;
-    let topology = Topology::load("testbed/paper.toml")?;
-    let _ = Testbed::down(PREFIX);
-    step("bringing up the paper test bed for benchmarks");
-    let bed = Testbed::up(&topology, &UpOptions::with_prefix(PREFIX))?;
-    let mut result = Ok(());
-    for experiment in experiments {
-        result = match experiment {
-            Experiment::Steering => steering(&bed, &bins, repetitions),
-        };
-        if result.is_err() {
-            break;
-        }
-    }
-    step("tearing down");
-    Testbed::down(PREFIX)?;
-    result
-}
-
-fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<()> {
+pub fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<String> {
     let source = bed.address("source", "eth0")?.to_string();
     let primary = bed.address("primary", "eth0")?.to_string();
     let mb_ip = bed.address("middlebox", "eth0")?.to_string();
@@ -137,35 +109,53 @@ fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<()> 
     let med_rate = median(&rx_rates.iter().map(|r| r.0).collect::<Vec<_>>());
     let delivered: f64 = rx_rates.iter().map(|r| r.1 as f64).sum::<f64>()
         / rx_rates.iter().map(|r| r.2 as f64).sum::<f64>();
-    println!("\n| measurement | median over {repetitions} rounds |");
-    println!("|---|---|");
-    println!(
-        "| unmatched iperf3, program detached | {:.2} Gbit/s |",
-        med_without / 1e9
-    );
-    println!(
-        "| unmatched iperf3, program attached | {:.2} Gbit/s |",
-        med_with / 1e9
-    );
-    println!("| attached / detached | {:.3} |", med_with / med_without);
-    println!("| matching frames into AF_XDP (via OVS) | {med_rate:.0} frames/s |");
-    println!(
-        "| matching frames delivered (via OVS) | {:.1} % |",
-        delivered * 100.0
-    );
-    println!(
-        "| direct veth: pktgen send rate | {:.0} frames/s |",
-        direct.sent_fps
-    );
-    println!(
-        "| direct veth: matching frames into AF_XDP | {:.0} frames/s ({:.1} % delivered) |",
-        direct.redirect_fps,
-        direct.redirect_delivered * 100.0
-    );
-    println!(
-        "| direct veth: unmatched frames passed to the kernel | {:.0} frames/s |",
-        direct.pass_fps
-    );
+    let mut md = String::from("## Steering (XDP into AF_XDP)\n\n");
+    let rows = [
+        (
+            "measurement".to_owned(),
+            format!("median over {repetitions} rounds"),
+        ),
+        ("---".into(), "---".into()),
+        (
+            "unmatched iperf3, program detached".into(),
+            format!("{:.2} Gbit/s", med_without / 1e9),
+        ),
+        (
+            "unmatched iperf3, program attached".into(),
+            format!("{:.2} Gbit/s", med_with / 1e9),
+        ),
+        (
+            "attached / detached".into(),
+            format!("{:.3}", med_with / med_without),
+        ),
+        (
+            "matching frames into AF_XDP (via OVS)".into(),
+            format!("{med_rate:.0} frames/s"),
+        ),
+        (
+            "matching frames delivered (via OVS)".into(),
+            format!("{:.1} %", delivered * 100.0),
+        ),
+        (
+            "direct veth: generator send rate".into(),
+            format!("{:.0} frames/s", direct.sent_fps),
+        ),
+        (
+            "direct veth: matching frames into AF_XDP".into(),
+            format!(
+                "{:.0} frames/s ({:.1} % delivered)",
+                direct.redirect_fps,
+                direct.redirect_delivered * 100.0
+            ),
+        ),
+        (
+            "direct veth: unmatched frames passed to the kernel".into(),
+            format!("{:.0} frames/s", direct.pass_fps),
+        ),
+    ];
+    for (what, value) in rows {
+        let _ = writeln!(md, "| {what} | {value} |");
+    }
     let json = serde_json::json!({
         "experiment": "steering",
         "repetitions": repetitions,
@@ -179,13 +169,10 @@ fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<()> 
             "pass_frames_per_second": direct.pass_fps,
         },
     });
-    std::fs::create_dir_all("bench-results")?;
-    std::fs::write(
-        "bench-results/steering.json",
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    eprintln!("    wrote bench-results/steering.json");
-    Ok(())
+    super::save_json("steering", &json)?;
+    md.push('\n');
+    eprint!("{md}");
+    Ok(md)
 }
 
 fn iperf(bed: &Testbed, server: &str) -> anyhow::Result<f64> {
@@ -197,16 +184,6 @@ fn iperf(bed: &Testbed, server: &str) -> anyhow::Result<f64> {
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 report without a throughput")
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 struct DirectRates {

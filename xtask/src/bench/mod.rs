@@ -1,0 +1,128 @@
+//! `cargo xtask bench`: measurements, side by side in one run (this machine is shared and
+//! noisy, so only ratios from the same run mean much). Results go to `bench-results/`
+//! (JSON per experiment) and the tables to `BENCHMARKS.md`.
+
+mod iperf;
+mod steering;
+
+use std::fmt::Write as _;
+
+use ncp_testbed::{Testbed, Topology, UpOptions};
+
+use crate::{cmd::step, middlebox, setup};
+
+pub(crate) const PREFIX: &str = "ncpb";
+
+/// Which experiment to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Experiment {
+    /// AF_XDP receive rate of a matching flow (packet generator), and the pass-through
+    /// cost of steering on an unmatched iperf3 flow.
+    Steering,
+    /// Paper Fig. 6: iperf3 throughput per stream count, direct versus through the
+    /// middlebox without and with replication (shared and dedicated NIC), at 1 Gbit/s
+    /// (tc) and unlimited.
+    Iperf,
+}
+
+/// Options common to all experiments.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Rounds per measurement.
+    pub repetitions: u32,
+    /// Middlebox implementations to measure (`xdp`, `sockets`).
+    pub dataplanes: Vec<String>,
+    /// Fewer stream counts and shorter runs.
+    pub quick: bool,
+}
+
+/// Runs the chosen experiments on one test bed and writes BENCHMARKS.md.
+pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()> {
+    setup::setup()?;
+    let bins = middlebox::build_release()?;
+    let topology = Topology::load("testbed/paper.toml")?;
+    let _ = Testbed::down(PREFIX);
+    step("bringing up the paper test bed for benchmarks");
+    let bed = Testbed::up(&topology, &UpOptions::with_prefix(PREFIX))?;
+    let mut report = String::new();
+    let mut result = Ok(());
+    for experiment in experiments {
+        let section = match experiment {
+            Experiment::Steering => steering::steering(&bed, &bins, options.repetitions),
+            Experiment::Iperf => iperf::iperf(&bed, &bins, options),
+        };
+        match section {
+            Ok(markdown) => report.push_str(&markdown),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    step("tearing down");
+    Testbed::down(PREFIX)?;
+    result?;
+    write_benchmarks_md(experiments, options, &report)
+}
+
+fn write_benchmarks_md(
+    experiments: &[Experiment],
+    options: &Options,
+    body: &str,
+) -> anyhow::Result<()> {
+    let mut doc = String::from("# NCP benchmarks\n\n");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let names: Vec<String> = experiments
+        .iter()
+        .map(|e| format!("{e:?}").to_lowercase())
+        .collect();
+    let _ = writeln!(
+        doc,
+        "Produced by one run of `cargo xtask bench {} --repetitions {}{}{}` on {cores} cores ({cpu}), \
+         Linux {}, hosts in network namespaces joined by Open vSwitch (userspace datapath) bridges. \
+         The machine is shared and noisy: compare the numbers within a table (measured side by \
+         side, alternating), not across runs.\n",
+        names.join(" "),
+        options.repetitions,
+        if options.quick { " --quick" } else { "" },
+        if options.dataplanes.is_empty() {
+            String::new()
+        } else {
+            format!(" --dataplane {}", options.dataplanes.join(","))
+        },
+        kernel.trim()
+    );
+    doc.push_str(body);
+    std::fs::write("BENCHMARKS.md", doc)?;
+    eprintln!("    wrote BENCHMARKS.md");
+    Ok(())
+}
+
+/// Median of a sample (0 for none).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Writes one experiment's JSON next to the others.
+pub(crate) fn save_json(name: &str, value: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::create_dir_all("bench-results")?;
+    let path = format!("bench-results/{name}.json");
+    std::fs::write(&path, serde_json::to_string_pretty(value)?)?;
+    eprintln!("    wrote {path}");
+    Ok(())
+}
