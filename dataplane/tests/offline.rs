@@ -1102,3 +1102,28 @@ fn replay_throughput_large_recording() {
         sum.bytes_sent as f64 / sum.seconds / 1e6
     );
 }
+
+#[test]
+fn replay_accepts_a_target_that_closes_after_everything_was_sent() {
+    // Like an HTTP/1.0 exchange: the server closes once it has the request, while the
+    // recorded client only closes 200 ms later.
+    let dir = TempDir::new("closes-after");
+    let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
+    let m = meta(1, "web");
+    let mut s = w.open(1, &m, m.start_ns).unwrap();
+    w.client_data(&mut s, b"GET /\r\n\r\n", m.start_ns + 1_000_000)
+        .unwrap();
+    w.close(&mut s, m.start_ns + 200_000_000).unwrap();
+    let file = dir.path().join("http.pcapng");
+    std::fs::write(&file, w.into_inner()).unwrap();
+
+    let (addr, sink) = closing_sink(9);
+    let sum = replay(
+        &[file],
+        &ReplayConfig::new(addr),
+        Arc::new(Progress::default()),
+    );
+    assert_eq!(sink.join().unwrap(), 9);
+    assert_eq!(sum.sessions_failed, 0, "{:?}", sum.sessions);
+    assert_eq!(sum.bytes_sent, 9);
+}

@@ -381,6 +381,8 @@ impl SessionReader {
         if let Some(kind) = end {
             if let Some(old) = self.live.remove(&key) {
                 self.ooo_total -= old.client.ooo_bytes + old.server.ooo_bytes;
+                // Early bytes still waiting for a hole to fill will never be delivered.
+                self.stats.gap_bytes += (old.client.ooo_bytes + old.server.ooo_bytes) as u64;
             }
             sink(Event::End { sid, kind, ts_ns })?;
         }
@@ -428,7 +430,12 @@ impl SessionReader {
         let sid = self.next_sid;
         self.next_sid += 1;
         self.stats.sessions += 1;
-        let key = (meta.client, meta.primary);
+        // Keyed by the packet's own addresses, which are what later packets will carry.
+        let key = if from_client {
+            (seg.src, seg.dst)
+        } else {
+            (seg.dst, seg.src)
+        };
         let mut live = Live {
             sid,
             client: Stream::default(),

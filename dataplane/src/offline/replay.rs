@@ -599,15 +599,13 @@ fn run_session(job: Job, rx: &Receiver<Chunk>, progress: &Progress) -> SessionRe
         Ok((s, r))
     }) {
         Ok((s, r)) => {
-            let peer_closed = Arc::new(AtomicBool::new(false));
-            let writer_done = Arc::new(AtomicBool::new(false));
-            let h = spawn_drain(
-                r,
-                Arc::clone(&peer_closed),
-                Arc::clone(&writer_done),
-                drain_timeout,
-            );
-            (Some(s), Some((h, peer_closed, writer_done)))
+            let shared = Arc::new(DrainShared {
+                sent: AtomicU64::new(0),
+                sent_at_close: AtomicU64::new(u64::MAX),
+                writer_done: AtomicBool::new(false),
+            });
+            let h = spawn_drain(r, Arc::clone(&shared), drain_timeout);
+            (Some(s), Some((h, shared)))
         }
         Err(e) => {
             report.outcome = Outcome::ConnectFailed(e.to_string());
@@ -644,6 +642,12 @@ fn run_session(job: Job, rx: &Receiver<Chunk>, progress: &Progress) -> SessionRe
         if let Some(s) = stream.as_mut()
             && !batch.is_empty()
         {
+            // Counted before writing: a target that closes once it has read everything must
+            // not look early just because this thread had not updated the count yet.
+            if let Some((_, shared)) = &drain {
+                let upto = report.bytes_sent + batch.len() as u64;
+                shared.sent.store(upto, Ordering::Release);
+            }
             match s.write_all(&batch) {
                 Ok(()) => {
                     report.bytes_sent += batch.len() as u64;
@@ -662,12 +666,14 @@ fn run_session(job: Job, rx: &Receiver<Chunk>, progress: &Progress) -> SessionRe
     }
     report.recorded_end = end.unwrap_or(EndKind::Unterminated);
 
-    // A close by the target before we were done sending is worth reporting even when the
-    // kernel accepted all our writes. Checked before our own half-close, after which the
-    // target closing is the normal end.
-    let closed_early = drain
-        .as_ref()
-        .is_some_and(|(_, peer_closed, _)| peer_closed.load(Ordering::Acquire));
+    // A target that closed while we still had bytes to send is worth reporting even when
+    // the kernel accepted all our writes. (One that closes after everything was sent, like
+    // an HTTP/1.0 server, is fine.) Read before our own half-close, after which the target
+    // closing is the normal end.
+    let closed_early = drain.as_ref().is_some_and(|(_, shared)| {
+        let at = shared.sent_at_close.load(Ordering::Acquire);
+        at != u64::MAX && at < report.bytes_sent
+    });
     if let Some(s) = &stream {
         match report.recorded_end {
             // The original session was reset, or its recording cut short: reset this one
@@ -682,8 +688,8 @@ fn run_session(job: Job, rx: &Receiver<Chunk>, progress: &Progress) -> SessionRe
             }
         }
     }
-    if let Some((h, _, writer_done)) = drain {
-        writer_done.store(true, Ordering::Release);
+    if let Some((h, shared)) = drain {
+        shared.writer_done.store(true, Ordering::Release);
         let answers = h.join().unwrap_or(0);
         report.answer_bytes = answers;
         progress.answer_bytes.fetch_add(answers, Ordering::Relaxed);
@@ -712,12 +718,21 @@ fn early_or_error(e: &io::Error, sent: u64) -> Outcome {
     }
 }
 
+/// What a session's writer and its drain thread share.
+struct DrainShared {
+    /// Bytes the writer has written so far, including a write in progress.
+    sent: AtomicU64,
+    /// `sent` when the target closed or reset (`u64::MAX`: it has not).
+    sent_at_close: AtomicU64,
+    /// The writer has finished sending.
+    writer_done: AtomicBool,
+}
+
 /// Reads and discards answers until the target closes, or until `drain_timeout` after the
 /// writer is done. Returns the bytes read.
 fn spawn_drain(
     mut s: TcpStream,
-    peer_closed: Arc<AtomicBool>,
-    writer_done: Arc<AtomicBool>,
+    shared: Arc<DrainShared>,
     drain_timeout: Duration,
 ) -> JoinHandle<u64> {
     std::thread::spawn(move || {
@@ -730,7 +745,8 @@ fn spawn_drain(
         loop {
             match s.read(&mut buf) {
                 Ok(0) => {
-                    peer_closed.store(true, Ordering::Release);
+                    let sent = shared.sent.load(Ordering::Acquire);
+                    shared.sent_at_close.store(sent, Ordering::Release);
                     break;
                 }
                 Ok(n) => total += n as u64,
@@ -740,7 +756,7 @@ fn spawn_drain(
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    if writer_done.load(Ordering::Acquire) {
+                    if shared.writer_done.load(Ordering::Acquire) {
                         let since = *done_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= drain_timeout {
                             break;
@@ -749,7 +765,8 @@ fn spawn_drain(
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    peer_closed.store(true, Ordering::Release);
+                    let sent = shared.sent.load(Ordering::Acquire);
+                    shared.sent_at_close.store(sent, Ordering::Release);
                     break;
                 }
             }
