@@ -105,7 +105,11 @@ fn main() {
             dataplane,
             quick,
         } => {
-            let all = [bench::Experiment::Steering, bench::Experiment::Iperf];
+            let all = [
+                bench::Experiment::Steering,
+                bench::Experiment::Iperf,
+                bench::Experiment::Httperf,
+            ];
             let options = bench::Options {
                 repetitions: repetitions.max(1),
                 dataplanes: dataplane,

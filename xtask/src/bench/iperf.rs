@@ -7,50 +7,16 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
-use ncp_testbed::{Mac, Testbed};
+use ncp_testbed::Testbed;
 
-use super::{Options, median, save_json};
-use crate::{cmd::step, middlebox::Middlebox};
+use super::{
+    Options, median,
+    routes::{self, Replication, Route},
+    save_json,
+};
+use crate::cmd::step;
 
 const PORT: u16 = 5201;
-const HOSTS: [&str; 4] = ["source", "primary", "replica", "middlebox"];
-
-/// How the source reaches the primary in one measurement.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Route {
-    Direct,
-    /// Through the middlebox (`dataplane` = `xdp` or `sockets`).
-    Middlebox {
-        dataplane: String,
-        replication: Replication,
-    },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Replication {
-    None,
-    SharedNic,
-    DedicatedNic,
-}
-
-impl Route {
-    fn label(&self) -> String {
-        match self {
-            Route::Direct => "direct".into(),
-            Route::Middlebox {
-                dataplane,
-                replication,
-            } => format!(
-                "{dataplane}: {}",
-                match replication {
-                    Replication::None => "no replication",
-                    Replication::SharedNic => "replica, shared NIC",
-                    Replication::DedicatedNic => "replica, dedicated NIC",
-                }
-            ),
-        }
-    }
-}
 
 pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<String> {
     let streams: &[u32] = if options.quick {
@@ -59,23 +25,15 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         &[1, 2, 4, 8, 16, 32, 64]
     };
     let seconds = if options.quick { "2" } else { "4" };
-    let source = bed.address("source", "eth0")?;
     let primary = bed.address("primary", "eth0")?;
-    let primary_mac = Mac(bed.mac("primary", "eth0")?).to_string();
-    let mb_mac = Mac(bed.mac("middlebox", "eth0")?).to_string();
-    let mut paths = vec![Route::Direct];
-    for dataplane in &options.dataplanes {
-        for replication in [
+    let paths = Route::all(
+        &options.dataplanes,
+        &[
             Replication::None,
             Replication::SharedNic,
             Replication::DedicatedNic,
-        ] {
-            paths.push(Route::Middlebox {
-                dataplane: dataplane.clone(),
-                replication,
-            });
-        }
-    }
+        ],
+    );
 
     // The primary runs a real iperf3 server; the replica a discard sink, so that what it
     // receives is exactly the client's stream and nothing it answers matters.
@@ -97,30 +55,11 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     let mut results: BTreeMap<&str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
     let outcome = (|| -> anyhow::Result<()> {
         for regime in ["1 Gbit/s", "unlimited"] {
-            limit_links(bed, regime == "1 Gbit/s")?;
+            routes::limit_links(bed, regime == "1 Gbit/s")?;
             for round in 0..options.repetitions {
                 for path in &paths {
                     step(&format!("{regime}, round {}: {}", round + 1, path.label()));
-                    let _mb = match path {
-                        Route::Direct => {
-                            steer(bed, primary, &primary_mac)?;
-                            None
-                        }
-                        Route::Middlebox {
-                            dataplane,
-                            replication,
-                        } => {
-                            steer(bed, primary, &mb_mac)?;
-                            Some(start_middlebox(
-                                bed,
-                                bins,
-                                dataplane,
-                                *replication,
-                                source,
-                                primary,
-                            )?)
-                        }
-                    };
+                    let _mb = path.enter(bed, bins, PORT)?;
                     for &n in streams {
                         // A failed run is recorded as 0 and reported, not fatal: one bad
                         // cell should not throw away the rest of a long benchmark.
@@ -146,8 +85,8 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         }
         Ok(())
     })();
-    let _ = limit_links(bed, false);
-    let _ = steer(bed, primary, &primary_mac);
+    let _ = routes::limit_links(bed, false);
+    let _ = routes::leave(bed);
     for mut server in servers {
         let _ = server.kill();
         let _ = server.wait();
@@ -197,82 +136,6 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     save_json("iperf", &serde_json::to_value(&results)?)?;
     eprint!("{md}");
     Ok(md)
-}
-
-/// Sends the source's frames for the primary to `mac` (the primary's own, or the
-/// middlebox's: what the controller's redirect rule does on a real switch).
-fn steer(bed: &Testbed, primary: std::net::Ipv4Addr, mac: &str) -> anyhow::Result<()> {
-    bed.exec(
-        "source",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &primary.to_string(),
-            "lladdr",
-            mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    )?;
-    Ok(())
-}
-
-/// Puts (or removes) a 1 Gbit/s token bucket on every host interface.
-fn limit_links(bed: &Testbed, limited: bool) -> anyhow::Result<()> {
-    for host in HOSTS {
-        for iface in ["eth0", "eth1"] {
-            if limited {
-                bed.exec(
-                    host,
-                    &[
-                        "tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate", "1gbit",
-                        "burst", "512kb", "latency", "50ms",
-                    ],
-                )?;
-            } else {
-                let _ = bed
-                    .command(host, &["tc", "qdisc", "del", "dev", iface, "root"])?
-                    .output();
-            }
-        }
-    }
-    Ok(())
-}
-
-fn start_middlebox(
-    bed: &Testbed,
-    bins: &Path,
-    dataplane: &str,
-    replication: Replication,
-    source: std::net::Ipv4Addr,
-    primary: std::net::Ipv4Addr,
-) -> anyhow::Result<Middlebox> {
-    let mb0 = bed.address("middlebox", "eth0")?;
-    let mb1 = bed.address("middlebox", "eth1")?;
-    let (replicas, extra) = match replication {
-        Replication::None => (String::new(), String::new()),
-        Replication::SharedNic => (
-            format!("\"{}:{PORT}\"", bed.address("replica", "eth0")?),
-            String::new(),
-        ),
-        Replication::DedicatedNic => (
-            format!("\"{}:{PORT}\"", bed.address("replica", "eth1")?),
-            "replica_interface = \"eth1\"\n".to_owned(),
-        ),
-    };
-    let socket = Path::new("/run/ncp-bench/iperf.sock");
-    let config = format!(
-        "control_socket = \"{}\"\n\
-         [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
-         [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
-         [[services]]\nname = \"iperf\"\nprimary = \"{primary}:{PORT}\"\nclients = \"{source}/32\"\n\
-         replicas = [{replicas}]\n{extra}",
-        socket.display()
-    );
-    Middlebox::start_mode(bed, "middlebox", bins, &config, socket, dataplane)
 }
 
 fn run_iperf(

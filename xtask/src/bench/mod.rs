@@ -2,7 +2,9 @@
 //! noisy, so only ratios from the same run mean much). Results go to `bench-results/`
 //! (JSON per experiment) and the tables to `BENCHMARKS.md`.
 
+mod httperf;
 mod iperf;
+mod routes;
 mod steering;
 
 use std::fmt::Write as _;
@@ -23,6 +25,8 @@ pub enum Experiment {
     /// middlebox without and with replication (shared and dedicated NIC), at 1 Gbit/s
     /// (tc) and unlimited.
     Iperf,
+    /// Paper Fig. 7: httperf connection lifetime, direct versus through the middlebox.
+    Httperf,
 }
 
 /// Options common to all experiments.
@@ -50,6 +54,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
         let section = match experiment {
             Experiment::Steering => steering::steering(&bed, &bins, options.repetitions),
             Experiment::Iperf => iperf::iperf(&bed, &bins, options),
+            Experiment::Httperf => httperf::httperf(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),

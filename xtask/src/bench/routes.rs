@@ -1,0 +1,170 @@
+//! The ways the source can reach the primary in a measurement — directly, or through the
+//! middlebox with or without a replica — and how to set each one up on the paper test bed.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use ncp_testbed::{Mac, Testbed};
+
+use crate::middlebox::Middlebox;
+
+/// How the client stream is copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Replication {
+    /// The middlebox relays to the primary only.
+    None,
+    /// One replica, reached over the production NIC.
+    SharedNic,
+    /// One replica, reached over the dedicated replication NIC (the paper's layout).
+    DedicatedNic,
+}
+
+/// How the source reaches the primary in one measurement.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Route {
+    /// Straight to the primary.
+    Direct,
+    /// Through the middlebox (`dataplane` = `xdp` or `sockets`).
+    Middlebox {
+        /// `--mode` of the middlebox.
+        dataplane: String,
+        /// Replica placement.
+        replication: Replication,
+    },
+}
+
+impl Route {
+    /// Direct first, then every data plane with each replication variant.
+    pub fn all(dataplanes: &[String], replications: &[Replication]) -> Vec<Route> {
+        let mut routes = vec![Route::Direct];
+        for dataplane in dataplanes {
+            for &replication in replications {
+                routes.push(Route::Middlebox {
+                    dataplane: dataplane.clone(),
+                    replication,
+                });
+            }
+        }
+        routes
+    }
+
+    /// Column label in the reports.
+    pub fn label(&self) -> String {
+        match self {
+            Route::Direct => "direct".into(),
+            Route::Middlebox {
+                dataplane,
+                replication,
+            } => format!(
+                "{dataplane}: {}",
+                match replication {
+                    Replication::None => "no replication",
+                    Replication::SharedNic => "replica, shared NIC",
+                    Replication::DedicatedNic => "replica, dedicated NIC",
+                }
+            ),
+        }
+    }
+
+    /// Sets the route up for a service on `port` and returns the middlebox, if any. The
+    /// source's frames for the primary are sent to the middlebox's MAC, which is what the
+    /// controller's redirect rule does on a real switch.
+    pub fn enter(
+        &self,
+        bed: &Testbed,
+        bins: &Path,
+        port: u16,
+    ) -> anyhow::Result<Option<Middlebox>> {
+        let primary = bed.address("primary", "eth0")?;
+        match self {
+            Route::Direct => {
+                steer(bed, primary, &Mac(bed.mac("primary", "eth0")?).to_string())?;
+                Ok(None)
+            }
+            Route::Middlebox {
+                dataplane,
+                replication,
+            } => {
+                steer(
+                    bed,
+                    primary,
+                    &Mac(bed.mac("middlebox", "eth0")?).to_string(),
+                )?;
+                let config = middlebox_config(bed, *replication, port)?;
+                let socket = Path::new("/run/ncp-bench/mb.sock");
+                Middlebox::start_mode(bed, "middlebox", bins, &config, socket, dataplane).map(Some)
+            }
+        }
+    }
+}
+
+/// Restores direct forwarding from the source to the primary.
+pub fn leave(bed: &Testbed) -> anyhow::Result<()> {
+    let primary = bed.address("primary", "eth0")?;
+    steer(bed, primary, &Mac(bed.mac("primary", "eth0")?).to_string())
+}
+
+fn steer(bed: &Testbed, primary: Ipv4Addr, mac: &str) -> anyhow::Result<()> {
+    bed.exec(
+        "source",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &primary.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Puts (or removes) a 1 Gbit/s token bucket on every interface of every host.
+pub fn limit_links(bed: &Testbed, limited: bool) -> anyhow::Result<()> {
+    for host in ["source", "primary", "replica", "middlebox"] {
+        for iface in ["eth0", "eth1"] {
+            if limited {
+                bed.exec(
+                    host,
+                    &[
+                        "tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate", "1gbit",
+                        "burst", "512kb", "latency", "50ms",
+                    ],
+                )?;
+            } else {
+                let _ = bed
+                    .command(host, &["tc", "qdisc", "del", "dev", iface, "root"])?
+                    .output();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn middlebox_config(bed: &Testbed, replication: Replication, port: u16) -> anyhow::Result<String> {
+    let source = bed.address("source", "eth0")?;
+    let primary = bed.address("primary", "eth0")?;
+    let mb0 = bed.address("middlebox", "eth0")?;
+    let mb1 = bed.address("middlebox", "eth1")?;
+    let (replicas, extra) = match replication {
+        Replication::None => (String::new(), String::new()),
+        Replication::SharedNic => (
+            format!("\"{}:{port}\"", bed.address("replica", "eth0")?),
+            String::new(),
+        ),
+        Replication::DedicatedNic => (
+            format!("\"{}:{port}\"", bed.address("replica", "eth1")?),
+            "replica_interface = \"eth1\"\n".to_owned(),
+        ),
+    };
+    Ok(format!(
+        "control_socket = \"/run/ncp-bench/mb.sock\"\n\
+         [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
+         [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
+         [[services]]\nname = \"bench\"\nprimary = \"{primary}:{port}\"\nclients = \"{source}/32\"\n\
+         replicas = [{replicas}]\n{extra}"
+    ))
+}
