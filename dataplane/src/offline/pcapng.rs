@@ -1054,6 +1054,78 @@ mod tests {
         assert_eq!(r.offset(), bytes.len() as u64);
     }
 
+    /// Rewrites one of our little-endian files in big-endian byte order, field by field,
+    /// as a big-endian machine would have written it.
+    fn to_big_endian(le: &[u8]) -> Vec<u8> {
+        fn swap(out: &mut [u8], at: usize, n: usize) {
+            out[at..at + n].reverse();
+        }
+        let mut out = le.to_vec();
+        let mut at = 0;
+        while at < le.len() {
+            let ty = u32::from_le_bytes(le[at..at + 4].try_into().unwrap());
+            let len = u32::from_le_bytes(le[at + 4..at + 8].try_into().unwrap()) as usize;
+            swap(&mut out, at, 4);
+            swap(&mut out, at + 4, 4);
+            swap(&mut out, at + len - 4, 4);
+            // Fixed fields (offset, size), then where the options start.
+            let (fixed, opts): (&[(usize, usize)], usize) = match ty {
+                BT_SHB => (&[(8, 4), (12, 2), (14, 2), (16, 8)], 24),
+                BT_IDB => (&[(8, 2), (10, 2), (12, 4)], 16),
+                BT_EPB => {
+                    let caplen = u32::from_le_bytes(le[at + 20..at + 24].try_into().unwrap());
+                    let fields: &[(usize, usize)] = &[(8, 4), (12, 4), (16, 4), (20, 4), (24, 4)];
+                    (fields, 28 + (caplen as usize).div_ceil(4) * 4)
+                }
+                _ => unreachable!(),
+            };
+            for &(off, n) in fixed {
+                swap(&mut out, at + off, n);
+            }
+            let mut o = at + opts;
+            while o + 4 <= at + len - 4 {
+                let code = u16::from_le_bytes([le[o], le[o + 1]]);
+                let olen = usize::from(u16::from_le_bytes([le[o + 2], le[o + 3]]));
+                swap(&mut out, o, 2);
+                swap(&mut out, o + 2, 2);
+                if ty == BT_EPB && code == OPT_EPB_FLAGS {
+                    swap(&mut out, o + 4, 4);
+                }
+                if code == OPT_END {
+                    break;
+                }
+                o += 4 + olen.div_ceil(4) * 4;
+            }
+            at += len;
+        }
+        out
+    }
+
+    #[test]
+    fn big_endian_sections_read_the_same() {
+        let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
+        let mut s = w.open(4, &meta(), 1_000).unwrap();
+        w.client_data(&mut s, b"big-endian", 2_000).unwrap();
+        w.close(&mut s, 3_000).unwrap();
+        let le = w.into_inner();
+        let be = to_big_endian(&le);
+        assert_ne!(le, be);
+        let collect = |bytes: &[u8]| {
+            let mut r = BlockReader::new(bytes);
+            let mut v = Vec::new();
+            while let Some(b) = r.next_block().unwrap() {
+                if let Block::Packet(p) = b {
+                    v.push((p.ts_ns, p.data.to_vec(), p.comment.map(str::to_owned)));
+                }
+            }
+            v
+        };
+        let (a, b) = (collect(&le), collect(&be));
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 8);
+        assert_eq!(a[0].0, 1_000);
+    }
+
     #[test]
     fn hostile_length_is_refused_without_allocating() {
         let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
