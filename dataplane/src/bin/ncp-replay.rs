@@ -1,6 +1,16 @@
 //! `ncp-replay`: replays recorded NCP sessions (pcapng files from the offline recorder, or
 //! any pcapng capture of TCP/IPv4) into a target server.
 //!
+//! ```text
+//! # everything the recorder wrote, as recorded, into a replica
+//! ncp-replay /var/lib/ncp/rec-*.pcapng --to 198.18.0.20:6379
+//! # one service's sessions of one client subnet, ten times faster, machine-readable
+//! ncp-replay rec-*.pcapng --to 198.18.0.20:6379 --service kv --client 198.18.1.0/24 \
+//!     --pace factor:10 --json
+//! # the first five minutes, as fast as the target takes it
+//! ncp-replay rec-*.pcapng --to 127.0.0.1:6379 --until +300 --pace fast
+//! ```
+//!
 //! Exit status: 0 when everything was intact and every session replayed cleanly, 1 when a
 //! recording was damaged (its intact part was still replayed) or a session failed, 2 on
 //! bad arguments.

@@ -597,3 +597,28 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_and_ids_can_live_in_worker_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<RecordHandle>();
+        send_sync::<RecId>();
+    }
+
+    #[test]
+    fn a_zero_queue_is_refused() {
+        let cfg = RecorderConfig {
+            dir: std::env::temp_dir(),
+            file_prefix: "never".into(),
+            rotate_bytes: 0,
+            rotate_secs: 0,
+            queue_capacity: 0,
+            record_responses: false,
+        };
+        assert!(Recorder::start(cfg).is_err());
+    }
+}
