@@ -580,7 +580,12 @@ fn engine_echoes_a_kernel_client_as_the_foreign_address() {
     let mut scene = Scene::new("echo", 1);
     scene.start_engine("echo", 1, Echo::default());
 
-    let data = pattern(0x5eed, 8 << 20);
+    // 8 MiB by default; NCP_ECHO_MIB makes it longer for a throughput look.
+    let mib = std::env::var("NCP_ECHO_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(8);
+    let data = pattern(0x5eed, mib << 20);
     let expected = data.clone();
     let client = scene.in_a(move || {
         let stream = connect_with_retry(PRIMARY);

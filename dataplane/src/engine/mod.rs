@@ -386,6 +386,38 @@ impl<D: EngineDevice> Engine<D> {
         }
     }
 
+    /// Starts accepting connections to `addr` too (no-op when already listening).
+    pub fn listen(&mut self, addr: SocketAddrV4) {
+        if self.endpoints.iter().any(|e| e.addr == addr) {
+            return;
+        }
+        self.endpoints.push(Endpoint {
+            addr,
+            listeners: Vec::new(),
+        });
+        self.top_up(self.endpoints.len() - 1);
+    }
+
+    /// Stops accepting new connections to `addr`. Connections already accepted, and
+    /// handshakes under way, go on.
+    pub fn unlisten(&mut self, addr: SocketAddrV4) {
+        let Some(index) = self.endpoints.iter().position(|e| e.addr == addr) else {
+            return;
+        };
+        let endpoint = self.endpoints.remove(index);
+        for handle in endpoint.listeners {
+            self.sockets.remove(handle);
+        }
+        // Half-open sockets name endpoints by index: re-point or orphan them.
+        for half in &mut self.half_open {
+            if half.endpoint == index {
+                half.endpoint = usize::MAX;
+            } else if half.endpoint > index && half.endpoint != usize::MAX {
+                half.endpoint -= 1;
+            }
+        }
+    }
+
     fn alloc_id(&mut self) -> ConnId {
         let id = ConnId(self.next_id);
         self.next_id += 1;
@@ -427,7 +459,12 @@ impl<D: EngineDevice> Engine<D> {
         }
         self.device.flush();
         self.collect(events);
-        active || events.len() > before
+        // Readable is repeated while bytes wait; it alone is not news, so a caller that
+        // cannot drain right now may still sleep until the next frame or timer.
+        active
+            || events[before..]
+                .iter()
+                .any(|e| !matches!(e, EngineEvent::Readable { .. }))
     }
 
     /// How long the caller may sleep before the next poll is due (retransmissions, delayed
@@ -481,11 +518,14 @@ impl<D: EngineDevice> Engine<D> {
                     // pool has room.
                     self.half_open.swap_remove(index);
                     self.counters.half_open_failed += 1;
-                    let pool = &mut self.endpoints[endpoint].listeners;
-                    if pool.len() < self.config.listeners_per_endpoint {
-                        pool.push(handle);
-                    } else {
-                        self.sockets.remove(handle);
+                    match self.endpoints.get_mut(endpoint) {
+                        Some(e) if e.listeners.len() < self.config.listeners_per_endpoint => {
+                            e.listeners.push(handle);
+                        }
+                        // Pool full, or the endpoint is no longer listened on.
+                        _ => {
+                            self.sockets.remove(handle);
+                        }
                     }
                 }
                 State::Closed => {
@@ -570,9 +610,9 @@ impl<D: EngineDevice> Engine<D> {
             }
             if state == State::Closed || state == State::TimeWait {
                 if graceful {
-                    // Bytes the caller has not read yet are still delivered first.
+                    // Bytes the caller has not read yet are still delivered first. `last`
+                    // is left alone so the close is still seen as clean next time.
                     if unread > 0 {
-                        conn.last = state;
                         continue;
                     }
                     self.counters.closed += 1;

@@ -356,3 +356,71 @@ fn unknown_ids_are_errors_not_panics() {
     let conn = client.connect(PRIMARY).unwrap();
     assert_eq!(client.send(conn, b"x"), Err(EngineError::NotWritable(conn)));
 }
+
+#[test]
+fn unread_bytes_outlive_a_clean_close() {
+    let (mut client, mut mb) = pair(1);
+    let conn = client.connect(PRIMARY).unwrap();
+    let mut server = None;
+    let mut sent = false;
+    let mut closed_server = false;
+    let mut client_closed = false;
+    // The server reads nothing until both sides have closed.
+    pump(&mut client, &mut mb, |c, m, ec, em| {
+        for e in em {
+            match *e {
+                EngineEvent::Accepted { conn, .. } => server = Some(conn),
+                EngineEvent::Readable { conn } if !closed_server => {
+                    m.close(conn).unwrap();
+                    closed_server = true;
+                }
+                EngineEvent::Reset { .. } | EngineEvent::Closed { .. } => {
+                    panic!("closed before the bytes were read: {e:?}")
+                }
+                _ => {}
+            }
+        }
+        if ec.contains(&EngineEvent::Connected { conn }) && !sent {
+            assert_eq!(c.send(conn, b"hello").unwrap(), 5);
+            c.close(conn).unwrap();
+            sent = true;
+        }
+        client_closed |= ec.contains(&EngineEvent::Closed { conn });
+        client_closed
+    });
+    let server = server.unwrap();
+    let mut events = Vec::new();
+    mb.poll(Instant::now(), &mut events);
+    assert_eq!(events, vec![EngineEvent::Readable { conn: server }]);
+    let mut buf = [0u8; 16];
+    assert_eq!(mb.recv(server, &mut buf).unwrap(), 5);
+    assert_eq!(&buf[..5], b"hello");
+    events.clear();
+    mb.poll(Instant::now(), &mut events);
+    assert_eq!(
+        events,
+        vec![
+            EngineEvent::PeerClosed { conn: server },
+            EngineEvent::Closed { conn: server }
+        ]
+    );
+}
+
+#[test]
+fn endpoints_can_be_added_and_removed() {
+    let (mut client, mut mb) = pair(2);
+    let other = SocketAddrV4::new(*PRIMARY.ip(), 7100);
+    mb.listen(other);
+    mb.listen(other);
+    assert_eq!(mb.listeners(), 4);
+    let conn = client.connect(other).unwrap();
+    pump(&mut client, &mut mb, |_, _, ec, _| {
+        ec.contains(&EngineEvent::Connected { conn })
+    });
+    mb.unlisten(PRIMARY);
+    assert_eq!(mb.listeners(), 2);
+    let refused = client.connect(PRIMARY).unwrap();
+    pump(&mut client, &mut mb, |_, _, ec, _| {
+        ec.contains(&EngineEvent::Refused { conn: refused })
+    });
+}
