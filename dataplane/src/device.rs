@@ -38,6 +38,10 @@ const TX_HEADROOM: usize = ETH_HEADER + VLAN_TAG;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_VLAN: u16 = 0x8100;
 const ETHERTYPE_QINQ: u16 = 0x88a8;
+const IP_PROTO_TCP: u8 = 6;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 /// Default bound of the neighbour table.
 pub const DEFAULT_NEIGHBOURS: usize = 4096;
 /// Non-IPv4 frames skipped in one `receive` call before it yields, so a flood of them
@@ -148,6 +152,8 @@ pub struct RxL2 {
     pub src_ip: Ipv4Addr,
     /// Whether the IPv4 header checksum is right (only such frames teach the table).
     pub header_ok: bool,
+    /// Whether it is a TCP connection request (SYN without ACK).
+    pub tcp_syn: bool,
 }
 
 /// Why a received frame was not handed to smoltcp.
@@ -195,6 +201,10 @@ pub fn parse_rx(frame: &[u8]) -> Result<RxL2, RxDrop> {
         vlan,
         src_ip,
         header_ok: ipv4_header_checksum_ok(&ip[..header_len]),
+        tcp_syn: ip[9] == IP_PROTO_TCP
+            && ip
+                .get(header_len + TCP_FLAGS_OFFSET)
+                .is_some_and(|&flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN),
     })
 }
 
@@ -285,6 +295,8 @@ pub struct LinkLayer {
     /// Where smoltcp writes a packet that cannot be sent (no free frame): its closure
     /// still has to run, and TCP retransmits what is lost.
     scratch: Vec<u8>,
+    /// A connection request came in since [`LinkLayer::take_syn_seen`] last looked.
+    syn_seen: bool,
 }
 
 impl LinkLayer {
@@ -296,6 +308,7 @@ impl LinkLayer {
             neighbours: NeighbourTable::new(config.neighbours),
             counters: DeviceCounters::default(),
             scratch: Vec::new(),
+            syn_seen: false,
         }
     }
 
@@ -313,6 +326,7 @@ impl LinkLayer {
                         },
                     );
                 }
+                self.syn_seen |= l2.tcp_syn;
                 Ok(l2.ip_offset)
             }
             Err(e) => {
@@ -354,6 +368,11 @@ impl LinkLayer {
         let start = write_eth_header(buf, TX_HEADROOM, hop.mac, self.mac, hop.vlan)?;
         self.counters.tx_frames += 1;
         Some((start, end - start))
+    }
+
+    /// Whether a TCP SYN (without ACK) was received since the last call.
+    pub fn take_syn_seen(&mut self) -> bool {
+        std::mem::take(&mut self.syn_seen)
     }
 
     /// The neighbour table.
@@ -426,6 +445,12 @@ impl XskDevice {
     /// Sleeps until a frame arrives or `timeout_ms` passes.
     pub fn wait(&self, timeout_ms: i32) {
         self.socket.wait(timeout_ms);
+    }
+
+    /// Whether a TCP SYN (without ACK) was handed to smoltcp since the last call: the
+    /// engine then re-arms its listeners before the next frame.
+    pub fn take_syn_seen(&mut self) -> bool {
+        self.link.take_syn_seen()
     }
 
     /// Whether received frames are waiting.
@@ -622,6 +647,28 @@ mod tests {
         );
         assert_eq!(link.counters().rx_ipv4, 1);
         assert_eq!(link.counters().learned, 1);
+    }
+
+    #[test]
+    fn notices_connection_requests() {
+        let mut link = LinkLayer::new(&DeviceConfig::new(OUR_MAC));
+        let mut packet = ipv4(A, B);
+        packet[20 + 13] = TCP_SYN;
+        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet);
+        assert!(parse_rx(&frame).unwrap().tcp_syn);
+        link.ingress(&frame).unwrap();
+        assert!(link.take_syn_seen());
+        assert!(!link.take_syn_seen(), "taken once");
+        packet[20 + 13] = TCP_SYN | TCP_ACK;
+        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet);
+        assert!(!parse_rx(&frame).unwrap().tcp_syn, "SYN-ACK is an answer");
+        packet[9] = 17;
+        packet[20 + 13] = TCP_SYN;
+        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet);
+        assert!(!parse_rx(&frame).unwrap().tcp_syn, "not TCP");
+        // A header cut before the flags is no SYN and no panic.
+        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet[..30]);
+        assert!(!parse_rx(&frame).unwrap().tcp_syn);
     }
 
     #[test]

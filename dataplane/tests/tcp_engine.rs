@@ -235,7 +235,13 @@ impl Scene {
     }
 
     /// Starts the engine thread in B running `app`, and waits until it is ready.
-    fn start_engine(&mut self, tag: &str, index: u8, mut app: impl App + Send + 'static) {
+    fn start_engine(
+        &mut self,
+        tag: &str,
+        index: u8,
+        listeners: usize,
+        mut app: impl App + Send + 'static,
+    ) {
         let ns_b = self.ns_b.clone();
         let interface = format!("nce{tag}b");
         let stop = self.stop.clone();
@@ -272,7 +278,7 @@ impl Scene {
                     XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| e.to_string())?;
                 let mut config = EngineConfig::new(B_ADDR, OWNED);
                 config.listen = vec![PRIMARY];
-                config.listeners_per_endpoint = 4;
+                config.listeners_per_endpoint = listeners;
                 let engine = Engine::new(device, config).map_err(|e| e.to_string())?;
                 Ok((steering, engine))
             };
@@ -578,7 +584,7 @@ fn engine_echoes_a_kernel_client_as_the_foreign_address() {
         return;
     }
     let mut scene = Scene::new("echo", 1);
-    scene.start_engine("echo", 1, Echo::default());
+    scene.start_engine("echo", 1, 2, Echo::default());
 
     // 8 MiB by default; NCP_ECHO_MIB makes it longer for a throughput look.
     let mib = std::env::var("NCP_ECHO_MIB")
@@ -643,7 +649,7 @@ fn engine_relays_between_a_kernel_client_and_a_kernel_server() {
         (from, got)
     });
     bound_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    scene.start_engine("relay", 2, Relay::new(SERVER));
+    scene.start_engine("relay", 2, 2, Relay::new(SERVER));
 
     let client_request = request.clone();
     let client = scene.in_a(move || {
@@ -673,5 +679,43 @@ fn engine_relays_between_a_kernel_client_and_a_kernel_server() {
     eprintln!("relay: {report:?}");
     assert_eq!(report.engine.accepted, 1);
     assert_eq!(report.engine.connected, 1);
+    assert_eq!(report.engine.reset, 0);
+}
+
+#[test]
+fn engine_takes_a_burst_of_kernel_clients_with_one_listener() {
+    let test = "engine_takes_a_burst_of_kernel_clients_with_one_listener";
+    if !ready(test) {
+        return;
+    }
+    let mut scene = Scene::new("burst", 3);
+    // A single listening socket: the SYNs of all clients arrive within a few frames of
+    // each other, and the engine re-arms after each one.
+    scene.start_engine("burst", 3, 1, Echo::default());
+    const CLIENTS: usize = 32;
+    let barrier = Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let barrier = barrier.clone();
+            scene.in_a(move || {
+                let data = pattern(i as u64 + 1, 256 << 10);
+                barrier.wait();
+                // No retry: a refused connection (no listener armed) fails the test.
+                let stream =
+                    TcpStream::connect_timeout(&SocketAddr::V4(PRIMARY), Duration::from_secs(5))
+                        .unwrap_or_else(|e| panic!("client {i}: {e}"));
+                stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+                let echoed = exchange(stream, data.clone());
+                assert!(echoed == data, "client {i}: echo differs");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    let report = scene.stop_engine();
+    eprintln!("burst: {report:?}");
+    assert_eq!(report.engine.accepted, CLIENTS as u64);
     assert_eq!(report.engine.reset, 0);
 }

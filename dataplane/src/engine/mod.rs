@@ -25,7 +25,8 @@
 //!   to drain it completely into its own bounded queues each time;
 //! - a listening socket takes exactly one connection and there is no backlog, so each
 //!   service endpoint has a pool of listening sockets, re-armed as soon as one of them
-//!   takes a SYN.
+//!   takes a SYN (checked after every frame that carried one, not once per poll, so a
+//!   burst of SYNs in one batch of frames finds a listener for each).
 
 mod ports;
 
@@ -53,11 +54,23 @@ use crate::config::PortRange;
 pub trait EngineDevice: Device {
     /// Called once at the end of every [`Engine::poll`].
     fn flush(&mut self) {}
+
+    /// Whether a TCP connection request (SYN without ACK) was received since the last
+    /// call. After one, the engine re-arms its listeners before taking the next frame, so
+    /// a burst of SYNs needs no more listeners than arrive between two frames (one). A
+    /// device that cannot tell returns true: the engine then checks after every frame.
+    fn take_syn_seen(&mut self) -> bool {
+        true
+    }
 }
 
 impl EngineDevice for crate::device::XskDevice {
     fn flush(&mut self) {
         crate::device::XskDevice::flush(self);
+    }
+
+    fn take_syn_seen(&mut self) -> bool {
+        crate::device::XskDevice::take_syn_seen(self)
     }
 }
 
@@ -71,8 +84,9 @@ pub struct EngineConfig {
     pub ports: PortRange,
     /// Service endpoints to accept connections on, usually foreign (the primary's).
     pub listen: Vec<SocketAddrV4>,
-    /// Listening sockets kept armed per endpoint: the SYNs one endpoint can take between
-    /// two polls.
+    /// Listening sockets kept armed per endpoint. Listeners are re-armed after every
+    /// received SYN (when the device reports SYNs, as [`crate::device::XskDevice`] does),
+    /// so one or two take any burst; each costs its buffers up front.
     pub listeners_per_endpoint: usize,
     /// Receive buffer per connection, bytes. Above 64 KiB smoltcp scales the window.
     pub rx_buffer: usize,
@@ -91,14 +105,14 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// A configuration with defaults: 256 KiB buffers, 8 listeners per endpoint, 1024
+    /// A configuration with defaults: 256 KiB buffers, 2 listeners per endpoint, 1024
     /// connections, 64 frames per poll, 60 s timeout, no Nagle.
     pub fn new(own_addr: Ipv4Addr, ports: PortRange) -> Self {
         Self {
             own_addr,
             ports,
             listen: Vec::new(),
-            listeners_per_endpoint: 8,
+            listeners_per_endpoint: 2,
             rx_buffer: 256 * 1024,
             tx_buffer: 256 * 1024,
             max_connections: 1024,
@@ -445,6 +459,9 @@ impl<D: EngineDevice> Engine<D> {
                 PollIngressSingleResult::None => break,
                 _ => active = true,
             }
+            if self.device.take_syn_seen() {
+                self.rearm_listeners();
+            }
         }
         // Each egress round lets every socket emit at most one segment: repeat until quiet.
         // The bound only guards against a device that accepts frames forever.
@@ -482,6 +499,15 @@ impl<D: EngineDevice> Engine<D> {
         self.collect_half_open(events);
         self.collect_conns(events);
         self.collect_lingering();
+        for index in 0..self.endpoints.len() {
+            self.top_up(index);
+        }
+    }
+
+    /// Replaces listeners that took a SYN. Cheap enough to run after every SYN: it looks
+    /// at the listening sockets only (smoltcp itself scans every socket per frame).
+    fn rearm_listeners(&mut self) {
+        self.collect_listeners();
         for index in 0..self.endpoints.len() {
             self.top_up(index);
         }

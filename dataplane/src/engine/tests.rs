@@ -281,9 +281,11 @@ fn abort_resets_the_peer() {
 
 #[test]
 fn listener_pool_is_rearmed_for_successive_bursts() {
-    let (mut client, mut mb) = pair(4);
+    // One listener, bursts of eight SYNs that arrive in the same poll: re-arming after
+    // each SYN gives every one of them a listener.
+    let (mut client, mut mb) = pair(1);
     for _round in 0..3 {
-        let conns: Vec<ConnId> = (0..4).map(|_| client.connect(PRIMARY).unwrap()).collect();
+        let conns: Vec<ConnId> = (0..8).map(|_| client.connect(PRIMARY).unwrap()).collect();
         let mut connected = 0;
         let mut accepted = 0;
         pump(&mut client, &mut mb, |_, _, ec, em| {
@@ -298,13 +300,14 @@ fn listener_pool_is_rearmed_for_successive_bursts() {
                 .iter()
                 .filter(|e| matches!(e, EngineEvent::Accepted { .. }))
                 .count();
-            connected == 4 && accepted == 4
+            connected == 8 && accepted == 8
         });
         for conn in conns {
             client.abort(conn).unwrap();
         }
     }
-    assert_eq!(mb.counters().accepted, 12);
+    assert_eq!(mb.counters().accepted, 24);
+    assert_eq!(mb.listeners(), 1);
 }
 
 #[test]
