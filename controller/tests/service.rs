@@ -310,3 +310,96 @@ async fn end_to_end_on_ovs_through_the_api() {
     drop(bed);
     let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_get_clear_errors_and_change_nothing() {
+    let state = temp_state("bodies");
+    let (svc, api) = start(state.clone()).await;
+    let good = r#"{"id":1,"source":"198.18.3.11","primary":"198.18.3.21","primary_port":80,"middlebox":"198.18.3.31"}"#;
+    // (body, status, text the answer must contain)
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{not json".into(), 400, "JSON"),
+        ("".into(), 400, "JSON"),
+        ("[1,2,3]".into(), 422, "invalid type"),
+        (good.replace(r#""id":1"#, r#""id":"one""#), 422, "id"),
+        (
+            good.replace(r#""primary_port":80"#, r#""primary_port":"http""#),
+            422,
+            "primary_port",
+        ),
+        (
+            good.replace(r#""primary_port":80"#, r#""primary_port":70000"#),
+            422,
+            "primary_port",
+        ),
+        (
+            good.replace(r#","primary":"198.18.3.21""#, ""),
+            422,
+            "primary",
+        ),
+        (
+            good.replace(r#""middlebox":"198.18.3.31""#, r#""middlebox":"198.18.3""#),
+            422,
+            "middlebox",
+        ),
+        (good.replace('}', r#","mode":{"kind":"gre"}}"#), 422, "mode"),
+        (
+            good.replace(r#""source":"198.18.3.11""#, r#""source":"198.18.3.0/40""#),
+            400,
+            "source prefix",
+        ),
+        (
+            format!("{{\"id\":1,\"pad\":\"{}\"}}", "x".repeat(100_000)),
+            413,
+            "",
+        ),
+    ];
+    for (body, status, text) in cases {
+        let r = call(&api, "POST", "/v1/replications", Some(body.clone())).await;
+        assert_eq!(r.status, status, "{body:.80}: {}", r.body);
+        assert!(
+            r.body.contains(text),
+            "{body:.80}: answer {:?} lacks {text:?}",
+            r.body
+        );
+    }
+    let host = r#"{"ip":"198.18.3.31","mac":31,"dpid":51,"port":1}"#;
+    let r = call(&api, "PUT", "/v1/hosts", Some(host.into())).await;
+    assert_eq!(r.status, 422);
+    assert!(r.body.contains("mac"), "{}", r.body);
+    let r = call(
+        &api,
+        "PUT",
+        "/v1/hosts",
+        Some(host.replace("31,", r#""zz","#)),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("MAC"), "{}", r.body);
+    // Nothing changed, nothing was logged as a change, and the API still serves.
+    assert_eq!(svc.desired(), Default::default());
+    assert!(svc.audit().is_empty(), "{:?}", svc.audit());
+    assert_eq!(call(&api, "GET", "/v1/health", None).await.status, 200);
+
+    // A good body is taken and logged with the caller's name; a wrong token changes
+    // nothing, deleting included.
+    assert_eq!(
+        call(&api, "POST", "/v1/replications", Some(good.into()))
+            .await
+            .status,
+        201
+    );
+    let wrong = Client::new(api.addr, "not-the-token");
+    assert_eq!(
+        call(&wrong, "DELETE", "/v1/replications/1", None)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(svc.desired().replications.len(), 1);
+    let audit = svc.audit();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0].who, "operator");
+    assert!(audit[0].what.starts_with("add replication 1"), "{audit:?}");
+    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
+}
