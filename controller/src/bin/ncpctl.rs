@@ -41,7 +41,7 @@ enum Cmd {
         /// Replica servers (address:port), repeatable.
         #[arg(long)]
         replica: Vec<String>,
-        /// rewrite, vlan:<vid> or mpls:<label>.
+        /// rewrite, vlan:VID or mpls:LABEL.
         #[arg(long, default_value = "rewrite")]
         mode: String,
     },
@@ -63,10 +63,24 @@ enum Cmd {
     },
     /// Unpin a host.
     Unpin { ip: Ipv4Addr },
-    /// Switches, discovered links and hosts.
+    /// Switches, discovered links, pinned and learned hosts, middleboxes down.
     Topology,
     /// Reconcile all switches now.
     Reconcile,
+    /// Recent changes and who made them.
+    Audit,
+    /// Counters (flow-mods sent, reconcile runs, packet-ins, learned hosts).
+    Metrics,
+}
+
+/// The token in a token file: the first line that is not a comment, either a bare token
+/// or `<name> <token>` (the format `ncpd --token-file` reads).
+fn token_of(text: &str) -> &str {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_whitespace().last().unwrap_or(l))
+        .unwrap_or("")
 }
 
 fn parse_dpid(s: &str) -> Result<u64, String> {
@@ -86,7 +100,7 @@ fn parse_mode(s: &str) -> anyhow::Result<ModeSpec> {
         Some(("mpls", v)) => ModeSpec::Mpls {
             label: v.parse().context("MPLS label")?,
         },
-        _ => bail!("mode must be rewrite, vlan:<vid> or mpls:<label>"),
+        _ => bail!("mode must be rewrite, vlan:VID or mpls:LABEL"),
     })
 }
 
@@ -108,7 +122,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         None => std::env::var("NCP_TOKEN").unwrap_or_default(),
     };
-    let client = Client::new(args.api, token.trim());
+    let client = Client::new(args.api, token_of(&token));
     let (method, path, body) = match args.cmd {
         Cmd::Status => ("GET", "/v1/replications".to_string(), None),
         Cmd::Add {
@@ -159,6 +173,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Unpin { ip } => ("DELETE", format!("/v1/hosts/{ip}"), None),
         Cmd::Topology => ("GET", "/v1/topology".to_string(), None),
         Cmd::Reconcile => ("POST", "/v1/reconcile".to_string(), None),
+        Cmd::Audit => ("GET", "/v1/audit".to_string(), None),
+        Cmd::Metrics => ("GET", "/v1/metrics".to_string(), None),
     };
     let resp = client.request(method, &path, body.as_deref())?;
     let shown = serde_json::from_str::<serde_json::Value>(&resp.body)
@@ -172,4 +188,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("{method} {path}: HTTP {}", resp.status);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_of;
+
+    #[test]
+    fn token_file_forms() {
+        assert_eq!(token_of("abc\n"), "abc");
+        assert_eq!(token_of("# who token\nalice s3cret\nbob other\n"), "s3cret");
+        assert_eq!(token_of(""), "");
+    }
 }
