@@ -222,6 +222,8 @@ pub struct EngineCounters {
     pub closed: u64,
     /// Handshakes that failed before an accept (back to listening or closed).
     pub half_open_failed: u64,
+    /// Retransmitted SYNs dropped because their connection already had a socket.
+    pub duplicate_syn: u64,
 }
 
 /// A connection the caller knows about.
@@ -514,21 +516,49 @@ impl<D: EngineDevice> Engine<D> {
     }
 
     fn collect_listeners(&mut self) {
+        let mut taken = Vec::new();
         for (index, endpoint) in self.endpoints.iter_mut().enumerate() {
             let sockets = &self.sockets;
-            let half_open = &mut self.half_open;
             endpoint.listeners.retain(|&handle| {
-                let socket = sockets.get::<tcp::Socket>(handle);
-                if socket.state() == State::Listen {
+                if sockets.get::<tcp::Socket>(handle).state() == State::Listen {
                     return true;
                 }
-                half_open.push(HalfOpen {
-                    handle,
-                    endpoint: index,
-                });
+                taken.push((handle, index));
                 false
             });
         }
+        for (handle, endpoint) in taken {
+            if self.is_duplicate(handle) {
+                // A retransmitted SYN of a connection that already has a socket reached a
+                // listener that sits before that socket in smoltcp's scan order. Answering
+                // it would send the client a second SYN-ACK from a second socket: one of
+                // the two then hangs half-open until it times out, or the client's ACK
+                // reaches the wrong one and the connection is reset. smoltcp has not
+                // answered yet (a SYN is answered on egress), so dropping the socket drops
+                // the duplicate silently; the original socket retransmits its SYN-ACK.
+                self.sockets.remove(handle);
+                self.counters.duplicate_syn += 1;
+                continue;
+            }
+            self.half_open.push(HalfOpen { handle, endpoint });
+        }
+    }
+
+    /// Whether another live half-open or accepted socket has `handle`'s 4-tuple. Linear,
+    /// and only run per connection request; a 4-tuple map would make it O(1).
+    fn is_duplicate(&self, handle: SocketHandle) -> bool {
+        let socket = self.sockets.get::<tcp::Socket>(handle);
+        let tuple = (socket.local_endpoint(), socket.remote_endpoint());
+        if tuple.1.is_none() {
+            return false;
+        }
+        let same = |other: SocketHandle| {
+            let s = self.sockets.get::<tcp::Socket>(other);
+            other != handle
+                && s.state() != State::Closed
+                && (s.local_endpoint(), s.remote_endpoint()) == tuple
+        };
+        self.half_open.iter().any(|h| same(h.handle)) || self.conns.values().any(|c| same(c.handle))
     }
 
     fn collect_half_open(&mut self, events: &mut Vec<EngineEvent>) {
@@ -821,6 +851,11 @@ impl<D: EngineDevice> Engine<D> {
     /// Connections the caller can name.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Handshakes under way (SYN received, not yet accepted).
+    pub fn half_open(&self) -> usize {
+        self.half_open.len()
     }
 
     /// Listening sockets armed right now, over all endpoints.
