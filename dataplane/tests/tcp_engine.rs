@@ -415,6 +415,11 @@ impl Outbox {
 #[derive(Default)]
 struct Echo {
     conns: HashMap<ConnId, Outbox>,
+    /// A slow reader: reads nothing until this long after the accept...
+    hold: Duration,
+    /// ...and then at most this many bytes per event (0: everything).
+    chunk: usize,
+    accepted_at: HashMap<ConnId, Instant>,
 }
 
 impl App for Echo {
@@ -423,10 +428,23 @@ impl App for Echo {
             EngineEvent::Accepted { conn, local, .. } => {
                 assert_eq!(local, PRIMARY, "accepted as the primary");
                 self.conns.insert(conn, Outbox::default());
+                self.accepted_at.insert(conn, Instant::now());
             }
             EngineEvent::Readable { conn } => {
-                if let Some(out) = self.conns.get_mut(&conn) {
-                    out.drain_from(engine, conn);
+                let held = self
+                    .accepted_at
+                    .get(&conn)
+                    .is_some_and(|at| at.elapsed() < self.hold);
+                if let Some(out) = self.conns.get_mut(&conn)
+                    && !held
+                {
+                    if self.chunk == 0 {
+                        out.drain_from(engine, conn);
+                    } else {
+                        let mut buf = vec![0u8; self.chunk];
+                        let n = engine.recv(conn, &mut buf).unwrap_or(0);
+                        out.bytes.extend(&buf[..n]);
+                    }
                 }
             }
             EngineEvent::PeerClosed { conn } => {
@@ -717,5 +735,35 @@ fn engine_takes_a_burst_of_kernel_clients_with_one_listener() {
     let report = scene.stop_engine();
     eprintln!("burst: {report:?}");
     assert_eq!(report.engine.accepted, CLIENTS as u64);
+    assert_eq!(report.engine.reset, 0);
+}
+
+#[test]
+fn engine_recovers_from_a_full_receive_buffer() {
+    let test = "engine_recovers_from_a_full_receive_buffer";
+    if !ready(test) {
+        return;
+    }
+    let mut scene = Scene::new("zwin", 4);
+    // The engine reads nothing for a while, so its 256 KiB receive buffer fills and it
+    // advertises a zero window to the kernel client, then reads in small bites.
+    scene.start_engine(
+        "zwin",
+        4,
+        2,
+        Echo {
+            hold: Duration::from_millis(1500),
+            chunk: 4096,
+            ..Echo::default()
+        },
+    );
+    let data = pattern(0x2e80, 4 << 20);
+    let expected = data.clone();
+    let client = scene.in_a(move || exchange(connect_with_retry(PRIMARY), data));
+    let echoed = client.join().unwrap();
+    assert_eq!(echoed.len(), expected.len());
+    assert!(echoed == expected, "echo differs");
+    let report = scene.stop_engine();
+    eprintln!("zero window: {report:?}");
     assert_eq!(report.engine.reset, 0);
 }

@@ -5,7 +5,7 @@ use std::{
     collections::VecDeque,
     net::{Ipv4Addr, SocketAddrV4},
     rc::Rc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
@@ -477,4 +477,94 @@ fn a_retransmitted_syn_does_not_open_a_second_socket() {
     assert_eq!(mb.connections(), 1);
     assert_eq!(mb.half_open(), 0, "no second socket left half-open");
     assert_eq!(mb.counters().duplicate_syn, 1);
+}
+
+/// Gotcha (a) of the design notes: a receive buffer that fills to a zero window must open
+/// again once the application reads, even when it reads slowly and late.
+#[test]
+fn a_zero_window_opens_again_when_the_reader_catches_up() {
+    let (mut client, mut mb) = pair(1);
+    let conn = client.connect(PRIMARY).unwrap();
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    let mut sent = 0;
+    let mut server = None;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1000];
+    let mut stalled_rounds = 0;
+    let started = Instant::now();
+    pump(&mut client, &mut mb, |c, m, ec, em| {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stalled at {} bytes",
+            got.len()
+        );
+        for e in em {
+            if let EngineEvent::Accepted { conn, .. } = *e {
+                server = Some(conn);
+            }
+        }
+        if ec.contains(&EngineEvent::Connected { conn }) || sent > 0 {
+            let n = c.send(conn, &data[sent..]).unwrap();
+            sent += n;
+            if n == 0 {
+                stalled_rounds += 1;
+            }
+        }
+        // Read nothing until the sender has been blocked for a while (the window is
+        // closed), then only a little per round.
+        if let Some(s) = server
+            && stalled_rounds > 50
+        {
+            let n = m.recv(s, &mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        got.len() == data.len()
+    });
+    assert!(got == data);
+}
+
+/// The same with both directions loaded: each side's window updates then travel on
+/// segments that also carry data into the other side's closed window.
+#[test]
+fn zero_windows_both_ways_open_again() {
+    let (mut client, mut mb) = pair(1);
+    let conn = client.connect(PRIMARY).unwrap();
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut sent_c, mut sent_m) = (0, 0);
+    let mut server = None;
+    let (mut got_c, mut got_m) = (Vec::new(), Vec::new());
+    let mut buf = [0u8; 1000];
+    let mut stalled_rounds = 0;
+    let started = Instant::now();
+    pump(&mut client, &mut mb, |c, m, ec, em| {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "stalled: client got {}, middlebox got {}",
+            got_c.len(),
+            got_m.len()
+        );
+        for e in em {
+            if let EngineEvent::Accepted { conn, .. } = *e {
+                server = Some(conn);
+            }
+        }
+        let Some(s) = server else { return false };
+        if ec.contains(&EngineEvent::Connected { conn }) || sent_c > 0 {
+            let a = c.send(conn, &data[sent_c..]).unwrap();
+            let b = m.send(s, &data[sent_m..]).unwrap();
+            sent_c += a;
+            sent_m += b;
+            if a == 0 && b == 0 {
+                stalled_rounds += 1;
+            }
+        }
+        if stalled_rounds > 50 {
+            let n = m.recv(s, &mut buf).unwrap();
+            got_m.extend_from_slice(&buf[..n]);
+            let n = c.recv(conn, &mut buf).unwrap();
+            got_c.extend_from_slice(&buf[..n]);
+        }
+        got_c.len() == data.len() && got_m.len() == data.len()
+    });
+    assert!(got_c == data && got_m == data);
 }
