@@ -251,6 +251,8 @@ fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result
                 "--flows",
                 "64",
                 "--json",
+                "--backend",
+                "xdp",
             ],
         )?;
         let report: serde_json::Value =
