@@ -101,7 +101,8 @@ pub fn probe_reply_rule(dpid: Dpid) -> FlowRule {
 /// Host learning (see [`crate::hosts`]). ARP and IPv4 from senders the controller does
 /// not know are copied to the controller (first [`LEARN_MAX_LEN`] bytes) and forwarded
 /// as usual. Known senders are exempt, so the controller sees each host about once:
-/// everything arriving on a port with a discovered link (transit traffic), and IPv4 from
+/// everything arriving on `exempt_ports` (ports with a discovered link, which carry
+/// transit traffic, and middlebox ports, where a middlebox sends as the primary), and IPv4 from
 /// each known host at its own port (the rule also records where the host is, which a
 /// restarted controller reads back with [`host_from_rule`]). A host that moves sends
 /// from a port where no exemption matches, so its next packet reports the move. ARP is
@@ -110,7 +111,7 @@ pub fn probe_reply_rule(dpid: Dpid) -> FlowRule {
 pub fn learning_rules<'a>(
     dpid: Dpid,
     normal_fallback: bool,
-    link_ports: impl IntoIterator<Item = u32>,
+    exempt_ports: impl IntoIterator<Item = u32>,
     hosts: impl IntoIterator<Item = &'a Host>,
 ) -> Vec<FlowRule> {
     let copy = |eth_type: u16, id: u32| {
@@ -131,7 +132,7 @@ pub fn learning_rules<'a>(
         )
     };
     let mut v = vec![copy(ETH_TYPE_ARP, 4), copy(ETH_TYPE_IPV4, 5)];
-    for p in link_ports {
+    for p in exempt_ports {
         v.push(rule(
             dpid,
             PRIORITY_KNOWN,

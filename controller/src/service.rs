@@ -21,7 +21,7 @@
 //! the known-host rules on the switches ([`discovery::host_from_rule`]), and middleboxes
 //! count as healthy until they miss their probes.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,6 +187,18 @@ impl State {
         v.extend(self.learned.hosts().filter(|h| !self.pinned(h.ip)).copied());
         v
     }
+
+    /// Where the middleboxes of the replications sit, by port. A middlebox sends as other
+    /// hosts (it answers the client as the primary), so nothing but its own address is
+    /// learned there, and its port is exempt from the copy to the controller like a link.
+    fn middlebox_ports(&self, hosts: &[Host]) -> BTreeMap<PortRef, Ipv4Addr> {
+        self.desired
+            .replications
+            .iter()
+            .filter_map(|r| hosts.iter().find(|h| h.ip == r.middlebox))
+            .map(|h| (h.at, h.ip))
+            .collect()
+    }
 }
 
 fn host_spec(h: &Host) -> HostSpec {
@@ -196,6 +208,25 @@ fn host_spec(h: &Host) -> HostSpec {
         dpid: h.at.dpid,
         port: h.at.port,
     }
+}
+
+/// Ports of `dpid` whose traffic is never copied to the controller for learning: ports
+/// with a discovered link and ports where a middlebox sits.
+fn exempt_ports(
+    discovery: &Discovery,
+    middleboxes: &BTreeMap<PortRef, Ipv4Addr>,
+    dpid: Dpid,
+) -> Vec<u32> {
+    let mut v = discovery.link_ports(dpid);
+    v.extend(
+        middleboxes
+            .keys()
+            .filter(|p| p.dpid == dpid)
+            .map(|p| p.port),
+    );
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// Who the controller is in the audit log.
@@ -415,6 +446,7 @@ impl Service {
             );
             let mut base = Vec::new();
             let hosts: Vec<Host> = topo.hosts().copied().collect();
+            let mb_ports = st.middlebox_ports(&hosts);
             for d in &switches {
                 base.extend(discovery::base_rules(*d, cfg.normal_fallback));
                 if cfg.health.is_some() {
@@ -424,7 +456,7 @@ impl Service {
                     base.extend(discovery::learning_rules(
                         *d,
                         cfg.normal_fallback,
-                        st.discovery.link_ports(*d),
+                        exempt_ports(&st.discovery, &mb_ports, *d),
                         &hosts,
                     ));
                 }
@@ -516,6 +548,10 @@ impl Service {
             && in_port <= port::MAX
             && !st.discovery.is_link_port(at)
             && !st.pinned(sender.ip)
+            && st
+                .middlebox_ports(&st.all_hosts())
+                .get(&at)
+                .is_none_or(|mb| *mb == sender.ip)
         {
             match st.learned.observe(sender.ip, sender.mac, at, now) {
                 hosts::Learn::Nothing => {}

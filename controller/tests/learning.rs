@@ -80,6 +80,41 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     let agg2 = bed.dpid("agg2").expect("dpid");
     assert_eq!(status["redirection_switch"], agg1);
 
+    // The middlebox answers clients as the primary: traffic from its port with the
+    // primary's address must not move the primary there.
+    let mb_ns = bed.netns("h31").expect("netns");
+    let spoofed = format!("{}/32", ip("h21"));
+    common::sh(&[
+        "ip", "netns", "exec", &mb_ns, "ip", "addr", "add", &spoofed, "dev", "eth0",
+    ]);
+    let _ = bed.exec(
+        "h31",
+        &[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            &ip("h21"),
+            &ip("h42"),
+        ],
+    );
+    common::sh(&[
+        "ip", "netns", "exec", &mb_ns, "ip", "addr", "del", &spoofed, "dev", "eth0",
+    ]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = get_json(&api, "/v1/topology").await;
+    assert_eq!(learned_at(&t, &ip("h21")), Some(at("h21", "leaf2")), "{t}");
+    let r = common::replication(&api, 1).await;
+    assert_eq!(
+        (r["installed"].clone(), r["redirection_switch"].clone()),
+        (Value::Bool(true), Value::from(agg1)),
+        "{r}"
+    );
+
     // Move h11 from leaf1 to a new port on leaf4: a veth whose far end replaces eth0 in
     // h11's namespace, with the same MAC and address.
     let ns = bed.netns("h11").expect("netns");
