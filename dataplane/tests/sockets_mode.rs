@@ -146,8 +146,18 @@ impl Scene {
     /// Brings the bed up and starts the relay (in this process) for one service on
     /// `port`, replicated to the replica's replication-network address.
     fn start(prefix: &'static str, port: u16) -> Scene {
+        Scene::start_with_budget(prefix, port, 64 << 20)
+    }
+
+    /// [`Scene::start`] with the replica budget given: each session reserves about its
+    /// size from the worker's 1 GiB, so many parallel sessions need a smaller one.
+    fn start_with_budget(prefix: &'static str, port: u16, replica_budget: u64) -> Scene {
         let mut scene = Scene::network(prefix);
-        let config = Config::parse(&scene.config_toml(port, "")).unwrap();
+        let config = scene.config_toml(port, "").replace(
+            "replica_budget_bytes = 67108864",
+            &format!("replica_budget_bytes = {replica_budget}"),
+        );
+        let config = Config::parse(&config).unwrap();
         let (stop, stats) = (Arc::clone(&scene.stop), scene.stats.clone());
         let netns = scene.bed.netns("middlebox").unwrap();
         scene.relay = Some(in_netns(&netns, move || {
@@ -418,6 +428,37 @@ fn one_shot_server(bed: &Testbed, host: &str, port: u16, tag: &'static str) -> J
     server
 }
 
+/// A server in `host`'s namespace taking `count` connections at once: each is read to
+/// its end and answered `<tag> <length>`; returns the streams in arrival order.
+fn many_shot_server(
+    bed: &Testbed,
+    host: &str,
+    port: u16,
+    count: usize,
+    tag: &'static str,
+) -> JoinHandle<Vec<Vec<u8>>> {
+    let (ready, bound) = mpsc::channel();
+    let server = in_netns(&bed.netns(host).unwrap(), move || {
+        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
+        ready.send(()).unwrap();
+        let handlers: Vec<JoinHandle<Vec<u8>>> = (0..count)
+            .map(|_| {
+                let (mut s, _) = listener.accept().unwrap();
+                thread::spawn(move || {
+                    s.set_read_timeout(Some(PATIENCE)).unwrap();
+                    let mut all = Vec::new();
+                    s.read_to_end(&mut all).unwrap();
+                    let _ = s.write_all(format!("{tag} {}\n", all.len()).as_bytes());
+                    all
+                })
+            })
+            .collect();
+        handlers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    bound.recv_timeout(PATIENCE).unwrap();
+    server
+}
+
 /// From `host`: sends `data` to `to`, half-closes, reads the answer to the end. Returns
 /// the answer and the time from connect to the server's close.
 fn send_stream(
@@ -439,6 +480,39 @@ fn send_stream(
     })
     .join()
     .unwrap()
+}
+
+/// From the source: all `streams` to `to` at once, each half-closed and answered
+/// `primary <each>`. Returns the time until the last answer.
+fn send_parallel(
+    bed: &Testbed,
+    to: SocketAddrV4,
+    streams: &[Arc<Vec<u8>>],
+    each: usize,
+) -> Duration {
+    let netns = bed.netns("source").unwrap();
+    let started = Instant::now();
+    let clients: Vec<_> = streams
+        .iter()
+        .map(|data| {
+            let data = Arc::clone(data);
+            in_netns(&netns, move || {
+                let mut s =
+                    TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                s.set_write_timeout(Some(PATIENCE)).unwrap();
+                s.write_all(&data).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut answer = String::new();
+                s.read_to_string(&mut answer).unwrap();
+                answer
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), format!("primary {each}\n"));
+    }
+    started.elapsed()
 }
 
 fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
@@ -804,4 +878,59 @@ fn middlebox_binary_runs_sockets_mode_with_stats_and_cleans_up_on_sigterm() {
         "nftables table left after SIGTERM"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn parallel_streams_are_each_replicated_intact() {
+    if !ncp_testbed::ready_or_skip("sockets parallel streams", &["nft", "ping"]) {
+        return;
+    }
+    let _serial = serial();
+    const STREAMS: usize = 32;
+    const EACH: usize = 1 << 20;
+    let mut scene = Scene::start_with_budget("nso6", STREAM_PORT, 4 << 20);
+    let primary_server = many_shot_server(&scene.bed, "primary", STREAM_PORT, STREAMS, "primary");
+    let replica_server = many_shot_server(&scene.bed, "replica", STREAM_PORT, STREAMS, "replica");
+
+    // Each stream starts with its index, so the servers' copies can be matched up.
+    let streams: Vec<Arc<Vec<u8>>> = (0..STREAMS)
+        .map(|i| {
+            let mut data = seeded_bytes(0x5eed_0600 + i as u64, EACH);
+            data[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            Arc::new(data)
+        })
+        .collect();
+    let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
+    let elapsed = send_parallel(&scene.bed, to, &streams, EACH);
+    for (host, server) in [("primary", primary_server), ("replica", replica_server)] {
+        let mut got = server.join().unwrap();
+        assert_eq!(got.len(), STREAMS, "{host}");
+        got.sort_by_key(|d| u64::from_le_bytes(d[..8].try_into().unwrap()));
+        for (i, (a, b)) in got.iter().zip(&streams).enumerate() {
+            assert!(a == &**b, "{host}: stream {i} differs");
+        }
+    }
+    // For comparison only: the same streams straight to the primary, no relay.
+    let direct_server =
+        many_shot_server(&scene.bed, "primary", STREAM_PORT + 1, STREAMS, "primary");
+    let direct_to = SocketAddrV4::new(
+        scene.bed.address("primary", "eth1").unwrap(),
+        STREAM_PORT + 1,
+    );
+    let direct = send_parallel(&scene.bed, direct_to, &streams, EACH);
+    assert_eq!(direct_server.join().unwrap().len(), STREAMS);
+    eprintln!(
+        "sockets parallel: {STREAMS} streams x {} MiB through the relay in {elapsed:.2?} ({:.1} MiB/s in total; direct, no relay: {:.1} MiB/s), each intact at primary and replica",
+        EACH >> 20,
+        mib_per_s(STREAMS * EACH, elapsed),
+        mib_per_s(STREAMS * EACH, direct)
+    );
+    let s = scene.stats_when("sessions end", |s| {
+        s.sessions_total == STREAMS as u64 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    assert_eq!(svc.primary_bytes_out, (STREAMS * EACH) as u64, "{s:#?}");
+    assert_eq!(svc.replicas[0].bytes_out, (STREAMS * EACH) as u64, "{s:#?}");
+    assert_eq!(svc.detached.total(), 0, "{s:#?}");
+    scene.stop_relay();
 }

@@ -1134,4 +1134,69 @@ mod tests {
         assert_eq!(s.services[0].replicas[0].detached.lagged, 1, "{s:#?}");
         drop(stalled);
     }
+
+    /// A server taking `count` connections at once, each read to its end and answered
+    /// with its length; returns the streams.
+    fn many(count: usize) -> (SocketAddrV4, thread::JoinHandle<Vec<Vec<u8>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = v4(l.local_addr().unwrap());
+        let t = thread::spawn(move || {
+            let handlers: Vec<_> = (0..count)
+                .map(|_| {
+                    let (mut s, _) = l.accept().unwrap();
+                    thread::spawn(move || {
+                        let mut all = Vec::new();
+                        s.read_to_end(&mut all).unwrap();
+                        let _ = s.write_all(format!("{}", all.len()).as_bytes());
+                        all
+                    })
+                })
+                .collect();
+            handlers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn concurrent_sessions_each_arrive_intact() {
+        const STREAMS: usize = 16;
+        const EACH: usize = 4 << 20;
+        let (primary, p) = many(STREAMS);
+        let (replica, r) = many(STREAMS);
+        let relay = Relay::start(primary, vec![replica], 8 << 20);
+        let started = Instant::now();
+        let clients: Vec<_> = (0..STREAMS)
+            .map(|i| {
+                let port = relay.port;
+                thread::spawn(move || {
+                    let mut data = pattern(EACH);
+                    data[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    c.write_all(&data).unwrap();
+                    c.shutdown(Shutdown::Write).unwrap();
+                    let mut answer = String::new();
+                    c.read_to_string(&mut answer).unwrap();
+                    assert_eq!(answer, EACH.to_string());
+                    data
+                })
+            })
+            .collect();
+        let mut sent: Vec<Vec<u8>> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        let elapsed = started.elapsed();
+        eprintln!(
+            "loopback relay: {STREAMS} x {} MiB in {elapsed:.2?}",
+            EACH >> 20
+        );
+        let key = |d: &Vec<u8>| u64::from_le_bytes(d[..8].try_into().unwrap());
+        sent.sort_by_key(key);
+        for got in [p.join().unwrap(), r.join().unwrap()] {
+            let mut got = got;
+            got.sort_by_key(key);
+            assert!(got == sent, "a stream arrived altered");
+        }
+        let s = relay.wait_for("sessions end", |s| {
+            s.sessions_active == 0 && s.sessions_total == STREAMS as u64
+        });
+        assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");
+    }
 }

@@ -229,7 +229,7 @@ impl ServiceStats {
     }
 
     /// Folds another worker's view of the same service into this one.
-    fn merge(&mut self, o: &Self) {
+    pub(crate) fn merge(&mut self, o: &Self) {
         self.sessions_active += o.sessions_active;
         self.sessions_total += o.sessions_total;
         self.refused.add(&o.refused);
