@@ -7,7 +7,13 @@
 //! The relay runs in this test process, on a thread moved into the middlebox's network
 //! namespace (its worker threads and the `nft` it runs inherit that namespace). Small Rust
 //! clients and servers run the same way in the other hosts' namespaces; redis runs as
-//! real processes started with `ip netns exec`.
+//! real processes started with `ip netns exec`. One test runs the `ncp-middlebox` binary
+//! instead, to check the wiring (control-socket stats, clean stop on SIGTERM).
+//!
+//! Each test has its own test bed prefix (`nso1`…`nso6`) and they run one at a time.
+//! Throughput figures they print are for information only: on the two-core test machine
+//! the Open vSwitch userspace datapath, which carries every byte three times on the relay
+//! path (to the middlebox, to the primary, to the replica), sets the pace.
 //!
 //! They need root, Open vSwitch, nftables (and redis for two of them). When those are
 //! missing the tests print `skipped: …` and return, except under CI=true, where that is a

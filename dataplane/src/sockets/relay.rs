@@ -1199,4 +1199,26 @@ mod tests {
         });
         assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");
     }
+
+    #[test]
+    fn stopping_resets_open_sessions() {
+        // A primary that accepts and then just holds the connection open.
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let primary = v4(held.local_addr().unwrap());
+        let holder = thread::spawn(move || held.accept().map(|(s, _)| s));
+        let mut relay = Relay::start(primary, vec![], 1 << 20);
+        let mut client = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+        client.write_all(b"in flight").unwrap();
+        relay.wait_for("session open", |s| s.sessions_active == 1);
+        relay.stop.store(true, Ordering::Relaxed);
+        relay.thread.take().unwrap().join().unwrap().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let e = client.read(&mut [0; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        let s = relay.stats.snapshot();
+        assert_eq!((s.sessions_active, s.sessions_total), (0, 1), "{s:#?}");
+        drop(holder.join().unwrap());
+    }
 }
