@@ -15,6 +15,12 @@
 //! flows straight to the primary (fail-open). The first answer brings it back up and the
 //! rules return.
 //!
+//! Alternatives we did not take: heartbeats from the middlebox to the REST API (the API
+//! listens on the controller's loopback, which a middlebox in its own host or namespace
+//! cannot reach, and a heartbeat needs an agent on the middlebox), and probing from
+//! inside the middlebox's network namespace (possible only on a test bed). The OpenFlow
+//! path needs nothing on the middlebox and tests the very port the redirect sends to.
+//!
 //! This checks that the middlebox host is on the network and its kernel answers, which is
 //! what steering traffic to it needs; it does not check the replication process itself.
 //! With the defaults (300 ms, 3 failures) a silent middlebox is declared down after at
