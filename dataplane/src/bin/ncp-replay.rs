@@ -163,15 +163,14 @@ fn print_summary(s: &Summary, json: bool) {
     }
     for r in &s.sessions {
         if r.outcome != Outcome::Ok {
+            let service = if r.meta.service.is_empty() {
+                "-"
+            } else {
+                &r.meta.service
+            };
             eprintln!(
-                "ncp-replay: session {} ({} {} -> {}): {:?}, {} of {} bytes sent",
-                r.index,
-                r.meta.service,
-                r.meta.client,
-                r.meta.primary,
-                r.outcome,
-                r.bytes_sent,
-                r.bytes_recorded
+                "ncp-replay: session {} (service {service}, client {}, primary {}): {}; {} of {} bytes sent",
+                r.index, r.meta.client, r.meta.primary, r.outcome, r.bytes_sent, r.bytes_recorded
             );
         }
     }

@@ -150,6 +150,17 @@ pub enum Outcome {
     Error(String),
 }
 
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Ok => write!(f, "ok"),
+            Outcome::ConnectFailed(e) => write!(f, "connect failed: {e}"),
+            Outcome::TargetClosedEarly(e) => write!(f, "target closed early: {e}"),
+            Outcome::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
 /// Per-session result.
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionReport {
