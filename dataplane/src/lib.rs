@@ -4,6 +4,7 @@
 //! - [`xsk`]: one AF_XDP socket and its UMEM;
 //! - [`device`]: a smoltcp device over that socket, doing Ethernet itself;
 //! - [`engine`]: a worker's TCP engine (smoltcp in any-IP mode) over such a device;
+//! - [`replicator`]: the replication core driven over a worker's TCP engines (XDP mode);
 //! - [`worker`]: per-queue worker threads pinned to cores;
 //! - [`control`]: the control socket used by `stats` and `rule`;
 //! - [`config`] and [`rules`]: the operator's configuration, validated without I/O;
@@ -17,6 +18,7 @@ pub mod device;
 pub mod engine;
 pub mod frame;
 pub mod offline;
+pub mod replicator;
 pub mod rules;
 pub mod runtime;
 pub mod sockets;

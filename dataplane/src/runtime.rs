@@ -1,5 +1,7 @@
 //! `ncp-middlebox run`: attaches the steering program to every configured interface,
-//! starts one pinned worker per queue, serves the control socket, and tears everything
+//! starts one pinned worker per queue of the client-facing interfaces (each also owning a
+//! socket on the replication NIC's queue when services name one), serves the control
+//! socket (whose `stats` carry the workers' replication counters), and tears everything
 //! down in reverse order when asked to stop.
 
 use std::{
@@ -14,11 +16,12 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    config::Config,
+    config::{Config, InterfaceConfig},
     control::{ControlServer, Handler, InterfaceStats, Request, Response, Stats},
+    replicator::{self, CLIENT_LINK, ReplicationStats, ServicePlan},
     rules::RedirectRule,
     steering::{AttachedMode, Steering},
-    worker::{self, Worker, WorkerSpec, WorkerStats},
+    worker::{self, LinkSpec, Worker, WorkerSpec, WorkerStats},
     xsk::XskOptions,
 };
 
@@ -76,8 +79,12 @@ impl Handler for SocketsHandler {
     }
 }
 
-/// Runs the XDP/AF_XDP middlebox until `stop` is set.
+/// Runs the XDP/AF_XDP middlebox until `stop` is set: steering on every interface,
+/// then the workers (each terminating the services' clients and replicating their
+/// streams, see [`crate::replicator`]), then the control socket.
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    // Refuse a layout the workers cannot serve before touching any interface.
+    plan_workers(config)?;
     raise_memlock_limit();
     let mut steerings = Vec::new();
     for iface in &config.interfaces {
@@ -127,31 +134,130 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workers XDP mode starts: one per queue of every client-facing interface. An
+/// interface named as some service's `replica_interface` is a replication NIC: it gets
+/// no workers of its own; instead each worker also opens a socket on the replication
+/// NIC's queue with the same index and connects that service's replicas through it (the
+/// paper's two-NIC layout, with the replica traffic kept on its own NIC and the worker
+/// still owning all of a session's connections).
+pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
+    let replication_nics: Vec<&str> = {
+        let mut names: Vec<&str> = config
+            .services
+            .iter()
+            .filter_map(|s| s.replica_interface.as_deref())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    };
+    let client_facing: Vec<&InterfaceConfig> = config
+        .interfaces
+        .iter()
+        .filter(|i| !replication_nics.contains(&i.name.as_str()))
+        .collect();
+    if client_facing.is_empty() {
+        anyhow::bail!(
+            "every interface is some service's replica_interface; XDP mode needs one for the clients"
+        );
+    }
+    if !replication_nics.is_empty() && client_facing.len() > 1 {
+        // Two client interfaces would both want queue N of the replication NIC, and one
+        // AF_XDP socket per queue is all a NIC takes.
+        anyhow::bail!(
+            "XDP mode supports a replica_interface only with a single client-facing interface \
+             (found {})",
+            client_facing.len()
+        );
+    }
+    let nic = |name: &str| {
+        config
+            .interfaces
+            .iter()
+            .find(|i| i.name == name)
+            .with_context(|| format!("replica_interface {name} is not configured"))
+    };
+    let mut specs = Vec::new();
+    for iface in client_facing {
+        for queue in &iface.queues {
+            let mut replica_links = Vec::new();
+            for name in &replication_nics {
+                let r = nic(name)?;
+                if !r.queues.iter().any(|q| q.queue == queue.queue) {
+                    anyhow::bail!(
+                        "replication NIC {name} must list queue {} like {} does: the worker of \
+                         {} queue {} connects replicas through it",
+                        queue.queue,
+                        iface.name,
+                        iface.name,
+                        queue.queue
+                    );
+                }
+                replica_links.push(LinkSpec {
+                    socket: xsk_options(r, queue.queue),
+                    address: r.address,
+                    ports: r.ports,
+                });
+            }
+            let services = config
+                .services
+                .iter()
+                .map(|s| {
+                    let link = s
+                        .replica_interface
+                        .as_deref()
+                        .and_then(|n| replication_nics.iter().position(|r| *r == n))
+                        .map_or(CLIENT_LINK, |i| i + 1);
+                    ServicePlan::new(s, link)
+                })
+                .collect();
+            specs.push(WorkerSpec {
+                socket: xsk_options(iface, queue.queue),
+                address: iface.address,
+                ports: iface.ports,
+                replica_links,
+                core: queue.core,
+                poll: config.poll,
+                services,
+                manager: replicator::manager_config(config),
+            });
+        }
+    }
+    Ok(specs)
+}
+
+fn xsk_options(iface: &InterfaceConfig, queue: u32) -> XskOptions {
+    XskOptions {
+        interface: iface.name.clone(),
+        queue,
+        frames: iface.umem_frames,
+        zero_copy: iface.zero_copy,
+    }
+}
+
 fn start_workers(
     config: &Config,
     steerings: &mut [Steering],
     stop: &Arc<AtomicBool>,
     workers: &mut Vec<Worker>,
 ) -> anyhow::Result<()> {
-    for (iface, steering) in config.interfaces.iter().zip(steerings.iter_mut()) {
-        for queue in &iface.queues {
-            let spec = WorkerSpec {
-                socket: XskOptions {
-                    interface: iface.name.clone(),
-                    queue: queue.queue,
-                    frames: iface.umem_frames,
-                    zero_copy: iface.zero_copy,
-                },
-                core: queue.core,
-                poll: config.poll,
-            };
-            let (worker, fd) = Worker::start(spec, Arc::clone(stop))?;
-            workers.push(worker);
-            steering.register_socket(queue.queue, fd)?;
-            let core = queue
-                .core
-                .map_or_else(|| "unpinned".to_owned(), |c| format!("core {c}"));
-            tracing::info!("{} queue {} -> worker on {core}", iface.name, queue.queue);
+    for spec in plan_workers(config)? {
+        let core = spec
+            .core
+            .map_or_else(|| "unpinned".to_owned(), |c| format!("core {c}"));
+        let (worker, sockets) = Worker::start(spec, Arc::clone(stop))?;
+        workers.push(worker);
+        for socket in sockets {
+            let steering = steerings
+                .iter_mut()
+                .find(|s| s.interface() == socket.interface)
+                .with_context(|| format!("no XDP program on {}", socket.interface))?;
+            steering.register_socket(socket.queue, socket.fd)?;
+            tracing::info!(
+                "{} queue {} -> worker on {core}",
+                socket.interface,
+                socket.queue
+            );
         }
     }
     Ok(())
@@ -200,6 +306,17 @@ impl MiddleboxHandler {
             .iter()
             .map(|(spec, counters)| worker::snapshot(spec, counters).into())
             .collect();
+        let replication = ReplicationStats::from_workers(
+            self.workers.iter().map(|(_, c)| c.replication()).collect(),
+        );
+        match serde_json::to_value(replication) {
+            Ok(value) => stats.replication = Some(value),
+            Err(e) => {
+                return Response::Error {
+                    message: e.to_string(),
+                };
+            }
+        }
         Response::Stats(stats)
     }
 

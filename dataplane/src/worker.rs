@@ -1,37 +1,84 @@
-//! Per-queue workers: each owns one AF_XDP socket (created on its own pinned core, so the
-//! UMEM is allocated there), reads frames and, at this stage, counts and drops them. The
-//! TCP engine plugs in where frames are handled.
+//! Per-queue workers. Each runs on its own thread, pinned to its core, and owns
+//! everything it touches: its AF_XDP socket (created on that core, so the UMEM is
+//! allocated there), the [`XskDevice`] and TCP [`Engine`] over it, optionally a second
+//! socket/device/engine on the same queue of the replication NIC, and the
+//! [`Replicator`] with its session manager. Nothing on the data path is shared between
+//! workers; counters are published to the control socket through a mutex at most every
+//! [`crate::replicator::PUBLISH_INTERVAL`] and through relaxed atomics.
+//!
+//! Idle behaviour follows the configuration's poll mode: `sleep` waits in `poll(2)` on
+//! every socket of the worker, bounded by the engines' and the sessions' next timers (the
+//! right choice on a shared host such as the 2-core test machine); `busy` spins.
 
 use std::{
+    io,
+    net::Ipv4Addr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread,
+    time::{Duration, Instant},
 };
 
+use ncp_replication::ManagerConfig;
 use serde::Serialize;
 
 use crate::{
-    config::PollMode,
+    config::{PollMode, PortRange},
+    device::{DeviceConfig, MacAddr, XskDevice},
+    engine::{Engine, EngineConfig},
+    replicator::{self, Link, PUBLISH_INTERVAL, Replicator, ServicePlan, WorkerReplicationStats},
     xsk::{XskOptions, XskSocket},
 };
 
-/// Frames read per ring pass.
-const RX_BATCH: u32 = 64;
-/// How long a sleeping worker waits in `poll(2)` before it checks for shutdown.
-const IDLE_WAIT_MS: i32 = 100;
+/// Longest sleep, so a stop request is seen promptly.
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// How long a worker waits at start for the kernel to resolve its upstreams' MACs.
+const RESOLVE_AT_START: Duration = Duration::from_secs(2);
+/// Listening sockets kept armed per service endpoint: the SYNs one endpoint can take
+/// between two polls (iperf3 -P 32 opens its streams one after another, well below this).
+const LISTENERS_PER_ENDPOINT: usize = 16;
+/// smoltcp buffers per connection. The core's budgets are the real queues; these only
+/// need to cover the bandwidth-delay product of a LAN hop (and the receive side is drained
+/// into the core on every poll).
+const CONN_BUFFER: usize = 256 * 1024;
+/// Upper bound of connections per engine, whatever the session limit says: with the
+/// buffers above that is at most 32 GiB of smoltcp buffers in the worst case, so the
+/// session limit in `[limits]` is the knob to size memory with.
+const MAX_ENGINE_CONNECTIONS: usize = 65_536;
+
+/// One AF_XDP socket of a worker and the addresses its engine uses.
+#[derive(Clone, Debug)]
+pub struct LinkSpec {
+    /// Socket options (interface, queue, UMEM size, copy/zero-copy).
+    pub socket: XskOptions,
+    /// The data plane's address on that interface: source of upstream connections.
+    pub address: Ipv4Addr,
+    /// Owned local ports for upstream connections.
+    pub ports: PortRange,
+}
 
 /// What a worker is told at start.
 #[derive(Clone, Debug)]
 pub struct WorkerSpec {
-    /// Socket options (interface, queue, UMEM size, copy/zero-copy).
+    /// Socket options of the worker's own (client-facing) queue.
     pub socket: XskOptions,
+    /// The interface's own address and owned ports.
+    pub address: Ipv4Addr,
+    /// Owned ports on that address.
+    pub ports: PortRange,
+    /// Sockets on the same queue of replication NICs (link 1, 2, … in this order).
+    pub replica_links: Vec<LinkSpec>,
     /// Core to pin to, if any.
     pub core: Option<usize>,
     /// Idle behaviour.
     pub poll: PollMode,
+    /// Services, with `replica_link` naming an index into `1 + replica_links`.
+    pub services: Vec<ServicePlan>,
+    /// Session and memory caps of this worker.
+    pub manager: ManagerConfig,
 }
 
 /// Live counters of one worker, shared with the control socket.
@@ -40,6 +87,17 @@ pub struct WorkerStats {
     rx_frames: AtomicU64,
     rx_bytes: AtomicU64,
     wakeups: AtomicU64,
+    replication: Mutex<WorkerReplicationStats>,
+}
+
+impl WorkerStats {
+    /// The replication counters as last published.
+    pub fn replication(&self) -> WorkerReplicationStats {
+        self.replication
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
 }
 
 /// A snapshot of [`WorkerStats`] with the worker's identity.
@@ -51,12 +109,23 @@ pub struct WorkerSnapshot {
     pub queue: u32,
     /// Core pinned to, if any.
     pub core: Option<usize>,
-    /// Frames taken from the RX ring.
+    /// Frames taken from the RX ring of the worker's own queue.
     pub rx_frames: u64,
-    /// Bytes taken from the RX ring.
+    /// Bytes taken from that RX ring.
     pub rx_bytes: u64,
     /// Times the worker woke from `poll(2)`.
     pub wakeups: u64,
+}
+
+/// A socket a worker opened: the runtime registers it in that interface's XSKMAP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenedSocket {
+    /// Interface.
+    pub interface: String,
+    /// Queue.
+    pub queue: u32,
+    /// The AF_XDP socket's descriptor.
+    pub fd: i32,
 }
 
 /// A running worker thread.
@@ -67,9 +136,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the worker and waits until its socket is open. Returns the worker and the
-    /// socket's descriptor, which the caller registers in the XSKMAP.
-    pub fn start(spec: WorkerSpec, stop: Arc<AtomicBool>) -> anyhow::Result<(Self, i32)> {
+    /// Starts the worker and waits until its sockets are open. Returns the worker and
+    /// the sockets, which the caller registers in the XSKMAPs.
+    pub fn start(
+        spec: WorkerSpec,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<(Self, Vec<OpenedSocket>)> {
         let stats = Arc::new(WorkerStats::default());
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_spec = spec.clone();
@@ -79,8 +151,8 @@ impl Worker {
             .name(name.clone())
             .spawn(move || run(thread_spec, thread_stats, stop, ready_tx))
             .map_err(|e| anyhow::anyhow!("spawning worker {name}: {e}"))?;
-        let fd = match ready_rx.recv() {
-            Ok(Ok(fd)) => fd,
+        let sockets = match ready_rx.recv() {
+            Ok(Ok(sockets)) => sockets,
             Ok(Err(e)) => {
                 let _ = handle.join();
                 return Err(anyhow::anyhow!("worker {name}: {e}"));
@@ -96,7 +168,7 @@ impl Worker {
                 stats,
                 handle,
             },
-            fd,
+            sockets,
         ))
     }
 
@@ -130,50 +202,191 @@ pub fn snapshot(spec: &WorkerSpec, stats: &WorkerStats) -> WorkerSnapshot {
     }
 }
 
-fn run(
-    spec: WorkerSpec,
-    stats: Arc<WorkerStats>,
-    stop: Arc<AtomicBool>,
-    ready: mpsc::Sender<Result<i32, String>>,
-) {
+/// The MAC of interface `name` in the calling thread's network namespace.
+fn interface_mac(name: &str) -> io::Result<MacAddr> {
+    let bytes = name.as_bytes();
+    // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR reads into the ifreq we own for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    // SAFETY: after a successful SIOCGIFHWADDR the union holds the hardware address.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok(mac)
+}
+
+/// Opens one link: socket, device, engine.
+fn open_link(
+    spec: &LinkSpec,
+    listen: Vec<std::net::SocketAddrV4>,
+    max_connections: usize,
+) -> Result<(Link<XskDevice>, OpenedSocket), String> {
+    let interface = spec.socket.interface.clone();
+    let at = |e: &dyn std::fmt::Display| format!("{interface} queue {}: {e}", spec.socket.queue);
+    let mac = interface_mac(&interface).map_err(|e| at(&e))?;
+    let socket = XskSocket::open(&spec.socket).map_err(|e| at(&e))?;
+    let opened = OpenedSocket {
+        interface: interface.clone(),
+        queue: spec.socket.queue,
+        fd: socket.raw_fd(),
+    };
+    let device = XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| at(&e))?;
+    let mut config = EngineConfig::new(spec.address, spec.ports);
+    config.listen = listen;
+    config.listeners_per_endpoint = LISTENERS_PER_ENDPOINT;
+    config.rx_buffer = CONN_BUFFER;
+    config.tx_buffer = CONN_BUFFER;
+    config.max_connections = max_connections.clamp(1, MAX_ENGINE_CONNECTIONS);
+    let engine = Engine::new(device, config).map_err(|e| at(&e))?;
+    Ok((Link { interface, engine }, opened))
+}
+
+/// Connections an engine may need: per session the client and primary (client link) or
+/// the replicas on that link, the same again lingering, plus the listener pools.
+fn connection_bound(spec: &WorkerSpec, link: usize) -> usize {
+    let per_session = spec
+        .services
+        .iter()
+        .map(|s| {
+            let replicas = if s.replica_link == link {
+                s.replicas.len()
+            } else {
+                0
+            };
+            replicas + if link == 0 { 2 } else { 0 }
+        })
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let listeners = if link == 0 {
+        spec.services.len() * LISTENERS_PER_ENDPOINT
+    } else {
+        0
+    };
+    spec.manager
+        .max_sessions
+        .saturating_mul(per_session)
+        .saturating_mul(2)
+        .saturating_add(listeners)
+}
+
+type Ready = mpsc::Sender<Result<Vec<OpenedSocket>, String>>;
+
+fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: Ready) {
     if let Some(core) = spec.core
         && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
     {
         tracing::warn!(core, "could not pin worker to core");
     }
-    let mut socket = match XskSocket::open(&spec.socket) {
-        Ok(socket) => socket,
-        Err(e) => {
-            let _ = ready.send(Err(e.to_string()));
-            return;
-        }
+    let own = LinkSpec {
+        socket: spec.socket.clone(),
+        address: spec.address,
+        ports: spec.ports,
     };
-    if ready.send(Ok(socket.raw_fd())).is_err() {
+    let mut links = Vec::new();
+    let mut opened = Vec::new();
+    let listen: Vec<_> = spec.services.iter().map(|s| s.primary).collect();
+    for (index, link) in std::iter::once(&own).chain(&spec.replica_links).enumerate() {
+        let listen = if index == 0 {
+            listen.clone()
+        } else {
+            Vec::new()
+        };
+        match open_link(link, listen, connection_bound(&spec, index)) {
+            Ok((l, o)) => {
+                links.push(l);
+                opened.push(o);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        }
+    }
+    if ready.send(Ok(opened)).is_err() {
         return;
     }
     tracing::info!(
         interface = %spec.socket.interface,
         queue = spec.socket.queue,
         core = ?spec.core,
-        frames = socket.frames(),
+        links = links.len(),
+        services = spec.services.len(),
         "worker running"
     );
+    let mut replicator = Replicator::new(links, spec.services.clone(), spec.manager.clone());
+    replicator.resolve_upstreams(RESOLVE_AT_START);
+    let mut next_publish = Instant::now();
+    let mut fds = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let mut bytes = 0u64;
-        let frames = socket.receive(RX_BATCH, |frame| bytes += frame.len() as u64);
-        if frames > 0 {
-            stats
-                .rx_frames
-                .fetch_add(u64::from(frames), Ordering::Relaxed);
-            stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let now = Instant::now();
+        let active = replicator.turn(now);
+        if now >= next_publish {
+            publish(&spec, &stats, &replicator);
+            next_publish = now + PUBLISH_INTERVAL;
+        }
+        if active {
             continue;
         }
         match spec.poll {
             PollMode::Sleep => {
-                socket.wait(IDLE_WAIT_MS);
+                let bound = replicator
+                    .sleep_bound(now, MAX_SLEEP)
+                    .min(next_publish.saturating_duration_since(now));
+                if bound.is_zero() {
+                    continue;
+                }
+                fds.clear();
+                fds.extend(replicator.links().iter().map(|l| libc::pollfd {
+                    fd: l.engine.device().socket().raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }));
+                let ms = i32::try_from(bound.as_millis().max(1)).unwrap_or(i32::MAX);
+                // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
                 stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
             PollMode::Busy => std::hint::spin_loop(),
         }
     }
+    replicator.shutdown(Instant::now());
+    publish(&spec, &stats, &replicator);
+}
+
+fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<XskDevice>) {
+    if let Some(link) = replicator.links().first() {
+        let c = link.engine.device().socket().counters();
+        stats.rx_frames.store(c.rx_frames, Ordering::Relaxed);
+        stats.rx_bytes.store(c.rx_bytes, Ordering::Relaxed);
+    }
+    let mut snapshot = replicator.snapshot(&spec.socket.interface, spec.socket.queue);
+    replicator::add_device_counters(&mut snapshot, replicator.links());
+    *stats
+        .replication
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot;
 }

@@ -1,0 +1,1029 @@
+//! Privileged end-to-end tests of replication in XDP mode on the paper's test bed
+//! (testbed/paper.toml): `ncp-middlebox run` (XDP steering, AF_XDP, the smoltcp engine
+//! and the replication core) runs in the middlebox's namespace with its production NIC
+//! eth0 and its replication NIC eth1 (`replica_interface = "eth1"`). The source host
+//! addresses the primary; a static neighbour entry on the source sends those frames to
+//! the middlebox's eth0 (the controller's redirect rule in production). The middlebox
+//! answers as the primary, connects to the primary over eth0 and to the replica over
+//! eth1, and copies the client's stream to both.
+//!
+//! They need root, Open vSwitch, AF_XDP and the tools each test names (iperf3, socat,
+//! redis). When something is missing they print `skipped: …` and pass, except under
+//! CI=true, where that is a failure. Each test brings up its own bed (prefixes
+//! `nx1`…`nx5`) and tears it down, also when it fails.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step should fail the test"
+)]
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard, mpsc},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use ncp_dataplane::{
+    control::{self, Request, Response},
+    replicator::ReplicationStats,
+};
+use ncp_testbed::{Testbed, Topology, UpOptions};
+
+const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
+/// One test bed at a time: on two shared cores parallel runs spoil every timing.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const STREAM_PORT: u16 = 5001;
+const IPERF_PORT: u16 = 5201;
+const REDIS_PORT: u16 = 6379;
+const CLOSED_PORT: u16 = 7000;
+/// Upper bound for anything a test waits on.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `f` on a new thread inside network namespace `netns`.
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{netns}");
+    thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on a valid namespace fd; it changes only this thread's network
+        // namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be replayed.
+fn seeded_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Waits for `child` at most `limit`, killing it if it overruns.
+fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / f64::from(1 << 20) / elapsed.as_secs_f64()
+}
+
+/// Sends `signal` to a child this test started (by its pid).
+fn signal(child: &Child, signal: i32) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One service of the middlebox configuration.
+struct Service {
+    name: &'static str,
+    port: u16,
+    replica_budget: u64,
+}
+
+impl Service {
+    fn new(name: &'static str, port: u16) -> Self {
+        Self {
+            name,
+            port,
+            replica_budget: 16 << 20,
+        }
+    }
+}
+
+/// The bed, the steering toward the middlebox and a running `ncp-middlebox run` (XDP
+/// mode); servers started with [`Scene::spawn`], the middlebox and the bed go on drop.
+struct Scene {
+    bed: Testbed,
+    prefix: &'static str,
+    dir: PathBuf,
+    socket: PathBuf,
+    middlebox: Option<Child>,
+    children: Vec<Child>,
+    primary: Ipv4Addr,
+    replica: Ipv4Addr,
+}
+
+impl Scene {
+    fn start(prefix: &'static str, services: &[Service]) -> Scene {
+        let topology =
+            Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
+                .unwrap();
+        let _ = Testbed::down(prefix);
+        let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
+        let primary = bed.address("primary", "eth0").unwrap();
+        let replica = bed.address("replica", "eth1").unwrap();
+        let dir = std::env::temp_dir().join(format!("ncp-replication-xdp-{prefix}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("mb.sock");
+        let mut scene = Scene {
+            bed,
+            prefix,
+            socket,
+            dir,
+            middlebox: None,
+            children: Vec::new(),
+            primary,
+            replica,
+        };
+        // The network's part: frames for the primary leave the source toward the
+        // middlebox's production NIC.
+        let mac = scene.bed.mac("middlebox", "eth0").unwrap();
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        scene
+            .bed
+            .exec(
+                "source",
+                &[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    &primary.to_string(),
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )
+            .unwrap();
+        // The userspace datapath needs a moment after the ports appear.
+        let mb0 = scene.bed.address("middlebox", "eth0").unwrap();
+        scene.ping("source", mb0);
+        scene.ping("middlebox", primary);
+        scene.ping("middlebox", replica);
+        scene.start_middlebox(services);
+        scene
+    }
+
+    fn config_toml(&self, services: &[Service]) -> String {
+        let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
+        let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
+        let mut text = format!(
+            r#"
+control_socket = "{socket}"
+poll = "sleep"
+
+[limits]
+max_sessions = 2000
+max_buffer_bytes = 4294967296
+
+# Owned ports below the kernel's ephemeral range, so the kernel never picks them.
+[[interfaces]]
+name = "eth0"
+address = "{mb0}"
+ports = {{ first = 20000, last = 29999 }}
+queues = [{{ queue = 0 }}]
+
+[[interfaces]]
+name = "eth1"
+address = "{mb1}"
+ports = {{ first = 20000, last = 29999 }}
+queues = [{{ queue = 0 }}]
+"#,
+            socket = self.socket.display()
+        );
+        for s in services {
+            text.push_str(&format!(
+                r#"
+[[services]]
+name = "{name}"
+primary = "{primary}:{port}"
+clients = "198.18.1.0/24"
+replicas = ["{replica}:{port}"]
+replica_interface = "eth1"
+replica_budget_bytes = {budget}
+connect_timeout_secs = 5
+"#,
+                name = s.name,
+                primary = self.primary,
+                replica = self.replica,
+                port = s.port,
+                budget = s.replica_budget,
+            ));
+        }
+        text
+    }
+
+    fn start_middlebox(&mut self, services: &[Service]) {
+        let config = self.dir.join("mb.toml");
+        std::fs::write(&config, self.config_toml(services)).unwrap();
+        let child = self
+            .bed
+            .command(
+                "middlebox",
+                &[MIDDLEBOX, "run", "--config", config.to_str().unwrap()],
+            )
+            .unwrap()
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "ncp_dataplane=info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.middlebox = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        while self.try_stats().is_none_or(|s| s.workers == 0) {
+            let exited = self.middlebox.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "ncp-middlebox exited at start: {exited:?}"
+            );
+            assert!(Instant::now() < deadline, "ncp-middlebox did not come up");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn middlebox_pid(&self) -> u32 {
+        self.middlebox.as_ref().unwrap().id()
+    }
+
+    fn try_stats(&self) -> Option<ReplicationStats> {
+        match control::call(&self.socket, &Request::Stats).ok()? {
+            Response::Stats(s) => serde_json::from_value(s.replication?).ok(),
+            _ => None,
+        }
+    }
+
+    /// Stats once `done` holds, failing after [`PATIENCE`].
+    fn stats_when(&self, what: &str, done: impl Fn(&ReplicationStats) -> bool) -> ReplicationStats {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = self.try_stats();
+            if let Some(s) = s.as_ref().filter(|s| done(s)) {
+                return s.clone();
+            }
+            assert!(Instant::now() < deadline, "{what}: {s:#?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn ping(&self, host: &str, to: Ipv4Addr) {
+        let to = to.to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = self.bed.exec(host, &["ping", "-c", "1", "-W", "1", &to]) {
+            assert!(Instant::now() < deadline, "{host} cannot ping {to}: {e}");
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn spawn(&mut self, host: &str, argv: &[&str]) -> usize {
+        let child = self
+            .bed
+            .command(host, argv)
+            .unwrap()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    fn kill(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Waits until something listens on `port` in `host`.
+    fn wait_listening(&self, host: &str, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let filter = format!("sport = :{port}");
+        loop {
+            let out = self.bed.exec(host, &["ss", "-Hltn", &filter]).unwrap();
+            if !out.stdout.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {host}:{port}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the middlebox with SIGTERM and expects a clean exit.
+    fn stop_middlebox(&mut self) {
+        let mut child = self.middlebox.take().unwrap();
+        signal(&child, libc::SIGTERM);
+        let status = wait_bounded(
+            &mut child,
+            Duration::from_secs(20),
+            "ncp-middlebox after SIGTERM",
+        );
+        assert!(status.success(), "ncp-middlebox exited with {status}");
+    }
+
+    fn start_redis(&mut self, host: &str) -> usize {
+        let port = REDIS_PORT.to_string();
+        let index = self.spawn(
+            host,
+            &[
+                "redis-server",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+                &port,
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--enable-debug-command",
+                "yes",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.redis(host, &["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis on {host} did not start");
+            thread::sleep(Duration::from_millis(100));
+        }
+        index
+    }
+
+    /// One redis command against the server on `host` itself (not through the middlebox).
+    fn redis(&self, host: &str, args: &[&str]) -> String {
+        let port = REDIS_PORT.to_string();
+        let mut argv = vec!["redis-cli", "-h", "127.0.0.1", "-p", &port];
+        argv.extend_from_slice(args);
+        match self.bed.exec(host, &argv) {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    /// `redis-cli --pipe` from the source to the primary's address: through the middlebox.
+    fn pipe_command(&self) -> Command {
+        let port = REDIS_PORT.to_string();
+        let primary = self.primary.to_string();
+        self.bed
+            .command(
+                "source",
+                &["redis-cli", "-h", &primary, "-p", &port, "--pipe"],
+            )
+            .unwrap()
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        if let Some(mut m) = self.middlebox.take() {
+            signal(&m, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while m.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        for child in &mut self.children {
+            // A stopped child must be resumed to die of SIGKILL promptly; harmless else.
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill(2) on a child we started.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = Testbed::down(self.prefix) {
+            eprintln!("test bed teardown failed: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a `redis-cli --pipe` command fed by `feed` and returns its output; fails if it
+/// fails or takes longer than two minutes.
+fn run_pipe(
+    mut command: Command,
+    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
+) -> String {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let feeder = thread::spawn(move || feed(stdin));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = wait_bounded(&mut child, Duration::from_secs(120), "redis-cli --pipe");
+    let fed = feeder.join();
+    let out = reader.join().unwrap();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(fed.is_ok(), "feeding redis-cli failed; it said: {out}{err}");
+    assert!(status.success(), "redis-cli --pipe failed: {out}{err}");
+    out
+}
+
+/// RESP commands of a mixed write workload (SET, INCR, LPUSH, HSET, DEL) over many keys;
+/// each type has its own key names so no command fails with WRONGTYPE.
+fn redis_workload(commands: usize, seed: u64) -> Vec<u8> {
+    let randoms = seeded_bytes(seed, commands * 8);
+    let mut out = Vec::new();
+    for (i, r) in randoms.chunks_exact(8).enumerate() {
+        let r = u64::from_le_bytes(r.try_into().unwrap());
+        let key = (r >> 24) % 5000;
+        let args: Vec<String> = match r % 5 {
+            0 => vec!["SET".into(), format!("str:{key}"), format!("v{i}")],
+            1 => vec!["INCR".into(), format!("ctr:{key}")],
+            2 => vec!["LPUSH".into(), format!("list:{key}"), format!("e{i}")],
+            3 => vec![
+                "HSET".into(),
+                format!("hash:{key}"),
+                format!("f{}", (r >> 40) % 16),
+                format!("v{i}"),
+            ],
+            _ => {
+                let kind = ["str", "ctr", "list", "hash"][((r >> 48) % 4) as usize];
+                vec!["DEL".into(), format!("{kind}:{key}")]
+            }
+        };
+        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+    }
+    out
+}
+
+/// A digest sink: `socat` takes one connection on `port` and pipes it into `sha256sum`.
+/// Returns the child; its stdout is the digest line once the connection ended.
+fn digest_sink(bed: &Testbed, host: &str, port: u16) -> Child {
+    let line = format!("socat -u TCP-LISTEN:{port},reuseaddr STDOUT | sha256sum");
+    bed.command(host, &["sh", "-c", &line])
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn digest_of(mut child: Child, what: &str) -> String {
+    let status = wait_bounded(&mut child, PATIENCE, what);
+    assert!(status.success(), "{what}: {status}");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// The iperf3 client's result: received bits per second over all streams.
+fn iperf3(bed: &Testbed, to: Ipv4Addr, parallel: usize, seconds: u32) -> f64 {
+    let (to, p, t, port) = (
+        to.to_string(),
+        parallel.to_string(),
+        seconds.to_string(),
+        IPERF_PORT.to_string(),
+    );
+    let mut child = bed
+        .command(
+            "source",
+            &[
+                "iperf3",
+                "-c",
+                &to,
+                "-p",
+                &port,
+                "-P",
+                &p,
+                "-t",
+                &t,
+                "-J",
+                "--connect-timeout",
+                "5000",
+            ],
+        )
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = wait_bounded(&mut child, Duration::from_secs(60), "iperf3 client");
+    let out = reader.join().unwrap();
+    assert!(
+        status.success(),
+        "iperf3 -P {parallel} to {to} failed: {out}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no sum_received in {out}"))
+}
+
+#[test]
+fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
+    if !ncp_testbed::ready_or_skip(
+        "xdp replication iperf3",
+        &["ping", "ss", "iperf3", "socat", "sha256sum", "sh"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut scene = Scene::start(
+        "nx1",
+        &[
+            Service::new("iperf", IPERF_PORT),
+            Service::new("stream", STREAM_PORT),
+        ],
+    );
+    let port = IPERF_PORT.to_string();
+    for host in ["primary", "replica"] {
+        scene.spawn(host, &["iperf3", "-s", "-p", &port]);
+        scene.wait_listening(host, IPERF_PORT);
+    }
+    let direct_to = scene.bed.address("primary", "eth1").unwrap();
+    let mut sessions = 0;
+    for parallel in [1, 8, 32] {
+        let through = iperf3(&scene.bed, scene.primary, parallel, 3);
+        // For comparison only: straight to the primary over the replication network.
+        let direct = iperf3(&scene.bed, direct_to, parallel, 3);
+        sessions += parallel as u64 + 1; // the data streams and the control connection
+        let s = scene.stats_when("iperf3 sessions end", |s| {
+            s.sessions_active == 0 && s.services[0].sessions_total == sessions
+        });
+        let svc = &s.services[0];
+        eprintln!(
+            "xdp iperf3 -P {parallel}: {:.0} Mbit/s through the middlebox, {:.0} Mbit/s direct; \
+             primary got {} bytes, replica {} bytes, detached {:?}",
+            through / 1e6,
+            direct / 1e6,
+            svc.primary_bytes_out,
+            svc.replicas[0].bytes_out,
+            svc.replicas[0].detached,
+        );
+        assert!(through > 0.0);
+    }
+    let s = scene.try_stats().unwrap();
+    let svc = &s.services[0];
+    // The replica ran the same tests: it was handed every byte the primary was.
+    assert_eq!(svc.replicas[0].bytes_out, svc.primary_bytes_out, "{s:#?}");
+    assert_eq!(svc.detached.total(), 0, "{s:#?}");
+
+    // Byte-for-byte: a seeded random file through the middlebox into sha256sum sinks.
+    let data = seeded_bytes(0x5eed_1001, 64 << 20);
+    let file = scene.dir.join("stream.bin");
+    std::fs::write(&file, &data).unwrap();
+    let sent = {
+        let out = Command::new("sha256sum").arg(&file).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let at_primary = digest_sink(&scene.bed, "primary", STREAM_PORT);
+    let at_replica = digest_sink(&scene.bed, "replica", STREAM_PORT);
+    scene.wait_listening("primary", STREAM_PORT);
+    scene.wait_listening("replica", STREAM_PORT);
+    let target = format!("TCP:{}:{STREAM_PORT}", scene.primary);
+    let source = format!("OPEN:{}", file.display());
+    let started = Instant::now();
+    let mut client = scene
+        .bed
+        .command("source", &["socat", "-u", &source, &target])
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let status = wait_bounded(&mut client, PATIENCE, "socat client");
+    let primary = digest_of(at_primary, "primary sink");
+    let elapsed = started.elapsed();
+    let replica = digest_of(at_replica, "replica sink");
+    eprintln!(
+        "xdp byte stream: {} MiB in {elapsed:.2?} ({:.1} MiB/s); sha256 sent {sent} primary {primary} replica {replica}",
+        data.len() >> 20,
+        mib_per_s(data.len() as u64, elapsed)
+    );
+    assert!(status.success());
+    assert_eq!(primary, sent, "primary got a different stream");
+    assert_eq!(replica, sent, "replica got a different stream");
+    let s = scene.stats_when("stream session ends", |s| {
+        s.sessions_active == 0 && s.services[1].sessions_total == 1
+    });
+    let svc = &s.services[1];
+    assert_eq!(svc.primary_bytes_out, data.len() as u64, "{s:#?}");
+    assert_eq!(svc.replicas[0].bytes_out, data.len() as u64, "{s:#?}");
+    assert_eq!(svc.detached.total(), 0, "{s:#?}");
+    scene.stop_middlebox();
+}
+
+/// `total_connections_received` from `INFO stats`.
+fn connections_received(scene: &Scene, host: &str) -> u64 {
+    let info = scene.redis(host, &["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_connections_received in {info}"))
+}
+
+#[test]
+fn redis_workload_leaves_primary_and_replica_with_the_same_data() {
+    if !ncp_testbed::ready_or_skip(
+        "xdp replication redis",
+        &["ping", "redis-server", "redis-cli"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut scene = Scene::start("nx2", &[Service::new("redis", REDIS_PORT)]);
+    scene.start_redis("primary");
+    scene.start_redis("replica");
+    let mb1 = scene.bed.address("middlebox", "eth1").unwrap();
+    let before = connections_received(&scene, "replica");
+    let workload = redis_workload(100_000, 0x5eed_1002);
+    let len = workload.len() as u64;
+
+    let started = Instant::now();
+    let pipe = {
+        let command = scene.pipe_command();
+        thread::spawn(move || {
+            run_pipe(command, move |mut stdin| {
+                stdin.write_all(&workload).unwrap()
+            })
+        })
+    };
+    // While the session runs, the replica's only remote client is the middlebox's
+    // replication address.
+    let s = scene.stats_when("session starts", |s| {
+        s.sessions_total == 1 && s.services[0].replicas[0].bytes_out > 0
+    });
+    let clients = scene.redis("replica", &["CLIENT", "LIST"]);
+    let remote: Vec<&str> = clients
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")))
+        .filter(|a| !a.starts_with("127.0.0.1:"))
+        .collect();
+    let out = pipe.join().unwrap();
+    let elapsed = started.elapsed();
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+    let _ = s;
+    assert!(
+        remote.iter().all(|a| a.starts_with(&format!("{mb1}:"))),
+        "replica clients: {clients}"
+    );
+
+    let s = scene.stats_when("session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0 && s.lingering_connections == 0
+    });
+    let svc = &s.services[0];
+    // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
+    assert!(svc.primary_bytes_out >= len, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
+    assert_eq!(svc.replicas[0].bytes_out, svc.primary_bytes_out, "{s:#?}");
+    assert_eq!(svc.detached.total(), 0, "{s:#?}");
+
+    // Connections the replica took since `before`: the middlebox's, the CLIENT LIST
+    // above and the INFO below (counted while it runs).
+    let after = connections_received(&scene, "replica");
+    let from_middlebox = after - before - 2;
+    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    while replica != primary && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    }
+    let keys = scene.redis("primary", &["DBSIZE"]);
+    eprintln!(
+        "xdp redis: 100000 commands ({len} bytes) in {elapsed:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {primary} replica {replica}; replica connections during the run {} (remote clients seen: {remote:?})",
+        from_middlebox
+    );
+    assert_eq!(
+        from_middlebox, 1,
+        "someone besides the middlebox talked to the replica"
+    );
+    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
+    assert_ne!(primary, "0".repeat(40), "primary is empty");
+    assert_eq!(primary, replica);
+    scene.stop_middlebox();
+}
+
+#[test]
+fn killed_replica_is_detached_and_the_primary_completes() {
+    if !ncp_testbed::ready_or_skip(
+        "xdp replication replica killed",
+        &["ping", "redis-server", "redis-cli"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let mut scene = Scene::start("nx3", &[Service::new("redis", REDIS_PORT)]);
+    scene.start_redis("primary");
+    let replica_redis = scene.start_redis("replica");
+    let workload = redis_workload(100_000, 0x5eed_1003);
+    let len = workload.len() as u64;
+    // Cut at a command boundary: the first half is whole commands.
+    let half = workload
+        .windows(3)
+        .enumerate()
+        .skip(workload.len() / 2)
+        .find(|(_, w)| w == b"\n*2" || w == b"\n*3" || w == b"\n*4")
+        .map(|(i, _)| i + 1)
+        .unwrap();
+    let (killed_tx, killed_rx) = mpsc::channel::<()>();
+    let body = workload.clone();
+    let pipe = {
+        let command = scene.pipe_command();
+        thread::spawn(move || {
+            run_pipe(command, move |mut stdin| {
+                stdin.write_all(&body[..half]).unwrap();
+                stdin.flush().unwrap();
+                killed_rx.recv_timeout(PATIENCE).unwrap();
+                stdin.write_all(&body[half..]).unwrap();
+            })
+        })
+    };
+    let s = scene.stats_when("first half reaches the replica", |s| {
+        s.services[0].replicas[0].bytes_out >= half as u64
+    });
+    assert_eq!(s.sessions_active, 1);
+    scene.kill(replica_redis);
+    killed_tx.send(()).unwrap();
+    let out = pipe.join().unwrap();
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+
+    let s = scene.stats_when("session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    assert!(svc.primary_bytes_out >= len, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
+    assert_eq!(svc.replicas[0].detached.total(), 1, "{s:#?}");
+    assert!(svc.replicas[0].bytes_out < svc.primary_bytes_out, "{s:#?}");
+    assert_eq!(svc.primary_failures, 0);
+
+    // Reference: the same workload straight into a fresh redis on the replica host.
+    scene.start_redis("replica");
+    let port = REDIS_PORT.to_string();
+    let direct = scene
+        .bed
+        .command(
+            "replica",
+            &["redis-cli", "-h", "127.0.0.1", "-p", &port, "--pipe"],
+        )
+        .unwrap();
+    let reference = workload;
+    let out = run_pipe(direct, move |mut stdin| {
+        stdin.write_all(&reference).unwrap()
+    });
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
+    let expected = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    eprintln!(
+        "xdp replica killed: detached {:?}, replica was handed {} of {len} bytes; digest primary {primary} reference {expected}",
+        svc.replicas[0].detached, svc.replicas[0].bytes_out,
+    );
+    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
+    assert_eq!(primary, expected, "primary differs from a direct run");
+    scene.stop_middlebox();
+}
+
+/// A server in `host`'s namespace taking one connection and counting its bytes.
+fn counting_sink(bed: &Testbed, host: &str, port: u16) -> JoinHandle<u64> {
+    let (ready, bound) = mpsc::channel();
+    let server = in_netns(&bed.netns(host).unwrap(), move || {
+        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
+        ready.send(()).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut buf = vec![0; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(e) => panic!("sink: {e}"),
+            }
+        }
+        let _ = s.write_all(b"done\n");
+        total
+    });
+    bound.recv_timeout(PATIENCE).unwrap();
+    server
+}
+
+/// From the source: `len` bytes to `to`, half-close, read the answer. Returns the time.
+fn push_stream(bed: &Testbed, to: SocketAddrV4, len: usize) -> JoinHandle<Duration> {
+    in_netns(&bed.netns("source").unwrap(), move || {
+        let chunk = seeded_bytes(7, 1 << 20);
+        let started = Instant::now();
+        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
+        s.set_write_timeout(Some(PATIENCE)).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n]).unwrap();
+            left -= n;
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "done\n");
+        started.elapsed()
+    })
+}
+
+#[test]
+fn stalled_replica_neither_slows_the_primary_nor_grows_memory() {
+    if !ncp_testbed::ready_or_skip("xdp replication stalled replica", &["ping", "ss", "socat"]) {
+        return;
+    }
+    let _serial = serial();
+    const BUDGET: u64 = 8 << 20;
+    const LEN: usize = 256 << 20;
+    let mut scene = Scene::start(
+        "nx4",
+        &[Service {
+            replica_budget: BUDGET,
+            ..Service::new("stream", STREAM_PORT)
+        }],
+    );
+    let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
+    let port = STREAM_PORT.to_string();
+    let listen = format!("TCP-LISTEN:{port},reuseaddr");
+
+    // Baseline: a healthy replica.
+    let sink = scene.spawn("replica", &["socat", "-u", &listen, "GOPEN:/dev/null"]);
+    scene.wait_listening("replica", STREAM_PORT);
+    let primary = counting_sink(&scene.bed, "primary", STREAM_PORT);
+    let healthy = push_stream(&scene.bed, to, LEN).join().unwrap();
+    assert_eq!(primary.join().unwrap(), LEN as u64);
+    let s = scene.stats_when("baseline session ends", |s| {
+        s.sessions_active == 0 && s.sessions_total == 1
+    });
+    assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");
+    scene.kill(sink);
+    let rss_before = rss_kib(scene.middlebox_pid());
+
+    // A replica that stops reading mid-stream (SIGSTOP).
+    let stalled = scene.spawn("replica", &["socat", "-u", &listen, "GOPEN:/dev/null"]);
+    scene.wait_listening("replica", STREAM_PORT);
+    let primary = counting_sink(&scene.bed, "primary", STREAM_PORT);
+    let client = push_stream(&scene.bed, to, LEN);
+    scene.stats_when("the replica is being fed", |s| {
+        s.sessions_total == 2 && s.services[0].replicas[0].bytes_out > (16 << 20)
+    });
+    signal(&scene.children[stalled], libc::SIGSTOP);
+    let mut rss_max = 0;
+    while !client.is_finished() {
+        rss_max = rss_max.max(rss_kib(scene.middlebox_pid()));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let slowed = client.join().unwrap();
+    assert_eq!(primary.join().unwrap(), LEN as u64);
+    let s = scene.stats_when("stalled session ends", |s| {
+        s.sessions_active == 0 && s.sessions_total == 2
+    });
+    let svc = &s.services[0];
+    eprintln!(
+        "xdp stalled replica: {} MiB with a healthy replica in {healthy:.2?} ({:.1} MiB/s), with a stopped one in {slowed:.2?} ({:.1} MiB/s); replica detached {:?} after {} bytes; middlebox RSS {} KiB before, {} KiB at most during",
+        LEN >> 20,
+        mib_per_s(LEN as u64, healthy),
+        mib_per_s(LEN as u64, slowed),
+        svc.replicas[0].detached,
+        svc.replicas[0].bytes_out,
+        rss_before,
+        rss_max,
+    );
+    assert_eq!(svc.replicas[0].detached.lagged, 1, "{s:#?}");
+    // Not slowed beyond what filling the budget costs (generous: two shared cores).
+    assert!(
+        slowed < healthy * 2 + Duration::from_secs(2),
+        "stalled replica slowed the primary: {slowed:?} vs {healthy:?}"
+    );
+    // Memory: the budget and the engines' buffers, not the stream.
+    assert!(
+        rss_max < rss_before + 4 * (BUDGET >> 10) + 64 * 1024,
+        "middlebox grew from {rss_before} KiB to {rss_max} KiB"
+    );
+    // Resume the replica: it reads what its socket held and sees the reset; clean up.
+    signal(&scene.children[stalled], libc::SIGCONT);
+    let status = wait_bounded(
+        &mut scene.children[stalled],
+        Duration::from_secs(20),
+        "resumed socat",
+    );
+    eprintln!("resumed replica sink exited with {status}");
+    scene.stop_middlebox();
+}
+
+#[test]
+fn refusing_primary_resets_clients_promptly_and_leaves_no_session() {
+    if !ncp_testbed::ready_or_skip("xdp replication primary refusing", &["ping"]) {
+        return;
+    }
+    let _serial = serial();
+    // Nothing listens on this port, on the primary or on the replica.
+    let scene = Scene::start("nx5", &[Service::new("closed", CLOSED_PORT)]);
+    let to = SocketAddrV4::new(scene.primary, CLOSED_PORT);
+    const CONNECTIONS: usize = 1000;
+    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
+        let mut slowest = Duration::ZERO;
+        let started = Instant::now();
+        for i in 0..CONNECTIONS {
+            let t = Instant::now();
+            let outcome = match TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)) {
+                Err(e) => e.kind(),
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    match s.read(&mut [0; 64]) {
+                        Ok(n) => panic!("connection {i}: read {n} bytes instead of a reset"),
+                        Err(e) => e.kind(),
+                    }
+                }
+            };
+            assert!(
+                matches!(
+                    outcome,
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
+                ),
+                "connection {i}: {outcome:?}"
+            );
+            slowest = slowest.max(t.elapsed());
+        }
+        (started.elapsed(), slowest)
+    });
+    let (total, slowest) = client.join().unwrap();
+    let s = scene.stats_when("all sessions end", |s| {
+        s.sessions_total == CONNECTIONS as u64 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    eprintln!(
+        "xdp primary refusing: {CONNECTIONS} connections reset in {total:.2?} (slowest {slowest:.2?}); sessions active {}, primary failures {}, replica detaches {:?}, lingering {}",
+        s.sessions_active, svc.primary_failures, svc.replicas[0].detached, s.lingering_connections
+    );
+    assert!(slowest < Duration::from_secs(2), "a reset took {slowest:?}");
+    assert_eq!(svc.primary_failures, CONNECTIONS as u64, "{s:#?}");
+    assert_eq!(s.sessions_refused, 0, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, 0);
+    let mut scene = scene;
+    scene.stop_middlebox();
+}
