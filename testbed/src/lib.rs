@@ -35,6 +35,7 @@ mod privileges;
 mod state;
 mod testbed;
 pub mod topology;
+pub mod workload;
 
 pub use error::{Error, Result};
 pub use plan::{DEFAULT_PREFIX, Plan};
