@@ -102,6 +102,11 @@ pub struct EngineConfig {
     pub timeout: Option<Duration>,
     /// Disable Nagle's algorithm (the default): a relay forwards what it has at once.
     pub nodelay: bool,
+    /// How long a cleanly closed connection keeps its socket (buffers included) and, for
+    /// outgoing ones, its port in TIME-WAIT. smoltcp's own is 10 s; a shorter one frees
+    /// memory sooner under connection churn, at the price of answering a late
+    /// retransmitted FIN with a reset instead of an ACK.
+    pub time_wait: Duration,
 }
 
 impl EngineConfig {
@@ -119,6 +124,7 @@ impl EngineConfig {
             rx_budget: 64,
             timeout: Some(Duration::from_secs(60)),
             nodelay: true,
+            time_wait: Duration::from_secs(10),
         }
     }
 }
@@ -248,6 +254,8 @@ struct Conn {
 struct Lingering {
     handle: SocketHandle,
     port: Option<u16>,
+    /// When the caller let go of it (for a TIME-WAIT socket: about when it entered it).
+    since: std::time::Instant,
 }
 
 /// A listening socket that took a SYN and waits for the handshake to complete.
@@ -277,6 +285,8 @@ pub struct Engine<D: EngineDevice> {
     ports: PortAllocator,
     next_id: u64,
     epoch: std::time::Instant,
+    /// The time of the current (or last) poll.
+    now: std::time::Instant,
     counters: EngineCounters,
 }
 
@@ -348,6 +358,7 @@ impl<D: EngineDevice> Engine<D> {
             lingering: Vec::new(),
             next_id: 1,
             epoch,
+            now: epoch,
             counters: EngineCounters::default(),
         };
         for index in 0..engine.endpoints.len() {
@@ -445,6 +456,7 @@ impl<D: EngineDevice> Engine<D> {
     /// caller with nothing to do may then sleep; see [`Engine::poll_delay`]).
     pub fn poll(&mut self, now: std::time::Instant, events: &mut Vec<EngineEvent>) -> bool {
         let ts = self.timestamp(now);
+        self.now = self.now.max(now);
         let before = events.len();
         let mut active = false;
         self.iface.poll_maintenance(ts);
@@ -490,9 +502,20 @@ impl<D: EngineDevice> Engine<D> {
     /// ACKs, TIME-WAIT), when no frame arrives first. `None`: no timer is pending.
     pub fn poll_delay(&mut self, now: std::time::Instant) -> Option<Duration> {
         let ts = self.timestamp(now);
-        self.iface
+        let smol = self
+            .iface
             .poll_delay(ts, &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
+            .map(|d| Duration::from_micros(d.total_micros()));
+        let time_wait = self
+            .lingering
+            .iter()
+            .filter(|l| self.sockets.get::<tcp::Socket>(l.handle).state() == State::TimeWait)
+            .map(|l| (l.since + self.config.time_wait).saturating_duration_since(now))
+            .min();
+        match (smol, time_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Turns socket state into events, re-arms listeners and frees finished sockets.
@@ -587,7 +610,11 @@ impl<D: EngineDevice> Engine<D> {
                 State::Closed => {
                     self.half_open.swap_remove(index);
                     self.counters.half_open_failed += 1;
-                    self.lingering.push(Lingering { handle, port: None });
+                    self.lingering.push(Lingering {
+                        handle,
+                        port: None,
+                        since: self.now,
+                    });
                 }
                 _ => {
                     self.half_open.swap_remove(index);
@@ -597,7 +624,11 @@ impl<D: EngineDevice> Engine<D> {
                     ) else {
                         // Not IPv4: cannot happen with this feature set; drop it quietly.
                         self.sockets.get_mut::<tcp::Socket>(handle).abort();
-                        self.lingering.push(Lingering { handle, port: None });
+                        self.lingering.push(Lingering {
+                            handle,
+                            port: None,
+                            since: self.now,
+                        });
                         continue;
                     };
                     let conn = self.alloc_id();
@@ -687,18 +718,26 @@ impl<D: EngineDevice> Engine<D> {
                 self.lingering.push(Lingering {
                     handle: conn.handle,
                     port: conn.port,
+                    since: self.now,
                 });
             }
         }
     }
 
-    /// Frees sockets smoltcp is done with: closed and with no RST left to send.
+    /// Frees sockets smoltcp is done with (closed, with no RST left to send) and those
+    /// that have spent the configured TIME-WAIT.
     fn collect_lingering(&mut self) {
         let sockets = &mut self.sockets;
         let ports = &mut self.ports;
+        let now = self.now;
+        let time_wait = self.config.time_wait;
         self.lingering.retain(|entry| {
             let socket = sockets.get::<tcp::Socket>(entry.handle);
-            let done = socket.state() == State::Closed && socket.remote_endpoint().is_none();
+            let done = match socket.state() {
+                State::Closed => socket.remote_endpoint().is_none(),
+                State::TimeWait => now.saturating_duration_since(entry.since) >= time_wait,
+                _ => false,
+            };
             if done {
                 sockets.remove(entry.handle);
                 if let Some(port) = entry.port {
@@ -828,6 +867,7 @@ impl<D: EngineDevice> Engine<D> {
                 self.lingering.push(Lingering {
                     handle: entry.handle,
                     port: entry.port,
+                    since: self.now,
                 });
             }
         }
@@ -844,6 +884,7 @@ impl<D: EngineDevice> Engine<D> {
         self.lingering.push(Lingering {
             handle: entry.handle,
             port: entry.port,
+            since: self.now,
         });
         Ok(())
     }
@@ -851,6 +892,12 @@ impl<D: EngineDevice> Engine<D> {
     /// Connections the caller can name.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Sockets the caller no longer names that smoltcp still holds (TIME-WAIT, an RST to
+    /// send).
+    pub fn lingering(&self) -> usize {
+        self.lingering.len()
     }
 
     /// Handshakes under way (SYN received, not yet accepted).

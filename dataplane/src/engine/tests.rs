@@ -568,3 +568,35 @@ fn zero_windows_both_ways_open_again() {
     });
     assert!(got_c == data && got_m == data);
 }
+
+#[test]
+fn a_short_time_wait_frees_the_socket_and_port_early() {
+    let (a, b) = pipe_pair();
+    let mut config = EngineConfig::new(CLIENT, ports());
+    config.time_wait = Duration::ZERO;
+    let mut client = Engine::new(a, config).unwrap();
+    let mut config = EngineConfig::new(MIDDLEBOX, ports());
+    config.listen = vec![PRIMARY];
+    let mut mb = Engine::new(b, config).unwrap();
+    let conn = client.connect(PRIMARY).unwrap();
+    let mut closing = false;
+    let mut done = false;
+    pump(&mut client, &mut mb, |c, m, ec, em| {
+        if ec.contains(&EngineEvent::Connected { conn }) {
+            // The client closes first, so it is the side that goes through TIME-WAIT.
+            c.close(conn).unwrap();
+            closing = true;
+        }
+        for e in em {
+            if let EngineEvent::PeerClosed { conn } = *e {
+                m.close(conn).unwrap();
+            }
+        }
+        done |= ec.contains(&EngineEvent::Closed { conn });
+        closing && done
+    });
+    let mut events = Vec::new();
+    client.poll(Instant::now(), &mut events);
+    assert_eq!(client.lingering(), 0, "no TIME-WAIT kept");
+    assert_eq!(client.ports_in_use(), 0);
+}
