@@ -13,15 +13,23 @@
 //! |--------|---------------------------|---------------------------------------|
 //! | GET    | /v1/health                | `ok`                                  |
 //! | GET    | /v1/replications          | `[ReplicationStatus]`                 |
-//! | POST   | /v1/replications          | `ReplicationSpec` → 201, 409 if taken |
+//! | POST   | /v1/replications          | `ReplicationSpec` → 201 `Created`, 409 if taken |
 //! | DELETE | /v1/replications/{id}     | 204 / 404                             |
 //! | GET    | /v1/hosts                 | `[HostSpec]`                          |
 //! | PUT    | /v1/hosts                 | `HostSpec` (pin or move) → 204        |
 //! | DELETE | /v1/hosts/{ip}            | 204 / 404                             |
+//! | GET    | /v1/middleboxes           | `[MiddleboxStatus]` (push status)     |
+//! | PUT    | /v1/middleboxes/{ip}      | `MiddleboxBody` → 201 new / 204 replaced |
+//! | DELETE | /v1/middleboxes/{ip}      | 204 / 404                             |
 //! | GET    | /v1/topology              | `TopologyView`                        |
 //! | POST   | /v1/reconcile             | `ReconcileSummary` (runs now)         |
 //! | GET    | /v1/audit                 | `[AuditEntry]` (who changed what)     |
 //! | GET    | /v1/metrics               | `Metrics` (flow-mods sent, ...)       |
+//!
+//! A replication whose middlebox is registered (`/v1/middleboxes`) is also pushed to that
+//! middlebox as a service (see [`crate::middlebox`]); the others get redirection rules
+//! only, and their `middlebox_service` says so ([`crate::middlebox::NOT_REGISTERED`]).
+//! Unregistering a middlebox stops the pushes; it does not clear the middlebox.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -33,10 +41,10 @@ use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 
 use crate::service::Service;
-use crate::store::{HostSpec, ReplicationSpec, StoreError};
+use crate::store::{HostSpec, MiddleboxSpec, ReplicationSpec, StoreError};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -71,6 +79,11 @@ pub fn router_with_tokens(svc: Service, tokens: Vec<(String, String)>) -> Router
         .route("/v1/replications/{id}", delete(delete_replication))
         .route("/v1/hosts", get(list_hosts).put(put_host))
         .route("/v1/hosts/{ip}", delete(delete_host))
+        .route("/v1/middleboxes", get(list_middleboxes))
+        .route(
+            "/v1/middleboxes/{ip}",
+            put(put_middlebox).delete(delete_middlebox),
+        )
         .route("/v1/topology", get(topology))
         .route("/v1/reconcile", post(reconcile))
         .route("/v1/audit", get(audit))
@@ -153,6 +166,7 @@ async fn add_replication(
         Err(e) => return body_error(e),
     };
     let id = spec.id;
+    let middlebox = spec.middlebox;
     let added = st.svc.update(&who, |d| {
         if d.replications.iter().any(|r| r.id == id) {
             return (false, None);
@@ -165,10 +179,25 @@ async fn add_replication(
         (true, Some(what))
     });
     match added {
-        Ok(true) => StatusCode::CREATED.into_response(),
+        Ok(true) => (
+            StatusCode::CREATED,
+            Json(Created {
+                id,
+                middlebox_service: st.svc.middlebox_service(middlebox),
+            }),
+        )
+            .into_response(),
         Ok(false) => (StatusCode::CONFLICT, format!("replication {id} exists\n")).into_response(),
         Err(e) => bad_request(e),
     }
+}
+
+/// The answer to a new replication.
+#[derive(serde::Serialize)]
+struct Created {
+    id: u32,
+    /// [`crate::middlebox::NOT_REGISTERED`] or `push pending`.
+    middlebox_service: String,
 }
 
 async fn delete_replication(
@@ -227,6 +256,87 @@ async fn delete_host(
         d.hosts.retain(|h| h.ip != ip);
         let gone = before != d.hosts.len();
         (gone, gone.then(|| format!("unpin host {ip}")))
+    });
+    match removed {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => StatusCode::NOT_FOUND.into_response(),
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn list_middleboxes(State(st): State<AppState>) -> Response {
+    Json(st.svc.middleboxes()).into_response()
+}
+
+/// `PUT /v1/middleboxes/{ip}` body: the address comes from the path (a body `ip`, if
+/// given, must match it).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MiddleboxBody {
+    #[serde(default)]
+    ip: Option<Ipv4Addr>,
+    control: String,
+    #[serde(default)]
+    replica_interface: Option<String>,
+}
+
+async fn put_middlebox(
+    State(st): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(ip): Path<Ipv4Addr>,
+    body: Result<Json<MiddleboxBody>, JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return body_error(e),
+    };
+    if let Some(other) = body.ip.filter(|b| *b != ip) {
+        return bad_request(StoreError::Invalid {
+            what: "middlebox ip",
+            detail: format!("body says {other}, path says {ip}"),
+        });
+    }
+    let spec = MiddleboxSpec {
+        ip,
+        control: body.control,
+        replica_interface: body.replica_interface,
+    };
+    let done = st.svc.update(&who, |d| {
+        let old = d.middleboxes.iter().position(|m| m.ip == ip);
+        if old.is_some_and(|i| d.middleboxes[i] == spec) {
+            return (false, None);
+        }
+        let what = format!(
+            "register middlebox {ip} at {}{}",
+            spec.control,
+            spec.replica_interface
+                .as_deref()
+                .map(|i| format!(", replicas via {i}"))
+                .unwrap_or_default()
+        );
+        match old {
+            Some(i) => d.middleboxes[i] = spec,
+            None => d.middleboxes.push(spec),
+        }
+        (old.is_none(), Some(what))
+    });
+    match done {
+        Ok(true) => StatusCode::CREATED.into_response(),
+        Ok(false) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn delete_middlebox(
+    State(st): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path(ip): Path<Ipv4Addr>,
+) -> Response {
+    let removed = st.svc.update(&who, |d| {
+        let before = d.middleboxes.len();
+        d.middleboxes.retain(|m| m.ip != ip);
+        let gone = before != d.middleboxes.len();
+        (gone, gone.then(|| format!("unregister middlebox {ip}")))
     });
     match removed {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),

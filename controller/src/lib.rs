@@ -73,6 +73,7 @@ pub mod health;
 pub mod hosts;
 pub mod installer;
 pub mod lldp;
+pub mod middlebox;
 pub mod openflow;
 pub mod planner;
 pub mod reconcile;

@@ -1,11 +1,15 @@
 //! The running controller: switch events in, converged network out.
 //!
-//! Four loops share one state: the event loop (switch connects, port changes, LLDP,
+//! Five loops share one state: the event loop (switch connects, port changes, LLDP,
 //! learning and health-reply packet-ins), the probe loop (LLDP out of every port, link
-//! expiry), the health loop (ARP probes to every middlebox in use, see [`crate::health`])
-//! and the reconcile loop (read every switch, plan from desired state plus discovered
-//! topology, apply the difference). The reconcile loop runs on a timer and whenever
-//! something relevant changes; runs never overlap.
+//! expiry), the health loop (ARP probes to every middlebox in use, see [`crate::health`]),
+//! the reconcile loop (read every switch, plan from desired state plus discovered
+//! topology, apply the difference) and the push loop (service lists to the registered
+//! middleboxes, see [`crate::middlebox`]). The reconcile loop runs on a timer and whenever
+//! something relevant changes; runs never overlap. The push loop runs after every
+//! reconcile, right after every change of the desired state and once a second; its
+//! pushes run on tasks of their own, so a middlebox that does not answer holds up
+//! neither the reconcile loop nor the API.
 //!
 //! Re-planning happens on every change that can move a route or a redirect: a switch
 //! connecting or leaving, a link discovered or lost (LLDP expiry, PORT_STATUS link down or
@@ -36,6 +40,7 @@ use crate::health::{self, Health, HealthConfig, PROBE_MAC};
 use crate::hosts::{self, LearnConfig, Learned};
 use crate::installer::{self, InstallReport};
 use crate::lldp;
+use crate::middlebox::{self, MiddleboxStatus, PushConfig, Pushes};
 use crate::openflow::messages::NO_BUFFER;
 use crate::openflow::{Action, Message, PacketIn, PacketOut, PortDesc, port};
 use crate::planner::{self, Plan, PlanError};
@@ -64,6 +69,8 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
     /// After a topology change, reconcile only once nothing changed for this long.
     pub settle: Duration,
+    /// Timing of the service pushes to registered middleboxes.
+    pub push: PushConfig,
 }
 
 impl Default for ServiceConfig {
@@ -79,6 +86,7 @@ impl Default for ServiceConfig {
             learn: LearnConfig::default(),
             health: Some(HealthConfig::default()),
             settle: Duration::from_secs(1),
+            push: PushConfig::default(),
         }
     }
 }
@@ -91,6 +99,10 @@ pub struct ReplicationStatus {
     pub installed: bool,
     pub redirection_switch: Option<Dpid>,
     pub error: Option<String>,
+    /// Whether the middlebox runs this replication's service:
+    /// [`middlebox::NOT_REGISTERED`], `push pending`, `configured on middlebox` or
+    /// `push failed: <reason>`.
+    pub middlebox_service: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -130,6 +142,10 @@ pub struct Metrics {
     pub reconciles: u64,
     pub packet_ins: u64,
     pub learned_hosts: usize,
+    /// Service pushes the middleboxes acknowledged.
+    pub middlebox_pushes_ok: u64,
+    /// Service pushes that failed (refused, timed out, unreachable).
+    pub middlebox_pushes_failed: u64,
 }
 
 /// Summary of the last reconcile run.
@@ -155,6 +171,7 @@ struct State {
     last_topology_change: Option<Instant>,
     audit: VecDeque<AuditEntry>,
     last: Option<(Plan, InstallReport)>,
+    pushes: Pushes,
 }
 
 impl State {
@@ -238,6 +255,8 @@ struct Inner {
     store: Store,
     state: Mutex<State>,
     kick: Notify,
+    /// Wakes the push loop.
+    push_kick: Notify,
     /// Serialises reconcile runs.
     running: tokio::sync::Mutex<()>,
     reconciles: AtomicU64,
@@ -269,9 +288,11 @@ impl Service {
                 last_topology_change: None,
                 audit: VecDeque::new(),
                 last: None,
+                pushes: Pushes::new(cfg.push),
             }),
             cfg,
             kick: Notify::new(),
+            push_kick: Notify::new(),
             running: tokio::sync::Mutex::new(()),
             reconciles: AtomicU64::new(0),
             packet_ins: AtomicU64::new(0),
@@ -280,6 +301,7 @@ impl Service {
         tokio::spawn(svc.clone().event_loop(events));
         tokio::spawn(svc.clone().probe_loop());
         tokio::spawn(svc.clone().reconcile_loop());
+        tokio::spawn(svc.clone().push_loop());
         if let Some(h) = svc.inner.cfg.health {
             tokio::spawn(svc.clone().health_loop(h));
         }
@@ -299,6 +321,11 @@ impl Service {
     /// Asks for a reconcile run soon.
     pub fn kick(&self) {
         self.inner.kick.notify_one();
+    }
+
+    /// Asks the push loop to look at the middleboxes now.
+    fn kick_push(&self) {
+        self.inner.push_kick.notify_one();
     }
 
     pub fn desired(&self) -> DesiredState {
@@ -331,6 +358,9 @@ impl Service {
             out
         };
         self.kick();
+        // Middleboxes need not wait for the switches: their lists depend on desired
+        // state only.
+        self.kick_push();
         Ok(out)
     }
 
@@ -340,12 +370,28 @@ impl Service {
     }
 
     pub fn metrics(&self) -> Metrics {
+        let st = self.state();
+        let (middlebox_pushes_ok, middlebox_pushes_failed) = st.pushes.totals();
         Metrics {
             flow_mods_sent: self.inner.ctl.flow_mods_sent(),
             reconciles: self.inner.reconciles.load(Ordering::Relaxed),
             packet_ins: self.inner.packet_ins.load(Ordering::Relaxed),
-            learned_hosts: self.state().learned.len(),
+            learned_hosts: st.learned.len(),
+            middlebox_pushes_ok,
+            middlebox_pushes_failed,
         }
+    }
+
+    /// Registered middleboxes with their push status.
+    pub fn middleboxes(&self) -> Vec<MiddleboxStatus> {
+        let st = self.state();
+        st.pushes.status(&st.desired)
+    }
+
+    /// What a replication through `middlebox` reports as its `middlebox_service`.
+    pub fn middlebox_service(&self, middlebox: Ipv4Addr) -> String {
+        let st = self.state();
+        st.pushes.replication_state(&st.desired, middlebox)
     }
 
     pub fn status(&self) -> Vec<ReplicationStatus> {
@@ -373,6 +419,7 @@ impl Service {
                     installed,
                     redirection_switch,
                     error,
+                    middlebox_service: st.pushes.replication_state(&st.desired, spec.middlebox),
                 }
             })
             .collect()
@@ -501,6 +548,7 @@ impl Service {
             }
             st.last = Some((plan, report));
         }
+        self.kick_push();
         summary
     }
 
@@ -738,6 +786,49 @@ impl Service {
                 if let Err(e) = self.inner.ctl.send(h.at.dpid, msg).await {
                     tracing::debug!(middlebox = %h.ip, error = %e, "health probe not sent");
                 }
+            }
+        }
+    }
+
+    /// Starts the pushes that are due (see [`middlebox::Pushes::due`]), each on its own
+    /// task: this loop never waits for a middlebox.
+    async fn push_loop(self) {
+        let timeout = self.inner.cfg.push.timeout;
+        loop {
+            tokio::select! {
+                () = self.inner.push_kick.notified() => {}
+                // Retries and refreshes come due by time alone.
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let jobs = {
+                let mut st = self.state();
+                let st = &mut *st;
+                st.pushes.due(&st.desired, Instant::now())
+            };
+            for job in jobs {
+                let svc = self.clone();
+                tokio::spawn(async move {
+                    let result = middlebox::push(&job.addr, &job.line, timeout).await;
+                    let news = svc.state().pushes.finished(&job, &result, Instant::now());
+                    match &result {
+                        Ok(()) if news => tracing::info!(
+                            middlebox = %job.ip,
+                            control = %job.control,
+                            services = job.services,
+                            "middlebox configured"
+                        ),
+                        Ok(()) => tracing::debug!(middlebox = %job.ip, "middlebox still in sync"),
+                        Err(e) => tracing::warn!(
+                            middlebox = %job.ip,
+                            control = %job.control,
+                            services = job.services,
+                            error = %e,
+                            "service push to middlebox failed; will retry"
+                        ),
+                    }
+                    // The list may have changed while this push was out.
+                    svc.kick_push();
+                });
             }
         }
     }

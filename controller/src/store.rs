@@ -1,4 +1,5 @@
-//! Desired state (pinned hosts and replications) and its file on disk.
+//! Desired state (pinned hosts, registered middleboxes and replications) and its file on
+//! disk.
 //!
 //! These are the operator-facing forms: plain serde types with addresses and MACs as
 //! strings, converted into the planner's types in one place ([`DesiredState::hosts`],
@@ -82,6 +83,85 @@ pub struct ReplicationSpec {
     pub mode: ModeSpec,
 }
 
+/// Where a middlebox's control socket is. Only Unix stream sockets exist today; the enum
+/// (and the `scheme:` text form) leaves room for `tcp:host:port` without changing the
+/// stored format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAddr {
+    Unix(PathBuf),
+}
+
+impl ControlAddr {
+    /// Parses `unix:/absolute/path`. The path must be absolute: a relative one would
+    /// depend on the directory `ncpd` happens to be started from.
+    pub fn parse(text: &str) -> Result<ControlAddr, StoreError> {
+        let bad = |detail: String| StoreError::Invalid {
+            what: "middlebox control",
+            detail,
+        };
+        match text.split_once(':') {
+            Some(("unix", path)) if path.starts_with('/') && path.len() > 1 => {
+                Ok(ControlAddr::Unix(PathBuf::from(path)))
+            }
+            Some(("unix", _)) => Err(bad(format!(
+                "{text:?}: the socket path must be absolute (unix:/run/ncp/middlebox.sock)"
+            ))),
+            Some(("tcp", _)) => Err(bad(format!(
+                "{text:?}: tcp control sockets are not supported yet; use unix:/path"
+            ))),
+            _ => Err(bad(format!(
+                "{text:?}: scheme must be unix (unix:/run/ncp/middlebox.sock)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ControlAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A middlebox the controller configures: every replication naming its address is pushed
+/// to it as a service (see [`crate::middlebox`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MiddleboxSpec {
+    pub ip: Ipv4Addr,
+    /// Control socket: `unix:/path/to/middlebox.sock`.
+    pub control: String,
+    /// The middlebox's dedicated replication NIC (the paper's second interface), passed
+    /// through to every service pushed to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_interface: Option<String>,
+}
+
+impl MiddleboxSpec {
+    pub fn control_addr(&self) -> Result<ControlAddr, StoreError> {
+        ControlAddr::parse(&self.control)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.control_addr()?;
+        if let Some(name) = &self.replica_interface {
+            // Linux interface names: 1..=15 bytes, no '/', no whitespace. Checking here
+            // turns a typo into a 400 instead of a push the middlebox keeps refusing.
+            let ok = !name.is_empty()
+                && name.len() <= 15
+                && !name.contains('/')
+                && !name.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(StoreError::Invalid {
+                    what: "middlebox replica_interface",
+                    detail: format!("{name:?} is not an interface name"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 fn rewrite() -> ModeSpec {
     ModeSpec::Rewrite
 }
@@ -149,6 +229,9 @@ pub struct DesiredState {
     pub hosts: Vec<HostSpec>,
     #[serde(default)]
     pub replications: Vec<ReplicationSpec>,
+    /// Middleboxes whose services the controller pushes.
+    #[serde(default)]
+    pub middleboxes: Vec<MiddleboxSpec>,
 }
 
 impl DesiredState {
@@ -157,6 +240,17 @@ impl DesiredState {
         for h in &self.hosts {
             h.to_host()?;
         }
+        let mut mbs = std::collections::BTreeSet::new();
+        for m in &self.middleboxes {
+            m.check()?;
+            if !mbs.insert(m.ip) {
+                return Err(StoreError::Invalid {
+                    what: "middlebox",
+                    detail: format!("{} registered twice", m.ip),
+                });
+            }
+        }
+        self.check_pushable()?;
         let mut ids = std::collections::BTreeSet::new();
         for r in &self.replications {
             let rep = r.to_replication()?;
@@ -166,6 +260,54 @@ impl DesiredState {
                     what: "replication id",
                     detail: format!("{} used twice", r.id),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// The registered middlebox at `ip`.
+    pub fn middlebox(&self, ip: Ipv4Addr) -> Option<&MiddleboxSpec> {
+        self.middleboxes.iter().find(|m| m.ip == ip)
+    }
+
+    /// Replications through a registered middlebox become services on it, and the
+    /// middlebox takes a service list whole or not at all. What it would refuse is refused
+    /// here, with a 400, instead of breaking the push of every other service there:
+    /// - a `source_port`: a service matches its clients by address prefix only, so the
+    ///   middlebox would replicate every connection of the source, not the one port asked
+    ///   for (silently widening a replication is worse than refusing it);
+    /// - two replications with the same primary endpoint on one middlebox;
+    /// - a replica listed twice.
+    fn check_pushable(&self) -> Result<(), StoreError> {
+        let mut endpoints = std::collections::BTreeSet::new();
+        for r in &self.replications {
+            if self.middlebox(r.middlebox).is_none() {
+                continue;
+            }
+            let bad = |detail: String| StoreError::Invalid {
+                what: "replication",
+                detail,
+            };
+            if let Some(port) = r.source_port {
+                return Err(bad(format!(
+                    "{}: source_port {port} cannot be configured on middlebox {}, whose \
+                     services match clients by address only; drop source_port or \
+                     unregister the middlebox",
+                    r.id, r.middlebox
+                )));
+            }
+            if !endpoints.insert((r.middlebox, r.primary, r.primary_port)) {
+                return Err(bad(format!(
+                    "{}: middlebox {} already replicates {}:{} for another replication",
+                    r.id, r.middlebox, r.primary, r.primary_port
+                )));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(dup) = r.replicas.iter().find(|x| {
+                x.parse::<std::net::SocketAddrV4>()
+                    .is_ok_and(|a| !seen.insert(a))
+            }) {
+                return Err(bad(format!("{}: replica {dup} listed twice", r.id)));
             }
         }
         Ok(())
@@ -289,6 +431,7 @@ mod tests {
         let mut s = DesiredState {
             hosts: vec![],
             replications: vec![spec(), spec()],
+            ..Default::default()
         };
         assert!(s.validate().is_err(), "duplicate ids");
         s.replications.pop();
@@ -313,6 +456,72 @@ mod tests {
     }
 
     #[test]
+    fn middlebox_control_and_interface() {
+        let ok = ControlAddr::parse("unix:/run/ncp/mb.sock").expect("unix");
+        assert_eq!(ok, ControlAddr::Unix(PathBuf::from("/run/ncp/mb.sock")));
+        assert_eq!(ok.to_string(), "unix:/run/ncp/mb.sock");
+        for bad in [
+            "unix:",
+            "unix:relative.sock",
+            "tcp:198.18.3.31:7000",
+            "http://198.18.3.31/",
+            "/run/ncp/mb.sock",
+            "",
+        ] {
+            let e = ControlAddr::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("control"), "{bad}: {e}");
+        }
+        let mut m = MiddleboxSpec {
+            ip: Ipv4Addr::new(198, 18, 3, 31),
+            control: "unix:/run/ncp/mb.sock".into(),
+            replica_interface: Some("eth1".into()),
+        };
+        assert!(m.check().is_ok());
+        for bad in ["", "eth 1", "a/b", "sixteen-chars-xx"] {
+            m.replica_interface = Some(bad.into());
+            assert!(m.check().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn registered_middleboxes_get_only_what_they_can_run() {
+        let mb = MiddleboxSpec {
+            ip: Ipv4Addr::new(198, 18, 3, 31),
+            control: "unix:/run/ncp/mb.sock".into(),
+            replica_interface: None,
+        };
+        let mut s = DesiredState {
+            replications: vec![spec()],
+            middleboxes: vec![mb.clone()],
+            ..Default::default()
+        };
+        assert!(s.validate().is_ok());
+        s.middleboxes.push(mb.clone());
+        assert!(s.validate().is_err(), "registered twice");
+        s.middleboxes.pop();
+
+        // A source port is fine for rules only, refused where a service is pushed.
+        s.replications[0].source_port = Some(5555);
+        let e = s.validate().expect_err("source_port").to_string();
+        assert!(e.contains("source_port"), "{e}");
+        s.middleboxes.clear();
+        assert!(s.validate().is_ok(), "unregistered: rules only");
+        s.middleboxes.push(mb);
+        s.replications[0].source_port = None;
+
+        // One primary endpoint per middlebox; no replica twice.
+        let mut other = spec();
+        other.id = 2;
+        other.source = "198.18.5.0/24".into();
+        s.replications.push(other);
+        assert!(s.validate().is_err(), "same primary twice on one middlebox");
+        s.replications[1].primary_port = 81;
+        assert!(s.validate().is_ok());
+        s.replications[1].replicas = vec!["198.18.4.32:80".into(), "198.18.4.32:80".into()];
+        assert!(s.validate().is_err(), "replica twice");
+    }
+
+    #[test]
     fn save_and_load_roundtrip() {
         let dir = std::env::temp_dir().join(format!("ncpc-store-{}", std::process::id()));
         let store = Store::new(dir.join("state.json"));
@@ -328,6 +537,11 @@ mod tests {
                 port: 1,
             }],
             replications: vec![spec()],
+            middleboxes: vec![MiddleboxSpec {
+                ip: Ipv4Addr::new(198, 18, 3, 31),
+                control: "unix:/run/ncp/mb31.sock".into(),
+                replica_interface: Some("eth1".into()),
+            }],
         };
         store.save(&state).expect("save");
         assert_eq!(store.load().expect("load"), state);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use ncp_controller::client::Client;
-use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
+use ncp_controller::store::{HostSpec, MiddleboxSpec, ModeSpec, ReplicationSpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "Manage NCP replications through the controller's API")]
@@ -69,8 +69,30 @@ enum Cmd {
     Reconcile,
     /// Recent changes and who made them.
     Audit,
-    /// Counters (flow-mods sent, reconcile runs, packet-ins, learned hosts).
+    /// Counters (flow-mods sent, reconcile runs, packet-ins, learned hosts, pushes).
     Metrics,
+    /// Middleboxes the controller configures (their services follow the replications).
+    #[command(subcommand)]
+    Middlebox(MiddleboxCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum MiddleboxCmd {
+    /// Register a middlebox (or change its settings).
+    Add {
+        #[arg(long)]
+        ip: Ipv4Addr,
+        /// Its control socket: unix:/path/to/middlebox.sock
+        #[arg(long)]
+        control: String,
+        /// Its dedicated replication interface, passed on in every service.
+        #[arg(long)]
+        replica_interface: Option<String>,
+    },
+    /// Registered middleboxes and the status of the last push to each.
+    List,
+    /// Unregister a middlebox: its services are no longer pushed (nor cleared).
+    Del { ip: Ipv4Addr },
 }
 
 /// The token in a token file: the first line that is not a comment, either a bare token
@@ -175,6 +197,26 @@ fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Reconcile => ("POST", "/v1/reconcile".to_string(), None),
         Cmd::Audit => ("GET", "/v1/audit".to_string(), None),
         Cmd::Metrics => ("GET", "/v1/metrics".to_string(), None),
+        Cmd::Middlebox(MiddleboxCmd::Add {
+            ip,
+            control,
+            replica_interface,
+        }) => {
+            let mb = MiddleboxSpec {
+                ip,
+                control,
+                replica_interface,
+            };
+            (
+                "PUT",
+                format!("/v1/middleboxes/{ip}"),
+                Some(serde_json::to_string(&mb)?),
+            )
+        }
+        Cmd::Middlebox(MiddleboxCmd::List) => ("GET", "/v1/middleboxes".to_string(), None),
+        Cmd::Middlebox(MiddleboxCmd::Del { ip }) => {
+            ("DELETE", format!("/v1/middleboxes/{ip}"), None)
+        }
     };
     let resp = client.request(method, &path, body.as_deref())?;
     let shown = serde_json::from_str::<serde_json::Value>(&resp.body)

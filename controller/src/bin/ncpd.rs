@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
             failures: args.health_failures.max(1),
         }),
         settle: Duration::from_millis(args.settle_ms),
+        push: ncp_controller::middlebox::PushConfig::default(),
     };
     let svc = Service::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(args.api)
