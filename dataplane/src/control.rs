@@ -17,7 +17,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{rules::RedirectRule, steering::VerdictCounters, worker::WorkerSnapshot};
+use crate::{
+    config::ServiceConfig, rules::RedirectRule, steering::VerdictCounters, worker::WorkerSnapshot,
+};
 
 /// Largest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -42,6 +44,14 @@ pub enum Request {
         /// Rule id.
         id: u32,
     },
+    /// The replicated services right now.
+    Services,
+    /// Replace the replicated services with this list (what the controller pushes after
+    /// every change; an unchanged list is a no-op).
+    ServicesSet {
+        /// The complete new list.
+        services: Vec<ServiceConfig>,
+    },
 }
 
 /// A response on the control socket.
@@ -54,6 +64,11 @@ pub enum Response {
     Rules {
         /// Rules by id.
         rules: Vec<RedirectRule>,
+    },
+    /// Replicated services.
+    Services {
+        /// In configuration order.
+        services: Vec<ServiceConfig>,
     },
     /// The change was applied.
     Done,

@@ -9,6 +9,7 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     time::Duration,
 };
@@ -71,6 +72,12 @@ impl Handler for SocketsHandler {
                     message: e.to_string(),
                 },
             },
+            Request::Services => Response::Error {
+                message: "sockets mode serves the services of its configuration file".into(),
+            },
+            Request::ServicesSet { .. } => Response::Error {
+                message: "sockets mode cannot change services at run time; restart it with the new configuration".into(),
+            },
             Request::Rules | Request::RuleAdd { .. } | Request::RuleDel { .. } => Response::Error {
                 message: "sockets mode has no XDP redirect rules; services are steered by nftables"
                     .into(),
@@ -97,26 +104,51 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         steerings.push(steering);
     }
 
+    // Workers run in generations: a new service list stops one generation and starts the
+    // next (sessions in flight are reset), while the XDP programs stay attached.
+    let mut generation_stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
-    let started = start_workers(config, &mut steerings, &stop, &mut workers);
+    let started = start_workers(config, &mut steerings, &generation_stop, &mut workers);
     if let Err(e) = started {
-        stop.store(true, Ordering::Relaxed);
+        generation_stop.store(true, Ordering::Relaxed);
         workers.into_iter().for_each(Worker::join);
         return Err(e);
     }
 
+    let (reconfigure_tx, reconfigure_rx) = mpsc::channel::<Reconfigure>();
     let handler = MiddleboxHandler {
         steerings: Arc::new(Mutex::new(steerings)),
         rules: config.all_rules().into_iter().map(|r| (r.id, r)).collect(),
         workers: workers.iter().map(Worker::stats_handle).collect(),
+        config: config.clone(),
+        reconfigure: reconfigure_tx,
     };
     let steerings = Arc::clone(&handler.steerings);
     let control = ControlServer::start(&config.control_socket, handler)?;
     tracing::info!(socket = %config.control_socket.display(), "middlebox running; stop with SIGINT or SIGTERM");
 
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
+        let Ok(change) = reconfigure_rx.recv_timeout(Duration::from_millis(50)) else {
+            continue;
+        };
+        generation_stop.store(true, Ordering::Relaxed);
+        workers.drain(..).for_each(Worker::join);
+        generation_stop = Arc::new(AtomicBool::new(false));
+        let result = {
+            let mut guard = steerings
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            start_workers(&change.config, &mut guard, &generation_stop, &mut workers)
+        };
+        let answer = result
+            .map(|()| workers.iter().map(Worker::stats_handle).collect())
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &answer {
+            tracing::error!(error = %e, "starting workers for the new services failed");
+        }
+        let _ = change.reply.send(answer);
     }
+    generation_stop.store(true, Ordering::Relaxed);
     tracing::info!("stopping");
     drop(control);
     workers.into_iter().for_each(Worker::join);
@@ -275,10 +307,22 @@ fn raise_memlock_limit() {
     }
 }
 
+/// A worker's identity and live counters, as the control handler keeps them.
+type WorkerHandle = (WorkerSpec, Arc<WorkerStats>);
+
+/// A new service list for the run loop, which restarts the workers with it.
+struct Reconfigure {
+    config: Config,
+    reply: mpsc::Sender<Result<Vec<WorkerHandle>, String>>,
+}
+
 struct MiddleboxHandler {
     steerings: Arc<Mutex<Vec<Steering>>>,
     rules: BTreeMap<u32, RedirectRule>,
-    workers: Vec<(WorkerSpec, Arc<WorkerStats>)>,
+    workers: Vec<WorkerHandle>,
+    /// The configuration the current workers run.
+    config: Config,
+    reconfigure: mpsc::Sender<Reconfigure>,
 }
 
 impl MiddleboxHandler {
@@ -363,8 +407,100 @@ impl MiddleboxHandler {
     }
 }
 
+impl MiddleboxHandler {
+    /// Replaces the services: checks the new configuration, swaps the implied redirect
+    /// rules, then has the run loop restart the workers with it.
+    fn set_services(&mut self, services: Vec<crate::config::ServiceConfig>) -> Response {
+        if services == self.config.services {
+            return Response::Done;
+        }
+        let mut next = self.config.clone();
+        next.services = services;
+        if let Err(e) = next
+            .validate(crate::config::available_cores())
+            .and_then(|()| {
+                plan_workers(&next)
+                    .map_err(|e| crate::config::ConfigError::Invalid(format!("{e:#}")))
+            })
+        {
+            return Response::Error {
+                message: format!("services refused: {e}"),
+            };
+        }
+        {
+            let mut steerings = self
+                .steerings
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let old: Vec<RedirectRule> = self
+                .rules
+                .values()
+                .filter(|r| r.id >= crate::config::SERVICE_RULE_ID_BASE)
+                .copied()
+                .collect();
+            for rule in old {
+                for steering in steerings.iter_mut() {
+                    if let Err(e) = steering.remove_rule(&rule) {
+                        tracing::warn!(error = %e, "removing a service rule");
+                    }
+                }
+                self.rules.remove(&rule.id);
+            }
+            for rule in next
+                .all_rules()
+                .into_iter()
+                .filter(|r| r.id >= crate::config::SERVICE_RULE_ID_BASE)
+            {
+                for steering in steerings.iter_mut() {
+                    if let Err(e) = steering.insert_rule(&rule) {
+                        return Response::Error {
+                            message: e.to_string(),
+                        };
+                    }
+                }
+                self.rules.insert(rule.id, rule);
+            }
+        }
+        let (reply, answer) = mpsc::channel();
+        if self
+            .reconfigure
+            .send(Reconfigure {
+                config: next.clone(),
+                reply,
+            })
+            .is_err()
+        {
+            return Response::Error {
+                message: "the middlebox is shutting down".into(),
+            };
+        }
+        match answer.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(workers)) => {
+                self.workers = workers;
+                let names: Vec<&str> = next.services.iter().map(|s| s.name.as_str()).collect();
+                tracing::info!(services = ?names, "services replaced; workers restarted");
+                self.config = next;
+                Response::Done
+            }
+            Ok(Err(message)) => Response::Error { message },
+            Err(_) => Response::Error {
+                message: "workers did not restart within 20 s".into(),
+            },
+        }
+    }
+}
+
 impl Handler for MiddleboxHandler {
     fn handle(&mut self, request: Request) -> Response {
+        let request = match request {
+            Request::ServicesSet { services } => return self.set_services(services),
+            Request::Services => {
+                return Response::Services {
+                    services: self.config.services.clone(),
+                };
+            }
+            other => other,
+        };
         let steerings = Arc::clone(&self.steerings);
         let mut steerings = steerings
             .lock()
@@ -376,6 +512,9 @@ impl Handler for MiddleboxHandler {
             },
             Request::RuleAdd { rule } => self.add_rule(&mut steerings, rule),
             Request::RuleDel { id } => self.remove_rule(&mut steerings, id),
+            Request::Services | Request::ServicesSet { .. } => Response::Error {
+                message: "handled above".into(),
+            },
         }
     }
 }

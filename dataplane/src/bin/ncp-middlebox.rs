@@ -61,6 +61,12 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         watch: Option<u64>,
     },
+    /// The services a running middlebox replicates (the controller pushes them).
+    Services {
+        /// Control socket of the running middlebox.
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
     /// List, add or remove redirect rules on a running middlebox (no reload needed).
     Rule {
         #[command(subcommand)]
@@ -187,6 +193,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Some(secs) => std::thread::sleep(Duration::from_secs(secs.max(1))),
                 None => return Ok(()),
             }
+        },
+        Command::Services { socket } => match control::call(&socket, &Request::Services)? {
+            Response::Services { services } => {
+                if services.is_empty() {
+                    println!("no services");
+                }
+                for s in services {
+                    let replicas: Vec<String> = s.replicas.iter().map(|r| r.to_string()).collect();
+                    println!(
+                        "{}: clients {} -> primary {}, replicas [{}]{}",
+                        s.name,
+                        s.clients,
+                        s.primary,
+                        replicas.join(", "),
+                        s.replica_interface
+                            .map(|i| format!(" via {i}"))
+                            .unwrap_or_default()
+                    );
+                }
+                Ok(())
+            }
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer: {other:?}"),
         },
         Command::Rule { action, socket } => {
             let request = match action {
