@@ -21,6 +21,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "tshark",
     "nftables",
     "socat",
+    "postgresql",
+    "python3",
 ];
 
 /// The toolchain the XDP program builds with (see xdp-ebpf/rust-toolchain.toml).
