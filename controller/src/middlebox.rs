@@ -34,7 +34,7 @@
 //! own tasks, so a stuck middlebox delays nothing but its own next push.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,10 @@ pub const NOT_REGISTERED: &str = "middlebox not registered: rules only";
 
 /// Longest answer line read from a middlebox; a peer that sends more is broken.
 pub const MAX_ANSWER: u64 = 64 * 1024;
+
+/// Longest request line the middlebox reads (its control socket's limit). A longer list
+/// fails here with a clear reason instead of as a cut-off line on the other side.
+pub const MAX_REQUEST: usize = 64 * 1024;
 
 /// Push timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +117,17 @@ pub fn services_for(desired: &DesiredState, mb: &MiddleboxSpec) -> Vec<ServiceEn
             clients: parse_prefix(&r.source)
                 .map(|p| format!("{}/{}", p.addr(), p.prefix_len()))
                 .unwrap_or_else(|_| r.source.clone()),
-            replicas: r.replicas.clone(),
+            // Written back from the parsed address so that what the middlebox reads is
+            // canonical (stored replicas are validated as `ip:port`).
+            replicas: r
+                .replicas
+                .iter()
+                .map(|x| {
+                    x.trim()
+                        .parse::<SocketAddrV4>()
+                        .map_or_else(|_| x.clone(), |a| a.to_string())
+                })
+                .collect(),
             replica_interface: mb.replica_interface.clone(),
         })
         .collect();
@@ -153,6 +167,8 @@ pub enum PushError {
     Malformed(String),
     #[error("middlebox refused: {0}")]
     Refused(String),
+    #[error("request of {0} bytes is above the middlebox's limit of {MAX_REQUEST}")]
+    TooLarge(usize),
 }
 
 /// Interprets the middlebox's answer line.
@@ -172,6 +188,9 @@ pub fn parse_answer(line: &str) -> Result<(), PushError> {
 /// Sends `line` to the middlebox at `addr` and waits for its answer, each step bounded by
 /// `timeout`.
 pub async fn push(addr: &ControlAddr, line: &str, timeout: Duration) -> Result<(), PushError> {
+    if line.len() > MAX_REQUEST {
+        return Err(PushError::TooLarge(line.len()));
+    }
     let ControlAddr::Unix(path) = addr;
     let stream = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
         .await
