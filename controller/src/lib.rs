@@ -14,6 +14,8 @@
 //!
 //! - [`hosts`] and [`health`]: host learning from PACKET_INs, and middlebox health
 //!   probes for fail-open.
+//! - [`middlebox`]: the service lists pushed to registered middleboxes over their control
+//!   sockets, so a replication created through the API configures its middlebox too.
 //!
 //! Binaries: `ncpd` (the controller daemon) and `ncpctl` (its command-line client).
 //!

@@ -347,8 +347,8 @@ impl Pushes {
     }
 
     /// Records the outcome of `job`. Returns whether it is news worth logging: a list
-    /// the middlebox did not have before, a recovery, or a failure (not a refresh that
-    /// changed nothing).
+    /// the middlebox did not have before, a recovery, or a failure other than the last
+    /// one (not a refresh that changed nothing, nor the same failure every retry).
     pub fn finished(&mut self, job: &Job, result: &Result<(), PushError>, now: Instant) -> bool {
         if result.is_ok() {
             self.total_ok += 1;
@@ -360,11 +360,19 @@ impl Pushes {
             return true;
         };
         t.in_flight = false;
-        let news = result.is_err()
-            || t.failures > 0
-            || t.acked
+        let news = match result {
+            Ok(()) => {
+                t.failures > 0
+                    || t.acked
+                        .as_ref()
+                        .is_none_or(|(c, l)| *c != job.control || *l != job.line)
+            }
+            Err(e) => t
+                .last
                 .as_ref()
-                .is_none_or(|(c, l)| *c != job.control || *l != job.line);
+                .and_then(|a| a.error.as_deref())
+                .is_none_or(|last| *last != e.to_string()),
+        };
         let at_ms = now_ms();
         match result {
             Ok(()) => {
@@ -429,10 +437,24 @@ impl Pushes {
     /// configured (the middlebox acknowledged the current list, which holds it), the last
     /// push's error, or pending.
     pub fn replication_state(&self, desired: &DesiredState, middlebox: Ipv4Addr) -> String {
-        let Some(mb) = desired.middlebox(middlebox) else {
-            return NOT_REGISTERED.to_string();
-        };
-        let Some(t) = self.tracks.get(&middlebox) else {
+        match desired.middlebox(middlebox) {
+            Some(mb) => self.state_of(desired, mb),
+            None => NOT_REGISTERED.to_string(),
+        }
+    }
+
+    /// [`Pushes::replication_state`] for every registered middlebox at once: the service
+    /// list is computed once per middlebox, not once per replication.
+    pub fn replication_states(&self, desired: &DesiredState) -> BTreeMap<Ipv4Addr, String> {
+        desired
+            .middleboxes
+            .iter()
+            .map(|mb| (mb.ip, self.state_of(desired, mb)))
+            .collect()
+    }
+
+    fn state_of(&self, desired: &DesiredState, mb: &MiddleboxSpec) -> String {
+        let Some(t) = self.tracks.get(&mb.ip) else {
             return "push pending".to_string();
         };
         let services = services_for(desired, mb);
@@ -560,6 +582,59 @@ mod tests {
         assert!(matches!(parse_answer(""), Err(PushError::Malformed(_))));
     }
 
+    /// A one-shot peer on a Unix socket that reads the request and then writes `reply`
+    /// and closes.
+    async fn peer(name: &str, reply: &'static [u8]) -> (ControlAddr, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ncpc-mbpeer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            if let Ok((s, _)) = l.accept().await {
+                let (rd, mut wr) = s.into_split();
+                let mut line = String::new();
+                let _ = BufReader::new(rd).read_line(&mut line).await;
+                let _ = wr.write_all(reply).await;
+            }
+        });
+        (ControlAddr::Unix(path.clone()), path)
+    }
+
+    #[tokio::test]
+    async fn broken_peers_are_errors_not_panics() {
+        let t = Duration::from_secs(2);
+        let line = request_line(&[]);
+        let (a, p) = peer("done", b"{\"result\":\"done\"}\n").await;
+        assert_eq!(push(&a, &line, t).await, Ok(()));
+        let _ = std::fs::remove_file(p);
+        let (a, p) = peer("closed", b"").await;
+        assert!(matches!(push(&a, &line, t).await, Err(PushError::Read(_))));
+        let _ = std::fs::remove_file(p);
+        let (a, p) = peer("partial", b"{\"result\":\"do").await;
+        assert!(matches!(
+            push(&a, &line, t).await,
+            Err(PushError::Malformed(_))
+        ));
+        let _ = std::fs::remove_file(p);
+        let (a, p) = peer("binary", b"\xff\xfe\n").await;
+        assert!(push(&a, &line, t).await.is_err());
+        let _ = std::fs::remove_file(&p);
+        let missing = ControlAddr::Unix(p.with_file_name("nobody.sock"));
+        assert!(matches!(
+            push(&missing, &line, t).await,
+            Err(PushError::Connect(_))
+        ));
+        let huge = "x".repeat(MAX_REQUEST + 1);
+        assert_eq!(
+            push(&missing, &huge, t).await,
+            Err(PushError::TooLarge(MAX_REQUEST + 1))
+        );
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     #[test]
     fn pushes_when_changed_failed_or_stale() {
         let cfg = PushConfig {
@@ -574,7 +649,7 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].services, 2);
         assert!(p.due(&d, t0).is_empty(), "one push in flight at a time");
-        p.finished(&jobs[0], &Ok(()), t0);
+        assert!(p.finished(&jobs[0], &Ok(()), t0), "a new list is news");
         assert!(p.status(&d)[0].in_sync);
         assert_eq!(
             p.replication_state(&d, d.middleboxes[0].ip),
@@ -587,7 +662,10 @@ mod tests {
         assert!(p.due(&d, t0 + Duration::from_secs(5)).is_empty(), "in sync");
         let again = p.due(&d, t0 + Duration::from_secs(10));
         assert_eq!(again.len(), 1, "periodic refresh");
-        p.finished(&again[0], &Ok(()), t0 + Duration::from_secs(10));
+        assert!(
+            !p.finished(&again[0], &Ok(()), t0 + Duration::from_secs(10)),
+            "a refresh that changed nothing is not news"
+        );
 
         // A change is pushed at once; a failure is retried with a growing backoff.
         d.replications.retain(|r| r.id != 12);
@@ -606,17 +684,29 @@ mod tests {
         assert!(p.due(&d, t1 + Duration::from_millis(500)).is_empty());
         let j = p.due(&d, t1 + Duration::from_secs(1));
         assert_eq!(j.len(), 1, "retried after 1 s");
-        p.finished(
-            &j[0],
-            &Err(PushError::Timeout("read", cfg.timeout)),
-            t1 + Duration::from_secs(1),
+        let timeout = Err(PushError::Timeout("read", cfg.timeout));
+        assert!(
+            p.finished(&j[0], &timeout, t1 + Duration::from_secs(1)),
+            "another failure is news"
         );
         assert!(
             p.due(&d, t1 + Duration::from_millis(2500)).is_empty(),
             "backoff doubled"
         );
-        assert_eq!(p.due(&d, t1 + Duration::from_secs(3)).len(), 1);
-        assert_eq!(p.totals(), (2, 2));
+        let j = p.due(&d, t1 + Duration::from_secs(3));
+        assert_eq!(j.len(), 1);
+        assert!(
+            !p.finished(&j[0], &timeout, t1 + Duration::from_secs(3)),
+            "the same failure again is not"
+        );
+        assert!(p.due(&d, t1 + Duration::from_secs(6)).is_empty(), "4 s now");
+        let j = p.due(&d, t1 + Duration::from_secs(7));
+        assert_eq!(j.len(), 1);
+        assert!(
+            p.finished(&j[0], &Ok(()), t1 + Duration::from_secs(7)),
+            "recovery"
+        );
+        assert_eq!(p.totals(), (3, 3));
 
         // Changing the control address or the replica interface is a different push.
         let mut p = Pushes::new(cfg);

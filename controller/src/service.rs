@@ -396,6 +396,7 @@ impl Service {
 
     pub fn status(&self) -> Vec<ReplicationStatus> {
         let st = self.state();
+        let pushed = st.pushes.replication_states(&st.desired);
         st.desired
             .replications
             .iter()
@@ -419,7 +420,10 @@ impl Service {
                     installed,
                     redirection_switch,
                     error,
-                    middlebox_service: st.pushes.replication_state(&st.desired, spec.middlebox),
+                    middlebox_service: pushed
+                        .get(&spec.middlebox)
+                        .cloned()
+                        .unwrap_or_else(|| middlebox::NOT_REGISTERED.to_string()),
                 }
             })
             .collect()
@@ -818,13 +822,18 @@ impl Service {
                             "middlebox configured"
                         ),
                         Ok(()) => tracing::debug!(middlebox = %job.ip, "middlebox still in sync"),
-                        Err(e) => tracing::warn!(
+                        Err(e) if news => tracing::warn!(
                             middlebox = %job.ip,
                             control = %job.control,
                             services = job.services,
                             error = %e,
                             "service push to middlebox failed; will retry"
                         ),
+                        // The same failure again: GET /v1/middleboxes shows it, the log
+                        // need not say it every retry.
+                        Err(e) => {
+                            tracing::debug!(middlebox = %job.ip, error = %e, "service push failed again")
+                        }
                     }
                     // The list may have changed while this push was out.
                     svc.kick_push();
