@@ -13,7 +13,7 @@
 //! |--------|---------------------------|---------------------------------------|
 //! | GET    | /v1/health                | `ok`                                  |
 //! | GET    | /v1/replications          | `[ReplicationStatus]`                 |
-//! | POST   | /v1/replications          | `ReplicationSpec` → 201 `Created`, 409 if taken |
+//! | POST   | /v1/replications          | `ReplicationSpec` → 201 `{id, middlebox_service}`, 409 if taken |
 //! | DELETE | /v1/replications/{id}     | 204 / 404                             |
 //! | GET    | /v1/hosts                 | `[HostSpec]`                          |
 //! | PUT    | /v1/hosts                 | `HostSpec` (pin or move) → 204        |
@@ -29,7 +29,10 @@
 //! A replication whose middlebox is registered (`/v1/middleboxes`) is also pushed to that
 //! middlebox as a service (see [`crate::middlebox`]); the others get redirection rules
 //! only, and their `middlebox_service` says so ([`crate::middlebox::NOT_REGISTERED`]).
-//! Unregistering a middlebox stops the pushes; it does not clear the middlebox.
+//! Registering a middlebox hands its service list to the controller: from then on it
+//! runs exactly the replications naming it, an empty list included (services configured
+//! on it by other means are replaced). Unregistering stops the pushes; it does not clear
+//! the middlebox.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;

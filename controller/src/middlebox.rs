@@ -5,7 +5,9 @@
 //! the complete list of services from the replications naming that middlebox
 //! ([`services_for`]) and sends it whole with one `services-set` request. Sending the whole
 //! list (not add/remove deltas) makes a push idempotent, so a lost answer, a restarted
-//! middlebox or a restarted controller are all healed by sending the same list again.
+//! middlebox or a restarted controller are all healed by sending the same list again. It
+//! also means a registered middlebox runs exactly what the controller says: registering
+//! one without replications sends it an empty list.
 //!
 //! # Wire format
 //!
