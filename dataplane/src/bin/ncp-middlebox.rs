@@ -173,6 +173,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             for rule in &config.all_rules() {
                 println!("rule {rule}");
             }
+            // XDP mode's worker layout (a replication NIC rides along with each worker of
+            // the client-facing interface); sockets mode does not need it.
+            match runtime::plan_workers(&config) {
+                Ok(workers) => {
+                    for w in workers {
+                        let nics: Vec<&str> = w
+                            .replica_links
+                            .iter()
+                            .map(|l| l.socket.interface.as_str())
+                            .collect();
+                        println!(
+                            "xdp worker {} queue {}: replicas through [{}]",
+                            w.socket.interface,
+                            w.socket.queue,
+                            if nics.is_empty() {
+                                w.socket.interface.clone()
+                            } else {
+                                nics.join(", ")
+                            }
+                        );
+                    }
+                }
+                Err(e) => anyhow::bail!("{}: not runnable in xdp mode: {e:#}", path.display()),
+            }
             Ok(())
         }
         Command::Stats {
