@@ -5,6 +5,7 @@ mod ci;
 mod cmd;
 mod demo;
 mod deploy;
+mod e2e;
 mod middlebox;
 mod setup;
 
@@ -33,8 +34,17 @@ enum Task {
         #[command(subcommand)]
         action: TestbedAction,
     },
-    /// The main job on the built-in test bed (paper topology), with a short report.
+    /// The main job: NCP end to end on the built-in test bed (paper topology) — the
+    /// controller steers a Redis client's session into the middlebox, which replicates it;
+    /// prints where the redirect went, throughput direct versus through NCP, and the
+    /// primary's and replica's digests.
     Demo {
+        /// Leave everything running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The steering-only demo: XDP counters moving under generated and real traffic.
+    DemoSteering {
         /// Leave the test bed and the middlebox running afterwards.
         #[arg(long)]
         keep: bool,
@@ -97,7 +107,8 @@ fn main() {
         Task::Setup => setup::setup(),
         Task::Ci => ci::ci(),
         Task::Testbed { action } => testbed(action),
-        Task::Demo { keep } => demo::demo(keep),
+        Task::Demo { keep } => e2e::demo(keep),
+        Task::DemoSteering { keep } => demo::demo(keep),
         Task::Deploy { config, netns } => deploy::deploy(&config, netns.as_deref()),
         Task::Bench {
             experiments,

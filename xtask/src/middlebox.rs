@@ -110,6 +110,18 @@ impl Middlebox {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// The services it replicates, as `ncp-middlebox services` prints them.
+    pub fn services(&self) -> anyhow::Result<String> {
+        let out = Command::new(&self.binary)
+            .args(["services", "--socket"])
+            .arg(&self.socket)
+            .output()?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The human-readable counters table.
     pub fn stats_table(&self) -> anyhow::Result<String> {
         let out = Command::new(&self.binary)

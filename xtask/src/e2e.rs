@@ -1,0 +1,414 @@
+//! `cargo xtask demo`: NCP end to end on the built-in test bed (the paper's Fig. 5).
+//!
+//! The switches are Open vSwitch bridges driven by the NCP controller (`ncpd`); the
+//! middlebox runs the XDP/AF_XDP data plane; the primary and the replica run Redis. The
+//! operator's only act is two `ncpctl` calls: register the middlebox, create the
+//! replication. The controller installs the redirect on the switch its planner picks and
+//! pushes the service to the middlebox; a deterministic Redis workload from the source
+//! then runs once directly and once through NCP, and the report compares throughput and
+//! the primary's and replica's `DEBUG DIGEST`.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ncp_testbed::{Testbed, Topology, UpOptions, workload};
+
+use crate::{
+    cmd::{run, step},
+    middlebox::Middlebox,
+    setup,
+};
+
+const PREFIX: &str = "ncp";
+const OPENFLOW: &str = "127.0.0.1:6653";
+const API: &str = "127.0.0.1:8653";
+const REDIS_PORT: u16 = 6379;
+const COMMANDS: usize = 100_000;
+const WORK: &str = "/run/ncp-demo";
+
+/// Runs the demo; with `keep` everything stays up for a look around.
+pub fn demo(keep: bool) -> anyhow::Result<()> {
+    setup::setup()?;
+    step("building the data plane and the controller (release)");
+    run(&[
+        "cargo",
+        "build",
+        "--release",
+        "-p",
+        "ncp-dataplane",
+        "-p",
+        "ncp-controller",
+        "--bins",
+    ])?;
+    let bins = std::env::current_dir()?.join("target/release");
+    let _ = std::fs::remove_dir_all(WORK);
+    std::fs::create_dir_all(WORK)?;
+    let _ = Testbed::down(PREFIX);
+    step(
+        "bringing up the paper's test bed (testbed/paper.toml), switches under the NCP controller",
+    );
+    let topology = Topology::load("testbed/paper.toml")?;
+    let port: u16 = OPENFLOW
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("OpenFlow port")?;
+    let bed = Testbed::up(
+        &topology,
+        &UpOptions {
+            controller_port: Some(port),
+            ..UpOptions::with_prefix(PREFIX)
+        },
+    )?;
+    let mut scene = Scene {
+        bed,
+        bins,
+        processes: Vec::new(),
+        token: token(),
+    };
+    let result = scene.run();
+    if keep && result.is_ok() {
+        println!(
+            "\nLeft running (prefix `{PREFIX}`). Look around:\n  \
+             NCP_TOKEN={} {}/ncpctl --api {API} status\n  \
+             {}/ncp-middlebox stats --socket {WORK}/mb.sock\n  \
+             ovs-ofctl -O OpenFlow13 dump-flows {PREFIX}-prod\n  \
+             ip netns exec {PREFIX}-source redis-cli -h 198.18.1.2 INCR hello\n\
+             Tear down with: cargo xtask testbed down --prefix {PREFIX} (and end the pids above)",
+            scene.token,
+            scene.bins.display(),
+            scene.bins.display()
+        );
+        for p in &scene.processes {
+            println!("  pid {}", p.id());
+        }
+        std::mem::forget(scene);
+        return Ok(());
+    }
+    drop(scene);
+    step("tearing down");
+    Testbed::down(PREFIX)?;
+    result
+}
+
+struct Scene {
+    bed: Testbed,
+    bins: PathBuf,
+    processes: Vec<Child>,
+    token: String,
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        for child in self.processes.iter_mut().rev() {
+            // SAFETY: signals our own child by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A fresh API token for this run (the controller accepts it through NCP_TOKEN).
+fn token() -> String {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    workload::seeded_bytes(seed, 16)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Scene {
+    fn run(&mut self) -> anyhow::Result<()> {
+        let source = self.bed.address("source", "eth0")?;
+        let primary = self.bed.address("primary", "eth0")?;
+        let replica = self.bed.address("replica", "eth1")?;
+        let mb = self.bed.address("middlebox", "eth0")?;
+        let mb1 = self.bed.address("middlebox", "eth1")?;
+
+        step("starting the controller (ncpd)");
+        let ncpd = Command::new(self.bins.join("ncpd"))
+            .args([
+                "--listen",
+                OPENFLOW,
+                "--api",
+                API,
+                "--state",
+                &format!("{WORK}/controller.json"),
+            ])
+            .args(["--reconcile-secs", "5"])
+            .env("NCP_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(format!("{WORK}/ncpd.log"))?)
+            .spawn()
+            .context("starting ncpd")?;
+        self.processes.push(ncpd);
+        self.wait_for("both switches to connect", Duration::from_secs(20), |s| {
+            let t = s.ncpctl(&["topology"]).ok()?;
+            (t["switches"].as_array()?.len() == 2).then_some(())
+        })?;
+
+        step("starting the middlebox (XDP + AF_XDP workers) on eth0 and its replication NIC eth1");
+        let config = format!(
+            "control_socket = \"{WORK}/mb.sock\"\n\
+             [[interfaces]]\nname = \"eth0\"\naddress = \"{mb}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
+             [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n"
+        );
+        let middlebox = Middlebox::start(
+            &self.bed,
+            "middlebox",
+            &self.bins,
+            &config,
+            Path::new(&format!("{WORK}/mb.sock")),
+        )?;
+
+        step("starting Redis on the primary and on the replica");
+        for host in ["primary", "replica"] {
+            let child = self.bed.spawn(
+                host,
+                &[
+                    "redis-server",
+                    "--port",
+                    &REDIS_PORT.to_string(),
+                    "--bind",
+                    "0.0.0.0",
+                    "--protected-mode",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--enable-debug-command",
+                    "local",
+                    "--logfile",
+                    &format!("{WORK}/redis-{host}.log"),
+                ],
+            )?;
+            self.processes.push(child);
+        }
+        for host in ["primary", "replica"] {
+            self.wait_for(&format!("redis on {host}"), Duration::from_secs(10), |s| {
+                (s.redis(host, &["PING"]).ok()? == "PONG").then_some(())
+            })?;
+        }
+
+        let workload_path = format!("{WORK}/workload.resp");
+        std::fs::write(
+            &workload_path,
+            workload::redis_writes(COMMANDS, 0x0dec_0de5),
+        )?;
+
+        step(&format!(
+            "workload 1/2: {COMMANDS} Redis writes from the source, directly to the primary (after a warm-up run)"
+        ));
+        self.pipe(primary, &workload_path)?;
+        self.redis("primary", &["FLUSHALL"])?;
+        let direct = self.pipe(primary, &workload_path)?;
+        self.redis("primary", &["FLUSHALL"])?;
+
+        step("ncpctl: register the middlebox, create the replication");
+        self.ncpctl(&[
+            "middlebox",
+            "add",
+            "--ip",
+            &mb.to_string(),
+            "--control",
+            &format!("unix:{WORK}/mb.sock"),
+            "--replica-interface",
+            "eth1",
+        ])?;
+        self.ncpctl(&[
+            "add",
+            "--id",
+            "1",
+            "--source",
+            &source.to_string(),
+            "--primary",
+            &format!("{primary}:{REDIS_PORT}"),
+            "--middlebox",
+            &mb.to_string(),
+            "--replica",
+            &format!("{replica}:{REDIS_PORT}"),
+        ])?;
+        let status = self.wait_for(
+            "the replication to be installed",
+            Duration::from_secs(30),
+            |s| {
+                let v = s.ncpctl(&["status"]).ok()?;
+                let r = v.as_array()?.first()?.clone();
+                r["installed"].as_bool()?.then_some(r)
+            },
+        )?;
+        let pushed = self.wait_for(
+            "the controller to push the service to the middlebox",
+            Duration::from_secs(20),
+            |_| {
+                let services = middlebox.services().ok()?;
+                services.contains("r1").then_some(services)
+            },
+        )?;
+        eprintln!("    middlebox now serves: {}", pushed.trim());
+
+        step(&format!(
+            "workload 2/2: the same {COMMANDS} writes, now through NCP"
+        ));
+        let through = self.pipe(primary, &workload_path)?;
+
+        step("comparing the primary's and the replica's data");
+        let primary_digest = self.redis("primary", &["DEBUG", "DIGEST"])?;
+        let replica_digest = self
+            .wait_for("the replica to catch up", Duration::from_secs(30), |s| {
+                let d = s.redis("replica", &["DEBUG", "DIGEST"]).ok()?;
+                (d == primary_digest).then_some(d)
+            })
+            .or_else(|_| self.redis("replica", &["DEBUG", "DIGEST"]))?;
+        let keys = self.redis("primary", &["DBSIZE"])?;
+        let stats = middlebox.stats()?;
+
+        let dpid = status["redirection_switch"].as_u64();
+        let switch = dpid
+            .and_then(|d| {
+                ["prod", "repl"]
+                    .into_iter()
+                    .find(|s| self.bed.dpid(s).ok() == Some(d))
+            })
+            .unwrap_or("?");
+        println!("\n====================== NCP demo report ======================");
+        println!(
+            "replication #1: tcp {source} -> {primary}:{REDIS_PORT}, replica {replica}:{REDIS_PORT}, middlebox {mb}"
+        );
+        println!(
+            "redirect rule: on switch `{switch}` (dpid {}), the last switch shared by the\n  \
+             source->primary and source->middlebox routes (lowest common ancestor seen from the source)",
+            dpid.map_or("?".to_owned(), |d| format!("{d:#x}"))
+        );
+        println!(
+            "workload: {COMMANDS} Redis writes (SET/INCR/LPUSH/HSET/DEL) with redis-cli --pipe"
+        );
+        println!(
+            "  direct:        {:>8.2} s  {:>10.0} commands/s",
+            direct.as_secs_f64(),
+            COMMANDS as f64 / direct.as_secs_f64()
+        );
+        println!(
+            "  through NCP:   {:>8.2} s  {:>10.0} commands/s  ({:+.1} % time)",
+            through.as_secs_f64(),
+            COMMANDS as f64 / through.as_secs_f64(),
+            (through.as_secs_f64() / direct.as_secs_f64() - 1.0) * 100.0
+        );
+        println!("  keys on the primary: {keys}");
+        println!("DEBUG DIGEST primary: {primary_digest}");
+        println!("DEBUG DIGEST replica: {replica_digest}");
+        let service = &stats["replication"]["services"][0];
+        let replica_stats = &service["replicas"][0];
+        println!(
+            "middlebox: {} session(s); {} bytes to the primary, {} to the replica (lag {} bytes), \
+             {} bytes of replica answers dropped; replica detached: {}",
+            service["sessions_total"],
+            service["primary_bytes_out"],
+            replica_stats["bytes_out"],
+            replica_stats["lag_bytes"],
+            service["replica_bytes_dropped"],
+            replica_stats["detached"]
+        );
+        let equal = primary_digest == replica_digest && primary_digest.len() == 40;
+        println!(
+            "verdict: {}",
+            if equal {
+                "replica in step with the primary"
+            } else {
+                "DIGESTS DIFFER"
+            }
+        );
+        println!("=============================================================");
+        if !equal {
+            bail!("the replica's data differs from the primary's");
+        }
+        Ok(())
+    }
+
+    fn ncpctl(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(self.bins.join("ncpctl"))
+            .args(["--api", API])
+            .args(args)
+            .env("NCP_TOKEN", &self.token)
+            .output()
+            .context("running ncpctl")?;
+        if !out.status.success() {
+            bail!(
+                "ncpctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn redis(&self, host: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut argv = vec!["redis-cli", "-p", "6379"];
+        argv.extend_from_slice(args);
+        let out = self.bed.exec(host, &argv)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Feeds the workload file to `redis-cli --pipe` from the source; returns the time.
+    fn pipe(&self, primary: Ipv4Addr, path: &str) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let out = self
+            .bed
+            .command(
+                "source",
+                &[
+                    "redis-cli",
+                    "-h",
+                    &primary.to_string(),
+                    "-p",
+                    "6379",
+                    "--pipe",
+                ],
+            )?
+            .stdin(std::fs::File::open(path)?)
+            .output()?;
+        let elapsed = start.elapsed();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !text.contains(&format!("errors: 0, replies: {COMMANDS}")) {
+            bail!("redis-cli --pipe: {}", text.trim());
+        }
+        eprintln!("    {}", text.lines().last().unwrap_or_default());
+        Ok(elapsed)
+    }
+
+    fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut probe: impl FnMut(&Self) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = probe(self) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("gave up waiting for {what} after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
