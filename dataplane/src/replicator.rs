@@ -1215,7 +1215,267 @@ fn parse_mac(text: &str) -> Option<MacAddr> {
 
 #[cfg(test)]
 mod tests {
+    //! The replicator over in-memory IP links: a "network" engine plays client and
+    //! primary on link 0, another plays the replica on link 1.
+
+    use std::{cell::RefCell, collections::VecDeque, rc::Rc};
+
+    use smoltcp::phy::{self, DeviceCapabilities, Medium};
+
     use super::*;
+    use crate::{config::PortRange, engine::EngineConfig};
+
+    type Queue = Rc<RefCell<VecDeque<Vec<u8>>>>;
+
+    struct Pipe {
+        inbox: Queue,
+        outbox: Queue,
+    }
+
+    fn pipe_pair() -> (Pipe, Pipe) {
+        let (ab, ba): (Queue, Queue) = (Rc::default(), Rc::default());
+        (
+            Pipe {
+                inbox: ba.clone(),
+                outbox: ab.clone(),
+            },
+            Pipe {
+                inbox: ab,
+                outbox: ba,
+            },
+        )
+    }
+
+    struct PipeRx(Vec<u8>);
+    struct PipeTx(Queue);
+
+    impl phy::RxToken for PipeRx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+
+    impl phy::TxToken for PipeTx {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut buf = vec![0; len];
+            let r = f(&mut buf);
+            self.0.borrow_mut().push_back(buf);
+            r
+        }
+    }
+
+    impl phy::Device for Pipe {
+        type RxToken<'a> = PipeRx;
+        type TxToken<'a> = PipeTx;
+
+        fn receive(
+            &mut self,
+            _: smoltcp::time::Instant,
+        ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+            let frame = self.inbox.borrow_mut().pop_front()?;
+            Some((PipeRx(frame), PipeTx(self.outbox.clone())))
+        }
+
+        fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+            Some(PipeTx(self.outbox.clone()))
+        }
+
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ip;
+            caps.max_transmission_unit = 1500;
+            caps
+        }
+    }
+
+    impl EngineDevice for Pipe {}
+
+    impl Neighbours for Pipe {
+        fn neighbour(&self, _: Ipv4Addr) -> Option<MacAddr> {
+            Some([2, 0, 0, 0, 0, 1]) // an IP link needs none
+        }
+        fn learn(&mut self, _: Ipv4Addr, _: MacAddr) {}
+    }
+
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+    const MB0: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 4);
+    const MB1: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 4);
+    const PRIMARY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), 80);
+    const REPLICA: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, 3), 80);
+    const PORTS: PortRange = PortRange {
+        first: 20000,
+        last: 20999,
+    };
+
+    fn engine(pipe: Pipe, own: Ipv4Addr, listen: Vec<SocketAddrV4>) -> Engine<Pipe> {
+        let mut config = EngineConfig::new(own, PORTS);
+        config.listen = listen;
+        config.rx_buffer = 64 * 1024;
+        config.tx_buffer = 64 * 1024;
+        Engine::new(pipe, config).unwrap()
+    }
+
+    /// What the servers on the far side of the links do with a connection: read it to
+    /// its end, then answer `answer` and close.
+    #[derive(Default)]
+    struct Server {
+        conn: Option<ConnId>,
+        got: Vec<u8>,
+        answered: bool,
+        closed: bool,
+    }
+
+    impl Server {
+        fn on(&mut self, e: &mut Engine<Pipe>, event: EngineEvent, answer: &[u8]) {
+            match event {
+                EngineEvent::Accepted { conn, .. } => self.conn = Some(conn),
+                EngineEvent::Readable { conn } => {
+                    let mut buf = [0; 8192];
+                    while let Ok(n @ 1..) = e.recv(conn, &mut buf) {
+                        self.got.extend_from_slice(&buf[..n]);
+                    }
+                }
+                EngineEvent::PeerClosed { conn } if !self.answered => {
+                    self.answered = true;
+                    assert_eq!(e.send(conn, answer).unwrap(), answer.len());
+                    e.close(conn).unwrap();
+                }
+                EngineEvent::Closed { .. } | EngineEvent::Reset { .. } => self.closed = true,
+                _ => {}
+            }
+        }
+    }
+
+    fn replicator(net0: Pipe, net1: Pipe, primary: SocketAddrV4) -> Replicator<Pipe> {
+        let service = ServiceConfig {
+            name: "svc".into(),
+            primary,
+            clients: "198.18.1.0/24".parse().unwrap(),
+            replicas: vec![REPLICA],
+            replica_interface: Some("eth1".into()),
+            replica_budget_bytes: 4 << 20,
+            primary_budget_bytes: 1 << 20,
+            idle_timeout_secs: 30,
+            connect_timeout_secs: 5,
+        };
+        let links = vec![
+            Link {
+                interface: "eth0".into(),
+                engine: engine(net0, MB0, vec![primary]),
+            },
+            Link {
+                interface: "eth1".into(),
+                engine: engine(net1, MB1, Vec::new()),
+            },
+        ];
+        Replicator::new(
+            links,
+            vec![ServicePlan::new(&service, 1)],
+            ManagerConfig::default(),
+        )
+    }
+
+    #[test]
+    fn copies_the_client_stream_to_primary_and_replica_and_answers_from_the_primary() {
+        let (net0, mb0) = pipe_pair();
+        let (net1, mb1) = pipe_pair();
+        let mut mb = replicator(mb0, mb1, PRIMARY);
+        // Link 0's far side: the client (connects to the primary's address, which the
+        // middlebox answers) and the primary (accepts the middlebox's connection).
+        let mut side0 = engine(net0, CLIENT, vec![PRIMARY]);
+        let mut side1 = engine(net1, REPLICA.ip().to_owned(), vec![REPLICA]);
+        let client = side0.connect(PRIMARY).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let (mut sent, mut answer, mut client_done) = (0, Vec::new(), false);
+        let (mut primary, mut replica) = (Server::default(), Server::default());
+        let mut events = Vec::new();
+        for _ in 0..200_000 {
+            let now = Instant::now();
+            mb.turn(now);
+            side0.poll(now, &mut events);
+            for event in events.drain(..) {
+                match event {
+                    EngineEvent::Connected { conn } | EngineEvent::Writable { conn }
+                        if conn == client => {}
+                    EngineEvent::Readable { conn } if conn == client => {
+                        let mut buf = [0; 256];
+                        while let Ok(n @ 1..) = side0.recv(conn, &mut buf) {
+                            answer.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                    EngineEvent::Closed { conn } | EngineEvent::Reset { conn }
+                        if conn == client =>
+                    {
+                        client_done = true;
+                    }
+                    EngineEvent::PeerClosed { conn } if conn == client => {}
+                    other => primary.on(&mut side0, other, b"from primary"),
+                }
+            }
+            if sent < data.len()
+                && let Ok(n) = side0.send(client, &data[sent..])
+            {
+                sent += n;
+                if sent == data.len() {
+                    side0.close(client).unwrap();
+                }
+            }
+            side1.poll(now, &mut events);
+            for event in events.drain(..) {
+                replica.on(&mut side1, event, b"from replica");
+            }
+            if client_done && replica.closed && mb.sessions() == 0 {
+                break;
+            }
+        }
+        assert!(client_done, "the client's connection did not end");
+        assert_eq!(
+            answer, b"from primary",
+            "only the primary answers the client"
+        );
+        assert!(primary.got == data, "primary stream differs");
+        assert!(replica.got == data, "replica stream differs");
+        assert_eq!(mb.sessions(), 0);
+        let s = mb.snapshot("eth0", 0);
+        let svc = &s.services[0];
+        assert_eq!(svc.sessions_total, 1);
+        assert_eq!(svc.primary_bytes_out, data.len() as u64);
+        assert_eq!(svc.replicas[0].bytes_out, data.len() as u64);
+        assert_eq!(svc.client_bytes_out, 12);
+        assert_eq!(svc.replica_bytes_dropped, 12);
+        assert_eq!(svc.detached.total(), 0);
+        assert_eq!(
+            s.links[1].connected, 1,
+            "the replica is reached through link 1"
+        );
+        assert_eq!(s.links[0].connected, 1);
+    }
+
+    #[test]
+    fn a_client_outside_the_prefix_is_reset_and_counted() {
+        let (net0, mb0) = pipe_pair();
+        let (_net1, mb1) = pipe_pair();
+        let mut mb = replicator(mb0, mb1, PRIMARY);
+        let mut outsider = engine(net0, Ipv4Addr::new(198, 18, 9, 9), Vec::new());
+        let conn = outsider.connect(PRIMARY).unwrap();
+        let mut events = Vec::new();
+        let mut reset = false;
+        for _ in 0..10_000 {
+            mb.turn(Instant::now());
+            outsider.poll(Instant::now(), &mut events);
+            reset |= events
+                .drain(..)
+                .any(|e| e == EngineEvent::Reset { conn } || e == EngineEvent::Refused { conn });
+            if reset {
+                break;
+            }
+        }
+        assert!(reset, "the outsider was not reset");
+        let s = mb.snapshot("eth0", 0);
+        assert_eq!(s.services[0].refused.not_a_client, 1);
+        assert_eq!(s.sessions_refused, 1);
+        assert_eq!(s.sessions_total, 0);
+    }
 
     #[test]
     fn proc_arp_keeps_complete_entries_only() {
