@@ -119,6 +119,12 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The workers' idle behaviour: `sleep` (the default, right for this shared machine) or
+/// `busy`, chosen with `NCP_XDP_POLL` to compare the two.
+fn poll_mode() -> String {
+    std::env::var("NCP_XDP_POLL").unwrap_or_else(|_| "sleep".into())
+}
+
 /// One service of the middlebox configuration.
 struct Service {
     name: &'static str,
@@ -208,7 +214,7 @@ impl Scene {
         let mut text = format!(
             r#"
 control_socket = "{socket}"
-poll = "sleep"
+poll = "{poll}"
 
 [limits]
 max_sessions = 2000
@@ -227,7 +233,8 @@ address = "{mb1}"
 ports = {{ first = 20000, last = 29999 }}
 queues = [{{ queue = 0 }}]
 "#,
-            socket = self.socket.display()
+            socket = self.socket.display(),
+            poll = poll_mode(),
         );
         for s in services {
             text.push_str(&format!(
@@ -611,8 +618,9 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
         });
         let svc = &s.services[0];
         eprintln!(
-            "xdp iperf3 -P {parallel}: {:.0} Mbit/s through the middlebox, {:.0} Mbit/s direct; \
+            "xdp iperf3 ({} poll) -P {parallel}: {:.0} Mbit/s through the middlebox, {:.0} Mbit/s direct; \
              primary got {} bytes, replica {} bytes, detached {:?}",
+            poll_mode(),
             through / 1e6,
             direct / 1e6,
             svc.primary_bytes_out,
