@@ -41,6 +41,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const STREAM_PORT: u16 = 5001;
 const IPERF_PORT: u16 = 5201;
+const IPERF_PLAIN_PORT: u16 = 5202;
 const REDIS_PORT: u16 = 6379;
 const CLOSED_PORT: u16 = 7000;
 /// Upper bound for anything a test waits on.
@@ -130,6 +131,9 @@ struct Service {
     name: &'static str,
     port: u16,
     replica_budget: u64,
+    /// Whether the service has the replica (without: the middlebox as a plain proxy, the
+    /// paper's "no replication" baseline).
+    replicated: bool,
 }
 
 impl Service {
@@ -138,6 +142,7 @@ impl Service {
             name,
             port,
             replica_budget: 16 << 20,
+            replicated: true,
         }
     }
 }
@@ -243,14 +248,18 @@ queues = [{{ queue = 0 }}]
 name = "{name}"
 primary = "{primary}:{port}"
 clients = "198.18.1.0/24"
-replicas = ["{replica}:{port}"]
+replicas = [{replicas}]
 replica_interface = "eth1"
 replica_budget_bytes = {budget}
 connect_timeout_secs = 5
 "#,
                 name = s.name,
                 primary = self.primary,
-                replica = self.replica,
+                replicas = if s.replicated {
+                    format!("\"{}:{}\"", self.replica, s.port)
+                } else {
+                    String::new()
+                },
                 port = s.port,
                 budget = s.replica_budget,
             ));
@@ -537,11 +546,15 @@ fn digest_of(mut child: Child, what: &str) -> String {
 
 /// The iperf3 client's result: received bits per second over all streams.
 fn iperf3(bed: &Testbed, to: Ipv4Addr, parallel: usize, seconds: u32) -> f64 {
+    iperf3_on(bed, to, IPERF_PORT, parallel, seconds)
+}
+
+fn iperf3_on(bed: &Testbed, to: Ipv4Addr, port: u16, parallel: usize, seconds: u32) -> f64 {
     let (to, p, t, port) = (
         to.to_string(),
         parallel.to_string(),
         seconds.to_string(),
-        IPERF_PORT.to_string(),
+        port.to_string(),
     );
     let mut child = bed
         .command(
@@ -599,6 +612,10 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
         &[
             Service::new("iperf", IPERF_PORT),
             Service::new("stream", STREAM_PORT),
+            Service {
+                replicated: false,
+                ..Service::new("plain", IPERF_PLAIN_PORT)
+            },
         ],
     );
     let port = IPERF_PORT.to_string();
@@ -606,9 +623,14 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
         scene.spawn(host, &["iperf3", "-s", "-p", &port]);
         scene.wait_listening(host, IPERF_PORT);
     }
+    let plain = IPERF_PLAIN_PORT.to_string();
+    scene.spawn("primary", &["iperf3", "-s", "-p", &plain]);
+    scene.wait_listening("primary", IPERF_PLAIN_PORT);
     let direct_to = scene.bed.address("primary", "eth1").unwrap();
     let mut sessions = 0;
     for parallel in [1, 8, 32] {
+        // The paper's baseline: the same middlebox without replication (plain proxy).
+        let unreplicated = iperf3_on(&scene.bed, scene.primary, IPERF_PLAIN_PORT, parallel, 3);
         let through = iperf3(&scene.bed, scene.primary, parallel, 3);
         // For comparison only: straight to the primary over the replication network.
         let direct = iperf3(&scene.bed, direct_to, parallel, 3);
@@ -618,10 +640,11 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
         });
         let svc = &s.services[0];
         eprintln!(
-            "xdp iperf3 ({} poll) -P {parallel}: {:.0} Mbit/s through the middlebox, {:.0} Mbit/s direct; \
+            "xdp iperf3 ({} poll) -P {parallel}: {:.0} Mbit/s through the middlebox, {:.0} Mbit/s through it without replication, {:.0} Mbit/s direct; \
              primary got {} bytes, replica {} bytes, detached {:?}",
             poll_mode(),
             through / 1e6,
+            unreplicated / 1e6,
             direct / 1e6,
             svc.primary_bytes_out,
             svc.replicas[0].bytes_out,
