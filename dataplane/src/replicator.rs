@@ -23,6 +23,14 @@
 //!   passes, so a replica that is still answering never gets a RST that could cost it
 //!   bytes it already received.
 //!
+//! Next hops: the devices do L2 themselves and never speak ARP. A client's MAC is learned
+//! from its SYN. For the primaries and replicas the worker asks the kernel at start (an
+//! empty UDP datagram to the discard port makes it ARP; the reply reaches the kernel
+//! because the XDP program passes ARP) and copies the entry from `/proc/net/arp` (this
+//! namespace's table) into the device, so the first SYN upstream has a MAC to go to. An
+//! upstream still unknown when a session connects to it is resolved the same way in the
+//! background; smoltcp's SYN retransmission covers the wait.
+//!
 //! The connection table here is a hash map keyed by (link, [`ConnId`]), so finding a
 //! session for an event is O(1). The per-packet cost that grows with the number of
 //! sessions is smoltcp's own socket scan inside [`Engine::poll`]; a 4-tuple → socket map
