@@ -10,7 +10,7 @@
 //! They need root, Open vSwitch, AF_XDP and the tools each test names (iperf3, socat,
 //! redis). When something is missing they print `skipped: …` and pass, except under
 //! CI=true, where that is a failure. Each test brings up its own bed (prefixes
-//! `nx1`…`nx5`) and tears it down, also when it fails.
+//! `nx1`…`nx6`; `nx9` for the manual scene) and tears it down, also when it fails.
 
 #![allow(
     clippy::unwrap_used,
@@ -1087,4 +1087,98 @@ fn manual_scene() {
         scene.socket.display()
     );
     thread::sleep(Duration::from_secs(secs));
+}
+
+/// A server in `host`'s namespace taking `count` connections: each is read to its end
+/// in its own thread and answered with its length; returns the streams.
+fn many_shot_server(
+    bed: &Testbed,
+    host: &str,
+    port: u16,
+    count: usize,
+) -> JoinHandle<Vec<Vec<u8>>> {
+    let (ready, bound) = mpsc::channel();
+    let server = in_netns(&bed.netns(host).unwrap(), move || {
+        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
+        ready.send(()).unwrap();
+        let handlers: Vec<JoinHandle<Vec<u8>>> = (0..count)
+            .map(|_| {
+                let (mut s, _) = listener.accept().unwrap();
+                thread::spawn(move || {
+                    s.set_read_timeout(Some(PATIENCE)).unwrap();
+                    let mut all = Vec::new();
+                    s.read_to_end(&mut all).unwrap();
+                    let _ = s.write_all(format!("{}\n", all.len()).as_bytes());
+                    all
+                })
+            })
+            .collect();
+        handlers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    bound.recv_timeout(PATIENCE).unwrap();
+    server
+}
+
+#[test]
+fn hundreds_of_concurrent_sessions_each_arrive_intact() {
+    if !ncp_testbed::ready_or_skip("xdp replication concurrent sessions", &["ping"]) {
+        return;
+    }
+    let _serial = serial();
+    const SESSIONS: usize = 200;
+    const EACH: usize = 64 << 10;
+    let scene = Scene::start("nx6", &[Service::new("many", STREAM_PORT)]);
+    let primary = many_shot_server(&scene.bed, "primary", STREAM_PORT, SESSIONS);
+    let replica = many_shot_server(&scene.bed, "replica", STREAM_PORT, SESSIONS);
+    let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
+    let netns = scene.bed.netns("source").unwrap();
+    let started = Instant::now();
+    // All clients at once, each stream tagged with its index in its first bytes.
+    let clients: Vec<JoinHandle<()>> = (0..SESSIONS)
+        .map(|i| {
+            in_netns(&netns, move || {
+                let mut data = seeded_bytes(0x5eed_6000 + i as u64, EACH);
+                data[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                let mut s =
+                    TcpStream::connect_timeout(&to.into(), Duration::from_secs(20)).unwrap();
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                s.write_all(&data).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut answer = String::new();
+                s.read_to_string(&mut answer).unwrap();
+                assert_eq!(answer, format!("{EACH}\n"));
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let elapsed = started.elapsed();
+    for (host, server) in [("primary", primary), ("replica", replica)] {
+        let mut got = server.join().unwrap();
+        assert_eq!(got.len(), SESSIONS, "{host}");
+        got.sort_by_key(|d| u64::from_le_bytes(d[..8].try_into().unwrap()));
+        for (i, stream) in got.iter().enumerate() {
+            let mut want = seeded_bytes(0x5eed_6000 + i as u64, EACH);
+            want[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            assert!(*stream == want, "{host}: stream {i} differs");
+        }
+    }
+    let s = scene.stats_when("sessions end", |s| {
+        s.sessions_total == SESSIONS as u64 && s.sessions_active == 0
+    });
+    eprintln!(
+        "xdp concurrent: {SESSIONS} sessions of {} KiB each in {elapsed:.2?}, intact at primary and replica; listener handshakes failed {}, detaches {:?}",
+        EACH >> 10,
+        s.per_worker[0].links[0].half_open_failed,
+        s.services[0].detached
+    );
+    assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");
+    assert_eq!(s.services[0].primary_bytes_out, (SESSIONS * EACH) as u64);
+    assert_eq!(
+        s.services[0].replicas[0].bytes_out,
+        (SESSIONS * EACH) as u64
+    );
+    let mut scene = scene;
+    scene.stop_middlebox();
 }
