@@ -22,7 +22,10 @@
 //! path needs nothing on the middlebox and tests the very port the redirect sends to.
 //!
 //! This checks that the middlebox host is on the network and its kernel answers, which is
-//! what steering traffic to it needs; it does not check the replication process itself.
+//! what steering traffic to it needs. For a middlebox registered with a control address
+//! the service also pings the NCP process there every interval
+//! ([`crate::middlebox::ping`]); while that goes unanswered its ARP answers do not count,
+//! so a crashed data plane on a live host fails open the same way.
 //! With the defaults (300 ms, 3 failures) a silent middlebox is declared down after at
 //! most about 1.2 s, and its redirects are gone a reconcile run later: inside the 3 s
 //! the issue allows for withdrawal, with room for a loaded machine. The probes cost one

@@ -221,6 +221,24 @@ pub async fn push(addr: &ControlAddr, line: &str, timeout: Duration) -> Result<(
     parse_answer(&answer)
 }
 
+/// Asks the middlebox process whether it is alive: one `services` request on its control
+/// socket, any well-formed answer within `timeout` counts. The ARP probe of
+/// [`crate::health`] shows that the middlebox *host* is on the network; this shows that the
+/// NCP process behind it is running, so a crashed data plane fails open too.
+pub async fn ping(addr: &ControlAddr, timeout: Duration) -> bool {
+    let ControlAddr::Unix(path) = addr;
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(path).await.ok()?;
+        let (rd, mut wr) = stream.into_split();
+        wr.write_all(b"{\"cmd\":\"services\"}\n").await.ok()?;
+        let mut answer = String::new();
+        let mut rd = BufReader::new(rd.take(MAX_ANSWER));
+        rd.read_line(&mut answer).await.ok()?;
+        serde_json::from_str::<Answer>(answer.trim_end()).ok()
+    };
+    matches!(tokio::time::timeout(timeout, exchange).await, Ok(Some(_)))
+}
+
 /// The last push attempt to a middlebox, as the API reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Attempt {

@@ -172,6 +172,9 @@ struct State {
     audit: VecDeque<AuditEntry>,
     last: Option<(Plan, InstallReport)>,
     pushes: Pushes,
+    /// Registered middleboxes whose process did not answer its last control-socket ping:
+    /// their ARP answers do not count, so they go down like a silent host.
+    process_dead: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 impl State {
@@ -289,6 +292,7 @@ impl Service {
                 audit: VecDeque::new(),
                 last: None,
                 pushes: Pushes::new(cfg.push),
+                process_dead: std::collections::BTreeSet::new(),
             }),
             cfg,
             kick: Notify::new(),
@@ -590,6 +594,7 @@ impl Service {
         let mut st = self.state();
         if sender.arp_op == Some(2)
             && sender.eth_dst == PROBE_MAC
+            && !st.process_dead.contains(&sender.ip)
             && let Some(c) = st.health.answered(sender.ip)
         {
             tracing::info!(middlebox = %c.ip, "middlebox answers again; restoring its redirects");
@@ -779,6 +784,30 @@ impl Service {
             }
             if !changes.is_empty() {
                 self.kick();
+            }
+            // Registered middleboxes are also asked through their control socket whether
+            // the process runs; the answer is in by the next round.
+            let controls: Vec<(Ipv4Addr, crate::store::ControlAddr)> = {
+                let st = self.state();
+                st.desired
+                    .middleboxes
+                    .iter()
+                    .filter(|m| probes.iter().any(|h| h.ip == m.ip))
+                    .filter_map(|m| m.control_addr().ok().map(|a| (m.ip, a)))
+                    .collect()
+            };
+            for (ip, addr) in controls {
+                let svc = self.clone();
+                let wait = cfg.interval;
+                tokio::spawn(async move {
+                    let alive = middlebox::ping(&addr, wait).await;
+                    let mut st = svc.state();
+                    if alive {
+                        st.process_dead.remove(&ip);
+                    } else if st.process_dead.insert(ip) {
+                        tracing::warn!(middlebox = %ip, "middlebox process does not answer on its control socket");
+                    }
+                });
             }
             for h in probes {
                 let msg = Message::PacketOut(PacketOut {
