@@ -138,7 +138,10 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let mut guard = steerings
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            start_workers(&change.config, &mut guard, &generation_stop, &mut workers)
+            // The XSKMAP holds a reference to every old socket, which keeps its queue
+            // bound: release them before the new generation binds the same queues.
+            release_sockets(&mut guard);
+            start_workers_retrying(&change.config, &mut guard, &generation_stop, &mut workers)
         };
         let answer = result
             .map(|()| workers.iter().map(Worker::stats_handle).collect())
@@ -293,6 +296,42 @@ fn start_workers(
         }
     }
     Ok(())
+}
+
+/// Empties every XSKMAP slot, so that closed sockets really go away.
+fn release_sockets(steerings: &mut [Steering]) {
+    for steering in steerings.iter_mut() {
+        for queue in 0..ncp_common::MAX_QUEUES {
+            // Most slots are empty already; that error is the expected answer.
+            let _ = steering.unregister_socket(queue);
+        }
+    }
+}
+
+/// [`start_workers`] for a new generation: the kernel frees a closed AF_XDP socket's queue
+/// binding a little after the close, so a bind that finds the queue busy is retried for a
+/// bounded time.
+fn start_workers_retrying(
+    config: &Config,
+    steerings: &mut [Steering],
+    stop: &Arc<AtomicBool>,
+    workers: &mut Vec<Worker>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match start_workers(config, steerings, stop, workers) {
+            Ok(()) => return Ok(()),
+            Err(e) if format!("{e:#}").contains("busy") && std::time::Instant::now() < deadline => {
+                stop.store(true, Ordering::Relaxed);
+                workers.drain(..).for_each(Worker::join);
+                stop.store(false, Ordering::Relaxed);
+                release_sockets(steerings);
+                tracing::debug!(error = %format!("{e:#}"), "queue still busy; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// AF_XDP UMEMs count against RLIMIT_MEMLOCK on older kernels; lift it where allowed.
