@@ -154,8 +154,8 @@ impl Scene {
             .args(["--reconcile-secs", "5"])
             .env("NCP_TOKEN", &self.token)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(format!("{WORK}/ncpd.log"))?)
+            .stdout(std::fs::File::create(format!("{WORK}/ncpd.log"))?)
+            .stderr(std::fs::File::create(format!("{WORK}/ncpd.err"))?)
             .spawn()
             .context("starting ncpd")?;
         self.processes.push(ncpd);
@@ -170,7 +170,7 @@ impl Scene {
              [[interfaces]]\nname = \"eth0\"\naddress = \"{mb}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
              [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n"
         );
-        let middlebox = Middlebox::start(
+        let mut middlebox = Middlebox::start(
             &self.bed,
             "middlebox",
             &self.bins,
@@ -179,34 +179,9 @@ impl Scene {
         )?;
 
         step("starting Redis on the primary and on the replica");
-        for host in ["primary", "replica"] {
-            let child = self.bed.spawn(
-                host,
-                &[
-                    "redis-server",
-                    "--port",
-                    &REDIS_PORT.to_string(),
-                    "--bind",
-                    "0.0.0.0",
-                    "--protected-mode",
-                    "no",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--enable-debug-command",
-                    "local",
-                    "--logfile",
-                    &format!("{WORK}/redis-{host}.log"),
-                ],
-            )?;
-            self.processes.push(child);
-        }
-        for host in ["primary", "replica"] {
-            self.wait_for(&format!("redis on {host}"), Duration::from_secs(10), |s| {
-                (s.redis(host, &["PING"]).ok()? == "PONG").then_some(())
-            })?;
-        }
+        let primary_redis = self.start_redis("primary")?;
+        self.processes.push(primary_redis);
+        let mut replica_redis = self.start_redis("replica")?;
 
         let workload_path = format!("{WORK}/workload.resp");
         std::fs::write(
@@ -340,7 +315,180 @@ impl Scene {
         if !equal {
             bail!("the replica's data differs from the primary's");
         }
+
+        step("drill 1/2: the replica dies in the middle of a workload");
+        let drill_path = format!("{WORK}/workload-2.resp");
+        std::fs::write(&drill_path, workload::redis_writes(COMMANDS, 0x0dec_0de6))?;
+        let pipe = self.spawn_pipe(primary, &drill_path)?;
+        std::thread::sleep(Duration::from_millis(150));
+        // SAFETY: signals our own child by pid.
+        unsafe { libc::kill(replica_redis.id() as i32, libc::SIGKILL) };
+        let _ = replica_redis.wait();
+        let out = pipe.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let client_ok = text.contains(&format!("errors: 0, replies: {COMMANDS}"));
+        let detached = self.wait_for(
+            "the middlebox to detach the replica",
+            Duration::from_secs(15),
+            |_| {
+                let stats = middlebox.stats().ok()?;
+                let d = &stats["replication"]["services"][0]["replicas"][0]["detached"];
+                let total: u64 = [
+                    "died",
+                    "refused",
+                    "lagged",
+                    "connect_timeout",
+                    "drain_timeout",
+                ]
+                .iter()
+                .map(|k| d[*k].as_u64().unwrap_or(0))
+                .sum();
+                (total > 0).then(|| d.clone())
+            },
+        );
+
+        step("drill 2/2: the middlebox dies; the controller fails open, then restores replication");
+        let replica_redis = self.start_redis("replica")?;
+        self.processes.push(replica_redis);
+        middlebox.kill();
+        let killed = Instant::now();
+        let fail_open = self.wait_for(
+            "a direct connection from the source to the primary",
+            Duration::from_secs(15),
+            |s| {
+                // Through NCP the primary sees the middlebox as its client; directly, the source.
+                let reply = s
+                    .bed
+                    .exec(
+                        "source",
+                        &[
+                            "timeout",
+                            "0.5",
+                            "redis-cli",
+                            "-h",
+                            &primary.to_string(),
+                            "-p",
+                            "6379",
+                            "CLIENT",
+                            "LIST",
+                        ],
+                    )
+                    .ok()?;
+                String::from_utf8_lossy(&reply.stdout)
+                    .contains(&format!("addr={source}:"))
+                    .then(|| killed.elapsed())
+            },
+        )?;
+        let mut middlebox = Middlebox::start(
+            &self.bed,
+            "middlebox",
+            &self.bins,
+            &config,
+            Path::new(&format!("{WORK}/mb.sock")),
+        )?;
+        let back = Instant::now();
+        self.wait_for(
+            "the controller to push the service again",
+            Duration::from_secs(30),
+            |_| middlebox.services().ok()?.contains("r1").then_some(()),
+        )?;
+        let resumed = self.wait_for("replication to resume", Duration::from_secs(30), |s| {
+            let _ = s.bed.exec(
+                "source",
+                &[
+                    "timeout",
+                    "2",
+                    "redis-cli",
+                    "-h",
+                    &primary.to_string(),
+                    "-p",
+                    "6379",
+                    "SET",
+                    "after-recovery",
+                    "yes",
+                ],
+            );
+            (s.redis("replica", &["GET", "after-recovery"]).ok()? == "yes").then(|| back.elapsed())
+        });
+        middlebox.stop();
+
+        println!("\n-------------------------- drills --------------------------");
+        println!(
+            "replica killed mid-workload: client {}; replica detached: {}",
+            if client_ok {
+                "finished all writes without an error"
+            } else {
+                "SAW ERRORS"
+            },
+            detached
+                .as_ref()
+                .map_or_else(|e| format!("NOT REPORTED ({e})"), |d| d.to_string())
+        );
+        println!(
+            "middlebox killed: the source reached the primary directly after {:.1} s (fail-open, limit 3 s)",
+            fail_open.as_secs_f64()
+        );
+        match &resumed {
+            Ok(t) => println!(
+                "middlebox restarted: replication resumed after {:.1} s",
+                t.as_secs_f64()
+            ),
+            Err(e) => println!("middlebox restarted: replication DID NOT RESUME ({e})"),
+        }
+        println!("=============================================================");
+        if !client_ok || detached.is_err() || resumed.is_err() || fail_open > Duration::from_secs(3)
+        {
+            bail!("a failure drill did not behave as it should (see above)");
+        }
         Ok(())
+    }
+
+    fn start_redis(&self, host: &str) -> anyhow::Result<Child> {
+        let child = self.bed.spawn(
+            host,
+            &[
+                "redis-server",
+                "--port",
+                &REDIS_PORT.to_string(),
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "local",
+                "--logfile",
+                &format!("{WORK}/redis-{host}.log"),
+            ],
+        )?;
+        self.wait_for(&format!("redis on {host}"), Duration::from_secs(10), |s| {
+            (s.redis(host, &["PING"]).ok()? == "PONG").then_some(())
+        })?;
+        Ok(child)
+    }
+
+    /// Starts `redis-cli --pipe` from the source with the workload file, without waiting.
+    fn spawn_pipe(&self, primary: Ipv4Addr, path: &str) -> anyhow::Result<Child> {
+        Ok(self
+            .bed
+            .command(
+                "source",
+                &[
+                    "redis-cli",
+                    "-h",
+                    &primary.to_string(),
+                    "-p",
+                    "6379",
+                    "--pipe",
+                ],
+            )?
+            .stdin(std::fs::File::open(path)?)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
     }
 
     fn ncpctl(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
