@@ -52,6 +52,8 @@ pub fn ci() -> anyhow::Result<()> {
         ],
         &[("CI", if ci.is_empty() { "false" } else { ci.as_str() })],
     )?;
+    step("end to end: the README's main job (cargo xtask demo) on the built-in test bed");
+    crate::e2e::demo(false).context("the end-to-end demo failed")?;
     step("all checks passed");
     Ok(())
 }
