@@ -83,4 +83,5 @@ pub mod rules;
 pub mod service;
 pub mod store;
 pub mod switch;
+pub mod token;
 pub mod topology;

@@ -13,7 +13,8 @@ use ncp_controller::store::{HostSpec, MiddleboxSpec, ModeSpec, ReplicationSpec};
 struct Args {
     #[arg(long, env = "NCP_API", default_value = "127.0.0.1:8653")]
     api: SocketAddr,
-    /// File holding the bearer token (else NCP_TOKEN).
+    /// File holding the bearer token (else NCP_TOKEN, else the token ncpd created in
+    /// /var/lib/ncp/api-token).
     #[arg(long)]
     token_file: Option<PathBuf>,
     #[command(subcommand)]
@@ -142,7 +143,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }
-        None => std::env::var("NCP_TOKEN").unwrap_or_default(),
+        None => match std::env::var("NCP_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => token,
+            // The token ncpd created at its first start.
+            _ => ncp_controller::token::read(std::path::Path::new(
+                ncp_controller::token::DEFAULT_TOKEN_FILE,
+            ))
+            .context(
+                "no --token-file, no NCP_TOKEN, and the controller's own token is unreadable",
+            )?,
+        },
     };
     let client = Client::new(args.api, token_of(&token));
     let (method, path, body) = match args.cmd {

@@ -20,9 +20,11 @@ struct Args {
     /// Where the REST API listens.
     #[arg(long, default_value = "127.0.0.1:8653")]
     api: SocketAddr,
-    /// File of API bearer tokens (else the NCP_TOKEN environment variable): one per line,
-    /// `<name> <token>`, or a bare token for a caller named `operator`. The name is what
-    /// the audit log records as who made a change. Lines starting with `#` are ignored.
+    /// File of API bearer tokens: one per line, `<name> <token>`, or a bare token for a
+    /// caller named `operator`. The name is what the audit log records as who made a
+    /// change. Lines starting with `#` are ignored. Without it, NCP_TOKEN is used; without
+    /// that, the token in /var/lib/ncp/api-token, created (mode 0600) on first start and
+    /// read by `ncpctl` automatically.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Desired-state file (created on first change).
@@ -58,7 +60,17 @@ fn tokens(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }
-        None => std::env::var("NCP_TOKEN").unwrap_or_default(),
+        None => match std::env::var("NCP_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => token,
+            _ => {
+                let path = std::path::Path::new(ncp_controller::token::DEFAULT_TOKEN_FILE);
+                let (token, created) = ncp_controller::token::load_or_create(path)?;
+                if created {
+                    tracing::info!(file = %path.display(), "created the API token (owner-only); ncpctl reads it from there");
+                }
+                token
+            }
+        },
     };
     let mut out = Vec::new();
     for line in text.lines().map(str::trim) {
