@@ -20,11 +20,13 @@ use std::{
 };
 
 use ncp_dataplane::control::{self, Request};
-use ncp_testbed::{Mac, Testbed, Topology, UpOptions};
+use ncp_testbed::{
+    Mac, Testbed, Topology, UpOptions,
+    servers::{PG_BIN, Postgres},
+};
 
 const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 const PREFIX: &str = "npg";
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 struct Scene {
     bed: Testbed,
@@ -50,121 +52,14 @@ impl Drop for Scene {
 }
 
 impl Scene {
-    /// Creates and starts a cluster in `host`'s namespace on `port`.
-    fn start_postgres(&mut self, host: &str, port: u16) {
-        let data = self.dir.join(format!("{host}-{port}"));
-        let sock = self.dir.join(format!("sock-{host}-{port}"));
-        std::fs::create_dir_all(&sock).unwrap();
-        chown_postgres(&self.dir);
-        let init = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &format!("{PG_BIN}/initdb"),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-D",
-            ])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            init.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 198.18.0.0/15 trust\nhost all all 127.0.0.1/32 trust\n",
-        )
-        .unwrap();
-        let child = self
-            .bed
-            .command(
-                host,
-                &[
-                    "runuser",
-                    "-u",
-                    "postgres",
-                    "--",
-                    &format!("{PG_BIN}/postgres"),
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-p",
-                    &port.to_string(),
-                    "-c",
-                    "listen_addresses=*",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-k",
-                    sock.to_str().unwrap(),
-                ],
-            )
-            .unwrap()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+    fn start_postgres(&mut self, host: &str, port: u16) -> Postgres {
+        let (pg, child) = Postgres::start(&self.bed, host, port, &self.dir).unwrap();
         self.children.push(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.psql_ok(host, port) {
-            assert!(
-                Instant::now() < deadline,
-                "postgres on {host}:{port} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn psql(&self, host: &str, port: u16, sql: &str) -> String {
-        let sock = self.dir.join(format!("sock-{host}-{port}"));
-        let out = self
-            .bed
-            .exec(
-                host,
-                &[
-                    &format!("{PG_BIN}/psql"),
-                    "-h",
-                    sock.to_str().unwrap(),
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-At",
-                    "-c",
-                    sql,
-                ],
-            )
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn psql_ok(&self, host: &str, port: u16) -> bool {
-        let sock = self.dir.join(format!("sock-{host}-{port}"));
-        self.bed
-            .command(
-                host,
-                &[
-                    &format!("{PG_BIN}/pg_isready"),
-                    "-h",
-                    sock.to_str().unwrap(),
-                    "-p",
-                    &port.to_string(),
-                ],
-            )
-            .unwrap()
-            .output()
-            .is_ok_and(|o| o.status.success())
+        pg
     }
 
     /// Checksums of pgbench's tables, leaving out the history's wall-clock column.
-    fn fingerprint(&self, host: &str, port: u16) -> String {
+    fn fingerprint(&self, pg: &Postgres) -> String {
         let queries = [
             "SELECT count(*) || ':' || md5(string_agg(aid || ',' || bid || ',' || abalance, ';' ORDER BY aid)) FROM pgbench_accounts",
             "SELECT md5(string_agg(bid || ',' || bbalance, ';' ORDER BY bid)) FROM pgbench_branches",
@@ -173,19 +68,10 @@ impl Scene {
         ];
         queries
             .iter()
-            .map(|q| self.psql(host, port, q))
+            .map(|q| pg.sql(&self.bed, q).unwrap())
             .collect::<Vec<_>>()
             .join(" ")
     }
-}
-
-fn chown_postgres(path: &Path) {
-    let status = Command::new("chown")
-        .args(["-R", "postgres:postgres"])
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[test]
@@ -213,9 +99,11 @@ fn postgres_primary_and_two_replicas_compare_equal_after_pgbench() {
         children: Vec::new(),
         dir,
     };
-    scene.start_postgres("primary", 5432);
-    scene.start_postgres("replica", 5432);
-    scene.start_postgres("replica", 5433);
+    let primary_db = scene.start_postgres("primary", 5432);
+    let replica_dbs = [
+        scene.start_postgres("replica", 5432),
+        scene.start_postgres("replica", 5433),
+    ];
 
     let source = scene.bed.address("source", "eth0").unwrap();
     let primary = scene.bed.address("primary", "eth0").unwrap();
@@ -306,20 +194,20 @@ fn postgres_primary_and_two_replicas_compare_equal_after_pgbench() {
     let report = pgbench(&["-c", "1", "-j", "1", "-t", "2000", "--random-seed=4242"]);
     eprintln!("{report}");
 
-    let want = scene.fingerprint("primary", 5432);
+    let want = scene.fingerprint(&primary_db);
     assert!(
         want.starts_with("200000:"),
         "primary was not loaded: {want}"
     );
-    for port in [5432, 5433] {
+    for db in &replica_dbs {
         // A replica applies on its own schedule; give it a bounded moment.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut got = scene.fingerprint("replica", port);
+        let mut got = scene.fingerprint(db);
         while got != want && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(500));
-            got = scene.fingerprint("replica", port);
+            got = scene.fingerprint(db);
         }
-        assert_eq!(got, want, "replica {port} differs from the primary");
+        assert_eq!(got, want, "replica {} differs from the primary", db.port);
     }
     assert!(
         want.contains(" 2000:"),

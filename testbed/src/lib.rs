@@ -32,6 +32,7 @@ mod error;
 mod ovs;
 pub mod plan;
 mod privileges;
+pub mod servers;
 mod state;
 mod testbed;
 pub mod topology;

@@ -1,0 +1,161 @@
+//! Real servers started inside test-bed hosts, shared by tests, the demo and benchmarks.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{Error, Result, Testbed};
+
+/// Where Debian's PostgreSQL 15 keeps its programs.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL cluster running in a test-bed host.
+#[derive(Debug, Clone)]
+pub struct Postgres {
+    /// Host it runs in.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Directory of its Unix socket (for local `psql`).
+    pub socket_dir: PathBuf,
+}
+
+impl Postgres {
+    /// Creates a cluster under `dir` and starts it in `host` on `port`, trusting the test
+    /// bed's network (198.18.0.0/15). Trust is deliberate: challenge-response methods (md5,
+    /// SCRAM) send a per-server nonce, so a replica could not accept an answer computed
+    /// for the primary's.
+    pub fn start(bed: &Testbed, host: &str, port: u16, dir: &Path) -> Result<(Postgres, Child)> {
+        let data = dir.join(format!("{host}-{port}"));
+        let socket_dir = dir.join(format!("sock-{host}-{port}"));
+        std::fs::create_dir_all(&socket_dir)
+            .map_err(|e| Error::Unknown(format!("{}: {e}", socket_dir.display())))?;
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir),
+            "chown",
+        )?;
+        run_ok(
+            Command::new("runuser")
+                .args([
+                    "-u",
+                    "postgres",
+                    "--",
+                    &format!("{PG_BIN}/initdb"),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-D",
+                ])
+                .arg(&data),
+            "initdb",
+        )?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 198.18.0.0/15 trust\nhost all all 127.0.0.1/32 trust\n",
+        )
+        .map_err(|e| Error::Unknown(format!("pg_hba.conf: {e}")))?;
+        let data_s = data.to_string_lossy().into_owned();
+        let sock_s = socket_dir.to_string_lossy().into_owned();
+        let port_s = port.to_string();
+        let child = bed
+            .command(
+                host,
+                &[
+                    "runuser",
+                    "-u",
+                    "postgres",
+                    "--",
+                    &format!("{PG_BIN}/postgres"),
+                    "-D",
+                    &data_s,
+                    "-p",
+                    &port_s,
+                    "-c",
+                    "listen_addresses=*",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-k",
+                    &sock_s,
+                ],
+            )?
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Unknown(format!("starting postgres: {e}")))?;
+        let pg = Postgres {
+            host: host.to_owned(),
+            port,
+            socket_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pg.ready(bed) {
+            if Instant::now() > deadline {
+                return Err(Error::Unknown(format!(
+                    "postgres on {host}:{port} did not start"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok((pg, child))
+    }
+
+    /// Whether it accepts connections.
+    pub fn ready(&self, bed: &Testbed) -> bool {
+        let sock = self.socket_dir.to_string_lossy().into_owned();
+        bed.command(
+            &self.host,
+            &[
+                &format!("{PG_BIN}/pg_isready"),
+                "-h",
+                &sock,
+                "-p",
+                &self.port.to_string(),
+            ],
+        )
+        .ok()
+        .and_then(|mut c| c.output().ok())
+        .is_some_and(|o| o.status.success())
+    }
+
+    /// Runs one SQL statement locally and returns its unaligned output.
+    pub fn sql(&self, bed: &Testbed, sql: &str) -> Result<String> {
+        let sock = self.socket_dir.to_string_lossy().into_owned();
+        let out = bed.exec(
+            &self.host,
+            &[
+                &format!("{PG_BIN}/psql"),
+                "-h",
+                &sock,
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-At",
+                "-c",
+                sql,
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+fn run_ok(command: &mut Command, what: &str) -> Result<()> {
+    let out = command
+        .output()
+        .map_err(|e| Error::Unknown(format!("{what}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Unknown(format!(
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
