@@ -120,6 +120,7 @@ fn main() {
                 bench::Experiment::Steering,
                 bench::Experiment::Iperf,
                 bench::Experiment::Httperf,
+                bench::Experiment::Pgbench,
             ];
             let options = bench::Options {
                 repetitions: repetitions.max(1),

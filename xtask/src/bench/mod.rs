@@ -4,6 +4,7 @@
 
 mod httperf;
 mod iperf;
+mod pgbench;
 mod routes;
 mod steering;
 
@@ -27,6 +28,8 @@ pub enum Experiment {
     Iperf,
     /// Paper Fig. 7: httperf connection lifetime, direct versus through the middlebox.
     Httperf,
+    /// A database workload (the paper's RUBiS stand-in): pgbench tps and latency per mode.
+    Pgbench,
 }
 
 /// Options common to all experiments.
@@ -55,6 +58,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
             Experiment::Steering => steering::steering(&bed, &bins, options.repetitions),
             Experiment::Iperf => iperf::iperf(&bed, &bins, options),
             Experiment::Httperf => httperf::httperf(&bed, &bins, options),
+            Experiment::Pgbench => pgbench::pgbench(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),

@@ -1,0 +1,138 @@
+//! Experiment 3 (the paper ran RUBiS on MySQL): a database workload per mode — pgbench
+//! against PostgreSQL on the primary, directly and through the middlebox without and with
+//! a replica (a second cluster on the replica host, over the replication NIC); throughput
+//! (transactions per second) and average latency.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use ncp_testbed::{
+    Testbed,
+    servers::{PG_BIN, Postgres},
+};
+
+use super::{
+    Options, median,
+    routes::{self, Replication, Route},
+    save_json,
+};
+use crate::cmd::step;
+
+const PORT: u16 = 5432;
+const DATA: &str = "/run/ncp-bench/pg";
+
+pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<String> {
+    let seconds = if options.quick { "5" } else { "15" };
+    let clients = "4";
+    let _ = std::fs::remove_dir_all(DATA);
+    std::fs::create_dir_all(DATA)?;
+    let mut servers = Vec::new();
+    for host in ["primary", "replica"] {
+        let (_, child) = Postgres::start(bed, host, PORT, Path::new(DATA))?;
+        servers.push(child);
+    }
+    let primary = bed.address("primary", "eth0")?;
+    let routes = Route::all(
+        &options.dataplanes,
+        &[Replication::None, Replication::DedicatedNic],
+    );
+    // results[route] = [(tps, latency ms)]
+    let mut results: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let outcome = (|| -> anyhow::Result<()> {
+        for round in 0..options.repetitions {
+            for route in &routes {
+                step(&format!("pgbench round {}: {}", round + 1, route.label()));
+                let _mb = route.enter(bed, bins, PORT)?;
+                // Every route starts from the same freshly initialised tables.
+                run(bed, primary, &["-i", "-s", "2", "-q"])?;
+                let out = run(
+                    bed,
+                    primary,
+                    &["-c", clients, "-j", "2", "-T", seconds, "--random-seed=7"],
+                )?;
+                let (tps, latency) = parse(&out).context("pgbench printed no tps/latency")?;
+                eprintln!("      {tps:.1} tps, {latency:.2} ms average latency");
+                results
+                    .entry(route.label())
+                    .or_default()
+                    .push((tps, latency));
+            }
+        }
+        Ok(())
+    })();
+    let _ = routes::leave(bed);
+    for mut server in servers {
+        // SAFETY: signals our own child by pid; postgres shuts down on SIGTERM.
+        unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let _ = std::fs::remove_dir_all(DATA);
+    outcome?;
+
+    let mut md = String::from("## Database workload (instead of the paper's RUBiS): pgbench\n\n");
+    let _ = writeln!(
+        md,
+        "PostgreSQL 15 on the primary (and a second cluster on the replica host, reached over \
+         the replication NIC); `pgbench -c {clients} -j 2 -T {seconds}` (TPC-B-like), scale 2; \
+         median over {} round(s).\n",
+        options.repetitions
+    );
+    let _ = writeln!(md, "| route | tps | versus direct | average latency (ms) |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    let direct = results
+        .get("direct")
+        .map_or(0.0, |v| median(&v.iter().map(|r| r.0).collect::<Vec<_>>()));
+    for route in &routes {
+        let label = route.label();
+        let samples = results.get(&label).cloned().unwrap_or_default();
+        let tps = median(&samples.iter().map(|r| r.0).collect::<Vec<_>>());
+        let latency = median(&samples.iter().map(|r| r.1).collect::<Vec<_>>());
+        let versus = if direct > 0.0 && label != "direct" {
+            format!("{:+.1} %", (tps / direct - 1.0) * 100.0)
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(md, "| {label} | {tps:.1} | {versus} | {latency:.2} |");
+    }
+    md.push('\n');
+    let json: BTreeMap<&String, Vec<serde_json::Value>> = results
+        .iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.iter()
+                    .map(|(t, l)| serde_json::json!({"tps": t, "latency_ms": l}))
+                    .collect(),
+            )
+        })
+        .collect();
+    save_json("pgbench", &serde_json::to_value(json)?)?;
+    eprint!("{md}");
+    Ok(md)
+}
+
+fn run(bed: &Testbed, primary: std::net::Ipv4Addr, args: &[&str]) -> anyhow::Result<String> {
+    let pgbench = format!("{PG_BIN}/pgbench");
+    let host = primary.to_string();
+    let port = PORT.to_string();
+    let mut argv: Vec<&str> = vec![&pgbench];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["-h", &host, "-p", &port, "-U", "postgres", "postgres"]);
+    let out = bed.exec("source", &argv)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// (tps, average latency in ms) from pgbench's report.
+fn parse(report: &str) -> Option<(f64, f64)> {
+    let number = |prefix: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((number("tps")?, number("latency average")?))
+}
