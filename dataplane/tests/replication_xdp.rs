@@ -1126,10 +1126,13 @@ fn hundreds_of_concurrent_sessions_each_arrive_intact() {
 
 /// The same with every SYN at once: beyond the listener pool SYNs are dropped and
 /// retransmitted, and now and then one session then stalls until the client gives up
-/// (4 of 6 runs with 200 clients, with pools of 16 and of 64 listeners). The engine's docs name the likely cause:
-/// smoltcp dispatches by scanning its sockets, so a retransmitted SYN can reach a fresh
-/// listener ahead of the half-open socket that already answered it; a 4-tuple dispatch
-/// in the engine is the fix.
+/// (5 of 7 runs with 200 clients, with pools of 16 and of 64 listeners). What the logs
+/// show: the stalled session was accepted after the SYN retransmission wave (about 1 s
+/// after the burst), its upstreams connected, and none of the client's bytes ever reached
+/// it; no second session for the same client port was accepted. The likely cause, not
+/// confirmed here, is the one the engine's docs name: smoltcp dispatches by scanning its
+/// sockets, so a retransmitted SYN can reach a fresh listener ahead of the half-open
+/// socket that already answered it; a 4-tuple dispatch in the engine is the fix.
 #[test]
 #[ignore = "known engine limitation under SYN storms beyond the listener pool"]
 fn syn_storm_of_concurrent_sessions() {
