@@ -306,6 +306,10 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
     {
         tracing::warn!(core, "could not pin worker to core");
     }
+    if spec.services.is_empty() {
+        count_only(&spec, &stats, &stop, &ready);
+        return;
+    }
     let own = LinkSpec {
         socket: spec.socket.clone(),
         address: spec.address,
@@ -380,6 +384,52 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
     }
     replicator.shutdown(Instant::now());
     publish(&spec, &stats, &replicator);
+}
+
+/// Frames read per ring pass when only counting.
+const RX_BATCH: u32 = 64;
+
+/// A worker without services has nothing to terminate: it takes the frames operator
+/// rules steer to it, counts them and drops them, silently. (A TCP engine would answer
+/// each with a RST, doubling the traffic of a flow nobody asked to be served.)
+fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: &Ready) {
+    let mut socket = match XskSocket::open(&spec.socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "{} queue {}: {e}",
+                spec.socket.interface, spec.socket.queue
+            )));
+            return;
+        }
+    };
+    let opened = OpenedSocket {
+        interface: spec.socket.interface.clone(),
+        queue: spec.socket.queue,
+        fd: socket.raw_fd(),
+    };
+    if ready.send(Ok(vec![opened])).is_err() {
+        return;
+    }
+    tracing::info!(interface = %spec.socket.interface, queue = spec.socket.queue, "worker running without services: counting and dropping steered frames");
+    while !stop.load(Ordering::Relaxed) {
+        let mut bytes = 0u64;
+        let frames = socket.receive(RX_BATCH, |frame| bytes += frame.len() as u64);
+        if frames > 0 {
+            stats
+                .rx_frames
+                .fetch_add(u64::from(frames), Ordering::Relaxed);
+            stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+            continue;
+        }
+        match spec.poll {
+            PollMode::Sleep => {
+                socket.wait(i32::try_from(MAX_SLEEP.as_millis()).unwrap_or(100));
+                stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            }
+            PollMode::Busy => std::hint::spin_loop(),
+        }
+    }
 }
 
 fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<XskDevice>) {
