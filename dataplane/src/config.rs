@@ -74,6 +74,45 @@ pub struct ServiceConfig {
     /// Seconds an upstream may take to accept the connection.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// Record the clients' byte streams to files (offline asynchronous mode), besides or
+    /// instead of the live `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordSpec>,
+}
+
+/// Where and how a service's sessions are recorded (pcapng files, replayable with
+/// `ncp-replay`). In TOML: `record = { dir = "/var/lib/ncp/rec" }` under a service, or a
+/// `[services.record]` table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSpec {
+    /// Directory for the files (created at start if missing); they are named after the
+    /// service, so services may share a directory.
+    pub dir: PathBuf,
+    /// Start a new file once the current one has this many bytes.
+    #[serde(default = "default_rotate_bytes")]
+    pub rotate_bytes: u64,
+    /// Start a new file after this many seconds.
+    #[serde(default = "default_rotate_secs")]
+    pub rotate_secs: u64,
+    /// Messages (one per read accepted from a client, plus opens and closes) queued
+    /// between the workers and the file writer; when full, the session being fed stops
+    /// being recorded rather than slowing the worker down.
+    #[serde(default = "default_record_queue")]
+    pub queue_capacity: usize,
+    /// Record the primary's answers as well (replay does not need them; inspection may).
+    #[serde(default)]
+    pub responses: bool,
+}
+
+fn default_rotate_bytes() -> u64 {
+    1 << 30
+}
+fn default_rotate_secs() -> u64 {
+    3600
+}
+fn default_record_queue() -> usize {
+    8192
 }
 
 fn any_client() -> Ipv4Prefix {
@@ -441,6 +480,32 @@ impl Config {
             if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
                 return invalid(format!("{at}: timeouts must be at least 1 second"));
             }
+            if let Some(r) = &s.record {
+                r.validate()
+                    .map_err(|e| ConfigError::Invalid(format!("services[{i}].record.{e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RecordSpec {
+    /// Checks the fields; the error starts with the field's name so the caller can prefix
+    /// the service's path.
+    fn validate(&self) -> Result<(), String> {
+        if self.dir.as_os_str().is_empty() {
+            return Err("dir is empty: name the directory the recordings go to".into());
+        }
+        // Zero would mean "never rotate" to the recorder; a bounded file size and age is
+        // what keeps a recording disk manageable, so it is asked for explicitly.
+        if self.rotate_bytes == 0 {
+            return Err("rotate_bytes must be above 0".into());
+        }
+        if self.rotate_secs == 0 {
+            return Err("rotate_secs must be above 0".into());
+        }
+        if self.queue_capacity == 0 {
+            return Err("queue_capacity must be above 0".into());
         }
         Ok(())
     }
@@ -552,6 +617,61 @@ mod tests {
         assert!(error(&bad_iface).contains("eth9"));
         let budget = format!("{GOOD}{SERVICE}replica_budget_bytes = 0\n");
         assert!(error(&budget).contains("services[0]"));
+    }
+
+    #[test]
+    fn a_recording_takes_defaults_and_needs_no_replicas() {
+        let c = parse(&format!(
+            "{GOOD}{SERVICE}record = {{ dir = \"/var/lib/ncp/rec\" }}\n"
+        ))
+        .unwrap();
+        let r = c.services[0].record.as_ref().unwrap();
+        assert_eq!(r.dir, PathBuf::from("/var/lib/ncp/rec"));
+        assert_eq!(r.rotate_bytes, 1 << 30);
+        assert_eq!(r.rotate_secs, 3600);
+        assert_eq!(r.queue_capacity, 8192);
+        assert!(!r.responses);
+
+        // Recording instead of replicas, every field given, as a table of its own.
+        let only = format!(
+            "{GOOD}{}[services.record]\ndir = \"rec\"\nrotate_bytes = 4096\nrotate_secs = 5\nqueue_capacity = 16\nresponses = true\n",
+            SERVICE.replace("replicas = [\"198.18.2.3:6379\"]", "")
+        );
+        let c = parse(&only).unwrap();
+        assert!(c.services[0].replicas.is_empty());
+        assert_eq!(
+            c.services[0].record,
+            Some(RecordSpec {
+                dir: "rec".into(),
+                rotate_bytes: 4096,
+                rotate_secs: 5,
+                queue_capacity: 16,
+                responses: true,
+            })
+        );
+        assert_eq!(c.services[0].session_config().replica_count, 0);
+
+        // A service without `record` serialises without it (older readers keep working),
+        // and one with it survives a round trip.
+        let plain = parse(&format!("{GOOD}{SERVICE}")).unwrap();
+        assert!(plain.services[0].record.is_none());
+        assert!(!toml::to_string(&plain).unwrap().contains("record"));
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn recording_errors_name_the_field() {
+        let with = |fields: &str| format!("{GOOD}{SERVICE}record = {{ {fields} }}\n");
+        let e = error(&with("dir = \"\""));
+        assert!(e.contains("services[0].record.dir"), "{e}");
+        for field in ["rotate_bytes", "rotate_secs", "queue_capacity"] {
+            let e = error(&with(&format!("dir = \"rec\", {field} = 0")));
+            assert!(e.contains(&format!("services[0].record.{field}")), "{e}");
+        }
+        // Unknown fields and a missing directory are caught by the parser, by name.
+        assert!(error(&with("dir = \"rec\", rotate = 1")).contains("rotate"));
+        assert!(error(&with("responses = true")).contains("dir"));
     }
 
     #[test]

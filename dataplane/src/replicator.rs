@@ -1365,6 +1365,7 @@ mod tests {
             primary_budget_bytes: 1 << 20,
             idle_timeout_secs: 30,
             connect_timeout_secs: 5,
+            record: None,
         };
         let links = vec![
             Link {

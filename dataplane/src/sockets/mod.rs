@@ -14,6 +14,12 @@
 //!    client bytes to the primary and the replicas, primary bytes to the client, replica
 //!    bytes read and dropped, slow or dead replicas detached, never waiting on a replica.
 //!
+//! 4. for a service with `record` (offline asynchronous mode), one [`Recorder`] writing
+//!    pcapng files named after the service: every client byte the core accepts (and the
+//!    primary's answers, with `responses = true`) is recorded, besides or instead of the
+//!    live replicas. Recording never holds the worker up: a recorder that falls behind
+//!    loses sessions' recordings, counted in the service's `recording` stats.
+//!
 //! Each worker is one thread with one mio event loop owning its listeners, sockets and
 //! [`ncp_replication::Manager`]; nothing is shared between workers but the stats mutex.
 //! Workers come from the configuration's queues (one per `[[interfaces]].queues` entry,
@@ -78,11 +84,12 @@ use ncp_replication::ManagerConfig;
 
 pub use conn::SourceBinding;
 pub use stats::{
-    DetachStats, PUBLISH_INTERVAL, RefusalStats, ReplicaStats, ServiceStats, SocketsStats,
-    StatsHandle,
+    DetachStats, PUBLISH_INTERVAL, RecordingStats, RefusalStats, ReplicaStats, ServiceStats,
+    SocketsStats, StatsHandle,
 };
 
 use crate::config::Config;
+use crate::offline::recorder::{Recorder, RecorderConfig};
 use nat::{NatTable, Redirect};
 use relay::{ServicePlan, WorkerSetup};
 
@@ -130,8 +137,10 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>, stats: &StatsHandle) -> anyho
 /// [`run`] with explicit [`Options`].
 ///
 /// Start-up order: listeners (so the redirect never points at a closed port), then the
-/// nftables table, then the workers. Stop order: workers (open sessions are reset), then
-/// the table. A worker that fails stops the others and its error is returned.
+/// recorders (so a bad recording directory fails the start, and the first session already
+/// has a file), then the nftables table, then the workers. Stop order: workers (open
+/// sessions are reset), then the recorders (flushed and closed), then the table. A worker
+/// that fails stops the others and its error is returned.
 pub fn run_with(
     config: &Config,
     options: &Options,
@@ -142,7 +151,8 @@ pub fn run_with(
         bail!("sockets mode relays configured [[services]], and there are none");
     }
     let workers = options.workers.len().max(1);
-    let (plans, listeners) = bind_services(config, options, workers)?;
+    let (mut plans, listeners) = bind_services(config, options, workers)?;
+    let recorders = start_recorders(config, &mut plans)?;
     let redirects: Vec<Redirect> = plans
         .iter()
         .map(|p| Redirect {
@@ -160,6 +170,7 @@ pub fn run_with(
         ..SocketsStats::default()
     };
     stats.reset(workers, &initial);
+    stats.set_recorders(plans.iter().map(|p| p.record.clone()).collect());
     let services: Arc<[ServicePlan]> = plans.into();
     let nat = NatTable::install(&options.nft_table, &redirects)?;
 
@@ -214,6 +225,12 @@ pub fn run_with(
             tracing::error!(error = %e, "socket worker failed");
             failure.get_or_insert(e);
         }
+    }
+    // Workers are gone, so nothing more is queued: this writes out everything they
+    // recorded (sessions reset at stop end as aborted) before the files are closed.
+    for (name, recorder) in recorders {
+        let r = recorder.finish();
+        tracing::info!(service = %name, sessions = r.sessions_opened, detached = r.sessions_detached, refused = r.sessions_refused, bytes_written = r.bytes_written, files = r.files, write_errors = r.write_errors, "recording finished");
     }
     drop(nat);
     tracing::info!("socket relay stopped");
@@ -272,7 +289,44 @@ fn bind_services(
             session: service.session_config(),
             replica_source,
             listen_port: port,
+            record: None,
         });
     }
     Ok((plans, listeners))
+}
+
+/// Starts one recorder per service with `record` and gives its handle to the service's
+/// plan. A recorder that cannot start (directory not creatable, file not writable) fails
+/// the whole start: running without the recording the operator asked for would lose
+/// exactly what the recording is there to keep. On error the recorders already started
+/// are dropped, which stops them.
+fn start_recorders(
+    config: &Config,
+    plans: &mut [ServicePlan],
+) -> anyhow::Result<Vec<(String, Recorder)>> {
+    let mut recorders = Vec::new();
+    for (service, plan) in config.services.iter().zip(plans.iter_mut()) {
+        let Some(spec) = &service.record else {
+            continue;
+        };
+        let recorder = Recorder::start(RecorderConfig {
+            dir: spec.dir.clone(),
+            file_prefix: service.name.clone(),
+            rotate_bytes: spec.rotate_bytes,
+            rotate_secs: spec.rotate_secs,
+            queue_capacity: spec.queue_capacity,
+            record_responses: spec.responses,
+        })
+        .with_context(|| {
+            format!(
+                "service {}: starting the recording in {}",
+                service.name,
+                spec.dir.display()
+            )
+        })?;
+        tracing::info!(service = %service.name, dir = %spec.dir.display(), responses = spec.responses, "recording sessions");
+        plan.record = Some(recorder.handle());
+        recorders.push((service.name.clone(), recorder));
+    }
+    Ok(recorders)
 }

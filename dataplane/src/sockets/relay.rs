@@ -6,6 +6,14 @@
 //! readable/writable; for every session that was touched, move bytes until nothing moves
 //! (bounded, so one busy session cannot starve the others); run due timers; expire
 //! lingering sockets; publish counters now and then.
+//!
+//! Recording (a service's `record`, the offline asynchronous mode): the session's
+//! recording is opened in [`Worker::admit`]; every read the core accepts from the client
+//! (and from the primary, if the service records responses) is handed to the recorder in
+//! [`Worker::fill`] right after `on_data`, so the file holds exactly the stream the
+//! primary and replicas are given, in order; [`Worker::finish`] ends it as closed or
+//! aborted. The recorder's handle only ever `try_send`s into a bounded queue: a recorder
+//! that falls behind loses the session's recording (counted), never the worker's time.
 
 use std::{
     cmp::Reverse,
@@ -16,7 +24,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -27,7 +35,13 @@ use super::{
     conn::{self, Conn, Listener, Role, Slab, SourceBinding},
     stats::{PUBLISH_INTERVAL, ServiceStats, SocketsStats, StatsHandle},
 };
-use crate::rules::Ipv4Prefix;
+use crate::{
+    offline::{
+        SessionMeta,
+        recorder::{RecId, RecordHandle},
+    },
+    rules::Ipv4Prefix,
+};
 
 /// Tokens from here up are listeners (service index added); below are connection slots.
 const LISTENER_TOKEN_BASE: usize = usize::MAX / 2;
@@ -49,7 +63,7 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 const DETACH_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One configured service as the workers use it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServicePlan {
     pub name: String,
     pub primary: SocketAddrV4,
@@ -59,6 +73,25 @@ pub struct ServicePlan {
     /// Source address and device for replica connections, if the service names one.
     pub replica_source: Option<SourceBinding>,
     pub listen_port: u16,
+    /// The service's recorder, if it records its sessions (shared by all workers).
+    pub record: Option<RecordHandle>,
+}
+
+// By hand because the recorder's handle has no `Debug`: whether there is one is what a
+// log line needs.
+impl std::fmt::Debug for ServicePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServicePlan")
+            .field("name", &self.name)
+            .field("primary", &self.primary)
+            .field("clients", &self.clients)
+            .field("replicas", &self.replicas)
+            .field("session", &self.session)
+            .field("replica_source", &self.replica_source)
+            .field("listen_port", &self.listen_port)
+            .field("record", &self.record.is_some())
+            .finish()
+    }
 }
 
 /// Everything a worker thread starts from.
@@ -75,7 +108,6 @@ pub struct WorkerSetup {
 }
 
 /// The sockets of one session, by side (slab slots).
-#[derive(Debug)]
 struct Entry {
     service: usize,
     client: Option<usize>,
@@ -83,6 +115,8 @@ struct Entry {
     replicas: Vec<Option<usize>>,
     /// Already in the ready queue.
     queued: bool,
+    /// The session's recording, if its service records and the recorder took it.
+    record: Option<RecId>,
 }
 
 impl Entry {
@@ -395,6 +429,21 @@ impl Worker {
             c.readable = true;
             c.writable = true;
         }
+        let record = self.services[service].record.as_ref().and_then(|handle| {
+            let client = match peer {
+                SocketAddr::V4(p) => p,
+                SocketAddr::V6(_) => return None, // refused above; keeps the match total
+            };
+            let plan = &self.services[service];
+            // `None` when the recorder's queue is full: the session is served, unrecorded
+            // (the recorder counts it as refused).
+            handle.open_session(SessionMeta {
+                service: plan.name.clone(),
+                client,
+                primary: plan.primary,
+                start_ns: crate::offline::now_ns(),
+            })
+        });
         self.sessions.insert(
             id,
             Entry {
@@ -403,6 +452,7 @@ impl Worker {
                 primary: None,
                 replicas,
                 queued: false,
+                record,
             },
         );
         self.apply_actions(id, now);
@@ -572,6 +622,17 @@ impl Worker {
         let Some(mut s) = self.manager.session_mut(id) else {
             return false;
         };
+        // Where this side's accepted bytes are recorded, if anywhere: client bytes always,
+        // the primary's answers when the service asked for them (the handle drops them
+        // otherwise). Replicas' answers are never part of a recording.
+        let record = match side {
+            Side::Client | Side::Primary => self.sessions.get(&id).and_then(|e| {
+                let rec = e.record.as_ref()?;
+                let handle = self.services.get(e.service)?.record.as_ref()?;
+                Some((handle, rec))
+            }),
+            Side::Replica(_) => None,
+        };
         let mut moved = false;
         let mut failed = None;
         for _ in 0..READS_PER_SIDE {
@@ -597,7 +658,17 @@ impl Worker {
                 Ok(n) => {
                     moved = true;
                     let data = buf.get(..n).unwrap_or_default();
-                    match s.on_data(side, data, now) {
+                    let result = s.on_data(side, data, now);
+                    // Exactly what the core took, in the order it took it (a short take
+                    // ends the session below; its prefix is still part of the stream).
+                    if let (Ok(taken), Some((handle, rec))) = (&result, record) {
+                        let accepted = data.get(..*taken).unwrap_or_default();
+                        match side {
+                            Side::Client => handle.client_bytes(rec, accepted, SystemTime::now()),
+                            _ => handle.server_bytes(rec, accepted, SystemTime::now()),
+                        }
+                    }
+                    match result {
                         Ok(taken) if taken == n => {}
                         Ok(taken) => {
                             // Cannot happen while the window is respected; if it did, the
@@ -749,11 +820,13 @@ impl Worker {
         }
     }
 
-    /// The session is over: release its sockets, fold its counters, forget it.
+    /// The session is over: release its sockets, fold its counters, end its recording,
+    /// forget it.
     fn finish(&mut self, id: SessionId, now: Instant) {
-        let Some(entry) = self.sessions.remove(&id) else {
+        let Some(mut entry) = self.sessions.remove(&id) else {
             return;
         };
+        let record = entry.record.take();
         let linger_until = now + self.services[entry.service].session.drain_timeout;
         let mut sides = Vec::new();
         entry.sides(&mut sides);
@@ -776,8 +849,21 @@ impl Worker {
                 drop(c); // orderly close where a FIN was sent; otherwise whatever is due
             }
         }
-        if let Some(stats) = self.manager.remove(id) {
-            self.counters[entry.service].add_session(&stats);
+        let stats = self.manager.remove(id);
+        if let Some(stats) = &stats {
+            self.counters[entry.service].add_session(stats);
+        }
+        if let (Some(rec), Some(handle)) = (record, &self.services[entry.service].record) {
+            // A session the core tore down (client reset, primary failure, idle timeout)
+            // is marked aborted in the file, so a replay knows its stream may be cut short.
+            let clean = stats.as_ref().is_some_and(|s| {
+                s.client_resets == 0 && s.primary_failures == 0 && s.idle_timeouts == 0
+            });
+            if clean {
+                handle.close(rec);
+            } else {
+                handle.abort(rec);
+            }
         }
         tracing::debug!(session = %id, service = %self.services[entry.service].name, "session finished");
     }
@@ -838,7 +924,13 @@ impl Worker {
         let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         let open = ids.len();
         for id in ids {
-            if let Some(entry) = self.sessions.remove(&id) {
+            if let Some(mut entry) = self.sessions.remove(&id) {
+                // Reset at stop: the recording says so too.
+                if let (Some(rec), Some(handle)) =
+                    (entry.record.take(), &self.services[entry.service].record)
+                {
+                    handle.abort(rec);
+                }
                 let mut sides = Vec::new();
                 entry.sides(&mut sides);
                 for (_, slot) in sides {
@@ -917,6 +1009,7 @@ mod tests {
     use std::{
         io::{Read, Write},
         net::{Shutdown, TcpListener, TcpStream},
+        path::{Path, PathBuf},
         thread,
     };
 
@@ -948,6 +1041,16 @@ mod tests {
             replicas: Vec<SocketAddrV4>,
             budget: u64,
         ) -> Self {
+            Self::start_recording(clients, primary, replicas, budget, None)
+        }
+
+        fn start_recording(
+            clients: &str,
+            primary: SocketAddrV4,
+            replicas: Vec<SocketAddrV4>,
+            budget: u64,
+            record: Option<RecordHandle>,
+        ) -> Self {
             let listener = conn::listener("127.0.0.1:0".parse().unwrap()).unwrap();
             let port = v4(listener.local_addr().unwrap()).port();
             let session = SessionConfig {
@@ -963,8 +1066,10 @@ mod tests {
                 session,
                 replica_source: None,
                 listen_port: port,
+                record: record.clone(),
             };
             let stats = StatsHandle::new();
+            stats.set_recorders(vec![record]);
             let initial = SocketsStats {
                 workers: 1,
                 services: vec![ServiceStats::new(
@@ -1198,6 +1303,122 @@ mod tests {
             s.sessions_active == 0 && s.sessions_total == STREAMS as u64
         });
         assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");
+    }
+
+    /// A recorder writing into a fresh directory under the system's temp dir.
+    fn recorder(tag: &str, responses: bool) -> (crate::offline::recorder::Recorder, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "ncp-relay-rec-{tag}-{}-{}",
+            std::process::id(),
+            crate::offline::now_ns()
+        ));
+        let recorder =
+            crate::offline::recorder::Recorder::start(crate::offline::recorder::RecorderConfig {
+                dir: dir.clone(),
+                file_prefix: "test".into(),
+                rotate_bytes: 1 << 30,
+                rotate_secs: 3600,
+                queue_capacity: 8192,
+                record_responses: responses,
+            })
+            .unwrap();
+        (recorder, dir)
+    }
+
+    fn recorded(dir: &Path) -> crate::offline::reader::Recording {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let r = crate::offline::reader::read_files(&files);
+        std::fs::remove_dir_all(dir).unwrap();
+        r
+    }
+
+    #[test]
+    fn a_recording_holds_exactly_the_streams_the_core_accepted() {
+        use crate::offline::reader::EndKind;
+        let (primary, p) = sink("primary");
+        let (rec, dir) = recorder("clean", true);
+        let relay =
+            Relay::start_recording("127.0.0.0/8", primary, vec![], 1 << 20, Some(rec.handle()));
+        let data = pattern(5 << 20);
+        let mut client = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+        client.write_all(&data).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert!(p.join().unwrap() == data, "primary stream differs");
+        let s = relay.wait_for("session ends", |s| {
+            s.sessions_active == 0 && s.sessions_total == 1
+        });
+        let r = s.services[0].recording.unwrap();
+        assert_eq!((r.sessions_opened, r.sessions_detached), (1, 0), "{r:?}");
+        assert_eq!(r.client_bytes, data.len() as u64);
+        assert_eq!(r.server_bytes, answer.len() as u64);
+        drop(relay);
+        let done = rec.finish();
+        assert_eq!(done.write_errors, 0);
+
+        let r = recorded(&dir);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.sessions.len(), 1);
+        let session = &r.sessions[0];
+        assert_eq!(session.meta.service, "test");
+        assert_eq!(session.meta.primary, primary);
+        assert_eq!(*session.meta.client.ip(), std::net::Ipv4Addr::LOCALHOST);
+        assert!(session.client == data, "recorded client stream differs");
+        assert_eq!(session.server, answer.as_bytes());
+        assert_eq!(session.end, EndKind::Fin);
+    }
+
+    #[test]
+    fn failed_and_unfinished_sessions_are_recorded_as_reset() {
+        use crate::offline::reader::EndKind;
+        // One session the primary refuses, and one still open when the worker stops.
+        let (rec, dir) = recorder("reset", false);
+        let refused = Relay::start_recording(
+            "127.0.0.0/8",
+            closed_port(),
+            vec![],
+            1 << 20,
+            Some(rec.handle()),
+        );
+        let mut client = TcpStream::connect(("127.0.0.1", refused.port)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = client.write_all(b"lost");
+        assert!(client.read(&mut [0; 16]).is_err());
+        refused.wait_for("session ends", |s| {
+            s.sessions_total == 1 && s.sessions_active == 0
+        });
+        drop(refused);
+
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let primary = v4(held.local_addr().unwrap());
+        let holder = thread::spawn(move || held.accept().map(|(s, _)| s));
+        let open =
+            Relay::start_recording("127.0.0.0/8", primary, vec![], 1 << 20, Some(rec.handle()));
+        // The refused session may or may not have got its bytes in before the reset.
+        let before = rec.stats().client_bytes;
+        let mut client = TcpStream::connect(("127.0.0.1", open.port)).unwrap();
+        client.write_all(b"in flight").unwrap();
+        open.wait_for("bytes recorded", |s| {
+            s.services[0]
+                .recording
+                .is_some_and(|r| r.client_bytes >= before + 9)
+        });
+        drop(open);
+        drop(holder.join().unwrap());
+        rec.finish();
+
+        let r = recorded(&dir);
+        assert_eq!(r.sessions.len(), 2, "{:?}", r.sessions);
+        assert_eq!(r.sessions[0].end, EndKind::Reset);
+        assert_eq!(r.sessions[1].end, EndKind::Reset);
+        assert_eq!(r.sessions[1].client, b"in flight");
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! [`SocketsStats`] of its own into a mutex that the [`StatsHandle`] reads. A snapshot
 //! is therefore at most that old; reading it never blocks a worker for longer than one
 //! struct copy.
+//!
+//! Recording counters are the exception: a service's recorder is shared by all workers
+//! and keeps its own atomic counters, so the handle reads them at snapshot time instead
+//! of adding up per-worker copies (which would count every session once per worker).
 
 use std::{
     net::SocketAddrV4,
@@ -14,6 +18,8 @@ use std::{
 
 use ncp_replication::{DetachCounts, DetachReason, SessionStats};
 use serde::{Deserialize, Serialize};
+
+use crate::offline::recorder::{RecordHandle, RecorderStats};
 
 /// How often a worker refreshes its published snapshot.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
@@ -78,6 +84,46 @@ pub struct ServiceStats {
     pub detached: DetachStats,
     /// Per replica, in configuration order.
     pub replicas: Vec<ReplicaStats>,
+    /// The service's recording, if it has one (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<RecordingStats>,
+}
+
+/// Counters of a service's recorder, all since start.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordingStats {
+    /// Sessions whose recording started.
+    pub sessions_opened: u64,
+    /// Sessions not recorded at all: the recorder's queue was full when they opened.
+    pub sessions_refused: u64,
+    /// Sessions whose recording was cut loose part-way (queue full, or a write failed);
+    /// their files hold a prefix of the stream, marked as such.
+    pub sessions_detached: u64,
+    /// Client bytes queued for writing.
+    pub client_bytes: u64,
+    /// Primary bytes queued for writing (with `responses = true`).
+    pub server_bytes: u64,
+    /// Files opened (the first, rotations, reopenings after errors).
+    pub files: u64,
+    /// Bytes written to files, framing included.
+    pub bytes_written: u64,
+    /// Failed writes or file opens.
+    pub write_errors: u64,
+}
+
+impl From<RecorderStats> for RecordingStats {
+    fn from(r: RecorderStats) -> Self {
+        Self {
+            sessions_opened: r.sessions_opened,
+            sessions_refused: r.sessions_refused,
+            sessions_detached: r.sessions_detached,
+            client_bytes: r.client_bytes,
+            server_bytes: r.server_bytes,
+            files: r.files,
+            bytes_written: r.bytes_written,
+            write_errors: r.write_errors,
+        }
+    }
 }
 
 /// Counters of one replica of a service.
@@ -209,6 +255,7 @@ impl ServiceStats {
                     detached: DetachStats::default(),
                 })
                 .collect(),
+            recording: None,
         }
     }
 
@@ -274,9 +321,19 @@ impl SocketsStats {
 
 /// Shared view of the relay's counters: clone it, hand one clone to [`super::run`] and
 /// read [`StatsHandle::snapshot`] from anywhere (the control socket, a test).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct StatsHandle {
     slots: Arc<Mutex<Vec<SocketsStats>>>,
+    /// Per service (configuration order): its recorder, read at snapshot time. A handle
+    /// outlives its recorder's writer harmlessly: the counters stay readable, final.
+    recorders: Arc<Mutex<Vec<Option<RecordHandle>>>>,
+}
+
+// By hand because recorder handles have no `Debug`.
+impl std::fmt::Debug for StatsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsHandle").finish_non_exhaustive()
+    }
 }
 
 impl StatsHandle {
@@ -295,7 +352,24 @@ impl StatsHandle {
         for s in slots.iter() {
             total.merge(s);
         }
+        drop(slots);
+        let recorders = self
+            .recorders
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (svc, rec) in total.services.iter_mut().zip(recorders.iter()) {
+            svc.recording = rec.as_ref().map(|r| r.stats().into());
+        }
         total
+    }
+
+    /// Sets the services' recorders (called by `run` before the workers start; `None` for
+    /// a service that does not record).
+    pub(crate) fn set_recorders(&self, recorders: Vec<Option<RecordHandle>>) {
+        *self
+            .recorders
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = recorders;
     }
 
     /// Makes room for `workers` snapshots (called once by `run`, before the workers start).
