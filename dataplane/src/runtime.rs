@@ -205,6 +205,19 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
             client_facing.len()
         );
     }
+    if !config.services.is_empty()
+        && let Some(iface) = client_facing.iter().find(|i| i.queues.len() > 1)
+    {
+        // RSS hashes an upstream's answers independently of the client's frames, so they
+        // may land on another worker's queue, whose engine has no such connection and
+        // would reset it. Until frames are handed between workers, one queue each.
+        anyhow::bail!(
+            "XDP mode replicates with one queue per client-facing interface ({} lists {}): \
+             frames are not handed between workers yet",
+            iface.name,
+            iface.queues.len()
+        );
+    }
     let nic = |name: &str| {
         config
             .interfaces
@@ -555,5 +568,59 @@ impl Handler for MiddleboxHandler {
                 message: "handled above".into(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    fn config(eth0_queues: &str, replica_interface: &str) -> Config {
+        toml::from_str(&format!(
+            r#"
+            [[interfaces]]
+            name = "eth0"
+            address = "198.18.1.4"
+            queues = {eth0_queues}
+            [[interfaces]]
+            name = "eth1"
+            address = "198.18.2.4"
+            queues = [{{ queue = 0 }}, {{ queue = 1 }}]
+            [[services]]
+            name = "svc"
+            primary = "198.18.1.2:80"
+            replicas = ["198.18.2.3:80"]
+            {replica_interface}
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replication_nic_rides_along_with_the_client_facing_worker() {
+        let workers =
+            plan_workers(&config("[{ queue = 0 }]", "replica_interface = \"eth1\"")).unwrap();
+        assert_eq!(workers.len(), 1, "eth1 gets no worker of its own");
+        assert_eq!(workers[0].socket.interface, "eth0");
+        assert_eq!(workers[0].replica_links.len(), 1);
+        assert_eq!(workers[0].replica_links[0].socket.interface, "eth1");
+        assert_eq!(workers[0].replica_links[0].socket.queue, 0);
+        assert_eq!(workers[0].services[0].replica_link, 1);
+        // Without a replication NIC eth1 serves clients too, with two queues: refused.
+        let e = plan_workers(&config("[{ queue = 0 }]", "")).unwrap_err();
+        assert!(e.to_string().contains("eth1 lists 2"), "{e}");
+    }
+
+    #[test]
+    fn layouts_the_workers_cannot_serve_are_refused() {
+        let e = plan_workers(&config(
+            "[{ queue = 0 }, { queue = 1 }]",
+            "replica_interface = \"eth1\"",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("one queue per client-facing"), "{e}");
+        let e =
+            plan_workers(&config("[{ queue = 3 }]", "replica_interface = \"eth1\"")).unwrap_err();
+        assert!(e.to_string().contains("must list queue 3"), "{e}");
     }
 }
