@@ -45,7 +45,7 @@ pub fn demo(keep: bool) -> anyhow::Result<()> {
         "ncp-controller",
         "--bins",
     ])?;
-    let bins = std::env::current_dir()?.join("target/release");
+    let bins = crate::middlebox::release_dir()?;
     let _ = std::fs::remove_dir_all(WORK);
     std::fs::create_dir_all(WORK)?;
     let _ = Testbed::down(PREFIX);

@@ -24,8 +24,16 @@ pub fn build_release() -> anyhow::Result<PathBuf> {
         "ncp-dataplane",
         "--bins",
     ])?;
-    let dir = std::env::current_dir()?.join("target/release");
-    Ok(dir)
+    release_dir()
+}
+
+/// Where cargo puts release binaries: `$CARGO_TARGET_DIR/release`, else `target/release`.
+pub fn release_dir() -> anyhow::Result<PathBuf> {
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::current_dir()?.join("target"),
+    };
+    Ok(target.join("release"))
 }
 
 /// A middlebox process running in a test-bed host.
