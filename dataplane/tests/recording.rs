@@ -1,0 +1,665 @@
+//! Recording as a replication target (offline asynchronous mode) through the sockets-mode
+//! relay, on the paper's test bed: the source's connections to the primary are steered to
+//! the middlebox (a static neighbour entry standing in for the controller's redirect),
+//! whose relay serves them from the primary and records the client streams to pcapng.
+//!
+//! - a Redis workload is recorded, the relay stopped (which flushes the files), and the
+//!   files replayed with the `ncp-replay` binary into a fresh redis on the replica host:
+//!   its `DEBUG DIGEST` must equal the primary's; `tshark` must see the recorded client
+//!   stream byte for byte as the client sent it;
+//! - iperf3 through the relay with and without recording, printed side by side (for
+//!   information: on the two-core test machine the Open vSwitch userspace datapath sets
+//!   the pace, so no timing is asserted).
+//!
+//! The relay runs in this process on a thread moved into the middlebox's namespace;
+//! servers and clients run as processes in the hosts' namespaces. Each test has its own
+//! test bed prefix (`nr1`, `nr2`) and they run one at a time. They need root, Open vSwitch,
+//! nftables and the tools they name; when those are missing the tests print `skipped: …`
+//! and return, except under CI=true, where that is a failure.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step should fail the test"
+)]
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use ncp_dataplane::{
+    config::Config,
+    sockets::{self, SocketsStats, StatsHandle},
+};
+use ncp_testbed::{Testbed, Topology, UpOptions};
+
+/// One test bed at a time: parallel userspace-datapath traffic on two cores would make
+/// every test's timing meaningless.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const REDIS_PORT: u16 = 6379;
+const IPERF_PORT: u16 = 5201;
+/// Redis writes in the recorded workload.
+const WRITES: usize = 100_000;
+/// Upper bound for anything a test waits on.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn serial() -> MutexGuard<'static, ()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ncp_dataplane=info,ncp_testbed=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `f` on a new thread inside network namespace `netns` (threads it spawns inherit
+/// the namespace; the rest of the process stays where it is).
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{netns}");
+    thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on a valid namespace fd; it only changes this thread's network
+        // namespace, which is the point.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// Waits for `child` at most `limit`, killing it if it overruns.
+fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `command` with `input` on its stdin (fed from a thread, so a full pipe cannot
+/// deadlock us), at most `limit`; returns (success, stdout, stderr).
+fn run_with_input(
+    mut command: Command,
+    input: Vec<u8>,
+    limit: Duration,
+    what: &str,
+) -> (bool, String, String) {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = thread::spawn(move || stdin.write_all(&input));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let status = wait_bounded(&mut child, limit, what);
+    let fed = feeder.join().unwrap();
+    let out = reader.join().unwrap();
+    let err = err_reader.join().unwrap();
+    assert!(
+        fed.is_ok(),
+        "feeding {what} failed: {fed:?}; it said: {out}{err}"
+    );
+    (status.success(), out, err)
+}
+
+/// A directory under the system's temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "ncp-recording-{tag}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// The recordings in it, in recording order (their names sort that way).
+    fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "pcapng"))
+            .collect();
+        files.sort();
+        files
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The paper test bed with the steering toward the middlebox, and at most one relay at a
+/// time; everything (relay, children, namespaces, bridges) goes on drop.
+struct Scene {
+    bed: Testbed,
+    prefix: &'static str,
+    stop: Arc<AtomicBool>,
+    stats: StatsHandle,
+    relay: Option<JoinHandle<anyhow::Result<()>>>,
+    children: Vec<Child>,
+    primary: Ipv4Addr,
+}
+
+impl Scene {
+    fn network(prefix: &'static str) -> Scene {
+        let topology =
+            Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
+                .unwrap();
+        let _ = Testbed::down(prefix);
+        let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
+        let primary = bed.address("primary", "eth0").unwrap();
+        let replica = bed.address("replica", "eth1").unwrap();
+        let mb0 = bed.address("middlebox", "eth0").unwrap();
+        let scene = Scene {
+            bed,
+            prefix,
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: StatsHandle::new(),
+            relay: None,
+            children: Vec::new(),
+            primary,
+        };
+        // The network's part: frames for the primary leave the source toward the
+        // middlebox's production NIC (the controller's redirect rule in production).
+        let mac = scene.bed.mac("middlebox", "eth0").unwrap();
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        let primary_s = primary.to_string();
+        scene
+            .bed
+            .exec(
+                "source",
+                &[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    &primary_s,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )
+            .unwrap();
+        // The userspace datapath needs a moment after the ports appear.
+        scene.ping("source", mb0);
+        scene.ping("middlebox", primary);
+        scene.ping("middlebox", replica);
+        scene
+    }
+
+    fn ping(&self, host: &str, to: Ipv4Addr) {
+        let to = to.to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = self.bed.exec(host, &["ping", "-c", "1", "-W", "1", &to]) {
+            assert!(Instant::now() < deadline, "{host} cannot ping {to}: {e}");
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// One service `name` for the primary's `port`, no replicas; `record` is the TOML of
+    /// its `record` field or empty for none.
+    fn config(&self, name: &str, port: u16, record: &str) -> Config {
+        let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
+        let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
+        let primary = self.primary;
+        let text = format!(
+            r#"
+[[interfaces]]
+name = "eth0"
+address = "{mb0}"
+queues = [{{ queue = 0 }}]
+
+[[interfaces]]
+name = "eth1"
+address = "{mb1}"
+queues = [{{ queue = 0 }}]
+
+[[services]]
+name = "{name}"
+primary = "{primary}:{port}"
+clients = "198.18.1.0/24"
+connect_timeout_secs = 5
+{record}
+"#
+        );
+        Config::parse(&text).unwrap()
+    }
+
+    /// Starts the relay (in this process, in the middlebox's namespace) and waits until
+    /// its redirect and workers are up.
+    fn start_relay(&mut self, config: Config) {
+        assert!(self.relay.is_none(), "one relay at a time");
+        self.stop = Arc::new(AtomicBool::new(false));
+        self.stats = StatsHandle::new();
+        let (stop, stats) = (Arc::clone(&self.stop), self.stats.clone());
+        let netns = self.bed.netns("middlebox").unwrap();
+        self.relay = Some(in_netns(&netns, move || {
+            sockets::run(&config, stop, &stats)
+        }));
+        let deadline = Instant::now() + PATIENCE;
+        while !self.nft_table_present() || self.stats.snapshot().workers == 0 {
+            assert!(
+                !self.relay.as_ref().unwrap().is_finished(),
+                "relay exited at start: {:?}",
+                self.relay.take().unwrap().join()
+            );
+            assert!(Instant::now() < deadline, "relay did not come up");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the relay (its recorders flush and close their files) and checks that it
+    /// cleaned up its nftables table. Returns the final counters.
+    fn stop_relay(&mut self) -> SocketsStats {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(relay) = self.relay.take() {
+            relay.join().unwrap().unwrap();
+        }
+        assert!(!self.nft_table_present(), "nftables table left after stop");
+        self.stats.snapshot()
+    }
+
+    fn nft_table_present(&self) -> bool {
+        self.bed
+            .exec("middlebox", &["nft", "list", "table", "ip", "ncp_sockets"])
+            .is_ok()
+    }
+
+    /// Stats once `done` holds, failing after [`PATIENCE`].
+    fn stats_when(&self, what: &str, done: impl Fn(&SocketsStats) -> bool) -> SocketsStats {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = self.stats.snapshot();
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: {s:#?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(&mut self, host: &str, argv: &[&str]) {
+        let child = self
+            .bed
+            .command(host, argv)
+            .unwrap()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// A redis with nothing persisted and `DEBUG` allowed from its own host.
+    fn start_redis(&mut self, host: &str) {
+        let port = REDIS_PORT.to_string();
+        self.spawn(
+            host,
+            &[
+                "redis-server",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+                &port,
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--enable-debug-command",
+                "local",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.redis(host, &["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis on {host} did not start");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One redis command against the server on `host` itself (not through the relay).
+    fn redis(&self, host: &str, args: &[&str]) -> String {
+        let port = REDIS_PORT.to_string();
+        let mut argv = vec!["redis-cli", "-h", "127.0.0.1", "-p", &port];
+        argv.extend_from_slice(args);
+        match self.bed.exec(host, &argv) {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(relay) = self.relay.take() {
+            let _ = relay.join();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = Testbed::down(self.prefix) {
+            eprintln!("test bed teardown failed: {e}");
+        }
+    }
+}
+
+/// A real `DEBUG DIGEST` answer: 40 hex digits and not the empty data set's zeros.
+fn assert_real_digest(digest: &str, whose: &str) {
+    assert!(
+        digest.len() == 40 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{whose}: not a digest: {digest:?}"
+    );
+    assert_ne!(digest, "0".repeat(40), "{whose}: empty data set");
+}
+
+/// Client-side bytes of TCP stream 0 as `tshark -z follow,tcp,raw,0` prints them: after
+/// the `Node 1:` header, client lines are bare hex, server lines start with a tab.
+fn tshark_follow_client(file: &Path) -> Vec<u8> {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(["-q", "-z", "follow,tcp,raw,0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut bytes = Vec::new();
+    let mut in_body = false;
+    for line in text.lines() {
+        if line.starts_with("Node 1:") {
+            in_body = true;
+            continue;
+        }
+        if !in_body || line.starts_with('=') || line.starts_with('\t') || line.is_empty() {
+            continue;
+        }
+        let hex = line.trim().as_bytes();
+        assert!(hex.len().is_multiple_of(2), "odd hex line {line:?}");
+        for pair in hex.chunks_exact(2) {
+            let pair = std::str::from_utf8(pair).unwrap();
+            bytes.push(u8::from_str_radix(pair, 16).unwrap());
+        }
+    }
+    bytes
+}
+
+/// What `redis-cli --pipe` appends to its input: an `ECHO` of 20 random bytes, whose
+/// answer tells it the server has processed everything before (led by a CRLF in case the
+/// input did not end with one).
+fn is_pipe_trailer(bytes: &[u8]) -> bool {
+    let head = b"\r\n*2\r\n$4\r\nECHO\r\n$20\r\n";
+    bytes.len() == head.len() + 20 + 2 && bytes.starts_with(head) && bytes.ends_with(b"\r\n")
+}
+
+#[test]
+fn a_recorded_redis_workload_replays_into_a_fresh_replica_with_the_same_digest() {
+    if !ncp_testbed::ready_or_skip(
+        "recording redis",
+        &["nft", "ping", "redis-server", "redis-cli", "tshark"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let rec = TempDir::new("redis");
+    let mut scene = Scene::network("nr1");
+    // Recording instead of live replicas: the service has none.
+    let config = scene.config(
+        "kv",
+        REDIS_PORT,
+        &format!("record = {{ dir = {:?} }}", rec.0.display().to_string()),
+    );
+    scene.start_redis("primary");
+    scene.start_relay(config);
+
+    let workload = ncp_testbed::workload::redis_writes(WRITES, 0x5eed_7001);
+    let primary = scene.primary.to_string();
+    let port = REDIS_PORT.to_string();
+    let started = Instant::now();
+    let (ok, out, err) = run_with_input(
+        scene
+            .bed
+            .command(
+                "source",
+                &["redis-cli", "-h", &primary, "-p", &port, "--pipe"],
+            )
+            .unwrap(),
+        workload.clone(),
+        Duration::from_secs(180),
+        "redis-cli --pipe",
+    );
+    let elapsed = started.elapsed();
+    assert!(ok, "redis-cli --pipe failed: {out}{err}");
+    assert!(
+        out.contains(&format!("errors: 0, replies: {WRITES}")),
+        "{out}{err}"
+    );
+
+    let s = scene.stats_when("the session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0
+    });
+    let client_bytes_in = s.services[0].client_bytes_in;
+    let digest_primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
+    let keys = scene.redis("primary", &["DBSIZE"]);
+    let s = scene.stop_relay();
+    let r = s.services[0].recording.unwrap();
+    eprintln!(
+        "recording redis: {WRITES} writes ({} bytes) through the relay in {elapsed:.2?}; recording {r:?}",
+        workload.len()
+    );
+    assert_eq!(
+        (r.sessions_opened, r.sessions_refused, r.sessions_detached),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.write_errors, 0, "{r:?}");
+    assert_eq!(r.client_bytes, client_bytes_in, "{s:#?}");
+    assert_eq!(r.server_bytes, 0, "responses are not recorded by default");
+    let files = rec.files();
+    assert_eq!(
+        files.len(),
+        1,
+        "one file below the rotation size: {files:?}"
+    );
+
+    // (b) What an operator's tool sees: the first session's client bytes are what the
+    // client sent — the workload, and the ECHO redis-cli adds at the end.
+    let followed = tshark_follow_client(&files[0]);
+    assert_eq!(followed.len() as u64, client_bytes_in);
+    assert!(
+        followed.starts_with(&workload),
+        "tshark's client stream differs from the workload"
+    );
+    assert!(
+        is_pipe_trailer(&followed[workload.len()..]),
+        "unexpected bytes after the workload: {:?}",
+        String::from_utf8_lossy(&followed[workload.len()..])
+    );
+
+    // (a) Replay from the middlebox host over the replication network into a replica
+    // started only now, after the recording.
+    scene.start_redis("replica");
+    assert_eq!(
+        scene.redis("replica", &["DBSIZE"]),
+        "0",
+        "replica not fresh"
+    );
+    let replica = scene.bed.address("replica", "eth1").unwrap();
+    let to = format!("{replica}:{REDIS_PORT}");
+    let mut argv = vec![env!("CARGO_BIN_EXE_ncp-replay").to_owned()];
+    argv.extend(files.iter().map(|f| f.display().to_string()));
+    argv.extend(["--to", &to, "--pace", "fast", "--json"].map(str::to_owned));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let (ok, out, err) = run_with_input(
+        scene.bed.command("middlebox", &argv).unwrap(),
+        Vec::new(),
+        Duration::from_secs(180),
+        "ncp-replay",
+    );
+    let replay_time = started.elapsed();
+    assert!(ok, "ncp-replay failed: {out}\n{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["sessions_replayed"], 1, "{summary}");
+    assert_eq!(summary["sessions_failed"], 0, "{summary}");
+    assert_eq!(summary["sessions_incomplete"], 0, "{summary}");
+    assert_eq!(summary["bytes_sent"], client_bytes_in, "{summary}");
+
+    // The replay waited for the answers, so the replica has applied everything.
+    let digest_replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    eprintln!(
+        "recording redis: replayed in {replay_time:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {digest_primary} replayed replica {digest_replica}"
+    );
+    assert_real_digest(&digest_primary, "primary");
+    assert_real_digest(&digest_replica, "replayed replica");
+    assert_eq!(digest_primary, digest_replica);
+}
+
+/// Receiver-side throughput of an `iperf3 -J` run, bits per second.
+fn iperf_bps(json: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no throughput in iperf3 output: {json}"))
+}
+
+#[test]
+fn iperf_through_the_relay_with_and_without_recording() {
+    if !ncp_testbed::ready_or_skip("recording iperf", &["nft", "ping", "iperf3"]) {
+        return;
+    }
+    let _serial = serial();
+    let rec = TempDir::new("iperf");
+    let mut scene = Scene::network("nr2");
+    let port = IPERF_PORT.to_string();
+    scene.spawn("primary", &["iperf3", "-s", "-p", &port]);
+    let primary = scene.primary.to_string();
+    // Recorded files are cut at 256 MiB so a fast run still leaves files of a handy size.
+    let record = format!(
+        "record = {{ dir = {:?}, rotate_bytes = 268435456 }}",
+        rec.0.display().to_string()
+    );
+    // Alternated, twice each, so a drift of the shared machine shows as such rather than
+    // as a difference between the two.
+    let plain = ("relay only", "");
+    let recorded = ("relay + recording", record.as_str());
+    let mut results = Vec::new();
+    for (label, record) in [plain, recorded, plain, recorded] {
+        scene.start_relay(scene.config("iperf", IPERF_PORT, record));
+        // The server may still be starting on the first round.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let out = loop {
+            let (ok, out, err) = run_with_input(
+                scene
+                    .bed
+                    .command(
+                        "source",
+                        &["iperf3", "-c", &primary, "-p", &port, "-t", "3", "-J"],
+                    )
+                    .unwrap(),
+                Vec::new(),
+                Duration::from_secs(60),
+                "iperf3 client",
+            );
+            if ok {
+                break out;
+            }
+            assert!(Instant::now() < deadline, "iperf3 failed: {out}{err}");
+            thread::sleep(Duration::from_millis(500));
+        };
+        scene.stats_when("iperf3's sessions end", |s| s.sessions_active == 0);
+        let s = scene.stop_relay();
+        let gbps = iperf_bps(&out) / 1e9;
+        results.push((
+            label,
+            gbps,
+            s.services[0].client_bytes_in,
+            s.services[0].recording,
+        ));
+    }
+    eprintln!("recording iperf: iperf3 -t 3 through the sockets relay (no replicas)");
+    for (label, gbps, bytes, recording) in &results {
+        eprintln!("  {label:<18} {gbps:6.2} Gbit/s  client bytes {bytes}  recording {recording:?}");
+    }
+    let files = rec.files();
+    let on_disk: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    eprintln!(
+        "  recorded: {} file(s), {on_disk} bytes on disk",
+        files.len()
+    );
+    // Not timing, only that recording happened and was accounted for.
+    for (i, (_, _, client_bytes_in, recording)) in results.iter().enumerate() {
+        if i % 2 == 0 {
+            assert!(recording.is_none());
+            continue;
+        }
+        let r = recording.unwrap();
+        assert!(r.sessions_opened >= 2, "{r:?}"); // iperf3's control and data connections
+        assert_eq!(r.write_errors, 0, "{r:?}");
+        // A recorder that cannot keep up detaches sessions instead of slowing the relay;
+        // only then may it hold less than the relay took.
+        if r.sessions_detached == 0 {
+            assert_eq!(r.client_bytes, *client_bytes_in, "{r:?}");
+        } else {
+            assert!(r.client_bytes <= *client_bytes_in, "{r:?}");
+        }
+    }
+    assert!(!files.is_empty());
+}
