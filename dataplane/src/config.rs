@@ -97,7 +97,9 @@ pub struct RecordSpec {
     pub rotate_secs: u64,
     /// Messages (one per read accepted from a client, plus opens and closes) queued
     /// between the workers and the file writer; when full, the session being fed stops
-    /// being recorded rather than slowing the worker down.
+    /// being recorded rather than slowing the worker down. Each message holds one read's
+    /// bytes (at most 64 KiB in sockets mode), so this also bounds the memory a recorder
+    /// that falls behind can hold: 8192 × 64 KiB = 512 MiB worst case with the default.
     #[serde(default = "default_record_queue")]
     pub queue_capacity: usize,
     /// Record the primary's answers as well (replay does not need them; inspection may).
