@@ -176,6 +176,20 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 /// paper's two-NIC layout, with the replica traffic kept on its own NIC and the worker
 /// still owning all of a session's connections).
 pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
+    // Recording is wired into the sockets relay only so far; accepting `record` here and
+    // writing nothing would lose exactly what the operator asked to keep.
+    if let Some((i, s)) = config
+        .services
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.record.is_some())
+    {
+        anyhow::bail!(
+            "services[{i}] ({}): `record` is not supported in XDP mode yet; run this service with \
+             `ncp-middlebox run --mode sockets`, or remove `record`",
+            s.name
+        );
+    }
     let replication_nics: Vec<&str> = {
         let mut names: Vec<&str> = config
             .services

@@ -48,6 +48,9 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The data plane the file is meant for (what `run --mode` will be given).
+        #[arg(long, value_enum, default_value_t = runtime::Mode::Xdp)]
+        mode: runtime::Mode,
     },
     /// Show the counters of a running middlebox.
     Stats {
@@ -130,7 +133,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             runtime::run_mode(&config, mode, stop)
         }
-        Command::Check { config } => {
+        Command::Check { config, mode } => {
             let path = config;
             let config = Config::load(&path)
                 .with_context(|| format!("invalid configuration {}", path.display()))?;
@@ -175,6 +178,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             // XDP mode's worker layout (a replication NIC rides along with each worker of
             // the client-facing interface); sockets mode does not need it.
+            if mode == runtime::Mode::Sockets {
+                println!("sockets mode: kernel TCP relay, one worker per configured queue");
+                return Ok(());
+            }
             match runtime::plan_workers(&config) {
                 Ok(workers) => {
                     for w in workers {
