@@ -87,7 +87,10 @@ impl Postgres {
             )?
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.join(format!("{host}-{port}.log")))
+                    .map_err(|e| Error::Unknown(format!("postgres log: {e}")))?,
+            )
             .spawn()
             .map_err(|e| Error::Unknown(format!("starting postgres: {e}")))?;
         let pg = Postgres {

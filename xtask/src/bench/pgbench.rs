@@ -117,7 +117,9 @@ fn run(bed: &Testbed, primary: std::net::Ipv4Addr, args: &[&str]) -> anyhow::Res
     let pgbench = format!("{PG_BIN}/pgbench");
     let host = primary.to_string();
     let port = PORT.to_string();
-    let mut argv: Vec<&str> = vec![&pgbench];
+    // No SSL/GSS negotiation: a replica would find the startup message already queued
+    // behind the SSLRequest and refuse the connection (see dataplane/tests/postgres_xdp.rs).
+    let mut argv: Vec<&str> = vec!["env", "PGSSLMODE=disable", "PGGSSENCMODE=disable", &pgbench];
     argv.extend_from_slice(args);
     argv.extend_from_slice(&["-h", &host, "-p", &port, "-U", "postgres", "postgres"]);
     let out = bed.exec("source", &argv)?;
