@@ -317,13 +317,20 @@ impl Scene {
         }
 
         step("drill 1/2: the replica dies in the middle of a workload");
-        let drill_path = format!("{WORK}/workload-2.resp");
-        std::fs::write(&drill_path, workload::redis_writes(COMMANDS, 0x0dec_0de6))?;
-        let pipe = self.spawn_pipe(primary, &drill_path)?;
-        std::thread::sleep(Duration::from_millis(150));
+        // The client sends half the workload, the replica dies, the client sends the rest:
+        // the session is certainly in flight when the replica goes.
+        let drill = workload::redis_writes(COMMANDS, 0x0dec_0de6);
+        let (first, rest) = drill.split_at(drill.len() / 2);
+        let mut pipe = self.spawn_pipe(primary, Stdio::piped())?;
+        let mut stdin = pipe.stdin.take().context("redis-cli's stdin")?;
+        std::io::Write::write_all(&mut stdin, first)?;
+        std::thread::sleep(Duration::from_millis(500));
         // SAFETY: signals our own child by pid.
         unsafe { libc::kill(replica_redis.id() as i32, libc::SIGKILL) };
         let _ = replica_redis.wait();
+        std::thread::sleep(Duration::from_millis(200));
+        std::io::Write::write_all(&mut stdin, rest)?;
+        drop(stdin);
         let out = pipe.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let client_ok = text.contains(&format!("errors: 0, replies: {COMMANDS}"));
@@ -470,8 +477,8 @@ impl Scene {
         Ok(child)
     }
 
-    /// Starts `redis-cli --pipe` from the source with the workload file, without waiting.
-    fn spawn_pipe(&self, primary: Ipv4Addr, path: &str) -> anyhow::Result<Child> {
+    /// Starts `redis-cli --pipe` from the source reading `stdin`, without waiting.
+    fn spawn_pipe(&self, primary: Ipv4Addr, stdin: Stdio) -> anyhow::Result<Child> {
         Ok(self
             .bed
             .command(
@@ -485,7 +492,7 @@ impl Scene {
                     "--pipe",
                 ],
             )?
-            .stdin(std::fs::File::open(path)?)
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?)
