@@ -33,7 +33,10 @@ use ncp_dataplane::{
     control::{self, Request, Response},
     replicator::ReplicationStats,
 };
-use ncp_testbed::{Testbed, Topology, UpOptions};
+use ncp_testbed::{
+    Testbed, Topology, UpOptions,
+    workload::{redis_writes as redis_workload, seeded_bytes},
+};
 
 const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 /// One test bed at a time: on two shared cores parallel runs spoil every timing.
@@ -67,20 +70,6 @@ fn in_netns<T: Send + 'static>(
         assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
         f()
     })
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be replayed.
-fn seeded_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Waits for `child` at most `limit`, killing it if it overruns.
@@ -485,37 +474,6 @@ fn run_pipe(
     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
     assert!(fed.is_ok(), "feeding redis-cli failed; it said: {out}{err}");
     assert!(status.success(), "redis-cli --pipe failed: {out}{err}");
-    out
-}
-
-/// RESP commands of a mixed write workload (SET, INCR, LPUSH, HSET, DEL) over many keys;
-/// each type has its own key names so no command fails with WRONGTYPE.
-fn redis_workload(commands: usize, seed: u64) -> Vec<u8> {
-    let randoms = seeded_bytes(seed, commands * 8);
-    let mut out = Vec::new();
-    for (i, r) in randoms.chunks_exact(8).enumerate() {
-        let r = u64::from_le_bytes(r.try_into().unwrap());
-        let key = (r >> 24) % 5000;
-        let args: Vec<String> = match r % 5 {
-            0 => vec!["SET".into(), format!("str:{key}"), format!("v{i}")],
-            1 => vec!["INCR".into(), format!("ctr:{key}")],
-            2 => vec!["LPUSH".into(), format!("list:{key}"), format!("e{i}")],
-            3 => vec![
-                "HSET".into(),
-                format!("hash:{key}"),
-                format!("f{}", (r >> 40) % 16),
-                format!("v{i}"),
-            ],
-            _ => {
-                let kind = ["str", "ctr", "list", "hash"][((r >> 48) % 4) as usize];
-                vec!["DEL".into(), format!("{kind}:{key}")]
-            }
-        };
-        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-        }
-    }
     out
 }
 

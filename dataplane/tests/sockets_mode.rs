@@ -45,7 +45,10 @@ use ncp_dataplane::{
     control::{self, Request, Response},
     sockets::{self, SocketsStats, StatsHandle},
 };
-use ncp_testbed::{Testbed, Topology, UpOptions};
+use ncp_testbed::{
+    Testbed, Topology, UpOptions,
+    workload::{redis_writes as redis_workload, seeded_bytes},
+};
 
 /// One test bed at a time: on two shared cores, parallel userspace-datapath traffic
 /// makes the timings of every test unreliable.
@@ -85,21 +88,6 @@ fn in_netns<T: Send + 'static>(
         assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
         f()
     })
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be replayed.
-fn seeded_bytes(seed: u64, len: usize) -> Vec<u8> {
-    // Spread the seed so nearby seeds give unrelated streams (and never zero).
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn sha256(data: &[u8]) -> String {
@@ -523,38 +511,6 @@ fn send_parallel(
 
 fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / f64::from(1 << 20) / elapsed.as_secs_f64()
-}
-
-/// RESP commands of a mixed write workload over many keys of four types; each type has
-/// its own key names so no command fails with WRONGTYPE.
-fn redis_workload(commands: usize, seed: u64) -> Vec<u8> {
-    let randoms = seeded_bytes(seed, commands * 8);
-    let mut out = Vec::new();
-    for (i, r) in randoms.chunks_exact(8).enumerate() {
-        let r = u64::from_le_bytes(r.try_into().unwrap());
-        // Key and command come from different bits, so every type sees every key.
-        let key = (r >> 24) % 5000;
-        let args: Vec<String> = match r % 5 {
-            0 => vec!["SET".into(), format!("str:{key}"), format!("v{i}")],
-            1 => vec!["INCR".into(), format!("ctr:{key}")],
-            2 => vec!["LPUSH".into(), format!("list:{key}"), format!("e{i}")],
-            3 => vec![
-                "HSET".into(),
-                format!("hash:{key}"),
-                format!("f{}", (r >> 40) % 16),
-                format!("v{i}"),
-            ],
-            _ => {
-                let kind = ["str", "ctr", "list", "hash"][((r >> 48) % 4) as usize];
-                vec!["DEL".into(), format!("{kind}:{key}")]
-            }
-        };
-        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-        }
-    }
-    out
 }
 
 #[test]
