@@ -1076,15 +1076,7 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
             else {
                 continue;
             };
-            svc.sessions_active += 1;
-            svc.add_session(s.stats());
-            buffered += s.buffered_bytes();
-            for (i, r) in (0u16..).zip(svc.replicas.iter_mut()) {
-                r.lag_bytes = r.lag_bytes.max(s.replica_lag(i).unwrap_or(0));
-                if s.replica_is_live(i) {
-                    r.live_sessions += 1;
-                }
-            }
+            buffered += svc.add_live_session(s);
         }
         let metrics = self.manager.metrics();
         let links = self

@@ -275,6 +275,22 @@ impl ServiceStats {
         }
     }
 
+    /// Adds a session that is still running to a snapshot: its counters so far, one active
+    /// session, and per replica the worst lag and whether it is still attached. Returns
+    /// the bytes the session holds buffered. Both data planes build their snapshots with
+    /// this, so a gauge means the same in either mode.
+    pub(crate) fn add_live_session(&mut self, s: &ncp_replication::Session) -> u64 {
+        self.sessions_active += 1;
+        self.add_session(s.stats());
+        for (i, r) in (0u16..).zip(self.replicas.iter_mut()) {
+            r.lag_bytes = r.lag_bytes.max(s.replica_lag(i).unwrap_or(0));
+            if s.replica_is_live(i) {
+                r.live_sessions += 1;
+            }
+        }
+        s.buffered_bytes()
+    }
+
     /// Folds another worker's view of the same service into this one.
     pub(crate) fn merge(&mut self, o: &Self) {
         self.sessions_active += o.sessions_active;
