@@ -22,15 +22,17 @@
     reason = "test code: a failed step should fail the test"
 )]
 
+mod support;
+
+use support::{in_netns, serial, wait_bounded};
+
 use std::{
-    fs::File,
     io::{Read, Write},
     net::Ipv4Addr,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
@@ -43,62 +45,12 @@ use ncp_dataplane::{
 };
 use ncp_testbed::{Testbed, Topology, UpOptions};
 
-/// One test bed at a time: parallel userspace-datapath traffic on two cores would make
-/// every test's timing meaningless.
-static SERIAL: Mutex<()> = Mutex::new(());
-
 const REDIS_PORT: u16 = 6379;
 const IPERF_PORT: u16 = 5201;
 /// Redis writes in the recorded workload.
 const WRITES: usize = 100_000;
 /// Upper bound for anything a test waits on.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn serial() -> MutexGuard<'static, ()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "ncp_dataplane=info,ncp_testbed=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Runs `f` on a new thread inside network namespace `netns` (threads it spawns inherit
-/// the namespace; the rest of the process stays where it is).
-fn in_netns<T: Send + 'static>(
-    netns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = format!("/run/netns/{netns}");
-    thread::spawn(move || {
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns(2) on a valid namespace fd; it only changes this thread's network
-        // namespace, which is the point.
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
-/// Waits for `child` at most `limit`, killing it if it overruns.
-fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Runs `command` with `input` on its stdin (fed from a thread, so a full pipe cannot
 /// deadlock us), at most `limit`; returns (success, stdout, stderr).

@@ -17,14 +17,16 @@
     reason = "test code: a failed step should fail the test"
 )]
 
+mod support;
+
+use support::{in_netns, serial, wait_bounded};
+
 use std::{
-    fs::File,
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Mutex, MutexGuard, mpsc},
+    sync::mpsc,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -39,8 +41,6 @@ use ncp_testbed::{
 };
 
 const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
-/// One test bed at a time: on two shared cores parallel runs spoil every timing.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 const STREAM_PORT: u16 = 5001;
 const IPERF_PORT: u16 = 5201;
@@ -49,44 +49,6 @@ const REDIS_PORT: u16 = 6379;
 const CLOSED_PORT: u16 = 7000;
 /// Upper bound for anything a test waits on.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Runs `f` on a new thread inside network namespace `netns`.
-fn in_netns<T: Send + 'static>(
-    netns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = format!("/run/netns/{netns}");
-    thread::spawn(move || {
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns(2) on a valid namespace fd; it changes only this thread's network
-        // namespace.
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
-/// Waits for `child` at most `limit`, killing it if it overruns.
-fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / f64::from(1 << 20) / elapsed.as_secs_f64()
