@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use ncp_testbed::Testbed;
 
 use super::{
-    Options, median,
+    Options,
     routes::{self, Replication, Route},
     save_json,
 };
@@ -97,32 +97,14 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         options.repetitions
     );
     let labels: Vec<String> = routes.iter().map(Route::label).collect();
-    let _ = writeln!(md, "| connections | {} |", labels.join(" | "));
-    let _ = writeln!(md, "|---|{}", "---|".repeat(labels.len()));
-    for &n in connections {
-        let direct = lifetimes
-            .get("direct")
-            .and_then(|m| m.get(&n))
-            .map_or(0.0, |v| median(v));
-        let cells: Vec<String> = labels
-            .iter()
-            .map(|label| {
-                let value = lifetimes
-                    .get(label)
-                    .and_then(|m| m.get(&n))
-                    .map_or(0.0, |v| median(v));
-                if value == 0.0 {
-                    "failed".to_owned()
-                } else if label == "direct" || direct == 0.0 {
-                    format!("{value:.2}")
-                } else {
-                    format!("{value:.2} ({:+.1} %)", (value / direct - 1.0) * 100.0)
-                }
-            })
-            .collect();
-        let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
-    }
-    md.push('\n');
+    super::versus_direct_table(
+        &mut md,
+        "connections",
+        connections,
+        &labels,
+        &lifetimes,
+        |ms| format!("{ms:.2}"),
+    );
     save_json("httperf", &serde_json::to_value(&lifetimes)?)?;
     eprint!("{md}");
     Ok(md)

@@ -122,36 +122,9 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     for (regime, by_path) in &results {
         let _ = writeln!(md, "### Links {regime}\n");
         let labels: Vec<String> = paths.iter().map(Route::label).collect();
-        let _ = writeln!(md, "| streams | {} |", labels.join(" | "));
-        let _ = writeln!(md, "|---|{}", "---|".repeat(labels.len()));
-        for &n in streams {
-            let direct = by_path
-                .get("direct")
-                .and_then(|m| m.get(&n))
-                .map_or(0.0, |v| median(v));
-            let cells: Vec<String> = labels
-                .iter()
-                .map(|label| {
-                    let value = by_path
-                        .get(label)
-                        .and_then(|m| m.get(&n))
-                        .map_or(0.0, |v| median(v));
-                    if value == 0.0 {
-                        "failed".to_owned()
-                    } else if label == "direct" || direct == 0.0 {
-                        format!("{:.3}", value / 1e9)
-                    } else {
-                        format!(
-                            "{:.3} ({:+.1} %)",
-                            value / 1e9,
-                            (value / direct - 1.0) * 100.0
-                        )
-                    }
-                })
-                .collect();
-            let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
-        }
-        md.push('\n');
+        super::versus_direct_table(&mut md, "streams", streams, &labels, by_path, |bps| {
+            format!("{:.3}", bps / 1e9)
+        });
     }
     let _ = writeln!(
         md,

@@ -127,6 +127,45 @@ pub(crate) fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Appends a Markdown table: one row per entry of `rows`, one column per route label, each
+/// cell the median of its samples shown with `show`, and for routes other than direct
+/// the change versus direct in the same row. A median of 0 is a failed measurement.
+pub(crate) fn versus_direct_table(
+    md: &mut String,
+    row_name: &str,
+    rows: &[u32],
+    labels: &[String],
+    samples: &std::collections::BTreeMap<String, std::collections::BTreeMap<u32, Vec<f64>>>,
+    show: impl Fn(f64) -> String,
+) {
+    let cell = |label: &str, row: u32| {
+        samples
+            .get(label)
+            .and_then(|m| m.get(&row))
+            .map_or(0.0, |v| median(v))
+    };
+    let _ = writeln!(md, "| {row_name} | {} |", labels.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(labels.len()));
+    for &row in rows {
+        let direct = cell("direct", row);
+        let cells: Vec<String> = labels
+            .iter()
+            .map(|label| {
+                let value = cell(label, row);
+                if value == 0.0 {
+                    "failed".to_owned()
+                } else if label == "direct" || direct == 0.0 {
+                    show(value)
+                } else {
+                    format!("{} ({:+.1} %)", show(value), (value / direct - 1.0) * 100.0)
+                }
+            })
+            .collect();
+        let _ = writeln!(md, "| {row} | {} |", cells.join(" | "));
+    }
+    md.push('\n');
+}
+
 /// Writes one experiment's JSON next to the others.
 pub(crate) fn save_json(name: &str, value: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::create_dir_all("bench-results")?;
