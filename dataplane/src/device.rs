@@ -38,10 +38,6 @@ const TX_HEADROOM: usize = ETH_HEADER + VLAN_TAG;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_VLAN: u16 = 0x8100;
 const ETHERTYPE_QINQ: u16 = 0x88a8;
-const IP_PROTO_TCP: u8 = 6;
-const TCP_FLAGS_OFFSET: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 /// Default bound of the neighbour table.
 pub const DEFAULT_NEIGHBOURS: usize = 4096;
 /// Non-IPv4 frames skipped in one `receive` call before it yields, so a flood of them
@@ -152,8 +148,6 @@ pub struct RxL2 {
     pub src_ip: Ipv4Addr,
     /// Whether the IPv4 header checksum is right (only such frames teach the table).
     pub header_ok: bool,
-    /// Whether it is a TCP connection request (SYN without ACK).
-    pub tcp_syn: bool,
 }
 
 /// Why a received frame was not handed to smoltcp.
@@ -201,10 +195,6 @@ pub fn parse_rx(frame: &[u8]) -> Result<RxL2, RxDrop> {
         vlan,
         src_ip,
         header_ok: ipv4_header_checksum_ok(&ip[..header_len]),
-        tcp_syn: ip[9] == IP_PROTO_TCP
-            && ip
-                .get(header_len + TCP_FLAGS_OFFSET)
-                .is_some_and(|&flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN),
     })
 }
 
@@ -295,8 +285,6 @@ pub struct LinkLayer {
     /// Where smoltcp writes a packet that cannot be sent (no free frame): its closure
     /// still has to run, and TCP retransmits what is lost.
     scratch: Vec<u8>,
-    /// A connection request came in since [`LinkLayer::take_syn_seen`] last looked.
-    syn_seen: bool,
 }
 
 impl LinkLayer {
@@ -308,7 +296,6 @@ impl LinkLayer {
             neighbours: NeighbourTable::new(config.neighbours),
             counters: DeviceCounters::default(),
             scratch: Vec::new(),
-            syn_seen: false,
         }
     }
 
@@ -326,7 +313,6 @@ impl LinkLayer {
                         },
                     );
                 }
-                self.syn_seen |= l2.tcp_syn;
                 Ok(l2.ip_offset)
             }
             Err(e) => {
@@ -369,11 +355,6 @@ impl LinkLayer {
         Some((start, end - start))
     }
 
-    /// Whether a TCP SYN (without ACK) was received since the last call.
-    pub fn take_syn_seen(&mut self) -> bool {
-        std::mem::take(&mut self.syn_seen)
-    }
-
     /// The neighbour table.
     pub fn neighbours(&self) -> &NeighbourTable {
         &self.neighbours
@@ -390,6 +371,10 @@ pub struct XskDevice {
     socket: XskSocket,
     link: LinkLayer,
     mtu: usize,
+    /// A received frame already checked by the link layer and shown through
+    /// [`XskDevice::peek_packet`], with where its IPv4 packet starts: the next one
+    /// `receive` hands over.
+    pending: Option<(RxFrame, usize)>,
 }
 
 impl XskDevice {
@@ -410,6 +395,7 @@ impl XskDevice {
             socket,
             link: LinkLayer::new(config),
             mtu: config.mtu,
+            pending: None,
         })
     }
 
@@ -446,15 +432,33 @@ impl XskDevice {
         self.socket.wait(timeout_ms);
     }
 
-    /// Whether a TCP SYN (without ACK) was handed to smoltcp since the last call: the
-    /// engine then re-arms its listeners before the next frame.
-    pub fn take_syn_seen(&mut self) -> bool {
-        self.link.take_syn_seen()
+    /// Takes received frames off the ring until one passes the link layer's checks and
+    /// keeps it as the pending one (frames that fail are counted and given back).
+    fn fill_pending(&mut self) {
+        if self.pending.is_some() {
+            return;
+        }
+        let rx = self.socket.rx();
+        for _ in 0..MAX_SKIPPED_PER_RECEIVE {
+            let Some(frame) = rx.take() else {
+                return;
+            };
+            match self.link.ingress(rx.data(&frame)) {
+                Ok(ip_offset) => {
+                    self.pending = Some((frame, ip_offset));
+                    return;
+                }
+                Err(_) => rx.release(frame),
+            }
+        }
     }
 
-    /// Whether received frames are waiting.
-    pub fn rx_pending(&self) -> bool {
-        self.socket.rx_available() > 0
+    /// The IPv4 packet of the next received frame, without taking it: `receive` hands
+    /// over this same frame next.
+    pub fn peek_packet(&mut self) -> Option<&[u8]> {
+        self.fill_pending();
+        let (frame, ip_offset) = self.pending.as_ref()?;
+        self.socket.rx_ref().data(frame).get(*ip_offset..)
     }
 
     /// Makes a TX frame available if one can be had, kicking the kernel when every frame
@@ -540,32 +544,25 @@ impl phy::Device for XskDevice {
     type TxToken<'a> = XskTxToken<'a>;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let (rx, tx) = self.socket.split();
-        // smoltcp may answer a segment while reading it, so a frame is only taken off the
-        // ring when a transmit frame is there for the answer; otherwise the frame waits.
-        if !Self::tx_ready(tx) {
+        // smoltcp may answer a segment while reading it, so a frame is only handed over
+        // when a transmit frame is there for the answer; otherwise the frame waits.
+        if !Self::tx_ready(self.socket.tx()) {
             return None;
         }
-        for _ in 0..MAX_SKIPPED_PER_RECEIVE {
-            let frame = rx.take()?;
-            match self.link.ingress(rx.data(&frame)) {
-                Ok(ip_offset) => {
-                    return Some((
-                        XskRxToken {
-                            rx,
-                            frame: Some(frame),
-                            ip_offset,
-                        },
-                        XskTxToken {
-                            tx,
-                            link: &mut self.link,
-                        },
-                    ));
-                }
-                Err(_) => rx.release(frame),
-            }
-        }
-        None
+        self.fill_pending();
+        let (frame, ip_offset) = self.pending.take()?;
+        let (rx, tx) = self.socket.split();
+        Some((
+            XskRxToken {
+                rx,
+                frame: Some(frame),
+                ip_offset,
+            },
+            XskTxToken {
+                tx,
+                link: &mut self.link,
+            },
+        ))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
@@ -647,28 +644,6 @@ mod tests {
         );
         assert_eq!(link.counters().rx_ipv4, 1);
         assert_eq!(link.counters().learned, 1);
-    }
-
-    #[test]
-    fn notices_connection_requests() {
-        let mut link = LinkLayer::new(&DeviceConfig::new(OUR_MAC));
-        let mut packet = ipv4(A, B);
-        packet[20 + 13] = TCP_SYN;
-        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet);
-        assert!(parse_rx(&frame).unwrap().tcp_syn);
-        link.ingress(&frame).unwrap();
-        assert!(link.take_syn_seen());
-        assert!(!link.take_syn_seen(), "taken once");
-        packet[20 + 13] = TCP_SYN | TCP_ACK;
-        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet);
-        assert!(!parse_rx(&frame).unwrap().tcp_syn, "SYN-ACK is an answer");
-        packet[9] = 17;
-        packet[20 + 13] = TCP_SYN;
-        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet);
-        assert!(!parse_rx(&frame).unwrap().tcp_syn, "not TCP");
-        // A header cut before the flags is no SYN and no panic.
-        let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet[..30]);
-        assert!(!parse_rx(&frame).unwrap().tcp_syn);
     }
 
     #[test]

@@ -32,9 +32,8 @@
 //! background; smoltcp's SYN retransmission covers the wait.
 //!
 //! The connection table here is a hash map keyed by (link, [`ConnId`]), so finding a
-//! session for an event is O(1). The per-packet cost that grows with the number of
-//! sessions is smoltcp's own socket scan inside [`Engine::poll`]; a 4-tuple → socket map
-//! in the engine (see the comment at its ingress loop) is where that would be fixed.
+//! session for an event is O(1); the engine below finds a packet's socket by its 4-tuple,
+//! so neither cost grows with the number of sessions.
 //!
 //! Counters are plain integers owned by the worker and published as a
 //! [`WorkerReplicationStats`] snapshot every [`PUBLISH_INTERVAL`].
@@ -1218,77 +1217,14 @@ mod tests {
     //! The replicator over in-memory IP links: a "network" engine plays client and
     //! primary on link 0, another plays the replica on link 1.
 
-    use std::{cell::RefCell, collections::VecDeque, rc::Rc};
-
-    use smoltcp::phy::{self, DeviceCapabilities, Medium};
-
     use super::*;
-    use crate::{config::PortRange, engine::EngineConfig};
-
-    type Queue = Rc<RefCell<VecDeque<Vec<u8>>>>;
-
-    struct Pipe {
-        inbox: Queue,
-        outbox: Queue,
-    }
-
-    fn pipe_pair() -> (Pipe, Pipe) {
-        let (ab, ba): (Queue, Queue) = (Rc::default(), Rc::default());
-        (
-            Pipe {
-                inbox: ba.clone(),
-                outbox: ab.clone(),
-            },
-            Pipe {
-                inbox: ab,
-                outbox: ba,
-            },
-        )
-    }
-
-    struct PipeRx(Vec<u8>);
-    struct PipeTx(Queue);
-
-    impl phy::RxToken for PipeRx {
-        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-            f(&self.0)
-        }
-    }
-
-    impl phy::TxToken for PipeTx {
-        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-            let mut buf = vec![0; len];
-            let r = f(&mut buf);
-            self.0.borrow_mut().push_back(buf);
-            r
-        }
-    }
-
-    impl phy::Device for Pipe {
-        type RxToken<'a> = PipeRx;
-        type TxToken<'a> = PipeTx;
-
-        fn receive(
-            &mut self,
-            _: smoltcp::time::Instant,
-        ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-            let frame = self.inbox.borrow_mut().pop_front()?;
-            Some((PipeRx(frame), PipeTx(self.outbox.clone())))
-        }
-
-        fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-            Some(PipeTx(self.outbox.clone()))
-        }
-
-        fn capabilities(&self) -> DeviceCapabilities {
-            let mut caps = DeviceCapabilities::default();
-            caps.medium = Medium::Ip;
-            caps.max_transmission_unit = 1500;
-            caps
-        }
-    }
-
-    impl EngineDevice for Pipe {}
+    use crate::{
+        config::PortRange,
+        engine::{
+            EngineConfig,
+            pipe::{Pipe, pipe_pair},
+        },
+    };
 
     impl Neighbours for Pipe {
         fn neighbour(&self, _: Ipv4Addr) -> Option<MacAddr> {

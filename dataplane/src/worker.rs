@@ -37,17 +37,16 @@ use crate::{
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// How long a worker waits at start for the kernel to resolve its upstreams' MACs.
 const RESOLVE_AT_START: Duration = Duration::from_secs(2);
-/// Listening sockets kept armed per service endpoint: the SYNs one endpoint can take
-/// between two polls (iperf3 -P 32 opens its streams one after another, well below this).
-const LISTENERS_PER_ENDPOINT: usize = 16;
+/// Room per service endpoint in the connection bound for handshakes under way (a socket
+/// exists from the SYN on, a session only from the accept).
+const HANDSHAKES_PER_ENDPOINT: usize = 64;
 /// smoltcp buffers per connection. The core's budgets are the real queues; these only
 /// need to cover the bandwidth-delay product of a LAN hop (and the receive side is drained
-/// into the core on every poll). They also bound the bursts: smoltcp has no congestion
-/// control here and sends a whole send buffer back to back, and the receive window bounds
-/// what a client has in flight toward us. Bursts of 256 KiB overflowed the software
-/// switch of the test bed (OVS userspace datapath) by ~6 %, and smoltcp recovers a lost
-/// tail only after its 1 s minimum RTO: 64 KiB keeps bursts within what such a hop takes
-/// and still fills ~300 MB/s at a 0.2 ms round trip.
+/// into the core on every poll). The receive window also bounds what a client has in
+/// flight toward us: bursts of 256 KiB overflowed the software switch of the test bed (OVS
+/// userspace datapath) by ~6 %, and smoltcp recovers a lost tail only after its 1 s
+/// minimum RTO. 64 KiB keeps bursts within what such a hop takes and still fills
+/// ~300 MB/s at a 0.2 ms round trip.
 const CONN_BUFFER: usize = 64 * 1024;
 /// Upper bound of connections per engine, whatever the session limit says: with the
 /// buffers above that is at most 32 GiB of smoltcp buffers in the worst case, so the
@@ -261,7 +260,6 @@ fn open_link(
     let device = XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| at(&e))?;
     let mut config = EngineConfig::new(spec.address, spec.ports);
     config.listen = listen;
-    config.listeners_per_endpoint = LISTENERS_PER_ENDPOINT;
     config.rx_buffer = CONN_BUFFER;
     config.tx_buffer = CONN_BUFFER;
     config.max_connections = max_connections.clamp(1, MAX_ENGINE_CONNECTIONS);
@@ -270,7 +268,7 @@ fn open_link(
 }
 
 /// Connections an engine may need: per session the client and primary (client link) or
-/// the replicas on that link, the same again lingering, plus the listener pools.
+/// the replicas on that link, the same again lingering, plus handshakes under way.
 fn connection_bound(spec: &WorkerSpec, link: usize) -> usize {
     let per_session = spec
         .services
@@ -286,8 +284,8 @@ fn connection_bound(spec: &WorkerSpec, link: usize) -> usize {
         .max()
         .unwrap_or(0)
         .max(1);
-    let listeners = if link == 0 {
-        spec.services.len() * LISTENERS_PER_ENDPOINT
+    let handshakes = if link == 0 {
+        spec.services.len() * HANDSHAKES_PER_ENDPOINT
     } else {
         0
     };
@@ -295,7 +293,7 @@ fn connection_bound(spec: &WorkerSpec, link: usize) -> usize {
         .max_sessions
         .saturating_mul(per_session)
         .saturating_mul(2)
-        .saturating_add(listeners)
+        .saturating_add(handshakes)
 }
 
 type Ready = mpsc::Sender<Result<Vec<OpenedSocket>, String>>;

@@ -535,6 +535,11 @@ impl XskSocket {
         &mut self.rx
     }
 
+    /// The receive half, to read frames already taken.
+    pub fn rx_ref(&self) -> &XskRx {
+        &self.rx
+    }
+
     /// The transmit half.
     pub fn tx(&mut self) -> &mut XskTx {
         &mut self.tx

@@ -19,19 +19,22 @@
 //! [`EngineEvent::Reset`] or [`EngineEvent::Refused`], or after [`Engine::abort`], an id is
 //! dead: calls with it return [`EngineError::UnknownConnection`].
 //!
-//! Two smoltcp behaviours shape the API:
+//! Two smoltcp behaviours shape the design:
 //! - a zero-window receive buffer can stall a connection for good, so `Readable` is
 //!   level-triggered (repeated on every poll while bytes wait) and the caller is expected
 //!   to drain it completely into its own bounded queues each time;
-//! - a listening socket takes exactly one connection and there is no backlog, so each
-//!   service endpoint has a pool of listening sockets, re-armed as soon as one of them
-//!   takes a SYN (checked after every frame that carried one, not once per poll, so a
-//!   burst of SYNs in one batch of frames finds a listener for each).
+//! - an interface offers every packet to every socket of the set it is given, and polls
+//!   every socket of it for output. So each socket lives in a set of its own: a 4-tuple
+//!   flow table picks the one socket a packet is for, a connection request to a listened
+//!   endpoint gets a fresh socket on the spot (no listener pool to run dry under a burst
+//!   of SYNs, and a retransmitted SYN finds the socket that answered the first one), and
+//!   a poll visits only the sockets with news: a packet, a call of the caller's, a timer.
+//!   The cost per packet and per poll does not grow with the number of connections.
 
 mod ports;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeSet, HashMap},
     fmt,
     hash::{BuildHasher, Hasher},
     net::{Ipv4Addr, SocketAddrV4},
@@ -41,7 +44,7 @@ use std::{
 use smoltcp::{
     iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet},
     phy::Device,
-    socket::tcp::{self, State},
+    socket::tcp::{self, CongestionControl, State},
     time::{Duration as SmolDuration, Instant as SmolInstant},
     wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint},
 };
@@ -49,19 +52,15 @@ use smoltcp::{
 use self::ports::PortAllocator;
 use crate::config::PortRange;
 
-/// What the engine needs from a device beyond smoltcp's trait: a point to push out what
-/// was queued during a poll round (e.g. the AF_XDP `sendto` kick).
+/// What the engine needs from a device beyond smoltcp's trait.
 pub trait EngineDevice: Device {
-    /// Called once at the end of every [`Engine::poll`].
+    /// Called once at the end of every [`Engine::poll`]: a point to push out what was
+    /// queued during the round (e.g. the AF_XDP `sendto` kick).
     fn flush(&mut self) {}
 
-    /// Whether a TCP connection request (SYN without ACK) was received since the last
-    /// call. After one, the engine re-arms its listeners before taking the next frame, so
-    /// a burst of SYNs needs no more listeners than arrive between two frames (one). A
-    /// device that cannot tell returns true: the engine then checks after every frame.
-    fn take_syn_seen(&mut self) -> bool {
-        true
-    }
+    /// The IPv4 packet the next `receive` will hand over, if one waits. The engine reads
+    /// its 4-tuple to pick the one socket smoltcp gets to see it with.
+    fn peek_packet(&mut self) -> Option<&[u8]>;
 }
 
 impl EngineDevice for crate::device::XskDevice {
@@ -69,8 +68,8 @@ impl EngineDevice for crate::device::XskDevice {
         crate::device::XskDevice::flush(self);
     }
 
-    fn take_syn_seen(&mut self) -> bool {
-        crate::device::XskDevice::take_syn_seen(self)
+    fn peek_packet(&mut self) -> Option<&[u8]> {
+        crate::device::XskDevice::peek_packet(self)
     }
 }
 
@@ -84,16 +83,12 @@ pub struct EngineConfig {
     pub ports: PortRange,
     /// Service endpoints to accept connections on, usually foreign (the primary's).
     pub listen: Vec<SocketAddrV4>,
-    /// Listening sockets kept armed per endpoint. Listeners are re-armed after every
-    /// received SYN (when the device reports SYNs, as [`crate::device::XskDevice`] does),
-    /// so one or two take any burst; each costs its buffers up front.
-    pub listeners_per_endpoint: usize,
     /// Receive buffer per connection, bytes. Above 64 KiB smoltcp scales the window.
     pub rx_buffer: usize,
     /// Send buffer per connection, bytes.
     pub tx_buffer: usize,
-    /// Bound on connections (accepted, outgoing, half-open and closing together); pools
-    /// are not re-armed and `connect` fails beyond it.
+    /// Bound on connections (accepted, outgoing, half-open and closing together): beyond
+    /// it, connection requests are reset and `connect` fails.
     pub max_connections: usize,
     /// Frames taken in per poll before sending and reporting: small enough that the
     /// caller drains receive buffers before they fill, large enough to amortise a round.
@@ -107,17 +102,20 @@ pub struct EngineConfig {
     /// memory sooner under connection churn, at the price of answering a late
     /// retransmitted FIN with a reset instead of an ACK.
     pub time_wait: Duration,
+    /// Congestion control of every connection. smoltcp's default is none: a sender then
+    /// fills the peer's whole window at once, which a switch that drops bursts (OVS's
+    /// userspace datapath does) punishes with timeouts.
+    pub congestion_control: CongestionControl,
 }
 
 impl EngineConfig {
-    /// A configuration with defaults: 256 KiB buffers, 2 listeners per endpoint, 1024
-    /// connections, 64 frames per poll, 60 s timeout, no Nagle.
+    /// A configuration with defaults: 256 KiB buffers, 1024 connections, 64 frames per
+    /// poll, 60 s timeout, no Nagle, CUBIC congestion control.
     pub fn new(own_addr: Ipv4Addr, ports: PortRange) -> Self {
         Self {
             own_addr,
             ports,
             listen: Vec::new(),
-            listeners_per_endpoint: 2,
             rx_buffer: 256 * 1024,
             tx_buffer: 256 * 1024,
             max_connections: 1024,
@@ -125,6 +123,7 @@ impl EngineConfig {
             timeout: Some(Duration::from_secs(60)),
             nodelay: true,
             time_wait: Duration::from_secs(10),
+            congestion_control: CongestionControl::None,
         }
     }
 }
@@ -228,19 +227,123 @@ pub struct EngineCounters {
     pub closed: u64,
     /// Handshakes that failed before an accept (back to listening or closed).
     pub half_open_failed: u64,
-    /// Retransmitted SYNs dropped because their connection already had a socket.
-    pub duplicate_syn: u64,
+    /// Connection requests reset because `max_connections` was reached.
+    pub overloaded: u64,
+    /// TCP segments that belong to no connection (smoltcp answers them with a reset).
+    pub strays: u64,
+    /// Connection requests that took over the 4-tuple of a finished connection still
+    /// lingering (TIME-WAIT, or a reset to send).
+    pub reused_tuples: u64,
+}
+
+/// A TCP connection's 4-tuple as its own socket sees it: our end first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+}
+
+/// What the engine reads from a received packet before smoltcp does: whose it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    /// The receiving socket's view of the 4-tuple (destination = our end).
+    key: FlowKey,
+    /// A connection request: SYN without ACK.
+    syn: bool,
+}
+
+const IP_PROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Reads the 4-tuple and the SYN flag of an IPv4/TCP packet. `None` for anything else
+/// (other protocols, fragments, truncated headers): smoltcp decides what to do with it,
+/// with no socket in reach. Never panics, whatever the bytes.
+fn segment_of(packet: &[u8]) -> Option<Segment> {
+    let first = *packet.first()?;
+    if first >> 4 != 4 || *packet.get(9)? != IP_PROTO_TCP {
+        return None;
+    }
+    // A fragment (more-fragments flag or an offset) has no whole TCP header to route by.
+    let fragment = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]);
+    if fragment & 0x3fff != 0 {
+        return None;
+    }
+    let header_len = usize::from(first & 0x0f) * 4;
+    let tcp = packet.get(header_len..)?;
+    if header_len < 20 || tcp.len() < 20 {
+        return None;
+    }
+    let ip = |at: usize| Ipv4Addr::new(packet[at], packet[at + 1], packet[at + 2], packet[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
+    let flags = tcp[13];
+    Some(Segment {
+        key: FlowKey {
+            local: SocketAddrV4::new(ip(16), port(2)),
+            remote: SocketAddrV4::new(ip(12), port(0)),
+        },
+        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+    })
+}
+
+/// Where the next received packet goes.
+enum Route {
+    /// The device has no packet waiting.
+    NoPacket,
+    /// To the socket in this slot.
+    Socket(usize),
+    /// To no socket: smoltcp answers it as it sees fit (a reset, for TCP).
+    NoSocket,
+}
+
+/// Where a socket stands in the engine's bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Took a connection request for a listened endpoint; the handshake is under way.
+    HalfOpen,
+    /// A connection the caller names.
+    Conn(ConnId),
+    /// The caller let go of it but smoltcp still needs it (an RST to send, TIME-WAIT).
+    /// `since`: when the caller let go (for TIME-WAIT, about when it entered it).
+    Lingering { since: std::time::Instant },
+}
+
+/// One TCP socket in a socket set of its own. smoltcp offers every packet to every
+/// socket of the set it is given and polls every one of them for output; a set of one,
+/// found through the flow table, makes both O(1) per packet whatever the number of
+/// connections.
+struct Sock {
+    set: SocketSet<'static>,
+    handle: SocketHandle,
+    key: FlowKey,
+    /// Our port from the owned range, for outgoing connections.
+    port: Option<u16>,
+    role: Role,
+    /// The wake-up time (µs since the engine's epoch) this socket holds in `timers`.
+    timer: Option<i64>,
+    /// Queued in `dirty` for the next egress and state check.
+    dirty: bool,
+    /// The last collect round that looked at it (a socket can be queued twice).
+    checked: u64,
+}
+
+impl Sock {
+    fn tcp(&self) -> &tcp::Socket<'static> {
+        self.set.get::<tcp::Socket>(self.handle)
+    }
+
+    fn tcp_mut(&mut self) -> &mut tcp::Socket<'static> {
+        self.set.get_mut::<tcp::Socket>(self.handle)
+    }
 }
 
 /// A connection the caller knows about.
 #[derive(Debug)]
 struct Conn {
-    handle: SocketHandle,
-    /// Our port from the owned range, for outgoing connections.
-    port: Option<u16>,
+    sock: usize,
     /// Whether `Accepted`/`Connected` has been reported.
     established: bool,
-    /// The socket state seen at the end of the previous poll (or after our own calls
+    /// The socket state seen at the end of the previous check (or after our own calls
     /// that change it), to tell a clean close from a reset.
     last: State,
     /// A send did not take everything: report `Writable` when room opens.
@@ -248,40 +351,35 @@ struct Conn {
     peer_closed: bool,
 }
 
-/// A socket the caller no longer names but smoltcp still needs: an RST to send after an
-/// abort, or TIME-WAIT after a clean close. Removed once smoltcp is done with it.
-#[derive(Debug)]
-struct Lingering {
-    handle: SocketHandle,
-    port: Option<u16>,
-    /// When the caller let go of it (for a TIME-WAIT socket: about when it entered it).
-    since: std::time::Instant,
-}
-
-/// A listening socket that took a SYN and waits for the handshake to complete.
-#[derive(Debug)]
-struct HalfOpen {
-    handle: SocketHandle,
-    endpoint: usize,
-}
-
-#[derive(Debug)]
-struct Endpoint {
-    addr: SocketAddrV4,
-    listeners: Vec<SocketHandle>,
-}
-
 /// The TCP engine of one worker. Not `Send` when the device is not (an AF_XDP device is
 /// created and used on its worker's thread).
 pub struct Engine<D: EngineDevice> {
     device: D,
     iface: Interface,
-    sockets: SocketSet<'static>,
     config: EngineConfig,
-    endpoints: Vec<Endpoint>,
-    half_open: Vec<HalfOpen>,
-    conns: BTreeMap<ConnId, Conn>,
-    lingering: Vec<Lingering>,
+    endpoints: Vec<SocketAddrV4>,
+    /// Sockets by slot; a freed slot is reused (its timer entry goes with it).
+    socks: Vec<Option<Sock>>,
+    free_slots: Vec<usize>,
+    /// 4-tuple → slot: the dispatch in front of smoltcp.
+    flows: HashMap<FlowKey, usize>,
+    conns: HashMap<ConnId, Conn>,
+    /// Sockets to poll for output and to check for news in the next round: those that
+    /// received a packet, that the caller touched or whose timer fired.
+    dirty: Vec<usize>,
+    /// Connections whose unread bytes are reported again next round (`Readable` is
+    /// level-triggered); a caller that holds back reading may still sleep meanwhile.
+    rechecks: Vec<usize>,
+    /// Collect rounds so far.
+    round: u64,
+    /// (wake-up time in µs since `epoch`, slot), earliest first.
+    timers: BTreeSet<(i64, usize)>,
+    /// Gets the packets no socket owns, so smoltcp answers them (usually with a reset).
+    no_socket: SocketSet<'static>,
+    half_open: usize,
+    lingering: usize,
+    /// The last poll left a received packet with the device (see `poll`).
+    held_back: bool,
     ports: PortAllocator,
     next_id: u64,
     epoch: std::time::Instant,
@@ -301,6 +399,10 @@ fn v4(endpoint: IpEndpoint) -> Option<SocketAddrV4> {
     }
 }
 
+fn endpoint(addr: SocketAddrV4) -> IpEndpoint {
+    IpEndpoint::new(IpAddress::Ipv4(*addr.ip()), addr.port())
+}
+
 /// States in which the peer's FIN has been received.
 fn fin_received(state: State) -> bool {
     matches!(
@@ -310,7 +412,7 @@ fn fin_received(state: State) -> bool {
 }
 
 impl<D: EngineDevice> Engine<D> {
-    /// Builds the interface and arms the listeners.
+    /// Builds the interface and starts listening on the configured endpoints.
     pub fn new(mut device: D, config: EngineConfig) -> Result<Self, EngineError> {
         let own = config.own_addr;
         if own.is_unspecified() || own.is_broadcast() || own.is_multicast() {
@@ -338,33 +440,35 @@ impl<D: EngineDevice> Engine<D> {
         // the default route points at our own address; 0.14 also accepts without it.
         iface.set_any_ip(true);
         let _ = iface.routes_mut().add_default_ipv4_route(own);
-
-        let mut engine = Self {
+        let mut endpoints = Vec::new();
+        for &addr in &config.listen {
+            if !endpoints.contains(&addr) {
+                endpoints.push(addr);
+            }
+        }
+        Ok(Self {
             device,
             iface,
-            sockets: SocketSet::new(Vec::new()),
-            endpoints: config
-                .listen
-                .iter()
-                .map(|&addr| Endpoint {
-                    addr,
-                    listeners: Vec::new(),
-                })
-                .collect(),
+            endpoints,
+            socks: Vec::new(),
+            free_slots: Vec::new(),
+            flows: HashMap::new(),
+            conns: HashMap::new(),
+            dirty: Vec::new(),
+            rechecks: Vec::new(),
+            round: 0,
+            timers: BTreeSet::new(),
+            no_socket: SocketSet::new(Vec::new()),
+            half_open: 0,
+            lingering: 0,
+            held_back: false,
             ports: PortAllocator::new(config.ports),
             config,
-            half_open: Vec::new(),
-            conns: BTreeMap::new(),
-            lingering: Vec::new(),
             next_id: 1,
             epoch,
             now: epoch,
             counters: EngineCounters::default(),
-        };
-        for index in 0..engine.endpoints.len() {
-            engine.top_up(index);
-        }
-        Ok(engine)
+        })
     }
 
     fn timestamp(&self, now: std::time::Instant) -> SmolInstant {
@@ -379,76 +483,154 @@ impl<D: EngineDevice> Engine<D> {
         );
         socket.set_nagle_enabled(!self.config.nodelay);
         socket.set_timeout(self.config.timeout.map(SmolDuration::from));
+        socket.set_congestion_control(self.config.congestion_control);
         socket
     }
 
     /// Sockets that count against `max_connections`.
     fn load(&self) -> usize {
-        self.conns.len() + self.half_open.len() + self.lingering.len()
+        self.socks.len() - self.free_slots.len()
     }
 
-    /// Arms listeners on endpoint `index` up to the pool size, within the connection bound.
-    fn top_up(&mut self, index: usize) {
-        let Some(endpoint) = self.endpoints.get(index) else {
+    /// Puts `socket` in a set of its own under `key` and returns its slot.
+    fn insert(
+        &mut self,
+        socket: tcp::Socket<'static>,
+        key: FlowKey,
+        port: Option<u16>,
+        role: Role,
+    ) -> usize {
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let handle = set.add(socket);
+        let sock = Sock {
+            set,
+            handle,
+            key,
+            port,
+            role,
+            timer: None,
+            dirty: false,
+            checked: 0,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.socks[slot] = Some(sock);
+                slot
+            }
+            None => {
+                self.socks.push(Some(sock));
+                self.socks.len() - 1
+            }
+        };
+        self.flows.insert(key, slot);
+        slot
+    }
+
+    /// Drops the socket in `slot` with its flow entry, timer and port.
+    fn free(&mut self, slot: usize) {
+        let Some(sock) = self.socks.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        let addr = endpoint.addr;
-        let mut missing = self
-            .config
-            .listeners_per_endpoint
-            .saturating_sub(endpoint.listeners.len());
-        while missing > 0 && self.load() < self.config.max_connections {
-            let mut socket = self.new_socket();
-            let listen = IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(*addr.ip())),
-                port: addr.port(),
-            };
-            if socket.listen(listen).is_err() {
-                // Port 0: nothing can ever connect there.
-                return;
-            }
-            let handle = self.sockets.add(socket);
-            self.endpoints[index].listeners.push(handle);
-            missing -= 1;
+        if let Some(at) = sock.timer {
+            self.timers.remove(&(at, slot));
         }
+        if self.flows.get(&sock.key) == Some(&slot) {
+            self.flows.remove(&sock.key);
+        }
+        if let Some(port) = sock.port {
+            self.ports.release(port);
+        }
+        match sock.role {
+            Role::HalfOpen => self.half_open -= 1,
+            Role::Lingering { .. } => self.lingering -= 1,
+            Role::Conn(_) => {}
+        }
+        self.free_slots.push(slot);
+    }
+
+    fn mark_dirty(&mut self, slot: usize) {
+        if let Some(Some(sock)) = self.socks.get_mut(slot)
+            && !sock.dirty
+        {
+            sock.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Hands a socket the caller named over to smoltcp's remaining needs.
+    fn linger(&mut self, slot: usize) {
+        if let Some(Some(sock)) = self.socks.get_mut(slot) {
+            sock.role = Role::Lingering { since: self.now };
+            self.lingering += 1;
+        }
+        self.mark_dirty(slot);
     }
 
     /// Starts accepting connections to `addr` too (no-op when already listening).
     pub fn listen(&mut self, addr: SocketAddrV4) {
-        if self.endpoints.iter().any(|e| e.addr == addr) {
-            return;
+        if !self.endpoints.contains(&addr) {
+            self.endpoints.push(addr);
         }
-        self.endpoints.push(Endpoint {
-            addr,
-            listeners: Vec::new(),
-        });
-        self.top_up(self.endpoints.len() - 1);
     }
 
     /// Stops accepting new connections to `addr`. Connections already accepted, and
     /// handshakes under way, go on.
     pub fn unlisten(&mut self, addr: SocketAddrV4) {
-        let Some(index) = self.endpoints.iter().position(|e| e.addr == addr) else {
-            return;
-        };
-        let endpoint = self.endpoints.remove(index);
-        for handle in endpoint.listeners {
-            self.sockets.remove(handle);
-        }
-        // Half-open sockets name endpoints by index: re-point or orphan them.
-        for half in &mut self.half_open {
-            if half.endpoint == index {
-                half.endpoint = usize::MAX;
-            } else if half.endpoint > index && half.endpoint != usize::MAX {
-                half.endpoint -= 1;
-            }
-        }
+        self.endpoints.retain(|&e| e != addr);
     }
 
     fn alloc_id(&mut self) -> ConnId {
         let id = ConnId(self.next_id);
         self.next_id += 1;
         id
+    }
+
+    /// Who gets the next received packet: its connection's socket, a new socket for a
+    /// connection request to a listened endpoint, or none.
+    fn route(&mut self) -> Route {
+        let Some(packet) = self.device.peek_packet() else {
+            return Route::NoPacket;
+        };
+        let Some(segment) = segment_of(packet) else {
+            return Route::NoSocket;
+        };
+        if let Some(&slot) = self.flows.get(&segment.key) {
+            let lingering = self
+                .socks
+                .get(slot)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| matches!(s.role, Role::Lingering { .. }));
+            if !(segment.syn && lingering) {
+                return Route::Socket(slot);
+            }
+            // A new connection from a port whose previous connection we still hold in
+            // TIME-WAIT (or with a reset to send): the client has moved on, so the old
+            // socket goes and the request gets a socket of its own, as a kernel would
+            // let a new SYN take over a TIME-WAIT connection.
+            self.counters.reused_tuples += 1;
+            self.free(slot);
+        }
+        if !segment.syn || !self.endpoints.contains(&segment.key.local) {
+            self.counters.strays += 1;
+            tracing::debug!(local = %segment.key.local, remote = %segment.key.remote, "segment of no connection");
+            return Route::NoSocket;
+        }
+        if self.load() >= self.config.max_connections {
+            // smoltcp resets the request: a clear refusal the client sees at once.
+            self.counters.overloaded += 1;
+            return Route::NoSocket;
+        }
+        let mut socket = self.new_socket();
+        let listen = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(*segment.key.local.ip())),
+            port: segment.key.local.port(),
+        };
+        // Port 0 cannot be listened on; nothing sensible can connect there either.
+        if socket.listen(listen).is_err() {
+            return Route::NoSocket;
+        }
+        self.half_open += 1;
+        Route::Socket(self.insert(socket, segment.key, None, Role::HalfOpen))
     }
 
     /// Takes in up to `rx_budget` frames, sends what the sockets have to send, pushes it
@@ -460,36 +642,59 @@ impl<D: EngineDevice> Engine<D> {
         let before = events.len();
         let mut active = false;
         self.iface.poll_maintenance(ts);
-        // smoltcp hands each segment to the first socket that accepts it, scanning the whole
-        // socket set per packet. With many connections per worker, this is where a 4-tuple
-        // → socket map (and a per-endpoint listener lookup) would dispatch instead; it would
-        // also stop a retransmitted SYN from reaching a fresh listener ahead of the
-        // half-open socket that already answered it.
+        while let Some(&(at, slot)) = self.timers.first() {
+            if at > ts.total_micros() {
+                break;
+            }
+            self.timers.remove(&(at, slot));
+            if let Some(Some(sock)) = self.socks.get_mut(slot) {
+                sock.timer = None;
+            }
+            self.mark_dirty(slot);
+        }
+        self.held_back = false;
         for _ in 0..self.config.rx_budget {
-            match self
-                .iface
-                .poll_ingress_single(ts, &mut self.device, &mut self.sockets)
-            {
-                PollIngressSingleResult::None => break,
+            // Only a packet seen here may be handed over: one that arrives between the look
+            // and the hand-over must wait for the next round, or it would reach smoltcp
+            // without its socket (and be answered with a reset).
+            let target = match self.route() {
+                Route::NoPacket => break,
+                Route::Socket(slot) => Some(slot),
+                Route::NoSocket => None,
+            };
+            let set = match target.and_then(|slot| self.socks.get_mut(slot)?.as_mut()) {
+                Some(sock) => &mut sock.set,
+                None => &mut self.no_socket,
+            };
+            match self.iface.poll_ingress_single(ts, &mut self.device, set) {
+                PollIngressSingleResult::None => {
+                    // A packet was peeked but not handed over (the device had no transmit
+                    // frame for an answer): it left the ring, so the descriptor will not
+                    // wake a sleeping caller for it.
+                    self.held_back = true;
+                    break;
+                }
                 _ => active = true,
             }
-            if self.device.take_syn_seen() {
-                self.rearm_listeners();
+            if let Some(slot) = target {
+                self.mark_dirty(slot);
             }
         }
-        // Each egress round lets every socket emit at most one segment: repeat until quiet.
+        // Each egress round lets a socket emit at most one segment: repeat until quiet.
         // The bound only guards against a device that accepts frames forever.
-        for _ in 0..4096 {
-            match self
-                .iface
-                .poll_egress(ts, &mut self.device, &mut self.sockets)
-            {
-                PollResult::None => break,
-                PollResult::SocketStateChanged => active = true,
+        for &slot in &self.dirty {
+            let Some(Some(sock)) = self.socks.get_mut(slot) else {
+                continue;
+            };
+            for _ in 0..4096 {
+                match self.iface.poll_egress(ts, &mut self.device, &mut sock.set) {
+                    PollResult::None => break,
+                    PollResult::SocketStateChanged => active = true,
+                }
             }
         }
         self.device.flush();
-        self.collect(events);
+        self.collect(ts, events);
         // Readable is repeated while bytes wait; it alone is not news, so a caller that
         // cannot drain right now may still sleep until the next frame or timer.
         active
@@ -499,253 +704,230 @@ impl<D: EngineDevice> Engine<D> {
     }
 
     /// How long the caller may sleep before the next poll is due (retransmissions, delayed
-    /// ACKs, TIME-WAIT), when no frame arrives first. `None`: no timer is pending.
+    /// ACKs, TIME-WAIT, sockets with news), when no frame arrives first. `None`: no timer
+    /// is pending.
     pub fn poll_delay(&mut self, now: std::time::Instant) -> Option<Duration> {
-        let ts = self.timestamp(now);
+        if !self.dirty.is_empty() || self.held_back {
+            return Some(Duration::ZERO);
+        }
+        let now = self.timestamp(now).total_micros();
+        let &(at, _) = self.timers.first()?;
+        Some(Duration::from_micros(
+            u64::try_from(at.saturating_sub(now)).unwrap_or(0),
+        ))
+    }
+
+    /// Turns the state of the sockets that may have changed into events, frees finished
+    /// sockets and sets each survivor's next wake-up.
+    fn collect(&mut self, ts: SmolInstant, events: &mut Vec<EngineEvent>) {
+        self.round += 1;
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let rechecks = std::mem::take(&mut self.rechecks);
+        for &slot in dirty.iter().chain(&rechecks) {
+            let Some(Some(sock)) = self.socks.get_mut(slot) else {
+                continue;
+            };
+            if sock.checked == self.round {
+                continue;
+            }
+            sock.checked = self.round;
+            sock.dirty = false;
+            if sock.role == Role::HalfOpen {
+                self.check_half_open(slot, events);
+            }
+            let role = self
+                .socks
+                .get(slot)
+                .and_then(Option::as_ref)
+                .map(|s| s.role);
+            if let Some(Role::Conn(id)) = role
+                && self.check_conn(id, events)
+            {
+                self.rechecks.push(slot);
+            }
+            if let Some(Some(sock)) = self.socks.get(slot)
+                && matches!(sock.role, Role::Lingering { .. })
+            {
+                self.check_lingering(slot);
+            }
+            self.rearm_timer(slot, ts);
+        }
+        // Keep the allocation; marks made during this pass (a connection that just ended
+        // may still have an RST or a FIN-ACK to send) are for the next poll.
+        dirty.clear();
+        dirty.append(&mut self.dirty);
+        self.dirty = dirty;
+    }
+
+    /// Sets the socket's wake-up to smoltcp's next deadline for it (and, for TIME-WAIT,
+    /// the engine's own).
+    fn rearm_timer(&mut self, slot: usize, ts: SmolInstant) {
+        let time_wait_ends = |since: std::time::Instant| {
+            let end = since + self.config.time_wait;
+            i64::try_from(end.saturating_duration_since(self.epoch).as_micros()).unwrap_or(i64::MAX)
+        };
+        let Some(Some(sock)) = self.socks.get_mut(slot) else {
+            return;
+        };
+        if let Some(at) = sock.timer.take() {
+            self.timers.remove(&(at, slot));
+        }
         let smol = self
             .iface
-            .poll_delay(ts, &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()));
-        let time_wait = self
-            .lingering
-            .iter()
-            .filter(|l| self.sockets.get::<tcp::Socket>(l.handle).state() == State::TimeWait)
-            .map(|l| (l.since + self.config.time_wait).saturating_duration_since(now))
-            .min();
-        match (smol, time_wait) {
+            .poll_at(ts, &sock.set)
+            .map(|at| at.total_micros());
+        let time_wait = match sock.role {
+            Role::Lingering { since } if sock.tcp().state() == State::TimeWait => {
+                Some(time_wait_ends(since))
+            }
+            _ => None,
+        };
+        let at = match (smol, time_wait) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
-    }
-
-    /// Turns socket state into events, re-arms listeners and frees finished sockets.
-    fn collect(&mut self, events: &mut Vec<EngineEvent>) {
-        self.collect_listeners();
-        self.collect_half_open(events);
-        self.collect_conns(events);
-        self.collect_lingering();
-        for index in 0..self.endpoints.len() {
-            self.top_up(index);
-        }
-    }
-
-    /// Replaces listeners that took a SYN. Cheap enough to run after every SYN: it looks
-    /// at the listening sockets only (smoltcp itself scans every socket per frame).
-    fn rearm_listeners(&mut self) {
-        self.collect_listeners();
-        for index in 0..self.endpoints.len() {
-            self.top_up(index);
-        }
-    }
-
-    fn collect_listeners(&mut self) {
-        let mut taken = Vec::new();
-        for (index, endpoint) in self.endpoints.iter_mut().enumerate() {
-            let sockets = &self.sockets;
-            endpoint.listeners.retain(|&handle| {
-                if sockets.get::<tcp::Socket>(handle).state() == State::Listen {
-                    return true;
-                }
-                taken.push((handle, index));
-                false
-            });
-        }
-        for (handle, endpoint) in taken {
-            if self.is_duplicate(handle) {
-                // A retransmitted SYN of a connection that already has a socket reached a
-                // listener that sits before that socket in smoltcp's scan order. Answering
-                // it would send the client a second SYN-ACK from a second socket: one of
-                // the two then hangs half-open until it times out, or the client's ACK
-                // reaches the wrong one and the connection is reset. smoltcp has not
-                // answered yet (a SYN is answered on egress), so dropping the socket drops
-                // the duplicate silently; the original socket retransmits its SYN-ACK.
-                self.sockets.remove(handle);
-                self.counters.duplicate_syn += 1;
-                continue;
-            }
-            self.half_open.push(HalfOpen { handle, endpoint });
-        }
-    }
-
-    /// Whether another live half-open or accepted socket has `handle`'s 4-tuple. Linear,
-    /// and only run per connection request; a 4-tuple map would make it O(1).
-    fn is_duplicate(&self, handle: SocketHandle) -> bool {
-        let socket = self.sockets.get::<tcp::Socket>(handle);
-        let tuple = (socket.local_endpoint(), socket.remote_endpoint());
-        if tuple.1.is_none() {
-            return false;
-        }
-        let same = |other: SocketHandle| {
-            let s = self.sockets.get::<tcp::Socket>(other);
-            other != handle
-                && s.state() != State::Closed
-                && (s.local_endpoint(), s.remote_endpoint()) == tuple
         };
-        self.half_open.iter().any(|h| same(h.handle)) || self.conns.values().any(|c| same(c.handle))
+        if let Some(at) = at {
+            sock.timer = Some(at);
+            self.timers.insert((at, slot));
+        }
     }
 
-    fn collect_half_open(&mut self, events: &mut Vec<EngineEvent>) {
-        let mut index = 0;
-        while index < self.half_open.len() {
-            let HalfOpen { handle, endpoint } = self.half_open[index];
-            let socket = self.sockets.get::<tcp::Socket>(handle);
-            let state = socket.state();
+    fn check_half_open(&mut self, slot: usize, events: &mut Vec<EngineEvent>) {
+        let Some(Some(sock)) = self.socks.get_mut(slot) else {
+            return;
+        };
+        let socket = sock.tcp();
+        match socket.state() {
+            State::SynReceived => {}
+            State::Listen | State::Closed => {
+                // The handshake was reset or timed out (or the request never reached the
+                // socket). A listener would wait for a next SYN; this one was only ever
+                // meant for this 4-tuple.
+                self.counters.half_open_failed += 1;
+                self.free(slot);
+            }
+            _ => {
+                let (Some(local), Some(remote)) = (
+                    socket.local_endpoint().and_then(v4),
+                    socket.remote_endpoint().and_then(v4),
+                ) else {
+                    // Not IPv4: cannot happen with this feature set; drop it quietly.
+                    sock.tcp_mut().abort();
+                    self.half_open -= 1;
+                    self.linger(slot);
+                    return;
+                };
+                let conn = ConnId(self.next_id);
+                self.next_id += 1;
+                sock.role = Role::Conn(conn);
+                self.half_open -= 1;
+                self.counters.accepted += 1;
+                events.push(EngineEvent::Accepted {
+                    conn,
+                    local,
+                    remote,
+                });
+                // `last` stays Established so that a FIN or RST already processed is
+                // reported by the connection check right after this one.
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        sock: slot,
+                        established: true,
+                        last: State::Established,
+                        want_write: false,
+                        peer_closed: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Reports what changed on connection `id`. Returns whether bytes still wait to be
+    /// read (the connection is then checked again next poll).
+    fn check_conn(&mut self, id: ConnId, events: &mut Vec<EngineEvent>) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let slot = conn.sock;
+        let Some(Some(sock)) = self.socks.get(slot) else {
+            return false;
+        };
+        let socket = sock.tcp();
+        let state = socket.state();
+        if !conn.established {
             match state {
-                State::SynReceived => index += 1,
-                State::Listen => {
-                    // The handshake was reset: the socket listens again; keep it if the
-                    // pool has room.
-                    self.half_open.swap_remove(index);
-                    self.counters.half_open_failed += 1;
-                    match self.endpoints.get_mut(endpoint) {
-                        Some(e) if e.listeners.len() < self.config.listeners_per_endpoint => {
-                            e.listeners.push(handle);
-                        }
-                        // Pool full, or the endpoint is no longer listened on.
-                        _ => {
-                            self.sockets.remove(handle);
-                        }
-                    }
+                State::SynSent | State::SynReceived => {
+                    conn.last = state;
+                    return false;
                 }
-                State::Closed => {
-                    self.half_open.swap_remove(index);
-                    self.counters.half_open_failed += 1;
-                    self.lingering.push(Lingering {
-                        handle,
-                        port: None,
-                        since: self.now,
-                    });
+                State::Closed | State::TimeWait | State::Listen => {
+                    self.counters.refused += 1;
+                    events.push(EngineEvent::Refused { conn: id });
+                    self.conns.remove(&id);
+                    self.linger(slot);
+                    return false;
                 }
                 _ => {
-                    self.half_open.swap_remove(index);
-                    let (Some(local), Some(remote)) = (
-                        socket.local_endpoint().and_then(v4),
-                        socket.remote_endpoint().and_then(v4),
-                    ) else {
-                        // Not IPv4: cannot happen with this feature set; drop it quietly.
-                        self.sockets.get_mut::<tcp::Socket>(handle).abort();
-                        self.lingering.push(Lingering {
-                            handle,
-                            port: None,
-                            since: self.now,
-                        });
-                        continue;
-                    };
-                    let conn = self.alloc_id();
-                    self.counters.accepted += 1;
-                    events.push(EngineEvent::Accepted {
-                        conn,
-                        local,
-                        remote,
-                    });
-                    // `last` stays Established so that a FIN or RST already processed is
-                    // reported by the connection pass right after this one.
-                    self.conns.insert(
-                        conn,
-                        Conn {
-                            handle,
-                            port: None,
-                            established: true,
-                            last: State::Established,
-                            want_write: false,
-                            peer_closed: false,
-                        },
-                    );
+                    conn.established = true;
+                    self.counters.connected += 1;
+                    events.push(EngineEvent::Connected { conn: id });
                 }
             }
         }
+        let unread = socket.recv_queue();
+        if unread > 0 {
+            events.push(EngineEvent::Readable { conn: id });
+        }
+        if conn.want_write && socket.can_send() {
+            conn.want_write = false;
+            events.push(EngineEvent::Writable { conn: id });
+        }
+        let graceful = state == State::TimeWait
+            || (state == State::Closed && matches!(conn.last, State::LastAck | State::TimeWait));
+        if unread == 0 && !conn.peer_closed && (fin_received(state) || graceful) {
+            conn.peer_closed = true;
+            events.push(EngineEvent::PeerClosed { conn: id });
+        }
+        if state == State::Closed || state == State::TimeWait {
+            if graceful {
+                // Bytes the caller has not read yet are still delivered first. `last` is
+                // left alone so the close is still seen as clean next time.
+                if unread > 0 {
+                    return true;
+                }
+                self.counters.closed += 1;
+                events.push(EngineEvent::Closed { conn: id });
+            } else {
+                self.counters.reset += 1;
+                events.push(EngineEvent::Reset { conn: id });
+            }
+            self.conns.remove(&id);
+            self.linger(slot);
+            return false;
+        }
+        conn.last = state;
+        unread > 0
     }
 
-    fn collect_conns(&mut self, events: &mut Vec<EngineEvent>) {
-        let mut finished = Vec::new();
-        for (&id, conn) in self.conns.iter_mut() {
-            let socket = self.sockets.get::<tcp::Socket>(conn.handle);
-            let state = socket.state();
-            if !conn.established {
-                match state {
-                    State::SynSent | State::SynReceived => {
-                        conn.last = state;
-                        continue;
-                    }
-                    State::Closed | State::TimeWait | State::Listen => {
-                        self.counters.refused += 1;
-                        events.push(EngineEvent::Refused { conn: id });
-                        finished.push(id);
-                        continue;
-                    }
-                    _ => {
-                        conn.established = true;
-                        self.counters.connected += 1;
-                        events.push(EngineEvent::Connected { conn: id });
-                    }
-                }
-            }
-            let unread = socket.recv_queue();
-            if unread > 0 {
-                events.push(EngineEvent::Readable { conn: id });
-            }
-            if conn.want_write && socket.can_send() {
-                conn.want_write = false;
-                events.push(EngineEvent::Writable { conn: id });
-            }
-            let graceful = state == State::TimeWait
-                || (state == State::Closed
-                    && matches!(conn.last, State::LastAck | State::TimeWait));
-            if unread == 0 && !conn.peer_closed && (fin_received(state) || graceful) {
-                conn.peer_closed = true;
-                events.push(EngineEvent::PeerClosed { conn: id });
-            }
-            if state == State::Closed || state == State::TimeWait {
-                if graceful {
-                    // Bytes the caller has not read yet are still delivered first. `last`
-                    // is left alone so the close is still seen as clean next time.
-                    if unread > 0 {
-                        continue;
-                    }
-                    self.counters.closed += 1;
-                    events.push(EngineEvent::Closed { conn: id });
-                } else {
-                    self.counters.reset += 1;
-                    events.push(EngineEvent::Reset { conn: id });
-                }
-                finished.push(id);
-                continue;
-            }
-            conn.last = state;
+    /// Frees a lingering socket once smoltcp is done with it (closed, with no RST left to
+    /// send) or it has spent the configured TIME-WAIT.
+    fn check_lingering(&mut self, slot: usize) {
+        let Some(Some(sock)) = self.socks.get(slot) else {
+            return;
+        };
+        let Role::Lingering { since } = sock.role else {
+            return;
+        };
+        let socket = sock.tcp();
+        let done = match socket.state() {
+            State::Closed => socket.remote_endpoint().is_none(),
+            State::TimeWait => self.now.saturating_duration_since(since) >= self.config.time_wait,
+            _ => false,
+        };
+        if done {
+            self.free(slot);
         }
-        for id in finished {
-            if let Some(conn) = self.conns.remove(&id) {
-                self.lingering.push(Lingering {
-                    handle: conn.handle,
-                    port: conn.port,
-                    since: self.now,
-                });
-            }
-        }
-    }
-
-    /// Frees sockets smoltcp is done with (closed, with no RST left to send) and those
-    /// that have spent the configured TIME-WAIT.
-    fn collect_lingering(&mut self) {
-        let sockets = &mut self.sockets;
-        let ports = &mut self.ports;
-        let now = self.now;
-        let time_wait = self.config.time_wait;
-        self.lingering.retain(|entry| {
-            let socket = sockets.get::<tcp::Socket>(entry.handle);
-            let done = match socket.state() {
-                State::Closed => socket.remote_endpoint().is_none(),
-                State::TimeWait => now.saturating_duration_since(entry.since) >= time_wait,
-                _ => false,
-            };
-            if done {
-                sockets.remove(entry.handle);
-                if let Some(port) = entry.port {
-                    ports.release(port);
-                }
-            }
-            !done
-        });
     }
 
     /// Opens a connection from our own address and a port of the owned range to `remote`.
@@ -758,62 +940,88 @@ impl<D: EngineDevice> Engine<D> {
             return Err(EngineError::Unaddressable(remote));
         }
         let port = self.ports.alloc().ok_or(EngineError::NoFreePort)?;
+        let local = SocketAddrV4::new(self.config.own_addr, port);
         let mut socket = self.new_socket();
-        let local = IpEndpoint::new(IpAddress::Ipv4(self.config.own_addr), port);
-        let target = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
-        if socket.connect(self.iface.context(), target, local).is_err() {
+        if socket
+            .connect(self.iface.context(), endpoint(remote), endpoint(local))
+            .is_err()
+        {
             self.ports.release(port);
             return Err(EngineError::Unaddressable(remote));
         }
-        let handle = self.sockets.add(socket);
         let conn = self.alloc_id();
+        let slot = self.insert(
+            socket,
+            FlowKey { local, remote },
+            Some(port),
+            Role::Conn(conn),
+        );
         self.conns.insert(
             conn,
             Conn {
-                handle,
-                port: Some(port),
+                sock: slot,
                 established: false,
                 last: State::SynSent,
                 want_write: false,
                 peer_closed: false,
             },
         );
+        self.mark_dirty(slot);
         Ok(conn)
     }
 
-    fn conn(&self, conn: ConnId) -> Result<&Conn, EngineError> {
+    fn sock(&self, conn: ConnId) -> Result<&Sock, EngineError> {
         self.conns
             .get(&conn)
+            .and_then(|c| self.socks.get(c.sock)?.as_ref())
             .ok_or(EngineError::UnknownConnection(conn))
+    }
+
+    /// The connection's slot, marked for the next poll (a call that changes the socket
+    /// may give smoltcp something to send: data, a window update, a FIN).
+    fn touch(&mut self, conn: ConnId) -> Result<usize, EngineError> {
+        let slot = self
+            .conns
+            .get(&conn)
+            .ok_or(EngineError::UnknownConnection(conn))?
+            .sock;
+        self.mark_dirty(slot);
+        Ok(slot)
+    }
+
+    fn socket_mut(&mut self, slot: usize) -> Option<&mut tcp::Socket<'static>> {
+        Some(self.socks.get_mut(slot)?.as_mut()?.tcp_mut())
     }
 
     /// Reads up to `buf.len()` bytes. `Ok(0)`: nothing buffered right now (or the peer
     /// finished, which [`EngineEvent::PeerClosed`] reports).
     pub fn recv(&mut self, conn: ConnId, buf: &mut [u8]) -> Result<usize, EngineError> {
-        let handle = self.conn(conn)?.handle;
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let slot = self.touch(conn)?;
+        let socket = self
+            .socket_mut(slot)
+            .ok_or(EngineError::UnknownConnection(conn))?;
         // Errors mean "nothing to read in this state", which is what 0 says.
         Ok(socket.recv_slice(buf).unwrap_or(0))
     }
 
     /// Bytes waiting to be read.
     pub fn recv_queue(&self, conn: ConnId) -> Result<usize, EngineError> {
-        let handle = self.conn(conn)?.handle;
-        Ok(self.sockets.get::<tcp::Socket>(handle).recv_queue())
+        Ok(self.sock(conn)?.tcp().recv_queue())
     }
 
     /// Queues as much of `data` as the send buffer takes and returns how much that was.
     /// When it is less than `data.len()`, [`EngineEvent::Writable`] reports the room.
     pub fn send(&mut self, conn: ConnId, data: &[u8]) -> Result<usize, EngineError> {
-        let entry = self
-            .conns
-            .get_mut(&conn)
+        let slot = self.touch(conn)?;
+        let socket = self
+            .socket_mut(slot)
             .ok_or(EngineError::UnknownConnection(conn))?;
-        let socket = self.sockets.get_mut::<tcp::Socket>(entry.handle);
         let sent = socket
             .send_slice(data)
             .map_err(|_| EngineError::NotWritable(conn))?;
-        if sent < data.len() {
+        if sent < data.len()
+            && let Some(entry) = self.conns.get_mut(&conn)
+        {
             entry.want_write = true;
         }
         Ok(sent)
@@ -821,8 +1029,7 @@ impl<D: EngineDevice> Engine<D> {
 
     /// Room in the send buffer right now.
     pub fn send_space(&self, conn: ConnId) -> Result<usize, EngineError> {
-        let handle = self.conn(conn)?.handle;
-        let socket = self.sockets.get::<tcp::Socket>(handle);
+        let socket = self.sock(conn)?.tcp();
         if !socket.may_send() {
             return Ok(0);
         }
@@ -831,14 +1038,12 @@ impl<D: EngineDevice> Engine<D> {
 
     /// Bytes queued for sending and not yet acknowledged by the peer.
     pub fn send_queue(&self, conn: ConnId) -> Result<usize, EngineError> {
-        let handle = self.conn(conn)?.handle;
-        Ok(self.sockets.get::<tcp::Socket>(handle).send_queue())
+        Ok(self.sock(conn)?.tcp().send_queue())
     }
 
     /// The connection's local and remote endpoints.
     pub fn endpoints(&self, conn: ConnId) -> Result<(SocketAddrV4, SocketAddrV4), EngineError> {
-        let handle = self.conn(conn)?.handle;
-        let socket = self.sockets.get::<tcp::Socket>(handle);
+        let socket = self.sock(conn)?.tcp();
         match (
             socket.local_endpoint().and_then(v4),
             socket.remote_endpoint().and_then(v4),
@@ -851,25 +1056,21 @@ impl<D: EngineDevice> Engine<D> {
     /// Sends FIN after the queued bytes. Reading goes on until the peer closes too
     /// ([`EngineEvent::Closed`] ends it).
     pub fn close(&mut self, conn: ConnId) -> Result<(), EngineError> {
-        let entry = self
-            .conns
-            .get_mut(&conn)
+        let slot = self.touch(conn)?;
+        let socket = self
+            .socket_mut(slot)
             .ok_or(EngineError::UnknownConnection(conn))?;
-        let socket = self.sockets.get_mut::<tcp::Socket>(entry.handle);
         socket.close();
         let state = socket.state();
-        // Record our own transition, so the next poll does not mistake e.g. LAST-ACK →
+        // Record our own transition, so the next check does not mistake e.g. LAST-ACK →
         // CLOSED for a reset.
-        entry.last = state;
+        if let Some(entry) = self.conns.get_mut(&conn) {
+            entry.last = state;
+        }
         if state == State::Closed {
             // Closing before the handshake finished drops the connection outright.
-            if let Some(entry) = self.conns.remove(&conn) {
-                self.lingering.push(Lingering {
-                    handle: entry.handle,
-                    port: entry.port,
-                    since: self.now,
-                });
-            }
+            self.conns.remove(&conn);
+            self.linger(slot);
         }
         Ok(())
     }
@@ -880,12 +1081,10 @@ impl<D: EngineDevice> Engine<D> {
             .conns
             .remove(&conn)
             .ok_or(EngineError::UnknownConnection(conn))?;
-        self.sockets.get_mut::<tcp::Socket>(entry.handle).abort();
-        self.lingering.push(Lingering {
-            handle: entry.handle,
-            port: entry.port,
-            since: self.now,
-        });
+        if let Some(socket) = self.socket_mut(entry.sock) {
+            socket.abort();
+        }
+        self.linger(entry.sock);
         Ok(())
     }
 
@@ -897,17 +1096,17 @@ impl<D: EngineDevice> Engine<D> {
     /// Sockets the caller no longer names that smoltcp still holds (TIME-WAIT, an RST to
     /// send).
     pub fn lingering(&self) -> usize {
-        self.lingering.len()
+        self.lingering
     }
 
     /// Handshakes under way (SYN received, not yet accepted).
     pub fn half_open(&self) -> usize {
-        self.half_open.len()
+        self.half_open
     }
 
-    /// Listening sockets armed right now, over all endpoints.
-    pub fn listeners(&self) -> usize {
-        self.endpoints.iter().map(|e| e.listeners.len()).sum()
+    /// Endpoints connections are accepted on.
+    pub fn listening(&self) -> &[SocketAddrV4] {
+        &self.endpoints
     }
 
     /// Local ports of the owned range in use (including TIME-WAIT).
@@ -931,5 +1130,7 @@ impl<D: EngineDevice> Engine<D> {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod pipe;
 #[cfg(test)]
 mod tests;
