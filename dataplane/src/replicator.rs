@@ -1513,6 +1513,16 @@ mod tests {
             }
         }
 
+        /// A bed whose client has sent `data` without closing, and whose primary has all
+        /// of it: every byte went through the core.
+        fn delivered(record: Option<RecordHandle>, data: &[u8]) -> Self {
+            let mut bed = Self::new(record, data.to_vec(), false);
+            let done = bed.run_until(|b| b.primary.got.len() == data.len());
+            let got = bed.primary.got.len();
+            assert!(done, "the primary got {got} of {} bytes", data.len());
+            bed
+        }
+
         /// Steps until `done` holds; false if it never did within a generous bound.
         fn run_until(&mut self, done: impl Fn(&Self) -> bool) -> bool {
             for _ in 0..200_000 {
@@ -1600,13 +1610,7 @@ mod tests {
         let first = pattern(50_000);
         // The client resets its session once the primary has everything it sent, so the
         // whole stream was accepted before the reset.
-        let mut aborted = Bed::new(Some(rec.handle()), first.clone(), false);
-        let delivered = aborted.run_until(|b| b.primary.got.len() == first.len());
-        assert!(
-            delivered,
-            "the primary got {} bytes",
-            aborted.primary.got.len()
-        );
+        let mut aborted = Bed::delivered(Some(rec.handle()), &first);
         aborted.side0.abort(aborted.client).unwrap();
         let ended = aborted.run_until(|b| b.mb.sessions() == 0);
         assert!(ended, "the reset session did not end");
@@ -1614,13 +1618,7 @@ mod tests {
 
         // A second session still open when its worker stops.
         let second = pattern(20_000);
-        let mut open = Bed::new(Some(rec.handle()), second.clone(), false);
-        let delivered = open.run_until(|b| b.primary.got.len() == second.len());
-        assert!(
-            delivered,
-            "the primary got {} bytes",
-            open.primary.got.len()
-        );
+        let mut open = Bed::delivered(Some(rec.handle()), &second);
         assert_eq!(open.mb.sessions(), 1);
         open.mb.shutdown(Instant::now());
         assert_eq!(open.mb.sessions(), 0);
