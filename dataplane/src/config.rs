@@ -98,7 +98,7 @@ pub struct RecordSpec {
     /// Messages (one per read accepted from a client, plus opens and closes) queued
     /// between the workers and the file writer; when full, the session being fed stops
     /// being recorded rather than slowing the worker down. Each message holds one read's
-    /// bytes (at most 64 KiB in sockets mode), so this also bounds the memory a recorder
+    /// bytes (at most 64 KiB in either mode), so this also bounds the memory a recorder
     /// that falls behind can hold: 8192 × 64 KiB = 512 MiB worst case with the default.
     #[serde(default = "default_record_queue")]
     pub queue_capacity: usize,

@@ -35,14 +35,25 @@
 //! session for an event is O(1); the engine below finds a packet's socket by its 4-tuple,
 //! so neither cost grows with the number of sessions.
 //!
+//! Recording (a service's `record`, the offline asynchronous mode) works as in the sockets
+//! relay, through the same [`RecordHandle`] calls: the session's recording is opened when
+//! the client is accepted, before the session is known to anything else; every read the
+//! core accepted from the client (and from the primary, when the service records
+//! responses) goes to the recorder right after `on_data`, so the file holds exactly the
+//! stream the primary and replicas are given; it ends with the session, as closed or
+//! aborted from the session's final counters, and as aborted at shutdown. The handle only
+//! `try_send`s into a bounded queue: a recorder that falls behind costs the session its
+//! recording (counted), never the worker its time.
+//!
 //! Counters are plain integers owned by the worker and published as a
-//! [`WorkerReplicationStats`] snapshot every [`PUBLISH_INTERVAL`].
+//! [`WorkerReplicationStats`] snapshot every [`PUBLISH_INTERVAL`]; a service's recording
+//! counters are read from its (shared) recorder at that moment.
 
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap, VecDeque},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use ncp_replication::{Action, Manager, ManagerConfig, Refusal, SessionConfig, SessionId, Side};
@@ -52,6 +63,7 @@ use crate::{
     config::{Config, ServiceConfig},
     device::{MacAddr, XskDevice},
     engine::{ConnId, Engine, EngineDevice, EngineEvent},
+    offline::recorder::{RecId, RecordHandle},
     rules::Ipv4Prefix,
     sockets::ServiceStats,
 };
@@ -111,10 +123,14 @@ pub struct ServicePlan {
     pub session: SessionConfig,
     /// Link the replicas are connected through.
     pub replica_link: LinkId,
+    /// The service's recorder, if it records its sessions (shared by all workers).
+    pub record: Option<RecordHandle>,
 }
 
 impl ServicePlan {
-    /// The plan for `service`, with replicas on `replica_link`.
+    /// The plan for `service`, with replicas on `replica_link`. Without a recorder: the
+    /// runtime hands out the service's recorder when it starts one (checking a
+    /// configuration starts none).
     pub fn new(service: &ServiceConfig, replica_link: LinkId) -> Self {
         Self {
             name: service.name.clone(),
@@ -123,6 +139,7 @@ impl ServicePlan {
             replicas: service.replicas.clone(),
             session: service.session_config(),
             replica_link,
+            record: None,
         }
     }
 }
@@ -290,6 +307,8 @@ struct Entry {
     replicas: Vec<Option<Slot>>,
     /// Already in the ready queue.
     queued: bool,
+    /// The session's recording, if its service records and the recorder took it.
+    record: Option<RecId>,
 }
 
 impl Entry {
@@ -648,6 +667,10 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
         };
         self.counters[service].sessions_total += 1;
         tracing::debug!(session = %id, %remote, service = %plan.name, "session opened");
+        let record = plan
+            .record
+            .as_ref()
+            .and_then(|handle| handle.open_replicated(&plan.name, remote, plan.primary));
         self.sessions.insert(
             id,
             Entry {
@@ -659,6 +682,7 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
                 primary: None,
                 replicas: vec![None; plan.replicas.len()],
                 queued: false,
+                record,
             },
         );
         self.conns.insert(
@@ -774,6 +798,13 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
             return false;
         };
         let engine = &mut self.links[link].engine;
+        // The session's recording, if it has one; the handle decides which sides' bytes
+        // belong in it.
+        let record = self.sessions.get(&id).and_then(|e| {
+            let rec = e.record.as_ref()?;
+            let handle = self.services.get(e.service)?.record.as_ref()?;
+            Some((handle, rec))
+        });
         let mut moved = false;
         let mut broken = false;
         let mut rejected = None;
@@ -798,7 +829,14 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
             }
             moved = true;
             let data = buf.get(..n).unwrap_or_default();
-            match s.on_data(side, data, now) {
+            let result = s.on_data(side, data, now);
+            // Exactly what the core took, in the order it took it (a short take breaks
+            // the connection below; its prefix is still part of the stream).
+            if let (Ok(taken), Some((handle, rec))) = (&result, record) {
+                let accepted = data.get(..*taken).unwrap_or_default();
+                handle.accepted(rec, side, accepted, SystemTime::now());
+            }
+            match result {
                 Ok(taken) if taken == n => {}
                 Ok(taken) => {
                     // Cannot happen while the window is respected; if it did, the stream
@@ -962,9 +1000,9 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
     }
 
     /// The session is over: its closing upstreams linger, everything else is aborted, its
-    /// counters are folded into the service's.
+    /// counters are folded into the service's, its recording ends.
     fn finish(&mut self, id: SessionId, now: Instant) {
-        let Some(entry) = self.sessions.remove(&id) else {
+        let Some(mut entry) = self.sessions.remove(&id) else {
             return;
         };
         let service = entry.service;
@@ -987,8 +1025,12 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
             }
         }
         self.sides = sides;
-        if let Some(stats) = self.manager.remove(id) {
-            self.counters[service].add_session(&stats);
+        let stats = self.manager.remove(id);
+        if let Some(stats) = &stats {
+            self.counters[service].add_session(stats);
+        }
+        if let (Some(rec), Some(handle)) = (entry.record.take(), &self.services[service].record) {
+            handle.end(rec, stats.as_ref());
         }
         tracing::debug!(session = %id, "session finished");
     }
@@ -1069,6 +1111,9 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
     /// This worker's counters right now.
     pub fn snapshot(&self, interface: &str, queue: u32) -> WorkerReplicationStats {
         let mut services = self.counters.clone();
+        for (svc, plan) in services.iter_mut().zip(&self.services) {
+            svc.read_recording(plan.record.as_ref());
+        }
         let mut buffered = 0;
         for (id, entry) in &self.sessions {
             let (Some(s), Some(svc)) = (self.manager.session(*id), services.get_mut(entry.service))
@@ -1114,13 +1159,20 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
         }
     }
 
-    /// Stop: every open session is reset on all sides, lingering connections aborted,
-    /// and the engines polled once more so the RSTs leave.
+    /// Stop: every open session is reset on all sides (and its recording ended as
+    /// aborted), lingering connections aborted, and the engines polled once more so the
+    /// RSTs leave.
     pub fn shutdown(&mut self, now: Instant) {
         let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         let open = ids.len();
         for id in ids {
-            if let Some(entry) = self.sessions.remove(&id) {
+            if let Some(mut entry) = self.sessions.remove(&id) {
+                // Reset at stop: the recording says so too.
+                if let (Some(rec), Some(handle)) =
+                    (entry.record.take(), &self.services[entry.service].record)
+                {
+                    handle.abort(rec);
+                }
                 let mut sides = Vec::new();
                 entry.sides(&mut sides);
                 for (side, slot) in sides {
@@ -1282,7 +1334,12 @@ mod tests {
         }
     }
 
-    fn replicator(net0: Pipe, net1: Pipe, primary: SocketAddrV4) -> Replicator<Pipe> {
+    fn replicator(
+        net0: Pipe,
+        net1: Pipe,
+        primary: SocketAddrV4,
+        record: Option<RecordHandle>,
+    ) -> Replicator<Pipe> {
         let service = ServiceConfig {
             name: "svc".into(),
             primary,
@@ -1305,75 +1362,133 @@ mod tests {
                 engine: engine(net1, MB1, Vec::new()),
             },
         ];
-        Replicator::new(
-            links,
-            vec![ServicePlan::new(&service, 1)],
-            ManagerConfig::default(),
-        )
+        let mut plan = ServicePlan::new(&service, 1);
+        plan.record = record;
+        Replicator::new(links, vec![plan], ManagerConfig::default())
     }
 
-    #[test]
-    fn copies_the_client_stream_to_primary_and_replica_and_answers_from_the_primary() {
-        let (net0, mb0) = pipe_pair();
-        let (net1, mb1) = pipe_pair();
-        let mut mb = replicator(mb0, mb1, PRIMARY);
-        // Link 0's far side: the client (connects to the primary's address, which the
-        // middlebox answers) and the primary (accepts the middlebox's connection).
-        let mut side0 = engine(net0, CLIENT, vec![PRIMARY]);
-        let mut side1 = engine(net1, REPLICA.ip().to_owned(), vec![REPLICA]);
-        let client = side0.connect(PRIMARY).unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        let (mut sent, mut answer, mut client_done) = (0, Vec::new(), false);
-        let (mut primary, mut replica) = (Server::default(), Server::default());
-        let mut events = Vec::new();
-        for _ in 0..200_000 {
+    /// The middlebox with a client and the primary on the far side of link 0 and the
+    /// replica on the far side of link 1, all stepped together in one thread.
+    struct Bed {
+        mb: Replicator<Pipe>,
+        side0: Engine<Pipe>,
+        side1: Engine<Pipe>,
+        /// The client's connection (to the primary's address, which the middlebox answers).
+        client: ConnId,
+        /// What the client sends, how much of it went out, and whether it closes after.
+        data: Vec<u8>,
+        sent: usize,
+        close_when_sent: bool,
+        /// What the client received, and whether its connection has ended.
+        answer: Vec<u8>,
+        client_done: bool,
+        primary: Server,
+        replica: Server,
+        events: Vec<EngineEvent>,
+    }
+
+    impl Bed {
+        fn new(record: Option<RecordHandle>, data: Vec<u8>, close_when_sent: bool) -> Self {
+            let (net0, mb0) = pipe_pair();
+            let (net1, mb1) = pipe_pair();
+            let mut side0 = engine(net0, CLIENT, vec![PRIMARY]);
+            let client = side0.connect(PRIMARY).unwrap();
+            Self {
+                mb: replicator(mb0, mb1, PRIMARY, record),
+                side0,
+                side1: engine(net1, REPLICA.ip().to_owned(), vec![REPLICA]),
+                client,
+                data,
+                sent: 0,
+                close_when_sent,
+                answer: Vec::new(),
+                client_done: false,
+                primary: Server::default(),
+                replica: Server::default(),
+                events: Vec::new(),
+            }
+        }
+
+        /// One round: the middlebox's turn, then the far sides handle what reached them
+        /// and the client sends what fits.
+        fn step(&mut self) {
             let now = Instant::now();
-            mb.turn(now);
-            side0.poll(now, &mut events);
-            for event in events.drain(..) {
+            self.mb.turn(now);
+            let client = self.client;
+            self.side0.poll(now, &mut self.events);
+            for event in self.events.drain(..) {
                 match event {
                     EngineEvent::Connected { conn } | EngineEvent::Writable { conn }
                         if conn == client => {}
                     EngineEvent::Readable { conn } if conn == client => {
                         let mut buf = [0; 256];
-                        while let Ok(n @ 1..) = side0.recv(conn, &mut buf) {
-                            answer.extend_from_slice(&buf[..n]);
+                        while let Ok(n @ 1..) = self.side0.recv(conn, &mut buf) {
+                            self.answer.extend_from_slice(&buf[..n]);
                         }
                     }
                     EngineEvent::Closed { conn } | EngineEvent::Reset { conn }
                         if conn == client =>
                     {
-                        client_done = true;
+                        self.client_done = true;
                     }
                     EngineEvent::PeerClosed { conn } if conn == client => {}
-                    other => primary.on(&mut side0, other, b"from primary"),
+                    other => self.primary.on(&mut self.side0, other, b"from primary"),
                 }
             }
-            if sent < data.len()
-                && let Ok(n) = side0.send(client, &data[sent..])
+            if self.sent < self.data.len()
+                && let Ok(n) = self.side0.send(client, &self.data[self.sent..])
             {
-                sent += n;
-                if sent == data.len() {
-                    side0.close(client).unwrap();
+                self.sent += n;
+                if self.sent == self.data.len() && self.close_when_sent {
+                    self.side0.close(client).unwrap();
                 }
             }
-            side1.poll(now, &mut events);
-            for event in events.drain(..) {
-                replica.on(&mut side1, event, b"from replica");
-            }
-            if client_done && replica.closed && mb.sessions() == 0 {
-                break;
+            self.side1.poll(now, &mut self.events);
+            for event in self.events.drain(..) {
+                self.replica.on(&mut self.side1, event, b"from replica");
             }
         }
-        assert!(client_done, "the client's connection did not end");
+
+        /// A bed whose client has sent `data` without closing, and whose primary has all
+        /// of it: every byte went through the core.
+        fn delivered(record: Option<RecordHandle>, data: &[u8]) -> Self {
+            let mut bed = Self::new(record, data.to_vec(), false);
+            let done = bed.run_until(|b| b.primary.got.len() == data.len());
+            let got = bed.primary.got.len();
+            assert!(done, "the primary got {got} of {} bytes", data.len());
+            bed
+        }
+
+        /// Steps until `done` holds; false if it never did within a generous bound.
+        fn run_until(&mut self, done: impl Fn(&Self) -> bool) -> bool {
+            for _ in 0..200_000 {
+                self.step();
+                if done(self) {
+                    return true;
+                }
+            }
+            false
+        }
+    }
+
+    fn pattern(len: u32) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn copies_the_client_stream_to_primary_and_replica_and_answers_from_the_primary() {
+        let data = pattern(300_000);
+        let mut bed = Bed::new(None, data.clone(), true);
+        bed.run_until(|b| b.client_done && b.replica.closed && b.mb.sessions() == 0);
+        assert!(bed.client_done, "the client's connection did not end");
         assert_eq!(
-            answer, b"from primary",
+            bed.answer, b"from primary",
             "only the primary answers the client"
         );
-        assert!(primary.got == data, "primary stream differs");
-        assert!(replica.got == data, "replica stream differs");
-        assert_eq!(mb.sessions(), 0);
-        let s = mb.snapshot("eth0", 0);
+        assert!(bed.primary.got == data, "primary stream differs");
+        assert!(bed.replica.got == data, "replica stream differs");
+        assert_eq!(bed.mb.sessions(), 0);
+        let s = bed.mb.snapshot("eth0", 0);
         let svc = &s.services[0];
         assert_eq!(svc.sessions_total, 1);
         assert_eq!(svc.primary_bytes_out, data.len() as u64);
@@ -1381,6 +1496,7 @@ mod tests {
         assert_eq!(svc.client_bytes_out, 12);
         assert_eq!(svc.replica_bytes_dropped, 12);
         assert_eq!(svc.detached.total(), 0);
+        assert_eq!(svc.recording, None, "the service does not record");
         assert_eq!(
             s.links[1].connected, 1,
             "the replica is reached through link 1"
@@ -1389,10 +1505,79 @@ mod tests {
     }
 
     #[test]
+    fn a_recording_holds_exactly_the_streams_the_core_accepted() {
+        use crate::offline::{reader::EndKind, testing};
+        let (rec, dir) = testing::recorder("xdp-clean", true);
+        let data = pattern(300_000);
+        let mut bed = Bed::new(Some(rec.handle()), data.clone(), true);
+        let ended = bed.run_until(|b| b.client_done && b.replica.closed && b.mb.sessions() == 0);
+        assert!(ended, "the session did not end");
+        assert!(bed.primary.got == data, "primary stream differs");
+        let s = bed.mb.snapshot("eth0", 0);
+        let svc = &s.services[0];
+        let r = svc.recording.unwrap();
+        assert_eq!((r.sessions_opened, r.sessions_detached), (1, 0), "{r:?}");
+        // What the core took from each side is what the recorder was given.
+        assert_eq!(r.client_bytes, svc.client_bytes_in);
+        assert_eq!(r.client_bytes, data.len() as u64);
+        assert_eq!(r.server_bytes, svc.primary_bytes_in);
+        assert_eq!(
+            r.server_bytes, 12,
+            "the primary's answer, not the replica's"
+        );
+        assert_eq!(rec.finish().write_errors, 0);
+
+        let r = testing::recorded(&dir);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.sessions.len(), 1);
+        let session = &r.sessions[0];
+        assert_eq!(session.meta.service, "svc");
+        assert_eq!(session.meta.primary, PRIMARY);
+        assert_eq!(*session.meta.client.ip(), CLIENT);
+        assert!(session.client == data, "recorded client stream differs");
+        assert_eq!(session.server, b"from primary");
+        assert_eq!(session.end, EndKind::Fin);
+    }
+
+    #[test]
+    fn aborted_and_unfinished_sessions_are_recorded_as_reset() {
+        use crate::offline::{reader::EndKind, testing};
+        let (rec, dir) = testing::recorder("xdp-reset", false);
+        let first = pattern(50_000);
+        // The client resets its session once the primary has everything it sent, so the
+        // whole stream was accepted before the reset.
+        let mut aborted = Bed::delivered(Some(rec.handle()), &first);
+        aborted.side0.abort(aborted.client).unwrap();
+        let ended = aborted.run_until(|b| b.mb.sessions() == 0);
+        assert!(ended, "the reset session did not end");
+        assert_eq!(aborted.mb.snapshot("eth0", 0).services[0].client_resets, 1);
+
+        // A second session still open when its worker stops.
+        let second = pattern(20_000);
+        let mut open = Bed::delivered(Some(rec.handle()), &second);
+        assert_eq!(open.mb.sessions(), 1);
+        open.mb.shutdown(Instant::now());
+        assert_eq!(open.mb.sessions(), 0);
+        rec.finish();
+
+        let r = testing::recorded(&dir);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.sessions.len(), 2, "{:?}", r.sessions);
+        assert!(r.sessions[0].client == first, "first stream differs");
+        assert_eq!(r.sessions[0].end, EndKind::Reset);
+        assert!(r.sessions[1].client == second, "second stream differs");
+        assert_eq!(r.sessions[1].end, EndKind::Reset);
+        assert!(
+            r.sessions.iter().all(|s| s.server.is_empty()),
+            "no responses asked for"
+        );
+    }
+
+    #[test]
     fn a_client_outside_the_prefix_is_reset_and_counted() {
         let (net0, mb0) = pipe_pair();
         let (_net1, mb1) = pipe_pair();
-        let mut mb = replicator(mb0, mb1, PRIMARY);
+        let mut mb = replicator(mb0, mb1, PRIMARY, None);
         let mut outsider = engine(net0, Ipv4Addr::new(198, 18, 9, 9), Vec::new());
         let conn = outsider.connect(PRIMARY).unwrap();
         let mut events = Vec::new();

@@ -2,7 +2,8 @@
 //! starts one pinned worker per queue of the client-facing interfaces (each also owning a
 //! socket on the replication NIC's queue when services name one), serves the control
 //! socket (whose `stats` carry the workers' replication counters), and tears everything
-//! down in reverse order when asked to stop.
+//! down in reverse order when asked to stop. Services with `record` get one recorder each
+//! per generation of workers, shared by all workers and finished after they have stopped.
 
 use std::{
     collections::BTreeMap,
@@ -19,6 +20,7 @@ use anyhow::Context as _;
 use crate::{
     config::{Config, InterfaceConfig},
     control::{ControlServer, Handler, InterfaceStats, Request, Response, Stats},
+    offline::{recorder::RecordHandle, services::ServiceRecorders},
     replicator::{self, CLIENT_LINK, ReplicationStats, ServicePlan},
     rules::RedirectRule,
     steering::{AttachedMode, Steering},
@@ -90,8 +92,10 @@ impl Handler for SocketsHandler {
 /// then the workers (each terminating the services' clients and replicating their
 /// streams, see [`crate::replicator`]), then the control socket.
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    // Refuse a layout the workers cannot serve before touching any interface.
+    // Refuse a layout the workers cannot serve, or a recording that cannot start, before
+    // touching any interface.
     plan_workers(config)?;
+    let mut recorders = ServiceRecorders::start(&config.services)?;
     raise_memlock_limit();
     let mut steerings = Vec::new();
     for iface in &config.interfaces {
@@ -105,10 +109,17 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
 
     // Workers run in generations: a new service list stops one generation and starts the
-    // next (sessions in flight are reset), while the XDP programs stay attached.
+    // next (sessions in flight are reset), while the XDP programs stay attached. Each
+    // generation has its own recorders, since the new list may record differently.
     let mut generation_stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
-    let started = start_workers(config, &mut steerings, &generation_stop, &mut workers);
+    let started = start_workers(
+        config,
+        &recorders.handles(),
+        &mut steerings,
+        &generation_stop,
+        &mut workers,
+    );
     if let Err(e) = started {
         generation_stop.store(true, Ordering::Relaxed);
         workers.into_iter().for_each(Worker::join);
@@ -131,8 +142,21 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let Ok(change) = reconfigure_rx.recv_timeout(Duration::from_millis(50)) else {
             continue;
         };
+        // The new recorders first: if one cannot start, the running generation is left
+        // alone and the change refused.
+        let next_recorders = match ServiceRecorders::start(&change.config.services) {
+            Ok(r) => r,
+            Err(e) => {
+                let message = format!("{e:#}");
+                tracing::error!(error = %message, "starting the new services' recordings failed");
+                let _ = change.reply.send(Err(message));
+                continue;
+            }
+        };
         generation_stop.store(true, Ordering::Relaxed);
         workers.drain(..).for_each(Worker::join);
+        // The old workers are gone: their sessions, reset at stop, end in the files.
+        std::mem::replace(&mut recorders, next_recorders).finish();
         generation_stop = Arc::new(AtomicBool::new(false));
         let result = {
             let mut guard = steerings
@@ -141,7 +165,13 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             // The XSKMAP holds a reference to every old socket, which keeps its queue
             // bound: release them before the new generation binds the same queues.
             release_sockets(&mut guard);
-            start_workers_retrying(&change.config, &mut guard, &generation_stop, &mut workers)
+            start_workers_retrying(
+                &change.config,
+                &recorders.handles(),
+                &mut guard,
+                &generation_stop,
+                &mut workers,
+            )
         };
         let answer = result
             .map(|()| workers.iter().map(Worker::stats_handle).collect())
@@ -155,6 +185,9 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     tracing::info!("stopping");
     drop(control);
     workers.into_iter().for_each(Worker::join);
+    // Nothing is queued any more: this writes out what the workers recorded (sessions
+    // reset at stop end as aborted) before the files are closed.
+    recorders.finish();
     let steerings = match Arc::try_unwrap(steerings) {
         Ok(mutex) => mutex
             .into_inner()
@@ -175,21 +208,10 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 /// NIC's queue with the same index and connects that service's replicas through it (the
 /// paper's two-NIC layout, with the replica traffic kept on its own NIC and the worker
 /// still owning all of a session's connections).
+///
+/// The plans carry no recorders: [`run`] hands each worker the services' recorders when
+/// it starts them.
 pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
-    // Recording is wired into the sockets relay only so far; accepting `record` here and
-    // writing nothing would lose exactly what the operator asked to keep.
-    if let Some((i, s)) = config
-        .services
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.record.is_some())
-    {
-        anyhow::bail!(
-            "services[{i}] ({}): `record` is not supported in XDP mode yet; run this service with \
-             `ncp-middlebox run --mode sockets`, or remove `record`",
-            s.name
-        );
-    }
     let replication_nics: Vec<&str> = {
         let mut names: Vec<&str> = config
             .services
@@ -297,13 +319,18 @@ fn xsk_options(iface: &InterfaceConfig, queue: u32) -> XskOptions {
     }
 }
 
+/// Starts the workers of `config`, each with `recorders` (one per service, in order).
 fn start_workers(
     config: &Config,
+    recorders: &[Option<RecordHandle>],
     steerings: &mut [Steering],
     stop: &Arc<AtomicBool>,
     workers: &mut Vec<Worker>,
 ) -> anyhow::Result<()> {
-    for spec in plan_workers(config)? {
+    for mut spec in plan_workers(config)? {
+        for (plan, record) in spec.services.iter_mut().zip(recorders) {
+            plan.record.clone_from(record);
+        }
         let core = spec
             .core
             .map_or_else(|| "unpinned".to_owned(), |c| format!("core {c}"));
@@ -340,13 +367,14 @@ fn release_sockets(steerings: &mut [Steering]) {
 /// bounded time.
 fn start_workers_retrying(
     config: &Config,
+    recorders: &[Option<RecordHandle>],
     steerings: &mut [Steering],
     stop: &Arc<AtomicBool>,
     workers: &mut Vec<Worker>,
 ) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match start_workers(config, steerings, stop, workers) {
+        match start_workers(config, recorders, steerings, stop, workers) {
             Ok(()) => return Ok(()),
             Err(e) if format!("{e:#}").contains("busy") && std::time::Instant::now() < deadline => {
                 stop.store(true, Ordering::Relaxed);
@@ -623,6 +651,15 @@ mod plan_tests {
         // Without a replication NIC eth1 serves clients too, with two queues: refused.
         let e = plan_workers(&config("[{ queue = 0 }]", "")).unwrap_err();
         assert!(e.to_string().contains("eth1 lists 2"), "{e}");
+    }
+
+    #[test]
+    fn a_recording_service_is_planned_and_gets_its_recorder_only_at_start() {
+        let mut c = config("[{ queue = 0 }]", "replica_interface = \"eth1\"");
+        c.services[0].record = Some(toml::from_str(r#"dir = "/var/lib/ncp/rec""#).unwrap());
+        let workers = plan_workers(&c).unwrap();
+        assert_eq!(workers.len(), 1);
+        assert!(workers[0].services[0].record.is_none());
     }
 
     #[test]

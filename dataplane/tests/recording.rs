@@ -1,21 +1,23 @@
-//! Recording as a replication target (offline asynchronous mode) through the sockets-mode
-//! relay, on the paper's test bed: the source's connections to the primary are steered to
+//! Recording as a replication target (offline asynchronous mode) through either data
+//! plane, on the paper's test bed: the source's connections to the primary are steered to
 //! the middlebox (a static neighbour entry standing in for the controller's redirect),
-//! whose relay serves them from the primary and records the client streams to pcapng.
+//! which serves them from the primary and records the client streams to pcapng.
 //!
-//! - a Redis workload is recorded, the relay stopped (which flushes the files), and the
-//!   files replayed with the `ncp-replay` binary into a fresh redis on the replica host:
-//!   its `DEBUG DIGEST` must equal the primary's; `tshark` must see the recorded client
-//!   stream byte for byte as the client sent it;
-//! - iperf3 through the relay with and without recording, printed side by side (for
+//! - a Redis workload is recorded, the middlebox stopped (which flushes the files), and
+//!   the files replayed with the `ncp-replay` binary into a fresh redis on the replica
+//!   host: its `DEBUG DIGEST` must equal the primary's; `tshark` must see the recorded
+//!   client stream byte for byte as the client sent it;
+//! - iperf3 through the middlebox with and without recording, printed side by side (for
 //!   information: on the two-core test machine the Open vSwitch userspace datapath sets
 //!   the pace, so no timing is asserted).
 //!
-//! The relay runs in this process on a thread moved into the middlebox's namespace;
-//! servers and clients run as processes in the hosts' namespaces. Each test has its own
-//! test bed prefix (`nr1`, `nr2`) and they run one at a time. They need root, Open vSwitch,
-//! nftables and the tools they name; when those are missing the tests print `skipped: …`
-//! and return, except under CI=true, where that is a failure.
+//! Each runs once per mode. Sockets mode: the relay runs in this process on a thread
+//! moved into the middlebox's namespace. XDP mode: `ncp-middlebox run` runs as a process
+//! there. Servers and clients run as processes in the hosts' namespaces. Each test has its
+//! own test bed prefix (`nr1`, `nr2` for sockets mode, `nrx1`, `nrx2` for XDP mode) and
+//! they run one at a time. They need root, Open vSwitch, the tools they name and, in
+//! sockets mode, nftables (XDP mode: AF_XDP); when those are missing the tests print
+//! `skipped: …` and return, except under CI=true, where that is a failure.
 
 #![allow(
     clippy::unwrap_used,
@@ -24,7 +26,7 @@
 
 mod support;
 
-use support::{in_netns, serial, wait_bounded};
+use support::{XdpMiddlebox, in_netns, serial, wait_bounded};
 
 use std::{
     io::{Read, Write},
@@ -41,7 +43,8 @@ use std::{
 
 use ncp_dataplane::{
     config::Config,
-    sockets::{self, SocketsStats, StatsHandle},
+    replicator::ReplicationStats,
+    sockets::{self, ServiceStats, SocketsStats, StatsHandle},
 };
 use ncp_testbed::{Testbed, Topology, UpOptions};
 
@@ -126,20 +129,72 @@ impl Drop for TempDir {
     }
 }
 
-/// The paper test bed with the steering toward the middlebox, and at most one relay at a
-/// time; everything (relay, children, namespaces, bridges) goes on drop.
+/// Which data plane carries the sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The sockets relay, on a thread of this process moved into the middlebox's
+    /// namespace (so its final counters can be read after it stopped).
+    Sockets,
+    /// `ncp-middlebox run` in XDP mode, a process in the middlebox's namespace.
+    Xdp,
+}
+
+/// The running middlebox of a [`Scene`].
+enum Middlebox {
+    Sockets {
+        stop: Arc<AtomicBool>,
+        stats: StatsHandle,
+        thread: JoinHandle<anyhow::Result<()>>,
+    },
+    Xdp(XdpMiddlebox),
+}
+
+/// What these tests read from either data plane's counters.
+#[derive(Clone, Debug)]
+struct Counters {
+    workers: u64,
+    sessions_total: u64,
+    sessions_active: u64,
+    services: Vec<ServiceStats>,
+}
+
+impl From<SocketsStats> for Counters {
+    fn from(s: SocketsStats) -> Self {
+        Counters {
+            workers: s.workers,
+            sessions_total: s.sessions_total,
+            sessions_active: s.sessions_active,
+            services: s.services,
+        }
+    }
+}
+
+impl From<ReplicationStats> for Counters {
+    fn from(s: ReplicationStats) -> Self {
+        Counters {
+            workers: s.workers,
+            sessions_total: s.sessions_total,
+            sessions_active: s.sessions_active,
+            services: s.services,
+        }
+    }
+}
+
+/// The paper test bed with the steering toward the middlebox, and at most one middlebox
+/// at a time; everything (middlebox, children, namespaces, bridges) goes on drop.
 struct Scene {
     bed: Testbed,
     prefix: &'static str,
-    stop: Arc<AtomicBool>,
-    stats: StatsHandle,
-    relay: Option<JoinHandle<anyhow::Result<()>>>,
+    mode: Mode,
+    /// Configuration file and control socket of the XDP middlebox.
+    dir: TempDir,
+    middlebox: Option<Middlebox>,
     children: Vec<Child>,
     primary: Ipv4Addr,
 }
 
 impl Scene {
-    fn network(prefix: &'static str) -> Scene {
+    fn network(prefix: &'static str, mode: Mode) -> Scene {
         let topology =
             Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
                 .unwrap();
@@ -151,9 +206,9 @@ impl Scene {
         let scene = Scene {
             bed,
             prefix,
-            stop: Arc::new(AtomicBool::new(false)),
-            stats: StatsHandle::new(),
-            relay: None,
+            mode,
+            dir: TempDir::new(prefix),
+            middlebox: None,
             children: Vec::new(),
             primary,
         };
@@ -196,67 +251,101 @@ impl Scene {
         }
     }
 
-    /// One service `name` for the primary's `port`, no replicas; `record` is the TOML of
-    /// its `record` field or empty for none.
-    fn config(&self, name: &str, port: u16, record: &str) -> Config {
+    fn control_socket(&self) -> PathBuf {
+        self.dir.0.join("mb.sock")
+    }
+
+    /// The configuration (TOML) of one service `name` for the primary's `port`, no
+    /// replicas; `record` is the TOML of its `record` field or empty for none. The same
+    /// file serves both modes: the sockets relay ignores the owned ports and the control
+    /// socket, XDP mode uses them (ports below the kernel's ephemeral range, so the
+    /// kernel never picks them). eth1 is the replication NIC, as in the paper, so XDP
+    /// mode runs one worker, on eth0, rather than a second one on eth1 that no client
+    /// reaches.
+    fn config(&self, name: &str, port: u16, record: &str) -> String {
         let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
         let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
         let primary = self.primary;
-        let text = format!(
+        let socket = self.control_socket();
+        format!(
             r#"
+control_socket = "{socket}"
+
 [[interfaces]]
 name = "eth0"
 address = "{mb0}"
+ports = {{ first = 20000, last = 29999 }}
 queues = [{{ queue = 0 }}]
 
 [[interfaces]]
 name = "eth1"
 address = "{mb1}"
+ports = {{ first = 20000, last = 29999 }}
 queues = [{{ queue = 0 }}]
 
 [[services]]
 name = "{name}"
 primary = "{primary}:{port}"
 clients = "198.18.1.0/24"
+replica_interface = "eth1"
 connect_timeout_secs = 5
 {record}
-"#
-        );
-        Config::parse(&text).unwrap()
+"#,
+            socket = socket.display()
+        )
     }
 
-    /// Starts the relay (in this process, in the middlebox's namespace) and waits until
-    /// its redirect and workers are up.
-    fn start_relay(&mut self, config: Config) {
-        assert!(self.relay.is_none(), "one relay at a time");
-        self.stop = Arc::new(AtomicBool::new(false));
-        self.stats = StatsHandle::new();
-        let (stop, stats) = (Arc::clone(&self.stop), self.stats.clone());
-        let netns = self.bed.netns("middlebox").unwrap();
-        self.relay = Some(in_netns(&netns, move || {
-            sockets::run(&config, stop, &stats)
-        }));
-        let deadline = Instant::now() + PATIENCE;
-        while !self.nft_table_present() || self.stats.snapshot().workers == 0 {
-            assert!(
-                !self.relay.as_ref().unwrap().is_finished(),
-                "relay exited at start: {:?}",
-                self.relay.take().unwrap().join()
-            );
-            assert!(Instant::now() < deadline, "relay did not come up");
-            thread::sleep(Duration::from_millis(50));
+    /// Starts the middlebox with `config` (see [`Scene::config`]) in the scene's mode and
+    /// waits until its workers are up (and, in sockets mode, its redirect).
+    fn start_relay(&mut self, config: &str) {
+        assert!(self.middlebox.is_none(), "one middlebox at a time");
+        match self.mode {
+            Mode::Sockets => {
+                let config = Config::parse(config).unwrap();
+                let stop = Arc::new(AtomicBool::new(false));
+                let stats = StatsHandle::new();
+                let (flag, handle) = (Arc::clone(&stop), stats.clone());
+                let netns = self.bed.netns("middlebox").unwrap();
+                let thread = in_netns(&netns, move || sockets::run(&config, flag, &handle));
+                self.middlebox = Some(Middlebox::Sockets {
+                    stop,
+                    stats,
+                    thread,
+                });
+                let deadline = Instant::now() + PATIENCE;
+                while !self.nft_table_present() || self.stats().workers == 0 {
+                    let exited = matches!(&self.middlebox,
+                        Some(Middlebox::Sockets { thread, .. }) if thread.is_finished());
+                    if exited {
+                        // Joining it reports its error.
+                        self.stop_relay();
+                        panic!("relay exited at start");
+                    }
+                    assert!(Instant::now() < deadline, "relay did not come up");
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Mode::Xdp => {
+                let file = self.dir.0.join("mb.toml");
+                std::fs::write(&file, config).unwrap();
+                let started = XdpMiddlebox::start(&self.bed, &file, &self.control_socket());
+                self.middlebox = Some(Middlebox::Xdp(started));
+            }
         }
     }
 
-    /// Stops the relay (its recorders flush and close their files) and checks that it
-    /// cleaned up its nftables table. Returns the final counters.
-    fn stop_relay(&mut self) -> SocketsStats {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(relay) = self.relay.take() {
-            relay.join().unwrap().unwrap();
+    /// Stops the middlebox (its recorders flush and close their files) and checks that
+    /// it stopped cleanly (sockets mode: and removed its nftables table).
+    fn stop_relay(&mut self) {
+        match self.middlebox.take() {
+            Some(Middlebox::Sockets { stop, thread, .. }) => {
+                stop.store(true, Ordering::Relaxed);
+                thread.join().unwrap().unwrap();
+                assert!(!self.nft_table_present(), "nftables table left after stop");
+            }
+            Some(Middlebox::Xdp(middlebox)) => middlebox.stop(),
+            None => {}
         }
-        assert!(!self.nft_table_present(), "nftables table left after stop");
-        self.stats.snapshot()
     }
 
     fn nft_table_present(&self) -> bool {
@@ -265,12 +354,27 @@ connect_timeout_secs = 5
             .is_ok()
     }
 
+    /// The running middlebox's counters (all zero while it does not answer).
+    fn stats(&self) -> Counters {
+        let none = Counters {
+            workers: 0,
+            sessions_total: 0,
+            sessions_active: 0,
+            services: Vec::new(),
+        };
+        match &self.middlebox {
+            Some(Middlebox::Sockets { stats, .. }) => stats.snapshot().into(),
+            Some(Middlebox::Xdp(middlebox)) => middlebox.stats().map_or(none, Counters::from),
+            None => none,
+        }
+    }
+
     /// Stats once `done` holds, failing after [`PATIENCE`].
-    fn stats_when(&self, what: &str, done: impl Fn(&SocketsStats) -> bool) -> SocketsStats {
+    fn stats_when(&self, what: &str, done: impl Fn(&Counters) -> bool) -> Counters {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let s = self.stats.snapshot();
-            if done(&s) {
+            let s = self.stats();
+            if s.workers > 0 && done(&s) {
                 return s;
             }
             assert!(Instant::now() < deadline, "{what}: {s:#?}");
@@ -332,9 +436,13 @@ connect_timeout_secs = 5
 
 impl Drop for Scene {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(relay) = self.relay.take() {
-            let _ = relay.join();
+        match self.middlebox.take() {
+            Some(Middlebox::Sockets { stop, thread, .. }) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = thread.join();
+            }
+            Some(Middlebox::Xdp(middlebox)) => drop(middlebox),
+            None => {}
         }
         for child in &mut self.children {
             let _ = child.kill();
@@ -398,17 +506,38 @@ fn is_pipe_trailer(bytes: &[u8]) -> bool {
     bytes.len() == head.len() + 20 + 2 && bytes.starts_with(head) && bytes.ends_with(b"\r\n")
 }
 
+/// Tools a mode needs on top of the ones a test names: sockets mode redirects with
+/// nftables.
+fn tools(mode: Mode, named: &[&'static str]) -> Vec<&'static str> {
+    let mut tools = named.to_vec();
+    if mode == Mode::Sockets {
+        tools.push("nft");
+    }
+    tools
+}
+
 #[test]
 fn a_recorded_redis_workload_replays_into_a_fresh_replica_with_the_same_digest() {
-    if !ncp_testbed::ready_or_skip(
-        "recording redis",
-        &["nft", "ping", "redis-server", "redis-cli", "tshark"],
-    ) {
+    recorded_redis_workload_replays("nr1", Mode::Sockets);
+}
+
+#[test]
+fn xdp_a_recorded_redis_workload_replays_into_a_fresh_replica_with_the_same_digest() {
+    recorded_redis_workload_replays("nrx1", Mode::Xdp);
+}
+
+/// A Redis workload recorded through the middlebox in `mode` (recording instead of live
+/// replicas), replayed with `ncp-replay` into a replica started afterwards: the replica's
+/// `DEBUG DIGEST` is the primary's, and `tshark` follows the recorded client stream as
+/// the client sent it.
+fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
+    let needed = tools(mode, &["ping", "redis-server", "redis-cli", "tshark"]);
+    if !ncp_testbed::ready_or_skip("recording redis", &needed) {
         return;
     }
     let _serial = serial();
-    let rec = TempDir::new("redis");
-    let mut scene = Scene::network("nr1");
+    let rec = TempDir::new(prefix);
+    let mut scene = Scene::network(prefix, mode);
     // Recording instead of live replicas: the service has none.
     let config = scene.config(
         "kv",
@@ -416,7 +545,7 @@ fn a_recorded_redis_workload_replays_into_a_fresh_replica_with_the_same_digest()
         &format!("record = {{ dir = {:?} }}", rec.0.display().to_string()),
     );
     scene.start_redis("primary");
-    scene.start_relay(config);
+    scene.start_relay(&config);
 
     let workload = ncp_testbed::workload::redis_writes(WRITES, 0x5eed_7001);
     let primary = scene.primary.to_string();
@@ -445,12 +574,13 @@ fn a_recorded_redis_workload_replays_into_a_fresh_replica_with_the_same_digest()
         s.sessions_total == 1 && s.sessions_active == 0
     });
     let client_bytes_in = s.services[0].client_bytes_in;
+    // Queued for the file by the time the session ended, so already final.
+    let r = s.services[0].recording.unwrap();
     let digest_primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
     let keys = scene.redis("primary", &["DBSIZE"]);
-    let s = scene.stop_relay();
-    let r = s.services[0].recording.unwrap();
+    scene.stop_relay();
     eprintln!(
-        "recording redis: {WRITES} writes ({} bytes) through the relay in {elapsed:.2?}; recording {r:?}",
+        "recording redis ({mode:?}): {WRITES} writes ({} bytes) through the middlebox in {elapsed:.2?}; recording {r:?}",
         workload.len()
     );
     assert_eq!(
@@ -514,7 +644,7 @@ fn a_recorded_redis_workload_replays_into_a_fresh_replica_with_the_same_digest()
     // The replay waited for the answers, so the replica has applied everything.
     let digest_replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
     eprintln!(
-        "recording redis: replayed in {replay_time:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {digest_primary} replayed replica {digest_replica}"
+        "recording redis ({mode:?}): replayed in {replay_time:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {digest_primary} replayed replica {digest_replica}"
     );
     assert_real_digest(&digest_primary, "primary");
     assert_real_digest(&digest_replica, "replayed replica");
@@ -531,12 +661,25 @@ fn iperf_bps(json: &str) -> f64 {
 
 #[test]
 fn iperf_through_the_relay_with_and_without_recording() {
-    if !ncp_testbed::ready_or_skip("recording iperf", &["nft", "ping", "iperf3"]) {
+    iperf_with_and_without_recording("nr2", Mode::Sockets, 2);
+}
+
+#[test]
+fn xdp_iperf_through_the_middlebox_with_and_without_recording() {
+    iperf_with_and_without_recording("nrx2", Mode::Xdp, 3);
+}
+
+/// iperf3 through the middlebox in `mode` without and with recording, alternated for
+/// `rounds` rounds each, printed side by side. Only correctness is asserted (recording
+/// happened and was accounted for): timings on the shared two-core machine are reported,
+/// not judged.
+fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: usize) {
+    if !ncp_testbed::ready_or_skip("recording iperf", &tools(mode, &["ping", "iperf3"])) {
         return;
     }
     let _serial = serial();
-    let rec = TempDir::new("iperf");
-    let mut scene = Scene::network("nr2");
+    let rec = TempDir::new(prefix);
+    let mut scene = Scene::network(prefix, mode);
     let port = IPERF_PORT.to_string();
     scene.spawn("primary", &["iperf3", "-s", "-p", &port]);
     let primary = scene.primary.to_string();
@@ -545,13 +688,13 @@ fn iperf_through_the_relay_with_and_without_recording() {
         "record = {{ dir = {:?}, rotate_bytes = 268435456 }}",
         rec.0.display().to_string()
     );
-    // Alternated, twice each, so a drift of the shared machine shows as such rather than
-    // as a difference between the two.
-    let plain = ("relay only", "");
-    let recorded = ("relay + recording", record.as_str());
+    // Alternated, so a drift of the shared machine shows as such rather than as a
+    // difference between the two.
+    let plain = ("middlebox only", "");
+    let recorded = ("middlebox + recording", record.as_str());
     let mut results = Vec::new();
-    for (label, record) in [plain, recorded, plain, recorded] {
-        scene.start_relay(scene.config("iperf", IPERF_PORT, record));
+    for (label, record) in [plain, recorded].repeat(rounds) {
+        scene.start_relay(&scene.config("iperf", IPERF_PORT, record));
         // The server may still be starting on the first round.
         let deadline = Instant::now() + Duration::from_secs(20);
         let out = loop {
@@ -573,8 +716,8 @@ fn iperf_through_the_relay_with_and_without_recording() {
             assert!(Instant::now() < deadline, "iperf3 failed: {out}{err}");
             thread::sleep(Duration::from_millis(500));
         };
-        scene.stats_when("iperf3's sessions end", |s| s.sessions_active == 0);
-        let s = scene.stop_relay();
+        let s = scene.stats_when("iperf3's sessions end", |s| s.sessions_active == 0);
+        scene.stop_relay();
         let gbps = iperf_bps(&out) / 1e9;
         results.push((
             label,
@@ -583,10 +726,19 @@ fn iperf_through_the_relay_with_and_without_recording() {
             s.services[0].recording,
         ));
     }
-    eprintln!("recording iperf: iperf3 -t 3 through the sockets relay (no replicas)");
+    eprintln!("recording iperf ({mode:?}): iperf3 -t 3 through the middlebox (no replicas)");
     for (label, gbps, bytes, recording) in &results {
-        eprintln!("  {label:<18} {gbps:6.2} Gbit/s  client bytes {bytes}  recording {recording:?}");
+        eprintln!("  {label:<22} {gbps:6.2} Gbit/s  client bytes {bytes}  recording {recording:?}");
     }
+    let mean = |i: usize| {
+        let picked: Vec<f64> = results.iter().skip(i).step_by(2).map(|r| r.1).collect();
+        picked.iter().sum::<f64>() / picked.len() as f64
+    };
+    eprintln!(
+        "  mean over {rounds} rounds: {:.2} Gbit/s without, {:.2} Gbit/s with recording",
+        mean(0),
+        mean(1)
+    );
     let files = rec.files();
     let on_disk: u64 = files
         .iter()

@@ -19,7 +19,7 @@
 
 mod support;
 
-use support::{in_netns, serial, wait_bounded};
+use support::{XdpMiddlebox, in_netns, serial, signal, wait_bounded};
 
 use std::{
     io::{Read, Write},
@@ -31,16 +31,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ncp_dataplane::{
-    control::{self, Request, Response},
-    replicator::ReplicationStats,
-};
+use ncp_dataplane::replicator::ReplicationStats;
 use ncp_testbed::{
     Testbed, Topology, UpOptions,
     workload::{redis_writes as redis_workload, seeded_bytes},
 };
-
-const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 
 const STREAM_PORT: u16 = 5001;
 const IPERF_PORT: u16 = 5201;
@@ -52,13 +47,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / f64::from(1 << 20) / elapsed.as_secs_f64()
-}
-
-/// Sends `signal` to a child this test started (by its pid).
-fn signal(child: &Child, signal: i32) {
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: kill(2) on the pid of a child we started and have not reaped.
-    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
 }
 
 /// Resident memory of a process, KiB.
@@ -105,7 +93,7 @@ struct Scene {
     prefix: &'static str,
     dir: PathBuf,
     socket: PathBuf,
-    middlebox: Option<Child>,
+    middlebox: Option<XdpMiddlebox>,
     children: Vec<Child>,
     primary: Ipv4Addr,
     replica: Ipv4Addr,
@@ -221,43 +209,15 @@ connect_timeout_secs = 5
     fn start_middlebox(&mut self, services: &[Service]) {
         let config = self.dir.join("mb.toml");
         std::fs::write(&config, self.config_toml(services)).unwrap();
-        let child = self
-            .bed
-            .command(
-                "middlebox",
-                &[MIDDLEBOX, "run", "--config", config.to_str().unwrap()],
-            )
-            .unwrap()
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "ncp_dataplane=info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.middlebox = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        while self.try_stats().is_none_or(|s| s.workers == 0) {
-            let exited = self.middlebox.as_mut().unwrap().try_wait().unwrap();
-            assert!(
-                exited.is_none(),
-                "ncp-middlebox exited at start: {exited:?}"
-            );
-            assert!(Instant::now() < deadline, "ncp-middlebox did not come up");
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.middlebox = Some(XdpMiddlebox::start(&self.bed, &config, &self.socket));
     }
 
     fn middlebox_pid(&self) -> u32 {
-        self.middlebox.as_ref().unwrap().id()
+        self.middlebox.as_ref().unwrap().pid()
     }
 
     fn try_stats(&self) -> Option<ReplicationStats> {
-        match control::call(&self.socket, &Request::Stats).ok()? {
-            Response::Stats(s) => serde_json::from_value(s.replication?).ok(),
-            _ => None,
-        }
+        self.middlebox.as_ref()?.stats()
     }
 
     /// Stats once `done` holds, failing after [`PATIENCE`].
@@ -320,14 +280,7 @@ connect_timeout_secs = 5
 
     /// Stops the middlebox with SIGTERM and expects a clean exit.
     fn stop_middlebox(&mut self) {
-        let mut child = self.middlebox.take().unwrap();
-        signal(&child, libc::SIGTERM);
-        let status = wait_bounded(
-            &mut child,
-            Duration::from_secs(20),
-            "ncp-middlebox after SIGTERM",
-        );
-        assert!(status.success(), "ncp-middlebox exited with {status}");
+        self.middlebox.take().unwrap().stop();
     }
 
     fn start_redis(&mut self, host: &str) -> usize {
@@ -384,15 +337,7 @@ connect_timeout_secs = 5
 
 impl Drop for Scene {
     fn drop(&mut self) {
-        if let Some(mut m) = self.middlebox.take() {
-            signal(&m, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while m.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let _ = m.kill();
-            let _ = m.wait();
-        }
+        drop(self.middlebox.take());
         for child in &mut self.children {
             // A stopped child must be resumed to die of SIGKILL promptly; harmless else.
             if let Ok(pid) = i32::try_from(child.id()) {

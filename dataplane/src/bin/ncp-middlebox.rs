@@ -172,6 +172,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     replicas.join(", "),
                     service.replica_budget_bytes
                 );
+                if let Some(r) = &service.record {
+                    println!(
+                        "  records its sessions to {} (new file every {} bytes or {} s{})",
+                        r.dir.display(),
+                        r.rotate_bytes,
+                        r.rotate_secs,
+                        if r.responses {
+                            ", with the primary's answers"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
             for rule in &config.all_rules() {
                 println!("rule {rule}");

@@ -7,6 +7,8 @@
 //!   block-level pcapng parser used to read them back;
 //! - [`recorder`]: the non-blocking recording target fed by the data plane's workers, with a
 //!   writer thread, bounded queue and file rotation;
+//! - [`services`]: one recorder per recording service, started and finished around a data
+//!   plane's workers (either mode);
 //! - [`reader`]: turns recordings (ours or any pcapng of TCP/IPv4) back into per-session
 //!   client byte streams, reassembled in sequence order, with clear errors for damaged
 //!   files;
@@ -26,6 +28,9 @@ pub mod pcapng;
 pub mod reader;
 pub mod recorder;
 pub mod replay;
+pub mod services;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// What the replayer needs to know about a recorded session beyond its bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

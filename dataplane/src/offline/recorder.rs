@@ -30,12 +30,19 @@
 //! - client FIN / orderly teardown: `handle.close(rec)`; reset or timeout: `handle.abort(rec)`;
 //! - export [`RecordHandle::stats`] with the worker's other counters.
 //!
+//! Both data planes (the XDP replicator and the sockets relay) drive sessions of the
+//! replication core, and do it through the same three calls built on the ones above:
+//! [`RecordHandle::open_replicated`] at accept, [`RecordHandle::accepted`] after every
+//! `on_data` that took bytes, and [`RecordHandle::end`] with the session's final counters.
+//!
 //! No method blocks, allocates more than a copy of the bytes, or fails loudly; a detached
 //! session simply stops being recorded ([`RecId::is_detached`]).
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter};
+use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +50,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use ncp_replication::{SessionStats, Side};
 use serde::Serialize;
 
 use super::pcapng::{PcapngWriter, SynthSession, WriterOptions};
@@ -139,6 +147,15 @@ impl RecId {
     /// Whether this session's recording was cut loose.
     pub fn is_detached(&self) -> bool {
         self.state.detached.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for RecId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecId")
+            .field("id", &self.id())
+            .field("detached", &self.is_detached())
+            .finish()
     }
 }
 
@@ -284,6 +301,65 @@ impl RecordHandle {
                 }
                 false
             }
+        }
+    }
+}
+
+// By hand: channels and shared counters are nothing to print. Whether a service has a
+// handle at all is what its plan's `Debug` needs to show.
+impl fmt::Debug for RecordHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordHandle")
+            .field("record_responses", &self.record_responses)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a data plane does with a session of the replication core: the same in XDP mode
+/// and in sockets mode, so that both record exactly alike.
+impl RecordHandle {
+    /// Starts recording a session of `service` from `client` to `primary`, starting now.
+    /// `None` when the recorder's queue is full: the session is served, unrecorded, and
+    /// the recorder counts it as refused.
+    pub fn open_replicated(
+        &self,
+        service: &str,
+        client: SocketAddrV4,
+        primary: SocketAddrV4,
+    ) -> Option<RecId> {
+        self.open_session(SessionMeta {
+            service: service.to_owned(),
+            client,
+            primary,
+            start_ns: now_ns(),
+        })
+    }
+
+    /// Records `taken` bytes that the core's `on_data` accepted from `side`: the client's
+    /// always, the primary's when the recorder keeps responses, the replicas' never (they
+    /// are not part of the conversation a replay reproduces). Called with exactly what
+    /// the core took, in the order it took it, so the file holds the stream the primary
+    /// and replicas were given.
+    pub fn accepted(&self, id: &RecId, side: Side, taken: &[u8], ts: SystemTime) {
+        match side {
+            Side::Client => self.client_bytes(id, taken, ts),
+            Side::Primary => self.server_bytes(id, taken, ts),
+            Side::Replica(_) => {}
+        }
+    }
+
+    /// Ends a session's recording from the session's final counters (`None`: the core
+    /// had already forgotten it). A session the core tore down (client reset, primary
+    /// failure, idle timeout) is marked aborted, so a replay knows its stream may be
+    /// cut short; anything else ended in order.
+    pub fn end(&self, id: RecId, outcome: Option<&SessionStats>) {
+        let clean = outcome.is_some_and(|s| {
+            s.client_resets == 0 && s.primary_failures == 0 && s.idle_timeouts == 0
+        });
+        if clean {
+            self.close(id);
+        } else {
+            self.abort(id);
         }
     }
 }

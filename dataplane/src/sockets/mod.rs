@@ -14,7 +14,7 @@
 //!    client bytes to the primary and the replicas, primary bytes to the client, replica
 //!    bytes read and dropped, slow or dead replicas detached, never waiting on a replica.
 //!
-//! 4. for a service with `record` (offline asynchronous mode), one [`Recorder`] writing
+//! 4. for a service with `record` (offline asynchronous mode), one recorder writing
 //!    pcapng files named after the service: every client byte the core accepts (and the
 //!    primary's answers, with `responses = true`) is recorded, besides or instead of the
 //!    live replicas. Recording never holds the worker up: a recorder that falls behind
@@ -89,7 +89,7 @@ pub use stats::{
 };
 
 use crate::config::Config;
-use crate::offline::recorder::{Recorder, RecorderConfig};
+use crate::offline::services::ServiceRecorders;
 use nat::{NatTable, Redirect};
 use relay::{ServicePlan, WorkerSetup};
 
@@ -152,7 +152,10 @@ pub fn run_with(
     }
     let workers = options.workers.len().max(1);
     let (mut plans, listeners) = bind_services(config, options, workers)?;
-    let recorders = start_recorders(config, &mut plans)?;
+    let recorders = ServiceRecorders::start(&config.services)?;
+    for (plan, record) in plans.iter_mut().zip(recorders.handles()) {
+        plan.record = record;
+    }
     let redirects: Vec<Redirect> = plans
         .iter()
         .map(|p| Redirect {
@@ -228,10 +231,7 @@ pub fn run_with(
     }
     // Workers are gone, so nothing more is queued: this writes out everything they
     // recorded (sessions reset at stop end as aborted) before the files are closed.
-    for (name, recorder) in recorders {
-        let r = recorder.finish();
-        tracing::info!(service = %name, sessions = r.sessions_opened, detached = r.sessions_detached, refused = r.sessions_refused, bytes_written = r.bytes_written, files = r.files, write_errors = r.write_errors, "recording finished");
-    }
+    recorders.finish();
     drop(nat);
     tracing::info!("socket relay stopped");
     match failure {
@@ -293,40 +293,4 @@ fn bind_services(
         });
     }
     Ok((plans, listeners))
-}
-
-/// Starts one recorder per service with `record` and gives its handle to the service's
-/// plan. A recorder that cannot start (directory not creatable, file not writable) fails
-/// the whole start: running without the recording the operator asked for would lose
-/// exactly what the recording is there to keep. On error the recorders already started
-/// are dropped, which stops them.
-fn start_recorders(
-    config: &Config,
-    plans: &mut [ServicePlan],
-) -> anyhow::Result<Vec<(String, Recorder)>> {
-    let mut recorders = Vec::new();
-    for (service, plan) in config.services.iter().zip(plans.iter_mut()) {
-        let Some(spec) = &service.record else {
-            continue;
-        };
-        let recorder = Recorder::start(RecorderConfig {
-            dir: spec.dir.clone(),
-            file_prefix: service.name.clone(),
-            rotate_bytes: spec.rotate_bytes,
-            rotate_secs: spec.rotate_secs,
-            queue_capacity: spec.queue_capacity,
-            record_responses: spec.responses,
-        })
-        .with_context(|| {
-            format!(
-                "service {}: starting the recording in {}",
-                service.name,
-                spec.dir.display()
-            )
-        })?;
-        tracing::info!(service = %service.name, dir = %spec.dir.display(), responses = spec.responses, "recording sessions");
-        plan.record = Some(recorder.handle());
-        recorders.push((service.name.clone(), recorder));
-    }
-    Ok(recorders)
 }

@@ -36,10 +36,7 @@ use super::{
     stats::{PUBLISH_INTERVAL, ServiceStats, SocketsStats, StatsHandle},
 };
 use crate::{
-    offline::{
-        SessionMeta,
-        recorder::{RecId, RecordHandle},
-    },
+    offline::recorder::{RecId, RecordHandle},
     rules::Ipv4Prefix,
 };
 
@@ -63,7 +60,7 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 const DETACH_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One configured service as the workers use it.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ServicePlan {
     pub name: String,
     pub primary: SocketAddrV4,
@@ -75,23 +72,6 @@ pub struct ServicePlan {
     pub listen_port: u16,
     /// The service's recorder, if it records its sessions (shared by all workers).
     pub record: Option<RecordHandle>,
-}
-
-// By hand because the recorder's handle has no `Debug`: whether there is one is what a
-// log line needs.
-impl std::fmt::Debug for ServicePlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServicePlan")
-            .field("name", &self.name)
-            .field("primary", &self.primary)
-            .field("clients", &self.clients)
-            .field("replicas", &self.replicas)
-            .field("session", &self.session)
-            .field("replica_source", &self.replica_source)
-            .field("listen_port", &self.listen_port)
-            .field("record", &self.record.is_some())
-            .finish()
-    }
 }
 
 /// Everything a worker thread starts from.
@@ -429,20 +409,10 @@ impl Worker {
             c.readable = true;
             c.writable = true;
         }
-        let record = self.services[service].record.as_ref().and_then(|handle| {
-            let client = match peer {
-                SocketAddr::V4(p) => p,
-                SocketAddr::V6(_) => return None, // refused above; keeps the match total
-            };
-            let plan = &self.services[service];
-            // `None` when the recorder's queue is full: the session is served, unrecorded
-            // (the recorder counts it as refused).
-            handle.open_session(SessionMeta {
-                service: plan.name.clone(),
-                client,
-                primary: plan.primary,
-                start_ns: crate::offline::now_ns(),
-            })
+        let plan = &self.services[service];
+        let record = plan.record.as_ref().and_then(|handle| match peer {
+            SocketAddr::V4(client) => handle.open_replicated(&plan.name, client, plan.primary),
+            SocketAddr::V6(_) => None, // refused above; keeps the match total
         });
         self.sessions.insert(
             id,
@@ -622,17 +592,13 @@ impl Worker {
         let Some(mut s) = self.manager.session_mut(id) else {
             return false;
         };
-        // Where this side's accepted bytes are recorded, if anywhere: client bytes always,
-        // the primary's answers when the service asked for them (the handle drops them
-        // otherwise). Replicas' answers are never part of a recording.
-        let record = match side {
-            Side::Client | Side::Primary => self.sessions.get(&id).and_then(|e| {
-                let rec = e.record.as_ref()?;
-                let handle = self.services.get(e.service)?.record.as_ref()?;
-                Some((handle, rec))
-            }),
-            Side::Replica(_) => None,
-        };
+        // The session's recording, if it has one; the handle decides which sides' bytes
+        // belong in it.
+        let record = self.sessions.get(&id).and_then(|e| {
+            let rec = e.record.as_ref()?;
+            let handle = self.services.get(e.service)?.record.as_ref()?;
+            Some((handle, rec))
+        });
         let mut moved = false;
         let mut failed = None;
         for _ in 0..READS_PER_SIDE {
@@ -663,10 +629,7 @@ impl Worker {
                     // ends the session below; its prefix is still part of the stream).
                     if let (Ok(taken), Some((handle, rec))) = (&result, record) {
                         let accepted = data.get(..*taken).unwrap_or_default();
-                        match side {
-                            Side::Client => handle.client_bytes(rec, accepted, SystemTime::now()),
-                            _ => handle.server_bytes(rec, accepted, SystemTime::now()),
-                        }
+                        handle.accepted(rec, side, accepted, SystemTime::now());
                     }
                     match result {
                         Ok(taken) if taken == n => {}
@@ -854,16 +817,7 @@ impl Worker {
             self.counters[entry.service].add_session(stats);
         }
         if let (Some(rec), Some(handle)) = (record, &self.services[entry.service].record) {
-            // A session the core tore down (client reset, primary failure, idle timeout)
-            // is marked aborted in the file, so a replay knows its stream may be cut short.
-            let clean = stats.as_ref().is_some_and(|s| {
-                s.client_resets == 0 && s.primary_failures == 0 && s.idle_timeouts == 0
-            });
-            if clean {
-                handle.close(rec);
-            } else {
-                handle.abort(rec);
-            }
+            handle.end(rec, stats.as_ref());
         }
         tracing::debug!(session = %id, service = %self.services[entry.service].name, "session finished");
     }
@@ -1001,7 +955,6 @@ mod tests {
     use std::{
         io::{Read, Write},
         net::{Shutdown, TcpListener, TcpStream},
-        path::{Path, PathBuf},
         thread,
     };
 
@@ -1297,40 +1250,12 @@ mod tests {
         assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");
     }
 
-    /// A recorder writing into a fresh directory under the system's temp dir.
-    fn recorder(tag: &str, responses: bool) -> (crate::offline::recorder::Recorder, PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "ncp-relay-rec-{tag}-{}-{}",
-            std::process::id(),
-            crate::offline::now_ns()
-        ));
-        let recorder =
-            crate::offline::recorder::Recorder::start(crate::offline::recorder::RecorderConfig {
-                dir: dir.clone(),
-                file_prefix: "test".into(),
-                rotate_bytes: 1 << 30,
-                rotate_secs: 3600,
-                queue_capacity: 8192,
-                record_responses: responses,
-            })
-            .unwrap();
-        (recorder, dir)
-    }
-
-    fn recorded(dir: &Path) -> crate::offline::reader::Recording {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        let r = crate::offline::reader::read_files(&files);
-        std::fs::remove_dir_all(dir).unwrap();
-        r
-    }
-
     #[test]
     fn a_recording_holds_exactly_the_streams_the_core_accepted() {
-        use crate::offline::reader::EndKind;
+        use crate::offline::{
+            reader::EndKind,
+            testing::{recorded, recorder},
+        };
         let (primary, p) = sink("primary");
         let (rec, dir) = recorder("clean", true);
         let relay =
@@ -1367,7 +1292,10 @@ mod tests {
 
     #[test]
     fn failed_and_unfinished_sessions_are_recorded_as_reset() {
-        use crate::offline::reader::EndKind;
+        use crate::offline::{
+            reader::EndKind,
+            testing::{recorded, recorder},
+        };
         // One session the primary refuses, and one still open when the worker stops.
         let (rec, dir) = recorder("reset", false);
         let refused = Relay::start_recording(

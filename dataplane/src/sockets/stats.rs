@@ -291,7 +291,15 @@ impl ServiceStats {
         s.buffered_bytes()
     }
 
-    /// Folds another worker's view of the same service into this one.
+    /// Reads the counters of the service's recorder, if it has one. A recorder is shared
+    /// by all of a service's workers and counts for all of them, so its counters are read
+    /// where a snapshot is taken and never added up across workers (see [`Self::merge`]).
+    pub(crate) fn read_recording(&mut self, record: Option<&RecordHandle>) {
+        self.recording = record.map(|r| r.stats().into());
+    }
+
+    /// Folds another worker's view of the same service into this one. `recording` is kept
+    /// as it is: every worker of a service reads the same recorder.
     pub(crate) fn merge(&mut self, o: &Self) {
         self.sessions_active += o.sessions_active;
         self.sessions_total += o.sessions_total;
@@ -337,19 +345,12 @@ impl SocketsStats {
 
 /// Shared view of the relay's counters: clone it, hand one clone to [`super::run`] and
 /// read [`StatsHandle::snapshot`] from anywhere (the control socket, a test).
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct StatsHandle {
     slots: Arc<Mutex<Vec<SocketsStats>>>,
     /// Per service (configuration order): its recorder, read at snapshot time. A handle
     /// outlives its recorder's writer harmlessly: the counters stay readable, final.
     recorders: Arc<Mutex<Vec<Option<RecordHandle>>>>,
-}
-
-// By hand because recorder handles have no `Debug`.
-impl std::fmt::Debug for StatsHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatsHandle").finish_non_exhaustive()
-    }
 }
 
 impl StatsHandle {
@@ -374,7 +375,7 @@ impl StatsHandle {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         for (svc, rec) in total.services.iter_mut().zip(recorders.iter()) {
-            svc.recording = rec.as_ref().map(|r| r.stats().into());
+            svc.read_recording(rec.as_ref());
         }
         total
     }

@@ -9,11 +9,21 @@
 use std::{
     fs::File,
     os::fd::AsRawFd,
-    process::Child,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
     sync::{Mutex, MutexGuard},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
+
+use ncp_dataplane::{
+    control::{self, Request, Response},
+    replicator::ReplicationStats,
+};
+use ncp_testbed::Testbed;
+
+/// The middlebox binary of this build.
+pub const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 
 /// One test bed at a time: on two shared cores, parallel userspace-datapath traffic
 /// spoils every timing.
@@ -63,5 +73,97 @@ pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> std::proc
             panic!("{what} did not finish within {limit:?}");
         }
         thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to a child this test started (by its pid).
+pub fn signal(child: &Child, signal: i32) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// `ncp-middlebox run` in XDP mode, as a process in the test bed's `middlebox` host.
+/// A process of its own rather than a thread of the test moved into the namespace: the
+/// workers read the kernel's neighbour table from `/proc/net`, which belongs to the
+/// process, not to the thread. Stopped with SIGTERM on drop if still running.
+pub struct XdpMiddlebox {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl XdpMiddlebox {
+    /// Starts it with the configuration file `config`, whose `control_socket` is
+    /// `socket`, and waits (at most a minute) until its workers report.
+    pub fn start(bed: &Testbed, config: &Path, socket: &Path) -> XdpMiddlebox {
+        let child = bed
+            .command(
+                "middlebox",
+                &[MIDDLEBOX, "run", "--config", config.to_str().unwrap()],
+            )
+            .unwrap()
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "ncp_dataplane=info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut middlebox = XdpMiddlebox {
+            child: Some(child),
+            socket: socket.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while middlebox.stats().is_none_or(|s| s.workers == 0) {
+            let exited = middlebox.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "ncp-middlebox exited at start: {exited:?}"
+            );
+            assert!(Instant::now() < deadline, "ncp-middlebox did not come up");
+            thread::sleep(Duration::from_millis(100));
+        }
+        middlebox
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// The replication counters from its control socket (`None` until it answers).
+    pub fn stats(&self) -> Option<ReplicationStats> {
+        match control::call(&self.socket, &Request::Stats).ok()? {
+            Response::Stats(s) => serde_json::from_value(s.replication?).ok(),
+            _ => None,
+        }
+    }
+
+    /// Stops it with SIGTERM and expects a clean exit within 20 s.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        signal(&child, libc::SIGTERM);
+        let status = wait_bounded(
+            &mut child,
+            Duration::from_secs(20),
+            "ncp-middlebox after SIGTERM",
+        );
+        assert!(status.success(), "ncp-middlebox exited with {status}");
+    }
+}
+
+impl Drop for XdpMiddlebox {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        signal(&child, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
