@@ -38,7 +38,52 @@ pub struct Config {
     /// Global caps over all services.
     #[serde(default)]
     pub limits: Limits,
+    /// The XDP data plane's user-space TCP connections.
+    #[serde(default)]
+    pub tcp: TcpTuning,
 }
+
+/// Settings of every user-space TCP connection (XDP mode; sockets mode uses the kernel's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpTuning {
+    /// Receive buffer and send buffer per connection, bytes each. They bound a
+    /// connection's window, so throughput per connection (≈ buffer / round trip), and are
+    /// most of a session's memory: 1,000 sessions with one replica hold 3,000
+    /// connections, 2 buffers each.
+    pub buffer_bytes: usize,
+    /// Congestion control: `cubic` (default), `reno` or `none` (send the whole window at
+    /// once; only for a lossless path).
+    pub congestion_control: Congestion,
+}
+
+impl Default for TcpTuning {
+    fn default() -> Self {
+        Self {
+            buffer_bytes: 64 * 1024,
+            congestion_control: Congestion::Cubic,
+        }
+    }
+}
+
+/// A congestion control algorithm of the user-space TCP stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438).
+    #[default]
+    Cubic,
+    /// NewReno-style AIMD.
+    Reno,
+    /// None: the sender fills the peer's window at once.
+    None,
+}
+
+/// Smallest per-connection buffer accepted: below a few segments TCP crawls.
+pub const MIN_TCP_BUFFER: usize = 4 * 1024;
+/// Largest per-connection buffer accepted (smoltcp scales windows up to 1 GiB, but a
+/// relay needs nowhere near that per connection).
+pub const MAX_TCP_BUFFER: usize = 16 << 20;
 
 /// First rule id used for the rules that services imply; operator rules stay below it.
 pub const SERVICE_RULE_ID_BASE: u32 = 0x8000_0000;
@@ -412,6 +457,12 @@ impl Config {
         if self.limits.max_sessions == 0 || self.limits.max_buffer_bytes == 0 {
             return invalid("limits: max_sessions and max_buffer_bytes must be above 0".into());
         }
+        if !(MIN_TCP_BUFFER..=MAX_TCP_BUFFER).contains(&self.tcp.buffer_bytes) {
+            return invalid(format!(
+                "tcp.buffer_bytes = {} is outside {MIN_TCP_BUFFER}..={MAX_TCP_BUFFER}",
+                self.tcp.buffer_bytes
+            ));
+        }
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", s.name);
             if s.name.is_empty() || !names.insert(s.name.as_str()) {
@@ -571,6 +622,20 @@ mod tests {
         assert_eq!(c.interfaces[0].xdp_mode, XdpAttachMode::Auto);
         assert_eq!(c.interfaces[0].umem_frames, 4096);
         assert_eq!(c.rules[0].destination_port, 5201);
+    }
+
+    #[test]
+    fn tcp_tuning_has_defaults_and_bounds() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.tcp, TcpTuning::default());
+        let tuned = format!("{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"reno\"\n");
+        let c = parse(&tuned).unwrap();
+        assert_eq!(c.tcp.buffer_bytes, 8192);
+        assert_eq!(c.tcp.congestion_control, Congestion::Reno);
+        let tiny = format!("{GOOD}\n[tcp]\nbuffer_bytes = 100\ncongestion_control = \"none\"\n");
+        assert!(error(&tiny).contains("tcp.buffer_bytes = 100"));
+        let unknown = format!("{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"bbr\"\n");
+        assert!(error(&unknown).contains("bbr"));
     }
 
     const SERVICE: &str = r#"

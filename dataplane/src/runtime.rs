@@ -304,6 +304,7 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
                 poll: config.poll,
                 services,
                 manager: replicator::manager_config(config),
+                tcp: config.tcp,
             });
         }
     }

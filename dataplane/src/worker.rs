@@ -24,9 +24,10 @@ use std::{
 
 use ncp_replication::ManagerConfig;
 use serde::Serialize;
+use smoltcp::socket::tcp::CongestionControl;
 
 use crate::{
-    config::{PollMode, PortRange},
+    config::{Congestion, PollMode, PortRange, TcpTuning},
     device::{DeviceConfig, MacAddr, XskDevice},
     engine::{Engine, EngineConfig},
     replicator::{self, Link, PUBLISH_INTERVAL, Replicator, ServicePlan, WorkerReplicationStats},
@@ -40,17 +41,8 @@ const RESOLVE_AT_START: Duration = Duration::from_secs(2);
 /// Room per service endpoint in the connection bound for handshakes under way (a socket
 /// exists from the SYN on, a session only from the accept).
 const HANDSHAKES_PER_ENDPOINT: usize = 64;
-/// smoltcp buffers per connection. The core's budgets are the real queues; these only
-/// need to cover the bandwidth-delay product of a LAN hop (and the receive side is drained
-/// into the core on every poll). The receive window also bounds what a client has in
-/// flight toward us: bursts of 256 KiB overflowed the software switch of the test bed (OVS
-/// userspace datapath) by ~6 %, and smoltcp recovers a lost tail only after its 1 s
-/// minimum RTO. 64 KiB keeps bursts within what such a hop takes and still fills
-/// ~300 MB/s at a 0.2 ms round trip.
-const CONN_BUFFER: usize = 64 * 1024;
-/// Upper bound of connections per engine, whatever the session limit says: with the
-/// buffers above that is at most 32 GiB of smoltcp buffers in the worst case, so the
-/// session limit in `[limits]` is the knob to size memory with.
+/// Upper bound of connections per engine, whatever the session limit says: the session
+/// limit in `[limits]` and `tcp.buffer_bytes` are the knobs to size memory with.
 const MAX_ENGINE_CONNECTIONS: usize = 65_536;
 
 /// One AF_XDP socket of a worker and the addresses its engine uses.
@@ -83,6 +75,8 @@ pub struct WorkerSpec {
     pub services: Vec<ServicePlan>,
     /// Session and memory caps of this worker.
     pub manager: ManagerConfig,
+    /// Buffers and congestion control of its TCP connections.
+    pub tcp: TcpTuning,
 }
 
 /// Live counters of one worker, shared with the control socket.
@@ -247,6 +241,7 @@ fn open_link(
     spec: &LinkSpec,
     listen: Vec<std::net::SocketAddrV4>,
     max_connections: usize,
+    tcp: TcpTuning,
 ) -> Result<(Link<XskDevice>, OpenedSocket), String> {
     let interface = spec.socket.interface.clone();
     let at = |e: &dyn std::fmt::Display| format!("{interface} queue {}: {e}", spec.socket.queue);
@@ -260,8 +255,18 @@ fn open_link(
     let device = XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| at(&e))?;
     let mut config = EngineConfig::new(spec.address, spec.ports);
     config.listen = listen;
-    config.rx_buffer = CONN_BUFFER;
-    config.tx_buffer = CONN_BUFFER;
+    // The core's budgets are the real queues; these buffers only need to cover the
+    // bandwidth-delay product of a hop (the receive side is drained into the core on
+    // every poll). The receive window also bounds a client's bursts toward us: bursts of
+    // 256 KiB overflowed the test bed's software switch (OVS userspace datapath) by ~6 %,
+    // hence the 64 KiB default, which still fills ~300 MB/s at a 0.2 ms round trip.
+    config.rx_buffer = tcp.buffer_bytes;
+    config.tx_buffer = tcp.buffer_bytes;
+    config.congestion_control = match tcp.congestion_control {
+        Congestion::Cubic => CongestionControl::Cubic,
+        Congestion::Reno => CongestionControl::Reno,
+        Congestion::None => CongestionControl::None,
+    };
     config.max_connections = max_connections.clamp(1, MAX_ENGINE_CONNECTIONS);
     let engine = Engine::new(device, config).map_err(|e| at(&e))?;
     Ok((Link { interface, engine }, opened))
@@ -322,7 +327,7 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
         } else {
             Vec::new()
         };
-        match open_link(link, listen, connection_bound(&spec, index)) {
+        match open_link(link, listen, connection_bound(&spec, index), spec.tcp) {
             Ok((l, o)) => {
                 links.push(l);
                 opened.push(o);
