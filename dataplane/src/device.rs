@@ -24,7 +24,10 @@ use smoltcp::{
     time::Instant,
 };
 
-use crate::xsk::{FRAME_SIZE, RxFrame, TxFrame, XskRx, XskSocket, XskTx};
+use crate::{
+    handover::{HandoverCounters, HandoverPort},
+    xsk::{FRAME_SIZE, RxFrame, TxFrame, XskRx, XskSocket, XskTx},
+};
 
 /// An Ethernet (MAC) address.
 pub type MacAddr = [u8; 6];
@@ -374,7 +377,16 @@ pub struct XskDevice {
     /// A received frame already checked by the link layer and shown through
     /// [`XskDevice::peek_packet`], with where its IPv4 packet starts: the next one
     /// `receive` hands over.
-    pending: Option<(RxFrame, usize)>,
+    pending: Option<(Pending, usize)>,
+    /// Frames owned by other workers leave here, and theirs for us come in.
+    handover: Option<HandoverPort>,
+}
+
+/// A received frame: on our ring, or handed over by another worker.
+#[derive(Debug)]
+enum Pending {
+    Ring(RxFrame),
+    HandedIn(Vec<u8>),
 }
 
 impl XskDevice {
@@ -396,6 +408,7 @@ impl XskDevice {
             link: LinkLayer::new(config),
             mtu: config.mtu,
             pending: None,
+            handover: None,
         })
     }
 
@@ -425,6 +438,9 @@ impl XskDevice {
         let (rx, tx) = self.socket.split();
         tx.flush();
         rx.refill();
+        if let Some(handover) = &mut self.handover {
+            handover.wake_owners();
+        }
     }
 
     /// Sleeps until a frame arrives or `timeout_ms` passes.
@@ -432,20 +448,49 @@ impl XskDevice {
         self.socket.wait(timeout_ms);
     }
 
-    /// Takes received frames off the ring until one passes the link layer's checks and
-    /// keeps it as the pending one (frames that fail are counted and given back).
+    /// Shares this link with the other workers of its NIC: frames they own are passed
+    /// on to them, frames they pass to us are received like our own.
+    pub fn set_handover(&mut self, port: HandoverPort) {
+        self.handover = Some(port);
+    }
+
+    /// Hand-over counters, when the link is shared.
+    pub fn handover_counters(&self) -> Option<HandoverCounters> {
+        self.handover.as_ref().map(HandoverPort::counters)
+    }
+
+    /// Takes received frames (handed-in ones first, then the ring's) until one passes the
+    /// link layer's checks and belongs to this worker, and keeps it as the pending one.
+    /// Frames that fail are counted and given back; frames of other workers are passed on.
     fn fill_pending(&mut self) {
         if self.pending.is_some() {
             return;
+        }
+        if let Some(handover) = &mut self.handover {
+            while let Some(frame) = handover.take() {
+                if let Ok(ip_offset) = self.link.ingress(&frame) {
+                    self.pending = Some((Pending::HandedIn(frame), ip_offset));
+                    return;
+                }
+            }
         }
         let rx = self.socket.rx();
         for _ in 0..MAX_SKIPPED_PER_RECEIVE {
             let Some(frame) = rx.take() else {
                 return;
             };
-            match self.link.ingress(rx.data(&frame)) {
+            let data = rx.data(&frame);
+            match self.link.ingress(data) {
                 Ok(ip_offset) => {
-                    self.pending = Some((frame, ip_offset));
+                    let passed_on = match (&mut self.handover, data.get(ip_offset..)) {
+                        (Some(handover), Some(packet)) => handover.pass_on(data, packet),
+                        _ => false,
+                    };
+                    if passed_on {
+                        rx.release(frame);
+                        continue;
+                    }
+                    self.pending = Some((Pending::Ring(frame), ip_offset));
                     return;
                 }
                 Err(_) => rx.release(frame),
@@ -457,8 +502,12 @@ impl XskDevice {
     /// over this same frame next.
     pub fn peek_packet(&mut self) -> Option<&[u8]> {
         self.fill_pending();
-        let (frame, ip_offset) = self.pending.as_ref()?;
-        self.socket.rx_ref().data(frame).get(*ip_offset..)
+        let (pending, ip_offset) = self.pending.as_ref()?;
+        let frame = match pending {
+            Pending::Ring(frame) => self.socket.rx_ref().data(frame),
+            Pending::HandedIn(frame) => frame,
+        };
+        frame.get(*ip_offset..)
     }
 
     /// Makes a TX frame available if one can be had, kicking the kernel when every frame
@@ -477,7 +526,7 @@ impl XskDevice {
 /// Lends one received frame to smoltcp; the frame goes back to the fill ring on drop.
 pub struct XskRxToken<'a> {
     rx: &'a mut XskRx,
-    frame: Option<RxFrame>,
+    frame: Option<Pending>,
     ip_offset: usize,
 }
 
@@ -487,7 +536,8 @@ impl phy::RxToken for XskRxToken<'_> {
         F: FnOnce(&[u8]) -> R,
     {
         let data = match &self.frame {
-            Some(frame) => self.rx.data(frame),
+            Some(Pending::Ring(frame)) => self.rx.data(frame),
+            Some(Pending::HandedIn(frame)) => frame,
             None => &[],
         };
         f(data.get(self.ip_offset..).unwrap_or(&[]))
@@ -496,7 +546,7 @@ impl phy::RxToken for XskRxToken<'_> {
 
 impl Drop for XskRxToken<'_> {
     fn drop(&mut self) {
-        if let Some(frame) = self.frame.take() {
+        if let Some(Pending::Ring(frame)) = self.frame.take() {
             self.rx.release(frame);
         }
     }

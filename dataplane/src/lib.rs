@@ -3,6 +3,7 @@
 //! - [`steering`]: the XDP program and its maps (which frames reach the workers);
 //! - [`xsk`]: one AF_XDP socket and its UMEM;
 //! - [`device`]: a smoltcp device over that socket, doing Ethernet itself;
+//! - [`handover`]: which worker owns a frame, and the queues between workers;
 //! - [`engine`]: a worker's TCP engine (smoltcp in any-IP mode) over such a device;
 //! - [`replicator`]: the replication core driven over a worker's TCP engines (XDP mode);
 //! - [`worker`]: per-queue worker threads pinned to cores;
@@ -17,6 +18,7 @@ pub mod control;
 pub mod device;
 pub mod engine;
 pub mod frame;
+pub mod handover;
 pub mod offline;
 pub mod replicator;
 pub mod rules;

@@ -181,6 +181,21 @@ pub struct LinkStats {
     pub tx_no_frame: u64,
     /// Received frames that were not IPv4 or were truncated.
     pub rx_dropped: u64,
+    /// Connection requests reset because the connection bound was reached.
+    #[serde(default)]
+    pub overloaded: u64,
+    /// TCP segments of no connection (answered with a reset).
+    #[serde(default)]
+    pub strays: u64,
+    /// Frames passed to the worker that owns them (several workers per NIC).
+    #[serde(default)]
+    pub handed_out: u64,
+    /// Frames other workers passed to this one.
+    #[serde(default)]
+    pub handed_in: u64,
+    /// Frames dropped because their owner's hand-over queue was full.
+    #[serde(default)]
+    pub handover_dropped: u64,
 }
 
 /// Events and inputs the replicator dropped, by reason.
@@ -1138,6 +1153,8 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
                     reset: e.reset,
                     closed: e.closed,
                     half_open_failed: e.half_open_failed,
+                    overloaded: e.overloaded,
+                    strays: e.strays,
                     ..LinkStats::default()
                 }
             })
@@ -1209,6 +1226,11 @@ pub fn add_device_counters(stats: &mut WorkerReplicationStats, links: &[Link<Xsk
         s.tx_no_neighbour = c.tx_no_neighbour;
         s.tx_no_frame = c.tx_no_frame;
         s.rx_dropped = c.rx_not_ipv4 + c.rx_truncated;
+        if let Some(h) = l.engine.device().handover_counters() {
+            s.handed_out = h.handed_out;
+            s.handed_in = h.handed_in;
+            s.handover_dropped = h.dropped;
+        }
     }
 }
 

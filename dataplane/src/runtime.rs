@@ -7,6 +7,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -18,8 +19,9 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    config::{Config, InterfaceConfig},
+    config::{Config, InterfaceConfig, PortRange},
     control::{ControlServer, Handler, InterfaceStats, Request, Response, Stats},
+    handover::{self, Handover, Ownership, Waker},
     offline::{recorder::RecordHandle, services::ServiceRecorders},
     replicator::{self, CLIENT_LINK, ReplicationStats, ServicePlan},
     rules::RedirectRule,
@@ -241,19 +243,6 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
             client_facing.len()
         );
     }
-    if !config.services.is_empty()
-        && let Some(iface) = client_facing.iter().find(|i| i.queues.len() > 1)
-    {
-        // RSS hashes an upstream's answers independently of the client's frames, so they
-        // may land on another worker's queue, whose engine has no such connection and
-        // would reset it. Until frames are handed between workers, one queue each.
-        anyhow::bail!(
-            "XDP mode replicates with one queue per client-facing interface ({} lists {}): \
-             frames are not handed between workers yet",
-            iface.name,
-            iface.queues.len()
-        );
-    }
     let nic = |name: &str| {
         config
             .interfaces
@@ -263,7 +252,47 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
     };
     let mut specs = Vec::new();
     for iface in client_facing {
-        for queue in &iface.queues {
+        // The workers of one NIC share its frames: RSS (or veth) puts frames on queues
+        // without regard to who owns their session, so each link is split into port
+        // shares and frames are handed to their owner (see `handover`).
+        let workers = iface.queues.len();
+        let shared = workers > 1 && !config.services.is_empty();
+        let wakers: Vec<Arc<Waker>> = if shared {
+            (0..workers)
+                .map(|_| Waker::new().map(Arc::new))
+                .collect::<std::io::Result<_>>()
+                .context("creating the workers' eventfds")?
+        } else {
+            Vec::new()
+        };
+        let split = |name: &str, address: Ipv4Addr, ports: PortRange| {
+            Ownership::split(address, ports, workers).with_context(|| {
+                format!("{name}: the owned port range {ports:?} has fewer ports than the {workers} queues that share it")
+            })
+        };
+        let mut link_ends: Vec<Vec<Handover>> = Vec::new();
+        let mut shares: Vec<Vec<PortRange>> = Vec::new();
+        if shared {
+            let mut nics = vec![(iface.name.as_str(), iface.address, iface.ports)];
+            for name in &replication_nics {
+                let r = nic(name)?;
+                nics.push((r.name.as_str(), r.address, r.ports));
+            }
+            for (name, address, ports) in nics {
+                let ownership = split(name, address, ports)?;
+                shares.push(ownership.shares.clone());
+                link_ends.push(handover::link_handovers(&ownership, &wakers));
+            }
+        }
+        // Worker `w`'s port share on link `l` (the whole range when nothing is shared).
+        let share = |l: usize, w: usize, whole: PortRange| {
+            shares
+                .get(l)
+                .and_then(|s| s.get(w))
+                .copied()
+                .unwrap_or(whole)
+        };
+        for (w, queue) in iface.queues.iter().enumerate() {
             let mut replica_links = Vec::new();
             for name in &replication_nics {
                 let r = nic(name)?;
@@ -280,7 +309,7 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
                 replica_links.push(LinkSpec {
                     socket: xsk_options(r, queue.queue),
                     address: r.address,
-                    ports: r.ports,
+                    ports: share(replica_links.len() + 1, w, r.ports),
                 });
             }
             let services = config
@@ -298,7 +327,12 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
             specs.push(WorkerSpec {
                 socket: xsk_options(iface, queue.queue),
                 address: iface.address,
-                ports: iface.ports,
+                ports: share(0, w, iface.ports),
+                handover: link_ends
+                    .iter()
+                    .filter_map(|ends| ends.get(w).cloned())
+                    .collect(),
+                waker: wakers.get(w).cloned(),
                 replica_links,
                 core: queue.core,
                 poll: config.poll,
@@ -649,9 +683,31 @@ mod plan_tests {
         assert_eq!(workers[0].replica_links[0].socket.interface, "eth1");
         assert_eq!(workers[0].replica_links[0].socket.queue, 0);
         assert_eq!(workers[0].services[0].replica_link, 1);
-        // Without a replication NIC eth1 serves clients too, with two queues: refused.
-        let e = plan_workers(&config("[{ queue = 0 }]", "")).unwrap_err();
-        assert!(e.to_string().contains("eth1 lists 2"), "{e}");
+        assert!(workers[0].handover.is_empty(), "one worker shares nothing");
+        // Without a replication NIC eth1 serves clients too, with its two queues.
+        let workers = plan_workers(&config("[{ queue = 0 }]", "")).unwrap();
+        assert_eq!(workers.len(), 3);
+    }
+
+    #[test]
+    fn workers_of_one_nic_share_its_ports_and_hand_frames_over() {
+        let workers = plan_workers(&config(
+            "[{ queue = 0 }, { queue = 1 }]",
+            "replica_interface = \"eth1\"",
+        ))
+        .unwrap();
+        assert_eq!(workers.len(), 2);
+        for (w, spec) in workers.iter().enumerate() {
+            assert_eq!(spec.handover.len(), 2, "client link and replication link");
+            assert_eq!(spec.handover[0].me, w);
+            assert!(spec.waker.is_some());
+        }
+        // Disjoint shares of the owned ranges, on both links.
+        let (a, b) = (&workers[0], &workers[1]);
+        assert!(a.ports.last < b.ports.first, "{:?} {:?}", a.ports, b.ports);
+        let (ra, rb) = (a.replica_links[0].ports, b.replica_links[0].ports);
+        assert!(ra.last < rb.first, "{ra:?} {rb:?}");
+        assert_eq!(a.handover[0].ownership.shares, vec![a.ports, b.ports]);
     }
 
     #[test]
@@ -665,12 +721,6 @@ mod plan_tests {
 
     #[test]
     fn layouts_the_workers_cannot_serve_are_refused() {
-        let e = plan_workers(&config(
-            "[{ queue = 0 }, { queue = 1 }]",
-            "replica_interface = \"eth1\"",
-        ))
-        .unwrap_err();
-        assert!(e.to_string().contains("one queue per client-facing"), "{e}");
         let e =
             plan_workers(&config("[{ queue = 3 }]", "replica_interface = \"eth1\"")).unwrap_err();
         assert!(e.to_string().contains("must list queue 3"), "{e}");

@@ -30,6 +30,7 @@ use crate::{
     config::{Congestion, PollMode, PortRange, TcpTuning},
     device::{DeviceConfig, MacAddr, XskDevice},
     engine::{Engine, EngineConfig},
+    handover::{Handover, HandoverPort, Waker},
     replicator::{self, Link, PUBLISH_INTERVAL, Replicator, ServicePlan, WorkerReplicationStats},
     xsk::{XskOptions, XskSocket},
 };
@@ -77,6 +78,11 @@ pub struct WorkerSpec {
     pub manager: ManagerConfig,
     /// Buffers and congestion control of its TCP connections.
     pub tcp: TcpTuning,
+    /// Its ends of the frame hand-over per link (link 0 first), when several workers
+    /// share the NICs; empty otherwise.
+    pub handover: Vec<Handover>,
+    /// Wakes it when another worker hands it frames (with `handover`).
+    pub waker: Option<Arc<Waker>>,
 }
 
 /// Live counters of one worker, shared with the control socket.
@@ -328,7 +334,12 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
             Vec::new()
         };
         match open_link(link, listen, connection_bound(&spec, index), spec.tcp) {
-            Ok((l, o)) => {
+            Ok((mut l, o)) => {
+                if let Some(ends) = spec.handover.get(index) {
+                    l.engine
+                        .device_mut()
+                        .set_handover(HandoverPort::new(ends.clone()));
+                }
                 links.push(l);
                 opened.push(o);
             }
@@ -377,9 +388,19 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
                     events: libc::POLLIN,
                     revents: 0,
                 }));
+                fds.extend(spec.waker.iter().map(|w| libc::pollfd {
+                    fd: w.raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }));
                 let ms = i32::try_from(bound.as_millis().max(1)).unwrap_or(i32::MAX);
                 // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
                 unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+                // Handed-over frames are taken on the next turn; a wake-up that comes
+                // after this clear is for frames queued after it, so none is lost.
+                if let Some(waker) = &spec.waker {
+                    waker.clear();
+                }
                 stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
             PollMode::Busy => std::hint::spin_loop(),

@@ -97,13 +97,31 @@ struct Scene {
     children: Vec<Child>,
     primary: Ipv4Addr,
     replica: Ipv4Addr,
+    /// Queues (and workers) on each of the middlebox's NICs.
+    queues: u16,
 }
 
 impl Scene {
     fn start(prefix: &'static str, services: &[Service]) -> Scene {
-        let topology =
-            Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
-                .unwrap();
+        Self::start_with_queues(prefix, services, 1)
+    }
+
+    /// The scene with `queues` queues on both middlebox NICs, each served by a worker.
+    fn start_with_queues(prefix: &'static str, services: &[Service], queues: u16) -> Scene {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml");
+        let mut text = std::fs::read_to_string(path).unwrap();
+        if queues > 1 {
+            // Every middlebox NIC (their MACs end in :04) gets the queues.
+            text = text.replace(
+                "mac = \"02:00:c6:12:01:04\"",
+                &format!("mac = \"02:00:c6:12:01:04\"\nqueues = {queues}"),
+            );
+            text = text.replace(
+                "mac = \"02:00:c6:12:02:04\"",
+                &format!("mac = \"02:00:c6:12:02:04\"\nqueues = {queues}"),
+            );
+        }
+        let topology = Topology::parse(&text).unwrap();
         let _ = Testbed::down(prefix);
         let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
         let primary = bed.address("primary", "eth0").unwrap();
@@ -120,6 +138,7 @@ impl Scene {
             children: Vec::new(),
             primary,
             replica,
+            queues,
         };
         // The network's part: frames for the primary leave the source toward the
         // middlebox's production NIC.
@@ -155,6 +174,10 @@ impl Scene {
     fn config_toml(&self, services: &[Service]) -> String {
         let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
         let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
+        let queues = (0..self.queues)
+            .map(|q| format!("{{ queue = {q} }}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut text = format!(
             r#"
 control_socket = "{socket}"
@@ -169,13 +192,13 @@ max_buffer_bytes = 4294967296
 name = "eth0"
 address = "{mb0}"
 ports = {{ first = 20000, last = 29999 }}
-queues = [{{ queue = 0 }}]
+queues = [{queues}]
 
 [[interfaces]]
 name = "eth1"
 address = "{mb1}"
 ports = {{ first = 20000, last = 29999 }}
-queues = [{{ queue = 0 }}]
+queues = [{queues}]
 "#,
             socket = self.socket.display(),
             poll = poll_mode(),
@@ -996,7 +1019,29 @@ fn many_shot_server(
 
 #[test]
 fn hundreds_of_concurrent_sessions_each_arrive_intact() {
-    concurrent_sessions("nx6", Duration::from_millis(5));
+    concurrent_sessions("nx6", Duration::from_millis(5), 1);
+}
+
+/// Two queues on each middlebox NIC, a worker each: the NIC spreads frames over the
+/// queues regardless of sessions, so frames reach the wrong worker and are handed over.
+#[test]
+fn two_workers_share_the_nics_and_hand_frames_to_their_owner() {
+    let s = concurrent_sessions("nx8", Duration::from_millis(2), 2);
+    assert_eq!(s.per_worker.len(), 2, "{s:#?}");
+    for w in &s.per_worker {
+        assert!(w.sessions_total > 0, "a worker got no session: {s:#?}");
+    }
+    let links = || s.per_worker.iter().flat_map(|w| &w.links);
+    let out: u64 = links().map(|l| l.handed_out).sum();
+    let into: u64 = links().map(|l| l.handed_in).sum();
+    let dropped: u64 = links().map(|l| l.handover_dropped).sum();
+    eprintln!("xdp two workers: frames handed over {out}, received {into}, dropped {dropped}");
+    assert!(out > 0, "no frame was handed over: {s:#?}");
+    assert_eq!(
+        out,
+        into + dropped,
+        "handed-over frames are received or counted"
+    );
 }
 
 /// The same with every SYN at once. Before the engine dispatched by 4-tuple, a
@@ -1004,17 +1049,19 @@ fn hundreds_of_concurrent_sessions_each_arrive_intact() {
 /// answered it, and one session in such a storm then stalled now and then (5 of 7 runs).
 #[test]
 fn syn_storm_of_concurrent_sessions() {
-    concurrent_sessions("nx7", Duration::ZERO);
+    concurrent_sessions("nx7", Duration::ZERO, 1);
 }
 
-fn concurrent_sessions(prefix: &'static str, stagger: Duration) {
+/// 200 clients through the middlebox (`queues` workers per NIC), each stream checked at
+/// the primary and the replica. Returns the final stats.
+fn concurrent_sessions(prefix: &'static str, stagger: Duration, queues: u16) -> ReplicationStats {
     if !ncp_testbed::ready_or_skip("xdp replication concurrent sessions", &["ping"]) {
-        return;
+        return ReplicationStats::default();
     }
     let _serial = serial();
     const SESSIONS: usize = 200;
     const EACH: usize = 64 << 10;
-    let scene = Scene::start(prefix, &[Service::new("many", STREAM_PORT)]);
+    let scene = Scene::start_with_queues(prefix, &[Service::new("many", STREAM_PORT)], queues);
     let primary = many_shot_server(&scene.bed, "primary", STREAM_PORT, SESSIONS);
     let replica = many_shot_server(&scene.bed, "replica", STREAM_PORT, SESSIONS);
     let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
@@ -1069,4 +1116,5 @@ fn concurrent_sessions(prefix: &'static str, stagger: Duration) {
     );
     let mut scene = scene;
     scene.stop_middlebox();
+    s
 }

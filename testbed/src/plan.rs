@@ -95,6 +95,8 @@ pub struct HostLink {
     pub bridge: String,
     pub ofport: u16,
     pub root_ifname: String,
+    /// Queues of both veth ends.
+    pub queues: u16,
 }
 
 /// A veth pair between two bridges, both ends in the root namespace.
@@ -261,6 +263,7 @@ impl Plan {
                     bridge: bridges[si].bridge.clone(),
                     ofport,
                     root_ifname,
+                    queues: iface.queues,
                 });
             }
         }

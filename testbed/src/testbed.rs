@@ -293,16 +293,25 @@ impl Testbed {
             );
             // The host end is created directly inside the namespace, so its name never
             // clashes with an interface of the root namespace.
+            let queues = l.queues.to_string();
             cmd::run(&[
                 "ip",
                 "link",
                 "add",
                 &l.root_ifname,
+                "numtxqueues",
+                &queues,
+                "numrxqueues",
+                &queues,
                 "type",
                 "veth",
                 "peer",
                 "name",
                 &l.iface,
+                "numtxqueues",
+                &queues,
+                "numrxqueues",
+                &queues,
                 "netns",
                 &l.netns,
             ])?;

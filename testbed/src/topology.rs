@@ -18,6 +18,7 @@
 //! address = "198.18.1.1/24"   # must lie inside 198.18.0.0/15
 //! mac = "02:00:c6:12:01:01"   # fixed unicast MAC, unique
 //! port = 1               # optional OpenFlow port number on the switch
+//! queues = 2             # optional: receive/transmit queues of the veth pair (default 1)
 //!
 //! [[link]]               # switch-to-switch cable
 //! a = "core"
@@ -83,6 +84,9 @@ pub struct Interface {
     pub mac: Mac,
     /// Requested OpenFlow port number on `switch`, if the file gives one.
     pub port: Option<u16>,
+    /// Receive and transmit queues of the veth pair (1 unless the file asks for more;
+    /// a multi-queue NIC lets several data-plane workers share it).
+    pub queues: u16,
 }
 
 /// A cable between two switches.
@@ -183,6 +187,7 @@ struct FileIface {
     address: String,
     mac: String,
     port: Option<u32>,
+    queues: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -467,6 +472,7 @@ fn validate(file: FileTopology, text: &str) -> std::result::Result<Topology, Vec
                 prefix_len,
                 mac,
                 port,
+                queues: i.queues.unwrap_or(1).max(1),
             };
             // Two NICs of one host in overlapping subnets would make the kernel's choice of
             // outgoing NIC (and which NIC answers ARP) arbitrary; tests then pass or fail by luck.
