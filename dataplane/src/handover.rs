@@ -331,8 +331,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn frames_reach_their_owner_and_wake_it() {
+    /// Two workers sharing ports 20000 (worker 0) and 20001 (worker 1), with their wakers.
+    fn two_workers() -> (Vec<Handover>, Vec<Arc<Waker>>) {
         let o = Ownership::split(
             OWN,
             PortRange {
@@ -343,9 +343,13 @@ mod tests {
         )
         .unwrap();
         let wakers: Vec<Arc<Waker>> = (0..2).map(|_| Arc::new(Waker::new().unwrap())).collect();
-        let mut ends = link_handovers(&o, &wakers)
-            .into_iter()
-            .map(HandoverPort::new);
+        (link_handovers(&o, &wakers), wakers)
+    }
+
+    #[test]
+    fn frames_reach_their_owner_and_wake_it() {
+        let (ends, wakers) = two_workers();
+        let mut ends = ends.into_iter().map(HandoverPort::new);
         let (mut w0, mut w1) = (ends.next().unwrap(), ends.next().unwrap());
         let primary = Ipv4Addr::new(198, 18, 1, 2);
         let for_w1 = tcp((primary, 80), (OWN, 20001));
@@ -376,17 +380,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts() {
-        let o = Ownership::split(
-            OWN,
-            PortRange {
-                first: 20000,
-                last: 20001,
-            },
-            2,
-        )
-        .unwrap();
-        let wakers: Vec<Arc<Waker>> = (0..2).map(|_| Arc::new(Waker::new().unwrap())).collect();
-        let mut ends = link_handovers(&o, &wakers);
+        let (mut ends, _wakers) = two_workers();
         let _w1 = ends.pop(); // keeps worker 1's queue open
         let mut w0 = HandoverPort::new(ends.remove(0));
         let packet = tcp((Ipv4Addr::new(198, 18, 1, 2), 80), (OWN, 20001));
