@@ -403,6 +403,16 @@ fn endpoint(addr: SocketAddrV4) -> IpEndpoint {
     IpEndpoint::new(IpAddress::Ipv4(*addr.ip()), addr.port())
 }
 
+/// Milliseconds of the wall clock, as TCP timestamps (RFC 7323: any clock that ticks
+/// between 1 ms and 1 s and only moves forward).
+fn wall_clock_millis() -> u32 {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    // The timestamp wraps like the sequence space; only its low bits matter.
+    (millis & u128::from(u32::MAX)) as u32
+}
+
 /// States in which the peer's FIN has been received.
 fn fin_received(state: State) -> bool {
     matches!(
@@ -484,6 +494,13 @@ impl<D: EngineDevice> Engine<D> {
         socket.set_nagle_enabled(!self.config.nodelay);
         socket.set_timeout(self.config.timeout.map(SmolDuration::from));
         socket.set_congestion_control(self.config.congestion_control);
+        // Timestamps from the wall clock keep growing across restarts of the data plane.
+        // A server still holding one of our earlier connections in TIME-WAIT (it closed
+        // first, as web servers do) takes a new SYN on the same ports only when its
+        // timestamp is newer (or, without timestamps, when its random ISN happens to be
+        // above the old sequence: half the time). Without this, every other upstream
+        // connection after a restart waited a 1 s SYN retransmission.
+        socket.set_tsval_generator(Some(wall_clock_millis));
         socket
     }
 
