@@ -61,7 +61,9 @@ enum Task {
     },
     /// Benchmarks, side by side in one run; results in bench-results/.
     Bench {
-        /// Experiments to run (default: all).
+        /// Experiments to run (default: all; only a run of all of them rewrites
+        /// BENCHMARKS.md, others write BENCHMARKS.md.partial). The test bed's prefix is
+        /// `NCP_BENCH_PREFIX` (default `ncpb`).
         #[arg(value_enum)]
         experiments: Vec<bench::Experiment>,
         /// Rounds per measurement.
@@ -116,12 +118,6 @@ fn main() {
             dataplane,
             quick,
         } => {
-            let all = [
-                bench::Experiment::Steering,
-                bench::Experiment::Iperf,
-                bench::Experiment::Httperf,
-                bench::Experiment::Pgbench,
-            ];
             let options = bench::Options {
                 repetitions: repetitions.max(1),
                 dataplanes: dataplane,
@@ -129,7 +125,7 @@ fn main() {
             };
             bench::bench(
                 if experiments.is_empty() {
-                    &all
+                    <bench::Experiment as clap::ValueEnum>::value_variants()
                 } else {
                     &experiments
                 },

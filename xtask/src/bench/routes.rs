@@ -89,9 +89,9 @@ impl Route {
                     primary,
                     &Mac(bed.mac("middlebox", "eth0")?).to_string(),
                 )?;
-                let config = middlebox_config(bed, *replication, port)?;
-                let socket = Path::new("/run/ncp-bench/mb.sock");
-                Middlebox::start_mode(bed, "middlebox", bins, &config, socket, dataplane).map(Some)
+                let socket = super::run_dir().join("mb.sock");
+                let config = middlebox_config(bed, *replication, port, &socket)?;
+                Middlebox::start_mode(bed, "middlebox", bins, &config, &socket, dataplane).map(Some)
             }
         }
     }
@@ -144,7 +144,12 @@ pub fn limit_links(bed: &Testbed, limited: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn middlebox_config(bed: &Testbed, replication: Replication, port: u16) -> anyhow::Result<String> {
+fn middlebox_config(
+    bed: &Testbed,
+    replication: Replication,
+    port: u16,
+    socket: &Path,
+) -> anyhow::Result<String> {
     let source = bed.address("source", "eth0")?;
     let primary = bed.address("primary", "eth0")?;
     let mb0 = bed.address("middlebox", "eth0")?;
@@ -161,10 +166,11 @@ fn middlebox_config(bed: &Testbed, replication: Replication, port: u16) -> anyho
         ),
     };
     Ok(format!(
-        "control_socket = \"/run/ncp-bench/mb.sock\"\n\
+        "control_socket = \"{}\"\n\
          [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
          [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
          [[services]]\nname = \"bench\"\nprimary = \"{primary}:{port}\"\nclients = \"{source}/32\"\n\
-         replicas = [{replicas}]\n{extra}"
+         replicas = [{replicas}]\n{extra}",
+        socket.display()
     ))
 }
