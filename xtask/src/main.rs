@@ -76,6 +76,15 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// The scale benchmark's sink, run by it inside a test-bed host: accepts connections
+    /// on LISTEN, discards what they send, reports counters on stdout, exits when stdin
+    /// closes.
+    #[command(hide = true)]
+    ScaleSink {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,6 +121,7 @@ fn main() {
         Task::Demo { keep } => e2e::demo(keep),
         Task::DemoSteering { keep } => demo::demo(keep),
         Task::Deploy { config, netns } => deploy::deploy(&config, netns.as_deref()),
+        Task::ScaleSink { listen } => bench::scale_sink(listen),
         Task::Bench {
             experiments,
             repetitions,

@@ -8,6 +8,7 @@ mod httperf;
 mod iperf;
 mod pgbench;
 mod routes;
+mod scale;
 mod steering;
 
 use std::{fmt::Write as _, path::PathBuf};
@@ -16,6 +17,8 @@ use clap::ValueEnum as _;
 use ncp_testbed::{Testbed, Topology, UpOptions};
 
 use crate::{cmd::step, middlebox, setup};
+
+pub use scale::sink_main as scale_sink;
 
 /// Test-bed prefix when `NCP_BENCH_PREFIX` is not set.
 const DEFAULT_PREFIX: &str = "ncpb";
@@ -50,6 +53,9 @@ pub enum Experiment {
     Httperf,
     /// A database workload (the paper's RUBiS stand-in): pgbench tps and latency per mode.
     Pgbench,
+    /// 1,000 and 10,000 concurrent sessions on one worker: memory per session, time to
+    /// open them, and throughput with every one of them sending.
+    Scale,
 }
 
 /// Options common to all experiments.
@@ -82,6 +88,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
             Experiment::Iperf => iperf::iperf(&bed, &bins, options),
             Experiment::Httperf => httperf::httperf(&bed, &bins, options),
             Experiment::Pgbench => pgbench::pgbench(&bed, &bins, options),
+            Experiment::Scale => scale::scale(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),

@@ -74,6 +74,17 @@ impl Route {
         bins: &Path,
         port: u16,
     ) -> anyhow::Result<Option<Middlebox>> {
+        self.enter_tuned(bed, bins, port, &Tuning::default())
+    }
+
+    /// [`Route::enter`] with a middlebox configured beyond the defaults.
+    pub fn enter_tuned(
+        &self,
+        bed: &Testbed,
+        bins: &Path,
+        port: u16,
+        tuning: &Tuning,
+    ) -> anyhow::Result<Option<Middlebox>> {
         let primary = bed.address("primary", "eth0")?;
         match self {
             Route::Direct => {
@@ -90,11 +101,20 @@ impl Route {
                     &Mac(bed.mac("middlebox", "eth0")?).to_string(),
                 )?;
                 let socket = super::run_dir().join("mb.sock");
-                let config = middlebox_config(bed, *replication, port, &socket)?;
+                let config = middlebox_config(bed, *replication, port, &socket, tuning)?;
                 Middlebox::start_mode(bed, "middlebox", bins, &config, &socket, dataplane).map(Some)
             }
         }
     }
+}
+
+/// Middlebox settings beyond the defaults, for an experiment that takes it to its limits.
+#[derive(Clone, Debug, Default)]
+pub struct Tuning {
+    /// Owned port range of every interface (the XDP data plane's upstream ports).
+    pub ports: Option<(u16, u16)>,
+    /// Top-level tables appended to the configuration (`[limits]`, `[tcp]`).
+    pub tables: String,
 }
 
 /// Restores direct forwarding from the source to the primary.
@@ -149,6 +169,7 @@ fn middlebox_config(
     replication: Replication,
     port: u16,
     socket: &Path,
+    tuning: &Tuning,
 ) -> anyhow::Result<String> {
     let source = bed.address("source", "eth0")?;
     let primary = bed.address("primary", "eth0")?;
@@ -165,12 +186,16 @@ fn middlebox_config(
             "replica_interface = \"eth1\"\n".to_owned(),
         ),
     };
+    let ports = tuning.ports.map_or(String::new(), |(first, last)| {
+        format!("ports = {{ first = {first}, last = {last} }}\n")
+    });
     Ok(format!(
         "control_socket = \"{}\"\n\
-         [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
-         [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
+         [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
+         [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
          [[services]]\nname = \"bench\"\nprimary = \"{primary}:{port}\"\nclients = \"{source}/32\"\n\
-         replicas = [{replicas}]\n{extra}",
-        socket.display()
+         replicas = [{replicas}]\n{extra}{}",
+        socket.display(),
+        tuning.tables
     ))
 }
