@@ -113,9 +113,9 @@ pub fn scale(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
             ));
             // One failed run is reported in its row, not fatal: the others still tell.
             let result = measure(bed, bins, &route, &tuning, &hosts, n, bytes_each)
-                .map_err(|e| format!("{e:#}"));
+                .map_err(|e| format!("failed: {e:#}"));
             if let Err(e) = &result {
-                eprintln!("      failed: {e}");
+                eprintln!("      {e}");
             }
             cells.push((dataplane.clone(), n, result));
         }
@@ -228,7 +228,11 @@ fn measure(
         n,
         started + Duration::from_secs(30) + Duration::from_millis(20) * n as u32,
         |k| eprintln!("      {k} of {n} client connections established"),
-    )?;
+    )
+    .with_context(|| match sessions(&mb) {
+        Ok((active, refused)) => format!("middlebox: {active} sessions active, {refused} refused"),
+        Err(e) => format!("middlebox stats unavailable: {e:#}"),
+    })?;
     let target = n as u64;
     wait_for(
         &format!("{n} sessions open"),
