@@ -506,3 +506,16 @@ fn poll_once(poll: &mut Poll, events: &mut Events, timeout: Duration) -> anyhow:
         other => other.context("poll"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_counters;
+
+    #[test]
+    fn reads_the_sink_counter_line_and_nothing_else() {
+        assert_eq!(parse_counters("open=3 bytes=65536"), Some((3, 65536)));
+        assert_eq!(parse_counters("listening"), None);
+        assert_eq!(parse_counters("open=3"), None);
+        assert_eq!(parse_counters("open=x bytes=1"), None);
+    }
+}
