@@ -61,7 +61,9 @@ enum Task {
     },
     /// Benchmarks, side by side in one run; results in bench-results/.
     Bench {
-        /// Experiments to run (default: all).
+        /// Experiments to run (default: all; only a run of all of them rewrites
+        /// BENCHMARKS.md, others write BENCHMARKS.md.partial). The test bed's prefix is
+        /// `NCP_BENCH_PREFIX` (default `ncpb`).
         #[arg(value_enum)]
         experiments: Vec<bench::Experiment>,
         /// Rounds per measurement.
@@ -73,6 +75,15 @@ enum Task {
         /// Fewer stream counts and shorter runs.
         #[arg(long)]
         quick: bool,
+    },
+    /// The scale benchmark's sink, run by it inside a test-bed host: accepts connections
+    /// on LISTEN, discards what they send, reports counters on stdout, exits when stdin
+    /// closes.
+    #[command(hide = true)]
+    ScaleSink {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -110,18 +121,13 @@ fn main() {
         Task::Demo { keep } => e2e::demo(keep),
         Task::DemoSteering { keep } => demo::demo(keep),
         Task::Deploy { config, netns } => deploy::deploy(&config, netns.as_deref()),
+        Task::ScaleSink { listen } => bench::scale_sink(listen),
         Task::Bench {
             experiments,
             repetitions,
             dataplane,
             quick,
         } => {
-            let all = [
-                bench::Experiment::Steering,
-                bench::Experiment::Iperf,
-                bench::Experiment::Httperf,
-                bench::Experiment::Pgbench,
-            ];
             let options = bench::Options {
                 repetitions: repetitions.max(1),
                 dataplanes: dataplane,
@@ -129,7 +135,7 @@ fn main() {
             };
             bench::bench(
                 if experiments.is_empty() {
-                    &all
+                    <bench::Experiment as clap::ValueEnum>::value_variants()
                 } else {
                     &experiments
                 },

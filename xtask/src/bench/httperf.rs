@@ -18,7 +18,6 @@ use crate::cmd::step;
 const PORT: u16 = 8080;
 /// httperf's `--wset=5` asks for /0.html … /4.html.
 const FILE_KB: [usize; 5] = [1, 10, 30, 50, 70];
-const WEB_ROOT: &str = "/run/ncp-bench/www";
 
 pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<String> {
     let connections: &[u32] = if options.quick {
@@ -26,10 +25,12 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     } else {
         &[100, 300, 500]
     };
-    std::fs::create_dir_all(WEB_ROOT)?;
+    let web_root = super::run_dir().join("www");
+    std::fs::create_dir_all(&web_root)?;
     for (i, kb) in FILE_KB.iter().enumerate() {
-        std::fs::write(format!("{WEB_ROOT}/{i}.html"), vec![b'x'; kb * 1024])?;
+        std::fs::write(web_root.join(format!("{i}.html")), vec![b'x'; kb * 1024])?;
     }
+    let web_root = web_root.to_str().context("non-UTF-8 web root")?;
     // Namespaces share the file system, so one web root serves both servers.
     let mut servers = Vec::new();
     for host in ["primary", "replica"] {
@@ -41,7 +42,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
                 "http.server",
                 &PORT.to_string(),
                 "--directory",
-                WEB_ROOT,
+                web_root,
             ],
         )?);
     }

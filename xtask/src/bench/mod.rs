@@ -1,20 +1,43 @@
 //! `cargo xtask bench`: measurements, side by side in one run (this machine is shared and
 //! noisy, so only ratios from the same run mean much). Results go to `bench-results/`
-//! (JSON per experiment) and the tables to `BENCHMARKS.md`.
+//! (JSON per experiment) and the tables to `BENCHMARKS.md` (a run of only some
+//! experiments writes `BENCHMARKS.md.partial` instead, so it never replaces the full
+//! report with a part of it).
 
 mod httperf;
 mod iperf;
 mod pgbench;
 mod routes;
+mod scale;
 mod steering;
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, path::PathBuf};
 
+use clap::ValueEnum as _;
 use ncp_testbed::{Testbed, Topology, UpOptions};
 
 use crate::{cmd::step, middlebox, setup};
 
-pub(crate) const PREFIX: &str = "ncpb";
+pub use scale::sink_main as scale_sink;
+
+/// Test-bed prefix when `NCP_BENCH_PREFIX` is not set.
+const DEFAULT_PREFIX: &str = "ncpb";
+
+/// The test-bed prefix of this run: `NCP_BENCH_PREFIX` or `ncpb`. Bringing the bench's
+/// test bed up first tears down whatever carries the prefix, so two people benchmarking on
+/// one machine need different ones.
+pub(crate) fn prefix() -> String {
+    std::env::var("NCP_BENCH_PREFIX")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_PREFIX.to_owned())
+}
+
+/// Scratch directory of this prefix's runs (control sockets, web root, database), kept
+/// apart per prefix for the same reason as the test bed.
+pub(crate) fn run_dir() -> PathBuf {
+    PathBuf::from("/run/ncp-bench").join(prefix())
+}
 
 /// Which experiment to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -30,6 +53,9 @@ pub enum Experiment {
     Httperf,
     /// A database workload (the paper's RUBiS stand-in): pgbench tps and latency per mode.
     Pgbench,
+    /// 1,000 and 10,000 concurrent sessions on one worker: memory per session, time to
+    /// open them, and throughput with every one of them sending.
+    Scale,
 }
 
 /// Options common to all experiments.
@@ -48,9 +74,12 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
     setup::setup()?;
     let bins = middlebox::build_release()?;
     let topology = Topology::load("testbed/paper.toml")?;
-    let _ = Testbed::down(PREFIX);
-    step("bringing up the paper test bed for benchmarks");
-    let bed = Testbed::up(&topology, &UpOptions::with_prefix(PREFIX))?;
+    let prefix = prefix();
+    let _ = Testbed::down(&prefix);
+    step(&format!(
+        "bringing up the paper test bed for benchmarks (prefix `{prefix}`)"
+    ));
+    let bed = Testbed::up(&topology, &UpOptions::with_prefix(&prefix))?;
     let mut report = String::new();
     let mut result = Ok(());
     for experiment in experiments {
@@ -59,6 +88,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
             Experiment::Iperf => iperf::iperf(&bed, &bins, options),
             Experiment::Httperf => httperf::httperf(&bed, &bins, options),
             Experiment::Pgbench => pgbench::pgbench(&bed, &bins, options),
+            Experiment::Scale => scale::scale(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),
@@ -69,7 +99,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
         }
     }
     step("tearing down");
-    Testbed::down(PREFIX)?;
+    Testbed::down(&prefix)?;
     result?;
     write_benchmarks_md(experiments, options, &report)
 }
@@ -111,8 +141,22 @@ fn write_benchmarks_md(
         kernel.trim()
     );
     doc.push_str(body);
-    std::fs::write("BENCHMARKS.md", doc)?;
-    eprintln!("    wrote BENCHMARKS.md");
+    // BENCHMARKS.md is the report of one run of every experiment; a run of some of them
+    // would otherwise drop the others' sections.
+    let complete = Experiment::value_variants()
+        .iter()
+        .all(|e| experiments.contains(e));
+    let path = if complete {
+        "BENCHMARKS.md"
+    } else {
+        "BENCHMARKS.md.partial"
+    };
+    std::fs::write(path, doc)?;
+    if complete {
+        eprintln!("    wrote {path}");
+    } else {
+        eprintln!("    wrote {path} (not every experiment ran, so BENCHMARKS.md stays as it was)");
+    }
     Ok(())
 }
 

@@ -19,16 +19,16 @@ use super::{
 use crate::cmd::step;
 
 const PORT: u16 = 5432;
-const DATA: &str = "/run/ncp-bench/pg";
 
 pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<String> {
     let seconds = if options.quick { "5" } else { "15" };
     let clients = "4";
-    let _ = std::fs::remove_dir_all(DATA);
-    std::fs::create_dir_all(DATA)?;
+    let data = super::run_dir().join("pg");
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data)?;
     let mut servers = Vec::new();
     for host in ["primary", "replica"] {
-        let (_, child) = Postgres::start(bed, host, PORT, Path::new(DATA))?;
+        let (_, child) = Postgres::start(bed, host, PORT, &data)?;
         servers.push(child);
     }
     let primary = bed.address("primary", "eth0")?;
@@ -68,7 +68,7 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         let _ = server.kill();
         let _ = server.wait();
     }
-    let _ = std::fs::remove_dir_all(DATA);
+    let _ = std::fs::remove_dir_all(&data);
     outcome?;
 
     let mut md = String::from("## Database workload (instead of the paper's RUBiS): pgbench\n\n");

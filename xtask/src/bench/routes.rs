@@ -74,6 +74,17 @@ impl Route {
         bins: &Path,
         port: u16,
     ) -> anyhow::Result<Option<Middlebox>> {
+        self.enter_tuned(bed, bins, port, &Tuning::default())
+    }
+
+    /// [`Route::enter`] with a middlebox configured beyond the defaults.
+    pub fn enter_tuned(
+        &self,
+        bed: &Testbed,
+        bins: &Path,
+        port: u16,
+        tuning: &Tuning,
+    ) -> anyhow::Result<Option<Middlebox>> {
         let primary = bed.address("primary", "eth0")?;
         match self {
             Route::Direct => {
@@ -89,12 +100,21 @@ impl Route {
                     primary,
                     &Mac(bed.mac("middlebox", "eth0")?).to_string(),
                 )?;
-                let config = middlebox_config(bed, *replication, port)?;
-                let socket = Path::new("/run/ncp-bench/mb.sock");
-                Middlebox::start_mode(bed, "middlebox", bins, &config, socket, dataplane).map(Some)
+                let socket = super::run_dir().join("mb.sock");
+                let config = middlebox_config(bed, *replication, port, &socket, tuning)?;
+                Middlebox::start_mode(bed, "middlebox", bins, &config, &socket, dataplane).map(Some)
             }
         }
     }
+}
+
+/// Middlebox settings beyond the defaults, for an experiment that takes it to its limits.
+#[derive(Clone, Debug, Default)]
+pub struct Tuning {
+    /// Owned port range of every interface (the XDP data plane's upstream ports).
+    pub ports: Option<(u16, u16)>,
+    /// Top-level tables appended to the configuration (`[limits]`, `[tcp]`).
+    pub tables: String,
 }
 
 /// Restores direct forwarding from the source to the primary.
@@ -144,7 +164,13 @@ pub fn limit_links(bed: &Testbed, limited: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn middlebox_config(bed: &Testbed, replication: Replication, port: u16) -> anyhow::Result<String> {
+fn middlebox_config(
+    bed: &Testbed,
+    replication: Replication,
+    port: u16,
+    socket: &Path,
+    tuning: &Tuning,
+) -> anyhow::Result<String> {
     let source = bed.address("source", "eth0")?;
     let primary = bed.address("primary", "eth0")?;
     let mb0 = bed.address("middlebox", "eth0")?;
@@ -160,11 +186,16 @@ fn middlebox_config(bed: &Testbed, replication: Replication, port: u16) -> anyho
             "replica_interface = \"eth1\"\n".to_owned(),
         ),
     };
+    let ports = tuning.ports.map_or(String::new(), |(first, last)| {
+        format!("ports = {{ first = {first}, last = {last} }}\n")
+    });
     Ok(format!(
-        "control_socket = \"/run/ncp-bench/mb.sock\"\n\
-         [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
-         [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
+        "control_socket = \"{}\"\n\
+         [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
+         [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
          [[services]]\nname = \"bench\"\nprimary = \"{primary}:{port}\"\nclients = \"{source}/32\"\n\
-         replicas = [{replicas}]\n{extra}"
+         replicas = [{replicas}]\n{extra}{}",
+        socket.display(),
+        tuning.tables
     ))
 }

@@ -17,14 +17,12 @@ use crate::{
     middlebox::{self, Middlebox},
 };
 
-const PREFIX: &str = super::PREFIX;
-
 pub fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<String> {
     let source = bed.address("source", "eth0")?.to_string();
     let primary = bed.address("primary", "eth0")?.to_string();
     let mb_ip = bed.address("middlebox", "eth0")?.to_string();
     let mb_mac = ncp_testbed::Mac(bed.mac("middlebox", "eth0")?).to_string();
-    let socket = Path::new("/run/ncp-bench/mb.sock");
+    let socket = super::run_dir().join("mb.sock");
     let config = format!(
         "control_socket = \"{}\"\n[[interfaces]]\nname = \"eth0\"\naddress = \"{mb_ip}\"\n\
          queues = [{{ queue = 0, core = 1 }}]\n[[rules]]\nid = 1\nsource = \"{source}/32\"\n\
@@ -46,7 +44,7 @@ pub fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<
     let mut rx_rates = Vec::new();
     for round in 0..repetitions {
         without.push(iperf(bed, &mb_ip)?);
-        let mb = Middlebox::start(bed, "middlebox", bins, &config, socket)?;
+        let mb = Middlebox::start(bed, "middlebox", bins, &config, &socket)?;
         with.push(iperf(bed, &mb_ip)?);
 
         // 2. Frames per second into AF_XDP for the matching flow, in the same round.
@@ -199,7 +197,8 @@ fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result
     step("direct veth source ↔ middlebox: frames per second through XDP, redirect versus pass");
     let source_ns = bed.netns("source")?;
     let mb_ns = bed.netns("middlebox")?;
-    let (a, b) = (format!("{PREFIX}-da"), format!("{PREFIX}-db"));
+    let prefix = super::prefix();
+    let (a, b) = (format!("{prefix}-da"), format!("{prefix}-db"));
     let _ = crate::cmd::capture(&["ip", "link", "del", &a]);
     crate::cmd::run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b])?;
     for (dev, ns, addr) in [
@@ -222,14 +221,14 @@ fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         }
     };
-    let socket = Path::new("/run/ncp-bench/direct.sock");
+    let socket = super::run_dir().join("direct.sock");
     let config = format!(
         "control_socket = \"{}\"\n[[interfaces]]\nname = \"direct0\"\naddress = \"198.19.9.2\"\n\
          queues = [{{ queue = 0, core = 1 }}]\n[[rules]]\nid = 1\nsource = \"198.19.9.1/32\"\n\
          destination = \"198.19.9.3\"\ndestination_port = 5201\n",
         socket.display()
     );
-    let mb = Middlebox::start(bed, "middlebox", bins, &config, socket)?;
+    let mb = Middlebox::start(bed, "middlebox", bins, &config, &socket)?;
     let frames: u64 = 1_000_000;
     let send = |port: &str| -> anyhow::Result<f64> {
         let out = bed.exec(
