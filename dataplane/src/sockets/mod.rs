@@ -109,13 +109,31 @@ pub struct Options {
 }
 
 impl Options {
-    /// One worker per configured queue, pinned like the AF_XDP workers would be.
+    /// One worker per configured queue of the client-facing interfaces, pinned like the
+    /// AF_XDP workers would be. An interface that only carries replica traffic (a
+    /// service's `replica_interface`) gets no worker: the kernel routes the relay's
+    /// replica connections there, and an extra worker would make the sockets relay look
+    /// cheaper per core than it is. With no client-facing interface left, every queue
+    /// counts.
     pub fn from_config(config: &Config) -> Self {
-        let mut workers: Vec<Option<usize>> = config
-            .interfaces
-            .iter()
-            .flat_map(|i| i.queues.iter().map(|q| q.core))
-            .collect();
+        let replica_only = |name: &str| {
+            config
+                .services
+                .iter()
+                .any(|s| s.replica_interface.as_deref() == Some(name))
+        };
+        let cores = |client_facing_only: bool| -> Vec<Option<usize>> {
+            config
+                .interfaces
+                .iter()
+                .filter(|i| !client_facing_only || !replica_only(&i.name))
+                .flat_map(|i| i.queues.iter().map(|q| q.core))
+                .collect()
+        };
+        let mut workers = cores(true);
+        if workers.is_empty() {
+            workers = cores(false);
+        }
         if workers.is_empty() {
             workers.push(None);
         }
@@ -293,4 +311,51 @@ fn bind_services(
         });
     }
     Ok((plans, listeners))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(replica_interface: Option<&str>) -> Config {
+        let replica_line = replica_interface
+            .map(|name| format!("replica_interface = \"{name}\""))
+            .unwrap_or_default();
+        let text = format!(
+            r#"
+            [[interfaces]]
+            name = "client0"
+            address = "198.18.1.4"
+            queues = [{{ queue = 0, core = 0 }}]
+            [[interfaces]]
+            name = "repl0"
+            address = "198.18.2.4"
+            queues = [{{ queue = 0, core = 1 }}]
+            [[services]]
+            name = "redis"
+            primary = "198.18.1.2:6379"
+            replicas = ["198.18.2.3:6379"]
+            {replica_line}
+            "#
+        );
+        let config: Config = toml::from_str(&text).expect("test config parses");
+        config.validate(2).expect("test config is valid");
+        config
+    }
+
+    #[test]
+    fn the_replication_interface_gets_no_relay_worker() {
+        assert_eq!(
+            Options::from_config(&config(Some("repl0"))).workers,
+            vec![Some(0)]
+        );
+    }
+
+    #[test]
+    fn without_a_replication_interface_every_queue_gets_a_worker() {
+        assert_eq!(
+            Options::from_config(&config(None)).workers,
+            vec![Some(0), Some(1)]
+        );
+    }
 }
