@@ -75,6 +75,12 @@ enum Task {
         /// Fewer stream counts and shorter runs.
         #[arg(long)]
         quick: bool,
+        /// Per-connection TCP buffer (bytes) of XDP mode's connections in the iperf,
+        /// httperf and pgbench experiments: the config's `[tcp] buffer_bytes`. A single
+        /// stream is bounded by buffer / round-trip time, so this is the knob to try when
+        /// one stream falls short of the link. Default: the data plane's own (64 KiB).
+        #[arg(long, value_name = "BYTES")]
+        tcp_buffer: Option<u32>,
     },
     /// The scale benchmark's sink, run by it inside a test-bed host: accepts connections
     /// on LISTEN, discards what they send, reports counters on stdout, exits when stdin
@@ -127,11 +133,13 @@ fn main() {
             repetitions,
             dataplane,
             quick,
+            tcp_buffer,
         } => {
             let options = bench::Options {
                 repetitions: repetitions.max(1),
                 dataplanes: dataplane,
                 quick,
+                tcp_buffer,
             };
             bench::bench(
                 if experiments.is_empty() {

@@ -59,7 +59,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         for round in 0..options.repetitions {
             for route in &routes {
                 step(&format!("httperf round {}: {}", round + 1, route.label()));
-                let _mb = route.enter(bed, bins, PORT)?;
+                let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
                 for &n in connections {
                     let ms = match run_httperf(bed, primary, n) {
                         Ok(ms) => ms,

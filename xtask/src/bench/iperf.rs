@@ -61,7 +61,7 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
             for round in 0..options.repetitions {
                 for path in &paths {
                     step(&format!("{regime}, round {}: {}", round + 1, path.label()));
-                    let mb = path.enter(bed, bins, PORT)?;
+                    let mb = path.enter(bed, bins, PORT, &options.relay_tuning())?;
                     for &n in streams {
                         let cpu_before = mb.as_ref().and_then(|m| m.cpu_seconds());
                         let started = std::time::Instant::now();

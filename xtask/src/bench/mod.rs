@@ -67,6 +67,20 @@ pub struct Options {
     pub dataplanes: Vec<String>,
     /// Fewer stream counts and shorter runs.
     pub quick: bool,
+    /// `[tcp] buffer_bytes` of the middlebox in the relay experiments (None: its default).
+    pub tcp_buffer: Option<u32>,
+}
+
+impl Options {
+    /// Middlebox settings of the relay experiments (iperf, httperf, pgbench).
+    pub fn relay_tuning(&self) -> routes::Tuning {
+        routes::Tuning {
+            ports: None,
+            tables: self.tcp_buffer.map_or(String::new(), |bytes| {
+                format!("[tcp]\nbuffer_bytes = {bytes}\n")
+            }),
+        }
+    }
 }
 
 /// Runs the chosen experiments on one test bed and writes BENCHMARKS.md.
@@ -126,7 +140,7 @@ fn write_benchmarks_md(
         .collect();
     let _ = writeln!(
         doc,
-        "Produced by one run of `cargo xtask bench {} --repetitions {}{}{}` on {cores} cores ({cpu}), \
+        "Produced by one run of `cargo xtask bench {} --repetitions {}{}{}{}` on {cores} cores ({cpu}), \
          Linux {}, hosts in network namespaces joined by Open vSwitch (userspace datapath) bridges. \
          The machine is shared and noisy: compare the numbers within a table (measured side by \
          side, alternating), not across runs.\n",
@@ -138,6 +152,9 @@ fn write_benchmarks_md(
         } else {
             format!(" --dataplane {}", options.dataplanes.join(","))
         },
+        options
+            .tcp_buffer
+            .map_or(String::new(), |bytes| format!(" --tcp-buffer {bytes}")),
         kernel.trim()
     );
     doc.push_str(body);

@@ -42,7 +42,7 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         for round in 0..options.repetitions {
             for route in &routes {
                 step(&format!("pgbench round {}: {}", round + 1, route.label()));
-                let _mb = route.enter(bed, bins, PORT)?;
+                let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
                 // Every route starts from the same freshly initialised tables.
                 run(bed, primary, &["-i", "-s", "2", "-q"])?;
                 let out = run(

@@ -67,18 +67,9 @@ impl Route {
 
     /// Sets the route up for a service on `port` and returns the middlebox, if any. The
     /// source's frames for the primary are sent to the middlebox's MAC, which is what the
-    /// controller's redirect rule does on a real switch.
+    /// controller's redirect rule does on a real switch. `tuning` configures the
+    /// middlebox beyond its defaults (`Tuning::default()`: none).
     pub fn enter(
-        &self,
-        bed: &Testbed,
-        bins: &Path,
-        port: u16,
-    ) -> anyhow::Result<Option<Middlebox>> {
-        self.enter_tuned(bed, bins, port, &Tuning::default())
-    }
-
-    /// [`Route::enter`] with a middlebox configured beyond the defaults.
-    pub fn enter_tuned(
         &self,
         bed: &Testbed,
         bins: &Path,

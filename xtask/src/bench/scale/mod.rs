@@ -214,7 +214,7 @@ fn measure(
     let primary = Sink::start(bed, "primary", hosts.primary_at)?;
     let replica = Sink::start(bed, "replica", hosts.replica_at)?;
     let mut mb = route
-        .enter_tuned(bed, bins, PORT, tuning)?
+        .enter(bed, bins, PORT, tuning)?
         .context("the route has no middlebox")?;
     // Let start-up finish its allocations before the baseline is taken.
     std::thread::sleep(Duration::from_secs(1));
@@ -429,8 +429,8 @@ fn report(cells: &[(String, usize, Result<Measured, String>)], bytes_each: usize
         md,
         "One service with one replica on the dedicated replication NIC. The middlebox's \
          workers are pinned to one core: XDP mode has one worker serving both NICs; sockets \
-         mode starts a thread per configured queue, the replication NIC's included, so two \
-         (the `workers` column), on that same core.\n\n\
+         mode one relay thread (the replication NIC carries only the relay's own \
+         connections to the replica, which the kernel routes).\n\n\
          - *Time to open*: from the first connect until the middlebox counts every session \
          and the primary and the replica each hold as many connections ({} client \
          handshakes at a time).\n\
