@@ -106,7 +106,20 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         &lifetimes,
         |ms| format!("{ms:.2}"),
     );
-    save_json("httperf", &serde_json::to_value(&lifetimes)?)?;
+    save_json(options, "httperf", &serde_json::to_value(&lifetimes)?)?;
+    let (xs, series) = super::versus_direct_plot(connections, &labels, &lifetimes, 1.0);
+    md.push_str(&super::save_svg(
+        options,
+        "httperf",
+        "httperf connection lifetime per route",
+        &super::plot::line_chart(
+            "httperf: average connection lifetime",
+            "connections",
+            "ms",
+            &xs,
+            &series,
+        ),
+    )?);
     eprint!("{md}");
     Ok(md)
 }

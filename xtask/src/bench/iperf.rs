@@ -125,6 +125,19 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         super::versus_direct_table(&mut md, "streams", streams, &labels, by_path, |bps| {
             format!("{:.3}", bps / 1e9)
         });
+        let (xs, series) = super::versus_direct_plot(streams, &labels, by_path, 1e-9);
+        md.push_str(&super::save_svg(
+            options,
+            &format!("iperf-{}", file_name(regime)),
+            &format!("iperf3 throughput per stream count, links {regime}"),
+            &super::plot::line_chart(
+                &format!("iperf3 throughput, links {regime}"),
+                "parallel streams (-P)",
+                "Gbit/s",
+                &xs,
+                &series,
+            ),
+        )?);
     }
     let _ = writeln!(
         md,
@@ -159,8 +172,22 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
             let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
         }
         md.push('\n');
+        let (xs, series) = super::versus_direct_plot(streams, &relay_labels, by_path, 1e-9);
+        md.push_str(&super::save_svg(
+            options,
+            &format!("iperf-per-core-{}", file_name(regime)),
+            &format!("relay throughput per middlebox core, links {regime}"),
+            &super::plot::line_chart(
+                &format!("relay throughput per middlebox core, links {regime}"),
+                "parallel streams (-P)",
+                "Gbit/s per CPU-second",
+                &xs,
+                &series,
+            ),
+        )?);
     }
     save_json(
+        options,
         "iperf",
         &serde_json::json!({ "throughput_bps": results, "bps_per_middlebox_core": per_core }),
     )?;
@@ -195,4 +222,14 @@ fn run_iperf(
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 report without a throughput")
+}
+
+/// A regime's name as a file-name part ("1 Gbit/s" → "1gbit", "unlimited").
+fn file_name(regime: &str) -> String {
+    regime
+        .to_lowercase()
+        .replace("/s", "")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect()
 }

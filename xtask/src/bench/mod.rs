@@ -1,17 +1,24 @@
 //! `cargo xtask bench`: measurements, side by side in one run (this machine is shared and
 //! noisy, so only ratios from the same run mean much). Results go to `bench-results/`
-//! (JSON per experiment) and the tables to `BENCHMARKS.md` (a run of only some
-//! experiments writes `BENCHMARKS.md.partial` instead, so it never replaces the full
-//! report with a part of it).
+//! (JSON per experiment, SVG plots, the report as `report.md`) and the report to
+//! `BENCHMARKS.md`. A run of only some experiments writes `BENCHMARKS.md.partial` and
+//! `bench-results/partial/` instead, so it never replaces the full report with a part of
+//! it.
 
 mod httperf;
 mod iperf;
 mod pgbench;
+mod plot;
 mod routes;
 mod scale;
 mod steering;
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
 
 use clap::ValueEnum as _;
 use ncp_testbed::{Testbed, Topology, UpOptions};
@@ -19,6 +26,9 @@ use ncp_testbed::{Testbed, Topology, UpOptions};
 use crate::{cmd::step, middlebox, setup};
 
 pub use scale::sink_main as scale_sink;
+
+/// Results folder of a run of every experiment (committed with BENCHMARKS.md).
+pub const RESULTS_DIR: &str = "bench-results";
 
 /// Test-bed prefix when `NCP_BENCH_PREFIX` is not set.
 const DEFAULT_PREFIX: &str = "ncpb";
@@ -69,6 +79,9 @@ pub struct Options {
     pub quick: bool,
     /// `[tcp] buffer_bytes` of the middlebox in the relay experiments (None: its default).
     pub tcp_buffer: Option<u32>,
+    /// Where JSON, plots and the report go: `bench-results/` for a run of every
+    /// experiment, `bench-results/partial/` for a run of some (see [`bench`]).
+    pub results_dir: PathBuf,
 }
 
 impl Options {
@@ -85,6 +98,18 @@ impl Options {
 
 /// Runs the chosen experiments on one test bed and writes BENCHMARKS.md.
 pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()> {
+    // A run of some experiments keeps its files apart, so the committed results of the
+    // last full run (which BENCHMARKS.md shows) stay as they were.
+    let options = &Options {
+        results_dir: if is_complete(experiments) {
+            PathBuf::from(RESULTS_DIR)
+        } else {
+            Path::new(RESULTS_DIR).join("partial")
+        },
+        ..options.clone()
+    };
+    std::fs::create_dir_all(&options.results_dir)
+        .with_context(|| format!("creating {}", options.results_dir.display()))?;
     setup::setup()?;
     let bins = middlebox::build_release()?;
     let topology = Topology::load("testbed/paper.toml")?;
@@ -98,7 +123,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
     let mut result = Ok(());
     for experiment in experiments {
         let section = match experiment {
-            Experiment::Steering => steering::steering(&bed, &bins, options.repetitions),
+            Experiment::Steering => steering::steering(&bed, &bins, options),
             Experiment::Iperf => iperf::iperf(&bed, &bins, options),
             Experiment::Httperf => httperf::httperf(&bed, &bins, options),
             Experiment::Pgbench => pgbench::pgbench(&bed, &bins, options),
@@ -160,14 +185,20 @@ fn write_benchmarks_md(
     doc.push_str(body);
     // BENCHMARKS.md is the report of one run of every experiment; a run of some of them
     // would otherwise drop the others' sections.
-    let complete = Experiment::value_variants()
-        .iter()
-        .all(|e| experiments.contains(e));
+    let complete = is_complete(experiments);
     let path = if complete {
         "BENCHMARKS.md"
     } else {
         "BENCHMARKS.md.partial"
     };
+    // The report links its plots relative to the repository root; the copy in the results
+    // folder sits next to them.
+    let copy = options.results_dir.join("report.md");
+    std::fs::write(
+        &copy,
+        doc.replace(&format!("]({}/", options.results_dir.display()), "](./"),
+    )
+    .with_context(|| format!("writing {}", copy.display()))?;
     std::fs::write(path, doc)?;
     if complete {
         eprintln!("    wrote {path}");
@@ -228,10 +259,62 @@ pub(crate) fn versus_direct_table(
 }
 
 /// Writes one experiment's JSON next to the others.
-pub(crate) fn save_json(name: &str, value: &serde_json::Value) -> anyhow::Result<()> {
-    std::fs::create_dir_all("bench-results")?;
-    let path = format!("bench-results/{name}.json");
-    std::fs::write(&path, serde_json::to_string_pretty(value)?)?;
-    eprintln!("    wrote {path}");
+pub(crate) fn save_json(
+    options: &Options,
+    name: &str,
+    value: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let path = options.results_dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("    wrote {}", path.display());
     Ok(())
+}
+
+/// Writes a plot into the results folder and returns the Markdown that shows it (paths
+/// relative to the repository root, where BENCHMARKS.md lives).
+pub(crate) fn save_svg(
+    options: &Options,
+    name: &str,
+    alt: &str,
+    svg: &str,
+) -> anyhow::Result<String> {
+    let path = options.results_dir.join(format!("{name}.svg"));
+    std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("    wrote {}", path.display());
+    Ok(format!("![{alt}]({})\n\n", path.display()))
+}
+
+/// A line chart of the medians of a [`versus_direct_table`]'s samples: one line per route,
+/// x the rows (stream or connection counts); a median of 0 (failed) leaves a gap.
+pub(crate) fn versus_direct_plot(
+    rows: &[u32],
+    labels: &[String],
+    samples: &std::collections::BTreeMap<String, std::collections::BTreeMap<u32, Vec<f64>>>,
+    scale: f64,
+) -> (Vec<String>, Vec<plot::Series>) {
+    let xs = rows.iter().map(u32::to_string).collect();
+    let series = labels
+        .iter()
+        .map(|label| plot::Series {
+            label: label.clone(),
+            values: rows
+                .iter()
+                .map(|row| {
+                    let m = samples
+                        .get(label)
+                        .and_then(|m| m.get(row))
+                        .map_or(0.0, |v| median(v));
+                    (m > 0.0).then_some(m * scale)
+                })
+                .collect(),
+        })
+        .collect();
+    (xs, series)
+}
+
+fn is_complete(experiments: &[Experiment]) -> bool {
+    Experiment::value_variants()
+        .iter()
+        .all(|e| experiments.contains(e))
 }

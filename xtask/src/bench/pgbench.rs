@@ -108,7 +108,24 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
             )
         })
         .collect();
-    save_json("pgbench", &serde_json::to_value(json)?)?;
+    save_json(options, "pgbench", &serde_json::to_value(json)?)?;
+    let bars: Vec<(String, f64)> = routes
+        .iter()
+        .map(|route| {
+            let label = route.label();
+            let samples = results.get(&label).cloned().unwrap_or_default();
+            (
+                label,
+                median(&samples.iter().map(|r| r.0).collect::<Vec<_>>()),
+            )
+        })
+        .collect();
+    md.push_str(&super::save_svg(
+        options,
+        "pgbench",
+        "pgbench tps per route",
+        &super::plot::bar_chart("pgbench: transactions per second", "tps", &bars),
+    )?);
     eprint!("{md}");
     Ok(md)
 }

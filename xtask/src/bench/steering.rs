@@ -17,7 +17,8 @@ use crate::{
     middlebox::{self, Middlebox},
 };
 
-pub fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<String> {
+pub fn steering(bed: &Testbed, bins: &Path, options: &super::Options) -> anyhow::Result<String> {
+    let repetitions = options.repetitions;
     let source = bed.address("source", "eth0")?.to_string();
     let primary = bed.address("primary", "eth0")?.to_string();
     let mb_ip = bed.address("middlebox", "eth0")?.to_string();
@@ -167,7 +168,7 @@ pub fn steering(bed: &Testbed, bins: &Path, repetitions: u32) -> anyhow::Result<
             "pass_frames_per_second": direct.pass_fps,
         },
     });
-    super::save_json("steering", &json)?;
+    super::save_json(options, "steering", &json)?;
     md.push('\n');
     eprint!("{md}");
     Ok(md)

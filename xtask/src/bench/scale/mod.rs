@@ -152,6 +152,7 @@ pub fn scale(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         })
         .collect();
     save_json(
+        options,
         "scale",
         &serde_json::json!({
             "bytes_per_connection": bytes_each,
