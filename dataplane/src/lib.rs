@@ -10,6 +10,7 @@
 //! - [`control`]: the control socket used by `stats` and `rule`;
 //! - [`config`] and [`rules`]: the operator's configuration, validated without I/O;
 //! - [`frame`]: building Ethernet/IPv4/TCP frames (packet generator and tests);
+//! - [`kernel_pktgen`]: driving the kernel's pktgen module where it is loaded;
 //! - [`offline`]: recording sessions to pcapng files and replaying them (offline mode);
 //! - [`runtime`]: `ncp-middlebox run`, tying the above together.
 
@@ -19,6 +20,7 @@ pub mod device;
 pub mod engine;
 pub mod frame;
 pub mod handover;
+pub mod kernel_pktgen;
 pub mod offline;
 pub mod replicator;
 pub mod rules;

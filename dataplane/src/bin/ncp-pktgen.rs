@@ -1,8 +1,9 @@
-//! `ncp-pktgen`: a small packet generator. This kernel has no pktgen module, so frames are
-//! built in user space and sent from one interface, as fast as possible or at a fixed
-//! rate, and the achieved rate is reported. Two back ends: an AF_PACKET socket (one
-//! `sendto` per frame; works anywhere) and an AF_XDP socket (frames written into a UMEM
-//! and sent in batches; the faster one where AF_XDP is available).
+//! `ncp-pktgen`: a small packet generator. Frames are built in user space and sent from
+//! one interface, as fast as possible or at a fixed rate, and the achieved rate is
+//! reported. Back ends: an AF_PACKET socket (one `sendto` per frame; works anywhere), an
+//! AF_XDP socket (frames written into a UMEM and sent in batches; the faster one where
+//! AF_XDP is available), and the kernel's own pktgen module driven through
+//! `/proc/net/pktgen` where it is loaded (UDP frames only).
 
 use std::{
     net::Ipv4Addr,
@@ -66,6 +67,9 @@ struct Args {
     /// Transmit queue for the AF_XDP back end.
     #[arg(long, default_value_t = 0)]
     queue: u32,
+    /// Kernel pktgen thread (CPU) that sends, for `--backend kernel`.
+    #[arg(long, default_value_t = 0)]
+    kernel_thread: u32,
 }
 
 /// Sending back ends.
@@ -75,6 +79,9 @@ enum Backend {
     Packet,
     /// AF_XDP socket in copy mode, batched kicks.
     Xdp,
+    /// The kernel's pktgen module through /proc/net/pktgen (needs `modprobe pktgen`); it
+    /// sends UDP frames to --dst-port from --flows source ports.
+    Kernel,
 }
 
 /// Anything that can put one frame on the wire.
@@ -218,12 +225,17 @@ fn main() -> anyhow::Result<()> {
     if args.flows == 0 {
         bail!("--flows must be at least 1");
     }
+    if args.backend == Backend::Kernel {
+        return run_kernel(&args);
+    }
     let packet = PacketSocket::open(&args.interface)?;
     let src_mac = match args.src_mac {
         Some(mac) => mac,
         None => packet.mac(&args.interface)?,
     };
     let mut sink: Box<dyn FrameSink> = match args.backend {
+        // Handled above, before any socket is opened.
+        Backend::Kernel => return run_kernel(&args),
         Backend::Packet => Box::new(packet),
         Backend::Xdp => {
             let socket = ncp_dataplane::xsk::XskSocket::open(&ncp_dataplane::xsk::XskOptions {
@@ -289,6 +301,51 @@ fn main() -> anyhow::Result<()> {
         println!(
             "sent {} frames ({bytes} bytes) in {secs:.3} s: {fps:.0} frames/s",
             args.count
+        );
+    }
+    Ok(())
+}
+
+/// `--backend kernel`: the same traffic shape from the kernel's pktgen (UDP instead of TCP).
+fn run_kernel(args: &Args) -> anyhow::Result<()> {
+    use ncp_dataplane::kernel_pktgen::{self, KernelPktgenSpec, ProcFiles};
+    if args.malformed.is_some() {
+        bail!(
+            "--malformed needs a user-space back end (--backend packet or xdp): the kernel's pktgen only builds valid UDP frames"
+        );
+    }
+    // Ethernet 14 + IPv4 20 + UDP 8 bytes of headers; the module pads to 60.
+    let frame_bytes =
+        u16::try_from((42 + args.payload).max(60)).context("--payload too large for one frame")?;
+    let last_port = args
+        .src_port
+        .checked_add(args.flows - 1)
+        .context("--src-port + --flows runs past port 65535")?;
+    let spec = KernelPktgenSpec {
+        interface: args.interface.clone(),
+        thread: args.kernel_thread,
+        count: args.count,
+        frame_bytes,
+        src_ip: args.src_ip,
+        dst_ip: args.dst_ip,
+        dst_mac: args.dst_mac,
+        src_ports: (args.src_port, last_port),
+        dst_port: args.dst_port,
+        rate: (args.rate > 0).then_some(args.rate),
+    };
+    let mut files = ProcFiles::open(std::path::Path::new(kernel_pktgen::PROC_ROOT))?;
+    let result = kernel_pktgen::run(&mut files, &spec)?;
+    let secs = result.micros as f64 / 1e6;
+    let bytes = result.frames * u64::from(frame_bytes);
+    if args.json {
+        println!(
+            "{{\"frames\":{},\"bytes\":{bytes},\"seconds\":{secs:.6},\"frames_per_second\":{}}}",
+            result.frames, result.frames_per_second
+        );
+    } else {
+        println!(
+            "kernel pktgen sent {} frames ({bytes} bytes) in {secs:.3} s: {} frames/s",
+            result.frames, result.frames_per_second
         );
     }
     Ok(())

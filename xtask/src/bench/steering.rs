@@ -151,6 +151,23 @@ pub fn steering(bed: &Testbed, bins: &Path, options: &super::Options) -> anyhow:
             "direct veth: unmatched frames passed to the kernel".into(),
             format!("{:.0} frames/s", direct.pass_fps),
         ),
+        (
+            "direct veth: kernel pktgen (/proc/net/pktgen, UDP) passed".into(),
+            match &direct.kernel_pktgen {
+                Ok((passed, sent)) => format!("{passed:.0} frames/s (sent {sent:.0} frames/s)"),
+                // The generator's own message, without the command line around it.
+                Err(reason) => format!(
+                    "not measured: {}",
+                    reason
+                        .rfind("Error: ")
+                        .map_or(reason.as_str(), |at| &reason[at + "Error: ".len()..])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .replace('|', "/")
+                ),
+            },
+        ),
     ];
     for (what, value) in rows {
         let _ = writeln!(md, "| {what} | {value} |");
@@ -166,6 +183,10 @@ pub fn steering(bed: &Testbed, bins: &Path, options: &super::Options) -> anyhow:
             "redirect_frames_per_second": direct.redirect_fps,
             "redirect_delivered_fraction": direct.redirect_delivered,
             "pass_frames_per_second": direct.pass_fps,
+            "kernel_pktgen": match &direct.kernel_pktgen {
+                Ok((passed, sent)) => serde_json::json!({ "passed_frames_per_second": passed, "sent_frames_per_second": sent }),
+                Err(reason) => serde_json::json!({ "error": reason }),
+            },
         },
     });
     super::save_json(options, "steering", &json)?;
@@ -190,6 +211,8 @@ struct DirectRates {
     redirect_fps: f64,
     redirect_delivered: f64,
     pass_fps: f64,
+    /// Kernel pktgen: (frames/s passed by XDP, frames/s sent), or why it did not run.
+    kernel_pktgen: Result<(f64, f64), String>,
 }
 
 /// The XDP → AF_XDP path without the software switch in the way: a veth pair straight from
@@ -231,7 +254,7 @@ fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result
     );
     let mb = Middlebox::start(bed, "middlebox", bins, &config, &socket)?;
     let frames: u64 = 1_000_000;
-    let send = |port: &str| -> anyhow::Result<f64> {
+    let send = |port: &str, backend: &str| -> anyhow::Result<f64> {
         let out = bed.exec(
             "source",
             &[
@@ -252,7 +275,7 @@ fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result
                 "64",
                 "--json",
                 "--backend",
-                "xdp",
+                backend,
             ],
         )?;
         let report: serde_json::Value =
@@ -261,42 +284,53 @@ fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result
             .as_f64()
             .context("pktgen report")
     };
-    let counted =
-        |counter: &dyn Fn(&serde_json::Value) -> u64, port: &str| -> anyhow::Result<(f64, f64)> {
-            let before = counter(&mb.stats()?);
-            let start = Instant::now();
-            let send_rate = send(port)?;
-            let mut last = counter(&mb.stats()?);
-            let mut last_change = Instant::now();
-            loop {
-                std::thread::sleep(Duration::from_millis(100));
-                let now = counter(&mb.stats()?);
-                if now != last {
-                    last = now;
-                    last_change = Instant::now();
-                } else if last_change.elapsed() > Duration::from_millis(400) {
-                    break;
-                }
+    let counted = |counter: &dyn Fn(&serde_json::Value) -> u64,
+                   port: &str,
+                   backend: &str|
+     -> anyhow::Result<(f64, f64)> {
+        let before = counter(&mb.stats()?);
+        let start = Instant::now();
+        let send_rate = send(port, backend)?;
+        let mut last = counter(&mb.stats()?);
+        let mut last_change = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = counter(&mb.stats()?);
+            if now != last {
+                last = now;
+                last_change = Instant::now();
+            } else if last_change.elapsed() > Duration::from_millis(400) {
+                break;
             }
-            let got = (last - before) as f64;
-            let secs = (frames as f64 / send_rate)
-                .max(last_change.duration_since(start).as_secs_f64() - 0.1);
-            Ok((got / secs.max(1e-6), send_rate))
-        };
-    let (redirect_fps, sent_fps) = counted(&|s| middlebox::worker_frames(s), "5201")?;
+        }
+        let got = (last - before) as f64;
+        let secs =
+            (frames as f64 / send_rate).max(last_change.duration_since(start).as_secs_f64() - 0.1);
+        Ok((got / secs.max(1e-6), send_rate))
+    };
+    let (redirect_fps, sent_fps) = counted(&|s| middlebox::worker_frames(s), "5201", "xdp")?;
     let delivered = {
         let s = mb.stats()?;
         middlebox::worker_frames(&s) as f64 / frames as f64
     };
-    let (pass_fps, _) = counted(&|s| middlebox::xdp_counter(s, "passed"), "6000")?;
+    let (pass_fps, _) = counted(&|s| middlebox::xdp_counter(s, "passed"), "6000", "xdp")?;
     eprintln!(
         "    sent {sent_fps:.0} frames/s; redirected {redirect_fps:.0}/s; passed {pass_fps:.0}/s"
     );
+    // The kernel's own generator where its module is loaded (UDP only, so it measures the
+    // pass path); elsewhere the reason it could not run is reported instead.
+    let kernel_pktgen = counted(&|s| middlebox::xdp_counter(s, "passed"), "6000", "kernel")
+        .map_err(|e| {
+            let reason = format!("{e:#}");
+            eprintln!("    kernel pktgen not measured: {reason}");
+            reason
+        });
     drop(mb);
     Ok(DirectRates {
         sent_fps,
         redirect_fps,
         redirect_delivered: delivered,
         pass_fps,
+        kernel_pktgen,
     })
 }
