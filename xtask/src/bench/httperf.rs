@@ -94,7 +94,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         md,
         "`--wset=5,0.2 --rate=20`, files of 1/10/30/50/70 KB served by Python's http.server on \
          the primary (and the replica); median over {} round(s) of the average connection \
-         lifetime in ms, and the increase versus direct.\n",
+         lifetime in ms, the increase versus direct, and with several rounds [lowest–highest].\n",
         options.repetitions
     );
     let labels: Vec<String> = routes.iter().map(Route::label).collect();

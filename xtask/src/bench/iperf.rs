@@ -116,7 +116,7 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     let mut md = String::from("## Throughput (paper Fig. 6): iperf3, one replica\n\n");
     let _ = writeln!(
         md,
-        "Median of {} round(s) of {seconds} s per cell, Gbit/s; slowdown versus direct in the same regime.\n",
+        "Median of {} round(s) of {seconds} s per cell, Gbit/s; slowdown versus direct in the same regime; with several rounds, [lowest–highest] round.\n",
         options.repetitions
     );
     for (regime, by_path) in &results {

@@ -220,8 +220,9 @@ pub(crate) fn median(values: &[f64]) -> f64 {
 }
 
 /// Appends a Markdown table: one row per entry of `rows`, one column per route label, each
-/// cell the median of its samples shown with `show`, and for routes other than direct
-/// the change versus direct in the same row. A median of 0 is a failed measurement.
+/// cell the median of its samples shown with `show`, for routes other than direct the
+/// change versus direct in the same row, and with several samples their range (the
+/// spread over repetitions). A median of 0 is a failed measurement.
 pub(crate) fn versus_direct_table(
     md: &mut String,
     row_name: &str,
@@ -236,6 +237,15 @@ pub(crate) fn versus_direct_table(
             .and_then(|m| m.get(&row))
             .map_or(0.0, |v| median(v))
     };
+    let spread = |label: &str, row: u32| {
+        let values = samples.get(label).and_then(|m| m.get(&row))?;
+        if values.len() < 2 {
+            return None;
+        }
+        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some(format!(" [{}–{}]", show(low), show(high)))
+    };
     let _ = writeln!(md, "| {row_name} | {} |", labels.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(labels.len()));
     for &row in rows {
@@ -244,12 +254,17 @@ pub(crate) fn versus_direct_table(
             .iter()
             .map(|label| {
                 let value = cell(label, row);
+                let range = spread(label, row).unwrap_or_default();
                 if value == 0.0 {
                     "failed".to_owned()
                 } else if label == "direct" || direct == 0.0 {
-                    show(value)
+                    format!("{}{range}", show(value))
                 } else {
-                    format!("{} ({:+.1} %)", show(value), (value / direct - 1.0) * 100.0)
+                    format!(
+                        "{} ({:+.1} %){range}",
+                        show(value),
+                        (value / direct - 1.0) * 100.0
+                    )
                 }
             })
             .collect();
