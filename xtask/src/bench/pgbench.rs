@@ -87,14 +87,28 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     for route in &routes {
         let label = route.label();
         let samples = results.get(&label).cloned().unwrap_or_default();
-        let tps = median(&samples.iter().map(|r| r.0).collect::<Vec<_>>());
+        let tps_samples: Vec<f64> = samples.iter().map(|r| r.0).collect();
+        let tps = median(&tps_samples);
+        let range = if tps_samples.len() > 1 {
+            let low = tps_samples.iter().copied().fold(f64::INFINITY, f64::min);
+            let high = tps_samples
+                .iter()
+                .copied()
+                .fold(f64::NEG_INFINITY, f64::max);
+            format!(" [{low:.1}–{high:.1}]")
+        } else {
+            String::new()
+        };
         let latency = median(&samples.iter().map(|r| r.1).collect::<Vec<_>>());
         let versus = if direct > 0.0 && label != "direct" {
             format!("{:+.1} %", (tps / direct - 1.0) * 100.0)
         } else {
             "—".into()
         };
-        let _ = writeln!(md, "| {label} | {tps:.1} | {versus} | {latency:.2} |");
+        let _ = writeln!(
+            md,
+            "| {label} | {tps:.1}{range} | {versus} | {latency:.2} |"
+        );
     }
     md.push('\n');
     let json: BTreeMap<&String, Vec<serde_json::Value>> = results
