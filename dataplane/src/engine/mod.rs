@@ -997,13 +997,18 @@ impl<D: EngineDevice> Engine<D> {
     /// The connection's slot, marked for the next poll (a call that changes the socket
     /// may give smoltcp something to send: data, a window update, a FIN).
     fn touch(&mut self, conn: ConnId) -> Result<usize, EngineError> {
-        let slot = self
+        let slot = self.slot(conn)?;
+        self.mark_dirty(slot);
+        Ok(slot)
+    }
+
+    /// The connection's slot.
+    fn slot(&self, conn: ConnId) -> Result<usize, EngineError> {
+        Ok(self
             .conns
             .get(&conn)
             .ok_or(EngineError::UnknownConnection(conn))?
-            .sock;
-        self.mark_dirty(slot);
-        Ok(slot)
+            .sock)
     }
 
     fn socket_mut(&mut self, slot: usize) -> Option<&mut tcp::Socket<'static>> {
@@ -1013,12 +1018,20 @@ impl<D: EngineDevice> Engine<D> {
     /// Reads up to `buf.len()` bytes. `Ok(0)`: nothing buffered right now (or the peer
     /// finished, which [`EngineEvent::PeerClosed`] reports).
     pub fn recv(&mut self, conn: ConnId, buf: &mut [u8]) -> Result<usize, EngineError> {
-        let slot = self.touch(conn)?;
+        let slot = self.slot(conn)?;
         let socket = self
             .socket_mut(slot)
             .ok_or(EngineError::UnknownConnection(conn))?;
         // Errors mean "nothing to read in this state", which is what 0 says.
-        Ok(socket.recv_slice(buf).unwrap_or(0))
+        let n = socket.recv_slice(buf).unwrap_or(0);
+        // Only a read that took bytes can open the window (a window update to send). A
+        // read that found nothing changes nothing: marking the socket anyway would make
+        // `poll_delay` zero, and a caller that tries every side of a stalled session on
+        // every round would then spin instead of sleeping until the next frame.
+        if n > 0 {
+            self.mark_dirty(slot);
+        }
+        Ok(n)
     }
 
     /// Bytes waiting to be read.
@@ -1029,13 +1042,18 @@ impl<D: EngineDevice> Engine<D> {
     /// Queues as much of `data` as the send buffer takes and returns how much that was.
     /// When it is less than `data.len()`, [`EngineEvent::Writable`] reports the room.
     pub fn send(&mut self, conn: ConnId, data: &[u8]) -> Result<usize, EngineError> {
-        let slot = self.touch(conn)?;
+        let slot = self.slot(conn)?;
         let socket = self
             .socket_mut(slot)
             .ok_or(EngineError::UnknownConnection(conn))?;
         let sent = socket
             .send_slice(data)
             .map_err(|_| EngineError::NotWritable(conn))?;
+        // As for `recv`: only queued bytes give smoltcp something to send. A send into a
+        // full buffer (waiting for the peer's ACKs) must leave the engine free to sleep.
+        if sent > 0 {
+            self.mark_dirty(slot);
+        }
         if sent < data.len()
             && let Some(entry) = self.conns.get_mut(&conn)
         {

@@ -736,3 +736,66 @@ fn a_new_connection_may_reuse_the_tuple_of_one_in_time_wait() {
     assert!(connected, "no connection over the reused tuple");
     assert_eq!(mb.counters().reused_tuples, 1);
 }
+
+/// Polls both engines without time passing until neither has anything left to do now.
+fn settle(a: &mut Engine<Pipe>, b: &mut Engine<Pipe>) {
+    let mut events = Vec::new();
+    for _ in 0..1000 {
+        let now = Instant::now();
+        let busy = a.poll(now, &mut events) | b.poll(now, &mut events);
+        events.clear();
+        if !busy
+            && a.poll_delay(now) != Some(Duration::ZERO)
+            && b.poll_delay(now) != Some(Duration::ZERO)
+        {
+            return;
+        }
+    }
+    panic!("the engines never settled");
+}
+
+/// A read that finds nothing and a send into a full buffer change nothing, so they must
+/// not make the next poll due at once: a worker that tries every side of a stalled session
+/// on each round would otherwise spin on a core instead of sleeping until a frame comes.
+#[test]
+fn calls_that_move_nothing_leave_the_engine_free_to_sleep() {
+    let (mut client, mut mb) = pair();
+    let conn = client.connect(PRIMARY).unwrap();
+    let mut server = None;
+    pump(&mut client, &mut mb, |_, _, _, em| {
+        for e in em {
+            if let EngineEvent::Accepted { conn, .. } = *e {
+                server = Some(conn);
+            }
+        }
+        server.is_some()
+    });
+    let server = server.unwrap();
+    settle(&mut client, &mut mb);
+
+    // Nothing to read.
+    let mut buf = [0u8; 1000];
+    assert_eq!(mb.recv(server, &mut buf).unwrap(), 0);
+    assert_ne!(mb.poll_delay(Instant::now()), Some(Duration::ZERO));
+
+    // Fill the middlebox's window and the client's send buffer; nobody reads.
+    let data = vec![7u8; 64 * 1024];
+    for _ in 0..100 {
+        let _ = client.send(conn, &data).unwrap();
+        settle(&mut client, &mut mb);
+        if client.send_space(conn).unwrap() == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        client.send_space(conn).unwrap(),
+        0,
+        "the send buffer never filled"
+    );
+    assert_eq!(client.send(conn, &data).unwrap(), 0);
+    assert_ne!(client.poll_delay(Instant::now()), Some(Duration::ZERO));
+
+    // A read that takes bytes does make a poll due: the window update must go out.
+    assert!(mb.recv(server, &mut buf).unwrap() > 0);
+    assert_eq!(mb.poll_delay(Instant::now()), Some(Duration::ZERO));
+}
