@@ -1101,6 +1101,32 @@ fn replay_throughput_large_recording() {
         sum.seconds,
         sum.bytes_sent as f64 / sum.seconds / 1e6
     );
+
+    // Many short sessions: what a connection-per-request workload costs the replay.
+    let small = dir.path().join("small.pcapng");
+    let (count, each) = (10_000u64, 1024usize);
+    {
+        let f = std::io::BufWriter::new(std::fs::File::create(&small).unwrap());
+        let mut w = PcapngWriter::new(f, WriterOptions::default()).unwrap();
+        let request = Rng(11).bytes(each);
+        for i in 0..count {
+            let m = meta(i, "short");
+            let mut s = w.open(i, &m, m.start_ns).unwrap();
+            w.client_data(&mut s, &request, 1).unwrap();
+            w.close(&mut s, 2).unwrap();
+        }
+        w.flush().unwrap();
+    }
+    let sum = replay(&[small], &cfg, Arc::new(Progress::default()));
+    assert_eq!(sum.sessions_failed, 0);
+    assert_eq!(sum.sessions_replayed, count);
+    assert_eq!(sum.bytes_sent, count * each as u64);
+    println!(
+        "replay of short sessions: {} sessions of {each} bytes in {:.2} s = {:.0} sessions/s",
+        sum.sessions_replayed,
+        sum.seconds,
+        sum.sessions_replayed as f64 / sum.seconds
+    );
 }
 
 #[test]
