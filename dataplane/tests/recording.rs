@@ -26,7 +26,7 @@
 
 mod support;
 
-use support::{XdpMiddlebox, in_netns, serial, wait_bounded};
+use support::{XdpMiddlebox, in_netns, redis, serial, wait_bounded};
 
 use std::{
     io::{Read, Write},
@@ -48,7 +48,6 @@ use ncp_dataplane::{
 };
 use ncp_testbed::{Testbed, Topology, UpOptions};
 
-const REDIS_PORT: u16 = 6379;
 const IPERF_PORT: u16 = 5201;
 /// Redis writes in the recorded workload.
 const WRITES: usize = 100_000;
@@ -396,41 +395,15 @@ connect_timeout_secs = 5
 
     /// A redis with nothing persisted and `DEBUG` allowed from its own host.
     fn start_redis(&mut self, host: &str) {
-        let port = REDIS_PORT.to_string();
-        self.spawn(
-            host,
-            &[
-                "redis-server",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-                &port,
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-                "--enable-debug-command",
-                "local",
-            ],
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.redis(host, &["PING"]) != "PONG" {
-            assert!(Instant::now() < deadline, "redis on {host} did not start");
-            thread::sleep(Duration::from_millis(100));
-        }
+        let argv = redis::server_argv();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.spawn(host, &argv);
+        redis::wait_ready(&self.bed, host);
     }
 
-    /// One redis command against the server on `host` itself (not through the relay).
+    /// One redis command against the server on `host` itself (not through the middlebox).
     fn redis(&self, host: &str, args: &[&str]) -> String {
-        let port = REDIS_PORT.to_string();
-        let mut argv = vec!["redis-cli", "-h", "127.0.0.1", "-p", &port];
-        argv.extend_from_slice(args);
-        match self.bed.exec(host, &argv) {
-            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            Err(e) => format!("error: {e}"),
-        }
+        redis::cli(&self.bed, host, args)
     }
 }
 
@@ -541,7 +514,7 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
     // Recording instead of live replicas: the service has none.
     let config = scene.config(
         "kv",
-        REDIS_PORT,
+        redis::PORT,
         &format!("record = {{ dir = {:?} }}", rec.0.display().to_string()),
     );
     scene.start_redis("primary");
@@ -549,7 +522,7 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
 
     let workload = ncp_testbed::workload::redis_writes(WRITES, 0x5eed_7001);
     let primary = scene.primary.to_string();
-    let port = REDIS_PORT.to_string();
+    let port = redis::PORT.to_string();
     let started = Instant::now();
     let (ok, out, err) = run_with_input(
         scene
@@ -621,7 +594,7 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
         "replica not fresh"
     );
     let replica = scene.bed.address("replica", "eth1").unwrap();
-    let to = format!("{replica}:{REDIS_PORT}");
+    let to = format!("{replica}:{}", redis::PORT);
     let mut argv = vec![env!("CARGO_BIN_EXE_ncp-replay").to_owned()];
     argv.extend(files.iter().map(|f| f.display().to_string()));
     argv.extend(["--to", &to, "--pace", "fast", "--json"].map(str::to_owned));

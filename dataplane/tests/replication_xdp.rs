@@ -19,7 +19,7 @@
 
 mod support;
 
-use support::{XdpMiddlebox, in_netns, serial, signal, wait_bounded};
+use support::{XdpMiddlebox, in_netns, redis, serial, signal, wait_bounded};
 
 use std::{
     io::{Read, Write},
@@ -40,7 +40,6 @@ use ncp_testbed::{
 const STREAM_PORT: u16 = 5001;
 const IPERF_PORT: u16 = 5201;
 const IPERF_PLAIN_PORT: u16 = 5202;
-const REDIS_PORT: u16 = 6379;
 const CLOSED_PORT: u16 = 7000;
 /// Upper bound for anything a test waits on.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -306,55 +305,23 @@ connect_timeout_secs = 5
         self.middlebox.take().unwrap().stop();
     }
 
+    /// A redis with nothing persisted and `DEBUG` allowed from its own host.
     fn start_redis(&mut self, host: &str) -> usize {
-        let port = REDIS_PORT.to_string();
-        let index = self.spawn(
-            host,
-            &[
-                "redis-server",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-                &port,
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-                "--enable-debug-command",
-                "yes",
-            ],
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.redis(host, &["PING"]) != "PONG" {
-            assert!(Instant::now() < deadline, "redis on {host} did not start");
-            thread::sleep(Duration::from_millis(100));
-        }
+        let argv = redis::server_argv();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let index = self.spawn(host, &argv);
+        redis::wait_ready(&self.bed, host);
         index
     }
 
     /// One redis command against the server on `host` itself (not through the middlebox).
     fn redis(&self, host: &str, args: &[&str]) -> String {
-        let port = REDIS_PORT.to_string();
-        let mut argv = vec!["redis-cli", "-h", "127.0.0.1", "-p", &port];
-        argv.extend_from_slice(args);
-        match self.bed.exec(host, &argv) {
-            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            Err(e) => format!("error: {e}"),
-        }
+        redis::cli(&self.bed, host, args)
     }
 
     /// `redis-cli --pipe` from the source to the primary's address: through the middlebox.
     fn pipe_command(&self) -> Command {
-        let port = REDIS_PORT.to_string();
-        let primary = self.primary.to_string();
-        self.bed
-            .command(
-                "source",
-                &["redis-cli", "-h", &primary, "-p", &port, "--pipe"],
-            )
-            .unwrap()
+        redis::pipe_from_source(&self.bed, self.primary)
     }
 }
 
@@ -613,7 +580,7 @@ fn redis_workload_leaves_primary_and_replica_with_the_same_data() {
         return;
     }
     let _serial = serial();
-    let mut scene = Scene::start("nx2", &[Service::new("redis", REDIS_PORT)]);
+    let mut scene = Scene::start("nx2", &[Service::new("redis", redis::PORT)]);
     scene.start_redis("primary");
     scene.start_redis("replica");
     let mb1 = scene.bed.address("middlebox", "eth1").unwrap();
@@ -695,7 +662,7 @@ fn killed_replica_is_detached_and_the_primary_completes() {
         return;
     }
     let _serial = serial();
-    let mut scene = Scene::start("nx3", &[Service::new("redis", REDIS_PORT)]);
+    let mut scene = Scene::start("nx3", &[Service::new("redis", redis::PORT)]);
     scene.start_redis("primary");
     let replica_redis = scene.start_redis("replica");
     let workload = redis_workload(100_000, 0x5eed_1003);
@@ -742,7 +709,7 @@ fn killed_replica_is_detached_and_the_primary_completes() {
 
     // Reference: the same workload straight into a fresh redis on the replica host.
     scene.start_redis("replica");
-    let port = REDIS_PORT.to_string();
+    let port = redis::PORT.to_string();
     let direct = scene
         .bed
         .command(

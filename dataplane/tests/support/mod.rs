@@ -22,6 +22,8 @@ use ncp_dataplane::{
 };
 use ncp_testbed::Testbed;
 
+pub mod redis;
+
 /// The middlebox binary of this build.
 pub const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 
