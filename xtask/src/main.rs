@@ -140,7 +140,7 @@ fn main() {
                 dataplanes: dataplane,
                 quick,
                 tcp_buffer,
-                results_dir: PathBuf::from(bench::RESULTS_DIR),
+                ..bench::Options::default()
             };
             bench::bench(
                 if experiments.is_empty() {

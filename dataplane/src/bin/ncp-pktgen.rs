@@ -234,8 +234,7 @@ fn main() -> anyhow::Result<()> {
         None => packet.mac(&args.interface)?,
     };
     let mut sink: Box<dyn FrameSink> = match args.backend {
-        // Handled above, before any socket is opened.
-        Backend::Kernel => return run_kernel(&args),
+        Backend::Kernel => unreachable!("the kernel back end returns before any socket opens"),
         Backend::Packet => Box::new(packet),
         Backend::Xdp => {
             let socket = ncp_dataplane::xsk::XskSocket::open(&ncp_dataplane::xsk::XskOptions {

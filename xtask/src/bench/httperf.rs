@@ -107,18 +107,19 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         |ms| format!("{ms:.2}"),
     );
     save_json(options, "httperf", &serde_json::to_value(&lifetimes)?)?;
-    let (xs, series) = super::versus_direct_plot(connections, &labels, &lifetimes, 1.0);
-    md.push_str(&super::save_svg(
+    let plot = super::LinePlot {
+        name: "httperf".into(),
+        title: "httperf: average connection lifetime".into(),
+        x_label: "connections",
+        y_label: "ms",
+        scale: 1.0,
+    };
+    md.push_str(&super::save_versus_direct_plot(
         options,
-        "httperf",
-        "httperf connection lifetime per route",
-        &super::plot::line_chart(
-            "httperf: average connection lifetime",
-            "connections",
-            "ms",
-            &xs,
-            &series,
-        ),
+        &plot,
+        connections,
+        &labels,
+        &lifetimes,
     )?);
     eprint!("{md}");
     Ok(md)

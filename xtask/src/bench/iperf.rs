@@ -125,18 +125,15 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         super::versus_direct_table(&mut md, "streams", streams, &labels, by_path, |bps| {
             format!("{:.3}", bps / 1e9)
         });
-        let (xs, series) = super::versus_direct_plot(streams, &labels, by_path, 1e-9);
-        md.push_str(&super::save_svg(
-            options,
-            &format!("iperf-{}", file_name(regime)),
-            &format!("iperf3 throughput per stream count, links {regime}"),
-            &super::plot::line_chart(
-                &format!("iperf3 throughput, links {regime}"),
-                "parallel streams (-P)",
-                "Gbit/s",
-                &xs,
-                &series,
-            ),
+        let plot = super::LinePlot {
+            name: format!("iperf-{}", file_name(regime)),
+            title: format!("iperf3 throughput, links {regime}"),
+            x_label: "parallel streams (-P)",
+            y_label: "Gbit/s",
+            scale: 1e-9,
+        };
+        md.push_str(&super::save_versus_direct_plot(
+            options, &plot, streams, &labels, by_path,
         )?);
     }
     let _ = writeln!(
@@ -172,18 +169,19 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
             let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
         }
         md.push('\n');
-        let (xs, series) = super::versus_direct_plot(streams, &relay_labels, by_path, 1e-9);
-        md.push_str(&super::save_svg(
+        let plot = super::LinePlot {
+            name: format!("iperf-per-core-{}", file_name(regime)),
+            title: format!("relay throughput per middlebox core, links {regime}"),
+            x_label: "parallel streams (-P)",
+            y_label: "Gbit/s per CPU-second",
+            scale: 1e-9,
+        };
+        md.push_str(&super::save_versus_direct_plot(
             options,
-            &format!("iperf-per-core-{}", file_name(regime)),
-            &format!("relay throughput per middlebox core, links {regime}"),
-            &super::plot::line_chart(
-                &format!("relay throughput per middlebox core, links {regime}"),
-                "parallel streams (-P)",
-                "Gbit/s per CPU-second",
-                &xs,
-                &series,
-            ),
+            &plot,
+            streams,
+            &relay_labels,
+            by_path,
         )?);
     }
     save_json(

@@ -28,7 +28,7 @@ use crate::{cmd::step, middlebox, setup};
 pub use scale::sink_main as scale_sink;
 
 /// Results folder of a run of every experiment (committed with BENCHMARKS.md).
-pub const RESULTS_DIR: &str = "bench-results";
+const RESULTS_DIR: &str = "bench-results";
 
 /// Test-bed prefix when `NCP_BENCH_PREFIX` is not set.
 const DEFAULT_PREFIX: &str = "ncpb";
@@ -69,7 +69,7 @@ pub enum Experiment {
 }
 
 /// Options common to all experiments.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Rounds per measurement.
     pub repetitions: u32,
@@ -80,7 +80,8 @@ pub struct Options {
     /// `[tcp] buffer_bytes` of the middlebox in the relay experiments (None: its default).
     pub tcp_buffer: Option<u32>,
     /// Where JSON, plots and the report go: `bench-results/` for a run of every
-    /// experiment, `bench-results/partial/` for a run of some (see [`bench`]).
+    /// experiment, `bench-results/partial/` for a run of some. Set by [`bench`] from the
+    /// experiments it runs.
     pub results_dir: PathBuf,
 }
 
@@ -208,6 +209,17 @@ fn write_benchmarks_md(
     Ok(())
 }
 
+/// The range of several samples as ` [lowest–highest]`, each shown with `show` (empty for
+/// fewer than two: a single round has no spread).
+pub(crate) fn spread(values: &[f64], show: impl Fn(f64) -> String) -> String {
+    if values.len() < 2 {
+        return String::new();
+    }
+    let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(" [{}–{}]", show(low), show(high))
+}
+
 /// Median of a sample (0 for none).
 pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
@@ -238,13 +250,10 @@ pub(crate) fn versus_direct_table(
             .map_or(0.0, |v| median(v))
     };
     let spread = |label: &str, row: u32| {
-        let values = samples.get(label).and_then(|m| m.get(&row))?;
-        if values.len() < 2 {
-            return None;
-        }
-        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        Some(format!(" [{}–{}]", show(low), show(high)))
+        samples
+            .get(label)
+            .and_then(|m| m.get(&row))
+            .map_or(String::new(), |values| spread(values, &show))
     };
     let _ = writeln!(md, "| {row_name} | {} |", labels.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(labels.len()));
@@ -254,7 +263,7 @@ pub(crate) fn versus_direct_table(
             .iter()
             .map(|label| {
                 let value = cell(label, row);
-                let range = spread(label, row).unwrap_or_default();
+                let range = spread(label, row);
                 if value == 0.0 {
                     "failed".to_owned()
                 } else if label == "direct" || direct == 0.0 {
@@ -300,18 +309,31 @@ pub(crate) fn save_svg(
     Ok(format!("![{alt}]({})\n\n", path.display()))
 }
 
-/// A line chart of the medians of a [`versus_direct_table`]'s samples: one line per route,
-/// x the rows (stream or connection counts); a median of 0 (failed) leaves a gap.
-pub(crate) fn versus_direct_plot(
+/// What a [`save_versus_direct_plot`] draws and where it goes.
+pub(crate) struct LinePlot {
+    /// File name without `.svg`.
+    pub name: String,
+    pub title: String,
+    pub x_label: &'static str,
+    pub y_label: &'static str,
+    /// Factor from the samples' unit to the plotted one (bit/s → Gbit/s: 1e-9).
+    pub scale: f64,
+}
+
+/// Plots the medians of a [`versus_direct_table`]'s samples as a line chart (one line
+/// per route, x the rows; a failed median of 0 leaves a gap), saves it and returns the
+/// Markdown that shows it.
+pub(crate) fn save_versus_direct_plot(
+    options: &Options,
+    plot: &LinePlot,
     rows: &[u32],
     labels: &[String],
     samples: &std::collections::BTreeMap<String, std::collections::BTreeMap<u32, Vec<f64>>>,
-    scale: f64,
-) -> (Vec<String>, Vec<plot::Series>) {
-    let xs = rows.iter().map(u32::to_string).collect();
-    let series = labels
+) -> anyhow::Result<String> {
+    let xs: Vec<String> = rows.iter().map(u32::to_string).collect();
+    let series: Vec<self::plot::Series> = labels
         .iter()
-        .map(|label| plot::Series {
+        .map(|label| self::plot::Series {
             label: label.clone(),
             values: rows
                 .iter()
@@ -320,12 +342,13 @@ pub(crate) fn versus_direct_plot(
                         .get(label)
                         .and_then(|m| m.get(row))
                         .map_or(0.0, |v| median(v));
-                    (m > 0.0).then_some(m * scale)
+                    (m > 0.0).then_some(m * plot.scale)
                 })
                 .collect(),
         })
         .collect();
-    (xs, series)
+    let svg = self::plot::line_chart(&plot.title, plot.x_label, plot.y_label, &xs, &series);
+    save_svg(options, &plot.name, &plot.title, &svg)
 }
 
 fn is_complete(experiments: &[Experiment]) -> bool {

@@ -84,21 +84,14 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     let direct = results
         .get("direct")
         .map_or(0.0, |v| median(&v.iter().map(|r| r.0).collect::<Vec<_>>()));
+    // Median tps per route, for the table and the plot.
+    let mut bars: Vec<(String, f64)> = Vec::new();
     for route in &routes {
         let label = route.label();
         let samples = results.get(&label).cloned().unwrap_or_default();
         let tps_samples: Vec<f64> = samples.iter().map(|r| r.0).collect();
         let tps = median(&tps_samples);
-        let range = if tps_samples.len() > 1 {
-            let low = tps_samples.iter().copied().fold(f64::INFINITY, f64::min);
-            let high = tps_samples
-                .iter()
-                .copied()
-                .fold(f64::NEG_INFINITY, f64::max);
-            format!(" [{low:.1}–{high:.1}]")
-        } else {
-            String::new()
-        };
+        let range = super::spread(&tps_samples, |v| format!("{v:.1}"));
         let latency = median(&samples.iter().map(|r| r.1).collect::<Vec<_>>());
         let versus = if direct > 0.0 && label != "direct" {
             format!("{:+.1} %", (tps / direct - 1.0) * 100.0)
@@ -109,6 +102,7 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
             md,
             "| {label} | {tps:.1}{range} | {versus} | {latency:.2} |"
         );
+        bars.push((label, tps));
     }
     md.push('\n');
     let json: BTreeMap<&String, Vec<serde_json::Value>> = results
@@ -123,21 +117,10 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         })
         .collect();
     save_json(options, "pgbench", &serde_json::to_value(json)?)?;
-    let bars: Vec<(String, f64)> = routes
-        .iter()
-        .map(|route| {
-            let label = route.label();
-            let samples = results.get(&label).cloned().unwrap_or_default();
-            (
-                label,
-                median(&samples.iter().map(|r| r.0).collect::<Vec<_>>()),
-            )
-        })
-        .collect();
     md.push_str(&super::save_svg(
         options,
         "pgbench",
-        "pgbench tps per route",
+        "pgbench: transactions per second",
         &super::plot::bar_chart("pgbench: transactions per second", "tps", &bars),
     )?);
     eprint!("{md}");
