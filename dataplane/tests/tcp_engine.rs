@@ -13,10 +13,8 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    fs::File,
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -114,10 +112,7 @@ fn mac_string(mac: MacAddr) -> String {
 
 /// Moves the calling thread into a named network namespace.
 fn enter_netns(name: &str) {
-    let file = File::open(format!("/var/run/netns/{name}")).unwrap();
-    // SAFETY: setns(2) on a descriptor we hold open; it affects only this thread.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
+    ncp_testbed::Netns::open(name).unwrap().enter().unwrap();
 }
 
 /// What the engine thread reports when it stops.

@@ -52,6 +52,13 @@ pub enum Error {
     /// Reading or writing the test bed's own state files failed.
     #[error("state file {path}: {message}")]
     State { path: PathBuf, message: String },
+    /// A thread could not step into or out of a host's network namespace.
+    #[error("{action} network namespace {name}: {source}")]
+    Netns {
+        name: String,
+        action: &'static str,
+        source: std::io::Error,
+    },
     /// The machine lacks something the test bed needs.
     #[error(transparent)]
     Missing(#[from] crate::privileges::Missing),

@@ -29,6 +29,7 @@
 
 mod cmd;
 mod error;
+pub mod netns;
 mod ovs;
 pub mod plan;
 mod privileges;
@@ -39,6 +40,7 @@ pub mod topology;
 pub mod workload;
 
 pub use error::{Error, Result};
+pub use netns::Netns;
 pub use plan::{DEFAULT_PREFIX, Plan};
 pub use privileges::{Missing, REQUIRED_TOOLS, ready_or_skip, require_privileges, require_tools};
 pub use state::STATE_DIR;

@@ -7,8 +7,6 @@
 )]
 
 use std::{
-    fs::File,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{Mutex, MutexGuard},
@@ -20,7 +18,7 @@ use ncp_dataplane::{
     control::{self, Request, Response},
     replicator::ReplicationStats,
 };
-use ncp_testbed::Testbed;
+use ncp_testbed::{Netns, Testbed};
 
 pub mod redis;
 
@@ -51,13 +49,9 @@ pub fn in_netns<T: Send + 'static>(
     netns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> JoinHandle<T> {
-    let path = format!("/run/netns/{netns}");
+    let ns = Netns::open(netns).unwrap();
     thread::spawn(move || {
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns(2) on a valid namespace fd; it only changes this thread's network
-        // namespace, which is the point.
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        ns.enter().unwrap();
         f()
     })
 }

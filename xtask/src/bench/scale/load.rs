@@ -3,11 +3,10 @@
 //!
 //! The clients live in this process: a socket belongs to the network namespace it was
 //! created in, whatever thread uses it afterwards, so only socket creation steps into the
-//! source's namespace (see [`Netns`]). The sinks are processes of their own, as each
+//! source's namespace (see [`ncp_testbed::Netns`]). The sinks are processes of their own, as each
 //! holds one descriptor per session and a process may only hold so many.
 
 use std::{
-    fs::File,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::SocketAddr,
     os::fd::AsRawFd as _,
@@ -26,7 +25,7 @@ use mio::{
     net::{TcpListener, TcpStream},
     unix::SourceFd,
 };
-use ncp_testbed::Testbed;
+use ncp_testbed::{Netns, Testbed};
 
 /// Connections being set up at once: a bounded burst of SYNs, so that none is dropped and
 /// retried a second later, which would measure the retry timer instead of the middlebox.
@@ -35,46 +34,6 @@ pub const CONNECTS_IN_FLIGHT: usize = 64;
 const SINK_BACKLOG: i32 = 4096;
 /// How long the clients' event loop sleeps before it looks at its deadline again.
 const TICK: Duration = Duration::from_millis(50);
-
-/// A network namespace the calling thread can step into for the duration of a closure.
-pub struct Netns {
-    name: String,
-    target: File,
-}
-
-impl Netns {
-    /// Opens the namespace `ip netns` created under `name`.
-    pub fn open(name: &str) -> anyhow::Result<Self> {
-        let target = File::open(format!("/run/netns/{name}"))
-            .with_context(|| format!("opening network namespace {name}"))?;
-        Ok(Self {
-            name: name.to_owned(),
-            target,
-        })
-    }
-
-    /// Runs `f` with the calling thread in this namespace, then moves the thread back.
-    pub fn run<T>(&self, f: impl FnOnce() -> T) -> anyhow::Result<T> {
-        // The namespace to return to is the calling thread's own, whichever thread it is.
-        let home = File::open("/proc/thread-self/ns/net").context("opening own namespace")?;
-        setns(&self.target).with_context(|| format!("entering namespace {}", self.name))?;
-        let out = f();
-        // A thread that cannot get back would run everything after it (commands it
-        // spawns included) in the test-bed host: fail loudly rather than carry on there.
-        setns(&home).with_context(|| format!("leaving namespace {}", self.name))?;
-        Ok(out)
-    }
-}
-
-fn setns(ns: &File) -> std::io::Result<()> {
-    // SAFETY: setns on a descriptor we hold open; it changes only this thread's network
-    // namespace, which is allowed in a multi-threaded process.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
 
 /// Raises this process's soft open-file limit as far as the hard limit allows (children
 /// inherit it, the middlebox among them) and returns it. Raising the hard limit needs

@@ -26,7 +26,8 @@ use super::{
     save_json,
 };
 use crate::{cmd::step, middlebox::Middlebox};
-use load::{Clients, Netns, Sink};
+use load::{Clients, Sink};
+use ncp_testbed::Netns;
 
 const PORT: u16 = 7000;
 /// Connections sending at the same time in the throughput phase (see [`Clients::send`]).
