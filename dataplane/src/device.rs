@@ -12,11 +12,16 @@
 //! ring once smoltcp has read them; transmitted frames are written in place into free
 //! UMEM frames. smoltcp verifies received checksums and computes transmitted ones
 //! (the default capabilities): nothing here trusts a peer's checksum offload.
+//!
+//! This is the bottom of a worker's device stack (see [`crate::layers`]): hand-over
+//! between workers, taps and fault injection wrap it; the [`crate::layers::LinkFrames`]
+//! calls let a layer see and redirect whole link-layer frames.
 
 use std::{
     collections::{HashMap, VecDeque},
     io,
     net::Ipv4Addr,
+    os::fd::BorrowedFd,
 };
 
 use smoltcp::{
@@ -25,8 +30,9 @@ use smoltcp::{
 };
 
 use crate::{
-    handover::{HandoverCounters, HandoverPort},
-    xsk::{FRAME_SIZE, RxFrame, TxFrame, XskRx, XskSocket, XskTx},
+    engine::EngineDevice,
+    layers::LinkFrames,
+    xsk::{FRAME_SIZE, RxFrame, TxFrame, XskCounters, XskRx, XskSocket, XskTx},
 };
 
 /// An Ethernet (MAC) address.
@@ -275,6 +281,8 @@ pub struct DeviceCounters {
     pub tx_no_neighbour: u64,
     /// Frames dropped because no TX frame or ring slot was free.
     pub tx_no_frame: u64,
+    /// Frames injected by a layer above while another was still peeked (dropped).
+    pub rx_inject_busy: u64,
 }
 
 /// The link-layer state: our MAC, the next-hop policy, the neighbours and counters.
@@ -367,6 +375,13 @@ impl LinkLayer {
     pub fn counters(&self) -> DeviceCounters {
         self.counters
     }
+
+    /// Lets smoltcp write a packet that cannot be sent (counted as `tx_no_frame`).
+    fn write_to_scratch<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        self.counters.tx_no_frame += 1;
+        self.scratch.resize(len, 0);
+        f(&mut self.scratch[..len])
+    }
 }
 
 /// A smoltcp device over an [`XskSocket`].
@@ -375,18 +390,17 @@ pub struct XskDevice {
     link: LinkLayer,
     mtu: usize,
     /// A received frame already checked by the link layer and shown through
-    /// [`XskDevice::peek_packet`], with where its IPv4 packet starts: the next one
+    /// [`EngineDevice::peek_packet`], with where its IPv4 packet starts: the next one
     /// `receive` hands over.
     pending: Option<(Pending, usize)>,
-    /// Frames owned by other workers leave here, and theirs for us come in.
-    handover: Option<HandoverPort>,
 }
 
-/// A received frame: on our ring, or handed over by another worker.
+/// A received frame: on our ring, or injected by a layer above (handed over by another
+/// worker).
 #[derive(Debug)]
 enum Pending {
     Ring(RxFrame),
-    HandedIn(Vec<u8>),
+    Injected(Vec<u8>),
 }
 
 impl XskDevice {
@@ -408,7 +422,6 @@ impl XskDevice {
             link: LinkLayer::new(config),
             mtu: config.mtu,
             pending: None,
-            handover: None,
         })
     }
 
@@ -427,69 +440,32 @@ impl XskDevice {
         self.link.counters
     }
 
-    /// The socket underneath (its counters, its descriptor).
-    pub fn socket(&self) -> &XskSocket {
-        &self.socket
+    /// The socket's own counters.
+    pub fn socket_counters(&self) -> XskCounters {
+        self.socket.counters()
     }
 
-    /// Sends what smoltcp queued and returns received frames to the kernel. Call after
-    /// each round of polling.
-    pub fn flush(&mut self) {
-        let (rx, tx) = self.socket.split();
-        tx.flush();
-        rx.refill();
-        if let Some(handover) = &mut self.handover {
-            handover.wake_owners();
-        }
+    /// Sleeps until a frame arrives or `timeout_ms` passes. Returns whether frames wait.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
+        self.socket.wait(timeout_ms)
     }
 
-    /// Sleeps until a frame arrives or `timeout_ms` passes.
-    pub fn wait(&self, timeout_ms: i32) {
-        self.socket.wait(timeout_ms);
-    }
-
-    /// Shares this link with the other workers of its NIC: frames they own are passed
-    /// on to them, frames they pass to us are received like our own.
-    pub fn set_handover(&mut self, port: HandoverPort) {
-        self.handover = Some(port);
-    }
-
-    /// Hand-over counters, when the link is shared.
-    pub fn handover_counters(&self) -> Option<HandoverCounters> {
-        self.handover.as_ref().map(HandoverPort::counters)
-    }
-
-    /// Takes received frames (handed-in ones first, then the ring's) until one passes the
-    /// link layer's checks and belongs to this worker, and keeps it as the pending one.
-    /// Frames that fail are counted and given back; frames of other workers are passed on.
+    /// Takes frames off the RX ring until one passes the link layer's checks, and keeps
+    /// it as the pending one. Frames that fail are counted and given back.
     fn fill_pending(&mut self) {
         if self.pending.is_some() {
             return;
-        }
-        if let Some(handover) = &mut self.handover {
-            while let Some(frame) = handover.take() {
-                if let Ok(ip_offset) = self.link.ingress(&frame) {
-                    self.pending = Some((Pending::HandedIn(frame), ip_offset));
-                    return;
-                }
-            }
         }
         let rx = self.socket.rx();
         for _ in 0..MAX_SKIPPED_PER_RECEIVE {
             let Some(frame) = rx.take() else {
                 return;
             };
-            let data = rx.data(&frame);
+            // A frame this half just took is its own; an empty view would only fail the
+            // checks below.
+            let data = rx.data(&frame).unwrap_or_default();
             match self.link.ingress(data) {
                 Ok(ip_offset) => {
-                    let passed_on = match (&mut self.handover, data.get(ip_offset..)) {
-                        (Some(handover), Some(packet)) => handover.pass_on(data, packet),
-                        _ => false,
-                    };
-                    if passed_on {
-                        rx.release(frame);
-                        continue;
-                    }
                     self.pending = Some((Pending::Ring(frame), ip_offset));
                     return;
                 }
@@ -498,16 +474,14 @@ impl XskDevice {
         }
     }
 
-    /// The IPv4 packet of the next received frame, without taking it: `receive` hands
-    /// over this same frame next.
-    pub fn peek_packet(&mut self) -> Option<&[u8]> {
-        self.fill_pending();
+    /// The pending frame's bytes and where its IPv4 packet starts.
+    fn pending_frame(&self) -> Option<(&[u8], usize)> {
         let (pending, ip_offset) = self.pending.as_ref()?;
         let frame = match pending {
-            Pending::Ring(frame) => self.socket.rx_ref().data(frame),
-            Pending::HandedIn(frame) => frame,
+            Pending::Ring(frame) => self.socket.rx_ref().data(frame).unwrap_or_default(),
+            Pending::Injected(frame) => frame,
         };
-        frame.get(*ip_offset..)
+        Some((frame, *ip_offset))
     }
 
     /// Makes a TX frame available if one can be had, kicking the kernel when every frame
@@ -517,9 +491,57 @@ impl XskDevice {
             tx.reclaim();
         }
         if tx.free_frames() == 0 {
-            tx.flush();
+            tx.kick();
         }
         tx.free_frames() > 0
+    }
+}
+
+impl EngineDevice for XskDevice {
+    /// Sends what smoltcp queued and returns received frames to the kernel.
+    fn flush(&mut self) {
+        let (rx, tx) = self.socket.split();
+        tx.kick();
+        rx.refill_fill_ring();
+    }
+
+    /// The IPv4 packet of the next received frame, without taking it: `receive` hands
+    /// over this same frame next.
+    fn peek_packet(&mut self) -> Option<&[u8]> {
+        self.fill_pending();
+        let (frame, ip_offset) = self.pending_frame()?;
+        frame.get(ip_offset..)
+    }
+
+    fn readiness_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.socket.readiness_fd())
+    }
+}
+
+impl LinkFrames for XskDevice {
+    fn peek_frame(&mut self) -> Option<(&[u8], usize)> {
+        self.fill_pending();
+        self.pending_frame()
+    }
+
+    fn skip_peeked(&mut self) {
+        if let Some((Pending::Ring(frame), _)) = self.pending.take() {
+            self.socket.rx().release(frame);
+        }
+    }
+
+    fn has_peeked(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    fn inject(&mut self, frame: Vec<u8>) {
+        if self.pending.is_some() {
+            self.link.counters.rx_inject_busy += 1;
+            return;
+        }
+        if let Ok(ip_offset) = self.link.ingress(&frame) {
+            self.pending = Some((Pending::Injected(frame), ip_offset));
+        }
     }
 }
 
@@ -536,8 +558,9 @@ impl phy::RxToken for XskRxToken<'_> {
         F: FnOnce(&[u8]) -> R,
     {
         let data = match &self.frame {
-            Some(Pending::Ring(frame)) => self.rx.data(frame),
-            Some(Pending::HandedIn(frame)) => frame,
+            // The device only keeps frames its own receive half lent.
+            Some(Pending::Ring(frame)) => self.rx.data(frame).unwrap_or_default(),
+            Some(Pending::Injected(frame)) => frame,
             None => &[],
         };
         f(data.get(self.ip_offset..).unwrap_or(&[]))
@@ -569,11 +592,13 @@ impl phy::TxToken for XskTxToken<'_> {
             None
         };
         let Some(mut frame) = frame else {
-            self.link.counters.tx_no_frame += 1;
-            self.link.scratch.resize(len, 0);
-            return f(&mut self.link.scratch[..len]);
+            return self.link.write_to_scratch(len, f);
         };
-        let buf = self.tx.buffer(&mut frame);
+        let Ok(buf) = self.tx.buffer(&mut frame) else {
+            // Unreachable: the frame was lent by this same half a moment ago.
+            self.tx.discard(frame);
+            return self.link.write_to_scratch(len, f);
+        };
         let result = f(&mut buf[TX_HEADROOM..TX_HEADROOM + len]);
         match self.link.egress(buf, len) {
             Some((start, frame_len)) => {

@@ -14,17 +14,28 @@
 //! crossbeam queue (one per worker and link) and wakes the owner through its eventfd; the
 //! owner feeds it to its engine like a frame of its own ring. Nothing on this path locks.
 //! A full queue drops the frame (counted), as a full ring would: TCP recovers.
+//!
+//! The hand-over is a device layer ([`HandoverDevice`]) around the AF_XDP device: it sees
+//! each received frame before the engine does, passes on what another worker owns, and
+//! feeds in what other workers passed on, so the device below knows nothing of workers.
 
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, BorrowedFd},
     sync::Arc,
 };
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use smoltcp::{
+    phy::{Device, DeviceCapabilities},
+    time::Instant,
+};
 
-use crate::config::PortRange;
+use crate::{
+    config::PortRange, device::MacAddr, engine::EngineDevice, layers::LinkFrames,
+    replicator::Neighbours, sys::EventFd,
+};
 
 /// Frames a worker's queue holds per link before hand-overs to it are dropped.
 pub const QUEUE_FRAMES: usize = 4096;
@@ -100,41 +111,32 @@ fn flow_hash(bytes: &[u8]) -> u64 {
 /// Wakes a worker that may be asleep in `poll(2)`: an eventfd in its poll set.
 #[derive(Debug)]
 pub struct Waker {
-    fd: OwnedFd,
+    event: EventFd,
 }
 
 impl Waker {
     /// A new non-blocking eventfd.
     pub fn new() -> io::Result<Self> {
-        // SAFETY: eventfd(2) with valid flags; the descriptor is owned right away.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
         Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            event: EventFd::new()?,
         })
     }
 
     /// Makes the descriptor readable (the owner's `poll` returns).
-    pub fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd. A full counter (EAGAIN)
-        // means a wake-up is pending anyway.
-        let _ = unsafe { libc::write(self.fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    pub fn wake(&self) -> io::Result<()> {
+        self.event.signal()
     }
 
     /// Clears pending wake-ups (call after `poll` returns, before draining the queues).
-    pub fn clear(&self) {
-        let mut count: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut count).cast(), 8) };
+    pub fn clear(&self) -> io::Result<()> {
+        self.event.drain()
     }
+}
 
+impl AsFd for Waker {
     /// The descriptor, for the poll set.
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.event.as_fd()
     }
 }
 
@@ -147,6 +149,8 @@ pub struct HandoverCounters {
     pub handed_in: u64,
     /// Frames dropped because the owner's queue was full.
     pub dropped: u64,
+    /// Wake-ups that failed (the owner then finds its frames on its next timer).
+    pub wake_failed: u64,
 }
 
 /// One worker's end of the hand-over on one link.
@@ -239,8 +243,10 @@ impl HandoverPort {
         for (owner, flag) in self.to_wake.iter_mut().enumerate() {
             if std::mem::take(flag)
                 && let Some(waker) = self.ends.wakers.get(owner)
+                && let Err(e) = waker.wake()
             {
-                waker.wake();
+                self.counters.wake_failed += 1;
+                tracing::warn!(owner, error = %e, "could not wake a worker for handed-over frames");
             }
         }
     }
@@ -248,6 +254,141 @@ impl HandoverPort {
     /// Counters so far.
     pub fn counters(&self) -> HandoverCounters {
         self.counters
+    }
+}
+
+/// Frames passed on in one peek before it gives up for this round, so a flood of frames
+/// for other workers cannot hold the caller's loop.
+const MAX_PASSED_ON_PER_PEEK: usize = 64;
+
+/// The hand-over layer: wraps a worker's device on a link shared with other workers.
+/// Before the engine sees a received frame, a frame another worker owns is passed on to
+/// it; frames other workers passed to this one are received first, through the same
+/// link-layer checks as the ring's. Without a port (a worker alone on its NIC) it passes
+/// everything through.
+pub struct HandoverDevice<D> {
+    inner: D,
+    port: Option<HandoverPort>,
+    /// The frame peeked below was checked: this worker owns it.
+    vetted: bool,
+}
+
+impl<D> HandoverDevice<D> {
+    /// Wraps `inner`, sharing its link through `port` when there is one.
+    pub fn new(inner: D, port: Option<HandoverPort>) -> Self {
+        Self {
+            inner,
+            port,
+            vetted: false,
+        }
+    }
+
+    /// The device underneath.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+
+    /// The device underneath, mutably.
+    pub fn inner_mut(&mut self) -> &mut D {
+        &mut self.inner
+    }
+
+    /// Hand-over counters, when the link is shared.
+    pub fn handover_counters(&self) -> Option<HandoverCounters> {
+        self.port.as_ref().map(HandoverPort::counters)
+    }
+}
+
+impl<D: LinkFrames> HandoverDevice<D> {
+    /// Makes the frame peeked below one this worker owns, if any frame is there: feeds in
+    /// handed-in frames while nothing is peeked, and passes on peeked frames of others.
+    /// Returns whether such a frame waits.
+    fn settle(&mut self) -> bool {
+        if self.vetted && self.inner.has_peeked() {
+            return true;
+        }
+        self.vetted = false;
+        let Some(port) = &mut self.port else {
+            return self.inner.peek_frame().is_some();
+        };
+        for _ in 0..MAX_PASSED_ON_PER_PEEK {
+            while !self.inner.has_peeked() {
+                let Some(frame) = port.take() else { break };
+                self.inner.inject(frame);
+            }
+            let Some((frame, ip_offset)) = self.inner.peek_frame() else {
+                return false;
+            };
+            let passed_on = frame
+                .get(ip_offset..)
+                .is_some_and(|packet| port.pass_on(frame, packet));
+            if !passed_on {
+                self.vetted = true;
+                return true;
+            }
+            self.inner.skip_peeked();
+        }
+        false
+    }
+}
+
+impl<D: LinkFrames> Device for HandoverDevice<D> {
+    type RxToken<'a>
+        = D::RxToken<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = D::TxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if !self.settle() {
+            return None;
+        }
+        // Whatever comes of it, the frame vetted is gone or checked again next time (the
+        // device below may keep it when it has no transmit frame for the answer).
+        self.vetted = false;
+        self.inner.receive(timestamp)
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.inner.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.inner.capabilities()
+    }
+}
+
+impl<D: LinkFrames> EngineDevice for HandoverDevice<D> {
+    /// Ends the round below and wakes the workers that were passed frames in it.
+    fn flush(&mut self) {
+        self.inner.flush();
+        if let Some(port) = &mut self.port {
+            port.wake_owners();
+        }
+    }
+
+    fn peek_packet(&mut self) -> Option<&[u8]> {
+        if !self.settle() {
+            return None;
+        }
+        self.inner.peek_packet()
+    }
+
+    fn readiness_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.inner.readiness_fd()
+    }
+}
+
+impl<D: Neighbours> Neighbours for HandoverDevice<D> {
+    fn neighbour(&self, ip: Ipv4Addr) -> Option<MacAddr> {
+        self.inner.neighbour(ip)
+    }
+
+    fn learn(&mut self, ip: Ipv4Addr, mac: MacAddr) {
+        self.inner.learn(ip, mac);
     }
 }
 
@@ -361,17 +502,10 @@ mod tests {
             "its own"
         );
         w0.wake_owners();
-        let mut fds = [libc::pollfd {
-            fd: wakers[1].raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd, zero timeout.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-        assert_eq!(ready, 1, "the owner was woken");
-        wakers[1].clear();
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) }, 0, "cleared");
+        let readable = || crate::sys::wait_readable(wakers[1].as_fd(), 0).unwrap();
+        assert!(readable(), "the owner was woken");
+        wakers[1].clear().unwrap();
+        assert!(!readable(), "cleared");
         assert_eq!(w1.take(), Some(frame));
         assert_eq!(w1.take(), None);
         assert_eq!(w0.counters().handed_out, 1);

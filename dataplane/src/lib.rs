@@ -2,8 +2,11 @@
 //!
 //! - [`steering`]: the XDP program and its maps (which frames reach the workers);
 //! - [`xsk`]: one AF_XDP socket and its UMEM;
+//! - [`sys`]: every raw system call, behind safe wrappers;
 //! - [`device`]: a smoltcp device over that socket, doing Ethernet itself;
-//! - [`handover`]: which worker owns a frame, and the queues between workers;
+//! - [`layers`]: device layers stacked on it (taps, fault injection);
+//! - [`handover`]: which worker owns a frame, the queues between workers, and the device
+//!   layer that uses them;
 //! - [`engine`]: a worker's TCP engine (smoltcp in any-IP mode) over such a device;
 //! - [`replicator`]: the replication core driven over a worker's TCP engines (XDP mode);
 //! - [`worker`]: per-queue worker threads pinned to cores;
@@ -21,11 +24,13 @@ pub mod engine;
 pub mod frame;
 pub mod handover;
 pub mod kernel_pktgen;
+pub mod layers;
 pub mod offline;
 pub mod replicator;
 pub mod rules;
 pub mod runtime;
 pub mod sockets;
 pub mod steering;
+pub mod sys;
 pub mod worker;
 pub mod xsk;

@@ -1220,9 +1220,12 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
 }
 
 /// Fills in the device-level counters of a snapshot (only an AF_XDP device has them).
-pub fn add_device_counters(stats: &mut WorkerReplicationStats, links: &[Link<XskDevice>]) {
+pub fn add_device_counters(
+    stats: &mut WorkerReplicationStats,
+    links: &[Link<crate::worker::WorkerDevice>],
+) {
     for (s, l) in stats.links.iter_mut().zip(links) {
-        let c = l.engine.device().counters();
+        let c = l.engine.device().inner().counters();
         s.tx_no_neighbour = c.tx_no_neighbour;
         s.tx_no_frame = c.tx_no_frame;
         s.rx_dropped = c.rx_not_ipv4 + c.rx_truncated;

@@ -426,13 +426,9 @@ fn start_workers_retrying(
 
 /// AF_XDP UMEMs count against RLIMIT_MEMLOCK on older kernels; lift it where allowed.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK; continuing");
+    if let Err(e) = crate::sys::raise_memlock_limit() {
+        // Newer kernels charge UMEMs to the memory cgroup instead: not fatal.
+        tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK; continuing");
     }
 }
 

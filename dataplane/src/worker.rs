@@ -1,6 +1,7 @@
 //! Per-queue workers. Each runs on its own thread, pinned to its core, and owns
 //! everything it touches: its AF_XDP socket (created on that core, so the UMEM is
-//! allocated there), the [`XskDevice`] and TCP [`Engine`] over it, optionally a second
+//! allocated there), the [`XskDevice`] wrapped in its [`HandoverDevice`] layer and the
+//! TCP [`Engine`] over that stack, optionally a second
 //! socket/device/engine on the same queue of the replication NIC, and the
 //! [`Replicator`] with its session manager. Nothing on the data path is shared between
 //! workers; counters are published to the control socket through a mutex at most every
@@ -11,8 +12,8 @@
 //! right choice on a shared host such as the 2-core test machine); `busy` spins.
 
 use std::{
-    io,
     net::Ipv4Addr,
+    os::fd::AsFd,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -28,12 +29,16 @@ use smoltcp::socket::tcp::CongestionControl;
 
 use crate::{
     config::{Congestion, PollMode, PortRange, TcpTuning},
-    device::{DeviceConfig, MacAddr, XskDevice},
-    engine::{Engine, EngineConfig},
-    handover::{Handover, HandoverPort, Waker},
+    device::{DeviceConfig, XskDevice},
+    engine::{Engine, EngineConfig, EngineDevice},
+    handover::{Handover, HandoverDevice, HandoverPort, Waker},
     replicator::{self, Link, PUBLISH_INTERVAL, Replicator, ServicePlan, WorkerReplicationStats},
+    sys::{self, PollSet},
     xsk::{XskOptions, XskSocket},
 };
+
+/// A worker's device stack on one link: the AF_XDP device under the hand-over layer.
+pub type WorkerDevice = HandoverDevice<XskDevice>;
 
 /// Longest sleep, so a stop request is seen promptly.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
@@ -91,6 +96,7 @@ pub struct WorkerStats {
     rx_frames: AtomicU64,
     rx_bytes: AtomicU64,
     wakeups: AtomicU64,
+    poll_errors: AtomicU64,
     replication: Mutex<WorkerReplicationStats>,
 }
 
@@ -119,6 +125,8 @@ pub struct WorkerSnapshot {
     pub rx_bytes: u64,
     /// Times the worker woke from `poll(2)`.
     pub wakeups: u64,
+    /// Failed sleeps: `poll(2)` or the hand-over wake-up's eventfd returned an error.
+    pub poll_errors: u64,
 }
 
 /// A socket a worker opened: the runtime registers it in that interface's XSKMAP.
@@ -203,55 +211,21 @@ pub fn snapshot(spec: &WorkerSpec, stats: &WorkerStats) -> WorkerSnapshot {
         rx_frames: stats.rx_frames.load(Ordering::Relaxed),
         rx_bytes: stats.rx_bytes.load(Ordering::Relaxed),
         wakeups: stats.wakeups.load(Ordering::Relaxed),
+        poll_errors: stats.poll_errors.load(Ordering::Relaxed),
     }
 }
 
-/// The MAC of interface `name` in the calling thread's network namespace.
-fn interface_mac(name: &str) -> io::Result<MacAddr> {
-    let bytes = name.as_bytes();
-    // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("bad interface name {name:?}"),
-        ));
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain socket(2); closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: SIOCGIFHWADDR reads into the ifreq we own for the duration of the call.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
-    let err = io::Error::last_os_error();
-    // SAFETY: closing the descriptor opened above.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        return Err(err);
-    }
-    // SAFETY: after a successful SIOCGIFHWADDR the union holds the hardware address.
-    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
-    let mut mac = [0u8; 6];
-    for (m, d) in mac.iter_mut().zip(data.iter()) {
-        *m = *d as u8;
-    }
-    Ok(mac)
-}
-
-/// Opens one link: socket, device, engine.
+/// Opens one link: socket, device stack, engine.
 fn open_link(
     spec: &LinkSpec,
     listen: Vec<std::net::SocketAddrV4>,
     max_connections: usize,
     tcp: TcpTuning,
-) -> Result<(Link<XskDevice>, OpenedSocket), String> {
+    handover: Option<HandoverPort>,
+) -> Result<(Link<WorkerDevice>, OpenedSocket), String> {
     let interface = spec.socket.interface.clone();
     let at = |e: &dyn std::fmt::Display| format!("{interface} queue {}: {e}", spec.socket.queue);
-    let mac = interface_mac(&interface).map_err(|e| at(&e))?;
+    let mac = sys::interface_mac(&interface).map_err(|e| at(&e))?;
     let socket = XskSocket::open(&spec.socket).map_err(|e| at(&e))?;
     let opened = OpenedSocket {
         interface: interface.clone(),
@@ -259,6 +233,7 @@ fn open_link(
         fd: socket.raw_fd(),
     };
     let device = XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| at(&e))?;
+    let device = HandoverDevice::new(device, handover);
     let mut config = EngineConfig::new(spec.address, spec.ports);
     config.listen = listen;
     // The core's budgets are the real queues; these buffers only need to cover the
@@ -333,13 +308,18 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
         } else {
             Vec::new()
         };
-        match open_link(link, listen, connection_bound(&spec, index), spec.tcp) {
-            Ok((mut l, o)) => {
-                if let Some(ends) = spec.handover.get(index) {
-                    l.engine
-                        .device_mut()
-                        .set_handover(HandoverPort::new(ends.clone()));
-                }
+        let handover = spec
+            .handover
+            .get(index)
+            .map(|ends| HandoverPort::new(ends.clone()));
+        match open_link(
+            link,
+            listen,
+            connection_bound(&spec, index),
+            spec.tcp,
+            handover,
+        ) {
+            Ok((l, o)) => {
                 links.push(l);
                 opened.push(o);
             }
@@ -363,7 +343,7 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
     let mut replicator = Replicator::new(links, spec.services.clone(), spec.manager.clone());
     replicator.resolve_upstreams(RESOLVE_AT_START);
     let mut next_publish = Instant::now();
-    let mut fds = Vec::new();
+    let mut poll_set = PollSet::new();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let active = replicator.turn(now);
@@ -382,24 +362,22 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
                 if bound.is_zero() {
                     continue;
                 }
-                fds.clear();
-                fds.extend(replicator.links().iter().map(|l| libc::pollfd {
-                    fd: l.engine.device().socket().raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                }));
-                fds.extend(spec.waker.iter().map(|w| libc::pollfd {
-                    fd: w.raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                }));
+                poll_set.clear();
+                for link in replicator.links() {
+                    if let Some(fd) = link.engine.device().readiness_fd() {
+                        poll_set.add(fd);
+                    }
+                }
+                if let Some(waker) = &spec.waker {
+                    poll_set.add(waker.as_fd());
+                }
                 let ms = i32::try_from(bound.as_millis().max(1)).unwrap_or(i32::MAX);
-                // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
-                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+                let slept = poll_set.wait(ms).map(drop);
                 // Handed-over frames are taken on the next turn; a wake-up that comes
                 // after this clear is for frames queued after it, so none is lost.
-                if let Some(waker) = &spec.waker {
-                    waker.clear();
+                let cleared = spec.waker.as_ref().map_or(Ok(()), |w| w.clear());
+                if let Err(e) = slept.and(cleared) {
+                    count_poll_error(&stats, &e);
                 }
                 stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
@@ -448,7 +426,10 @@ fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: 
         }
         match spec.poll {
             PollMode::Sleep => {
-                socket.wait(i32::try_from(MAX_SLEEP.as_millis()).unwrap_or(100));
+                let ms = i32::try_from(MAX_SLEEP.as_millis()).unwrap_or(100);
+                if let Err(e) = socket.wait(ms) {
+                    count_poll_error(stats, &e);
+                }
                 stats.wakeups.fetch_add(1, Ordering::Relaxed);
             }
             PollMode::Busy => std::hint::spin_loop(),
@@ -456,9 +437,18 @@ fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: 
     }
 }
 
-fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<XskDevice>) {
+/// Counts a failed sleep; logs the first and then every power of two, as a broken
+/// descriptor fails on every turn and would flood the log.
+fn count_poll_error(stats: &WorkerStats, error: &std::io::Error) {
+    let count = stats.poll_errors.fetch_add(1, Ordering::Relaxed) + 1;
+    if count.is_power_of_two() {
+        tracing::warn!(count, %error, "worker could not sleep in poll(2)");
+    }
+}
+
+fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<WorkerDevice>) {
     if let Some(link) = replicator.links().first() {
-        let c = link.engine.device().socket().counters();
+        let c = link.engine.device().inner().socket_counters();
         stats.rx_frames.store(c.rx_frames, Ordering::Relaxed);
         stats.rx_bytes.store(c.rx_bytes, Ordering::Relaxed);
     }

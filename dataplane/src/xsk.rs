@@ -8,20 +8,75 @@
 //! so a caller can hold a received frame and write a transmit frame at the same time (a
 //! TCP stack answers a segment while it still reads it). [`XskSocket::receive`] and
 //! [`XskSocket::transmit`] remain as simple callback forms over the halves.
+//!
+//! Frames are handles ([`RxFrame`], [`TxFrame`]) naming a UMEM offset and the UMEM they
+//! belong to. A worker holds several sockets, so a handle could be given to the wrong
+//! one; each socket therefore checks, in O(1), that a handle is its own before it turns
+//! it into bytes, and refuses it otherwise ([`ForeignFrame`]). Bytes borrow the half that
+//! lent them, so they cannot outlive the frame's return to the kernel. The intended use:
+//!
+//! ```no_run
+//! # use ncp_dataplane::xsk::XskRx;
+//! fn first_byte(rx: &mut XskRx) -> Option<u8> {
+//!     let frame = rx.take()?;
+//!     let first = rx.data(&frame).ok().and_then(|bytes| bytes.first().copied());
+//!     rx.release(frame);
+//!     first
+//! }
+//! ```
+//!
+//! and what does not compile:
+//!
+//! ```compile_fail,E0502
+//! # use ncp_dataplane::xsk::XskRx;
+//! fn read_after_release(rx: &mut XskRx) {
+//!     let frame = rx.take().unwrap();
+//!     let bytes = rx.data(&frame).unwrap();
+//!     rx.release(frame); // needs `&mut rx` while `bytes` still borrows it
+//!     assert_eq!(bytes[0], 0);
+//! }
+//! ```
+//!
+//! ```compile_fail,E0382
+//! # use ncp_dataplane::xsk::XskRx;
+//! fn read_a_released_frame(rx: &mut XskRx) {
+//!     let frame = rx.take().unwrap();
+//!     rx.release(frame);
+//!     let _ = rx.data(&frame); // the handle was given up
+//! }
+//! ```
+//!
+//! ```compile_fail,E0451
+//! # use ncp_dataplane::xsk::RxFrame;
+//! // Handles only come from a socket: there is no way to make one up.
+//! let frame = RxFrame { umem: 1, addr: 0, len: 64 };
+//! ```
+//!
+//! The only raw memory here is the UMEM; system calls go through [`crate::sys`].
 
-use std::{collections::VecDeque, ffi::CString, io, num::NonZeroU32, ptr::NonNull};
+use std::{
+    collections::VecDeque,
+    ffi::CString,
+    io,
+    num::NonZeroU32,
+    os::fd::{BorrowedFd, RawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use xdpilone::{
     BufIdx, CompletionQueue, FillQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem,
     UmemConfig, xdp::XdpDesc,
 };
 
+use crate::sys::{self, Mapping};
+
 /// Bytes per UMEM frame: one page, room for a 1500-byte MTU frame and then some.
 pub const FRAME_SIZE: u32 = 4096;
 /// Descriptors handled per ring operation.
 const BATCH: u32 = 64;
 /// Copy mode sends at most this many frames per `sendto` kick (the kernel's
-/// `TX_BATCH_SIZE`), so a flush kicks repeatedly.
+/// `TX_BATCH_SIZE`), so [`XskTx::kick`] kicks repeatedly.
 const COPY_MODE_KICK_FRAMES: u32 = 32;
 
 /// How to open a socket.
@@ -52,52 +107,25 @@ pub struct XskCounters {
     pub tx_full: u64,
     /// `sendto` kicks issued to make the kernel transmit.
     pub tx_kicks: u64,
+    /// Frame handles of another socket given to this one (a bug in the caller; refused).
+    pub foreign_frames: u64,
 }
 
-/// Anonymous, page-aligned memory for the UMEM, unmapped on drop.
-struct MmapArea {
-    ptr: NonNull<u8>,
-    len: usize,
-}
+/// A frame handle given to a socket that did not lend it. Refused: its offset means
+/// nothing in this socket's UMEM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("frame handle of another AF_XDP socket's UMEM")]
+pub struct ForeignFrame;
 
-impl MmapArea {
-    fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: anonymous private mapping with no address hint; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { ptr, len })
-    }
+/// Which UMEM a frame belongs to: unique per socket opened in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct UmemId(u64);
 
-    fn as_slice_ptr(&self) -> NonNull<[u8]> {
-        NonNull::slice_from_raw_parts(self.ptr, self.len)
-    }
-
-    fn view(&self) -> UmemView {
-        UmemView {
-            base: self.ptr,
-            len: self.len,
-        }
-    }
-}
-
-impl Drop for MmapArea {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`; nothing refers to it anymore
-        // because the socket halves and UMEM fields are dropped before this one.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+impl UmemId {
+    fn fresh() -> Self {
+        // Only uniqueness matters, not ordering with other memory.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -105,11 +133,33 @@ impl Drop for MmapArea {
 /// [`XskSocket`] that owns the mapping (they are only reachable through it).
 #[derive(Clone, Copy)]
 struct UmemView {
+    id: UmemId,
     base: NonNull<u8>,
     len: usize,
 }
 
 impl UmemView {
+    fn of(id: UmemId, mapping: &Mapping) -> Self {
+        Self {
+            id,
+            base: mapping.base(),
+            len: mapping.len(),
+        }
+    }
+
+    /// Where `[addr, addr+len)` of UMEM `umem` starts in memory: refused unless `umem` is
+    /// this UMEM and the range lies inside it and inside one frame. This check is what
+    /// makes the byte accessors of the halves sound.
+    fn locate(&self, umem: UmemId, addr: u64, len: usize) -> Result<NonNull<u8>, ForeignFrame> {
+        if umem != self.id || !self.holds(addr, len) {
+            return Err(ForeignFrame);
+        }
+        let offset = usize::try_from(addr).map_err(|_| ForeignFrame)?;
+        // SAFETY: `holds` checked `offset + len <= self.len`, so the result stays inside
+        // (or one past the end of) the mapping `base` points to.
+        Ok(unsafe { self.base.add(offset) })
+    }
+
     /// Whether `[addr, addr+len)` lies inside the mapping and inside one frame.
     fn holds(&self, addr: u64, len: usize) -> bool {
         let Ok(start) = usize::try_from(addr) else {
@@ -134,11 +184,12 @@ fn errno(what: &str, e: xdpilone::Errno) -> io::Error {
     io::Error::new(os.kind(), format!("{what}: {os}"))
 }
 
-/// A received frame still owned by the receive half. Give it back with
-/// [`XskRx::release`]: until then the kernel cannot reuse it (a frame never released is a
-/// frame lost to the fill ring, hence no `Clone`).
+/// A received frame still owned by the receive half that handed it out. Give it back
+/// with [`XskRx::release`]: until then the kernel cannot reuse it (a frame never released
+/// is a frame lost to the fill ring, hence no `Clone`).
 #[derive(Debug)]
 pub struct RxFrame {
+    umem: UmemId,
     addr: u64,
     len: u32,
 }
@@ -168,6 +219,7 @@ pub struct XskRx {
     frames: u64,
     bytes: u64,
     bad_desc: u64,
+    foreign: u64,
 }
 
 impl XskRx {
@@ -182,6 +234,7 @@ impl XskRx {
                 self.frames += 1;
                 self.bytes += u64::from(desc.len);
                 return Some(RxFrame {
+                    umem: self.view.id,
                     addr: desc.addr,
                     len: desc.len,
                 });
@@ -203,29 +256,38 @@ impl XskRx {
         reader.release();
     }
 
-    /// The bytes of a frame handed out by [`XskRx::take`].
-    pub fn data(&self, frame: &RxFrame) -> &[u8] {
-        // SAFETY: `take` checked that the range lies inside the mapping and one frame; the
-        // kernel does not write the frame until `release` returns it through the fill ring,
-        // which needs `&mut self` and so cannot overlap this borrow.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.view.base.as_ptr().add(frame.addr as usize),
-                frame.len as usize,
-            )
-        }
+    /// The bytes of a frame this half handed out by [`XskRx::take`]; a frame of another
+    /// socket is refused.
+    pub fn data(&self, frame: &RxFrame) -> Result<&[u8], ForeignFrame> {
+        let start = self
+            .view
+            .locate(frame.umem, frame.addr, frame.len as usize)?;
+        // SAFETY: `locate` checked that the frame is this UMEM's and that the range lies
+        // inside the mapping and one frame. The kernel does not write the frame until
+        // `release` returns it through the fill ring, which needs `&mut self` and takes
+        // the handle by value, so it cannot overlap this borrow of `self`.
+        Ok(unsafe { std::slice::from_raw_parts(start.as_ptr(), frame.len as usize) })
     }
 
-    /// Gives a frame back for receiving. Returns frames to the fill ring in batches.
+    /// Gives a frame back for receiving. Returns frames to the fill ring in batches. A
+    /// frame of another socket is refused and counted (it is not ours to hand the kernel).
     pub fn release(&mut self, frame: RxFrame) {
+        if frame.umem != self.view.id {
+            self.foreign += 1;
+            tracing::error!(
+                ?frame,
+                "an RX frame was released to a socket that did not lend it"
+            );
+            return;
+        }
         self.fill_backlog.push(frame_base(frame.addr));
         if self.fill_backlog.len() >= BATCH as usize {
-            self.refill();
+            self.refill_fill_ring();
         }
     }
 
-    /// Returns all released frames to the kernel now.
-    pub fn refill(&mut self) {
+    /// Returns all released frames to the kernel through the fill ring now.
+    pub fn refill_fill_ring(&mut self) {
         if self.fill_backlog.is_empty() {
             return;
         }
@@ -247,15 +309,17 @@ impl XskRx {
     }
 
     /// The socket's file descriptor.
-    pub fn raw_fd(&self) -> i32 {
+    pub fn raw_fd(&self) -> RawFd {
         self.ring.as_raw_fd()
     }
 }
 
 /// A free UMEM frame lent to the caller for transmitting: fill it through
-/// [`XskTx::buffer`], then [`XskTx::submit`] or [`XskTx::discard`] it.
+/// [`XskTx::buffer`], then [`XskTx::submit`] or [`XskTx::discard`] it, on the half that
+/// lent it.
 #[derive(Debug)]
 pub struct TxFrame {
+    umem: UmemId,
     addr: u64,
 }
 
@@ -270,6 +334,7 @@ pub struct XskTx {
     frames: u64,
     full: u64,
     kicks: u64,
+    foreign: u64,
 }
 
 impl XskTx {
@@ -280,7 +345,10 @@ impl XskTx {
             self.reclaim();
         }
         match self.free.pop() {
-            Some(addr) => Some(TxFrame { addr }),
+            Some(addr) => Some(TxFrame {
+                umem: self.view.id,
+                addr,
+            }),
             None => {
                 self.full += 1;
                 None
@@ -288,18 +356,31 @@ impl XskTx {
         }
     }
 
-    /// The whole UMEM frame behind `frame`, [`FRAME_SIZE`] bytes.
-    pub fn buffer<'a>(&'a mut self, frame: &'a mut TxFrame) -> &'a mut [u8] {
-        // SAFETY: `frame` came from the free list, so the kernel does not touch it until it
-        // is submitted; free-list entries are frame bases inside the mapping (checked when
-        // the list was built and when completions are reclaimed). The exclusive borrow of
-        // `self` keeps two such slices from coexisting.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.view.base.as_ptr().add(frame.addr as usize),
-                FRAME_SIZE as usize,
-            )
+    /// The whole UMEM frame behind `frame`, [`FRAME_SIZE`] bytes; a frame this half did
+    /// not lend is refused.
+    pub fn buffer<'a>(&'a mut self, frame: &'a mut TxFrame) -> Result<&'a mut [u8], ForeignFrame> {
+        let start = self
+            .view
+            .locate(frame.umem, frame.addr, FRAME_SIZE as usize)?;
+        // SAFETY: `locate` checked that the frame is this UMEM's and lies whole inside the
+        // mapping. It came from this half's free list, so the kernel does not touch it
+        // until it is submitted, and no other handle names it (free-list entries are
+        // distinct frame bases). The exclusive borrow of `self` keeps two such slices from
+        // coexisting.
+        Ok(unsafe { std::slice::from_raw_parts_mut(start.as_ptr(), FRAME_SIZE as usize) })
+    }
+
+    /// Whether `frame` is this half's; counts and logs it when not.
+    fn owns(&mut self, frame: &TxFrame) -> bool {
+        if frame.umem == self.view.id {
+            return true;
         }
+        self.foreign += 1;
+        tracing::error!(
+            ?frame,
+            "a TX frame was given to a socket that did not lend it"
+        );
+        false
     }
 
     /// Queues the first `len` bytes of `frame` for sending. Returns false when the TX ring
@@ -311,8 +392,11 @@ impl XskTx {
     /// Queues `len` bytes starting `offset` bytes into `frame` (a frame may start past the
     /// beginning of its UMEM frame, e.g. when the link header was sized after the payload
     /// was written). Returns false, and keeps the frame free, when the range leaves the
-    /// frame or the TX ring is full.
+    /// frame or the TX ring is full; a frame of another socket is refused (and counted).
     pub fn submit_at(&mut self, frame: TxFrame, offset: usize, len: usize) -> bool {
+        if !self.owns(&frame) {
+            return false;
+        }
         let fits = offset
             .checked_add(len)
             .is_some_and(|end| end <= FRAME_SIZE as usize);
@@ -342,16 +426,18 @@ impl XskTx {
         true
     }
 
-    /// Returns an unused frame to the free list.
+    /// Returns an unused frame to the free list (a frame of another socket is refused).
     pub fn discard(&mut self, frame: TxFrame) {
-        self.free.push(frame.addr);
+        if self.owns(&frame) {
+            self.free.push(frame.addr);
+        }
     }
 
-    /// Makes the kernel send what is on the TX ring. In copy mode each `sendto` sends at
-    /// most 32 frames, so this kicks in a loop while frames are pending; it stops early
-    /// when a kick makes no progress (the kernel is out of room), leaving the rest for
-    /// the next flush rather than spinning.
-    pub fn flush(&mut self) {
+    /// Kicks the kernel into sending what is on the TX ring, then reclaims completed
+    /// frames. In copy mode each `sendto` sends at most 32 frames, so this kicks in a loop
+    /// while frames are pending; it stops early when a kick makes no progress (the kernel
+    /// is out of room), leaving the rest for the next kick rather than spinning.
+    pub fn kick(&mut self) {
         let mut pending = self.ring.pending();
         // Enough rounds to drain a full ring, plus one.
         let rounds = pending / COPY_MODE_KICK_FRAMES + 2;
@@ -359,6 +445,8 @@ impl XskTx {
             if pending == 0 || (self.zero_copy && !self.ring.needs_wakeup()) {
                 break;
             }
+            // xdpilone's wake issues the `sendto` and ignores its result on purpose: EAGAIN
+            // and EBUSY only mean "try again", which the progress check below does.
             self.ring.wake();
             self.kicks += 1;
             let now = self.ring.pending();
@@ -399,7 +487,7 @@ pub struct XskSocket {
     tx: XskTx,
     umem: Umem,
     // Last: the memory must outlive the UMEM registration and the halves above.
-    area: MmapArea,
+    area: Mapping,
 }
 
 impl XskSocket {
@@ -415,7 +503,7 @@ impl XskSocket {
                 ),
             ));
         }
-        let area = MmapArea::new(frames as usize * FRAME_SIZE as usize)?;
+        let area = Mapping::anonymous(frames as usize * FRAME_SIZE as usize)?;
         let half = frames / 2;
         let config = UmemConfig {
             fill_size: half,
@@ -424,8 +512,9 @@ impl XskSocket {
             headroom: 0,
             flags: 0,
         };
-        // SAFETY: the area is page aligned (fresh mmap) and outlives the UMEM: both live in
-        // the returned struct, the area dropped last.
+        // SAFETY: the area is page aligned (a fresh anonymous mmap), nothing else refers to
+        // it, and it outlives the UMEM: both live in the returned struct, the area dropped
+        // last.
         let umem = unsafe { Umem::new(config, area.as_slice_ptr()) }
             .map_err(|e| errno("registering the UMEM", e))?;
 
@@ -479,7 +568,7 @@ impl XskSocket {
 
         // First half of the frames go to the kernel for receiving, second half stay ours.
         let offset = |i: u32| umem.frame(BufIdx(i)).map(|chunk| chunk.offset);
-        let view = area.view();
+        let view = UmemView::of(UmemId::fresh(), &area);
         let mut rx = XskRx {
             ring: ring_rx,
             fill,
@@ -489,8 +578,9 @@ impl XskSocket {
             frames: 0,
             bytes: 0,
             bad_desc: 0,
+            foreign: 0,
         };
-        rx.refill();
+        rx.refill_fill_ring();
         let tx = XskTx {
             ring: ring_tx,
             completion,
@@ -503,14 +593,22 @@ impl XskSocket {
             frames: 0,
             full: 0,
             kicks: 0,
+            foreign: 0,
         };
 
         Ok(Self { rx, tx, umem, area })
     }
 
-    /// The socket's file descriptor, for the XSKMAP and for `poll(2)`.
-    pub fn raw_fd(&self) -> i32 {
+    /// The socket's file descriptor, for the XSKMAP.
+    pub fn raw_fd(&self) -> RawFd {
         self.rx.raw_fd()
+    }
+
+    /// The socket's descriptor to wait on for received frames.
+    pub fn readiness_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor belongs to the socket inside `self.rx`, which stays open
+        // for as long as `self` is borrowed.
+        unsafe { BorrowedFd::borrow_raw(self.rx.raw_fd()) }
     }
 
     /// Counters so far.
@@ -522,6 +620,7 @@ impl XskSocket {
             tx_frames: self.tx.frames,
             tx_full: self.tx.full,
             tx_kicks: self.tx.kicks,
+            foreign_frames: self.rx.foreign + self.tx.foreign,
         }
     }
 
@@ -551,11 +650,13 @@ impl XskSocket {
         let mut done = 0;
         while done < max.min(BATCH) {
             let Some(frame) = self.rx.take() else { break };
-            handle(self.rx.data(&frame));
+            if let Ok(data) = self.rx.data(&frame) {
+                handle(data);
+            }
             self.rx.release(frame);
             done += 1;
         }
-        self.rx.refill();
+        self.rx.refill_fill_ring();
         done
     }
 
@@ -569,18 +670,22 @@ impl XskSocket {
         let Some(mut frame) = self.tx.alloc() else {
             return false;
         };
-        write(&mut self.tx.buffer(&mut frame)[..len]);
+        // The frame was just lent by this same half, so it cannot be refused.
+        let Ok(buffer) = self.tx.buffer(&mut frame) else {
+            return false;
+        };
+        write(&mut buffer[..len]);
         self.tx.submit(frame, len)
     }
 
-    /// Kicks the kernel to send what is on the TX ring (see [`XskTx::flush`]).
-    pub fn flush(&mut self) {
-        self.tx.flush();
+    /// Kicks the kernel to send what is on the TX ring (see [`XskTx::kick`]).
+    pub fn kick_tx(&mut self) {
+        self.tx.kick();
     }
 
-    /// Sleeps until frames arrive or `timeout_ms` passes.
-    pub fn wait(&self, timeout_ms: i32) {
-        wait_readable(self.raw_fd(), timeout_ms);
+    /// Sleeps until frames arrive or `timeout_ms` passes. Returns whether frames wait.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
+        sys::wait_readable(self.readiness_fd(), timeout_ms)
     }
 
     /// Frames queued in the RX ring right now.
@@ -595,19 +700,8 @@ impl XskSocket {
 
     /// Bytes of UMEM mapped.
     pub fn umem_bytes(&self) -> usize {
-        self.area.len
+        self.area.len()
     }
-}
-
-/// Sleeps until `fd` is readable or `timeout_ms` passes (negative: no timeout).
-pub fn wait_readable(fd: i32, timeout_ms: i32) {
-    let mut fds = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut fds, 1, timeout_ms) };
 }
 
 #[cfg(test)]
@@ -617,6 +711,7 @@ mod tests {
     #[test]
     fn umem_view_bounds() {
         let view = UmemView {
+            id: UmemId::fresh(),
             base: NonNull::dangling(),
             len: 4 * FRAME_SIZE as usize,
         };
@@ -632,5 +727,28 @@ mod tests {
         assert!(view.holds_frame(3 * u64::from(FRAME_SIZE)));
         assert!(!view.holds_frame(4 * u64::from(FRAME_SIZE)));
         assert!(!view.holds_frame(100));
+    }
+
+    /// The misuse the ids exist for: a worker holds two sockets, and a handle of the
+    /// larger UMEM given to the smaller one would name memory past its end.
+    #[test]
+    fn a_frame_of_another_umem_is_refused_before_any_memory_is_touched() {
+        let small = Mapping::anonymous(2 * FRAME_SIZE as usize).unwrap();
+        let large = Mapping::anonymous(8 * FRAME_SIZE as usize).unwrap();
+        let small_view = UmemView::of(UmemId::fresh(), &small);
+        let large_view = UmemView::of(UmemId::fresh(), &large);
+        let far = 6 * u64::from(FRAME_SIZE);
+        assert!(large_view.locate(large_view.id, far, 64).is_ok());
+        assert_eq!(
+            small_view.locate(large_view.id, far, 64),
+            Err(ForeignFrame),
+            "past the smaller UMEM's end"
+        );
+        // Refused by identity even where the offset would fit.
+        assert_eq!(small_view.locate(large_view.id, 0, 64), Err(ForeignFrame));
+        assert!(small_view.locate(small_view.id, 0, 64).is_ok());
+        // And its own frames only within bounds.
+        assert_eq!(small_view.locate(small_view.id, far, 64), Err(ForeignFrame));
+        assert_ne!(UmemId::fresh(), UmemId::fresh());
     }
 }

@@ -297,14 +297,17 @@ impl Scene {
                         .min(Duration::from_millis(5));
                     let ms = i32::try_from(delay.as_millis()).unwrap_or(5);
                     if ms > 0 {
-                        engine.device().wait(ms);
+                        engine
+                            .device()
+                            .wait(ms)
+                            .expect("waiting on the AF_XDP socket");
                     }
                 }
             }
             let report = EngineReport {
                 engine: engine.counters(),
                 device: engine.device().counters(),
-                socket: engine.device().socket().counters(),
+                socket: engine.device().socket_counters(),
             };
             drop(engine);
             drop(steering);

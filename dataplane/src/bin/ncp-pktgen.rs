@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use ncp_dataplane::frame::{Malformation, TcpFrameSpec, malformed_frame, tcp_frame};
+use ncp_dataplane::{
+    frame::{Malformation, TcpFrameSpec, malformed_frame, tcp_frame},
+    sys::{PacketSocket, interface_mac},
+};
 
 /// Send TCP frames (or deliberately malformed ones) out of an interface.
 ///
@@ -112,7 +115,7 @@ impl FrameSink for XdpSink {
             .transmit(frame.len(), |buf| buf.copy_from_slice(frame))
         {
             // Ring full or no free frame: let the kernel drain, then retry (bounded).
-            self.socket.flush();
+            self.socket.kick_tx();
             spins += 1;
             if spins > 1_000_000 {
                 bail!("AF_XDP transmit ring made no progress");
@@ -121,7 +124,7 @@ impl FrameSink for XdpSink {
         }
         self.queued += 1;
         if self.queued >= 64 {
-            self.socket.flush();
+            self.socket.kick_tx();
             self.queued = 0;
         }
         Ok(())
@@ -129,7 +132,7 @@ impl FrameSink for XdpSink {
 
     fn finish(&mut self) {
         for _ in 0..10_000 {
-            self.socket.flush();
+            self.socket.kick_tx();
             if self.socket.tx().pending() == 0 {
                 break;
             }
@@ -150,76 +153,6 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// A raw AF_PACKET socket bound to one interface.
-struct PacketSocket {
-    fd: i32,
-    addr: libc::sockaddr_ll,
-}
-
-impl PacketSocket {
-    fn open(interface: &str) -> anyhow::Result<Self> {
-        let name = std::ffi::CString::new(interface).context("interface name contains NUL")?;
-        // SAFETY: valid NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no interface named {interface} in this network namespace");
-        }
-        // SAFETY: plain socket(2) call; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("opening an AF_PACKET socket (needs root)");
-        }
-        // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        Ok(Self { fd, addr })
-    }
-
-    fn mac(&self, interface: &str) -> anyhow::Result<[u8; 6]> {
-        let text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
-            .with_context(|| format!("reading the MAC address of {interface}"))?;
-        parse_mac(text.trim()).map_err(anyhow::Error::msg)
-    }
-
-    /// Sends one frame; retries briefly when the device queue is full.
-    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
-        loop {
-            // SAFETY: buffer and address are valid for the given lengths.
-            let n = unsafe {
-                libc::sendto(
-                    self.fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&self.addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if n >= 0 {
-                return Ok(());
-            }
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENOBUFS)
-                || err.kind() == std::io::ErrorKind::WouldBlock
-            {
-                std::thread::yield_now();
-                continue;
-            }
-            return Err(err);
-        }
-    }
-}
-
-impl Drop for PacketSocket {
-    fn drop(&mut self) {
-        // SAFETY: closes the descriptor opened in `open`.
-        unsafe { libc::close(self.fd) };
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.flows == 0 {
@@ -231,7 +164,7 @@ fn main() -> anyhow::Result<()> {
     let packet = PacketSocket::open(&args.interface)?;
     let src_mac = match args.src_mac {
         Some(mac) => mac,
-        None => packet.mac(&args.interface)?,
+        None => interface_mac(&args.interface)?,
     };
     let mut sink: Box<dyn FrameSink> = match args.backend {
         Backend::Kernel => unreachable!("the kernel back end returns before any socket opens"),

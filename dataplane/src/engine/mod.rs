@@ -11,7 +11,7 @@
 //!     for event in events.drain(..) {             // react: recv / send / connect / close
 //!         ...                                     // on Readable: recv until it returns 0
 //!     }
-//!     if idle { engine.device().wait(min(engine.poll_delay(now), cap)) }
+//!     if idle { poll(engine.device().readiness_fd(), min(engine.poll_delay(now), cap)) }
 //! }
 //! ```
 //!
@@ -52,7 +52,8 @@ use smoltcp::{
 use self::ports::PortAllocator;
 use crate::config::PortRange;
 
-/// What the engine needs from a device beyond smoltcp's trait.
+/// What the engine needs from a device beyond smoltcp's trait. Device layers
+/// ([`crate::layers`]) implement it by wrapping another `EngineDevice`.
 pub trait EngineDevice: Device {
     /// Called once at the end of every [`Engine::poll`]: a point to push out what was
     /// queued during the round (e.g. the AF_XDP `sendto` kick).
@@ -61,15 +62,12 @@ pub trait EngineDevice: Device {
     /// The IPv4 packet the next `receive` will hand over, if one waits. The engine reads
     /// its 4-tuple to pick the one socket smoltcp gets to see it with.
     fn peek_packet(&mut self) -> Option<&[u8]>;
-}
 
-impl EngineDevice for crate::device::XskDevice {
-    fn flush(&mut self) {
-        crate::device::XskDevice::flush(self);
-    }
-
-    fn peek_packet(&mut self) -> Option<&[u8]> {
-        crate::device::XskDevice::peek_packet(self)
+    /// A descriptor that becomes readable when frames arrive, for the caller's poll set
+    /// while it sleeps. `None` for a device that never needs waiting on (an in-memory
+    /// pipe).
+    fn readiness_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
     }
 }
 
