@@ -524,4 +524,136 @@ mod tests {
         assert_eq!(w0.counters().handed_out, QUEUE_FRAMES as u64);
         assert_eq!(w0.counters().dropped, 10);
     }
+
+    /// A link device over a queue of Ethernet frames (14-byte headers), for the layer.
+    #[derive(Default)]
+    struct FakeLink {
+        ring: std::collections::VecDeque<Vec<u8>>,
+        peeked: Option<Vec<u8>>,
+        flushed: usize,
+    }
+
+    struct FakeRx(Vec<u8>);
+    struct FakeTx;
+
+    impl smoltcp::phy::RxToken for FakeRx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0[14..])
+        }
+    }
+
+    impl smoltcp::phy::TxToken for FakeTx {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            f(&mut vec![0; len])
+        }
+    }
+
+    impl Device for FakeLink {
+        type RxToken<'a> = FakeRx;
+        type TxToken<'a> = FakeTx;
+
+        fn receive(&mut self, _: Instant) -> Option<(FakeRx, FakeTx)> {
+            self.peek_frame()?;
+            Some((FakeRx(self.peeked.take()?), FakeTx))
+        }
+
+        fn transmit(&mut self, _: Instant) -> Option<FakeTx> {
+            Some(FakeTx)
+        }
+
+        fn capabilities(&self) -> DeviceCapabilities {
+            DeviceCapabilities::default()
+        }
+    }
+
+    impl EngineDevice for FakeLink {
+        fn flush(&mut self) {
+            self.flushed += 1;
+        }
+
+        fn peek_packet(&mut self) -> Option<&[u8]> {
+            self.peek_frame().map(|(frame, offset)| &frame[offset..])
+        }
+    }
+
+    impl LinkFrames for FakeLink {
+        fn peek_frame(&mut self) -> Option<(&[u8], usize)> {
+            if self.peeked.is_none() {
+                self.peeked = self.ring.pop_front();
+            }
+            Some((self.peeked.as_deref()?, 14))
+        }
+
+        fn skip_peeked(&mut self) {
+            self.peeked = None;
+        }
+
+        fn has_peeked(&self) -> bool {
+            self.peeked.is_some()
+        }
+
+        fn inject(&mut self, frame: Vec<u8>) {
+            assert!(self.peeked.is_none(), "injected over a peeked frame");
+            self.peeked = Some(frame);
+        }
+    }
+
+    fn ethernet(packet: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0xee; 14];
+        frame.extend_from_slice(packet);
+        frame
+    }
+
+    fn received(device: &mut HandoverDevice<FakeLink>) -> Option<Vec<u8>> {
+        let peeked = device.peek_packet()?.to_vec();
+        let (rx, _) = device.receive(Instant::ZERO)?;
+        let packet = smoltcp::phy::RxToken::consume(rx, <[u8]>::to_vec);
+        assert_eq!(packet, peeked, "receive hands over what peek showed");
+        Some(packet)
+    }
+
+    #[test]
+    fn the_layer_passes_on_frames_of_others_and_receives_theirs_first() {
+        let (ends, wakers) = two_workers();
+        let mut ends = ends.into_iter().map(HandoverPort::new);
+        let primary = Ipv4Addr::new(198, 18, 1, 2);
+        let for_w0 = tcp((primary, 80), (OWN, 20000));
+        let for_w1 = tcp((primary, 80), (OWN, 20001));
+        let also_for_w1 = tcp((primary, 81), (OWN, 20001));
+        let mut w0 = HandoverDevice::new(FakeLink::default(), ends.next());
+        let mut w1 = HandoverDevice::new(FakeLink::default(), ends.next());
+        w0.inner_mut()
+            .ring
+            .extend([ethernet(&for_w1), ethernet(&for_w0), ethernet(&also_for_w1)]);
+        w1.inner_mut().ring.push_back(ethernet(&for_w1));
+
+        assert_eq!(
+            received(&mut w0),
+            Some(for_w0.clone()),
+            "its own, after passing one on"
+        );
+        assert_eq!(received(&mut w0), None, "the last one was passed on too");
+        w0.flush();
+        assert_eq!(w0.inner().flushed, 1, "the round ends below too");
+        assert!(
+            crate::sys::wait_readable(wakers[1].as_fd(), 0).unwrap(),
+            "owner woken"
+        );
+        // Handed-in frames come before the owner's own ring.
+        assert_eq!(received(&mut w1), Some(for_w1.clone()));
+        assert_eq!(received(&mut w1), Some(also_for_w1));
+        assert_eq!(received(&mut w1), Some(for_w1.clone()), "then its ring");
+        assert_eq!(
+            w0.handover_counters().map(|c| c.handed_out),
+            Some(2),
+            "counted where they left"
+        );
+        assert_eq!(w1.handover_counters().map(|c| c.handed_in), Some(2));
+
+        // Alone on its link, the layer passes everything through.
+        let mut alone = HandoverDevice::new(FakeLink::default(), None);
+        alone.inner_mut().ring.push_back(ethernet(&for_w1));
+        assert_eq!(received(&mut alone), Some(for_w1));
+        assert_eq!(alone.handover_counters(), None);
+    }
 }

@@ -165,6 +165,8 @@ impl Worker {
             .map_err(|e| anyhow::anyhow!("spawning worker {name}: {e}"))?;
         let sockets = match ready_rx.recv() {
             Ok(Ok(sockets)) => sockets,
+            // The start-up error is what gets reported; the thread has ended (or is about
+            // to), so joining only reaps it and its outcome adds nothing.
             Ok(Err(e)) => {
                 let _ = handle.join();
                 return Err(anyhow::anyhow!("worker {name}: {e}"));
@@ -324,6 +326,7 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
                 opened.push(o);
             }
             Err(e) => {
+                // A closed channel means `start` gave up waiting: nobody to tell.
                 let _ = ready.send(Err(e));
                 return;
             }
@@ -398,6 +401,7 @@ fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: 
     let mut socket = match XskSocket::open(&spec.socket) {
         Ok(socket) => socket,
         Err(e) => {
+            // A closed channel means `start` gave up waiting: nobody to tell.
             let _ = ready.send(Err(format!(
                 "{} queue {}: {e}",
                 spec.socket.interface, spec.socket.queue
