@@ -171,15 +171,7 @@ impl EventFd {
         let one: u64 = 1;
         // SAFETY: writes the 8 bytes of a live u64 to a descriptor this struct owns.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), (&raw const one).cast(), 8) };
-        if n >= 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::WouldBlock {
-            Ok(())
-        } else {
-            Err(err)
-        }
+        nothing_to_do_is_fine(n)
     }
 
     /// Resets the counter, so the descriptor is no longer readable. Nothing pending
@@ -188,15 +180,21 @@ impl EventFd {
         let mut count: u64 = 0;
         // SAFETY: reads at most 8 bytes into a live u64 from a descriptor this struct owns.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut count).cast(), 8) };
-        if n >= 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::WouldBlock {
-            Ok(())
-        } else {
-            Err(err)
-        }
+        nothing_to_do_is_fine(n)
+    }
+}
+
+/// The result of an eventfd read or write: `EAGAIN` means the counter is already where
+/// the call wanted it (full, or empty), so it counts as success.
+fn nothing_to_do_is_fine(n: isize) -> io::Result<()> {
+    if n >= 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(())
+    } else {
+        Err(err)
     }
 }
 

@@ -249,18 +249,15 @@ impl<D: EngineDevice> EngineDevice for Faults<D> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::{Ipv4Addr, SocketAddrV4},
-        time::{Duration, Instant as StdInstant},
-    };
+    use std::time::{Duration, Instant as StdInstant};
 
     use super::*;
     use crate::{
-        config::PortRange,
         engine::{
-            Engine, EngineConfig, EngineEvent,
+            EngineEvent,
             pipe::{Pipe, pipe_pair},
         },
+        layers::test_scene::{SERVER, engines},
     };
 
     /// Queues packets 0..n (one byte each, its number) into a pipe wrapped in faults.
@@ -336,26 +333,16 @@ mod tests {
     /// arrives whole: the engine's recovery at work, on a simulated clock.
     #[test]
     fn an_engine_recovers_from_scripted_and_random_damage() {
-        let ports = PortRange {
-            first: 20000,
-            last: 20099,
-        };
-        let server = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7000);
-        let (a, b) = pipe_pair();
-        let mut client =
-            Engine::new(a, EngineConfig::new(Ipv4Addr::new(198, 18, 0, 1), ports)).unwrap();
-        let mut config = EngineConfig::new(*server.ip(), ports);
-        config.listen = vec![server];
         let plan = FaultPlan {
             seed: 42,
             drop: 0.05,
             duplicate: 0.05,
             delay: 0.05,
-            // The first data segment (after SYN and ACK) is lost for sure.
+            // The first packet after the handshake (SYN, ACK) is lost for sure.
             script: [(2, Fault::Drop)].into(),
         };
-        let mut receiver = Engine::new(Faults::new(b, plan), config).unwrap();
-        let conn = client.connect(server).unwrap();
+        let (mut client, mut receiver) = engines(|end| Faults::new(end, plan));
+        let conn = client.connect(SERVER).unwrap();
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let (mut sent, mut received) = (0, Vec::new());
         let mut now = StdInstant::now();

@@ -47,3 +47,39 @@ pub trait LinkFrames: EngineDevice {
     /// frame is dropped and counted.
     fn inject(&mut self, frame: Vec<u8>);
 }
+
+/// The scene the layers' tests share: a client engine over one end of an in-memory
+/// pipe, and a server engine listening on [`test_scene::SERVER`] over the other end,
+/// wrapped in the layer under test.
+#[cfg(test)]
+pub(crate) mod test_scene {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use crate::{
+        config::PortRange,
+        engine::{
+            Engine, EngineConfig, EngineDevice,
+            pipe::{Pipe, pipe_pair},
+        },
+    };
+
+    /// The endpoint the server engine listens on.
+    pub(crate) const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7000);
+
+    /// The client engine, and the server engine over `wrap` of its pipe end.
+    pub(crate) fn engines<D: EngineDevice>(
+        wrap: impl FnOnce(Pipe) -> D,
+    ) -> (Engine<Pipe>, Engine<D>) {
+        let ports = PortRange {
+            first: 20000,
+            last: 20099,
+        };
+        let (a, b) = pipe_pair();
+        let client =
+            Engine::new(a, EngineConfig::new(Ipv4Addr::new(198, 18, 0, 1), ports)).unwrap();
+        let mut config = EngineConfig::new(*SERVER.ip(), ports);
+        config.listen = vec![SERVER];
+        let server = Engine::new(wrap(b), config).unwrap();
+        (client, server)
+    }
+}

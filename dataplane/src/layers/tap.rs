@@ -171,31 +171,18 @@ impl<D: EngineDevice, S: TapSink> EngineDevice for Tap<D, S> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::{Ipv4Addr, SocketAddrV4},
-        time::{Duration, Instant},
-    };
+    use std::time::{Duration, Instant};
 
     use super::*;
     use crate::{
-        config::PortRange,
-        engine::{Engine, EngineConfig, EngineEvent, pipe::pipe_pair},
+        engine::EngineEvent,
+        layers::test_scene::{SERVER, engines},
     };
 
     #[test]
     fn a_tap_sees_the_handshake_both_ways_without_changing_it() {
-        let ports = PortRange {
-            first: 20000,
-            last: 20099,
-        };
-        let server = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7000);
-        let (a, b) = pipe_pair();
-        let mut client =
-            Engine::new(a, EngineConfig::new(Ipv4Addr::new(198, 18, 0, 1), ports)).unwrap();
-        let mut config = EngineConfig::new(*server.ip(), ports);
-        config.listen = vec![server];
-        let mut tapped = Engine::new(Tap::new(b, PacketLog::default()), config).unwrap();
-        client.connect(server).unwrap();
+        let (mut client, mut tapped) = engines(|end| Tap::new(end, PacketLog::default()));
+        client.connect(SERVER).unwrap();
         let mut now = Instant::now();
         let mut events = Vec::new();
         let mut accepted = false;
