@@ -1225,7 +1225,7 @@ pub fn add_device_counters(stats: &mut WorkerReplicationStats, links: &[Link<Xsk
         let c = l.engine.device().counters();
         s.tx_no_neighbour = c.tx_no_neighbour;
         s.tx_no_frame = c.tx_no_frame;
-        s.rx_dropped = c.rx_not_ipv4 + c.rx_truncated;
+        s.rx_dropped = c.rx_not_ipv4 + c.rx_truncated + c.rx_malformed;
         if let Some(h) = l.engine.device().handover_counters() {
             s.handed_out = h.handed_out;
             s.handed_in = h.handed_in;

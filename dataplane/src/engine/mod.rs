@@ -41,6 +41,7 @@ use std::{
     time::Duration,
 };
 
+use ncp_common::wire::TcpSegment;
 use smoltcp::{
     iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet},
     phy::Device,
@@ -252,37 +253,18 @@ struct Segment {
     syn: bool,
 }
 
-const IP_PROTO_TCP: u8 = 6;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
-/// Reads the 4-tuple and the SYN flag of an IPv4/TCP packet. `None` for anything else
-/// (other protocols, fragments, truncated headers): smoltcp decides what to do with it,
-/// with no socket in reach. Never panics, whatever the bytes.
+/// Reads the 4-tuple and the SYN flag of an IPv4/TCP packet with the one parser
+/// ([`ncp_common::wire`]). `None` for anything else (other protocols, fragments, bad
+/// lengths, truncated headers): smoltcp decides what to do with it, with no socket in
+/// reach. Never panics, whatever the bytes.
 fn segment_of(packet: &[u8]) -> Option<Segment> {
-    let first = *packet.first()?;
-    if first >> 4 != 4 || *packet.get(9)? != IP_PROTO_TCP {
-        return None;
-    }
-    // A fragment (more-fragments flag or an offset) has no whole TCP header to route by.
-    let fragment = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]);
-    if fragment & 0x3fff != 0 {
-        return None;
-    }
-    let header_len = usize::from(first & 0x0f) * 4;
-    let tcp = packet.get(header_len..)?;
-    if header_len < 20 || tcp.len() < 20 {
-        return None;
-    }
-    let ip = |at: usize| Ipv4Addr::new(packet[at], packet[at + 1], packet[at + 2], packet[at + 3]);
-    let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
-    let flags = tcp[13];
+    let segment = TcpSegment::parse(packet, 0).ok()??;
     Some(Segment {
         key: FlowKey {
-            local: SocketAddrV4::new(ip(16), port(2)),
-            remote: SocketAddrV4::new(ip(12), port(0)),
+            local: segment.dst,
+            remote: segment.src,
         },
-        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        syn: segment.is_connection_request(),
     })
 }
 

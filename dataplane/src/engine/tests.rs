@@ -6,6 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ncp_common::wire::tcp_flags::{ACK as TCP_ACK, SYN as TCP_SYN};
+
 use super::{
     pipe::{Pipe, pipe_pair},
     *,
@@ -551,6 +553,7 @@ fn the_dispatch_reads_the_flow_of_a_segment_and_nothing_else() {
     with_options.splice(0..0, syn[..20].iter().copied());
     with_options.extend_from_slice(&syn[20..]);
     with_options[0] = 0x46;
+    with_options[2..4].copy_from_slice(&44u16.to_be_bytes());
     assert_eq!(segment_of(&with_options), Some(Segment { key, syn: true }));
     // Not TCP, a fragment, a cut header, IPv6, garbage: no flow, and no panic.
     let mut udp = syn.clone();
