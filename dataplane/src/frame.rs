@@ -98,13 +98,20 @@ pub struct Segment<'a> {
 
 /// Replaces `out` with the segment's frame: Ethernet (optional), IPv4 without options and
 /// with "don't fragment", TCP, valid checksums, written with the one header writer and
-/// checksum routine of [`ncp_common::wire`].
+/// checksum routine of [`ncp_common::wire`]. A segment too long for IPv4's 16-bit total
+/// length leaves `out` empty rather than half written.
 pub fn write_segment(out: &mut Vec<u8>, seg: &Segment<'_>) {
-    let tcp_len = TCP_MIN_HEADER_LEN + seg.options.len() + seg.payload.len();
     let ip_start = if seg.macs.is_some() { ETH_LEN } else { 0 };
-    let tcp_start = ip_start + IP_LEN;
+    let tcp_len = TCP_MIN_HEADER_LEN + seg.options.len() + seg.payload.len();
     out.clear();
-    out.resize(tcp_start + tcp_len, 0);
+    out.resize(ip_start + IP_LEN + tcp_len, 0);
+    if emit_segment(out, seg, ip_start).is_none() {
+        out.clear();
+    }
+}
+
+/// Writes every header, the options and the payload into `frame`, sized for them.
+fn emit_segment(frame: &mut [u8], seg: &Segment<'_>, ip_start: usize) -> Option<()> {
     if let Some((src_mac, dst_mac)) = seg.macs {
         let eth = EthernetHeader {
             dst: dst_mac,
@@ -112,11 +119,12 @@ pub fn write_segment(out: &mut Vec<u8>, seg: &Segment<'_>) {
             vlan: None,
             ethertype: ETHERTYPE_IPV4,
         };
-        let _ = eth.emit(out);
+        eth.emit(frame)?;
     }
+    let (ip_frame, segment) = frame.get_mut(ip_start..)?.split_at_mut_checked(IP_LEN)?;
     let ip = Ipv4Header {
         header_len: IP_LEN,
-        total_len: IP_LEN + tcp_len,
+        total_len: IP_LEN + segment.len(),
         ident: seg.ip_id,
         flags_fragment: IPV4_DONT_FRAGMENT,
         ttl: 64,
@@ -124,24 +132,23 @@ pub fn write_segment(out: &mut Vec<u8>, seg: &Segment<'_>) {
         src: *seg.src.ip(),
         dst: *seg.dst.ip(),
     };
-    // The buffer was sized for every header above; a segment too long for IPv4's length
-    // field leaves its header zero, which every reader rejects.
-    let _ = ip.emit(&mut out[ip_start..]);
+    ip.emit(ip_frame)?;
+    let options_end = TCP_MIN_HEADER_LEN + seg.options.len();
     let tcp = TcpHeader {
         src_port: seg.src.port(),
         dst_port: seg.dst.port(),
         seq: seg.seq,
         ack: seg.ack,
-        header_len: TCP_MIN_HEADER_LEN + seg.options.len(),
+        header_len: options_end,
         flags: seg.flags,
         window: seg.window,
     };
-    let segment = &mut out[tcp_start..];
-    let _ = tcp.emit(segment);
-    let options_end = TCP_MIN_HEADER_LEN + seg.options.len();
-    segment[TCP_MIN_HEADER_LEN..options_end].copy_from_slice(seg.options);
-    segment[options_end..].copy_from_slice(seg.payload);
-    let _ = fill_tcp_checksum(segment, *seg.src.ip(), *seg.dst.ip());
+    tcp.emit(segment)?;
+    segment
+        .get_mut(TCP_MIN_HEADER_LEN..options_end)?
+        .copy_from_slice(seg.options);
+    segment.get_mut(options_end..)?.copy_from_slice(seg.payload);
+    fill_tcp_checksum(segment, *seg.src.ip(), *seg.dst.ip())
 }
 
 /// A well-formed TCP segment carrying `payload`, with valid IPv4 and TCP checksums.
@@ -192,6 +199,9 @@ pub fn malformed_frame(spec: &TcpFrameSpec, kind: Malformation) -> Vec<u8> {
     }
     f
 }
+
+#[cfg(test)]
+mod cases;
 
 #[cfg(test)]
 mod tests {

@@ -71,7 +71,14 @@ impl FrameBytes for Packet<'_> {
 
     #[inline(always)]
     fn holds(&self, len: usize) -> bool {
-        self.0.data() + len <= self.0.data_end()
+        // A length check proves nothing the verifier can use (the offset is a 16-bit
+        // field, past its packet-range tracking), yet LLVM would use it to drop later
+        // read checks as redundant, and the verifier would then refuse those reads. A
+        // volatile load of data_end keeps this comparison from standing in for them.
+        // SAFETY: `ctx` is the context the kernel passed to the program; data_end is a
+        // plain field of it.
+        let end = unsafe { core::ptr::read_volatile(&raw const (*self.0.ctx).data_end) };
+        self.0.data() + len <= end as usize
     }
 }
 

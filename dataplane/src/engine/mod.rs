@@ -239,16 +239,16 @@ pub struct EngineCounters {
 
 /// A TCP connection's 4-tuple as its own socket sees it: our end first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FlowKey {
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
+pub(crate) struct FlowKey {
+    pub(crate) local: SocketAddrV4,
+    pub(crate) remote: SocketAddrV4,
 }
 
 /// What the engine reads from a received packet before smoltcp does: whose it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Segment {
+pub(crate) struct Segment {
     /// The receiving socket's view of the 4-tuple (destination = our end).
-    key: FlowKey,
+    pub(crate) key: FlowKey,
     /// A connection request: SYN without ACK.
     syn: bool,
 }
@@ -257,7 +257,7 @@ struct Segment {
 /// ([`ncp_common::wire`]). `None` for anything else (other protocols, fragments, bad
 /// lengths, truncated headers): smoltcp decides what to do with it, with no socket in
 /// reach. Never panics, whatever the bytes.
-fn segment_of(packet: &[u8]) -> Option<Segment> {
+pub(crate) fn segment_of(packet: &[u8]) -> Option<Segment> {
     let segment = TcpSegment::parse(packet, 0).ok()??;
     Some(Segment {
         key: FlowKey {
