@@ -14,13 +14,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ncp_dataplane::{
-    control::{self, Request, Response},
-    replicator::ReplicationStats,
-};
+use ncp_dataplane::control::{self, Request, Response};
+// The XDP data plane's counters, named here only, so a move of them touches one line.
+pub use ncp_dataplane::replicator::{ReplicationStats, WorkerReplicationStats};
 use ncp_testbed::{Netns, Testbed};
 
 pub mod redis;
+pub mod scenarios;
+pub mod scene;
+
+/// Upper bound for anything a test waits on.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// The middlebox binary of this build.
 pub const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
