@@ -27,14 +27,15 @@
 mod support;
 
 use support::{
+    run_fed,
     scene::{Mode, Scene, Service},
-    serial, wait_bounded,
+    serial, tshark_follow_client,
 };
 
 use std::{
-    io::{Read, Write},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    io::Write,
+    path::PathBuf,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -43,43 +44,20 @@ const IPERF_PORT: u16 = 5201;
 /// Redis writes in the recorded workload.
 const WRITES: usize = 100_000;
 
-/// Runs `command` with `input` on its stdin (fed from a thread, so a full pipe cannot
-/// deadlock us), at most `limit`; returns (success, stdout, stderr).
+/// Runs `command` with `input` on its stdin, at most `limit`; returns (success, stdout,
+/// stderr).
 fn run_with_input(
-    mut command: Command,
+    command: Command,
     input: Vec<u8>,
     limit: Duration,
     what: &str,
 ) -> (bool, String, String) {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let feeder = thread::spawn(move || stdin.write_all(&input));
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let mut stderr = child.stderr.take().unwrap();
-    let err_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let status = wait_bounded(&mut child, limit, what);
-    let fed = feeder.join().unwrap();
-    let out = reader.join().unwrap();
-    let err = err_reader.join().unwrap();
-    assert!(
-        fed.is_ok(),
-        "feeding {what} failed: {fed:?}; it said: {out}{err}"
-    );
-    (status.success(), out, err)
+    run_fed(
+        command,
+        move |mut stdin| stdin.write_all(&input),
+        limit,
+        what,
+    )
 }
 
 /// A directory under the system's temp dir, removed on drop.
@@ -137,41 +115,6 @@ fn assert_real_digest(digest: &str, whose: &str) {
         "{whose}: not a digest: {digest:?}"
     );
     assert_ne!(digest, "0".repeat(40), "{whose}: empty data set");
-}
-
-/// Client-side bytes of TCP stream 0 as `tshark -z follow,tcp,raw,0` prints them: after
-/// the `Node 1:` header, client lines are bare hex, server lines start with a tab.
-fn tshark_follow_client(file: &Path) -> Vec<u8> {
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(file)
-        .args(["-q", "-z", "follow,tcp,raw,0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut bytes = Vec::new();
-    let mut in_body = false;
-    for line in text.lines() {
-        if line.starts_with("Node 1:") {
-            in_body = true;
-            continue;
-        }
-        if !in_body || line.starts_with('=') || line.starts_with('\t') || line.is_empty() {
-            continue;
-        }
-        let hex = line.trim().as_bytes();
-        assert!(hex.len().is_multiple_of(2), "odd hex line {line:?}");
-        for pair in hex.chunks_exact(2) {
-            let pair = std::str::from_utf8(pair).unwrap();
-            bytes.push(u8::from_str_radix(pair, 16).unwrap());
-        }
-    }
-    bytes
 }
 
 /// What `redis-cli --pipe` appends to its input: an `ECHO` of 20 random bytes, whose

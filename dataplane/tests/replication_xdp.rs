@@ -22,7 +22,9 @@ mod support;
 use support::{
     PATIENCE, in_netns, scenarios,
     scene::{Counters, Mode, Scene, Service},
-    serial, signal, wait_bounded,
+    serial, signal,
+    streams::many_shot_server,
+    wait_bounded,
 };
 
 use std::{
@@ -443,46 +445,6 @@ fn manual_scene() {
     thread::sleep(Duration::from_secs(secs));
 }
 
-/// A server in `host`'s namespace taking `count` connections: each is read to its end
-/// in its own thread and answered with its length; returns the streams.
-fn many_shot_server(
-    bed: &Testbed,
-    host: &str,
-    port: u16,
-    count: usize,
-) -> JoinHandle<Vec<Vec<u8>>> {
-    let (ready, bound) = mpsc::channel();
-    let server = in_netns(&bed.netns(host).unwrap(), move || {
-        // A backlog for the whole burst: std's 128 sends the kernel into SYN cookies
-        // under 200 simultaneous connections, which lose the window scale and reset
-        // some of them: a property of the server, not of what is under test.
-        let listener =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        listener.set_reuse_address(true).unwrap();
-        listener
-            .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
-            .unwrap();
-        listener.listen(1024).unwrap();
-        let listener = TcpListener::from(listener);
-        ready.send(()).unwrap();
-        let handlers: Vec<JoinHandle<Vec<u8>>> = (0..count)
-            .map(|_| {
-                let (mut s, _) = listener.accept().unwrap();
-                thread::spawn(move || {
-                    s.set_read_timeout(Some(PATIENCE)).unwrap();
-                    let mut all = Vec::new();
-                    s.read_to_end(&mut all).unwrap();
-                    let _ = s.write_all(format!("{}\n", all.len()).as_bytes());
-                    all
-                })
-            })
-            .collect();
-        handlers.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    bound.recv_timeout(PATIENCE).unwrap();
-    server
-}
-
 #[test]
 fn hundreds_of_concurrent_sessions_each_arrive_intact() {
     concurrent_sessions("nx6", Duration::from_millis(5), 1);
@@ -528,8 +490,8 @@ fn concurrent_sessions(prefix: &'static str, stagger: Duration, queues: u16) -> 
     const SESSIONS: usize = 200;
     const EACH: usize = 64 << 10;
     let scene = start_scene(prefix, &[service("many", STREAM_PORT)], queues);
-    let primary = many_shot_server(&scene.bed, "primary", STREAM_PORT, SESSIONS);
-    let replica = many_shot_server(&scene.bed, "replica", STREAM_PORT, SESSIONS);
+    let primary = many_shot_server(&scene.bed, "primary", STREAM_PORT, SESSIONS, "");
+    let replica = many_shot_server(&scene.bed, "replica", STREAM_PORT, SESSIONS, "");
     let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
     let netns = scene.bed.netns("source").unwrap();
     let started = Instant::now();

@@ -29,15 +29,17 @@ mod support;
 use support::{
     PATIENCE, in_netns, scenarios,
     scene::{Mode, Scene, Service},
-    serial, wait_bounded,
+    serial,
+    streams::{exchange, many_shot_server, one_shot_server, send_stream},
+    wait_bounded,
 };
 
 use std::{
-    io::{Read, Write},
-    net::{Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    io::Write,
+    net::SocketAddrV4,
     process::{Command, Stdio},
-    sync::{Arc, mpsc},
-    thread::{self, JoinHandle},
+    sync::Arc,
+    thread,
     time::{Duration, Instant},
 };
 
@@ -75,78 +77,6 @@ fn start_scene(prefix: &'static str, port: u16, replica_budget: u64) -> Scene {
     Scene::start(Mode::Sockets, prefix, &[service], "")
 }
 
-/// A server in `host`'s namespace taking one connection: it reads the whole stream,
-/// answers `<tag> <length>` and returns what it read. Ready when the function returns.
-fn one_shot_server(bed: &Testbed, host: &str, port: u16, tag: &'static str) -> JoinHandle<Vec<u8>> {
-    let (ready, bound) = mpsc::channel();
-    let server = in_netns(&bed.netns(host).unwrap(), move || {
-        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
-        ready.send(()).unwrap();
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut all = Vec::new();
-        s.read_to_end(&mut all).unwrap();
-        let _ = s.write_all(format!("{tag} {}\n", all.len()).as_bytes());
-        all
-    });
-    bound.recv_timeout(PATIENCE).unwrap();
-    server
-}
-
-/// A server in `host`'s namespace taking `count` connections at once: each is read to
-/// its end and answered `<tag> <length>`; returns the streams in arrival order.
-fn many_shot_server(
-    bed: &Testbed,
-    host: &str,
-    port: u16,
-    count: usize,
-    tag: &'static str,
-) -> JoinHandle<Vec<Vec<u8>>> {
-    let (ready, bound) = mpsc::channel();
-    let server = in_netns(&bed.netns(host).unwrap(), move || {
-        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
-        ready.send(()).unwrap();
-        let handlers: Vec<JoinHandle<Vec<u8>>> = (0..count)
-            .map(|_| {
-                let (mut s, _) = listener.accept().unwrap();
-                thread::spawn(move || {
-                    s.set_read_timeout(Some(PATIENCE)).unwrap();
-                    let mut all = Vec::new();
-                    s.read_to_end(&mut all).unwrap();
-                    let _ = s.write_all(format!("{tag} {}\n", all.len()).as_bytes());
-                    all
-                })
-            })
-            .collect();
-        handlers.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    bound.recv_timeout(PATIENCE).unwrap();
-    server
-}
-
-/// From `host`: sends `data` to `to`, half-closes, reads the answer to the end. Returns
-/// the answer and the time from connect to the server's close.
-fn send_stream(
-    bed: &Testbed,
-    host: &str,
-    to: SocketAddrV4,
-    data: Arc<Vec<u8>>,
-) -> (String, Duration) {
-    in_netns(&bed.netns(host).unwrap(), move || {
-        let started = Instant::now();
-        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s.set_write_timeout(Some(PATIENCE)).unwrap();
-        s.write_all(&data).unwrap();
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        (answer, started.elapsed())
-    })
-    .join()
-    .unwrap()
-}
-
 /// From the source: all `streams` to `to` at once, each half-closed and answered
 /// `primary <each>`. Returns the time until the last answer.
 fn send_parallel(
@@ -161,17 +91,7 @@ fn send_parallel(
         .iter()
         .map(|data| {
             let data = Arc::clone(data);
-            in_netns(&netns, move || {
-                let mut s =
-                    TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
-                s.set_read_timeout(Some(PATIENCE)).unwrap();
-                s.set_write_timeout(Some(PATIENCE)).unwrap();
-                s.write_all(&data).unwrap();
-                s.shutdown(Shutdown::Write).unwrap();
-                let mut answer = String::new();
-                s.read_to_string(&mut answer).unwrap();
-                answer
-            })
+            in_netns(&netns, move || exchange(to, &data))
         })
         .collect();
     for c in clients {

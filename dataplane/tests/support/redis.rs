@@ -2,16 +2,15 @@
 //! replicated service of the Redis scenes.
 
 use std::{
-    io::Read,
     net::Ipv4Addr,
-    process::{ChildStdin, Command, Stdio},
+    process::{ChildStdin, Command},
     thread,
     time::{Duration, Instant},
 };
 
 use ncp_testbed::Testbed;
 
-use super::wait_bounded;
+use super::run_fed;
 
 /// The port every scene's redis listens on.
 pub const PORT: u16 = 6379;
@@ -78,27 +77,12 @@ pub fn pipe_from_source(bed: &Testbed, primary: Ipv4Addr) -> Command {
 
 /// Runs a `redis-cli --pipe` command fed by `feed` (which gets its stdin) and returns its
 /// output; fails if it fails or takes longer than three minutes.
-pub fn run_pipe(mut command: Command, feed: impl FnOnce(ChildStdin) + Send + 'static) -> String {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let feeder = thread::spawn(move || feed(stdin));
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let status = wait_bounded(&mut child, Duration::from_secs(180), "redis-cli --pipe");
-    let fed = feeder.join();
-    let out = reader.join().unwrap();
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    assert!(fed.is_ok(), "feeding redis-cli failed; it said: {out}{err}");
-    assert!(status.success(), "redis-cli --pipe failed: {out}{err}");
+pub fn run_pipe(command: Command, feed: impl FnOnce(ChildStdin) + Send + 'static) -> String {
+    let fed = move |stdin| {
+        feed(stdin);
+        Ok(())
+    };
+    let (ok, out, err) = run_fed(command, fed, Duration::from_secs(180), "redis-cli --pipe");
+    assert!(ok, "redis-cli --pipe failed: {out}{err}");
     out
 }

@@ -4,7 +4,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddrV4, TcpStream},
-    sync::mpsc,
+    sync::{MutexGuard, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -38,6 +38,24 @@ fn start(mode: Mode, prefix: &'static str, name: &'static str, port: u16) -> Sce
     Scene::start(mode, prefix, &[service], "")
 }
 
+/// The scene of the redis scenarios (one at a time, see [`serial`]): a redis on the
+/// primary and one on the replica, whose index [`Scene::kill`] takes. `None` when the
+/// machine cannot run the test named `what`.
+fn redis_scene(
+    mode: Mode,
+    prefix: &'static str,
+    what: &str,
+) -> Option<(MutexGuard<'static, ()>, Scene, usize)> {
+    if !mode.ready_or_skip(what, &["ping", "redis-server", "redis-cli"]) {
+        return None;
+    }
+    let serial = serial();
+    let mut scene = start(mode, prefix, "redis", redis::PORT);
+    scene.start_redis("primary");
+    let replica = scene.start_redis("replica");
+    Some((serial, scene, replica))
+}
+
 /// `total_connections_received` from `INFO stats`.
 fn connections_received(scene: &Scene, host: &str) -> u64 {
     let info = scene.redis(host, &["INFO", "stats"]);
@@ -54,13 +72,9 @@ pub fn redis_workload_leaves_primary_and_replica_with_the_same_data(
     prefix: &'static str,
     seed: u64,
 ) {
-    if !mode.ready_or_skip("redis", &["ping", "redis-server", "redis-cli"]) {
+    let Some((_serial, mut scene, _)) = redis_scene(mode, prefix, "redis") else {
         return;
-    }
-    let _serial = serial();
-    let mut scene = start(mode, prefix, "redis", redis::PORT);
-    scene.start_redis("primary");
-    scene.start_redis("replica");
+    };
     let mb1 = scene.bed.address("middlebox", "eth1").unwrap();
     let before = connections_received(&scene, "replica");
     let workload = redis_writes(COMMANDS, seed);
@@ -139,13 +153,10 @@ pub fn killed_replica_is_detached_and_the_primary_completes(
     prefix: &'static str,
     seed: u64,
 ) {
-    if !mode.ready_or_skip("replica killed", &["ping", "redis-server", "redis-cli"]) {
+    let Some((_serial, mut scene, replica_redis)) = redis_scene(mode, prefix, "replica killed")
+    else {
         return;
-    }
-    let _serial = serial();
-    let mut scene = start(mode, prefix, "redis", redis::PORT);
-    scene.start_redis("primary");
-    let replica_redis = scene.start_redis("replica");
+    };
     let workload = redis_writes(COMMANDS, seed);
     let len = workload.len() as u64;
     // Cut at a command boundary: the first half is whole commands.

@@ -173,18 +173,7 @@ impl Scene {
     /// The test bed with `queues` queues on both middlebox NICs, and the steering toward
     /// the middlebox; no middlebox yet.
     pub fn network(mode: Mode, prefix: &'static str, queues: u16) -> Scene {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml");
-        let mut text = std::fs::read_to_string(path).unwrap();
-        if queues > 1 {
-            // Every middlebox NIC (their MACs end in :04) gets the queues.
-            for mac in ["02:00:c6:12:01:04", "02:00:c6:12:02:04"] {
-                let line = format!("mac = \"{mac}\"");
-                text = text.replace(&line, &format!("{line}\nqueues = {queues}"));
-            }
-        }
-        let topology = Topology::parse(&text).unwrap();
-        let _ = Testbed::down(prefix);
-        let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
+        let bed = paper_bed(prefix, queues);
         let primary = bed.address("primary", "eth0").unwrap();
         let replica = bed.address("replica", "eth1").unwrap();
         let dir = std::env::temp_dir().join(format!(
@@ -395,15 +384,7 @@ connect_timeout_secs = 5
 
     /// Waits until something listens on `port` in `host`.
     pub fn wait_listening(&self, host: &str, port: u16) {
-        let filter = format!("sport = :{port}");
-        wait_until(
-            &format!("something listens on {host}:{port}"),
-            Duration::from_secs(20),
-            || {
-                let out = self.bed.exec(host, &["ss", "-Hltn", &filter]).unwrap();
-                !out.stdout.is_empty()
-            },
-        );
+        wait_listening(&self.bed, host, port);
     }
 
     /// A redis with nothing persisted and `DEBUG` allowed from its own host.
@@ -452,6 +433,23 @@ impl Drop for Scene {
     }
 }
 
+/// The paper's test bed (testbed/paper.toml) under `prefix`, with `queues` queues on both
+/// middlebox NICs; what an earlier run left under that prefix is removed first.
+pub fn paper_bed(prefix: &str, queues: u16) -> Testbed {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml");
+    let mut text = std::fs::read_to_string(path).unwrap();
+    if queues > 1 {
+        // Every middlebox NIC (their MACs end in :04) gets the queues.
+        for mac in ["02:00:c6:12:01:04", "02:00:c6:12:02:04"] {
+            let line = format!("mac = \"{mac}\"");
+            text = text.replace(&line, &format!("{line}\nqueues = {queues}"));
+        }
+    }
+    let topology = Topology::parse(&text).unwrap();
+    let _ = Testbed::down(prefix);
+    Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap()
+}
+
 /// The network's part of the scene: frames for the primary leave the source toward the
 /// middlebox's production NIC (the controller's redirect rule in production).
 pub fn steer_to_middlebox(bed: &Testbed, primary: Ipv4Addr) {
@@ -485,6 +483,19 @@ pub fn ping(bed: &Testbed, host: &str, to: Ipv4Addr) {
         assert!(Instant::now() < deadline, "{host} cannot ping {to}: {e}");
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Waits (at most 20 s) until something listens on `port` in `host`.
+pub fn wait_listening(bed: &Testbed, host: &str, port: u16) {
+    let filter = format!("sport = :{port}");
+    wait_until(
+        &format!("something listens on {host}:{port}"),
+        Duration::from_secs(20),
+        || {
+            let out = bed.exec(host, &["ss", "-Hltn", &filter]).unwrap();
+            !out.stdout.is_empty()
+        },
+    );
 }
 
 /// Polls `done` until it holds; fails the test with `what` after `limit`.
