@@ -405,7 +405,21 @@ fn fin_received(state: State) -> bool {
 
 impl<D: EngineDevice> Engine<D> {
     /// Builds the interface and starts listening on the configured endpoints.
-    pub fn new(mut device: D, config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn new(device: D, config: EngineConfig) -> Result<Self, EngineError> {
+        // Seeds initial sequence numbers; it only needs to differ between runs.
+        let random_seed = std::hash::RandomState::new().build_hasher().finish();
+        Self::with_clock(device, config, std::time::Instant::now(), random_seed)
+    }
+
+    /// [`Engine::new`] with its time origin and random seed given: tests drive the engine
+    /// on a simulated clock that starts at `epoch` and want the same sequence numbers on
+    /// every run, so that timer and retransmission paths replay exactly.
+    pub(crate) fn with_clock(
+        mut device: D,
+        config: EngineConfig,
+        epoch: std::time::Instant,
+        random_seed: u64,
+    ) -> Result<Self, EngineError> {
         let own = config.own_addr;
         if own.is_unspecified() || own.is_broadcast() || own.is_multicast() {
             return Err(EngineError::Config(format!(
@@ -417,10 +431,8 @@ impl<D: EngineDevice> Engine<D> {
                 "buffer sizes and rx_budget must be positive".into(),
             ));
         }
-        let epoch = std::time::Instant::now();
         let mut iface_config = Config::new(HardwareAddress::Ip);
-        // Seeds initial sequence numbers; it only needs to differ between runs.
-        iface_config.random_seed = std::hash::RandomState::new().build_hasher().finish();
+        iface_config.random_seed = random_seed;
         let mut iface = Interface::new(iface_config, &mut device, SmolInstant::ZERO);
         iface.update_ip_addrs(|addrs| {
             // One address always fits: the vector holds at least one entry.
