@@ -46,16 +46,7 @@ fn topology(file: &str) -> Topology {
 }
 
 fn stdout(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .expect("command runs");
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ncp_testbed::cmd::stdout(argv).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn ovs_get(table: &str, record: &str, column: &str) -> String {
