@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Down, call, config, get_json, spec, start_with, temp_state, tree_up, wait_for};
+use common::{Down, config, get_json, spec, start_with, temp_state, tree_up, wait_for};
 use ncp_controller::openflow::MacAddr;
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, parse_cookie};
 use ncp_controller::store::ModeSpec;
@@ -67,14 +67,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     assert!(topo["hosts"].as_array().is_some_and(Vec::is_empty));
 
     let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
-    let resp = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(serde_json::to_string(&r).expect("json")),
-    )
-    .await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    common::add_replication(&api, &r).await;
     let status = common::wait_installed(&api, 1, true, Duration::from_secs(15)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
     let agg2 = bed.dpid("agg2").expect("dpid");

@@ -73,14 +73,7 @@ async fn rules_come_back_and_foreign_rules_stay() {
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
     let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
-    let resp = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(serde_json::to_string(&r).expect("json")),
-    )
-    .await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    common::add_replication(&api, &r).await;
     common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
 
     let agg1 = bed.dpid("agg1").expect("dpid");
@@ -89,14 +82,10 @@ async fn rules_come_back_and_foreign_rules_stay() {
     let br_core = bed.bridge("core").expect("bridge");
 
     // A foreign rule on core, next to NCP's.
-    sh(&[
-        "ovs-ofctl",
-        "-O",
-        "OpenFlow13",
-        "add-flow",
+    common::add_flow(
         &br_core,
         "cookie=0x1234,priority=5,ip,nw_dst=198.18.3.99,actions=drop",
-    ]);
+    );
     let foreign = |br: &str| {
         dump_flows(br)
             .into_iter()
@@ -164,14 +153,7 @@ async fn rules_come_back_and_foreign_rules_stay() {
         ip("h11"),
         ip("h21")
     );
-    sh(&[
-        "ovs-ofctl",
-        "-O",
-        "OpenFlow13",
-        "add-flow",
-        &br_core,
-        &spec_line,
-    ]);
+    common::add_flow(&br_core, &spec_line);
     let summary: serde_json::Value =
         serde_json::from_str(&call(&api, "POST", "/v1/reconcile", None).await.body).expect("json");
     assert_eq!(summary["conflicts"], 1, "{summary}");

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ncp_controller::client::{Client, Response};
@@ -115,6 +114,17 @@ pub fn spec(
     }
 }
 
+/// A request body for the API.
+pub fn to_json(body: &impl serde::Serialize) -> String {
+    serde_json::to_string(body).expect("json")
+}
+
+/// Adds a replication through the API (as `api`'s caller), which must accept it.
+pub async fn add_replication(api: &Client, spec: &ReplicationSpec) {
+    let resp = call(api, "POST", "/v1/replications", Some(to_json(spec))).await;
+    assert_eq!(resp.status, 201, "{}", resp.body);
+}
+
 /// Brings the tree up under `prefix`, its bridges pointing at `controller_port`.
 pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
     let _ = Testbed::down(prefix);
@@ -139,13 +149,7 @@ pub async fn pin_all(api: &Client, bed: &Testbed) {
                 dpid: bed.dpid(&i.switch).expect("dpid"),
                 port: u32::from(port),
             };
-            let r = call(
-                api,
-                "PUT",
-                "/v1/hosts",
-                Some(serde_json::to_string(&spec).expect("json")),
-            )
-            .await;
+            let r = call(api, "PUT", "/v1/hosts", Some(to_json(&spec))).await;
             assert_eq!(r.status, 204, "{}", r.body);
         }
     }
@@ -214,16 +218,12 @@ pub async fn ncp_rules(svc: &Service, dpid: Dpid) -> Vec<FlowRule> {
 
 /// Runs a command that must succeed; returns its standard output.
 pub fn sh(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .expect("run command");
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ncp_testbed::cmd::stdout(argv).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Adds a rule to a bridge behind the controller's back, as an operator would.
+pub fn add_flow(bridge: &str, flow: &str) {
+    sh(&["ovs-ofctl", "-O", "OpenFlow13", "add-flow", bridge, flow]);
 }
 
 /// `ovs-ofctl dump-flows` of a bridge, one flow per line, without the counters that
