@@ -106,17 +106,7 @@ struct Scene {
 impl Drop for Scene {
     fn drop(&mut self) {
         for child in self.processes.iter_mut().rev() {
-            // SAFETY: signals our own child by pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::cmd::stop_child(child, Duration::from_secs(5));
         }
     }
 }
@@ -526,20 +516,8 @@ impl Scene {
     fn pipe(&self, primary: Ipv4Addr, path: &str) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let out = self
-            .bed
-            .command(
-                "source",
-                &[
-                    "redis-cli",
-                    "-h",
-                    &primary.to_string(),
-                    "-p",
-                    "6379",
-                    "--pipe",
-                ],
-            )?
-            .stdin(std::fs::File::open(path)?)
-            .output()?;
+            .spawn_pipe(primary, std::fs::File::open(path)?.into())?
+            .wait_with_output()?;
         let elapsed = start.elapsed();
         let text = String::from_utf8_lossy(&out.stdout);
         if !text.contains(&format!("errors: 0, replies: {COMMANDS}")) {
