@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Down, config, get_json, spec, start_with, temp_state, tree_up, wait_for};
+use common::{config, get_json, spec, temp_state, tree_scene, wait_for};
 use ncp_controller::openflow::MacAddr;
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, parse_cookie};
 use ncp_controller::store::ModeSpec;
@@ -27,9 +27,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
         return;
     }
     let state = temp_state("learning");
-    let (svc, api) = start_with(config(state.clone())).await;
-    let _down = Down(PREFIX);
-    let bed = tree_up(PREFIX, svc.controller().local_addr().port());
+    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
     common::wait_links(&api, Duration::from_secs(20)).await;
 
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Cleanup, PREFIX, sh};
+use common::{Down, PREFIX, sh};
 use ncp_controller::installer;
 use ncp_controller::openflow::{FlowStatsRequest, Ipv4Prefix, MacAddr, Match, Message};
 use ncp_controller::planner::{Mode, Replication, plan};
@@ -76,7 +76,7 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
         ..ServerConfig::default()
     };
     let (ctl, mut events) = Controller::start(cfg).await.expect("listen");
-    let _cleanup = Cleanup;
+    let _down = Down(PREFIX);
     let bed = common::tree_up(PREFIX, ctl.local_addr().port());
 
     // Every bridge connects and finishes the handshake with its configured dpid.

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, PREFIX, call, config, spec, start_with, temp_state, to_json};
+use common::{PREFIX, call, config, spec, start_with, temp_state, to_json, tree_scene};
 use ncp_controller::client::Client;
 use ncp_controller::openflow::FlowStatsRequest;
 use ncp_controller::rules::{RuleKind, parse_cookie};
@@ -17,11 +17,11 @@ use serde_json::Value;
 async fn api_needs_token_and_state_survives_restart() {
     let state = temp_state("api");
     let (_svc, api) = start_with(config(state.clone())).await;
-    assert_eq!(call(&api, "GET", "/v1/health", None).await.status, 200);
+    assert_eq!(common::status(&api, "GET", "/v1/health").await, 200);
     let anonymous = Client::new(api.addr, "");
     let wrong = Client::new(api.addr, "nope");
     for c in [&anonymous, &wrong] {
-        assert_eq!(call(c, "GET", "/v1/replications", None).await.status, 401);
+        assert_eq!(common::status(c, "GET", "/v1/replications").await, 401);
         let body = to_json(&spec(
             1,
             "198.18.3.11",
@@ -76,9 +76,7 @@ async fn api_needs_token_and_state_survives_restart() {
     let body = to_json(&host);
     assert_eq!(call(&api, "PUT", "/v1/hosts", Some(body)).await.status, 204);
     assert_eq!(
-        call(&api, "DELETE", "/v1/replications/9", None)
-            .await
-            .status,
+        common::status(&api, "DELETE", "/v1/replications/9").await,
         404
     );
 
@@ -102,9 +100,7 @@ async fn end_to_end_on_ovs_through_the_api() {
         return;
     }
     let state = temp_state("e2e");
-    let (svc, api) = start_with(config(state.clone())).await;
-    let _cleanup = Cleanup;
-    let bed = common::tree_up(PREFIX, svc.controller().local_addr().port());
+    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
     let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
@@ -152,9 +148,7 @@ async fn end_to_end_on_ovs_through_the_api() {
 
     // Removing the replication removes its rules everywhere.
     assert_eq!(
-        call(&api, "DELETE", "/v1/replications/1", None)
-            .await
-            .status,
+        common::status(&api, "DELETE", "/v1/replications/1").await,
         204
     );
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -252,7 +246,7 @@ async fn malformed_bodies_get_clear_errors_and_change_nothing() {
     // Nothing changed, nothing was logged as a change, and the API still serves.
     assert_eq!(svc.desired(), Default::default());
     assert!(svc.audit().is_empty(), "{:?}", svc.audit());
-    assert_eq!(call(&api, "GET", "/v1/health", None).await.status, 200);
+    assert_eq!(common::status(&api, "GET", "/v1/health").await, 200);
 
     // A good body is taken and logged with the caller's name; a wrong token changes
     // nothing, deleting included.
@@ -264,9 +258,7 @@ async fn malformed_bodies_get_clear_errors_and_change_nothing() {
     );
     let wrong = Client::new(api.addr, "not-the-token");
     assert_eq!(
-        call(&wrong, "DELETE", "/v1/replications/1", None)
-            .await
-            .status,
+        common::status(&wrong, "DELETE", "/v1/replications/1").await,
         401
     );
     assert_eq!(svc.desired().replications.len(), 1);

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Down, call, config, dump_flows, ncp_rules, sh, spec, start_with, temp_state};
+use common::{call, config, dump_flows, ncp_rules, sh, spec, temp_state, tree_scene};
 use ncp_controller::rules::{PRIORITY_REDIRECT, PRIORITY_ROUTE, RuleKind, cookie};
 use ncp_controller::store::ModeSpec;
 
@@ -66,10 +66,8 @@ async fn rules_come_back_and_foreign_rules_stay() {
         return;
     }
     let state = temp_state("restart-switch");
-    let (svc, api) = start_with(config(state.clone())).await;
+    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
     let of_port = svc.controller().local_addr().port();
-    let _down = Down(PREFIX);
-    let bed = common::tree_up(PREFIX, of_port);
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
     let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);

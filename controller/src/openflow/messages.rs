@@ -91,6 +91,23 @@ pub const PORT_STATE_LINK_DOWN: u32 = 1;
 const PORT_DESC_LEN: usize = 64;
 
 impl PortDesc {
+    /// A port that is up, with no features, state bits or speeds reported.
+    pub fn new(port_no: u32, hw_addr: MacAddr, name: String) -> Self {
+        Self {
+            port_no,
+            hw_addr,
+            name,
+            config: 0,
+            state: 0,
+            curr: 0,
+            advertised: 0,
+            supported: 0,
+            peer: 0,
+            curr_speed: 0,
+            max_speed: 0,
+        }
+    }
+
     /// True when the port can carry traffic (administratively up and link up).
     pub fn is_live(&self) -> bool {
         self.config & PORT_CONFIG_DOWN == 0 && self.state & PORT_STATE_LINK_DOWN == 0

@@ -23,18 +23,7 @@ pub const TREE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testbed/tree.tom
 
 pub const TOKEN: &str = "test-token-ncpc";
 
-/// Takes the test bed down when dropped, also when an assertion fails.
-pub struct Cleanup;
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Err(e) = Testbed::down(PREFIX) {
-            eprintln!("cleanup of test bed {PREFIX} failed: {e}");
-        }
-    }
-}
-
-/// Takes the test bed of `prefix` down when dropped.
+/// Takes the test bed of `prefix` down when dropped, also when an assertion fails.
 pub struct Down(pub &'static str);
 
 impl Drop for Down {
@@ -81,6 +70,11 @@ pub async fn call(c: &Client, method: &'static str, path: &str, body: Option<Str
         .await
         .expect("join")
         .expect("http")
+}
+
+/// The status of a request without a body.
+pub async fn status(c: &Client, method: &'static str, path: &str) -> u16 {
+    call(c, method, path, None).await.status
 }
 
 pub async fn get_json(c: &Client, path: &str) -> Value {
@@ -134,6 +128,19 @@ pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
         controller_port: Some(controller_port),
     };
     tokio::task::block_in_place(|| Testbed::up(&tb, &options)).expect("test bed up")
+}
+
+/// Starts the service with `cfg`, then brings the tree up under `prefix` behind it: the
+/// start of every scene on OVS. The returned [`Down`] takes the test bed down when the
+/// scene ends, also when an assertion fails.
+pub async fn tree_scene(
+    prefix: &'static str,
+    cfg: ServiceConfig,
+) -> (Service, Client, Testbed, Down) {
+    let (svc, api) = start_with(cfg).await;
+    let down = Down(prefix);
+    let bed = tree_up(prefix, svc.controller().local_addr().port());
+    (svc, api, bed, down)
 }
 
 /// Pins every host of the test bed where it is attached.
