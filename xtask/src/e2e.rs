@@ -18,11 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use ncp_testbed::{Testbed, Topology, UpOptions, workload};
 
-use crate::{
-    cmd::{run, step},
-    middlebox::Middlebox,
-    setup,
-};
+use crate::{cmd::step, middlebox::Middlebox, setup};
 
 const PREFIX: &str = "ncp";
 const OPENFLOW: &str = "127.0.0.1:6653";
@@ -34,18 +30,7 @@ const WORK: &str = "/run/ncp-demo";
 /// Runs the demo; with `keep` everything stays up for a look around.
 pub fn demo(keep: bool) -> anyhow::Result<()> {
     setup::setup()?;
-    step("building the data plane and the controller (release)");
-    run(&[
-        "cargo",
-        "build",
-        "--release",
-        "-p",
-        "ncp-dataplane",
-        "-p",
-        "ncp-controller",
-        "--bins",
-    ])?;
-    let bins = crate::middlebox::release_dir()?;
+    let bins = crate::middlebox::build_release(&["ncp-dataplane", "ncp-controller"])?;
     let _ = std::fs::remove_dir_all(WORK);
     std::fs::create_dir_all(WORK)?;
     let _ = Testbed::down(PREFIX);
@@ -160,13 +145,7 @@ impl Scene {
              [[interfaces]]\nname = \"eth0\"\naddress = \"{mb}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
              [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n"
         );
-        let mut middlebox = Middlebox::start(
-            &self.bed,
-            "middlebox",
-            &self.bins,
-            &config,
-            Path::new(&format!("{WORK}/mb.sock")),
-        )?;
+        let mut middlebox = self.start_middlebox(&config)?;
 
         step("starting Redis on the primary and on the replica");
         let primary_redis = self.start_redis("primary")?;
@@ -376,13 +355,7 @@ impl Scene {
                     .then(|| killed.elapsed())
             },
         )?;
-        let mut middlebox = Middlebox::start(
-            &self.bed,
-            "middlebox",
-            &self.bins,
-            &config,
-            Path::new(&format!("{WORK}/mb.sock")),
-        )?;
+        let mut middlebox = self.start_middlebox(&config)?;
         let back = Instant::now();
         self.wait_for(
             "the controller to push the service again",
@@ -486,6 +459,17 @@ impl Scene {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?)
+    }
+
+    /// Starts the middlebox in its host with `config`, its control socket in [`WORK`].
+    fn start_middlebox(&self, config: &str) -> anyhow::Result<Middlebox> {
+        Middlebox::start(
+            &self.bed,
+            "middlebox",
+            &self.bins,
+            config,
+            Path::new(&format!("{WORK}/mb.sock")),
+        )
     }
 
     fn ncpctl(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {

@@ -13,17 +13,14 @@ use ncp_testbed::Testbed;
 
 use crate::cmd::{run, step};
 
-/// Builds the data-plane binaries in release mode and returns their directory.
-pub fn build_release() -> anyhow::Result<PathBuf> {
-    step("building the data plane (release)");
-    run(&[
-        "cargo",
-        "build",
-        "--release",
-        "-p",
-        "ncp-dataplane",
-        "--bins",
-    ])?;
+/// Builds the binaries of `packages` in release mode and returns their directory.
+pub fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
+    step(&format!("building {} (release)", packages.join(" and ")));
+    let mut argv = vec!["cargo", "build", "--release", "--bins"];
+    for p in packages {
+        argv.extend(["-p", p]);
+    }
+    run(&argv)?;
     release_dir()
 }
 
