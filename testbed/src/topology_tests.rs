@@ -8,6 +8,15 @@ fn invalid(text: &str) -> String {
     }
 }
 
+/// Each `(from, to, want)`: [`minimal`] with `from` replaced by `to` is rejected with an
+/// error that mentions `want`.
+fn assert_edits_rejected(cases: &[(&str, &str, &str)]) {
+    for (from, to, want) in cases {
+        let e = invalid(&minimal().replace(from, to));
+        assert!(e.contains(want), "{from} -> {to}: {e}");
+    }
+}
+
 #[test]
 fn parses_minimal() {
     let t = Topology::parse(&minimal()).expect("valid");
@@ -53,23 +62,17 @@ fn shipped_tree_topology_is_three_levels() {
 
 #[test]
 fn unknown_field_is_named() {
-    let text = minimal().replace("dpid = 1", "dpid = 1\ncolour = \"red\"");
-    let e = invalid(&text);
-    assert!(e.contains("colour"), "{e}");
+    assert_edits_rejected(&[("dpid = 1", "dpid = 1\ncolour = \"red\"", "colour")]);
 }
 
 #[test]
 fn unknown_iface_field_is_named() {
-    let text = minimal().replace("switch = \"s1\"", "switch = \"s1\"\nvlan = 3");
-    let e = invalid(&text);
-    assert!(e.contains("vlan"), "{e}");
+    assert_edits_rejected(&[("switch = \"s1\"", "switch = \"s1\"\nvlan = 3", "vlan")]);
 }
 
 #[test]
 fn missing_field_is_named() {
-    let text = minimal().replace("mac = \"02:00:00:00:00:01\"", "");
-    let e = invalid(&text);
-    assert!(e.contains("mac"), "{e}");
+    assert_edits_rejected(&[("mac = \"02:00:00:00:00:01\"", "", "mac")]);
 }
 
 #[test]
@@ -86,35 +89,30 @@ fn address_outside_benchmark_range_is_rejected() {
 
 #[test]
 fn subnet_wider_than_range_is_rejected() {
-    let e = invalid(&minimal().replace("198.18.1.1/24", "198.18.1.1/8"));
-    assert!(e.contains("prefix length at least 15"), "{e}");
+    assert_edits_rejected(&[("198.18.1.1/24", "198.18.1.1/8", "prefix length at least 15")]);
 }
 
 #[test]
 fn bad_address_forms_are_rejected() {
-    for (bad, want) in [
-        ("198.18.1.1", "needs a prefix length"),
-        ("198.18.1/24", "not an IPv4 address"),
-        ("198.18.1.1/33", "bad prefix length"),
-        ("198.18.1.0/24", "network or broadcast"),
-        ("198.18.1.255/24", "network or broadcast"),
-    ] {
-        let e = invalid(&minimal().replace("198.18.1.1/24", bad));
-        assert!(e.contains(want), "{bad}: {e}");
-    }
+    let address = "198.18.1.1/24";
+    assert_edits_rejected(&[
+        (address, "198.18.1.1", "needs a prefix length"),
+        (address, "198.18.1/24", "not an IPv4 address"),
+        (address, "198.18.1.1/33", "bad prefix length"),
+        (address, "198.18.1.0/24", "network or broadcast"),
+        (address, "198.18.1.255/24", "network or broadcast"),
+    ]);
 }
 
 #[test]
 fn bad_macs_are_rejected() {
-    for (bad, want) in [
-        ("02:00:00:00:01", "not a MAC"),
-        ("02:00:00:00:00:zz", "not a MAC"),
-        ("01:00:5e:00:00:01", "not a unicast"),
-        ("00:00:00:00:00:00", "not a unicast"),
-    ] {
-        let e = invalid(&minimal().replace("02:00:00:00:00:01", bad));
-        assert!(e.contains(want), "{bad}: {e}");
-    }
+    let mac = "02:00:00:00:00:01";
+    assert_edits_rejected(&[
+        (mac, "02:00:00:00:01", "not a MAC"),
+        (mac, "02:00:00:00:00:zz", "not a MAC"),
+        (mac, "01:00:5e:00:00:01", "not a unicast"),
+        (mac, "00:00:00:00:00:00", "not a unicast"),
+    ]);
 }
 
 #[test]
@@ -154,16 +152,18 @@ fn all_problems_are_listed() {
 
 #[test]
 fn names_are_checked() {
-    let e = invalid(&minimal().replace("name = \"a\"", "name = \"Bad-Name\""));
-    assert!(e.contains("host name `Bad-Name`"), "{e}");
-    let e = invalid(&minimal().replace("name = \"s1\"", "name = \"s-1\""));
-    assert!(e.contains("switch name `s-1`"), "{e}");
-    let e = invalid(&minimal().replace("name = \"eth0\"", "name = \"averyveryverylongname\""));
-    assert!(e.contains("interface name `averyveryverylongname`"), "{e}");
-    let e = invalid(&minimal().replace("name = \"eth0\"", "name = \"lo\""));
-    assert!(e.contains("reserved"), "{e}");
-    let e = invalid(&minimal().replace("name = \"a\"", "name = \"s1\""));
-    assert!(e.contains("same name as a switch"), "{e}");
+    let (host, switch, iface) = ("name = \"a\"", "name = \"s1\"", "name = \"eth0\"");
+    assert_edits_rejected(&[
+        (host, "name = \"Bad-Name\"", "host name `Bad-Name`"),
+        (switch, "name = \"s-1\"", "switch name `s-1`"),
+        (
+            iface,
+            "name = \"averyveryverylongname\"",
+            "interface name `averyveryverylongname`",
+        ),
+        (iface, "name = \"lo\"", "reserved"),
+        (host, "name = \"s1\"", "same name as a switch"),
+    ]);
 }
 
 #[test]
@@ -202,10 +202,15 @@ fn links_are_checked() {
 
 #[test]
 fn requested_ports_are_checked() {
-    let e = invalid(&minimal().replace("switch = \"s1\"", "switch = \"s1\"\nport = 0"));
-    assert!(e.contains("port 0 is outside"), "{e}");
-    let e = invalid(&minimal().replace("switch = \"s1\"", "switch = \"s1\"\nport = 70000"));
-    assert!(e.contains("port 70000 is outside"), "{e}");
+    let on_s1 = "switch = \"s1\"";
+    assert_edits_rejected(&[
+        (on_s1, "switch = \"s1\"\nport = 0", "port 0 is outside"),
+        (
+            on_s1,
+            "switch = \"s1\"\nport = 70000",
+            "port 70000 is outside",
+        ),
+    ]);
     let text = two_hosts().replace("switch = \"s1\"", "switch = \"s1\"\nport = 5");
     let e = invalid(&text);
     assert!(

@@ -40,6 +40,26 @@ impl Drop for Cleanup {
     }
 }
 
+/// A running test's hold on the test bed: the prefix is brought down before the lock is
+/// released (fields drop in declaration order).
+struct Scene {
+    _cleanup: Cleanup,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// The start of every test: `None` when something it needs is missing (the test skips; in
+/// CI it fails instead), else the serialising lock and the clean-up of `prefix`.
+fn begin(name: &str, tools: &[&str], prefix: &'static str) -> Option<Scene> {
+    if !ncp_testbed::ready_or_skip(name, tools) {
+        return None;
+    }
+    let serial = serial();
+    Some(Scene {
+        _cleanup: Cleanup(prefix),
+        _serial: serial,
+    })
+}
+
 fn topology(file: &str) -> Topology {
     let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
     Topology::load(&path).expect("shipped topology loads")
@@ -118,12 +138,10 @@ fn assert_clean(prefix: &str) {
 
 #[test]
 fn paper_topology_pings_both_networks_and_carries_tcp() {
-    if !ncp_testbed::ready_or_skip("paper_topology", &["ping", "iperf3"]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt1";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("paper_topology", &["ping", "iperf3"], prefix) else {
+        return;
+    };
     let bed = Testbed::up(&topology("paper.toml"), &UpOptions::with_prefix(prefix)).expect("up");
 
     // Everything the file promises is visible on the system.
@@ -236,12 +254,10 @@ fn paper_topology_pings_both_networks_and_carries_tcp() {
 
 #[test]
 fn second_up_recreates_and_down_ends_processes() {
-    if !ncp_testbed::ready_or_skip("second_up", &["ping"]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt2";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("second_up", &["ping"], prefix) else {
+        return;
+    };
     let topo = topology("paper.toml");
     let first = Testbed::up(&topo, &UpOptions::with_prefix(prefix)).expect("first up");
     let mut old = first.spawn("replica", &["sleep", "300"]).expect("sleep");
@@ -274,12 +290,10 @@ fn second_up_recreates_and_down_ends_processes() {
 
 #[test]
 fn down_finds_leftovers_without_a_state_file() {
-    if !ncp_testbed::ready_or_skip("crash_recovery", &[]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt3";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("crash_recovery", &[], prefix) else {
+        return;
+    };
     Testbed::up(&topology("tree.toml"), &UpOptions::with_prefix(prefix)).expect("up");
     // Simulate a crash that lost the state file.
     std::fs::remove_file(format!("{}/{prefix}.toml", ncp_testbed::STATE_DIR))
@@ -292,12 +306,10 @@ fn down_finds_leftovers_without_a_state_file() {
 
 #[test]
 fn tree_topology_pings_across_subtrees() {
-    if !ncp_testbed::ready_or_skip("tree_topology", &["ping"]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt4";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("tree_topology", &["ping"], prefix) else {
+        return;
+    };
     let bed = Testbed::up(&topology("tree.toml"), &UpOptions::with_prefix(prefix)).expect("up");
 
     // OVS assigned the port numbers the plan predicts, for hosts and for switch links.
@@ -326,12 +338,10 @@ fn tree_topology_pings_across_subtrees() {
 
 #[test]
 fn controller_option_sets_secure_mode_and_connects() {
-    if !ncp_testbed::ready_or_skip("controller_option", &[]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt5";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("controller_option", &[], prefix) else {
+        return;
+    };
     // Our own listener stands in for the controller, so the bridges never reach a
     // controller that someone else runs on this machine.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -377,12 +387,10 @@ fn controller_option_sets_secure_mode_and_connects() {
 
 #[test]
 fn two_prefixes_coexist_and_down_touches_only_its_own() {
-    if !ncp_testbed::ready_or_skip("two_prefixes", &["ping"]) {
-        return;
-    }
-    let _serial = serial();
     let (pa, pb) = ("nt6", "nt7");
-    let _cleanup_a = Cleanup(pa);
+    let Some(_scene) = begin("two_prefixes", &["ping"], pa) else {
+        return;
+    };
     let _cleanup_b = Cleanup(pb);
     let topo = topology("paper.toml");
     let a = Testbed::up(&topo, &UpOptions::with_prefix(pa)).expect("up a");
