@@ -14,52 +14,6 @@ use ncp_controller::store::ModeSpec;
 
 const PREFIX: &str = "nc4b";
 
-/// Deletes a bridge and creates it again the way the test bed does: same datapath id,
-/// same ports with the same OpenFlow port numbers, same controller.
-fn recreate_bridge(br: &str, controller_port: u16) {
-    let dpid = sh(&["ovs-vsctl", "get", "bridge", br, "other-config:datapath-id"]);
-    let dpid = dpid.trim().trim_matches('"').to_string();
-    let ports: Vec<(String, String)> = sh(&["ovs-vsctl", "list-ports", br])
-        .lines()
-        .map(|p| {
-            let ofport = sh(&["ovs-vsctl", "get", "interface", p, "ofport"]);
-            (p.to_string(), ofport.trim().to_string())
-        })
-        .collect();
-    assert!(!ports.is_empty());
-    sh(&["ovs-vsctl", "del-br", br]);
-    let dpid_arg = format!("other-config:datapath-id={dpid}");
-    let target = format!("tcp:127.0.0.1:{controller_port}");
-    let requests: Vec<String> = ports
-        .iter()
-        .map(|(_, n)| format!("ofport_request={n}"))
-        .collect();
-    let mut argv: Vec<&str> = vec![
-        "ovs-vsctl",
-        "--timeout=60",
-        "--",
-        "add-br",
-        br,
-        "--",
-        "set",
-        "bridge",
-        br,
-        "datapath_type=netdev",
-        "protocols=OpenFlow13",
-        &dpid_arg,
-        "other-config:disable-in-band=true",
-        "fail_mode=secure",
-        "--",
-        "set-controller",
-        br,
-        &target,
-    ];
-    for ((p, _), req) in ports.iter().zip(&requests) {
-        argv.extend(["--", "add-port", br, p, "--", "set", "interface", p, req]);
-    }
-    sh(&argv);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_come_back_and_foreign_rules_stay() {
     if !ncp_testbed::ready_or_skip("controller switch restart", &["ovs-ofctl", "ovs-vsctl"]) {
@@ -67,7 +21,6 @@ async fn rules_come_back_and_foreign_rules_stay() {
     }
     let state = temp_state("restart-switch");
     let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
-    let of_port = svc.controller().local_addr().port();
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
     let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
@@ -122,7 +75,7 @@ async fn rules_come_back_and_foreign_rules_stay() {
     // 2. The bridge is deleted and re-created: all its NCP rules are back within 5 s.
     let want: BTreeSet<String> = before;
     let t0 = Instant::now();
-    recreate_bridge(&br_agg1, of_port);
+    bed.recreate_bridge("agg1").expect("re-create agg1");
     let recreated = t0.elapsed();
     let (_, took) = common::wait_for(
         Duration::from_secs(5),

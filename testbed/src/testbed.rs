@@ -256,6 +256,16 @@ impl Testbed {
         Ok(self.plan.bridge(switch)?.bridge.clone())
     }
 
+    /// Deletes the bridge of `switch` and creates it again from the plan: same datapath id,
+    /// ports, port numbers and controller. To the controller this looks like a switch that
+    /// restarted and lost its flow table.
+    pub fn recreate_bridge(&self, switch: &str) -> Result<()> {
+        let b = self.plan.bridge(switch)?;
+        tracing::info!(bridge = %b.bridge, "re-creating OVS bridge");
+        cmd::run(&["ovs-vsctl", "--timeout=30", "del-br", &b.bridge])?;
+        self.create_bridge(b)
+    }
+
     /// Datapath id of `switch`.
     pub fn dpid(&self, switch: &str) -> Result<u64> {
         Ok(self.plan.bridge(switch)?.dpid)
