@@ -208,13 +208,8 @@ async fn delete_replication(
     Extension(Caller(who)): Extension<Caller>,
     Path(id): Path<u32>,
 ) -> Response {
-    remove(
-        &st,
-        &who,
-        |d| &mut d.replications,
-        |r| r.id == id,
-        format!("delete replication {id}"),
-    )
+    let what = format!("delete replication {id}");
+    remove(&st, &who, what, |d| &mut d.replications, |r| r.id == id)
 }
 
 /// Removes the entries `doomed` picks from one list of the desired state, recording `what`
@@ -222,9 +217,9 @@ async fn delete_replication(
 fn remove<T>(
     st: &AppState,
     who: &str,
+    what: String,
     list: impl FnOnce(&mut DesiredState) -> &mut Vec<T>,
     doomed: impl Fn(&T) -> bool,
-    what: String,
 ) -> Response {
     let removed = st.svc.update(who, |d| {
         let list = list(d);
@@ -273,13 +268,8 @@ async fn delete_host(
     Extension(Caller(who)): Extension<Caller>,
     Path(ip): Path<Ipv4Addr>,
 ) -> Response {
-    remove(
-        &st,
-        &who,
-        |d| &mut d.hosts,
-        |h| h.ip == ip,
-        format!("unpin host {ip}"),
-    )
+    let what = format!("unpin host {ip}");
+    remove(&st, &who, what, |d| &mut d.hosts, |h| h.ip == ip)
 }
 
 async fn list_middleboxes(State(st): State<AppState>) -> Response {
@@ -350,13 +340,8 @@ async fn delete_middlebox(
     Extension(Caller(who)): Extension<Caller>,
     Path(ip): Path<Ipv4Addr>,
 ) -> Response {
-    remove(
-        &st,
-        &who,
-        |d| &mut d.middleboxes,
-        |m| m.ip == ip,
-        format!("unregister middlebox {ip}"),
-    )
+    let what = format!("unregister middlebox {ip}");
+    remove(&st, &who, what, |d| &mut d.middleboxes, |m| m.ip == ip)
 }
 
 async fn topology(State(st): State<AppState>) -> Response {
