@@ -119,7 +119,7 @@ async fn restart_sends_no_flow_mods_and_leaves_no_duplicates() {
     })
     .await;
 
-    let r1 = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
+    let r1 = common::h11_to_h21_via_h31(&bed);
     let r2 = spec(
         2,
         &ip("h12"),

@@ -5,10 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, get_json, spec, temp_state, tree_scene, wait_for};
+use common::{config, get_json, temp_state, tree_scene, wait_for};
 use ncp_controller::openflow::MacAddr;
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, parse_cookie};
-use ncp_controller::store::ModeSpec;
 use serde_json::Value;
 
 const PREFIX: &str = "nc4a";
@@ -64,7 +63,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     }
     assert!(topo["hosts"].as_array().is_some_and(Vec::is_empty));
 
-    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
+    let r = common::h11_to_h21_via_h31(&bed);
     common::add_replication(&api, &r).await;
     let status = common::wait_installed(&api, 1, true, Duration::from_secs(15)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");

@@ -103,7 +103,7 @@ async fn end_to_end_on_ovs_through_the_api() {
     let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
+    let r = common::h11_to_h21_via_h31(&bed);
     common::add_replication(&api, &r).await;
 
     // LLDP finds all six links, the plan places the redirect on agg1, and the rules are

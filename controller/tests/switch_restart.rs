@@ -8,9 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{call, config, dump_flows, ncp_rules, sh, spec, temp_state, tree_scene};
+use common::{call, config, dump_flows, ncp_rules, sh, temp_state, tree_scene};
 use ncp_controller::rules::{PRIORITY_REDIRECT, PRIORITY_ROUTE, RuleKind, cookie};
-use ncp_controller::store::ModeSpec;
 
 const PREFIX: &str = "nc4b";
 
@@ -23,7 +22,7 @@ async fn rules_come_back_and_foreign_rules_stay() {
     let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
+    let r = common::h11_to_h21_via_h31(&bed);
     common::add_replication(&api, &r).await;
     common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
 

@@ -119,6 +119,13 @@ pub async fn add_replication(api: &Client, spec: &ReplicationSpec) {
     assert_eq!(resp.status, 201, "{}", resp.body);
 }
 
+/// Replication 1 of the tree scenes: h11's connections to port 80 of h21, copied to the
+/// middlebox h31, in rewrite mode.
+pub fn h11_to_h21_via_h31(bed: &Testbed) -> ReplicationSpec {
+    let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
+    spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite)
+}
+
 /// Brings the tree up under `prefix`, its bridges pointing at `controller_port`.
 pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
     let _ = Testbed::down(prefix);
