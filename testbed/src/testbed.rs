@@ -212,6 +212,15 @@ impl Testbed {
         Ok(command)
     }
 
+    /// Pins `host`'s neighbour entry for `ip` on `iface` to `mac` (permanent, so ARP does
+    /// not undo it): how a test or benchmark steers a host's traffic to another machine.
+    pub fn set_neighbor(&self, host: &str, iface: &str, ip: Ipv4Addr, mac: &str) -> Result<()> {
+        let ip = ip.to_string();
+        let mut argv = vec!["ip", "neigh", "replace", &ip, "lladdr", mac];
+        argv.extend(["dev", iface, "nud", "permanent"]);
+        self.exec(host, &argv).map(drop)
+    }
+
     /// Runs `argv` inside `host` and waits. Fails with the command's stderr if it exits
     /// non-zero.
     pub fn exec(&self, host: &str, argv: &[&str]) -> Result<Output> {

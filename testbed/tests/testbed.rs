@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ncp_testbed::{Testbed, Topology, UpOptions};
+use ncp_testbed::{Mac, Testbed, Topology, UpOptions};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -196,6 +196,21 @@ fn paper_topology_pings_both_networks_and_carries_tcp() {
         assert_eq!(ovs_get("bridge", &br, "fail_mode"), "standalone");
         assert_eq!(ovs_get("bridge", &br, "other-config:datapath-id"), dpid);
     }
+
+    // A neighbour entry pinned by set_neighbor is permanent and names the given MAC (the
+    // primary's own, so traffic still flows as before).
+    let primary = bed.address("primary", "eth0").expect("address");
+    let primary_mac = Mac(bed.mac("primary", "eth0").expect("mac")).to_string();
+    bed.set_neighbor("source", "eth0", primary, &primary_mac)
+        .expect("set neighbour");
+    let neigh = bed
+        .exec("source", &["ip", "neigh", "show", &primary.to_string()])
+        .expect("ip neigh");
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    assert!(
+        neigh.contains(&primary_mac) && neigh.contains("PERMANENT"),
+        "{neigh}"
+    );
 
     // Both networks forward.
     for (iface, dst) in [
