@@ -72,7 +72,7 @@ pub struct WorkerSpec {
     pub core: Option<usize>,
     /// Idle behaviour.
     pub poll: PollMode,
-    /// Services, with `replica_link` naming an index into `1 + replica_links`.
+    /// Services, with `replica_route` naming an index into `1 + replica_links`.
     pub services: Vec<ServicePlan>,
     /// Session and memory caps of this worker.
     pub manager: ManagerConfig,
@@ -285,7 +285,7 @@ fn connection_bound(spec: &WorkerSpec, link: usize) -> usize {
         .services
         .iter()
         .map(|s| {
-            let replicas = if s.replica_link == link {
+            let replicas = if s.replica_route == link {
                 s.replicas.len()
             } else {
                 0
