@@ -34,6 +34,8 @@
 
 mod plan;
 pub mod stats;
+#[cfg(test)]
+mod tests;
 mod transport;
 
 use std::{
