@@ -304,7 +304,12 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
                 }
             })
             .collect();
-        WorkerReplicationStats::new(interface, queue, self.driver.snapshot(), links)
+        WorkerReplicationStats {
+            interface: interface.to_owned(),
+            queue,
+            links,
+            ..self.driver.snapshot()
+        }
     }
 
     /// Stop: every open session is reset on all sides (and its recording ended as

@@ -49,7 +49,7 @@ use std::{
 use ncp_replication::{Action, DetachReason, Manager, ManagerConfig, Refusal, SessionId, Side};
 
 pub use plan::{ServicePlan, manager_config};
-pub use stats::{DriverStats, DropStats, PUBLISH_INTERVAL, ServiceStats};
+pub use stats::{DropStats, PUBLISH_INTERVAL, ServiceStats, WorkerReplicationStats};
 pub use transport::{Addressed, Event, Received, Sent, Transport};
 
 use crate::offline::recorder::RecId;
@@ -491,14 +491,7 @@ impl<T: Transport> Driver<T> {
             }
         }
         drop(s);
-        if let Some(e) = rejected {
-            self.core_rejected(id, e);
-        }
-        if let Some(e) = broken {
-            self.lost(id, side, conn, &e, now);
-            moved = true;
-        }
-        moved
+        self.after_io(id, side, conn, rejected, broken, now) || moved
     }
 
     /// Reads from `side` as far as the core's window allows, and hands what the core
@@ -569,14 +562,28 @@ impl<T: Transport> Driver<T> {
             }
         }
         drop(s);
+        self.after_io(id, side, conn, rejected, broken, now) || moved
+    }
+
+    /// What a read or write pass left to do: count an input the core rejected, tear down
+    /// a connection that broke. Returns whether one broke (which is progress too).
+    fn after_io(
+        &mut self,
+        id: SessionId,
+        side: Side,
+        conn: T::Conn,
+        rejected: Option<ncp_replication::Error>,
+        broken: Option<io::Error>,
+        now: Instant,
+    ) -> bool {
         if let Some(e) = rejected {
             self.core_rejected(id, e);
         }
-        if let Some(e) = broken {
-            self.lost(id, side, conn, &e, now);
-            moved = true;
-        }
-        moved
+        let Some(e) = broken else {
+            return false;
+        };
+        self.lost(id, side, conn, &e, now);
+        true
     }
 
     /// A connection broke under a read or write: it is aborted (so the peer learns the
@@ -812,9 +819,10 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    /// This driver's counters right now; a service's recording counters are read from
-    /// its (shared) recorder at this moment.
-    pub fn snapshot(&self) -> DriverStats {
+    /// This driver's counters right now (without a queue or links: the data plane adds
+    /// them); a service's recording counters are read from its (shared) recorder at this
+    /// moment.
+    pub fn snapshot(&self) -> WorkerReplicationStats {
         let mut services = self.counters.clone();
         for (svc, plan) in services.iter_mut().zip(&self.services) {
             svc.read_recording(plan.record.as_ref());
@@ -828,7 +836,7 @@ impl<T: Transport> Driver<T> {
             buffered += svc.add_live_session(s);
         }
         let metrics = self.manager.metrics();
-        DriverStats {
+        WorkerReplicationStats {
             sessions_active: self.sessions.len() as u64,
             sessions_total: services.iter().map(|s| s.sessions_total).sum(),
             sessions_refused: services.iter().map(|s| s.refused.total()).sum::<u64>()
@@ -839,6 +847,7 @@ impl<T: Transport> Driver<T> {
             lingering_bytes_discarded: self.lingering_discarded,
             drops: self.drops,
             services,
+            ..WorkerReplicationStats::default()
         }
     }
 

@@ -1,8 +1,8 @@
 //! Replication counters of both data planes and the snapshots they publish.
 //!
 //! The [`super::Driver`] keeps its counters in plain integers (it owns its sessions,
-//! nothing is shared on the data path) and hands out a [`DriverStats`] snapshot. XDP mode
-//! adds its links and publishes it as a [`WorkerReplicationStats`], summed into a
+//! nothing is shared on the data path) and hands out a [`WorkerReplicationStats`]
+//! snapshot. XDP mode adds its queue and links and publishes it as it is, summed into a
 //! [`ReplicationStats`]; sockets mode copies it, every [`PUBLISH_INTERVAL`] and when a
 //! worker stops, as a [`SocketsStats`] into a mutex that the [`StatsHandle`] reads. A
 //! snapshot is therefore at most that old; reading it never blocks a worker for longer
@@ -54,32 +54,9 @@ pub struct SocketsStats {
     pub services: Vec<ServiceStats>,
 }
 
-/// One worker's replication counters as its [`super::Driver`] sees them; each mode
-/// publishes them in its own snapshot type.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DriverStats {
-    /// Sessions open right now (gauge).
-    pub sessions_active: u64,
-    /// Sessions ever admitted.
-    pub sessions_total: u64,
-    /// Client connections reset at accept time, for any reason.
-    pub sessions_refused: u64,
-    /// Worst-case buffer memory reserved by open sessions (gauge).
-    pub memory_reserved_bytes: u64,
-    /// Bytes buffered in the replication core right now (gauge).
-    pub memory_buffered_bytes: u64,
-    /// Upstream connections of finished sessions still draining (gauge).
-    pub lingering_connections: u64,
-    /// Bytes read and discarded from lingering connections.
-    pub lingering_bytes_discarded: u64,
-    /// Drops by reason.
-    pub drops: DropStats,
-    /// Per service, in configuration order.
-    pub services: Vec<ServiceStats>,
-}
-
-impl From<DriverStats> for SocketsStats {
-    fn from(d: DriverStats) -> Self {
+impl From<WorkerReplicationStats> for SocketsStats {
+    /// One sockets-mode worker's snapshot (it has no links to report).
+    fn from(d: WorkerReplicationStats) -> Self {
         Self {
             workers: 1,
             sessions_active: d.sessions_active,
@@ -162,12 +139,14 @@ pub struct LinkStats {
     pub handover_dropped: u64,
 }
 
-/// Counters of one XDP-mode worker, published for the control socket.
+/// One worker's replication counters: what its [`super::Driver`] counts, plus (XDP mode)
+/// the queue it serves and its links. XDP mode publishes it as it is, sockets mode as a
+/// [`SocketsStats`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WorkerReplicationStats {
-    /// Client-facing interface.
+    /// Client-facing interface (XDP mode).
     pub interface: String,
-    /// Queue served.
+    /// Queue served (XDP mode).
     pub queue: u32,
     /// Sessions open right now (gauge).
     pub sessions_active: u64,
@@ -185,31 +164,10 @@ pub struct WorkerReplicationStats {
     pub lingering_bytes_discarded: u64,
     /// Drops by reason.
     pub drops: DropStats,
-    /// Per link (engine), client-facing first.
+    /// Per link (engine), client-facing first (XDP mode).
     pub links: Vec<LinkStats>,
     /// Per service, in configuration order.
     pub services: Vec<ServiceStats>,
-}
-
-impl WorkerReplicationStats {
-    /// The snapshot of the worker serving `queue` of `interface`, from its driver's
-    /// counters and its links'.
-    pub fn new(interface: &str, queue: u32, d: DriverStats, links: Vec<LinkStats>) -> Self {
-        Self {
-            interface: interface.to_owned(),
-            queue,
-            sessions_active: d.sessions_active,
-            sessions_total: d.sessions_total,
-            sessions_refused: d.sessions_refused,
-            memory_reserved_bytes: d.memory_reserved_bytes,
-            memory_buffered_bytes: d.memory_buffered_bytes,
-            lingering_connections: d.lingering_connections,
-            lingering_bytes_discarded: d.lingering_bytes_discarded,
-            drops: d.drops,
-            links,
-            services: d.services,
-        }
-    }
 }
 
 /// Everything `ncp-middlebox stats` shows about replication in XDP mode: totals over the
