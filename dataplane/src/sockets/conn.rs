@@ -92,6 +92,9 @@ pub struct Conn {
     pub read_eof: bool,
     /// Our FIN was sent (`shutdown(Write)`).
     pub write_shut: bool,
+    /// Failed and reported to the driver as such; the slot stays taken until the driver
+    /// has seen that report, so no new connection can be mistaken for this one.
+    pub dead: bool,
 }
 
 impl Conn {
@@ -103,6 +106,7 @@ impl Conn {
             writable: false,
             read_eof: false,
             write_shut: false,
+            dead: false,
         }
     }
 }

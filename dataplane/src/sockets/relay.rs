@@ -125,6 +125,8 @@ pub struct Sockets {
     poll: Poll,
     listeners: Vec<Listener>,
     conns: Slab,
+    /// Slots of connections that failed in the last translation (see [`Conn::dead`]).
+    dead: Vec<usize>,
 }
 
 impl Sockets {
@@ -150,12 +152,19 @@ impl Sockets {
             poll,
             listeners: registered,
             conns: Slab::default(),
+            dead: Vec::new(),
         })
     }
 
     /// Turns readiness into driver events: remembers it per socket, finishes connects,
     /// reports errors, and accepts on listeners that are ready or due for a retry.
     fn translate(&mut self, readiness: &Events, now: Instant, out: &mut Vec<Event<usize>>) {
+        // The driver has handled the previous batch, which reported these failures.
+        for slot in std::mem::take(&mut self.dead) {
+            if self.conns.get(slot).is_some_and(|c| c.dead) {
+                drop(self.conns.remove(slot));
+            }
+        }
         for event in readiness {
             let token = event.token().0;
             if token >= LISTENER_TOKEN_BASE {
@@ -184,7 +193,7 @@ impl Sockets {
                         Ok(false) => c.writable = false,
                         Err(e) => {
                             tracing::debug!(slot = token, error = %e, "upstream connection failed");
-                            self.close(token);
+                            self.bury(token);
                             out.push(Event::Refused(token));
                             continue;
                         }
@@ -196,7 +205,7 @@ impl Sockets {
                 // Learn about a reset now even if the core's window keeps us from reading
                 // this side.
                 tracing::debug!(slot = token, error = %e, "connection lost");
-                self.close(token);
+                self.bury(token);
                 out.push(Event::Reset(token));
                 continue;
             }
@@ -284,14 +293,34 @@ impl Sockets {
         Some(slot)
     }
 
-    /// Takes a socket out of the loop; dropping it closes it.
+    /// Takes a socket out of the loop; dropping it closes it. A dead one is freed by the
+    /// next translation instead.
     fn close(&mut self, slot: usize) -> Option<TcpStream> {
-        let mut c = self.conns.remove(slot)?;
-        if let Err(e) = self.poll.registry().deregister(&mut c.stream) {
-            // Closing the descriptor removes it from the epoll set anyway.
-            tracing::debug!(slot, error = %e, "deregistering a socket");
+        if self.conns.get(slot).is_none_or(|c| c.dead) {
+            return None;
         }
+        let mut c = self.conns.remove(slot)?;
+        deregister(&self.poll, slot, &mut c.stream);
         Some(c.stream)
+    }
+
+    /// A connection failed and is reported as such in this batch: out of the loop at once,
+    /// its slot freed only in the next translation, after the driver has seen the report
+    /// (a connect in between must not get the same slot and with it the report).
+    fn bury(&mut self, slot: usize) {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return;
+        };
+        c.dead = true;
+        deregister(&self.poll, slot, &mut c.stream);
+        self.dead.push(slot);
+    }
+}
+
+fn deregister(poll: &Poll, slot: usize, stream: &mut TcpStream) {
+    if let Err(e) = poll.registry().deregister(stream) {
+        // Closing the descriptor removes it from the epoll set anyway.
+        tracing::debug!(slot, error = %e, "deregistering a socket");
     }
 }
 
@@ -314,7 +343,7 @@ impl Transport for Sockets {
         let Some(c) = self.conns.get_mut(slot) else {
             return Received::Nothing;
         };
-        if !c.connected || !c.readable || c.read_eof {
+        if !c.connected || !c.readable || c.read_eof || c.dead {
             return Received::Nothing;
         }
         loop {
@@ -339,7 +368,7 @@ impl Transport for Sockets {
         let Some(c) = self.conns.get_mut(slot) else {
             return Sent::Full;
         };
-        if !c.connected || !c.writable || c.write_shut {
+        if !c.connected || !c.writable || c.write_shut || c.dead {
             return Sent::Full;
         }
         loop {
@@ -360,8 +389,8 @@ impl Transport for Sockets {
     }
 
     fn shutdown_write(&mut self, slot: usize) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(slot) else {
-            return Ok(()); // gone already; its event said so
+        let Some(c) = self.conns.get_mut(slot).filter(|c| !c.dead) else {
+            return Ok(()); // gone already; its event says so
         };
         c.write_shut = true;
         c.stream.shutdown(Shutdown::Write)
@@ -387,7 +416,7 @@ impl Transport for Sockets {
             && self
                 .conns
                 .get(slot)
-                .is_some_and(|c| c.connected && !c.read_eof)
+                .is_some_and(|c| c.connected && !c.read_eof && !c.dead)
     }
 }
 
