@@ -72,7 +72,7 @@ pub struct WorkerSpec {
     pub core: Option<usize>,
     /// Idle behaviour.
     pub poll: PollMode,
-    /// Services, with `replica_link` naming an index into `1 + replica_links`.
+    /// Services, with `replica_route` naming an index into `1 + replica_links`.
     pub services: Vec<ServicePlan>,
     /// Session and memory caps of this worker.
     pub manager: ManagerConfig,
@@ -158,10 +158,13 @@ impl Worker {
         let sockets = match ready_rx.recv() {
             Ok(Ok(sockets)) => sockets,
             Ok(Err(e)) => {
+                // The thread has reported its failure and returns right after; a panic on
+                // the way out would add nothing to the error returned here.
                 let _ = handle.join();
                 return Err(anyhow::anyhow!("worker {name}: {e}"));
             }
             Err(_) => {
+                // The thread ended without a word; its join result says no more than that.
                 let _ = handle.join();
                 return Err(anyhow::anyhow!("worker {name} exited during start-up"));
             }
@@ -285,7 +288,7 @@ fn connection_bound(spec: &WorkerSpec, link: usize) -> usize {
         .services
         .iter()
         .map(|s| {
-            let replicas = if s.replica_link == link {
+            let replicas = if s.replica_route == link {
                 s.replicas.len()
             } else {
                 0
@@ -344,6 +347,8 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
                 opened.push(o);
             }
             Err(e) => {
+                // A closed channel means `Worker::start` gave up waiting: nobody is left
+                // to tell.
                 let _ = ready.send(Err(e));
                 return;
             }
@@ -420,6 +425,7 @@ fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: 
     let mut socket = match XskSocket::open(&spec.socket) {
         Ok(socket) => socket,
         Err(e) => {
+            // As in `run`: a closed channel means nobody is waiting for the answer.
             let _ = ready.send(Err(format!(
                 "{} queue {}: {e}",
                 spec.socket.interface, spec.socket.queue

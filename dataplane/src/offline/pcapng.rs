@@ -656,7 +656,7 @@ impl<R: Read> BlockReader<R> {
         };
         self.buf.clear();
         let got = self
-            .fill(8)
+            .buffer_at_least(8)
             .map_err(|e| err(FormatErrorKind::Io(e.to_string())))?;
         if got == 0 {
             return Ok(None);
@@ -675,7 +675,7 @@ impl<R: Read> BlockReader<R> {
         if is_shb {
             // The byte order of the length is only known after the magic that follows it.
             let got = self
-                .fill(12)
+                .buffer_at_least(12)
                 .map_err(|e| err(FormatErrorKind::Io(e.to_string())))?;
             if got < 12 {
                 return Err(err(FormatErrorKind::Truncated {
@@ -698,10 +698,10 @@ impl<R: Read> BlockReader<R> {
         if len > MAX_BLOCK_LEN {
             return Err(err(FormatErrorKind::TooLarge(len)));
         }
-        // Only now, with the length bounded, read the rest; `fill` grows the buffer as bytes
+        // Only now, with the length bounded, read the rest; `buffer_at_least` grows the buffer as bytes
         // arrive, so a truncated file never costs the announced length.
         let got = self
-            .fill(len as usize)
+            .buffer_at_least(len as usize)
             .map_err(|e| err(FormatErrorKind::Io(e.to_string())))?;
         if got < len as usize {
             return Err(err(FormatErrorKind::Truncated {
@@ -815,7 +815,7 @@ impl<R: Read> BlockReader<R> {
     }
 
     /// Reads until `buf` holds `want` bytes or the input ends; returns how many it holds.
-    fn fill(&mut self, want: usize) -> io::Result<usize> {
+    fn buffer_at_least(&mut self, want: usize) -> io::Result<usize> {
         while self.buf.len() < want {
             let have = self.buf.len();
             // Grow in steps so the allocation follows the bytes actually read.
