@@ -74,6 +74,10 @@ impl EngineDevice for crate::device::XskDevice {
     }
 }
 
+/// Keep-alive probes sent to an idle peer within one [`EngineConfig::timeout`]: three
+/// chances to answer (a probe or its answer can be lost) before the connection is given up.
+const KEEP_ALIVES_PER_TIMEOUT: u32 = 3;
+
 /// How to build an engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -94,7 +98,8 @@ pub struct EngineConfig {
     /// Frames taken in per poll before sending and reporting: small enough that the
     /// caller drains receive buffers before they fill, large enough to amortise a round.
     pub rx_budget: usize,
-    /// Abort a connection whose sent data or SYN stays unacknowledged this long.
+    /// Abort a connection whose peer has sent nothing for this long. An idle connection
+    /// is probed (keep-alive) at a third of it, so a live peer always answers in time.
     pub timeout: Option<Duration>,
     /// Disable Nagle's algorithm (the default): a relay forwards what it has at once.
     pub nodelay: bool,
@@ -487,6 +492,15 @@ impl<D: EngineDevice> Engine<D> {
         );
         socket.set_nagle_enabled(!self.config.nodelay);
         socket.set_timeout(self.config.timeout.map(SmolDuration::from));
+        // smoltcp's timeout counts from the last segment *received*, so on its own it
+        // would abort every session that is merely idle (a database client between
+        // queries) after `timeout`. Keep-alive probes a third of the way in make a live
+        // peer answer, so only a peer that stopped answering reaches the timeout.
+        socket.set_keep_alive(
+            self.config
+                .timeout
+                .map(|timeout| SmolDuration::from(timeout / KEEP_ALIVES_PER_TIMEOUT)),
+        );
         socket.set_congestion_control(self.config.congestion_control);
         // Timestamps from the wall clock keep growing across restarts of the data plane.
         // A server still holding one of our earlier connections in TIME-WAIT (it closed

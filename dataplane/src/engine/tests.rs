@@ -1020,3 +1020,65 @@ fn a_lossy_wire_delivers_every_byte_in_order_and_replays_exactly() {
     let again = transfer_over_a_lossy_wire(300_000, 10);
     assert_eq!((again.2, again.3), (dropped, took), "a second run differed");
 }
+
+/// smoltcp's timeout aborts a connection that has *received* nothing for that long, busy
+/// or not; an idle session (a database client between queries) must survive it. The
+/// engine keeps idle connections alive with probes that a live peer acknowledges, so only
+/// a silent peer runs into the timeout. The client here sends no probes of its own, as a
+/// Linux client with default settings does not.
+#[test]
+fn an_idle_connection_outlives_the_timeout_and_a_silent_peer_does_not() {
+    let mut quiet_client = client_config();
+    quiet_client.timeout = None;
+    let mut pair = Pair::with_configs(quiet_client, middlebox_config());
+    let conn = pair.client.connect(PRIMARY).unwrap();
+    let mut server = None;
+    pair.pump(|_, _, _, em| {
+        for e in em {
+            if let EngineEvent::Accepted { conn, .. } = *e {
+                server = Some(conn);
+            }
+        }
+        server.is_some()
+    });
+    let server = server.unwrap();
+    pair.drive();
+
+    // Ten idle minutes, five times the 60 s timeout.
+    let clock = pair.clock();
+    pair.pump(|_, _, ec, em| {
+        for e in ec.iter().chain(em) {
+            assert!(
+                !matches!(e, EngineEvent::Reset { .. } | EngineEvent::Closed { .. }),
+                "idle connection torn down after {:?}: {e:?}",
+                clock.elapsed()
+            );
+        }
+        clock.elapsed() >= Duration::from_secs(600)
+    });
+    assert_eq!(pair.client.send(conn, b"still here").unwrap(), 10);
+    let mut got = Vec::new();
+    pair.pump(|_, m, _, _| {
+        let mut buf = [0u8; 16];
+        while let Ok(n @ 1..) = m.recv(server, &mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got.len() == 10
+    });
+    assert_eq!(got, b"still here");
+
+    // A peer that vanishes (its frames no longer arrive) is given up within the timeout
+    // plus one probe interval.
+    let vanished_at = pair.clock().elapsed();
+    pair.lose(1);
+    let clock = pair.clock();
+    pair.pump(|_, _, _, em| {
+        em.contains(&EngineEvent::Reset { conn: server })
+            || em.contains(&EngineEvent::Closed { conn: server })
+    });
+    let given_up_after = clock.elapsed() - vanished_at;
+    assert!(
+        given_up_after <= Duration::from_secs(90),
+        "a vanished peer was kept for {given_up_after:?}"
+    );
+}
