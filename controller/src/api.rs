@@ -47,7 +47,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 
 use crate::service::Service;
-use crate::store::{HostSpec, MiddleboxSpec, ReplicationSpec, StoreError};
+use crate::store::{DesiredState, HostSpec, MiddleboxSpec, ReplicationSpec, StoreError};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -208,11 +208,25 @@ async fn delete_replication(
     Extension(Caller(who)): Extension<Caller>,
     Path(id): Path<u32>,
 ) -> Response {
-    let removed = st.svc.update(&who, |d| {
-        let before = d.replications.len();
-        d.replications.retain(|r| r.id != id);
-        let gone = before != d.replications.len();
-        (gone, gone.then(|| format!("delete replication {id}")))
+    let what = format!("delete replication {id}");
+    remove(&st, &who, what, |d| &mut d.replications, |r| r.id == id)
+}
+
+/// Removes the entries `doomed` picks from one list of the desired state, recording `what`
+/// if any went: 204 when something was removed, 404 when there was nothing to remove.
+fn remove<T>(
+    st: &AppState,
+    who: &str,
+    what: String,
+    list: impl FnOnce(&mut DesiredState) -> &mut Vec<T>,
+    doomed: impl Fn(&T) -> bool,
+) -> Response {
+    let removed = st.svc.update(who, |d| {
+        let list = list(d);
+        let before = list.len();
+        list.retain(|e| !doomed(e));
+        let gone = before != list.len();
+        (gone, gone.then_some(what))
     });
     match removed {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
@@ -254,17 +268,8 @@ async fn delete_host(
     Extension(Caller(who)): Extension<Caller>,
     Path(ip): Path<Ipv4Addr>,
 ) -> Response {
-    let removed = st.svc.update(&who, |d| {
-        let before = d.hosts.len();
-        d.hosts.retain(|h| h.ip != ip);
-        let gone = before != d.hosts.len();
-        (gone, gone.then(|| format!("unpin host {ip}")))
-    });
-    match removed {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => StatusCode::NOT_FOUND.into_response(),
-        Err(e) => bad_request(e),
-    }
+    let what = format!("unpin host {ip}");
+    remove(&st, &who, what, |d| &mut d.hosts, |h| h.ip == ip)
 }
 
 async fn list_middleboxes(State(st): State<AppState>) -> Response {
@@ -335,17 +340,8 @@ async fn delete_middlebox(
     Extension(Caller(who)): Extension<Caller>,
     Path(ip): Path<Ipv4Addr>,
 ) -> Response {
-    let removed = st.svc.update(&who, |d| {
-        let before = d.middleboxes.len();
-        d.middleboxes.retain(|m| m.ip != ip);
-        let gone = before != d.middleboxes.len();
-        (gone, gone.then(|| format!("unregister middlebox {ip}")))
-    });
-    match removed {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => StatusCode::NOT_FOUND.into_response(),
-        Err(e) => bad_request(e),
-    }
+    let what = format!("unregister middlebox {ip}");
+    remove(&st, &who, what, |d| &mut d.middleboxes, |m| m.ip == ip)
 }
 
 async fn topology(State(st): State<AppState>) -> Response {

@@ -282,17 +282,8 @@ mod tests {
 
     fn port_desc(no: u32, live: bool) -> PortDesc {
         PortDesc {
-            port_no: no,
-            hw_addr: MacAddr([2, 0, 0, 0, 0, 1]),
-            name: String::new(),
             config: if live { 0 } else { 1 },
-            state: 0,
-            curr: 0,
-            advertised: 0,
-            supported: 0,
-            peer: 0,
-            curr_speed: 0,
-            max_speed: 0,
+            ..PortDesc::new(no, MacAddr([2, 0, 0, 0, 0, 1]), String::new())
         }
     }
 

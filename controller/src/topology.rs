@@ -299,6 +299,15 @@ pub(crate) mod tests {
         }
     }
 
+    /// A hop through `dpid`, in at `in_port`, out at `out_port`.
+    fn hop(dpid: Dpid, in_port: u32, out_port: u32) -> Hop {
+        Hop {
+            dpid,
+            in_port,
+            out_port,
+        }
+    }
+
     /// Links (a, pa) <-> (b, pb).
     pub fn topo(switches: &[Dpid], links: &[(Dpid, u32, Dpid, u32)]) -> Topology {
         let mut t = Topology::new();
@@ -323,26 +332,7 @@ pub(crate) mod tests {
         let p = tree
             .route(PortRef::new(1, 10), PortRef::new(4, 10))
             .expect("reachable");
-        assert_eq!(
-            p,
-            vec![
-                Hop {
-                    dpid: 1,
-                    in_port: 10,
-                    out_port: 1
-                },
-                Hop {
-                    dpid: 2,
-                    in_port: 1,
-                    out_port: 2
-                },
-                Hop {
-                    dpid: 4,
-                    in_port: 1,
-                    out_port: 10
-                },
-            ]
-        );
+        assert_eq!(p, vec![hop(1, 10, 1), hop(2, 1, 2), hop(4, 1, 10)]);
         // Insertion order must not matter.
         let t2 = topo(
             &[4, 3, 2, 1],
@@ -363,37 +353,14 @@ pub(crate) mod tests {
         let up = tree
             .route_to_root(PortRef::new(1, 9), PortRef::new(3, 8))
             .expect("reachable");
-        assert_eq!(
-            up,
-            vec![
-                Hop {
-                    dpid: 1,
-                    in_port: 9,
-                    out_port: 1
-                },
-                Hop {
-                    dpid: 2,
-                    in_port: 1,
-                    out_port: 2
-                },
-                Hop {
-                    dpid: 3,
-                    in_port: 1,
-                    out_port: 8
-                },
-            ]
-        );
+        assert_eq!(up, vec![hop(1, 9, 1), hop(2, 1, 2), hop(3, 1, 8)]);
         let down = tree
             .route(PortRef::new(3, 8), PortRef::new(1, 9))
             .expect("reachable");
         let back: Vec<Hop> = down
             .iter()
             .rev()
-            .map(|h| Hop {
-                dpid: h.dpid,
-                in_port: h.out_port,
-                out_port: h.in_port,
-            })
+            .map(|h| hop(h.dpid, h.out_port, h.in_port))
             .collect();
         assert_eq!(back, up);
     }
@@ -404,11 +371,7 @@ pub(crate) mod tests {
         let tree = t.shortest_path_tree(7).expect("root");
         assert_eq!(
             tree.route(PortRef::new(7, 1), PortRef::new(7, 2)),
-            Some(vec![Hop {
-                dpid: 7,
-                in_port: 1,
-                out_port: 2
-            }])
+            Some(vec![hop(7, 1, 2)])
         );
     }
 

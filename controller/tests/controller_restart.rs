@@ -119,7 +119,7 @@ async fn restart_sends_no_flow_mods_and_leaves_no_duplicates() {
     })
     .await;
 
-    let r1 = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
+    let r1 = common::h11_to_h21_via_h31(&bed);
     let r2 = spec(
         2,
         &ip("h12"),
@@ -128,14 +128,7 @@ async fn restart_sends_no_flow_mods_and_leaves_no_duplicates() {
         ModeSpec::Vlan { vid: 41 },
     );
     for (who, r) in [(&alice, r1), (&bob, r2)] {
-        let resp = call(
-            who,
-            "POST",
-            "/v1/replications",
-            Some(serde_json::to_string(&r).expect("json")),
-        )
-        .await;
-        assert_eq!(resp.status, 201, "{}", resp.body);
+        common::add_replication(who, &r).await;
     }
     for id in [1, 2] {
         common::wait_installed(&alice, id, true, Duration::from_secs(20)).await;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Down, call, config, get_json, ncp_rules, sh, spec, start_with, temp_state};
+use common::{config, get_json, ncp_rules, sh, spec, temp_state, tree_scene};
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, cookie};
 use ncp_controller::store::ModeSpec;
 
@@ -22,9 +22,7 @@ async fn silent_middlebox_is_bypassed_and_restored() {
     let cfg = config(state.clone());
     let health = cfg.health.expect("health checks on by default");
     assert!(health.interval * (health.failures + 1) < Duration::from_secs(3));
-    let (svc, api) = start_with(cfg).await;
-    let _down = Down(PREFIX);
-    let bed = common::tree_up(PREFIX, svc.controller().local_addr().port());
+    let (svc, api, bed, _down) = tree_scene(PREFIX, cfg).await;
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
 
@@ -55,14 +53,7 @@ async fn silent_middlebox_is_bypassed_and_restored() {
     .await;
 
     let r = spec(1, &ip("h11"), &primary, &ip("h31"), ModeSpec::Rewrite);
-    let resp = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(serde_json::to_string(&r).expect("json")),
-    )
-    .await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    common::add_replication(&api, &r).await;
     common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
     let redirect_on = |rules: Vec<ncp_controller::rules::FlowRule>| {

@@ -5,10 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Down, call, config, get_json, spec, start_with, temp_state, tree_up, wait_for};
+use common::{config, get_json, temp_state, tree_scene, wait_for};
 use ncp_controller::openflow::MacAddr;
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, parse_cookie};
-use ncp_controller::store::ModeSpec;
 use serde_json::Value;
 
 const PREFIX: &str = "nc4a";
@@ -27,9 +26,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
         return;
     }
     let state = temp_state("learning");
-    let (svc, api) = start_with(config(state.clone())).await;
-    let _down = Down(PREFIX);
-    let bed = tree_up(PREFIX, svc.controller().local_addr().port());
+    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
     common::wait_links(&api, Duration::from_secs(20)).await;
 
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
@@ -66,15 +63,8 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     }
     assert!(topo["hosts"].as_array().is_some_and(Vec::is_empty));
 
-    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
-    let resp = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(serde_json::to_string(&r).expect("json")),
-    )
-    .await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    let r = common::h11_to_h21_via_h31(&bed);
+    common::add_replication(&api, &r).await;
     let status = common::wait_installed(&api, 1, true, Duration::from_secs(15)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
     let agg2 = bed.dpid("agg2").expect("dpid");

@@ -245,9 +245,7 @@ async fn replications_through_the_api_configure_the_middlebox() {
     assert_eq!(names, ["r3", "r7"], "{line}");
     assert_eq!(sent["services"][0]["replicas"], json!([]), "{line}");
     assert_eq!(
-        call(&api, "DELETE", "/v1/replications/7", None)
-            .await
-            .status,
+        common::status(&api, "DELETE", "/v1/replications/7").await,
         204
     );
     let (line, seen) = fake
@@ -258,9 +256,7 @@ async fn replications_through_the_api_configure_the_middlebox() {
         "{line}"
     );
     assert_eq!(
-        call(&api, "DELETE", "/v1/replications/3", None)
-            .await
-            .status,
+        common::status(&api, "DELETE", "/v1/replications/3").await,
         204
     );
     let (line, seen) = fake
@@ -296,14 +292,12 @@ async fn replications_through_the_api_configure_the_middlebox() {
 
     // Unregistering stops the pushes.
     let del = format!("/v1/middleboxes/{MB}");
-    assert_eq!(call(&api, "DELETE", &del, None).await.status, 204);
-    assert_eq!(call(&api, "DELETE", &del, None).await.status, 404);
+    assert_eq!(common::status(&api, "DELETE", &del).await, 204);
+    assert_eq!(common::status(&api, "DELETE", &del).await, 404);
     assert_eq!(get_json(&api, "/v1/middleboxes").await, json!([]));
     let anonymous = Client::new(api.addr, "");
     assert_eq!(
-        call(&anonymous, "GET", "/v1/middleboxes", None)
-            .await
-            .status,
+        common::status(&anonymous, "GET", "/v1/middleboxes").await,
         401
     );
     assert_eq!(

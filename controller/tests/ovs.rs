@@ -10,10 +10,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Cleanup, PREFIX, TREE};
+use common::{Down, PREFIX, sh};
 use ncp_controller::installer;
 use ncp_controller::openflow::{FlowStatsRequest, Ipv4Prefix, MacAddr, Match, Message};
 use ncp_controller::planner::{Mode, Replication, plan};
@@ -21,7 +20,7 @@ use ncp_controller::reconcile::diff;
 use ncp_controller::rules::{COOKIE_MAGIC_MASK, FlowRule, RuleKind, cookie};
 use ncp_controller::switch::{Controller, ServerConfig, SwitchEvent};
 use ncp_controller::topology::{Dpid, Host, PortRef, Topology};
-use ncp_testbed::{Testbed, UpOptions};
+use ncp_testbed::Testbed;
 use tokio::time::timeout;
 
 /// The controller's view of the test bed (what LLDP discovery will learn later).
@@ -66,19 +65,6 @@ async fn ncp_rules(ctl: &Controller, dpid: Dpid) -> Vec<FlowRule> {
     all.iter().map(|s| FlowRule::from_stats(dpid, s)).collect()
 }
 
-fn sh(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .expect("run command");
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_installs_and_reads_back_identically_on_ovs() {
     if !ncp_testbed::ready_or_skip("controller ovs", &["ovs-ofctl", "ovs-appctl"]) {
@@ -90,17 +76,11 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
         ..ServerConfig::default()
     };
     let (ctl, mut events) = Controller::start(cfg).await.expect("listen");
-    let _ = Testbed::down(PREFIX);
-    let _cleanup = Cleanup;
-    let tb_topo = ncp_testbed::Topology::load(TREE).expect("tree topology");
-    let options = UpOptions {
-        prefix: PREFIX.to_string(),
-        controller_port: Some(ctl.local_addr().port()),
-    };
-    let bed = tokio::task::block_in_place(|| Testbed::up(&tb_topo, &options)).expect("test bed up");
+    let _down = Down(PREFIX);
+    let bed = common::tree_up(PREFIX, ctl.local_addr().port());
 
     // Every bridge connects and finishes the handshake with its configured dpid.
-    let want: BTreeSet<Dpid> = tb_topo.switches.iter().map(|s| s.dpid).collect();
+    let want: BTreeSet<Dpid> = bed.topology().switches.iter().map(|s| s.dpid).collect();
     let mut seen = BTreeSet::new();
     while seen != want {
         match timeout(Duration::from_secs(30), events.recv()).await {
@@ -180,14 +160,10 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
 
     // A stale NCP rule is found and removed; a foreign rule with no NCP cookie survives.
     let br = bed.bridge("agg1").expect("bridge");
-    sh(&[
-        "ovs-ofctl",
-        "-O",
-        "OpenFlow13",
-        "add-flow",
+    common::add_flow(
         &br,
         "cookie=0x1234,priority=5,ip,nw_dst=198.18.3.99,actions=drop",
-    ]);
+    );
     let stale = FlowRule {
         dpid: agg1,
         table_id: 0,

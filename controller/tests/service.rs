@@ -4,108 +4,44 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, PREFIX, TREE};
-use ncp_controller::client::{Client, Response};
-use ncp_controller::openflow::{FlowStatsRequest, MacAddr};
+use common::{PREFIX, call, config, spec, start_with, temp_state, to_json, tree_scene};
+use ncp_controller::client::Client;
+use ncp_controller::openflow::FlowStatsRequest;
 use ncp_controller::rules::{RuleKind, parse_cookie};
-use ncp_controller::service::{Service, ServiceConfig};
-use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
-use ncp_controller::switch::ServerConfig;
-use ncp_testbed::{Testbed, UpOptions};
+use ncp_controller::store::{HostSpec, ModeSpec};
 use serde_json::Value;
-
-const TOKEN: &str = "test-token-ncpc";
-
-fn config(state_file: PathBuf) -> ServiceConfig {
-    ServiceConfig {
-        server: ServerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..ServerConfig::default()
-        },
-        state_file,
-        probe_interval: Duration::from_millis(500),
-        link_ttl: Duration::from_secs(3),
-        reconcile_interval: Duration::from_secs(2),
-        ..ServiceConfig::default()
-    }
-}
-
-/// Starts the service and its API on ephemeral loopback ports.
-async fn start(state_file: PathBuf) -> (Service, Client) {
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let svc = Service::start(config(state_file)).await.expect("service");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind api");
-    let addr = listener.local_addr().expect("addr");
-    let app = ncp_controller::api::router(svc.clone(), TOKEN);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (svc, Client::new(addr, TOKEN))
-}
-
-async fn call(c: &Client, method: &'static str, path: &str, body: Option<String>) -> Response {
-    let c = c.clone();
-    let path = path.to_string();
-    tokio::task::spawn_blocking(move || c.request(method, &path, body.as_deref()))
-        .await
-        .expect("join")
-        .expect("http")
-}
-
-fn temp_state(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ncpc-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir.join("state.json")
-}
-
-fn spec(id: u32, source: &str, primary: &str, middlebox: &str, mode: ModeSpec) -> ReplicationSpec {
-    ReplicationSpec {
-        id,
-        source: source.to_string(),
-        source_port: None,
-        primary: primary.parse().expect("ip"),
-        primary_port: 80,
-        middlebox: middlebox.parse().expect("ip"),
-        replicas: vec![],
-        mode,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_needs_token_and_state_survives_restart() {
     let state = temp_state("api");
-    let (_svc, api) = start(state.clone()).await;
-    assert_eq!(call(&api, "GET", "/v1/health", None).await.status, 200);
+    let (_svc, api) = start_with(config(state.clone())).await;
+    assert_eq!(common::status(&api, "GET", "/v1/health").await, 200);
     let anonymous = Client::new(api.addr, "");
     let wrong = Client::new(api.addr, "nope");
     for c in [&anonymous, &wrong] {
-        assert_eq!(call(c, "GET", "/v1/replications", None).await.status, 401);
-        let body = serde_json::to_string(&spec(
+        assert_eq!(common::status(c, "GET", "/v1/replications").await, 401);
+        let body = to_json(&spec(
             1,
             "198.18.3.11",
             "198.18.3.21",
             "198.18.3.31",
             ModeSpec::Rewrite,
-        ))
-        .expect("json");
+        ));
         assert_eq!(
             call(c, "POST", "/v1/replications", Some(body)).await.status,
             401
         );
     }
 
-    let r1 = serde_json::to_string(&spec(
+    let r1 = to_json(&spec(
         1,
         "198.18.3.0/24",
         "198.18.3.21",
         "198.18.3.31",
         ModeSpec::Vlan { vid: 31 },
-    ))
-    .expect("json");
+    ));
     assert_eq!(
         call(&api, "POST", "/v1/replications", Some(r1.clone()))
             .await
@@ -118,14 +54,13 @@ async fn api_needs_token_and_state_survives_restart() {
             .status,
         409
     );
-    let bad = serde_json::to_string(&spec(
+    let bad = to_json(&spec(
         2,
         "198.18.3.0/40",
         "198.18.3.21",
         "198.18.3.31",
         ModeSpec::Rewrite,
-    ))
-    .expect("json");
+    ));
     assert_eq!(
         call(&api, "POST", "/v1/replications", Some(bad))
             .await
@@ -138,12 +73,10 @@ async fn api_needs_token_and_state_survives_restart() {
         dpid: 0x33,
         port: 1,
     };
-    let body = serde_json::to_string(&host).expect("json");
+    let body = to_json(&host);
     assert_eq!(call(&api, "PUT", "/v1/hosts", Some(body)).await.status, 204);
     assert_eq!(
-        call(&api, "DELETE", "/v1/replications/9", None)
-            .await
-            .status,
+        common::status(&api, "DELETE", "/v1/replications/9").await,
         404
     );
 
@@ -154,38 +87,11 @@ async fn api_needs_token_and_state_survives_restart() {
     assert_eq!(list[0]["mode"]["kind"], "vlan");
 
     // A second controller on the same state file sees the same desired state.
-    let (svc2, _api2) = start(state.clone()).await;
+    let (svc2, _api2) = start_with(config(state.clone())).await;
     let d = svc2.desired();
     assert_eq!(d.replications.len(), 1);
     assert_eq!(d.hosts, vec![host]);
     let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
-}
-
-/// Polls the API until replication `id` reports `installed == want`.
-async fn wait_installed(api: &Client, id: u32, want: bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let list: Value =
-            serde_json::from_str(&call(api, "GET", "/v1/replications", None).await.body)
-                .expect("json");
-        let entry = list
-            .as_array()
-            .and_then(|a| a.iter().find(|r| r["id"] == id))
-            .cloned();
-        if entry
-            .as_ref()
-            .map(|e| e["installed"] == want)
-            .unwrap_or(!want)
-        {
-            return entry.unwrap_or(Value::Null);
-        }
-        let topo = call(api, "GET", "/v1/topology", None).await.body;
-        assert!(
-            Instant::now() < deadline,
-            "replication {id} not installed={want}: {entry:?}\ntopology {topo}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,52 +100,15 @@ async fn end_to_end_on_ovs_through_the_api() {
         return;
     }
     let state = temp_state("e2e");
-    let (svc, api) = start(state.clone()).await;
-    let _ = Testbed::down(PREFIX);
-    let _cleanup = Cleanup;
-    let tb = ncp_testbed::Topology::load(TREE).expect("tree topology");
-    let options = UpOptions {
-        prefix: PREFIX.to_string(),
-        controller_port: Some(svc.controller().local_addr().port()),
-    };
-    let bed = tokio::task::block_in_place(|| Testbed::up(&tb, &options)).expect("test bed up");
-
-    // Pin every host where the test bed attached it.
-    for h in &tb.hosts {
-        for i in &h.interfaces {
-            let port = bed
-                .ofport(&i.switch, &format!("{}:{}", h.name, i.name))
-                .expect("port");
-            let spec = HostSpec {
-                ip: i.address,
-                mac: MacAddr(i.mac.0).to_string(),
-                dpid: bed.dpid(&i.switch).expect("dpid"),
-                port: u32::from(port),
-            };
-            let r = call(
-                &api,
-                "PUT",
-                "/v1/hosts",
-                Some(serde_json::to_string(&spec).expect("json")),
-            )
-            .await;
-            assert_eq!(r.status, 204, "{}", r.body);
-        }
-    }
+    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
+    common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
-    let resp = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(serde_json::to_string(&r).expect("json")),
-    )
-    .await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    let r = common::h11_to_h21_via_h31(&bed);
+    common::add_replication(&api, &r).await;
 
     // LLDP finds all six links, the plan places the redirect on agg1, and the rules are
     // confirmed by barrier replies.
-    let status = wait_installed(&api, 1, true).await;
+    let status = common::wait_installed(&api, 1, true, Duration::from_secs(40)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
     assert_eq!(status["redirection_switch"], agg1);
     let topo: Value =
@@ -279,9 +148,7 @@ async fn end_to_end_on_ovs_through_the_api() {
 
     // Removing the replication removes its rules everywhere.
     assert_eq!(
-        call(&api, "DELETE", "/v1/replications/1", None)
-            .await
-            .status,
+        common::status(&api, "DELETE", "/v1/replications/1").await,
         204
     );
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -314,7 +181,7 @@ async fn end_to_end_on_ovs_through_the_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_bodies_get_clear_errors_and_change_nothing() {
     let state = temp_state("bodies");
-    let (svc, api) = start(state.clone()).await;
+    let (svc, api) = start_with(config(state.clone())).await;
     let good = r#"{"id":1,"source":"198.18.3.11","primary":"198.18.3.21","primary_port":80,"middlebox":"198.18.3.31"}"#;
     // (body, status, text the answer must contain)
     let cases: Vec<(String, u16, &str)> = vec![
@@ -379,7 +246,7 @@ async fn malformed_bodies_get_clear_errors_and_change_nothing() {
     // Nothing changed, nothing was logged as a change, and the API still serves.
     assert_eq!(svc.desired(), Default::default());
     assert!(svc.audit().is_empty(), "{:?}", svc.audit());
-    assert_eq!(call(&api, "GET", "/v1/health", None).await.status, 200);
+    assert_eq!(common::status(&api, "GET", "/v1/health").await, 200);
 
     // A good body is taken and logged with the caller's name; a wrong token changes
     // nothing, deleting included.
@@ -391,9 +258,7 @@ async fn malformed_bodies_get_clear_errors_and_change_nothing() {
     );
     let wrong = Client::new(api.addr, "not-the-token");
     assert_eq!(
-        call(&wrong, "DELETE", "/v1/replications/1", None)
-            .await
-            .status,
+        common::status(&wrong, "DELETE", "/v1/replications/1").await,
         401
     );
     assert_eq!(svc.desired().replications.len(), 1);

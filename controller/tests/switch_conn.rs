@@ -31,19 +31,7 @@ fn fast_config() -> ServerConfig {
 }
 
 fn port(no: u32) -> PortDesc {
-    PortDesc {
-        port_no: no,
-        hw_addr: MacAddr([2, 0, 0, 0, 0, no as u8]),
-        name: format!("p{no}"),
-        config: 0,
-        state: 0,
-        curr: 0,
-        advertised: 0,
-        supported: 0,
-        peer: 0,
-        curr_speed: 0,
-        max_speed: 0,
-    }
+    PortDesc::new(no, MacAddr([2, 0, 0, 0, 0, no as u8]), format!("p{no}"))
 }
 
 /// A minimal switch: answers the handshake, echo, barrier and port-desc (in two parts).
@@ -111,6 +99,14 @@ async fn next_event(rx: &mut mpsc::Receiver<SwitchEvent>) -> SwitchEvent {
         .expect("channel open")
 }
 
+/// The next event must be the connection of `dpid`.
+async fn expect_connected(rx: &mut mpsc::Receiver<SwitchEvent>, dpid: u64) {
+    match next_event(rx).await {
+        SwitchEvent::Connected { dpid: d, .. } => assert_eq!(d, dpid),
+        e => panic!("expected {dpid:#x} to connect, got {e:?}"),
+    }
+}
+
 async fn start() -> (Controller, mpsc::Receiver<SwitchEvent>) {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     Controller::start(fast_config())
@@ -149,15 +145,9 @@ async fn handshake_barrier_and_multipart() {
 async fn new_connection_replaces_stale_one() {
     let (ctl, mut events) = start().await;
     let first = fake_switch(ctl.local_addr(), 7, false);
-    assert!(matches!(
-        next_event(&mut events).await,
-        SwitchEvent::Connected { dpid: 7, .. }
-    ));
+    expect_connected(&mut events, 7).await;
     let _second = fake_switch(ctl.local_addr(), 7, false);
-    assert!(matches!(
-        next_event(&mut events).await,
-        SwitchEvent::Connected { dpid: 7, .. }
-    ));
+    expect_connected(&mut events, 7).await;
     // The controller closes the first connection, so the first fake switch ends.
     timeout(Duration::from_secs(3), first)
         .await
@@ -179,10 +169,7 @@ async fn new_connection_replaces_stale_one() {
 async fn silent_switch_is_declared_dead() {
     let (ctl, mut events) = start().await;
     let _sw = fake_switch(ctl.local_addr(), 5, true);
-    assert!(matches!(
-        next_event(&mut events).await,
-        SwitchEvent::Connected { dpid: 5, .. }
-    ));
+    expect_connected(&mut events, 5).await;
     match next_event(&mut events).await {
         SwitchEvent::Disconnected { dpid, reason } => {
             assert_eq!(dpid, 5);
@@ -220,10 +207,7 @@ async fn hostile_peers_are_dropped_and_harm_nobody() {
     let (ctl, mut events) = Controller::start(cfg).await.expect("bind loopback");
     let addr = ctl.local_addr();
     let _good = fake_switch(addr, 1, false);
-    assert!(matches!(
-        next_event(&mut events).await,
-        SwitchEvent::Connected { dpid: 1, .. }
-    ));
+    expect_connected(&mut events, 1).await;
 
     let hello = encode(&Message::Hello { versions: vec![4] }, 1);
     // Garbage: the header's length field says 0x0101... bytes below 8 or absurd.

@@ -8,57 +8,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Down, call, config, dump_flows, ncp_rules, sh, spec, start_with, temp_state};
+use common::{call, config, dump_flows, ncp_rules, sh, temp_state, tree_scene};
 use ncp_controller::rules::{PRIORITY_REDIRECT, PRIORITY_ROUTE, RuleKind, cookie};
-use ncp_controller::store::ModeSpec;
 
 const PREFIX: &str = "nc4b";
-
-/// Deletes a bridge and creates it again the way the test bed does: same datapath id,
-/// same ports with the same OpenFlow port numbers, same controller.
-fn recreate_bridge(br: &str, controller_port: u16) {
-    let dpid = sh(&["ovs-vsctl", "get", "bridge", br, "other-config:datapath-id"]);
-    let dpid = dpid.trim().trim_matches('"').to_string();
-    let ports: Vec<(String, String)> = sh(&["ovs-vsctl", "list-ports", br])
-        .lines()
-        .map(|p| {
-            let ofport = sh(&["ovs-vsctl", "get", "interface", p, "ofport"]);
-            (p.to_string(), ofport.trim().to_string())
-        })
-        .collect();
-    assert!(!ports.is_empty());
-    sh(&["ovs-vsctl", "del-br", br]);
-    let dpid_arg = format!("other-config:datapath-id={dpid}");
-    let target = format!("tcp:127.0.0.1:{controller_port}");
-    let requests: Vec<String> = ports
-        .iter()
-        .map(|(_, n)| format!("ofport_request={n}"))
-        .collect();
-    let mut argv: Vec<&str> = vec![
-        "ovs-vsctl",
-        "--timeout=60",
-        "--",
-        "add-br",
-        br,
-        "--",
-        "set",
-        "bridge",
-        br,
-        "datapath_type=netdev",
-        "protocols=OpenFlow13",
-        &dpid_arg,
-        "other-config:disable-in-band=true",
-        "fail_mode=secure",
-        "--",
-        "set-controller",
-        br,
-        &target,
-    ];
-    for ((p, _), req) in ports.iter().zip(&requests) {
-        argv.extend(["--", "add-port", br, p, "--", "set", "interface", p, req]);
-    }
-    sh(&argv);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_come_back_and_foreign_rules_stay() {
@@ -66,21 +19,11 @@ async fn rules_come_back_and_foreign_rules_stay() {
         return;
     }
     let state = temp_state("restart-switch");
-    let (svc, api) = start_with(config(state.clone())).await;
-    let of_port = svc.controller().local_addr().port();
-    let _down = Down(PREFIX);
-    let bed = common::tree_up(PREFIX, of_port);
+    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
     common::pin_all(&api, &bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    let r = spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite);
-    let resp = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(serde_json::to_string(&r).expect("json")),
-    )
-    .await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    let r = common::h11_to_h21_via_h31(&bed);
+    common::add_replication(&api, &r).await;
     common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
 
     let agg1 = bed.dpid("agg1").expect("dpid");
@@ -89,14 +32,10 @@ async fn rules_come_back_and_foreign_rules_stay() {
     let br_core = bed.bridge("core").expect("bridge");
 
     // A foreign rule on core, next to NCP's.
-    sh(&[
-        "ovs-ofctl",
-        "-O",
-        "OpenFlow13",
-        "add-flow",
+    common::add_flow(
         &br_core,
         "cookie=0x1234,priority=5,ip,nw_dst=198.18.3.99,actions=drop",
-    ]);
+    );
     let foreign = |br: &str| {
         dump_flows(br)
             .into_iter()
@@ -135,7 +74,7 @@ async fn rules_come_back_and_foreign_rules_stay() {
     // 2. The bridge is deleted and re-created: all its NCP rules are back within 5 s.
     let want: BTreeSet<String> = before;
     let t0 = Instant::now();
-    recreate_bridge(&br_agg1, of_port);
+    bed.recreate_bridge("agg1").expect("re-create agg1");
     let recreated = t0.elapsed();
     let (_, took) = common::wait_for(
         Duration::from_secs(5),
@@ -164,14 +103,7 @@ async fn rules_come_back_and_foreign_rules_stay() {
         ip("h11"),
         ip("h21")
     );
-    sh(&[
-        "ovs-ofctl",
-        "-O",
-        "OpenFlow13",
-        "add-flow",
-        &br_core,
-        &spec_line,
-    ]);
+    common::add_flow(&br_core, &spec_line);
     let summary: serde_json::Value =
         serde_json::from_str(&call(&api, "POST", "/v1/reconcile", None).await.body).expect("json");
     assert_eq!(summary["conflicts"], 1, "{summary}");

@@ -24,6 +24,10 @@ use std::{
     os::fd::BorrowedFd,
 };
 
+use ncp_common::wire::{
+    ETH_HEADER_LEN, ETHERTYPE_IPV4, EthernetHeader, Ipv4Header, VLAN_TAG_LEN, VlanTag, WireError,
+    checksum,
+};
 use smoltcp::{
     phy::{self, DeviceCapabilities, Medium},
     time::Instant,
@@ -38,15 +42,8 @@ use crate::{
 /// An Ethernet (MAC) address.
 pub type MacAddr = [u8; 6];
 
-/// Ethernet header without a VLAN tag.
-pub const ETH_HEADER: usize = 14;
-/// Bytes one 802.1Q/802.1ad tag adds.
-pub const VLAN_TAG: usize = 4;
 /// Room kept in front of every transmitted IP packet for the largest header we emit.
-const TX_HEADROOM: usize = ETH_HEADER + VLAN_TAG;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const ETHERTYPE_QINQ: u16 = 0x88a8;
+const TX_HEADROOM: usize = ETH_HEADER_LEN + VLAN_TAG_LEN;
 /// Default bound of the neighbour table.
 pub const DEFAULT_NEIGHBOURS: usize = 4096;
 /// Non-IPv4 frames skipped in one `receive` call before it yields, so a flood of them
@@ -84,8 +81,9 @@ impl DeviceConfig {
 pub struct Neighbour {
     /// The next hop's MAC.
     pub mac: MacAddr,
-    /// The VLAN tag (TCI) the peer's frames arrived with, repeated on frames to it.
-    pub vlan: Option<u16>,
+    /// The VLAN tag the peer's frames arrived with (type and TCI), repeated on frames
+    /// to it.
+    pub vlan: Option<VlanTag>,
 }
 
 /// IPv4 address → MAC, bounded. When full, the entry learned first is evicted (FIFO):
@@ -151,8 +149,8 @@ pub struct RxL2 {
     pub ip_offset: usize,
     /// The sender's MAC.
     pub src_mac: MacAddr,
-    /// The VLAN tag (TCI), when the frame had one.
-    pub vlan: Option<u16>,
+    /// The VLAN tag, when the frame had one.
+    pub vlan: Option<VlanTag>,
     /// The IPv4 source address.
     pub src_ip: Ipv4Addr,
     /// Whether the IPv4 header checksum is right (only such frames teach the table).
@@ -162,62 +160,44 @@ pub struct RxL2 {
 /// Why a received frame was not handed to smoltcp.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RxDrop {
-    /// Shorter than its headers.
+    /// Shorter than its headers (or than its IPv4 total length).
     Truncated,
-    /// Not IPv4 (after at most one VLAN tag).
+    /// Not IPv4 (after at most one VLAN tag), or an IPv4 EtherType over another version.
     NotIpv4,
+    /// IPv4 that breaks the rules of [`ncp_common::wire`] (header or total length, a
+    /// fragment), which the XDP program never steers either.
+    Malformed(WireError),
 }
 
-fn be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+impl From<WireError> for RxDrop {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Truncated => RxDrop::Truncated,
+            WireError::BadVersion => RxDrop::NotIpv4,
+            other => RxDrop::Malformed(other),
+        }
+    }
 }
 
-/// Parses the Ethernet header, one optional VLAN tag and the fixed IPv4 header fields
-/// this layer needs. Never panics, whatever the bytes.
+/// Parses the Ethernet header, one optional VLAN tag and the IPv4 header with the one
+/// parser ([`ncp_common::wire`]). Never panics, whatever the bytes.
 pub fn parse_rx(frame: &[u8]) -> Result<RxL2, RxDrop> {
-    let mut ethertype = be16(frame, 12).ok_or(RxDrop::Truncated)?;
-    let mut offset = ETH_HEADER;
-    let mut vlan = None;
-    if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
-        vlan = Some(be16(frame, 14).ok_or(RxDrop::Truncated)?);
-        ethertype = be16(frame, 16).ok_or(RxDrop::Truncated)?;
-        offset += VLAN_TAG;
-    }
-    if ethertype != ETHERTYPE_IPV4 {
+    let eth = EthernetHeader::parse(frame)?;
+    if eth.ethertype != ETHERTYPE_IPV4 {
         return Err(RxDrop::NotIpv4);
     }
-    let ip = frame.get(offset..).ok_or(RxDrop::Truncated)?;
-    let first = *ip.first().ok_or(RxDrop::Truncated)?;
-    if first >> 4 != 4 {
-        return Err(RxDrop::NotIpv4);
-    }
-    let header_len = usize::from(first & 0x0f) * 4;
-    if header_len < 20 || ip.len() < header_len {
-        return Err(RxDrop::Truncated);
-    }
-    let mut src_mac = [0u8; 6];
-    src_mac.copy_from_slice(&frame[6..12]);
-    let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let ip_offset = eth.header_len();
+    let ip = Ipv4Header::parse(frame, ip_offset)?;
+    let header = frame
+        .get(ip_offset..ip_offset + ip.header_len)
+        .ok_or(RxDrop::Truncated)?;
     Ok(RxL2 {
-        ip_offset: offset,
-        src_mac,
-        vlan,
-        src_ip,
-        header_ok: ipv4_header_checksum_ok(&ip[..header_len]),
+        ip_offset,
+        src_mac: eth.src,
+        vlan: eth.vlan,
+        src_ip: ip.src,
+        header_ok: checksum(header, 0) == 0,
     })
-}
-
-/// Whether the one's-complement sum over an IPv4 header (checksum field included) is
-/// all ones.
-fn ipv4_header_checksum_ok(header: &[u8]) -> bool {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
 }
 
 /// Whether a learned (IP, MAC) pair is a plausible unicast neighbour.
@@ -236,32 +216,22 @@ pub fn write_eth_header(
     end: usize,
     dst: MacAddr,
     src: MacAddr,
-    vlan: Option<u16>,
+    vlan: Option<VlanTag>,
 ) -> Option<usize> {
-    let len = ETH_HEADER + if vlan.is_some() { VLAN_TAG } else { 0 };
-    let start = end.checked_sub(len)?;
-    let header = buf.get_mut(start..end)?;
-    header[0..6].copy_from_slice(&dst);
-    header[6..12].copy_from_slice(&src);
-    match vlan {
-        Some(tci) => {
-            header[12..14].copy_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
-            header[14..16].copy_from_slice(&tci.to_be_bytes());
-            header[16..18].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        }
-        None => header[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes()),
-    }
+    let header = EthernetHeader {
+        dst,
+        src,
+        vlan,
+        ethertype: ETHERTYPE_IPV4,
+    };
+    let start = end.checked_sub(header.header_len())?;
+    header.emit(buf.get_mut(start..end)?)?;
     Some(start)
 }
 
-/// The IPv4 destination of an outgoing packet, when the bytes are an IPv4 header.
+/// The IPv4 destination of an outgoing packet, when the bytes are an IPv4 packet.
 fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
-    let first = *packet.first()?;
-    if first >> 4 != 4 {
-        return None;
-    }
-    let d = packet.get(16..20)?;
-    Some(Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+    Ipv4Header::parse(packet, 0).ok().map(|ip| ip.dst)
 }
 
 /// Counters of the link layer.
@@ -273,6 +243,8 @@ pub struct DeviceCounters {
     pub rx_not_ipv4: u64,
     /// Frames dropped because they were shorter than their headers.
     pub rx_truncated: u64,
+    /// IPv4 frames dropped as malformed (bad lengths, fragments).
+    pub rx_malformed: u64,
     /// Neighbour entries created (from frames or seeded).
     pub learned: u64,
     /// Frames handed to the TX ring.
@@ -330,6 +302,7 @@ impl LinkLayer {
                 match e {
                     RxDrop::Truncated => self.counters.rx_truncated += 1,
                     RxDrop::NotIpv4 => self.counters.rx_not_ipv4 += 1,
+                    RxDrop::Malformed(_) => self.counters.rx_malformed += 1,
                 }
                 Err(e)
             }
@@ -665,6 +638,7 @@ impl phy::Device for XskDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ncp_common::wire::Tpid;
 
     const PEER_MAC: MacAddr = [0x02, 0, 0, 0, 0, 0x0a];
     const OUR_MAC: MacAddr = [0x02, 0, 0, 0, 0, 0x0b];
@@ -672,30 +646,33 @@ mod tests {
     /// A minimal IPv4/TCP-ish packet from `src` to `dst` with a correct header checksum.
     fn ipv4(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
         let mut p = vec![0u8; 40];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&40u16.to_be_bytes());
-        p[8] = 64;
-        p[9] = 6;
-        p[12..16].copy_from_slice(&src.octets());
-        p[16..20].copy_from_slice(&dst.octets());
-        let sum: u32 = p[..20]
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        let folded = (sum & 0xffff) + (sum >> 16);
-        let folded = (folded & 0xffff) + (folded >> 16);
-        p[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+        let header = Ipv4Header {
+            header_len: 20,
+            total_len: 40,
+            ident: 0,
+            flags_fragment: 0,
+            ttl: 64,
+            protocol: 6,
+            src,
+            dst,
+        };
+        header.emit(&mut p).unwrap();
         p
     }
 
-    fn ethernet(src: MacAddr, vlan: Option<u16>, ethertype: u16, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0xff; 6];
-        f.extend_from_slice(&src);
-        if let Some(tci) = vlan {
-            f.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
-            f.extend_from_slice(&tci.to_be_bytes());
-        }
-        f.extend_from_slice(&ethertype.to_be_bytes());
+    fn tag(tpid: Tpid, tci: u16) -> Option<VlanTag> {
+        Some(VlanTag { tpid, tci })
+    }
+
+    fn ethernet(src: MacAddr, vlan: Option<VlanTag>, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let header = EthernetHeader {
+            dst: [0xff; 6],
+            src,
+            vlan,
+            ethertype,
+        };
+        let mut f = vec![0; header.header_len()];
+        header.emit(&mut f).unwrap();
         f.extend_from_slice(payload);
         f
     }
@@ -708,8 +685,8 @@ mod tests {
         let mut link = LinkLayer::new(&DeviceConfig::new(OUR_MAC));
         let packet = ipv4(A, B);
         let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &packet);
-        assert_eq!(link.ingress(&frame), Ok(ETH_HEADER));
-        assert_eq!(&frame[ETH_HEADER..], &packet[..]);
+        assert_eq!(link.ingress(&frame), Ok(ETH_HEADER_LEN));
+        assert_eq!(&frame[ETH_HEADER_LEN..], &packet[..]);
         assert_eq!(
             link.neighbours().lookup(A),
             Some(Neighbour {
@@ -722,22 +699,25 @@ mod tests {
     }
 
     #[test]
-    fn strips_one_vlan_tag_and_remembers_it() {
-        let mut link = LinkLayer::new(&DeviceConfig::new(OUR_MAC));
-        let frame = ethernet(PEER_MAC, Some(42), ETHERTYPE_IPV4, &ipv4(A, B));
-        assert_eq!(link.ingress(&frame), Ok(ETH_HEADER + VLAN_TAG));
-        assert_eq!(link.neighbours().lookup(A).unwrap().vlan, Some(42));
-        // The answer to A carries the tag again.
-        let mut buf = vec![0u8; 128];
-        let reply = ipv4(B, A);
-        buf[TX_HEADROOM..TX_HEADROOM + reply.len()].copy_from_slice(&reply);
-        let (start, len) = link.egress(&mut buf, reply.len()).unwrap();
-        assert_eq!(start, 0);
-        assert_eq!(len, reply.len() + ETH_HEADER + VLAN_TAG);
-        let parsed = parse_rx(&buf[start..start + len]).unwrap();
-        assert_eq!(parsed.vlan, Some(42));
-        assert_eq!(&buf[0..6], &PEER_MAC);
-        assert_eq!(&buf[6..12], &OUR_MAC);
+    fn strips_one_vlan_tag_and_answers_with_the_same_tag_type() {
+        for tpid in [Tpid::Dot1Q, Tpid::Dot1Ad] {
+            let mut link = LinkLayer::new(&DeviceConfig::new(OUR_MAC));
+            let frame = ethernet(PEER_MAC, tag(tpid, 42), ETHERTYPE_IPV4, &ipv4(A, B));
+            assert_eq!(link.ingress(&frame), Ok(ETH_HEADER_LEN + VLAN_TAG_LEN));
+            assert_eq!(link.neighbours().lookup(A).unwrap().vlan, tag(tpid, 42));
+            // The answer to A carries the tag again, of the type that arrived.
+            let mut buf = vec![0u8; 128];
+            let reply = ipv4(B, A);
+            buf[TX_HEADROOM..TX_HEADROOM + reply.len()].copy_from_slice(&reply);
+            let (start, len) = link.egress(&mut buf, reply.len()).unwrap();
+            assert_eq!(start, 0);
+            assert_eq!(len, reply.len() + ETH_HEADER_LEN + VLAN_TAG_LEN);
+            assert_eq!(&buf[12..14], &tpid.ethertype().to_be_bytes());
+            let parsed = parse_rx(&buf[start..start + len]).unwrap();
+            assert_eq!(parsed.vlan, tag(tpid, 42));
+            assert_eq!(&buf[0..6], &PEER_MAC);
+            assert_eq!(&buf[6..12], &OUR_MAC);
+        }
     }
 
     #[test]
@@ -748,8 +728,8 @@ mod tests {
         let ipv6 = ethernet(PEER_MAC, None, 0x86dd, &[0x60; 40]);
         assert_eq!(link.ingress(&ipv6), Err(RxDrop::NotIpv4));
         // Every prefix of a valid frame is handled without a panic.
-        let frame = ethernet(PEER_MAC, Some(7), ETHERTYPE_IPV4, &ipv4(A, B));
-        for cut in 0..ETH_HEADER + VLAN_TAG + 20 {
+        let frame = ethernet(PEER_MAC, tag(Tpid::Dot1Q, 7), ETHERTYPE_IPV4, &ipv4(A, B));
+        for cut in 0..ETH_HEADER_LEN + VLAN_TAG_LEN + 20 {
             assert!(
                 link.ingress(&frame[..cut]).is_err(),
                 "prefix of {cut} bytes"
@@ -761,11 +741,11 @@ mod tests {
         let mut bad = ipv4(A, B);
         bad[10] ^= 0xff;
         let frame = ethernet(PEER_MAC, None, ETHERTYPE_IPV4, &bad);
-        assert_eq!(link.ingress(&frame), Ok(ETH_HEADER));
+        assert_eq!(link.ingress(&frame), Ok(ETH_HEADER_LEN));
         assert!(link.neighbours().is_empty());
         // So do multicast sender MACs.
         let frame = ethernet([0x01, 0, 0x5e, 0, 0, 1], None, ETHERTYPE_IPV4, &ipv4(A, B));
-        assert_eq!(link.ingress(&frame), Ok(ETH_HEADER));
+        assert_eq!(link.ingress(&frame), Ok(ETH_HEADER_LEN));
         assert!(link.neighbours().is_empty());
     }
 
@@ -814,15 +794,15 @@ mod tests {
         );
         let (start, len) = link.egress(&mut buf, packet.len()).unwrap();
         assert_eq!(
-            start, VLAN_TAG,
+            start, VLAN_TAG_LEN,
             "untagged frames start after the spare tag room"
         );
-        assert_eq!(len, ETH_HEADER + packet.len());
+        assert_eq!(len, ETH_HEADER_LEN + packet.len());
         let frame = &buf[start..start + len];
         assert_eq!(&frame[0..6], &router_mac);
         assert_eq!(&frame[6..12], &OUR_MAC);
         assert_eq!(&frame[12..14], &[0x08, 0x00]);
-        assert_eq!(&frame[ETH_HEADER..], &packet[..]);
+        assert_eq!(&frame[ETH_HEADER_LEN..], &packet[..]);
 
         // Garbage that is not IPv4 has no next hop.
         buf[TX_HEADROOM] = 0x60;
@@ -843,7 +823,7 @@ mod tests {
             Some(0)
         );
         assert_eq!(
-            write_eth_header(&mut buf, 18, PEER_MAC, OUR_MAC, Some(5)),
+            write_eth_header(&mut buf, 18, PEER_MAC, OUR_MAC, tag(Tpid::Dot1Q, 5)),
             Some(0)
         );
         assert_eq!(

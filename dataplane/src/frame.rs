@@ -1,8 +1,14 @@
-//! Builds Ethernet/IPv4/TCP frames byte by byte: well-formed ones with correct checksums
-//! for the packet generator, and deliberately broken ones for robustness tests.
+//! Builds Ethernet/IPv4/TCP frames: well-formed ones with correct checksums for the packet
+//! generator and the recorder's synthesized sessions, and deliberately broken ones for
+//! robustness tests. Headers and checksums come from [`ncp_common::wire`], the same module
+//! that parses them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
+use ncp_common::wire::{
+    ETH_HEADER_LEN, ETHERTYPE_IPV4, EthernetHeader, IPPROTO_TCP, IPV4_DONT_FRAGMENT,
+    IPV4_MIN_HEADER_LEN, Ipv4Header, TCP_MIN_HEADER_LEN, TcpHeader, fill_tcp_checksum,
+};
 use serde::{Deserialize, Serialize};
 
 /// Addresses and ports of a generated TCP frame.
@@ -62,69 +68,107 @@ impl Malformation {
     ];
 }
 
-const ETH_LEN: usize = 14;
-const IP_LEN: usize = 20;
-const TCP_LEN: usize = 20;
+const ETH_LEN: usize = ETH_HEADER_LEN;
+const IP_LEN: usize = IPV4_MIN_HEADER_LEN;
 
-/// Internet checksum (RFC 1071) over `data`, starting from `initial`.
-pub fn checksum(data: &[u8], initial: u32) -> u16 {
-    let mut sum = initial;
-    let mut chunks = data.chunks_exact(2);
-    for pair in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([pair[0], pair[1]])));
+/// One TCP segment to build, with or without an Ethernet header.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    /// Source and destination MACs of an Ethernet header; `None` for a bare IPv4 packet.
+    pub macs: Option<([u8; 6], [u8; 6])>,
+    /// Source address and port.
+    pub src: SocketAddrV4,
+    /// Destination address and port.
+    pub dst: SocketAddrV4,
+    /// IPv4 identification.
+    pub ip_id: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgement number.
+    pub ack: u32,
+    /// TCP flag bits.
+    pub flags: u8,
+    /// Receive window.
+    pub window: u16,
+    /// TCP options, a multiple of 4 bytes long.
+    pub options: &'a [u8],
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+/// Replaces `out` with the segment's frame: Ethernet (optional), IPv4 without options and
+/// with "don't fragment", TCP, valid checksums, written with the one header writer and
+/// checksum routine of [`ncp_common::wire`]. A segment too long for IPv4's 16-bit total
+/// length leaves `out` empty rather than half written.
+pub fn write_segment(out: &mut Vec<u8>, seg: &Segment<'_>) {
+    let ip_start = if seg.macs.is_some() { ETH_LEN } else { 0 };
+    let tcp_len = TCP_MIN_HEADER_LEN + seg.options.len() + seg.payload.len();
+    out.clear();
+    out.resize(ip_start + IP_LEN + tcp_len, 0);
+    if emit_segment(out, seg, ip_start).is_none() {
+        out.clear();
     }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
+}
+
+/// Writes every header, the options and the payload into `frame`, sized for them.
+fn emit_segment(frame: &mut [u8], seg: &Segment<'_>, ip_start: usize) -> Option<()> {
+    if let Some((src_mac, dst_mac)) = seg.macs {
+        let eth = EthernetHeader {
+            dst: dst_mac,
+            src: src_mac,
+            vlan: None,
+            ethertype: ETHERTYPE_IPV4,
+        };
+        eth.emit(frame)?;
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    let (ip_frame, segment) = frame.get_mut(ip_start..)?.split_at_mut_checked(IP_LEN)?;
+    let ip = Ipv4Header {
+        header_len: IP_LEN,
+        total_len: IP_LEN + segment.len(),
+        ident: seg.ip_id,
+        flags_fragment: IPV4_DONT_FRAGMENT,
+        ttl: 64,
+        protocol: IPPROTO_TCP,
+        src: *seg.src.ip(),
+        dst: *seg.dst.ip(),
+    };
+    ip.emit(ip_frame)?;
+    let options_end = TCP_MIN_HEADER_LEN + seg.options.len();
+    let tcp = TcpHeader {
+        src_port: seg.src.port(),
+        dst_port: seg.dst.port(),
+        seq: seg.seq,
+        ack: seg.ack,
+        header_len: options_end,
+        flags: seg.flags,
+        window: seg.window,
+    };
+    tcp.emit(segment)?;
+    segment
+        .get_mut(TCP_MIN_HEADER_LEN..options_end)?
+        .copy_from_slice(seg.options);
+    segment.get_mut(options_end..)?.copy_from_slice(seg.payload);
+    fill_tcp_checksum(segment, *seg.src.ip(), *seg.dst.ip())
 }
 
 /// A well-formed TCP segment carrying `payload`, with valid IPv4 and TCP checksums.
 pub fn tcp_frame(spec: &TcpFrameSpec, payload: &[u8]) -> Vec<u8> {
-    let ip_total = IP_LEN + TCP_LEN + payload.len();
-    let mut f = Vec::with_capacity(ETH_LEN + ip_total);
-    f.extend_from_slice(&spec.dst_mac);
-    f.extend_from_slice(&spec.src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    // IPv4 header.
-    f.push(0x45);
-    f.push(0);
-    f.extend_from_slice(&(ip_total as u16).to_be_bytes());
-    f.extend_from_slice(&0u16.to_be_bytes()); // identification
-    f.extend_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
-    f.push(64);
-    f.push(6);
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(&spec.src_ip.octets());
-    f.extend_from_slice(&spec.dst_ip.octets());
-    let ip_sum = checksum(&f[ETH_LEN..ETH_LEN + IP_LEN], 0);
-    f[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&ip_sum.to_be_bytes());
-    // TCP header.
-    let tcp_start = f.len();
-    f.extend_from_slice(&spec.src_port.to_be_bytes());
-    f.extend_from_slice(&spec.dst_port.to_be_bytes());
-    f.extend_from_slice(&spec.seq.to_be_bytes());
-    f.extend_from_slice(&0u32.to_be_bytes());
-    f.push(5 << 4);
-    f.push(spec.flags);
-    f.extend_from_slice(&65535u16.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(payload);
-    let mut pseudo = 0u32;
-    for word in [
-        &spec.src_ip.octets()[..2],
-        &spec.src_ip.octets()[2..],
-        &spec.dst_ip.octets()[..2],
-        &spec.dst_ip.octets()[2..],
-    ] {
-        pseudo += u32::from(u16::from_be_bytes([word[0], word[1]]));
-    }
-    pseudo += 6 + (TCP_LEN + payload.len()) as u32;
-    let tcp_sum = checksum(&f[tcp_start..], pseudo);
-    f[tcp_start + 16..tcp_start + 18].copy_from_slice(&tcp_sum.to_be_bytes());
+    let mut f = Vec::with_capacity(ETH_LEN + IP_LEN + TCP_MIN_HEADER_LEN + payload.len());
+    write_segment(
+        &mut f,
+        &Segment {
+            macs: Some((spec.src_mac, spec.dst_mac)),
+            src: SocketAddrV4::new(spec.src_ip, spec.src_port),
+            dst: SocketAddrV4::new(spec.dst_ip, spec.dst_port),
+            ip_id: 0,
+            seq: spec.seq,
+            ack: 0,
+            flags: spec.flags,
+            window: u16::MAX,
+            options: &[],
+            payload,
+        },
+    );
     f
 }
 
@@ -157,7 +201,12 @@ pub fn malformed_frame(spec: &TcpFrameSpec, kind: Malformation) -> Vec<u8> {
 }
 
 #[cfg(test)]
+mod cases;
+
+#[cfg(test)]
 mod tests {
+    use ncp_common::wire::{checksum, pseudo_header_sum};
+
     use super::*;
 
     fn spec() -> TcpFrameSpec {
@@ -179,21 +228,9 @@ mod tests {
         assert_eq!(f.len(), 14 + 20 + 20 + 5);
         // A header with its checksum in place sums to 0xffff, i.e. the complement is 0.
         assert_eq!(checksum(&f[14..34], 0), 0);
-        let mut pseudo = 0u32;
-        for w in [[198u8, 18], [1, 1], [198, 18], [1, 2]] {
-            pseudo += u32::from(u16::from_be_bytes(w));
-        }
-        pseudo += 6 + 25;
+        let s = spec();
+        let pseudo = pseudo_header_sum(s.src_ip, s.dst_ip, IPPROTO_TCP, 25);
         assert_eq!(checksum(&f[34..], pseudo), 0);
-    }
-
-    #[test]
-    fn known_checksum_vector() {
-        // RFC 1071 example words: 0x0001 0xf203 0xf4f5 0xf6f7 sum to 0xddf2 (one's complement).
-        assert_eq!(
-            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7], 0),
-            !0xddf2
-        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use std::{
 };
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use ncp_common::wire::TcpSegment;
 use smoltcp::{
     phy::{Device, DeviceCapabilities},
     time::Instant,
@@ -34,13 +35,11 @@ use smoltcp::{
 
 use crate::{
     config::PortRange, device::MacAddr, engine::EngineDevice, layers::LinkFrames,
-    replicator::Neighbours, sys::EventFd,
+    neighbours::Neighbours, sys::EventFd,
 };
 
 /// Frames a worker's queue holds per link before hand-overs to it are dropped.
 pub const QUEUE_FRAMES: usize = 4096;
-
-const IP_PROTO_TCP: u8 = 6;
 
 /// Which worker owns which frames of one link: pure data, the same on every worker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,28 +73,23 @@ impl Ownership {
         Some(Self { own_addr, shares })
     }
 
-    /// The worker that owns an IPv4 packet, or `None` for anything that is not TCP over
-    /// IPv4 with whole headers (the receiving worker keeps it: no flow to speak of).
+    /// The worker that owns an IPv4 packet, or `None` for anything the one parser
+    /// ([`ncp_common::wire`]) does not take for a TCP segment (the receiving worker keeps
+    /// it: no flow to speak of, and the engine's dispatch rejects the same packets).
     pub fn owner(&self, packet: &[u8]) -> Option<usize> {
-        let first = *packet.first()?;
-        if first >> 4 != 4 || *packet.get(9)? != IP_PROTO_TCP {
-            return None;
-        }
-        let header_len = usize::from(first & 0x0f) * 4;
-        let tcp = packet.get(header_len..header_len.checked_add(4)?)?;
-        let src = packet.get(12..16)?;
-        let dst = packet.get(16..20)?;
-        let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        if dst == self.own_addr.octets() {
+        let segment = TcpSegment::parse(packet, 0).ok()??;
+        let (src, dst) = (segment.src, segment.dst);
+        if *dst.ip() == self.own_addr {
             return self
                 .shares
                 .iter()
-                .position(|s| (s.first..=s.last).contains(&dst_port));
+                .position(|s| (s.first..=s.last).contains(&dst.port()));
         }
         let mut key = [0u8; 12];
-        key[..4].copy_from_slice(src);
-        key[4..8].copy_from_slice(dst);
-        key[8..12].copy_from_slice(tcp);
+        key[..4].copy_from_slice(&src.ip().octets());
+        key[4..8].copy_from_slice(&dst.ip().octets());
+        key[8..10].copy_from_slice(&src.port().to_be_bytes());
+        key[10..12].copy_from_slice(&dst.port().to_be_bytes());
         let workers = u64::try_from(self.shares.len()).ok()?;
         usize::try_from(flow_hash(&key) % workers).ok()
     }
@@ -394,19 +388,26 @@ impl<D: Neighbours> Neighbours for HandoverDevice<D> {
 
 #[cfg(test)]
 mod tests {
+    use ncp_common::wire::ETH_HEADER_LEN;
+
     use super::*;
+    use crate::frame::{TcpFrameSpec, tcp_frame};
 
     const OWN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 4);
 
+    /// The IPv4 packet of a TCP segment from `src` to `dst`.
     fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-        let mut p = vec![0u8; 40];
-        p[0] = 0x45;
-        p[9] = IP_PROTO_TCP;
-        p[12..16].copy_from_slice(&src.0.octets());
-        p[16..20].copy_from_slice(&dst.0.octets());
-        p[20..22].copy_from_slice(&src.1.to_be_bytes());
-        p[22..24].copy_from_slice(&dst.1.to_be_bytes());
-        p
+        let spec = TcpFrameSpec {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_ip: src.0,
+            dst_ip: dst.0,
+            src_port: src.1,
+            dst_port: dst.1,
+            flags: 0x10,
+            seq: 1,
+        };
+        tcp_frame(&spec, &[])[ETH_HEADER_LEN..].to_vec()
     }
 
     #[test]

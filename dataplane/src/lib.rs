@@ -8,7 +8,9 @@
 //! - [`handover`]: which worker owns a frame, the queues between workers, and the device
 //!   layer that uses them;
 //! - [`engine`]: a worker's TCP engine (smoltcp in any-IP mode) over such a device;
-//! - [`replicator`]: the replication core driven over a worker's TCP engines (XDP mode);
+//! - [`driver`]: the replication core carried out over any transport, once;
+//! - [`replicator`]: XDP mode's transport (a worker's TCP engines) for the driver;
+//! - [`neighbours`]: upstream next hops resolved through the kernel's neighbour table;
 //! - [`worker`]: per-queue worker threads pinned to cores;
 //! - [`control`]: the control socket used by `stats` and `rule`;
 //! - [`config`] and [`rules`]: the operator's configuration, validated without I/O;
@@ -20,11 +22,13 @@
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod driver;
 pub mod engine;
 pub mod frame;
 pub mod handover;
 pub mod kernel_pktgen;
 pub mod layers;
+pub mod neighbours;
 pub mod offline;
 pub mod replicator;
 pub mod rules;

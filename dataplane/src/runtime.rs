@@ -678,7 +678,7 @@ mod plan_tests {
         assert_eq!(workers[0].replica_links.len(), 1);
         assert_eq!(workers[0].replica_links[0].socket.interface, "eth1");
         assert_eq!(workers[0].replica_links[0].socket.queue, 0);
-        assert_eq!(workers[0].services[0].replica_link, 1);
+        assert_eq!(workers[0].services[0].replica_route, 1);
         assert!(workers[0].handover.is_empty(), "one worker shares nothing");
         // Without a replication NIC eth1 serves clients too, with its two queues.
         let workers = plan_workers(&config("[{ queue = 0 }]", "")).unwrap();

@@ -77,7 +77,7 @@ pub struct WorkerSpec {
     pub core: Option<usize>,
     /// Idle behaviour.
     pub poll: PollMode,
-    /// Services, with `replica_link` naming an index into `1 + replica_links`.
+    /// Services, with `replica_route` naming an index into `1 + replica_links`.
     pub services: Vec<ServicePlan>,
     /// Session and memory caps of this worker.
     pub manager: ManagerConfig,
@@ -165,13 +165,14 @@ impl Worker {
             .map_err(|e| anyhow::anyhow!("spawning worker {name}: {e}"))?;
         let sockets = match ready_rx.recv() {
             Ok(Ok(sockets)) => sockets,
-            // The start-up error is what gets reported; the thread has ended (or is about
-            // to), so joining only reaps it and its outcome adds nothing.
             Ok(Err(e)) => {
+                // The thread has reported its failure and returns right after; a panic on
+                // the way out would add nothing to the error returned here.
                 let _ = handle.join();
                 return Err(anyhow::anyhow!("worker {name}: {e}"));
             }
             Err(_) => {
+                // The thread ended without a word; its join result says no more than that.
                 let _ = handle.join();
                 return Err(anyhow::anyhow!("worker {name} exited during start-up"));
             }
@@ -262,7 +263,7 @@ fn connection_bound(spec: &WorkerSpec, link: usize) -> usize {
         .services
         .iter()
         .map(|s| {
-            let replicas = if s.replica_link == link {
+            let replicas = if s.replica_route == link {
                 s.replicas.len()
             } else {
                 0
@@ -326,7 +327,8 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
                 opened.push(o);
             }
             Err(e) => {
-                // A closed channel means `start` gave up waiting: nobody to tell.
+                // A closed channel means `Worker::start` gave up waiting: nobody is left
+                // to tell.
                 let _ = ready.send(Err(e));
                 return;
             }
@@ -401,7 +403,7 @@ fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: 
     let mut socket = match XskSocket::open(&spec.socket) {
         Ok(socket) => socket,
         Err(e) => {
-            // A closed channel means `start` gave up waiting: nobody to tell.
+            // As in `run`: a closed channel means nobody is waiting for the answer.
             let _ = ready.send(Err(format!(
                 "{} queue {}: {e}",
                 spec.socket.interface, spec.socket.queue

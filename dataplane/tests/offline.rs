@@ -9,6 +9,10 @@
     reason = "test helpers fail the test on any error"
 )]
 
+mod support;
+
+use support::{tshark, tshark_follow_client};
+
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
@@ -201,43 +205,6 @@ fn microsecond_and_raw_ip_files_read_back() {
     assert_eq!(rec.sessions[0].recorded_id, Some(9));
 }
 
-/// Client-side bytes of TCP stream 0 as tshark reassembles them.
-fn tshark_follow_client(file: &Path) -> Vec<u8> {
-    let out = Command::new("tshark")
-        .args(["-r"])
-        .arg(file)
-        .args(["-q", "-z", "follow,tcp,raw,0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut bytes = Vec::new();
-    let mut in_body = false;
-    for line in text.lines() {
-        if line.starts_with("Node 1:") {
-            in_body = true;
-            continue;
-        }
-        if !in_body || line.starts_with('=') {
-            continue;
-        }
-        // Server→client lines are indented with a tab; client lines are bare hex.
-        if line.starts_with('\t') || line.is_empty() {
-            continue;
-        }
-        let hex = line.trim();
-        assert!(hex.len().is_multiple_of(2), "odd hex line {hex:?}");
-        for i in (0..hex.len()).step_by(2) {
-            bytes.push(u8::from_str_radix(&hex[i..i + 2], 16).unwrap());
-        }
-    }
-    bytes
-}
-
 #[test]
 fn tshark_follows_the_first_stream_and_sees_no_errors() {
     if !have_tool("tshark", "tshark_follows_the_first_stream") {
@@ -272,10 +239,9 @@ fn tshark_follows_the_first_stream_and_sees_no_errors() {
     assert_eq!(tshark_follow_client(&file), client0);
 
     // With checksum validation on, nothing is bad, malformed, or odd to TCP analysis.
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(&file)
-        .args([
+    let flagged = tshark(
+        &file,
+        &[
             "-o",
             "tcp.check_checksum:TRUE",
             "-o",
@@ -284,15 +250,8 @@ fn tshark_follows_the_first_stream_and_sees_no_errors() {
             // Warnings and errors, except the one a deliberate RST earns.
             "tcp.checksum.status != 1 || ip.checksum.status != 1 || _ws.malformed \
              || (_ws.expert.severity >= 6291456 && tcp.flags.reset == 0)",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let flagged = String::from_utf8_lossy(&out.stdout);
     assert!(
         flagged.trim().is_empty(),
         "tshark flags packets:\n{flagged}"

@@ -15,29 +15,38 @@
     reason = "test code: a failed step should fail the test"
 )]
 
+mod support;
+
+use support::{
+    XdpMiddlebox,
+    scene::{paper_bed, steer_to_middlebox},
+};
+
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::Child,
     time::{Duration, Instant},
 };
 
 use ncp_dataplane::control::{self, Request};
 use ncp_testbed::{
-    Mac, Testbed, Topology, UpOptions,
+    Testbed,
     servers::{PG_BIN, Postgres},
 };
 
-const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 const PREFIX: &str = "npg";
 
 struct Scene {
     bed: Testbed,
+    /// Stopped first on drop, before the databases it talks to.
+    middlebox: Option<XdpMiddlebox>,
     children: Vec<Child>,
     dir: PathBuf,
 }
 
 impl Drop for Scene {
     fn drop(&mut self) {
+        drop(self.middlebox.take());
         for child in self.children.iter_mut().rev() {
             // SAFETY: signals our own child by pid (postgres shuts down on SIGTERM).
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -90,16 +99,13 @@ fn postgres_primary_and_two_replicas_compare_equal_after_pgbench() {
     ) {
         return;
     }
-    let topology =
-        Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
-            .unwrap();
-    let _ = Testbed::down(PREFIX);
-    let bed = Testbed::up(&topology, &UpOptions::with_prefix(PREFIX)).unwrap();
+    let bed = paper_bed(PREFIX, 1);
     let dir = PathBuf::from(format!("/tmp/ncp-{PREFIX}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut scene = Scene {
         bed,
+        middlebox: None,
         children: Vec::new(),
         dir,
     };
@@ -129,44 +135,8 @@ fn postgres_primary_and_two_replicas_compare_equal_after_pgbench() {
         ),
     )
     .unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &scene.bed.netns("middlebox").unwrap(),
-            MIDDLEBOX,
-            "run",
-            "--config",
-        ])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    scene.children.push(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while control::call(&socket, &Request::Stats).is_err() {
-        assert!(Instant::now() < deadline, "middlebox never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mb_mac = Mac(scene.bed.mac("middlebox", "eth0").unwrap()).to_string();
-    scene
-        .bed
-        .exec(
-            "source",
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &primary.to_string(),
-                "lladdr",
-                &mb_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        )
-        .unwrap();
+    scene.middlebox = Some(XdpMiddlebox::start(&scene.bed, &config, &socket));
+    steer_to_middlebox(&scene.bed, primary);
 
     let pgbench = |args: &[&str]| {
         // No SSL or GSS negotiation: PostgreSQL refuses a client whose next message is

@@ -26,71 +26,38 @@
 
 mod support;
 
-use support::{XdpMiddlebox, in_netns, redis, serial, wait_bounded};
+use support::{
+    run_fed,
+    scene::{Mode, Scene, Service},
+    serial, tshark_follow_client,
+};
 
 use std::{
-    io::{Read, Write},
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    io::Write,
+    path::PathBuf,
+    process::Command,
+    thread,
     time::{Duration, Instant},
 };
-
-use ncp_dataplane::{
-    config::Config,
-    replicator::ReplicationStats,
-    sockets::{self, ServiceStats, SocketsStats, StatsHandle},
-};
-use ncp_testbed::{Testbed, Topology, UpOptions};
 
 const IPERF_PORT: u16 = 5201;
 /// Redis writes in the recorded workload.
 const WRITES: usize = 100_000;
-/// Upper bound for anything a test waits on.
-const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Runs `command` with `input` on its stdin (fed from a thread, so a full pipe cannot
-/// deadlock us), at most `limit`; returns (success, stdout, stderr).
+/// Runs `command` with `input` on its stdin, at most `limit`; returns (success, stdout,
+/// stderr).
 fn run_with_input(
-    mut command: Command,
+    command: Command,
     input: Vec<u8>,
     limit: Duration,
     what: &str,
 ) -> (bool, String, String) {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let feeder = thread::spawn(move || stdin.write_all(&input));
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let mut stderr = child.stderr.take().unwrap();
-    let err_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let status = wait_bounded(&mut child, limit, what);
-    let fed = feeder.join().unwrap();
-    let out = reader.join().unwrap();
-    let err = err_reader.join().unwrap();
-    assert!(
-        fed.is_ok(),
-        "feeding {what} failed: {fed:?}; it said: {out}{err}"
-    );
-    (status.success(), out, err)
+    run_fed(
+        command,
+        move |mut stdin| stdin.write_all(&input),
+        limit,
+        what,
+    )
 }
 
 /// A directory under the system's temp dir, removed on drop.
@@ -128,303 +95,17 @@ impl Drop for TempDir {
     }
 }
 
-/// Which data plane carries the sessions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// The sockets relay, on a thread of this process moved into the middlebox's
-    /// namespace (so its final counters can be read after it stopped).
-    Sockets,
-    /// `ncp-middlebox run` in XDP mode, a process in the middlebox's namespace.
-    Xdp,
-}
-
-/// The running middlebox of a [`Scene`].
-enum Middlebox {
-    Sockets {
-        stop: Arc<AtomicBool>,
-        stats: StatsHandle,
-        thread: JoinHandle<anyhow::Result<()>>,
-    },
-    Xdp(XdpMiddlebox),
-}
-
-/// What these tests read from either data plane's counters.
-#[derive(Clone, Debug)]
-struct Counters {
-    workers: u64,
-    sessions_total: u64,
-    sessions_active: u64,
-    services: Vec<ServiceStats>,
-}
-
-impl From<SocketsStats> for Counters {
-    fn from(s: SocketsStats) -> Self {
-        Counters {
-            workers: s.workers,
-            sessions_total: s.sessions_total,
-            sessions_active: s.sessions_active,
-            services: s.services,
-        }
-    }
-}
-
-impl From<ReplicationStats> for Counters {
-    fn from(s: ReplicationStats) -> Self {
-        Counters {
-            workers: s.workers,
-            sessions_total: s.sessions_total,
-            sessions_active: s.sessions_active,
-            services: s.services,
-        }
-    }
-}
-
-/// The paper test bed with the steering toward the middlebox, and at most one middlebox
-/// at a time; everything (middlebox, children, namespaces, bridges) goes on drop.
-struct Scene {
-    bed: Testbed,
-    prefix: &'static str,
-    mode: Mode,
-    /// Configuration file and control socket of the XDP middlebox.
-    dir: TempDir,
-    middlebox: Option<Middlebox>,
-    children: Vec<Child>,
-    primary: Ipv4Addr,
-}
-
-impl Scene {
-    fn network(prefix: &'static str, mode: Mode) -> Scene {
-        let topology =
-            Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
-                .unwrap();
-        let _ = Testbed::down(prefix);
-        let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
-        let primary = bed.address("primary", "eth0").unwrap();
-        let replica = bed.address("replica", "eth1").unwrap();
-        let mb0 = bed.address("middlebox", "eth0").unwrap();
-        let scene = Scene {
-            bed,
-            prefix,
-            mode,
-            dir: TempDir::new(prefix),
-            middlebox: None,
-            children: Vec::new(),
-            primary,
-        };
-        // The network's part: frames for the primary leave the source toward the
-        // middlebox's production NIC (the controller's redirect rule in production).
-        let mac = scene.bed.mac("middlebox", "eth0").unwrap();
-        let mac = mac.map(|b| format!("{b:02x}")).join(":");
-        let primary_s = primary.to_string();
-        scene
-            .bed
-            .exec(
-                "source",
-                &[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    &primary_s,
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ],
-            )
-            .unwrap();
-        // The userspace datapath needs a moment after the ports appear.
-        scene.ping("source", mb0);
-        scene.ping("middlebox", primary);
-        scene.ping("middlebox", replica);
-        scene
-    }
-
-    fn ping(&self, host: &str, to: Ipv4Addr) {
-        let to = to.to_string();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Err(e) = self.bed.exec(host, &["ping", "-c", "1", "-W", "1", &to]) {
-            assert!(Instant::now() < deadline, "{host} cannot ping {to}: {e}");
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn control_socket(&self) -> PathBuf {
-        self.dir.0.join("mb.sock")
-    }
-
-    /// The configuration (TOML) of one service `name` for the primary's `port`, no
-    /// replicas; `record` is the TOML of its `record` field or empty for none. The same
-    /// file serves both modes: the sockets relay ignores the owned ports and the control
-    /// socket, XDP mode uses them (ports below the kernel's ephemeral range, so the
-    /// kernel never picks them). eth1 is the replication NIC, as in the paper, so XDP
-    /// mode runs one worker, on eth0, rather than a second one on eth1 that no client
-    /// reaches.
-    fn config(&self, name: &str, port: u16, record: &str) -> String {
-        let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
-        let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
-        let primary = self.primary;
-        let socket = self.control_socket();
-        format!(
-            r#"
-control_socket = "{socket}"
-
-[[interfaces]]
-name = "eth0"
-address = "{mb0}"
-ports = {{ first = 20000, last = 29999 }}
-queues = [{{ queue = 0 }}]
-
-[[interfaces]]
-name = "eth1"
-address = "{mb1}"
-ports = {{ first = 20000, last = 29999 }}
-queues = [{{ queue = 0 }}]
-
-[[services]]
-name = "{name}"
-primary = "{primary}:{port}"
-clients = "198.18.1.0/24"
-replica_interface = "eth1"
-connect_timeout_secs = 5
-{record}
-"#,
-            socket = socket.display()
-        )
-    }
-
-    /// Starts the middlebox with `config` (see [`Scene::config`]) in the scene's mode and
-    /// waits until its workers are up (and, in sockets mode, its redirect).
-    fn start_relay(&mut self, config: &str) {
-        assert!(self.middlebox.is_none(), "one middlebox at a time");
-        match self.mode {
-            Mode::Sockets => {
-                let config = Config::parse(config).unwrap();
-                let stop = Arc::new(AtomicBool::new(false));
-                let stats = StatsHandle::new();
-                let (flag, handle) = (Arc::clone(&stop), stats.clone());
-                let netns = self.bed.netns("middlebox").unwrap();
-                let thread = in_netns(&netns, move || sockets::run(&config, flag, &handle));
-                self.middlebox = Some(Middlebox::Sockets {
-                    stop,
-                    stats,
-                    thread,
-                });
-                let deadline = Instant::now() + PATIENCE;
-                while !self.nft_table_present() || self.stats().workers == 0 {
-                    let exited = matches!(&self.middlebox,
-                        Some(Middlebox::Sockets { thread, .. }) if thread.is_finished());
-                    if exited {
-                        // Joining it reports its error.
-                        self.stop_relay();
-                        panic!("relay exited at start");
-                    }
-                    assert!(Instant::now() < deadline, "relay did not come up");
-                    thread::sleep(Duration::from_millis(50));
-                }
-            }
-            Mode::Xdp => {
-                let file = self.dir.0.join("mb.toml");
-                std::fs::write(&file, config).unwrap();
-                let started = XdpMiddlebox::start(&self.bed, &file, &self.control_socket());
-                self.middlebox = Some(Middlebox::Xdp(started));
-            }
-        }
-    }
-
-    /// Stops the middlebox (its recorders flush and close their files) and checks that
-    /// it stopped cleanly (sockets mode: and removed its nftables table).
-    fn stop_relay(&mut self) {
-        match self.middlebox.take() {
-            Some(Middlebox::Sockets { stop, thread, .. }) => {
-                stop.store(true, Ordering::Relaxed);
-                thread.join().unwrap().unwrap();
-                assert!(!self.nft_table_present(), "nftables table left after stop");
-            }
-            Some(Middlebox::Xdp(middlebox)) => middlebox.stop(),
-            None => {}
-        }
-    }
-
-    fn nft_table_present(&self) -> bool {
-        self.bed
-            .exec("middlebox", &["nft", "list", "table", "ip", "ncp_sockets"])
-            .is_ok()
-    }
-
-    /// The running middlebox's counters (all zero while it does not answer).
-    fn stats(&self) -> Counters {
-        let none = Counters {
-            workers: 0,
-            sessions_total: 0,
-            sessions_active: 0,
-            services: Vec::new(),
-        };
-        match &self.middlebox {
-            Some(Middlebox::Sockets { stats, .. }) => stats.snapshot().into(),
-            Some(Middlebox::Xdp(middlebox)) => middlebox.stats().map_or(none, Counters::from),
-            None => none,
-        }
-    }
-
-    /// Stats once `done` holds, failing after [`PATIENCE`].
-    fn stats_when(&self, what: &str, done: impl Fn(&Counters) -> bool) -> Counters {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let s = self.stats();
-            if s.workers > 0 && done(&s) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "{what}: {s:#?}");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn spawn(&mut self, host: &str, argv: &[&str]) {
-        let child = self
-            .bed
-            .command(host, argv)
-            .unwrap()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-    }
-
-    /// A redis with nothing persisted and `DEBUG` allowed from its own host.
-    fn start_redis(&mut self, host: &str) {
-        let argv = redis::server_argv();
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        self.spawn(host, &argv);
-        redis::wait_ready(&self.bed, host);
-    }
-
-    /// One redis command against the server on `host` itself (not through the middlebox).
-    fn redis(&self, host: &str, args: &[&str]) -> String {
-        redis::cli(&self.bed, host, args)
-    }
-}
-
-impl Drop for Scene {
-    fn drop(&mut self) {
-        match self.middlebox.take() {
-            Some(Middlebox::Sockets { stop, thread, .. }) => {
-                stop.store(true, Ordering::Relaxed);
-                let _ = thread.join();
-            }
-            Some(Middlebox::Xdp(middlebox)) => drop(middlebox),
-            None => {}
-        }
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Err(e) = Testbed::down(self.prefix) {
-            eprintln!("test bed teardown failed: {e}");
-        }
-    }
+/// The configuration (TOML) of one service `name` for the primary's `port`, no
+/// replicas; `record` is the TOML of its `record` field or empty for none. eth1 is the
+/// replication NIC, as in the paper, so XDP mode runs one worker, on eth0, rather than a
+/// second one on eth1 that no client reaches.
+fn config(scene: &Scene, name: &'static str, port: u16, record: &str) -> String {
+    let service = Service {
+        replicated: false,
+        record: record.to_owned(),
+        ..Service::new(name, port)
+    };
+    scene.config(&[service], "")
 }
 
 /// A real `DEBUG DIGEST` answer: 40 hex digits and not the empty data set's zeros.
@@ -436,57 +117,12 @@ fn assert_real_digest(digest: &str, whose: &str) {
     assert_ne!(digest, "0".repeat(40), "{whose}: empty data set");
 }
 
-/// Client-side bytes of TCP stream 0 as `tshark -z follow,tcp,raw,0` prints them: after
-/// the `Node 1:` header, client lines are bare hex, server lines start with a tab.
-fn tshark_follow_client(file: &Path) -> Vec<u8> {
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(file)
-        .args(["-q", "-z", "follow,tcp,raw,0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut bytes = Vec::new();
-    let mut in_body = false;
-    for line in text.lines() {
-        if line.starts_with("Node 1:") {
-            in_body = true;
-            continue;
-        }
-        if !in_body || line.starts_with('=') || line.starts_with('\t') || line.is_empty() {
-            continue;
-        }
-        let hex = line.trim().as_bytes();
-        assert!(hex.len().is_multiple_of(2), "odd hex line {line:?}");
-        for pair in hex.chunks_exact(2) {
-            let pair = std::str::from_utf8(pair).unwrap();
-            bytes.push(u8::from_str_radix(pair, 16).unwrap());
-        }
-    }
-    bytes
-}
-
 /// What `redis-cli --pipe` appends to its input: an `ECHO` of 20 random bytes, whose
 /// answer tells it the server has processed everything before (led by a CRLF in case the
 /// input did not end with one).
 fn is_pipe_trailer(bytes: &[u8]) -> bool {
     let head = b"\r\n*2\r\n$4\r\nECHO\r\n$20\r\n";
     bytes.len() == head.len() + 20 + 2 && bytes.starts_with(head) && bytes.ends_with(b"\r\n")
-}
-
-/// Tools a mode needs on top of the ones a test names: sockets mode redirects with
-/// nftables.
-fn tools(mode: Mode, named: &[&'static str]) -> Vec<&'static str> {
-    let mut tools = named.to_vec();
-    if mode == Mode::Sockets {
-        tools.push("nft");
-    }
-    tools
 }
 
 #[test]
@@ -504,25 +140,26 @@ fn xdp_a_recorded_redis_workload_replays_into_a_fresh_replica_with_the_same_dige
 /// `DEBUG DIGEST` is the primary's, and `tshark` follows the recorded client stream as
 /// the client sent it.
 fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
-    let needed = tools(mode, &["ping", "redis-server", "redis-cli", "tshark"]);
+    let needed = mode.tools(&["ping", "redis-server", "redis-cli", "tshark"]);
     if !ncp_testbed::ready_or_skip("recording redis", &needed) {
         return;
     }
     let _serial = serial();
     let rec = TempDir::new(prefix);
-    let mut scene = Scene::network(prefix, mode);
+    let mut scene = Scene::network(mode, prefix, 1);
     // Recording instead of live replicas: the service has none.
-    let config = scene.config(
+    let config = config(
+        &scene,
         "kv",
-        redis::PORT,
+        support::redis::PORT,
         &format!("record = {{ dir = {:?} }}", rec.0.display().to_string()),
     );
     scene.start_redis("primary");
-    scene.start_relay(&config);
+    scene.start_middlebox(&config);
 
     let workload = ncp_testbed::workload::redis_writes(WRITES, 0x5eed_7001);
     let primary = scene.primary.to_string();
-    let port = redis::PORT.to_string();
+    let port = support::redis::PORT.to_string();
     let started = Instant::now();
     let (ok, out, err) = run_with_input(
         scene
@@ -551,7 +188,7 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
     let r = s.services[0].recording.unwrap();
     let digest_primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
     let keys = scene.redis("primary", &["DBSIZE"]);
-    scene.stop_relay();
+    scene.stop_middlebox();
     eprintln!(
         "recording redis ({mode:?}): {WRITES} writes ({} bytes) through the middlebox in {elapsed:.2?}; recording {r:?}",
         workload.len()
@@ -594,7 +231,7 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
         "replica not fresh"
     );
     let replica = scene.bed.address("replica", "eth1").unwrap();
-    let to = format!("{replica}:{}", redis::PORT);
+    let to = format!("{replica}:{}", support::redis::PORT);
     let mut argv = vec![env!("CARGO_BIN_EXE_ncp-replay").to_owned()];
     argv.extend(files.iter().map(|f| f.display().to_string()));
     argv.extend(["--to", &to, "--pace", "fast", "--json"].map(str::to_owned));
@@ -647,12 +284,12 @@ fn xdp_iperf_through_the_middlebox_with_and_without_recording() {
 /// happened and was accounted for): timings on the shared two-core machine are reported,
 /// not judged.
 fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: usize) {
-    if !ncp_testbed::ready_or_skip("recording iperf", &tools(mode, &["ping", "iperf3"])) {
+    if !ncp_testbed::ready_or_skip("recording iperf", &mode.tools(&["ping", "iperf3"])) {
         return;
     }
     let _serial = serial();
     let rec = TempDir::new(prefix);
-    let mut scene = Scene::network(prefix, mode);
+    let mut scene = Scene::network(mode, prefix, 1);
     let port = IPERF_PORT.to_string();
     scene.spawn("primary", &["iperf3", "-s", "-p", &port]);
     let primary = scene.primary.to_string();
@@ -667,7 +304,7 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
     let recorded = ("middlebox + recording", record.as_str());
     let mut results = Vec::new();
     for (label, record) in [plain, recorded].repeat(rounds) {
-        scene.start_relay(&scene.config("iperf", IPERF_PORT, record));
+        scene.start_middlebox(&config(&scene, "iperf", IPERF_PORT, record));
         // The server may still be starting on the first round.
         let deadline = Instant::now() + Duration::from_secs(20);
         let out = loop {
@@ -690,7 +327,7 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
             thread::sleep(Duration::from_millis(500));
         };
         let s = scene.stats_when("iperf3's sessions end", |s| s.sessions_active == 0);
-        scene.stop_relay();
+        scene.stop_middlebox();
         let gbps = iperf_bps(&out) / 1e9;
         results.push((
             label,

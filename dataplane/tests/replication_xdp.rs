@@ -19,30 +19,28 @@
 
 mod support;
 
-use support::{XdpMiddlebox, in_netns, redis, serial, signal, wait_bounded};
+use support::{
+    PATIENCE, in_netns, scenarios,
+    scene::{Counters, Mode, Scene, Service},
+    serial, signal,
+    streams::many_shot_server,
+    wait_bounded,
+};
 
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
-    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use ncp_dataplane::replicator::ReplicationStats;
-use ncp_testbed::{
-    Testbed, Topology, UpOptions,
-    workload::{redis_writes as redis_workload, seeded_bytes},
-};
+use ncp_testbed::{Testbed, workload::seeded_bytes};
 
 const STREAM_PORT: u16 = 5001;
 const IPERF_PORT: u16 = 5201;
 const IPERF_PLAIN_PORT: u16 = 5202;
-const CLOSED_PORT: u16 = 7000;
-/// Upper bound for anything a test waits on.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / f64::from(1 << 20) / elapsed.as_secs_f64()
@@ -64,314 +62,27 @@ fn poll_mode() -> String {
     std::env::var("NCP_XDP_POLL").unwrap_or_else(|_| "sleep".into())
 }
 
-/// One service of the middlebox configuration.
-struct Service {
-    name: &'static str,
-    port: u16,
-    replica_budget: u64,
-    /// Whether the service has the replica (without: the middlebox as a plain proxy, the
-    /// paper's "no replication" baseline).
-    replicated: bool,
+/// A service of these tests: replicated, with a 16 MiB replica budget.
+fn service(name: &'static str, port: u16) -> Service {
+    Service::new(name, port).budget(16 << 20)
 }
 
-impl Service {
-    fn new(name: &'static str, port: u16) -> Self {
-        Self {
-            name,
-            port,
-            replica_budget: 16 << 20,
-            replicated: true,
-        }
-    }
+/// Top-level configuration of these tests' middlebox: the poll mode and limits roomy
+/// enough for the many-session tests.
+fn xdp_settings() -> String {
+    format!(
+        "poll = \"{}\"\n\n[limits]\nmax_sessions = 2000\nmax_buffer_bytes = 4294967296\n",
+        poll_mode()
+    )
 }
 
-/// The bed, the steering toward the middlebox and a running `ncp-middlebox run` (XDP
-/// mode); servers started with [`Scene::spawn`], the middlebox and the bed go on drop.
-struct Scene {
-    bed: Testbed,
-    prefix: &'static str,
-    dir: PathBuf,
-    socket: PathBuf,
-    middlebox: Option<XdpMiddlebox>,
-    children: Vec<Child>,
-    primary: Ipv4Addr,
-    replica: Ipv4Addr,
-    /// Queues (and workers) on each of the middlebox's NICs.
-    queues: u16,
-}
-
-impl Scene {
-    fn start(prefix: &'static str, services: &[Service]) -> Scene {
-        Self::start_with_queues(prefix, services, 1)
-    }
-
-    /// The scene with `queues` queues on both middlebox NICs, each served by a worker.
-    fn start_with_queues(prefix: &'static str, services: &[Service], queues: u16) -> Scene {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml");
-        let mut text = std::fs::read_to_string(path).unwrap();
-        if queues > 1 {
-            // Every middlebox NIC (their MACs end in :04) gets the queues.
-            text = text.replace(
-                "mac = \"02:00:c6:12:01:04\"",
-                &format!("mac = \"02:00:c6:12:01:04\"\nqueues = {queues}"),
-            );
-            text = text.replace(
-                "mac = \"02:00:c6:12:02:04\"",
-                &format!("mac = \"02:00:c6:12:02:04\"\nqueues = {queues}"),
-            );
-        }
-        let topology = Topology::parse(&text).unwrap();
-        let _ = Testbed::down(prefix);
-        let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
-        let primary = bed.address("primary", "eth0").unwrap();
-        let replica = bed.address("replica", "eth1").unwrap();
-        let dir = std::env::temp_dir().join(format!("ncp-replication-xdp-{prefix}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("mb.sock");
-        let mut scene = Scene {
-            bed,
-            prefix,
-            socket,
-            dir,
-            middlebox: None,
-            children: Vec::new(),
-            primary,
-            replica,
-            queues,
-        };
-        // The network's part: frames for the primary leave the source toward the
-        // middlebox's production NIC.
-        let mac = scene.bed.mac("middlebox", "eth0").unwrap();
-        let mac = mac.map(|b| format!("{b:02x}")).join(":");
-        scene
-            .bed
-            .exec(
-                "source",
-                &[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    &primary.to_string(),
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ],
-            )
-            .unwrap();
-        // The userspace datapath needs a moment after the ports appear.
-        let mb0 = scene.bed.address("middlebox", "eth0").unwrap();
-        scene.ping("source", mb0);
-        scene.ping("middlebox", primary);
-        scene.ping("middlebox", replica);
-        scene.start_middlebox(services);
-        scene
-    }
-
-    fn config_toml(&self, services: &[Service]) -> String {
-        let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
-        let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
-        let queues = (0..self.queues)
-            .map(|q| format!("{{ queue = {q} }}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut text = format!(
-            r#"
-control_socket = "{socket}"
-poll = "{poll}"
-
-[limits]
-max_sessions = 2000
-max_buffer_bytes = 4294967296
-
-# Owned ports below the kernel's ephemeral range, so the kernel never picks them.
-[[interfaces]]
-name = "eth0"
-address = "{mb0}"
-ports = {{ first = 20000, last = 29999 }}
-queues = [{queues}]
-
-[[interfaces]]
-name = "eth1"
-address = "{mb1}"
-ports = {{ first = 20000, last = 29999 }}
-queues = [{queues}]
-"#,
-            socket = self.socket.display(),
-            poll = poll_mode(),
-        );
-        for s in services {
-            text.push_str(&format!(
-                r#"
-[[services]]
-name = "{name}"
-primary = "{primary}:{port}"
-clients = "198.18.1.0/24"
-replicas = [{replicas}]
-replica_interface = "eth1"
-replica_budget_bytes = {budget}
-connect_timeout_secs = 5
-"#,
-                name = s.name,
-                primary = self.primary,
-                replicas = if s.replicated {
-                    format!("\"{}:{}\"", self.replica, s.port)
-                } else {
-                    String::new()
-                },
-                port = s.port,
-                budget = s.replica_budget,
-            ));
-        }
-        text
-    }
-
-    fn start_middlebox(&mut self, services: &[Service]) {
-        let config = self.dir.join("mb.toml");
-        std::fs::write(&config, self.config_toml(services)).unwrap();
-        self.middlebox = Some(XdpMiddlebox::start(&self.bed, &config, &self.socket));
-    }
-
-    fn middlebox_pid(&self) -> u32 {
-        self.middlebox.as_ref().unwrap().pid()
-    }
-
-    fn try_stats(&self) -> Option<ReplicationStats> {
-        self.middlebox.as_ref()?.stats()
-    }
-
-    /// Stats once `done` holds, failing after [`PATIENCE`].
-    fn stats_when(&self, what: &str, done: impl Fn(&ReplicationStats) -> bool) -> ReplicationStats {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let s = self.try_stats();
-            if let Some(s) = s.as_ref().filter(|s| done(s)) {
-                return s.clone();
-            }
-            assert!(Instant::now() < deadline, "{what}: {s:#?}");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn ping(&self, host: &str, to: Ipv4Addr) {
-        let to = to.to_string();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Err(e) = self.bed.exec(host, &["ping", "-c", "1", "-W", "1", &to]) {
-            assert!(Instant::now() < deadline, "{host} cannot ping {to}: {e}");
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn spawn(&mut self, host: &str, argv: &[&str]) -> usize {
-        let child = self
-            .bed
-            .command(host, argv)
-            .unwrap()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        self.children.len() - 1
-    }
-
-    fn kill(&mut self, index: usize) {
-        let child = &mut self.children[index];
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// Waits until something listens on `port` in `host`.
-    fn wait_listening(&self, host: &str, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let filter = format!("sport = :{port}");
-        loop {
-            let out = self.bed.exec(host, &["ss", "-Hltn", &filter]).unwrap();
-            if !out.stdout.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nothing listens on {host}:{port}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops the middlebox with SIGTERM and expects a clean exit.
-    fn stop_middlebox(&mut self) {
-        self.middlebox.take().unwrap().stop();
-    }
-
-    /// A redis with nothing persisted and `DEBUG` allowed from its own host.
-    fn start_redis(&mut self, host: &str) -> usize {
-        let argv = redis::server_argv();
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let index = self.spawn(host, &argv);
-        redis::wait_ready(&self.bed, host);
-        index
-    }
-
-    /// One redis command against the server on `host` itself (not through the middlebox).
-    fn redis(&self, host: &str, args: &[&str]) -> String {
-        redis::cli(&self.bed, host, args)
-    }
-
-    /// `redis-cli --pipe` from the source to the primary's address: through the middlebox.
-    fn pipe_command(&self) -> Command {
-        redis::pipe_from_source(&self.bed, self.primary)
-    }
-}
-
-impl Drop for Scene {
-    fn drop(&mut self) {
-        drop(self.middlebox.take());
-        for child in &mut self.children {
-            // A stopped child must be resumed to die of SIGKILL promptly; harmless else.
-            if let Ok(pid) = i32::try_from(child.id()) {
-                // SAFETY: kill(2) on a child we started.
-                unsafe { libc::kill(pid, libc::SIGCONT) };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Err(e) = Testbed::down(self.prefix) {
-            eprintln!("test bed teardown failed: {e}");
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Runs a `redis-cli --pipe` command fed by `feed` and returns its output; fails if it
-/// fails or takes longer than two minutes.
-fn run_pipe(
-    mut command: Command,
-    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
-) -> String {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let feeder = thread::spawn(move || feed(stdin));
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let status = wait_bounded(&mut child, Duration::from_secs(120), "redis-cli --pipe");
-    let fed = feeder.join();
-    let out = reader.join().unwrap();
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    assert!(fed.is_ok(), "feeding redis-cli failed; it said: {out}{err}");
-    assert!(status.success(), "redis-cli --pipe failed: {out}{err}");
-    out
+/// The XDP scene serving `services`, with `queues` queues (and workers) on each
+/// middlebox NIC.
+fn start_scene(prefix: &'static str, services: &[Service], queues: u16) -> Scene {
+    let mut scene = Scene::network(Mode::Xdp, prefix, queues);
+    let config = scene.config(services, &xdp_settings());
+    scene.start_middlebox(&config);
+    scene
 }
 
 /// A digest sink: `socat` takes one connection on `port` and pipes it into `sha256sum`.
@@ -462,16 +173,17 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
         return;
     }
     let _serial = serial();
-    let mut scene = Scene::start(
+    let mut scene = start_scene(
         "nx1",
         &[
-            Service::new("iperf", IPERF_PORT),
-            Service::new("stream", STREAM_PORT),
+            service("iperf", IPERF_PORT),
+            service("stream", STREAM_PORT),
             Service {
                 replicated: false,
-                ..Service::new("plain", IPERF_PLAIN_PORT)
+                ..service("plain", IPERF_PLAIN_PORT)
             },
         ],
+        1,
     );
     let port = IPERF_PORT.to_string();
     for host in ["primary", "replica"] {
@@ -562,175 +274,18 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
     scene.stop_middlebox();
 }
 
-/// `total_connections_received` from `INFO stats`.
-fn connections_received(scene: &Scene, host: &str) -> u64 {
-    let info = scene.redis(host, &["INFO", "stats"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no total_connections_received in {info}"))
-}
-
 #[test]
 fn redis_workload_leaves_primary_and_replica_with_the_same_data() {
-    if !ncp_testbed::ready_or_skip(
-        "xdp replication redis",
-        &["ping", "redis-server", "redis-cli"],
-    ) {
-        return;
-    }
-    let _serial = serial();
-    let mut scene = Scene::start("nx2", &[Service::new("redis", redis::PORT)]);
-    scene.start_redis("primary");
-    scene.start_redis("replica");
-    let mb1 = scene.bed.address("middlebox", "eth1").unwrap();
-    let before = connections_received(&scene, "replica");
-    let workload = redis_workload(100_000, 0x5eed_1002);
-    let len = workload.len() as u64;
-
-    let started = Instant::now();
-    let pipe = {
-        let command = scene.pipe_command();
-        thread::spawn(move || {
-            run_pipe(command, move |mut stdin| {
-                stdin.write_all(&workload).unwrap()
-            })
-        })
-    };
-    // While the session runs, the replica's only remote client is the middlebox's
-    // replication address.
-    let s = scene.stats_when("session starts", |s| {
-        s.sessions_total == 1 && s.services[0].replicas[0].bytes_out > 0
-    });
-    let clients = scene.redis("replica", &["CLIENT", "LIST"]);
-    let remote: Vec<&str> = clients
-        .lines()
-        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")))
-        .filter(|a| !a.starts_with("127.0.0.1:"))
-        .collect();
-    let out = pipe.join().unwrap();
-    let elapsed = started.elapsed();
-    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
-    let _ = s;
-    assert!(
-        remote.iter().all(|a| a.starts_with(&format!("{mb1}:"))),
-        "replica clients: {clients}"
+    scenarios::redis_workload_leaves_primary_and_replica_with_the_same_data(
+        Mode::Xdp,
+        "nx2",
+        0x5eed_1002,
     );
-
-    let s = scene.stats_when("session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0 && s.lingering_connections == 0
-    });
-    let svc = &s.services[0];
-    // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
-    assert!(svc.primary_bytes_out >= len, "{s:#?}");
-    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
-    assert_eq!(svc.replicas[0].bytes_out, svc.primary_bytes_out, "{s:#?}");
-    assert_eq!(svc.detached.total(), 0, "{s:#?}");
-
-    // Connections the replica took since `before`: the middlebox's, the CLIENT LIST
-    // above and the INFO below (counted while it runs).
-    let after = connections_received(&scene, "replica");
-    let from_middlebox = after - before - 2;
-    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
-    while replica != primary && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(200));
-        replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
-    }
-    let keys = scene.redis("primary", &["DBSIZE"]);
-    eprintln!(
-        "xdp redis: 100000 commands ({len} bytes) in {elapsed:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {primary} replica {replica}; replica connections during the run {} (remote clients seen: {remote:?})",
-        from_middlebox
-    );
-    assert_eq!(
-        from_middlebox, 1,
-        "someone besides the middlebox talked to the replica"
-    );
-    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
-    assert_ne!(primary, "0".repeat(40), "primary is empty");
-    assert_eq!(primary, replica);
-    scene.stop_middlebox();
 }
 
 #[test]
 fn killed_replica_is_detached_and_the_primary_completes() {
-    if !ncp_testbed::ready_or_skip(
-        "xdp replication replica killed",
-        &["ping", "redis-server", "redis-cli"],
-    ) {
-        return;
-    }
-    let _serial = serial();
-    let mut scene = Scene::start("nx3", &[Service::new("redis", redis::PORT)]);
-    scene.start_redis("primary");
-    let replica_redis = scene.start_redis("replica");
-    let workload = redis_workload(100_000, 0x5eed_1003);
-    let len = workload.len() as u64;
-    // Cut at a command boundary: the first half is whole commands.
-    let half = workload
-        .windows(3)
-        .enumerate()
-        .skip(workload.len() / 2)
-        .find(|(_, w)| w == b"\n*2" || w == b"\n*3" || w == b"\n*4")
-        .map(|(i, _)| i + 1)
-        .unwrap();
-    let (killed_tx, killed_rx) = mpsc::channel::<()>();
-    let body = workload.clone();
-    let pipe = {
-        let command = scene.pipe_command();
-        thread::spawn(move || {
-            run_pipe(command, move |mut stdin| {
-                stdin.write_all(&body[..half]).unwrap();
-                stdin.flush().unwrap();
-                killed_rx.recv_timeout(PATIENCE).unwrap();
-                stdin.write_all(&body[half..]).unwrap();
-            })
-        })
-    };
-    let s = scene.stats_when("first half reaches the replica", |s| {
-        s.services[0].replicas[0].bytes_out >= half as u64
-    });
-    assert_eq!(s.sessions_active, 1);
-    scene.kill(replica_redis);
-    killed_tx.send(()).unwrap();
-    let out = pipe.join().unwrap();
-    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
-
-    let s = scene.stats_when("session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0
-    });
-    let svc = &s.services[0];
-    assert!(svc.primary_bytes_out >= len, "{s:#?}");
-    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
-    assert_eq!(svc.replicas[0].detached.total(), 1, "{s:#?}");
-    assert!(svc.replicas[0].bytes_out < svc.primary_bytes_out, "{s:#?}");
-    assert_eq!(svc.primary_failures, 0);
-
-    // Reference: the same workload straight into a fresh redis on the replica host.
-    scene.start_redis("replica");
-    let port = redis::PORT.to_string();
-    let direct = scene
-        .bed
-        .command(
-            "replica",
-            &["redis-cli", "-h", "127.0.0.1", "-p", &port, "--pipe"],
-        )
-        .unwrap();
-    let reference = workload;
-    let out = run_pipe(direct, move |mut stdin| {
-        stdin.write_all(&reference).unwrap()
-    });
-    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
-    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
-    let expected = scene.redis("replica", &["DEBUG", "DIGEST"]);
-    eprintln!(
-        "xdp replica killed: detached {:?}, replica was handed {} of {len} bytes; digest primary {primary} reference {expected}",
-        svc.replicas[0].detached, svc.replicas[0].bytes_out,
-    );
-    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
-    assert_eq!(primary, expected, "primary differs from a direct run");
-    scene.stop_middlebox();
+    scenarios::killed_replica_is_detached_and_the_primary_completes(Mode::Xdp, "nx3", 0x5eed_1003);
 }
 
 /// A server in `host`'s namespace taking one connection and counting its bytes.
@@ -787,13 +342,7 @@ fn stalled_replica_neither_slows_the_primary_nor_grows_memory() {
     let _serial = serial();
     const BUDGET: u64 = 16 << 20;
     const LEN: usize = 256 << 20;
-    let mut scene = Scene::start(
-        "nx4",
-        &[Service {
-            replica_budget: BUDGET,
-            ..Service::new("stream", STREAM_PORT)
-        }],
-    );
+    let mut scene = start_scene("nx4", &[service("stream", STREAM_PORT).budget(BUDGET)], 1);
     let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
     let port = STREAM_PORT.to_string();
     let listen = format!("TCP-LISTEN:{port},reuseaddr");
@@ -872,55 +421,7 @@ fn stalled_replica_neither_slows_the_primary_nor_grows_memory() {
 
 #[test]
 fn refusing_primary_resets_clients_promptly_and_leaves_no_session() {
-    if !ncp_testbed::ready_or_skip("xdp replication primary refusing", &["ping"]) {
-        return;
-    }
-    let _serial = serial();
-    // Nothing listens on this port, on the primary or on the replica.
-    let scene = Scene::start("nx5", &[Service::new("closed", CLOSED_PORT)]);
-    let to = SocketAddrV4::new(scene.primary, CLOSED_PORT);
-    const CONNECTIONS: usize = 1000;
-    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
-        let mut slowest = Duration::ZERO;
-        let started = Instant::now();
-        for i in 0..CONNECTIONS {
-            let t = Instant::now();
-            let outcome = match TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)) {
-                Err(e) => e.kind(),
-                Ok(mut s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                    match s.read(&mut [0; 64]) {
-                        Ok(n) => panic!("connection {i}: read {n} bytes instead of a reset"),
-                        Err(e) => e.kind(),
-                    }
-                }
-            };
-            assert!(
-                matches!(
-                    outcome,
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
-                ),
-                "connection {i}: {outcome:?}"
-            );
-            slowest = slowest.max(t.elapsed());
-        }
-        (started.elapsed(), slowest)
-    });
-    let (total, slowest) = client.join().unwrap();
-    let s = scene.stats_when("all sessions end", |s| {
-        s.sessions_total == CONNECTIONS as u64 && s.sessions_active == 0
-    });
-    let svc = &s.services[0];
-    eprintln!(
-        "xdp primary refusing: {CONNECTIONS} connections reset in {total:.2?} (slowest {slowest:.2?}); sessions active {}, primary failures {}, replica detaches {:?}, lingering {}",
-        s.sessions_active, svc.primary_failures, svc.replicas[0].detached, s.lingering_connections
-    );
-    assert!(slowest < Duration::from_secs(2), "a reset took {slowest:?}");
-    assert_eq!(svc.primary_failures, CONNECTIONS as u64, "{s:#?}");
-    assert_eq!(s.sessions_refused, 0, "{s:#?}");
-    assert_eq!(svc.primary_bytes_out, 0);
-    let mut scene = scene;
-    scene.stop_middlebox();
+    scenarios::refusing_primary_resets_clients_promptly_and_leaves_no_session(Mode::Xdp, "nx5");
 }
 
 /// Not a test: brings up the scene of the iperf3 test and keeps it for
@@ -932,56 +433,16 @@ fn manual_scene() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
-    let mut scene = Scene::start("nx9", &[Service::new("iperf", IPERF_PORT)]);
+    let mut scene = start_scene("nx9", &[service("iperf", IPERF_PORT)], 1);
     let port = IPERF_PORT.to_string();
     for host in ["primary", "replica"] {
         scene.spawn(host, &["iperf3", "-s", "-p", &port]);
     }
     eprintln!(
         "manual scene up for {secs} s; control socket {}",
-        scene.socket.display()
+        scene.control_socket().display()
     );
     thread::sleep(Duration::from_secs(secs));
-}
-
-/// A server in `host`'s namespace taking `count` connections: each is read to its end
-/// in its own thread and answered with its length; returns the streams.
-fn many_shot_server(
-    bed: &Testbed,
-    host: &str,
-    port: u16,
-    count: usize,
-) -> JoinHandle<Vec<Vec<u8>>> {
-    let (ready, bound) = mpsc::channel();
-    let server = in_netns(&bed.netns(host).unwrap(), move || {
-        // A backlog for the whole burst: std's 128 sends the kernel into SYN cookies
-        // under 200 simultaneous connections, which lose the window scale and reset
-        // some of them: a property of the server, not of what is under test.
-        let listener =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        listener.set_reuse_address(true).unwrap();
-        listener
-            .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
-            .unwrap();
-        listener.listen(1024).unwrap();
-        let listener = TcpListener::from(listener);
-        ready.send(()).unwrap();
-        let handlers: Vec<JoinHandle<Vec<u8>>> = (0..count)
-            .map(|_| {
-                let (mut s, _) = listener.accept().unwrap();
-                thread::spawn(move || {
-                    s.set_read_timeout(Some(PATIENCE)).unwrap();
-                    let mut all = Vec::new();
-                    s.read_to_end(&mut all).unwrap();
-                    let _ = s.write_all(format!("{}\n", all.len()).as_bytes());
-                    all
-                })
-            })
-            .collect();
-        handlers.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    bound.recv_timeout(PATIENCE).unwrap();
-    server
 }
 
 #[test]
@@ -1021,16 +482,16 @@ fn syn_storm_of_concurrent_sessions() {
 
 /// 200 clients through the middlebox (`queues` workers per NIC), each stream checked at
 /// the primary and the replica. Returns the final stats.
-fn concurrent_sessions(prefix: &'static str, stagger: Duration, queues: u16) -> ReplicationStats {
+fn concurrent_sessions(prefix: &'static str, stagger: Duration, queues: u16) -> Counters {
     if !ncp_testbed::ready_or_skip("xdp replication concurrent sessions", &["ping"]) {
-        return ReplicationStats::default();
+        return Counters::default();
     }
     let _serial = serial();
     const SESSIONS: usize = 200;
     const EACH: usize = 64 << 10;
-    let scene = Scene::start_with_queues(prefix, &[Service::new("many", STREAM_PORT)], queues);
-    let primary = many_shot_server(&scene.bed, "primary", STREAM_PORT, SESSIONS);
-    let replica = many_shot_server(&scene.bed, "replica", STREAM_PORT, SESSIONS);
+    let scene = start_scene(prefix, &[service("many", STREAM_PORT)], queues);
+    let primary = many_shot_server(&scene.bed, "primary", STREAM_PORT, SESSIONS, "");
+    let replica = many_shot_server(&scene.bed, "replica", STREAM_PORT, SESSIONS, "");
     let to = SocketAddrV4::new(scene.primary, STREAM_PORT);
     let netns = scene.bed.netns("source").unwrap();
     let started = Instant::now();

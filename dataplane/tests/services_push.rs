@@ -7,36 +7,36 @@
     reason = "test code: a failed step should fail the test"
 )]
 
+mod support;
+
+use support::{
+    XdpMiddlebox,
+    scene::{paper_bed, steer_to_middlebox, wait_listening},
+};
+
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use ncp_dataplane::{
     config::{SERVICE_RULE_ID_BASE, ServiceConfig},
     control::{self, Request, Response},
 };
-use ncp_testbed::{Mac, Testbed, Topology, UpOptions, workload};
+use ncp_testbed::{Testbed, workload};
 
-const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 const PREFIX: &str = "nsp";
 const PORT: u16 = 7100;
 
+/// The test bed and the middlebox (stopped with SIGTERM on drop), torn down on drop.
 struct Scene {
     bed: Testbed,
-    children: Vec<Child>,
+    middlebox: Option<XdpMiddlebox>,
 }
 
 impl Drop for Scene {
     fn drop(&mut self) {
-        for child in self.children.iter_mut().rev() {
-            // SAFETY: signals our own child by pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            std::thread::sleep(Duration::from_millis(200));
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.middlebox.take());
         let _ = Testbed::down(PREFIX);
         let _ = std::fs::remove_dir_all(format!("/tmp/ncp-{PREFIX}"));
     }
@@ -63,17 +63,13 @@ fn sha256_sink(bed: &Testbed, host: &str) -> Child {
 
 #[test]
 fn services_pushed_at_run_time_are_replicated_and_removable() {
-    if !ncp_testbed::ready_or_skip("services push", &["socat", "sha256sum"]) {
+    if !ncp_testbed::ready_or_skip("services push", &["socat", "sha256sum", "ss"]) {
         return;
     }
-    let topology =
-        Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
-            .unwrap();
-    let _ = Testbed::down(PREFIX);
-    let bed = Testbed::up(&topology, &UpOptions::with_prefix(PREFIX)).unwrap();
+    let bed = paper_bed(PREFIX, 1);
     let mut scene = Scene {
         bed,
-        children: Vec::new(),
+        middlebox: None,
     };
     let mb0 = scene.bed.address("middlebox", "eth0").unwrap();
     let mb1 = scene.bed.address("middlebox", "eth1").unwrap();
@@ -91,25 +87,7 @@ fn services_pushed_at_run_time_are_replicated_and_removable() {
         ),
     )
     .unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &scene.bed.netns("middlebox").unwrap(),
-            MIDDLEBOX,
-            "run",
-            "--config",
-        ])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    scene.children.push(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while control::call(&socket, &Request::Services).is_err() {
-        assert!(Instant::now() < deadline, "middlebox never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    scene.middlebox = Some(XdpMiddlebox::start_answering(&scene.bed, &config, &socket));
     assert_eq!(
         call(&socket, Request::Services),
         Response::Services { services: vec![] }
@@ -175,28 +153,11 @@ fn services_pushed_at_run_time_are_replicated_and_removable() {
     }
 
     // Real bytes through it: the source talks to the primary's address via the middlebox.
-    let mb_mac = Mac(scene.bed.mac("middlebox", "eth0").unwrap()).to_string();
-    scene
-        .bed
-        .exec(
-            "source",
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &primary.to_string(),
-                "lladdr",
-                &mb_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        )
-        .unwrap();
+    steer_to_middlebox(&scene.bed, primary);
     let primary_sink = sha256_sink(&scene.bed, "primary");
     let replica_sink = sha256_sink(&scene.bed, "replica");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_listening(&scene.bed, "primary", PORT);
+    wait_listening(&scene.bed, "replica", PORT);
     let data = workload::seeded_bytes(0x5e41, 4 << 20);
     let file = Path::new(&dir).join("data.bin");
     std::fs::write(&file, &data).unwrap();

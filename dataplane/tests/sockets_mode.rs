@@ -26,36 +26,30 @@
 
 mod support;
 
-use support::{in_netns, redis, serial, wait_bounded};
+use support::{
+    PATIENCE, in_netns, scenarios,
+    scene::{Mode, Scene, Service},
+    serial,
+    streams::{exchange, many_shot_server, one_shot_server, send_stream},
+    wait_bounded,
+};
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-    thread::{self, JoinHandle},
+    io::Write,
+    net::SocketAddrV4,
+    process::{Command, Stdio},
+    sync::Arc,
+    thread,
     time::{Duration, Instant},
 };
 
 use ncp_dataplane::{
-    config::Config,
     control::{self, Request, Response},
-    sockets::{self, SocketsStats, StatsHandle},
+    sockets::SocketsStats,
 };
-use ncp_testbed::{
-    Testbed, Topology, UpOptions,
-    workload::{redis_writes as redis_workload, seeded_bytes},
-};
+use ncp_testbed::{Testbed, workload::seeded_bytes};
 
 const STREAM_PORT: u16 = 5001;
-const CLOSED_PORT: u16 = 7000;
-/// Upper bound for anything a test waits on.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 fn sha256(data: &[u8]) -> String {
     let mut child = Command::new("sha256sum")
@@ -75,324 +69,12 @@ fn sha256(data: &[u8]) -> String {
         .to_owned()
 }
 
-/// The paper test bed, the redirect toward the middlebox and a running relay; everything
-/// (relay, servers started through [`Scene::spawn`], namespaces, bridges) goes on drop.
-struct Scene {
-    bed: Testbed,
-    prefix: &'static str,
-    stop: Arc<AtomicBool>,
-    stats: StatsHandle,
-    relay: Option<JoinHandle<anyhow::Result<()>>>,
-    children: Vec<Child>,
-    primary: Ipv4Addr,
-}
-
-impl Scene {
-    /// Brings the bed up and starts the relay (in this process) for one service on
-    /// `port`, replicated to the replica's replication-network address.
-    fn start(prefix: &'static str, port: u16) -> Scene {
-        Scene::start_with_budget(prefix, port, 64 << 20)
-    }
-
-    /// [`Scene::start`] with the replica budget given: each session reserves about its
-    /// size from the worker's 1 GiB, so many parallel sessions need a smaller one.
-    fn start_with_budget(prefix: &'static str, port: u16, replica_budget: u64) -> Scene {
-        let mut scene = Scene::network(prefix);
-        let config = scene.config_toml(port, "").replace(
-            "replica_budget_bytes = 67108864",
-            &format!("replica_budget_bytes = {replica_budget}"),
-        );
-        let config = Config::parse(&config).unwrap();
-        let (stop, stats) = (Arc::clone(&scene.stop), scene.stats.clone());
-        let netns = scene.bed.netns("middlebox").unwrap();
-        scene.relay = Some(in_netns(&netns, move || {
-            sockets::run(&config, stop, &stats)
-        }));
-        let deadline = Instant::now() + PATIENCE;
-        while !scene.nft_table_present() || scene.stats.snapshot().workers == 0 {
-            assert!(
-                !scene.relay.as_ref().unwrap().is_finished(),
-                "relay exited at start: {:?}",
-                scene.relay.take().unwrap().join()
-            );
-            assert!(Instant::now() < deadline, "relay did not come up");
-            thread::sleep(Duration::from_millis(50));
-        }
-        scene
-    }
-
-    /// The test bed and the steering toward the middlebox, no relay yet.
-    fn network(prefix: &'static str) -> Scene {
-        let topology =
-            Topology::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml"))
-                .unwrap();
-        let _ = Testbed::down(prefix);
-        let bed = Testbed::up(&topology, &UpOptions::with_prefix(prefix)).unwrap();
-        let primary = bed.address("primary", "eth0").unwrap();
-        let replica = bed.address("replica", "eth1").unwrap();
-        let mb0 = bed.address("middlebox", "eth0").unwrap();
-        let scene = Scene {
-            bed,
-            prefix,
-            stop: Arc::new(AtomicBool::new(false)),
-            stats: StatsHandle::new(),
-            relay: None,
-            children: Vec::new(),
-            primary,
-        };
-
-        // The network's part: frames for the primary leave the source toward the
-        // middlebox's production NIC (the controller's redirect rule in production).
-        let mac = scene.bed.mac("middlebox", "eth0").unwrap();
-        let mac = mac.map(|b| format!("{b:02x}")).join(":");
-        scene
-            .bed
-            .exec(
-                "source",
-                &[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    &primary.to_string(),
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ],
-            )
-            .unwrap();
-        // The userspace datapath needs a moment after the ports appear.
-        scene.ping("source", mb0);
-        scene.ping("middlebox", primary);
-        scene.ping("middlebox", replica);
-
-        scene
-    }
-
-    /// Configuration of one service on `port` (plus `extra` top-level lines).
-    fn config_toml(&self, port: u16, extra: &str) -> String {
-        let address = |host: &str, iface: &str| self.bed.address(host, iface).unwrap();
-        let (mb0, mb1) = (address("middlebox", "eth0"), address("middlebox", "eth1"));
-        let (primary, replica) = (self.primary, address("replica", "eth1"));
-        format!(
-            r#"{extra}
-[[interfaces]]
-name = "eth0"
-address = "{mb0}"
-queues = [{{ queue = 0 }}]
-
-[[interfaces]]
-name = "eth1"
-address = "{mb1}"
-queues = [{{ queue = 0 }}]
-
-[[services]]
-name = "svc"
-primary = "{primary}:{port}"
-clients = "198.18.1.0/24"
-replicas = ["{replica}:{port}"]
-replica_interface = "eth1"
-replica_budget_bytes = 67108864
-connect_timeout_secs = 5
-"#
-        )
-    }
-
-    fn nft_table_present(&self) -> bool {
-        self.bed
-            .exec("middlebox", &["nft", "list", "table", "ip", "ncp_sockets"])
-            .is_ok()
-    }
-
-    fn ping(&self, host: &str, to: Ipv4Addr) {
-        let to = to.to_string();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Err(e) = self.bed.exec(host, &["ping", "-c", "1", "-W", "1", &to]) {
-            assert!(Instant::now() < deadline, "{host} cannot ping {to}: {e}");
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn spawn(&mut self, host: &str, argv: &[&str]) -> usize {
-        let child = self
-            .bed
-            .command(host, argv)
-            .unwrap()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        self.children.len() - 1
-    }
-
-    /// Kills one child started with [`Scene::spawn`] (by its pid, via `Child::kill`).
-    fn kill(&mut self, index: usize) {
-        let child = &mut self.children[index];
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// Stats once `done` holds, failing after [`PATIENCE`].
-    fn stats_when(&self, what: &str, done: impl Fn(&SocketsStats) -> bool) -> SocketsStats {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let s = self.stats.snapshot();
-            if done(&s) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "{what}: {s:#?}");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops the relay and checks that it cleaned up its nftables table.
-    fn stop_relay(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(relay) = self.relay.take() {
-            relay.join().unwrap().unwrap();
-        }
-        assert!(!self.nft_table_present(), "nftables table left after stop");
-    }
-
-    /// A redis with nothing persisted and `DEBUG` allowed from its own host.
-    fn start_redis(&mut self, host: &str) -> usize {
-        let argv = redis::server_argv();
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let index = self.spawn(host, &argv);
-        redis::wait_ready(&self.bed, host);
-        index
-    }
-
-    /// One redis command against the server on `host` itself (not through the middlebox).
-    fn redis(&self, host: &str, args: &[&str]) -> String {
-        redis::cli(&self.bed, host, args)
-    }
-
-    /// `redis-cli --pipe` from the source to the primary's address: through the middlebox.
-    fn pipe_command(&self) -> Command {
-        redis::pipe_from_source(&self.bed, self.primary)
-    }
-}
-
-/// Runs a `redis-cli --pipe` command fed by `feed` (which gets its stdin) and returns its
-/// output; fails if it fails or takes longer than three minutes.
-fn run_pipe(
-    mut command: Command,
-    feed: impl FnOnce(std::process::ChildStdin) + Send + 'static,
-) -> String {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let feeder = thread::spawn(move || feed(stdin));
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let status = wait_bounded(&mut child, Duration::from_secs(180), "redis-cli --pipe");
-    let fed = feeder.join();
-    let out = reader.join().unwrap();
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    assert!(fed.is_ok(), "feeding redis-cli failed; it said: {out}{err}");
-    assert!(status.success(), "redis-cli --pipe failed: {out}{err}");
-    out
-}
-
-impl Drop for Scene {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(relay) = self.relay.take() {
-            let _ = relay.join();
-        }
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Err(e) = Testbed::down(self.prefix) {
-            eprintln!("test bed teardown failed: {e}");
-        }
-    }
-}
-
-/// A server in `host`'s namespace taking one connection: it reads the whole stream,
-/// answers `<tag> <length>` and returns what it read. Ready when the function returns.
-fn one_shot_server(bed: &Testbed, host: &str, port: u16, tag: &'static str) -> JoinHandle<Vec<u8>> {
-    let (ready, bound) = mpsc::channel();
-    let server = in_netns(&bed.netns(host).unwrap(), move || {
-        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
-        ready.send(()).unwrap();
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut all = Vec::new();
-        s.read_to_end(&mut all).unwrap();
-        let _ = s.write_all(format!("{tag} {}\n", all.len()).as_bytes());
-        all
-    });
-    bound.recv_timeout(PATIENCE).unwrap();
-    server
-}
-
-/// A server in `host`'s namespace taking `count` connections at once: each is read to
-/// its end and answered `<tag> <length>`; returns the streams in arrival order.
-fn many_shot_server(
-    bed: &Testbed,
-    host: &str,
-    port: u16,
-    count: usize,
-    tag: &'static str,
-) -> JoinHandle<Vec<Vec<u8>>> {
-    let (ready, bound) = mpsc::channel();
-    let server = in_netns(&bed.netns(host).unwrap(), move || {
-        let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
-        ready.send(()).unwrap();
-        let handlers: Vec<JoinHandle<Vec<u8>>> = (0..count)
-            .map(|_| {
-                let (mut s, _) = listener.accept().unwrap();
-                thread::spawn(move || {
-                    s.set_read_timeout(Some(PATIENCE)).unwrap();
-                    let mut all = Vec::new();
-                    s.read_to_end(&mut all).unwrap();
-                    let _ = s.write_all(format!("{tag} {}\n", all.len()).as_bytes());
-                    all
-                })
-            })
-            .collect();
-        handlers.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    bound.recv_timeout(PATIENCE).unwrap();
-    server
-}
-
-/// From `host`: sends `data` to `to`, half-closes, reads the answer to the end. Returns
-/// the answer and the time from connect to the server's close.
-fn send_stream(
-    bed: &Testbed,
-    host: &str,
-    to: SocketAddrV4,
-    data: Arc<Vec<u8>>,
-) -> (String, Duration) {
-    in_netns(&bed.netns(host).unwrap(), move || {
-        let started = Instant::now();
-        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s.set_write_timeout(Some(PATIENCE)).unwrap();
-        s.write_all(&data).unwrap();
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        (answer, started.elapsed())
-    })
-    .join()
-    .unwrap()
+/// The sockets-mode scene of one service on `port` with the given replica budget: each
+/// session reserves about its size from the worker's 1 GiB, so many parallel sessions need
+/// a smaller one than the usual 64 MiB.
+fn start_scene(prefix: &'static str, port: u16, replica_budget: u64) -> Scene {
+    let service = Service::new("svc", port).budget(replica_budget);
+    Scene::start(Mode::Sockets, prefix, &[service], "")
 }
 
 /// From the source: all `streams` to `to` at once, each half-closed and answered
@@ -409,17 +91,7 @@ fn send_parallel(
         .iter()
         .map(|data| {
             let data = Arc::clone(data);
-            in_netns(&netns, move || {
-                let mut s =
-                    TcpStream::connect_timeout(&to.into(), Duration::from_secs(10)).unwrap();
-                s.set_read_timeout(Some(PATIENCE)).unwrap();
-                s.set_write_timeout(Some(PATIENCE)).unwrap();
-                s.write_all(&data).unwrap();
-                s.shutdown(Shutdown::Write).unwrap();
-                let mut answer = String::new();
-                s.read_to_string(&mut answer).unwrap();
-                answer
-            })
+            in_netns(&netns, move || exchange(to, &data))
         })
         .collect();
     for c in clients {
@@ -438,7 +110,7 @@ fn byte_stream_reaches_primary_and_replica_identically() {
         return;
     }
     let _serial = serial();
-    let scene = Scene::start("nso1", STREAM_PORT);
+    let scene = start_scene("nso1", STREAM_PORT, 64 << 20);
     let primary_server = one_shot_server(&scene.bed, "primary", STREAM_PORT, "primary");
     let replica_server = one_shot_server(&scene.bed, "replica", STREAM_PORT, "replica");
 
@@ -488,200 +160,33 @@ fn byte_stream_reaches_primary_and_replica_identically() {
     // One relay thread: eth1 only carries the relay's own connections to the replica.
     assert_eq!(s.workers, 1);
     let mut scene = scene;
-    scene.stop_relay();
+    scene.stop_middlebox();
 }
 
 #[test]
 fn redis_workload_leaves_primary_and_replica_with_the_same_data() {
-    if !ncp_testbed::ready_or_skip(
-        "sockets redis",
-        &["nft", "ping", "redis-server", "redis-cli"],
-    ) {
-        return;
-    }
-    let _serial = serial();
-    let mut scene = Scene::start("nso2", redis::PORT);
-    scene.start_redis("primary");
-    scene.start_redis("replica");
-    let workload = redis_workload(100_000, 0x5eed_0002);
-    let len = workload.len() as u64;
-
-    let started = Instant::now();
-    let out = run_pipe(scene.pipe_command(), move |mut stdin| {
-        stdin.write_all(&workload).unwrap();
-    });
-    let elapsed = started.elapsed();
-    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
-
-    // The replica's connection lingers after the session until the replica closes it.
-    let s = scene.stats_when("session ends and its sockets are closed", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0 && s.lingering_sockets == 0
-    });
-    let svc = &s.services[0];
-    // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
-    assert!(svc.primary_bytes_out >= len, "{s:#?}");
-    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
-    assert_eq!(svc.replicas[0].bytes_out, svc.primary_bytes_out, "{s:#?}");
-    assert_eq!(svc.detached.total(), 0, "{s:#?}");
-
-    // The replica processes on its own schedule: give it a moment to catch up.
-    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
-    while replica != primary && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(200));
-        replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
-    }
-    let keys = scene.redis("primary", &["DBSIZE"]);
-    eprintln!(
-        "sockets redis: 100000 commands ({len} bytes) in {elapsed:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {primary} replica {replica}"
+    scenarios::redis_workload_leaves_primary_and_replica_with_the_same_data(
+        Mode::Sockets,
+        "nso2",
+        0x5eed_0002,
     );
-    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
-    assert_ne!(primary, "0".repeat(40), "primary is empty");
-    assert_eq!(primary, replica);
-    scene.stop_relay();
 }
 
 #[test]
 fn killed_replica_is_detached_and_the_primary_completes() {
-    if !ncp_testbed::ready_or_skip(
-        "sockets replica killed",
-        &["nft", "ping", "redis-server", "redis-cli"],
-    ) {
-        return;
-    }
-    let _serial = serial();
-    let mut scene = Scene::start("nso3", redis::PORT);
-    scene.start_redis("primary");
-    let replica_redis = scene.start_redis("replica");
-    let workload = redis_workload(100_000, 0x5eed_0003);
-    let len = workload.len() as u64;
-    // Cut at a command boundary: the first half is whole commands.
-    let half = workload
-        .windows(3)
-        .enumerate()
-        .skip(workload.len() / 2)
-        .find(|(_, w)| w == b"\n*2" || w == b"\n*3" || w == b"\n*4")
-        .map(|(i, _)| i + 1)
-        .unwrap();
-
-    // The feeder sends the first half, waits until the replica is dead, sends the rest.
-    let (killed_tx, killed_rx) = mpsc::channel::<()>();
-    let body = workload.clone();
-    let pipe = {
-        let command = scene.pipe_command();
-        thread::spawn(move || {
-            run_pipe(command, move |mut stdin| {
-                stdin.write_all(&body[..half]).unwrap();
-                stdin.flush().unwrap();
-                killed_rx.recv_timeout(PATIENCE).unwrap();
-                stdin.write_all(&body[half..]).unwrap();
-            })
-        })
-    };
-    // Kill the replica once it has been handed the whole first half: mid-session for sure.
-    let s = scene.stats_when("first half reaches the replica", |s| {
-        s.services[0].replicas[0].bytes_out >= half as u64
-    });
-    assert_eq!(s.sessions_active, 1);
-    scene.kill(replica_redis);
-    killed_tx.send(()).unwrap();
-    let out = pipe.join().unwrap();
-    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
-
-    let s = scene.stats_when("session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0
-    });
-    let svc = &s.services[0];
-    assert!(svc.primary_bytes_out >= len, "{s:#?}");
-    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
-    assert_eq!(svc.replicas[0].detached.total(), 1, "{s:#?}");
-    assert!(svc.replicas[0].bytes_out < len, "{s:#?}");
-    assert_eq!(svc.primary_failures, 0);
-
-    // Reference: the same workload straight into a fresh redis on the replica host.
-    scene.start_redis("replica");
-    let port = redis::PORT.to_string();
-    let direct = scene
-        .bed
-        .command(
-            "replica",
-            &["redis-cli", "-h", "127.0.0.1", "-p", &port, "--pipe"],
-        )
-        .unwrap();
-    let reference = workload;
-    let out = run_pipe(direct, move |mut stdin| {
-        stdin.write_all(&reference).unwrap();
-    });
-    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
-    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
-    let expected = scene.redis("replica", &["DEBUG", "DIGEST"]);
-    eprintln!(
-        "sockets replica killed: detached {:?}, replica was handed {} of {len} bytes; DBSIZE {}; digest primary {primary} reference {expected}",
-        svc.replicas[0].detached,
-        svc.replicas[0].bytes_out,
-        scene.redis("primary", &["DBSIZE"]),
+    scenarios::killed_replica_is_detached_and_the_primary_completes(
+        Mode::Sockets,
+        "nso3",
+        0x5eed_0003,
     );
-    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
-    assert_eq!(primary, expected, "primary differs from a direct run");
-    scene.stop_relay();
 }
 
 #[test]
 fn refusing_primary_resets_clients_promptly_and_leaves_no_session() {
-    if !ncp_testbed::ready_or_skip("sockets primary refusing", &["nft", "ping"]) {
-        return;
-    }
-    let _serial = serial();
-    // Nothing listens on this port, on the primary or on the replica.
-    let mut scene = Scene::start("nso4", CLOSED_PORT);
-    let to = SocketAddrV4::new(scene.primary, CLOSED_PORT);
-    const CONNECTIONS: usize = 1000;
-    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
-        let mut slowest = Duration::ZERO;
-        let started = Instant::now();
-        for i in 0..CONNECTIONS {
-            let t = Instant::now();
-            let outcome = match TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)) {
-                Err(e) => e.kind(),
-                Ok(mut s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                    match s.read(&mut [0; 64]) {
-                        Ok(n) => panic!("connection {i}: read {n} bytes instead of a reset"),
-                        Err(e) => e.kind(),
-                    }
-                }
-            };
-            assert!(
-                matches!(
-                    outcome,
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
-                ),
-                "connection {i}: {outcome:?}"
-            );
-            slowest = slowest.max(t.elapsed());
-        }
-        (started.elapsed(), slowest)
-    });
-    let (total, slowest) = client.join().unwrap();
-    eprintln!(
-        "sockets primary refusing: {CONNECTIONS} connections reset in {total:.2?} (slowest {slowest:.2?})"
+    scenarios::refusing_primary_resets_clients_promptly_and_leaves_no_session(
+        Mode::Sockets,
+        "nso4",
     );
-    assert!(slowest < Duration::from_secs(2), "a reset took {slowest:?}");
-
-    let s = scene.stats_when("all sessions end", |s| {
-        s.sessions_total == CONNECTIONS as u64 && s.sessions_active == 0
-    });
-    let svc = &s.services[0];
-    assert_eq!(svc.primary_failures, CONNECTIONS as u64, "{s:#?}");
-    assert_eq!(s.sessions_refused, 0);
-    assert_eq!(svc.primary_bytes_out, 0);
-    assert_eq!(
-        svc.replicas[0].detached.total(),
-        CONNECTIONS as u64,
-        "every replica connection was refused too: {s:#?}"
-    );
-    scene.stop_relay();
 }
 
 #[test]
@@ -690,13 +195,11 @@ fn middlebox_binary_runs_sockets_mode_with_stats_and_cleans_up_on_sigterm() {
         return;
     }
     let _serial = serial();
-    let mut scene = Scene::network("nso5");
-    let dir = std::env::temp_dir().join("ncp-sockets-nso5");
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("mb.sock");
-    let config = dir.join("mb.toml");
-    let extra = format!("control_socket = \"{}\"", socket.display());
-    std::fs::write(&config, scene.config_toml(STREAM_PORT, &extra)).unwrap();
+    let mut scene = Scene::network(Mode::Sockets, "nso5", 1);
+    let socket = scene.control_socket();
+    let config = scene.dir.join("mb.toml");
+    let service = Service::new("svc", STREAM_PORT).budget(64 << 20);
+    std::fs::write(&config, scene.config(&[service], "")).unwrap();
     let middlebox = scene.spawn(
         "middlebox",
         &[
@@ -759,7 +262,6 @@ fn middlebox_binary_runs_sockets_mode_with_stats_and_cleans_up_on_sigterm() {
         !scene.nft_table_present(),
         "nftables table left after SIGTERM"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -770,7 +272,7 @@ fn parallel_streams_are_each_replicated_intact() {
     let _serial = serial();
     const STREAMS: usize = 32;
     const EACH: usize = 1 << 20;
-    let mut scene = Scene::start_with_budget("nso6", STREAM_PORT, 4 << 20);
+    let mut scene = start_scene("nso6", STREAM_PORT, 4 << 20);
     let primary_server = many_shot_server(&scene.bed, "primary", STREAM_PORT, STREAMS, "primary");
     let replica_server = many_shot_server(&scene.bed, "replica", STREAM_PORT, STREAMS, "replica");
 
@@ -814,5 +316,5 @@ fn parallel_streams_are_each_replicated_intact() {
     assert_eq!(svc.primary_bytes_out, (STREAMS * EACH) as u64, "{s:#?}");
     assert_eq!(svc.replicas[0].bytes_out, (STREAMS * EACH) as u64, "{s:#?}");
     assert_eq!(svc.detached.total(), 0, "{s:#?}");
-    scene.stop_relay();
+    scene.stop_middlebox();
 }

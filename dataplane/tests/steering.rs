@@ -10,10 +10,17 @@
     reason = "test code: a failed step should fail the test"
 )]
 
+mod support;
+
+use support::{
+    XdpMiddlebox,
+    scene::{paper_bed, steer_to_middlebox, wait_listening, wait_until},
+};
+
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -21,10 +28,9 @@ use ncp_dataplane::{
     control::{self, Request, Response, Stats},
     frame::Malformation,
 };
-use ncp_testbed::{Testbed, Topology, UpOptions};
+use ncp_testbed::Testbed;
 
 const PKTGEN: &str = env!("CARGO_BIN_EXE_ncp-pktgen");
-const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 const SERVICE_PORT: u16 = 5201;
 
 /// Runs `argv` in `host` and returns its output whatever the exit status.
@@ -48,16 +54,11 @@ fn privileged() -> bool {
     }
 }
 
-fn paper_topology() -> Topology {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/paper.toml");
-    Topology::load(&path).expect("testbed/paper.toml loads")
-}
-
 /// The paper test bed plus a running middlebox on its production NIC; torn down on drop.
 struct Scene {
     bed: Testbed,
     prefix: String,
-    middlebox: Option<Child>,
+    middlebox: Option<XdpMiddlebox>,
     socket: PathBuf,
     config: PathBuf,
     source_ip: Ipv4Addr,
@@ -68,10 +69,7 @@ struct Scene {
 
 impl Scene {
     fn start(prefix: &str) -> Scene {
-        let topology = paper_topology();
-        let _ = Testbed::down(prefix);
-        let bed =
-            Testbed::up(&topology, &UpOptions::with_prefix(prefix)).expect("test bed comes up");
+        let bed = paper_bed(prefix, 1);
         let source_ip = bed.address("source", "eth0").unwrap();
         let primary_ip = bed.address("primary", "eth0").unwrap();
         let middlebox_ip = bed.address("middlebox", "eth0").unwrap();
@@ -122,31 +120,11 @@ destination_port = {SERVICE_PORT}
     }
 
     fn start_middlebox(&mut self) {
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.bed.netns("middlebox").unwrap(),
-                MIDDLEBOX,
-                "run",
-                "--config",
-            ])
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("middlebox starts");
-        self.middlebox = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while control::call(&self.socket, &Request::Stats).is_err() {
-            if let Some(status) = self.middlebox.as_mut().unwrap().try_wait().unwrap() {
-                panic!("middlebox exited during start-up: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "middlebox control socket never came up"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.middlebox = Some(XdpMiddlebox::start_answering(
+            &self.bed,
+            &self.config,
+            &self.socket,
+        ));
     }
 
     fn stats(&self) -> Stats {
@@ -154,6 +132,18 @@ destination_port = {SERVICE_PORT}
             Response::Stats(s) => s,
             other => panic!("unexpected answer {other:?}"),
         }
+    }
+
+    /// Stats once `done` holds; fails after 10 s.
+    fn stats_when(&self, what: &str, done: impl Fn(&Stats) -> bool) -> Stats {
+        let mut last = None;
+        wait_until(what, Duration::from_secs(10), || {
+            let s = self.stats();
+            let ok = done(&s);
+            last = Some(s);
+            ok
+        });
+        last.unwrap()
     }
 
     fn request(&self, request: Request) -> Response {
@@ -239,29 +229,16 @@ destination_port = {SERVICE_PORT}
     }
 
     fn stop_middlebox(&mut self, signal: i32) -> std::process::ExitStatus {
-        let mut child = self.middlebox.take().expect("middlebox running");
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "middlebox ignored signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.middlebox
+            .take()
+            .expect("middlebox running")
+            .stop_with(signal)
     }
 }
 
 impl Drop for Scene {
     fn drop(&mut self) {
-        if let Some(mut child) = self.middlebox.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.middlebox.take());
         if let Err(e) = Testbed::down(&self.prefix) {
             eprintln!("test bed teardown failed: {e}");
         }
@@ -286,26 +263,8 @@ fn matching_flow_reaches_the_af_xdp_ring_and_counts_agree() {
     // Real TCP from the source's kernel: its SYNs, sent to the primary's address but to the
     // middlebox's MAC (as the switch rule will do later), are redirected too.
     let before = stats.interfaces[0].xdp.redirected;
-    let mac = scene.middlebox_mac.clone();
+    steer_to_middlebox(&scene.bed, scene.primary_ip);
     let primary = scene.primary_ip.to_string();
-    scene
-        .bed
-        .exec(
-            "source",
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &primary,
-                "lladdr",
-                &mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        )
-        .unwrap();
     let target = format!("TCP:{primary}:{SERVICE_PORT},connect-timeout=1");
     let _ = unchecked(
         &scene.bed,
@@ -342,7 +301,7 @@ fn unmatched_traffic_still_works_through_the_kernel() {
         .bed
         .spawn("middlebox", &["iperf3", "-s", "-p", "5301"])
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_listening(&scene.bed, "middlebox", 5301);
     let tcp = unchecked(
         &scene.bed,
         "source",
@@ -398,9 +357,12 @@ fn rules_change_at_run_time_without_reloading() {
     }
     let scene = Scene::start("nsc");
     let port = 6000;
+    let passed = scene.stats().interfaces[0].xdp.passed;
     scene.pktgen_ok(scene.primary_ip, port, 200);
-    std::thread::sleep(Duration::from_millis(300));
-    let s0 = scene.stats();
+    // Once the program has passed all 200 frames, none of them can still be redirected.
+    let s0 = scene.stats_when("the frames without a rule are passed", |s| {
+        s.interfaces[0].xdp.passed >= passed + 200
+    });
     assert_eq!(
         s0.interfaces[0].xdp.redirected, 0,
         "no rule for port {port} yet: {s0:?}"
@@ -422,7 +384,9 @@ fn rules_change_at_run_time_without_reloading() {
 
     assert_eq!(scene.request(Request::RuleDel { id: 2 }), Response::Done);
     scene.pktgen_ok(scene.primary_ip, port, 200);
-    std::thread::sleep(Duration::from_millis(300));
+    scene.stats_when("the frames after the rule's removal are passed", |s| {
+        s.interfaces[0].xdp.passed >= s1.interfaces[0].xdp.passed + 200
+    });
     let s2 = scene.settled_stats(200);
     assert_eq!(
         s2.interfaces[0].xdp.redirected, 200,
@@ -517,13 +481,7 @@ fn malformed_frames_are_counted_and_harmless() {
         "a malformed frame was redirected: {stats:?}"
     );
     assert!(
-        scene
-            .middlebox
-            .as_mut()
-            .unwrap()
-            .try_wait()
-            .unwrap()
-            .is_none(),
+        scene.middlebox.as_mut().unwrap().running(),
         "middlebox died"
     );
 

@@ -27,7 +27,7 @@
 //!
 //! Bridges speak OpenFlow 1.3 only, so `ovs-ofctl` needs `-O OpenFlow13`.
 
-mod cmd;
+pub mod cmd;
 mod error;
 pub mod netns;
 mod ovs;
@@ -35,6 +35,8 @@ pub mod plan;
 mod privileges;
 pub mod servers;
 mod state;
+#[cfg(test)]
+mod test_toml;
 mod testbed;
 pub mod topology;
 pub mod workload;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::test_toml::{link, switch, two_hosts};
 
 fn paper() -> Topology {
     Topology::parse(include_str!("../paper.toml")).expect("paper.toml")
@@ -91,37 +92,14 @@ fn tree_ports_follow_file_order() {
 
 #[test]
 fn requested_ports_are_kept_and_skipped_by_automatic_numbering() {
-    let text = r#"
-[[switch]]
-name = "s1"
-dpid = 1
-[[switch]]
-name = "s2"
-dpid = 2
-
-[[host]]
-name = "a"
-[[host.iface]]
-name = "eth0"
-switch = "s1"
-address = "198.18.1.1/24"
-mac = "02:00:00:00:00:01"
-
-[[host]]
-name = "b"
-[[host.iface]]
-name = "eth0"
-switch = "s1"
-address = "198.18.1.2/24"
-mac = "02:00:00:00:00:02"
-port = 1
-
-[[link]]
-a = "s1"
-b = "s2"
-b_port = 7
-"#;
-    let t = Topology::parse(text).expect("valid");
+    // Host b asks for port 1, the link's s2 end for port 7.
+    let text = two_hosts().replace(
+        "mac = \"02:00:00:00:00:02\"",
+        "mac = \"02:00:00:00:00:02\"\nport = 1",
+    ) + &switch("s2", 2)
+        + &link("s1", "s2")
+        + "b_port = 7\n";
+    let t = Topology::parse(&text).expect("valid");
     let plan = Plan::new(&t, "x").expect("plan");
     // b asked for 1, so a (first in file order) gets the lowest free number, 2.
     assert_eq!(plan.ofport("s1", "b").expect("b"), 1);
@@ -133,21 +111,8 @@ b_port = 7
 
 #[test]
 fn parallel_links_make_ofport_ambiguous() {
-    let text = r#"
-[[switch]]
-name = "s1"
-dpid = 1
-[[switch]]
-name = "s2"
-dpid = 2
-[[link]]
-a = "s1"
-b = "s2"
-[[link]]
-a = "s1"
-b = "s2"
-"#;
-    let plan = Plan::new(&Topology::parse(text).expect("valid"), "x").expect("plan");
+    let text = switch("s1", 1) + &switch("s2", 2) + &link("s1", "s2") + &link("s1", "s2");
+    let plan = Plan::new(&Topology::parse(&text).expect("valid"), "x").expect("plan");
     let e = plan.ofport("s1", "s2").expect_err("ambiguous").to_string();
     assert!(e.contains("2 ports"), "{e}");
 }

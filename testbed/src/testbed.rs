@@ -212,6 +212,15 @@ impl Testbed {
         Ok(command)
     }
 
+    /// Pins `host`'s neighbour entry for `ip` on `iface` to `mac` (permanent, so ARP does
+    /// not undo it): how a test or benchmark steers a host's traffic to another machine.
+    pub fn set_neighbor(&self, host: &str, iface: &str, ip: Ipv4Addr, mac: &str) -> Result<()> {
+        let ip = ip.to_string();
+        let mut argv = vec!["ip", "neigh", "replace", &ip, "lladdr", mac];
+        argv.extend(["dev", iface, "nud", "permanent"]);
+        self.exec(host, &argv).map(drop)
+    }
+
     /// Runs `argv` inside `host` and waits. Fails with the command's stderr if it exits
     /// non-zero.
     pub fn exec(&self, host: &str, argv: &[&str]) -> Result<Output> {
@@ -254,6 +263,16 @@ impl Testbed {
     /// OVS bridge name of `switch`.
     pub fn bridge(&self, switch: &str) -> Result<String> {
         Ok(self.plan.bridge(switch)?.bridge.clone())
+    }
+
+    /// Deletes the bridge of `switch` and creates it again from the plan: same datapath id,
+    /// ports, port numbers and controller. To the controller this looks like a switch that
+    /// restarted and lost its flow table.
+    pub fn recreate_bridge(&self, switch: &str) -> Result<()> {
+        let b = self.plan.bridge(switch)?;
+        tracing::info!(bridge = %b.bridge, "re-creating OVS bridge");
+        cmd::run(&["ovs-vsctl", "--timeout=30", "del-br", &b.bridge])?;
+        self.create_bridge(b)
     }
 
     /// Datapath id of `switch`.

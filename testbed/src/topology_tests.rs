@@ -1,18 +1,5 @@
 use super::*;
-
-const MINIMAL: &str = r#"
-[[switch]]
-name = "s1"
-dpid = 1
-
-[[host]]
-name = "a"
-[[host.iface]]
-name = "eth0"
-switch = "s1"
-address = "198.18.1.1/24"
-mac = "02:00:00:00:00:01"
-"#;
+use crate::test_toml::{link, minimal, switch, two_hosts};
 
 fn invalid(text: &str) -> String {
     match Topology::parse(text) {
@@ -21,9 +8,18 @@ fn invalid(text: &str) -> String {
     }
 }
 
+/// Each `(from, to, want)`: [`minimal`] with `from` replaced by `to` is rejected with an
+/// error that mentions `want`.
+fn assert_edits_rejected(cases: &[(&str, &str, &str)]) {
+    for (from, to, want) in cases {
+        let e = invalid(&minimal().replace(from, to));
+        assert!(e.contains(want), "{from} -> {to}: {e}");
+    }
+}
+
 #[test]
 fn parses_minimal() {
-    let t = Topology::parse(MINIMAL).expect("valid");
+    let t = Topology::parse(&minimal()).expect("valid");
     assert_eq!(
         t.switches,
         vec![Switch {
@@ -66,118 +62,78 @@ fn shipped_tree_topology_is_three_levels() {
 
 #[test]
 fn unknown_field_is_named() {
-    let text = MINIMAL.replace("dpid = 1", "dpid = 1\ncolour = \"red\"");
-    let e = invalid(&text);
-    assert!(e.contains("colour"), "{e}");
+    assert_edits_rejected(&[("dpid = 1", "dpid = 1\ncolour = \"red\"", "colour")]);
 }
 
 #[test]
 fn unknown_iface_field_is_named() {
-    let text = MINIMAL.replace("switch = \"s1\"", "switch = \"s1\"\nvlan = 3");
-    let e = invalid(&text);
-    assert!(e.contains("vlan"), "{e}");
+    assert_edits_rejected(&[("switch = \"s1\"", "switch = \"s1\"\nvlan = 3", "vlan")]);
 }
 
 #[test]
 fn missing_field_is_named() {
-    let text = MINIMAL.replace("mac = \"02:00:00:00:00:01\"", "");
-    let e = invalid(&text);
-    assert!(e.contains("mac"), "{e}");
+    assert_edits_rejected(&[("mac = \"02:00:00:00:00:01\"", "", "mac")]);
 }
 
 #[test]
 fn address_outside_benchmark_range_is_rejected() {
     for bad in ["10.0.0.1/24", "198.20.0.1/24", "192.168.1.1/24"] {
-        let text = MINIMAL.replace("198.18.1.1/24", bad);
+        let text = minimal().replace("198.18.1.1/24", bad);
         let e = invalid(&text);
         assert!(e.contains("outside 198.18.0.0/15"), "{e}");
         assert!(e.contains("host `a` interface `eth0`"), "{e}");
     }
     // The upper half of the /15 is fine.
-    assert!(Topology::parse(&MINIMAL.replace("198.18.1.1/24", "198.19.1.1/24")).is_ok());
+    assert!(Topology::parse(&minimal().replace("198.18.1.1/24", "198.19.1.1/24")).is_ok());
 }
 
 #[test]
 fn subnet_wider_than_range_is_rejected() {
-    let e = invalid(&MINIMAL.replace("198.18.1.1/24", "198.18.1.1/8"));
-    assert!(e.contains("prefix length at least 15"), "{e}");
+    assert_edits_rejected(&[("198.18.1.1/24", "198.18.1.1/8", "prefix length at least 15")]);
 }
 
 #[test]
-fn bad_address_forms_are_rejected() {
-    for (bad, want) in [
-        ("198.18.1.1", "needs a prefix length"),
-        ("198.18.1/24", "not an IPv4 address"),
-        ("198.18.1.1/33", "bad prefix length"),
-        ("198.18.1.0/24", "network or broadcast"),
-        ("198.18.1.255/24", "network or broadcast"),
-    ] {
-        let e = invalid(&MINIMAL.replace("198.18.1.1/24", bad));
-        assert!(e.contains(want), "{bad}: {e}");
-    }
+fn bad_address_and_mac_forms_are_rejected() {
+    let (address, mac) = ("198.18.1.1/24", "02:00:00:00:00:01");
+    assert_edits_rejected(&[
+        (address, "198.18.1.1", "needs a prefix length"),
+        (address, "198.18.1/24", "not an IPv4 address"),
+        (address, "198.18.1.1/33", "bad prefix length"),
+        (address, "198.18.1.0/24", "network or broadcast"),
+        (address, "198.18.1.255/24", "network or broadcast"),
+        (mac, "02:00:00:00:01", "not a MAC"),
+        (mac, "02:00:00:00:00:zz", "not a MAC"),
+        (mac, "01:00:5e:00:00:01", "not a unicast"),
+        (mac, "00:00:00:00:00:00", "not a unicast"),
+    ]);
 }
-
-#[test]
-fn bad_macs_are_rejected() {
-    for (bad, want) in [
-        ("02:00:00:00:01", "not a MAC"),
-        ("02:00:00:00:00:zz", "not a MAC"),
-        ("01:00:5e:00:00:01", "not a unicast"),
-        ("00:00:00:00:00:00", "not a unicast"),
-    ] {
-        let e = invalid(&MINIMAL.replace("02:00:00:00:00:01", bad));
-        assert!(e.contains(want), "{bad}: {e}");
-    }
-}
-
-const TWO_HOSTS: &str = r#"
-[[switch]]
-name = "s1"
-dpid = 1
-
-[[host]]
-name = "a"
-[[host.iface]]
-name = "eth0"
-switch = "s1"
-address = "198.18.1.1/24"
-mac = "02:00:00:00:00:01"
-
-[[host]]
-name = "b"
-[[host.iface]]
-name = "eth0"
-switch = "s1"
-address = "198.18.1.2/24"
-mac = "02:00:00:00:00:02"
-"#;
 
 #[test]
 fn duplicates_are_rejected_with_both_names() {
-    let e = invalid(&TWO_HOSTS.replace("198.18.1.2/24", "198.18.1.1/24"));
+    let e = invalid(&two_hosts().replace("198.18.1.2/24", "198.18.1.1/24"));
     assert!(
         e.contains("address 198.18.1.1 is already used by host `a` interface `eth0`"),
         "{e}"
     );
 
-    let e = invalid(&TWO_HOSTS.replace("02:00:00:00:00:02", "02:00:00:00:00:01"));
+    let e = invalid(&two_hosts().replace("02:00:00:00:00:02", "02:00:00:00:00:01"));
     assert!(e.contains("already used by host `a`"), "{e}");
 
-    let e = invalid(&TWO_HOSTS.replace("name = \"b\"", "name = \"a\""));
+    let e = invalid(&two_hosts().replace("name = \"b\"", "name = \"a\""));
     assert!(e.contains("host `a` is defined twice"), "{e}");
 
-    let text = format!("{TWO_HOSTS}\n[[switch]]\nname = \"s1\"\ndpid = 2\n");
+    let text = two_hosts() + &switch("s1", 2);
     let e = invalid(&text);
     assert!(e.contains("switch `s1` is defined twice"), "{e}");
 
-    let text = format!("{TWO_HOSTS}\n[[switch]]\nname = \"s2\"\ndpid = 1\n");
+    let text = two_hosts() + &switch("s2", 1);
     let e = invalid(&text);
     assert!(e.contains("dpid 0x1 is already used by switch `s1`"), "{e}");
 }
 
 #[test]
 fn all_problems_are_listed() {
-    let text = TWO_HOSTS.replace("198.18.1.2/24", "10.1.1.1/24").replace(
+    let text = two_hosts().replace("198.18.1.2/24", "10.1.1.1/24").replace(
         "switch = \"s1\"\naddress = \"198.18.1.1/24\"",
         "switch = \"nope\"\naddress = \"198.18.1.1/24\"",
     );
@@ -189,16 +145,18 @@ fn all_problems_are_listed() {
 
 #[test]
 fn names_are_checked() {
-    let e = invalid(&MINIMAL.replace("name = \"a\"", "name = \"Bad-Name\""));
-    assert!(e.contains("host name `Bad-Name`"), "{e}");
-    let e = invalid(&MINIMAL.replace("name = \"s1\"", "name = \"s-1\""));
-    assert!(e.contains("switch name `s-1`"), "{e}");
-    let e = invalid(&MINIMAL.replace("name = \"eth0\"", "name = \"averyveryverylongname\""));
-    assert!(e.contains("interface name `averyveryverylongname`"), "{e}");
-    let e = invalid(&MINIMAL.replace("name = \"eth0\"", "name = \"lo\""));
-    assert!(e.contains("reserved"), "{e}");
-    let e = invalid(&MINIMAL.replace("name = \"a\"", "name = \"s1\""));
-    assert!(e.contains("same name as a switch"), "{e}");
+    let (host, switch, iface) = ("name = \"a\"", "name = \"s1\"", "name = \"eth0\"");
+    assert_edits_rejected(&[
+        (host, "name = \"Bad-Name\"", "host name `Bad-Name`"),
+        (switch, "name = \"s-1\"", "switch name `s-1`"),
+        (
+            iface,
+            "name = \"averyveryverylongname\"",
+            "interface name `averyveryverylongname`",
+        ),
+        (iface, "name = \"lo\"", "reserved"),
+        (host, "name = \"s1\"", "same name as a switch"),
+    ]);
 }
 
 #[test]
@@ -211,7 +169,8 @@ fn host_needs_an_interface_and_a_switch_is_needed() {
 #[test]
 fn overlapping_subnets_on_one_host_are_rejected() {
     let text = format!(
-        "{MINIMAL}\n[[host.iface]]\nname = \"eth1\"\nswitch = \"s1\"\naddress = \"198.18.1.9/16\"\nmac = \"02:00:00:00:00:09\"\n"
+        "{}\n[[host.iface]]\nname = \"eth1\"\nswitch = \"s1\"\naddress = \"198.18.1.9/16\"\nmac = \"02:00:00:00:00:09\"\n",
+        minimal()
     );
     let e = invalid(&text);
     assert!(e.contains("overlaps interface `eth0`"), "{e}");
@@ -219,30 +178,33 @@ fn overlapping_subnets_on_one_host_are_rejected() {
 
 #[test]
 fn links_are_checked() {
-    let base = format!("{MINIMAL}\n[[switch]]\nname = \"s2\"\ndpid = 2\n");
-    let ok = format!("{base}\n[[link]]\na = \"s1\"\nb = \"s2\"\n");
+    let base = minimal() + &switch("s2", 2);
+    let ok = base.clone() + &link("s1", "s2");
     assert_eq!(Topology::parse(&ok).expect("valid").links.len(), 1);
 
-    let e = invalid(&format!("{base}\n[[link]]\na = \"s1\"\nb = \"s9\"\n"));
+    let e = invalid(&(base.clone() + &link("s1", "s9")));
     assert!(
         e.contains("link #1 (s1 - s9): switch `s9` is not defined"),
         "{e}"
     );
-    let e = invalid(&format!("{base}\n[[link]]\na = \"s1\"\nb = \"s1\"\n"));
+    let e = invalid(&(base.clone() + &link("s1", "s1")));
     assert!(e.contains("two different switches"), "{e}");
-    let e = invalid(&format!(
-        "{base}\n[[link]]\na = \"s1\"\nb = \"s2\"\nc = \"s3\"\n"
-    ));
+    let e = invalid(&(base + &link("s1", "s2") + "c = \"s3\"\n"));
     assert!(e.contains("unknown field `c`"), "{e}");
 }
 
 #[test]
 fn requested_ports_are_checked() {
-    let e = invalid(&MINIMAL.replace("switch = \"s1\"", "switch = \"s1\"\nport = 0"));
-    assert!(e.contains("port 0 is outside"), "{e}");
-    let e = invalid(&MINIMAL.replace("switch = \"s1\"", "switch = \"s1\"\nport = 70000"));
-    assert!(e.contains("port 70000 is outside"), "{e}");
-    let text = TWO_HOSTS.replace("switch = \"s1\"", "switch = \"s1\"\nport = 5");
+    let on_s1 = "switch = \"s1\"";
+    assert_edits_rejected(&[
+        (on_s1, "switch = \"s1\"\nport = 0", "port 0 is outside"),
+        (
+            on_s1,
+            "switch = \"s1\"\nport = 70000",
+            "port 70000 is outside",
+        ),
+    ]);
+    let text = two_hosts().replace("switch = \"s1\"", "switch = \"s1\"\nport = 5");
     let e = invalid(&text);
     assert!(
         e.contains("asks for port 5 on switch `s1`, already requested by host `a`"),
@@ -252,14 +214,10 @@ fn requested_ports_are_checked() {
 
 #[test]
 fn loops_are_detected() {
-    let mut text = MINIMAL.to_string();
-    for (n, d) in [("s2", 2), ("s3", 3)] {
-        text.push_str(&format!("\n[[switch]]\nname = \"{n}\"\ndpid = {d}\n"));
-    }
     let line =
-        format!("{text}\n[[link]]\na = \"s1\"\nb = \"s2\"\n[[link]]\na = \"s2\"\nb = \"s3\"\n");
+        minimal() + &switch("s2", 2) + &switch("s3", 3) + &link("s1", "s2") + &link("s2", "s3");
     assert!(!Topology::parse(&line).expect("valid").has_switch_loop());
-    let ring = format!("{line}\n[[link]]\na = \"s3\"\nb = \"s1\"\n");
+    let ring = line + &link("s3", "s1");
     assert!(Topology::parse(&ring).expect("valid").has_switch_loop());
 }
 

@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ncp_testbed::{Testbed, Topology, UpOptions};
+use ncp_testbed::{Mac, Testbed, Topology, UpOptions};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -40,22 +40,33 @@ impl Drop for Cleanup {
     }
 }
 
+/// A running test's hold on the test bed: the prefix is brought down before the lock is
+/// released (fields drop in declaration order).
+struct Scene {
+    _cleanup: Cleanup,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// The start of every test: `None` when something it needs is missing (the test skips; in
+/// CI it fails instead), else the serialising lock and the clean-up of `prefix`.
+fn begin(name: &str, tools: &[&str], prefix: &'static str) -> Option<Scene> {
+    if !ncp_testbed::ready_or_skip(name, tools) {
+        return None;
+    }
+    let serial = serial();
+    Some(Scene {
+        _cleanup: Cleanup(prefix),
+        _serial: serial,
+    })
+}
+
 fn topology(file: &str) -> Topology {
     let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
     Topology::load(&path).expect("shipped topology loads")
 }
 
 fn stdout(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .expect("command runs");
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ncp_testbed::cmd::stdout(argv).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn ovs_get(table: &str, record: &str, column: &str) -> String {
@@ -127,12 +138,10 @@ fn assert_clean(prefix: &str) {
 
 #[test]
 fn paper_topology_pings_both_networks_and_carries_tcp() {
-    if !ncp_testbed::ready_or_skip("paper_topology", &["ping", "iperf3"]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt1";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("paper_topology", &["ping", "iperf3"], prefix) else {
+        return;
+    };
     let bed = Testbed::up(&topology("paper.toml"), &UpOptions::with_prefix(prefix)).expect("up");
 
     // Everything the file promises is visible on the system.
@@ -187,6 +196,21 @@ fn paper_topology_pings_both_networks_and_carries_tcp() {
         assert_eq!(ovs_get("bridge", &br, "fail_mode"), "standalone");
         assert_eq!(ovs_get("bridge", &br, "other-config:datapath-id"), dpid);
     }
+
+    // A neighbour entry pinned by set_neighbor is permanent and names the given MAC (the
+    // primary's own, so traffic still flows as before).
+    let primary = bed.address("primary", "eth0").expect("address");
+    let primary_mac = Mac(bed.mac("primary", "eth0").expect("mac")).to_string();
+    bed.set_neighbor("source", "eth0", primary, &primary_mac)
+        .expect("set neighbour");
+    let neigh = bed
+        .exec("source", &["ip", "neigh", "show", &primary.to_string()])
+        .expect("ip neigh");
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    assert!(
+        neigh.contains(&primary_mac) && neigh.contains("PERMANENT"),
+        "{neigh}"
+    );
 
     // Both networks forward.
     for (iface, dst) in [
@@ -245,12 +269,10 @@ fn paper_topology_pings_both_networks_and_carries_tcp() {
 
 #[test]
 fn second_up_recreates_and_down_ends_processes() {
-    if !ncp_testbed::ready_or_skip("second_up", &["ping"]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt2";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("second_up", &["ping"], prefix) else {
+        return;
+    };
     let topo = topology("paper.toml");
     let first = Testbed::up(&topo, &UpOptions::with_prefix(prefix)).expect("first up");
     let mut old = first.spawn("replica", &["sleep", "300"]).expect("sleep");
@@ -283,12 +305,10 @@ fn second_up_recreates_and_down_ends_processes() {
 
 #[test]
 fn down_finds_leftovers_without_a_state_file() {
-    if !ncp_testbed::ready_or_skip("crash_recovery", &[]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt3";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("crash_recovery", &[], prefix) else {
+        return;
+    };
     Testbed::up(&topology("tree.toml"), &UpOptions::with_prefix(prefix)).expect("up");
     // Simulate a crash that lost the state file.
     std::fs::remove_file(format!("{}/{prefix}.toml", ncp_testbed::STATE_DIR))
@@ -301,12 +321,10 @@ fn down_finds_leftovers_without_a_state_file() {
 
 #[test]
 fn tree_topology_pings_across_subtrees() {
-    if !ncp_testbed::ready_or_skip("tree_topology", &["ping"]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt4";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("tree_topology", &["ping"], prefix) else {
+        return;
+    };
     let bed = Testbed::up(&topology("tree.toml"), &UpOptions::with_prefix(prefix)).expect("up");
 
     // OVS assigned the port numbers the plan predicts, for hosts and for switch links.
@@ -335,12 +353,10 @@ fn tree_topology_pings_across_subtrees() {
 
 #[test]
 fn controller_option_sets_secure_mode_and_connects() {
-    if !ncp_testbed::ready_or_skip("controller_option", &[]) {
-        return;
-    }
-    let _serial = serial();
     let prefix = "nt5";
-    let _cleanup = Cleanup(prefix);
+    let Some(_scene) = begin("controller_option", &[], prefix) else {
+        return;
+    };
     // Our own listener stands in for the controller, so the bridges never reach a
     // controller that someone else runs on this machine.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -386,12 +402,10 @@ fn controller_option_sets_secure_mode_and_connects() {
 
 #[test]
 fn two_prefixes_coexist_and_down_touches_only_its_own() {
-    if !ncp_testbed::ready_or_skip("two_prefixes", &["ping"]) {
-        return;
-    }
-    let _serial = serial();
     let (pa, pb) = ("nt6", "nt7");
-    let _cleanup_a = Cleanup(pa);
+    let Some(_scene) = begin("two_prefixes", &["ping"], pa) else {
+        return;
+    };
     let _cleanup_b = Cleanup(pb);
     let topo = topology("paper.toml");
     let a = Testbed::up(&topo, &UpOptions::with_prefix(pa)).expect("up a");

@@ -1,6 +1,7 @@
 //! Running external commands with a visible trace and errors that say what failed.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
@@ -44,4 +45,22 @@ pub fn capture(argv: &[&str]) -> anyhow::Result<Output> {
 pub fn have(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// Asks our own child to stop with SIGTERM, gives it `grace` to exit, then kills it; always
+/// reaps it, so no zombie is left behind.
+pub fn stop_child(child: &mut Child, grace: Duration) {
+    // SAFETY: kill(2) takes plain integers; the pid is our own child's, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the grace period: the process ignored SIGTERM, so force it (errors mean it has
+    // just exited, which is what we want).
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -26,7 +26,7 @@ const RATE: u64 = 25_000;
 /// Runs the demo; with `keep` the test bed and middlebox stay up.
 pub fn demo(keep: bool) -> anyhow::Result<()> {
     setup::setup()?;
-    let bins = middlebox::build_release()?;
+    let bins = middlebox::build_release(&["ncp-dataplane"])?;
     step("bringing up the paper's test bed (testbed/paper.toml)");
     let topology = Topology::load("testbed/paper.toml")?;
     let bed = Testbed::up(&topology, &UpOptions::with_prefix(PREFIX))?;

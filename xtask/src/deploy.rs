@@ -14,7 +14,7 @@ use crate::{cmd::step, middlebox};
 
 /// Validates, builds and runs the middlebox until it exits (Ctrl-C stops it cleanly).
 pub fn deploy(config: &Path, netns: Option<&str>) -> anyhow::Result<()> {
-    let bins = middlebox::build_release()?;
+    let bins = middlebox::build_release(&["ncp-dataplane"])?;
     let binary = bins.join("ncp-middlebox");
     step(&format!("validating {}", config.display()));
     let check = Command::new(&binary)

@@ -18,11 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use ncp_testbed::{Testbed, Topology, UpOptions, workload};
 
-use crate::{
-    cmd::{run, step},
-    middlebox::Middlebox,
-    setup,
-};
+use crate::{cmd::step, middlebox::Middlebox, setup};
 
 const PREFIX: &str = "ncp";
 const OPENFLOW: &str = "127.0.0.1:6653";
@@ -34,18 +30,7 @@ const WORK: &str = "/run/ncp-demo";
 /// Runs the demo; with `keep` everything stays up for a look around.
 pub fn demo(keep: bool) -> anyhow::Result<()> {
     setup::setup()?;
-    step("building the data plane and the controller (release)");
-    run(&[
-        "cargo",
-        "build",
-        "--release",
-        "-p",
-        "ncp-dataplane",
-        "-p",
-        "ncp-controller",
-        "--bins",
-    ])?;
-    let bins = crate::middlebox::release_dir()?;
+    let bins = crate::middlebox::build_release(&["ncp-dataplane", "ncp-controller"])?;
     let _ = std::fs::remove_dir_all(WORK);
     std::fs::create_dir_all(WORK)?;
     let _ = Testbed::down(PREFIX);
@@ -106,17 +91,7 @@ struct Scene {
 impl Drop for Scene {
     fn drop(&mut self) {
         for child in self.processes.iter_mut().rev() {
-            // SAFETY: signals our own child by pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::cmd::stop_child(child, Duration::from_secs(5));
         }
     }
 }
@@ -170,13 +145,7 @@ impl Scene {
              [[interfaces]]\nname = \"eth0\"\naddress = \"{mb}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
              [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n"
         );
-        let mut middlebox = Middlebox::start(
-            &self.bed,
-            "middlebox",
-            &self.bins,
-            &config,
-            Path::new(&format!("{WORK}/mb.sock")),
-        )?;
+        let mut middlebox = self.start_middlebox(&config)?;
 
         step("starting Redis on the primary and on the replica");
         let primary_redis = self.start_redis("primary")?;
@@ -386,13 +355,7 @@ impl Scene {
                     .then(|| killed.elapsed())
             },
         )?;
-        let mut middlebox = Middlebox::start(
-            &self.bed,
-            "middlebox",
-            &self.bins,
-            &config,
-            Path::new(&format!("{WORK}/mb.sock")),
-        )?;
+        let mut middlebox = self.start_middlebox(&config)?;
         let back = Instant::now();
         self.wait_for(
             "the controller to push the service again",
@@ -498,6 +461,17 @@ impl Scene {
             .spawn()?)
     }
 
+    /// Starts the middlebox in its host with `config`, its control socket in [`WORK`].
+    fn start_middlebox(&self, config: &str) -> anyhow::Result<Middlebox> {
+        Middlebox::start(
+            &self.bed,
+            "middlebox",
+            &self.bins,
+            config,
+            Path::new(&format!("{WORK}/mb.sock")),
+        )
+    }
+
     fn ncpctl(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let out = Command::new(self.bins.join("ncpctl"))
             .args(["--api", API])
@@ -526,20 +500,8 @@ impl Scene {
     fn pipe(&self, primary: Ipv4Addr, path: &str) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let out = self
-            .bed
-            .command(
-                "source",
-                &[
-                    "redis-cli",
-                    "-h",
-                    &primary.to_string(),
-                    "-p",
-                    "6379",
-                    "--pipe",
-                ],
-            )?
-            .stdin(std::fs::File::open(path)?)
-            .output()?;
+            .spawn_pipe(primary, std::fs::File::open(path)?.into())?
+            .wait_with_output()?;
         let elapsed = start.elapsed();
         let text = String::from_utf8_lossy(&out.stdout);
         if !text.contains(&format!("errors: 0, replies: {COMMANDS}")) {

@@ -13,17 +13,14 @@ use ncp_testbed::Testbed;
 
 use crate::cmd::{run, step};
 
-/// Builds the data-plane binaries in release mode and returns their directory.
-pub fn build_release() -> anyhow::Result<PathBuf> {
-    step("building the data plane (release)");
-    run(&[
-        "cargo",
-        "build",
-        "--release",
-        "-p",
-        "ncp-dataplane",
-        "--bins",
-    ])?;
+/// Builds the binaries of `packages` in release mode and returns their directory.
+pub fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
+    step(&format!("building {} (release)", packages.join(" and ")));
+    let mut argv = vec!["cargo", "build", "--release", "--bins"];
+    for p in packages {
+        argv.extend(["-p", p]);
+    }
+    run(&argv)?;
     release_dir()
 }
 
@@ -178,17 +175,7 @@ impl Middlebox {
     /// Stops the process with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: signals our own child by pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::cmd::stop_child(&mut child, Duration::from_secs(10));
         }
     }
 }

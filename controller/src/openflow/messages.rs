@@ -1,11 +1,9 @@
 //! Typed OpenFlow 1.3 messages and their body layouts (everything after the header).
 
-use super::actions::{
-    Action, ActionError, Instruction, emit_actions, emit_instructions, parse_actions,
-    parse_instructions,
-};
+use super::actions::{Action, ActionError, Instruction, emit_actions, parse_actions};
 use super::bytes::{Put, Reader, Truncated, len16};
 use super::header::msg_type as t;
+use super::layout::{Field, wire_layout};
 use super::oxm::{MacAddr, Match, OxmError};
 
 /// `OFP_NO_BUFFER`: the packet is carried in full, not held in a switch buffer.
@@ -93,6 +91,23 @@ pub const PORT_STATE_LINK_DOWN: u32 = 1;
 const PORT_DESC_LEN: usize = 64;
 
 impl PortDesc {
+    /// A port that is up, with no features, state bits or speeds reported.
+    pub fn new(port_no: u32, hw_addr: MacAddr, name: String) -> Self {
+        Self {
+            port_no,
+            hw_addr,
+            name,
+            config: 0,
+            state: 0,
+            curr: 0,
+            advertised: 0,
+            supported: 0,
+            peer: 0,
+            curr_speed: 0,
+            max_speed: 0,
+        }
+    }
+
     /// True when the port can carry traffic (administratively up and link up).
     pub fn is_live(&self) -> bool {
         self.config & PORT_CONFIG_DOWN == 0 && self.state & PORT_STATE_LINK_DOWN == 0
@@ -412,6 +427,106 @@ pub enum Message {
 
 const HELLO_ELEM_VERSIONBITMAP: u16 = 1;
 
+// Wire order of the fixed-layout bodies (OpenFlow 1.3, section 7), one list each for both
+// directions.
+wire_layout!(ErrorMsg {
+    err_type,
+    code,
+    data
+});
+wire_layout!(SwitchFeatures {
+    datapath_id,
+    n_buffers,
+    n_tables,
+    auxiliary_id pad 2,
+    capabilities pad 4,
+});
+wire_layout!(SwitchConfig {
+    flags,
+    miss_send_len
+});
+wire_layout!(PacketIn {
+    buffer_id,
+    total_len,
+    reason,
+    table_id,
+    cookie,
+    matched pad 2,
+    data,
+});
+wire_layout!(FlowRemoved {
+    cookie,
+    priority,
+    reason,
+    table_id,
+    duration_sec,
+    duration_nsec,
+    idle_timeout,
+    hard_timeout,
+    packet_count,
+    byte_count,
+    matched,
+});
+wire_layout!(PortStatus { reason pad 7, desc });
+wire_layout!(FlowMod {
+    cookie,
+    cookie_mask,
+    table_id,
+    command,
+    idle_timeout,
+    hard_timeout,
+    priority,
+    buffer_id,
+    out_port,
+    out_group,
+    flags pad 2,
+    matched,
+    instructions,
+});
+// After the entry's own u16 length.
+wire_layout!(Bucket { weight, watch_port, watch_group pad 4, actions });
+wire_layout!(FlowStatsRequest {
+    table_id pad 3,
+    out_port,
+    out_group pad 4,
+    cookie,
+    cookie_mask,
+    matched,
+});
+// After the entry's own u16 length.
+wire_layout!(FlowStats {
+    table_id pad 1,
+    duration_sec,
+    duration_nsec,
+    priority,
+    idle_timeout,
+    hard_timeout,
+    flags pad 4,
+    cookie,
+    packet_count,
+    byte_count,
+    matched,
+    instructions,
+});
+
+impl Field for FlowModCommand {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.put_u8(self.to_wire());
+    }
+    fn take(r: &mut Reader<'_>) -> Result<Self, BodyError> {
+        Ok(Self::from_wire(r.u8()?))
+    }
+}
+
+impl Field for PortDesc {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.emit(out);
+    }
+    fn take(r: &mut Reader<'_>) -> Result<Self, BodyError> {
+        Ok(Self::parse(r)?)
+    }
+}
+
 impl Message {
     /// The `ofp_type` number of this message.
     pub fn msg_type(&self) -> u8 {
@@ -462,54 +577,14 @@ impl Message {
                 }
                 out.pad_to_8(start);
             }
-            Message::Error(e) => {
-                out.put_u16(e.err_type);
-                out.put_u16(e.code);
-                out.extend_from_slice(&e.data);
-            }
+            Message::Error(e) => e.emit_fields(out),
             Message::EchoRequest(d) | Message::EchoReply(d) => out.extend_from_slice(d),
             Message::FeaturesRequest | Message::BarrierRequest | Message::BarrierReply => {}
-            Message::FeaturesReply(f) => {
-                out.put_u64(f.datapath_id);
-                out.put_u32(f.n_buffers);
-                out.put_u8(f.n_tables);
-                out.put_u8(f.auxiliary_id);
-                out.put_zeros(2);
-                out.put_u32(f.capabilities);
-                out.put_u32(0);
-            }
-            Message::SetConfig(c) => {
-                out.put_u16(c.flags);
-                out.put_u16(c.miss_send_len);
-            }
-            Message::PacketIn(p) => {
-                out.put_u32(p.buffer_id);
-                out.put_u16(p.total_len);
-                out.put_u8(p.reason);
-                out.put_u8(p.table_id);
-                out.put_u64(p.cookie);
-                p.matched.emit(out);
-                out.put_zeros(2);
-                out.extend_from_slice(&p.data);
-            }
-            Message::FlowRemoved(f) => {
-                out.put_u64(f.cookie);
-                out.put_u16(f.priority);
-                out.put_u8(f.reason);
-                out.put_u8(f.table_id);
-                out.put_u32(f.duration_sec);
-                out.put_u32(f.duration_nsec);
-                out.put_u16(f.idle_timeout);
-                out.put_u16(f.hard_timeout);
-                out.put_u64(f.packet_count);
-                out.put_u64(f.byte_count);
-                f.matched.emit(out);
-            }
-            Message::PortStatus(p) => {
-                out.put_u8(p.reason);
-                out.put_zeros(7);
-                p.desc.emit(out);
-            }
+            Message::FeaturesReply(f) => f.emit_fields(out),
+            Message::SetConfig(c) => c.emit_fields(out),
+            Message::PacketIn(p) => p.emit_fields(out),
+            Message::FlowRemoved(f) => f.emit_fields(out),
+            Message::PortStatus(p) => p.emit_fields(out),
             Message::PacketOut(p) => {
                 out.put_u32(p.buffer_id);
                 out.put_u32(p.in_port);
@@ -522,22 +597,7 @@ impl Message {
                 out.patch_u16(len_at, alen);
                 out.extend_from_slice(&p.data);
             }
-            Message::FlowMod(f) => {
-                out.put_u64(f.cookie);
-                out.put_u64(f.cookie_mask);
-                out.put_u8(f.table_id);
-                out.put_u8(f.command.to_wire());
-                out.put_u16(f.idle_timeout);
-                out.put_u16(f.hard_timeout);
-                out.put_u16(f.priority);
-                out.put_u32(f.buffer_id);
-                out.put_u32(f.out_port);
-                out.put_u32(f.out_group);
-                out.put_u16(f.flags);
-                out.put_zeros(2);
-                f.matched.emit(out);
-                emit_instructions(&f.instructions, out);
-            }
+            Message::FlowMod(f) => f.emit_fields(out),
             Message::GroupMod(g) => {
                 out.put_u16(g.command);
                 out.put_u8(g.group_type);
@@ -546,11 +606,7 @@ impl Message {
                 for b in &g.buckets {
                     let start = out.len();
                     out.put_u16(0);
-                    out.put_u16(b.weight);
-                    out.put_u32(b.watch_port);
-                    out.put_u32(b.watch_group);
-                    out.put_zeros(4);
-                    emit_actions(&b.actions, out);
+                    b.emit_fields(out);
                     let blen = len16(out.len() - start);
                     out.patch_u16(start, blen);
                 }
@@ -566,16 +622,7 @@ impl Message {
                 out.put_zeros(4);
                 match m {
                     MultipartRequest::PortDesc => {}
-                    MultipartRequest::Flow(f) => {
-                        out.put_u8(f.table_id);
-                        out.put_zeros(3);
-                        out.put_u32(f.out_port);
-                        out.put_u32(f.out_group);
-                        out.put_zeros(4);
-                        out.put_u64(f.cookie);
-                        out.put_u64(f.cookie_mask);
-                        f.matched.emit(out);
-                    }
+                    MultipartRequest::Flow(f) => f.emit_fields(out),
                     MultipartRequest::Other { body, .. } => out.extend_from_slice(body),
                 }
             }
@@ -614,73 +661,15 @@ impl Message {
             t::HELLO => Message::Hello {
                 versions: parse_hello(&mut r)?,
             },
-            t::ERROR => Message::Error(ErrorMsg {
-                err_type: r.u16()?,
-                code: r.u16()?,
-                data: r.rest().to_vec(),
-            }),
+            t::ERROR => Message::Error(ErrorMsg::parse_fields(&mut r)?),
             t::ECHO_REQUEST => Message::EchoRequest(r.rest().to_vec()),
             t::ECHO_REPLY => Message::EchoReply(r.rest().to_vec()),
             t::FEATURES_REQUEST => Message::FeaturesRequest,
-            t::FEATURES_REPLY => {
-                let datapath_id = r.u64()?;
-                let n_buffers = r.u32()?;
-                let n_tables = r.u8()?;
-                let auxiliary_id = r.u8()?;
-                r.skip(2)?;
-                let capabilities = r.u32()?;
-                r.skip(4)?;
-                Message::FeaturesReply(SwitchFeatures {
-                    datapath_id,
-                    n_buffers,
-                    n_tables,
-                    auxiliary_id,
-                    capabilities,
-                })
-            }
-            t::SET_CONFIG => Message::SetConfig(SwitchConfig {
-                flags: r.u16()?,
-                miss_send_len: r.u16()?,
-            }),
-            t::PACKET_IN => {
-                let buffer_id = r.u32()?;
-                let total_len = r.u16()?;
-                let reason = r.u8()?;
-                let table_id = r.u8()?;
-                let cookie = r.u64()?;
-                let matched = Match::parse(&mut r)?;
-                r.skip(2)?;
-                Message::PacketIn(PacketIn {
-                    buffer_id,
-                    total_len,
-                    reason,
-                    table_id,
-                    cookie,
-                    matched,
-                    data: r.rest().to_vec(),
-                })
-            }
-            t::FLOW_REMOVED => Message::FlowRemoved(FlowRemoved {
-                cookie: r.u64()?,
-                priority: r.u16()?,
-                reason: r.u8()?,
-                table_id: r.u8()?,
-                duration_sec: r.u32()?,
-                duration_nsec: r.u32()?,
-                idle_timeout: r.u16()?,
-                hard_timeout: r.u16()?,
-                packet_count: r.u64()?,
-                byte_count: r.u64()?,
-                matched: Match::parse(&mut r)?,
-            }),
-            t::PORT_STATUS => {
-                let reason = r.u8()?;
-                r.skip(7)?;
-                Message::PortStatus(PortStatus {
-                    reason,
-                    desc: PortDesc::parse(&mut r)?,
-                })
-            }
+            t::FEATURES_REPLY => Message::FeaturesReply(SwitchFeatures::parse_fields(&mut r)?),
+            t::SET_CONFIG => Message::SetConfig(SwitchConfig::parse_fields(&mut r)?),
+            t::PACKET_IN => Message::PacketIn(PacketIn::parse_fields(&mut r)?),
+            t::FLOW_REMOVED => Message::FlowRemoved(FlowRemoved::parse_fields(&mut r)?),
+            t::PORT_STATUS => Message::PortStatus(PortStatus::parse_fields(&mut r)?),
             t::PACKET_OUT => {
                 let buffer_id = r.u32()?;
                 let in_port = r.u32()?;
@@ -694,37 +683,7 @@ impl Message {
                     data: r.rest().to_vec(),
                 })
             }
-            t::FLOW_MOD => {
-                let cookie = r.u64()?;
-                let cookie_mask = r.u64()?;
-                let table_id = r.u8()?;
-                let command = FlowModCommand::from_wire(r.u8()?);
-                let idle_timeout = r.u16()?;
-                let hard_timeout = r.u16()?;
-                let priority = r.u16()?;
-                let buffer_id = r.u32()?;
-                let out_port = r.u32()?;
-                let out_group = r.u32()?;
-                let flags = r.u16()?;
-                r.skip(2)?;
-                let matched = Match::parse(&mut r)?;
-                let instructions = parse_instructions(r.rest())?;
-                Message::FlowMod(FlowMod {
-                    cookie,
-                    cookie_mask,
-                    table_id,
-                    command,
-                    idle_timeout,
-                    hard_timeout,
-                    priority,
-                    buffer_id,
-                    out_port,
-                    out_group,
-                    flags,
-                    matched,
-                    instructions,
-                })
-            }
+            t::FLOW_MOD => Message::FlowMod(FlowMod::parse_fields(&mut r)?),
             t::GROUP_MOD => {
                 let command = r.u16()?;
                 let group_type = r.u8()?;
@@ -738,15 +697,7 @@ impl Message {
                     }
                     let mut b = Reader::new(r.bytes(len)?);
                     b.skip(2)?;
-                    buckets.push(Bucket {
-                        weight: b.u16()?,
-                        watch_port: b.u32()?,
-                        watch_group: b.u32()?,
-                        actions: {
-                            b.skip(4)?;
-                            parse_actions(b.rest())?
-                        },
-                    });
+                    buckets.push(Bucket::parse_fields(&mut b)?);
                 }
                 Message::GroupMod(GroupMod {
                     command,
@@ -762,19 +713,7 @@ impl Message {
                 Message::MultipartRequest(match mp_type {
                     multipart_type::PORT_DESC => MultipartRequest::PortDesc,
                     multipart_type::FLOW => {
-                        let table_id = r.u8()?;
-                        r.skip(3)?;
-                        let out_port = r.u32()?;
-                        let out_group = r.u32()?;
-                        r.skip(4)?;
-                        MultipartRequest::Flow(FlowStatsRequest {
-                            table_id,
-                            out_port,
-                            out_group,
-                            cookie: r.u64()?,
-                            cookie_mask: r.u64()?,
-                            matched: Match::parse(&mut r)?,
-                        })
+                        MultipartRequest::Flow(FlowStatsRequest::parse_fields(&mut r)?)
                     }
                     _ => MultipartRequest::Other {
                         mp_type,
@@ -859,20 +798,7 @@ fn parse_hello(r: &mut Reader<'_>) -> Result<Vec<u8>, BodyError> {
 fn emit_flow_stats(f: &FlowStats, out: &mut Vec<u8>) {
     let start = out.len();
     out.put_u16(0);
-    out.put_u8(f.table_id);
-    out.put_u8(0);
-    out.put_u32(f.duration_sec);
-    out.put_u32(f.duration_nsec);
-    out.put_u16(f.priority);
-    out.put_u16(f.idle_timeout);
-    out.put_u16(f.hard_timeout);
-    out.put_u16(f.flags);
-    out.put_zeros(4);
-    out.put_u64(f.cookie);
-    out.put_u64(f.packet_count);
-    out.put_u64(f.byte_count);
-    f.matched.emit(out);
-    emit_instructions(&f.instructions, out);
+    f.emit_fields(out);
     let len = len16(out.len() - start);
     out.patch_u16(start, len);
 }
@@ -886,32 +812,5 @@ fn parse_flow_stats(r: &mut Reader<'_>) -> Result<FlowStats, BodyError> {
     }
     let mut e = Reader::new(r.bytes(len)?);
     e.skip(2)?;
-    let table_id = e.u8()?;
-    e.skip(1)?;
-    let duration_sec = e.u32()?;
-    let duration_nsec = e.u32()?;
-    let priority = e.u16()?;
-    let idle_timeout = e.u16()?;
-    let hard_timeout = e.u16()?;
-    let flags = e.u16()?;
-    e.skip(4)?;
-    let cookie = e.u64()?;
-    let packet_count = e.u64()?;
-    let byte_count = e.u64()?;
-    let matched = Match::parse(&mut e)?;
-    let instructions = parse_instructions(e.rest())?;
-    Ok(FlowStats {
-        table_id,
-        duration_sec,
-        duration_nsec,
-        priority,
-        idle_timeout,
-        hard_timeout,
-        flags,
-        cookie,
-        packet_count,
-        byte_count,
-        matched,
-        instructions,
-    })
+    FlowStats::parse_fields(&mut e)
 }

@@ -7,6 +7,7 @@ pub mod actions;
 pub mod bytes;
 pub mod codec;
 pub mod header;
+mod layout;
 pub mod messages;
 pub mod oxm;
 

@@ -14,17 +14,14 @@ fn mac(last: u8) -> MacAddr {
 
 fn port_desc(no: u32) -> PortDesc {
     PortDesc {
-        port_no: no,
-        hw_addr: mac(u8::try_from(no).unwrap_or(0xff)),
-        name: format!("ncpc-p{no}"),
-        config: 0,
         state: 4,
         curr: 0x840,
-        advertised: 0,
-        supported: 0,
-        peer: 0,
         curr_speed: 10_000_000,
-        max_speed: 0,
+        ..PortDesc::new(
+            no,
+            mac(u8::try_from(no).unwrap_or(0xff)),
+            format!("ncpc-p{no}"),
+        )
     }
 }
 

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ncp_controller::client::{Client, Response};
@@ -24,18 +23,7 @@ pub const TREE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testbed/tree.tom
 
 pub const TOKEN: &str = "test-token-ncpc";
 
-/// Takes the test bed down when dropped, also when an assertion fails.
-pub struct Cleanup;
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Err(e) = Testbed::down(PREFIX) {
-            eprintln!("cleanup of test bed {PREFIX} failed: {e}");
-        }
-    }
-}
-
-/// Takes the test bed of `prefix` down when dropped.
+/// Takes the test bed of `prefix` down when dropped, also when an assertion fails.
 pub struct Down(pub &'static str);
 
 impl Drop for Down {
@@ -84,6 +72,11 @@ pub async fn call(c: &Client, method: &'static str, path: &str, body: Option<Str
         .expect("http")
 }
 
+/// The status of a request without a body.
+pub async fn status(c: &Client, method: &'static str, path: &str) -> u16 {
+    call(c, method, path, None).await.status
+}
+
 pub async fn get_json(c: &Client, path: &str) -> Value {
     let r = call(c, "GET", path, None).await;
     assert_eq!(r.status, 200, "GET {path}: {}", r.body);
@@ -115,6 +108,24 @@ pub fn spec(
     }
 }
 
+/// A request body for the API.
+pub fn to_json(body: &impl serde::Serialize) -> String {
+    serde_json::to_string(body).expect("json")
+}
+
+/// Adds a replication through the API (as `api`'s caller), which must accept it.
+pub async fn add_replication(api: &Client, spec: &ReplicationSpec) {
+    let resp = call(api, "POST", "/v1/replications", Some(to_json(spec))).await;
+    assert_eq!(resp.status, 201, "{}", resp.body);
+}
+
+/// Replication 1 of the tree scenes: h11's connections to port 80 of h21, copied to the
+/// middlebox h31, in rewrite mode.
+pub fn h11_to_h21_via_h31(bed: &Testbed) -> ReplicationSpec {
+    let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
+    spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite)
+}
+
 /// Brings the tree up under `prefix`, its bridges pointing at `controller_port`.
 pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
     let _ = Testbed::down(prefix);
@@ -124,6 +135,19 @@ pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
         controller_port: Some(controller_port),
     };
     tokio::task::block_in_place(|| Testbed::up(&tb, &options)).expect("test bed up")
+}
+
+/// Starts the service with `cfg`, then brings the tree up under `prefix` behind it: the
+/// start of every scene on OVS. The returned [`Down`] takes the test bed down when the
+/// scene ends, also when an assertion fails.
+pub async fn tree_scene(
+    prefix: &'static str,
+    cfg: ServiceConfig,
+) -> (Service, Client, Testbed, Down) {
+    let (svc, api) = start_with(cfg).await;
+    let down = Down(prefix);
+    let bed = tree_up(prefix, svc.controller().local_addr().port());
+    (svc, api, bed, down)
 }
 
 /// Pins every host of the test bed where it is attached.
@@ -139,13 +163,7 @@ pub async fn pin_all(api: &Client, bed: &Testbed) {
                 dpid: bed.dpid(&i.switch).expect("dpid"),
                 port: u32::from(port),
             };
-            let r = call(
-                api,
-                "PUT",
-                "/v1/hosts",
-                Some(serde_json::to_string(&spec).expect("json")),
-            )
-            .await;
+            let r = call(api, "PUT", "/v1/hosts", Some(to_json(&spec))).await;
             assert_eq!(r.status, 204, "{}", r.body);
         }
     }
@@ -214,16 +232,12 @@ pub async fn ncp_rules(svc: &Service, dpid: Dpid) -> Vec<FlowRule> {
 
 /// Runs a command that must succeed; returns its standard output.
 pub fn sh(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .expect("run command");
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ncp_testbed::cmd::stdout(argv).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Adds a rule to a bridge behind the controller's back, as an operator would.
+pub fn add_flow(bridge: &str, flow: &str) {
+    sh(&["ovs-ofctl", "-O", "OpenFlow13", "add-flow", bridge, flow]);
 }
 
 /// `ovs-ofctl dump-flows` of a bridge, one flow per line, without the counters that

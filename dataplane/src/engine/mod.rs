@@ -41,6 +41,7 @@ use std::{
     time::Duration,
 };
 
+use ncp_common::wire::TcpSegment;
 use smoltcp::{
     iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet},
     phy::Device,
@@ -71,6 +72,10 @@ pub trait EngineDevice: Device {
     }
 }
 
+/// Keep-alive probes sent to an idle peer within one [`EngineConfig::timeout`]: three
+/// chances to answer (a probe or its answer can be lost) before the connection is given up.
+const KEEP_ALIVES_PER_TIMEOUT: u32 = 3;
+
 /// How to build an engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -91,7 +96,8 @@ pub struct EngineConfig {
     /// Frames taken in per poll before sending and reporting: small enough that the
     /// caller drains receive buffers before they fill, large enough to amortise a round.
     pub rx_budget: usize,
-    /// Abort a connection whose sent data or SYN stays unacknowledged this long.
+    /// Abort a connection whose peer has sent nothing for this long. An idle connection
+    /// is probed (keep-alive) at a third of it, so a live peer always answers in time.
     pub timeout: Option<Duration>,
     /// Disable Nagle's algorithm (the default): a relay forwards what it has at once.
     pub nodelay: bool,
@@ -236,51 +242,32 @@ pub struct EngineCounters {
 
 /// A TCP connection's 4-tuple as its own socket sees it: our end first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FlowKey {
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
+pub(crate) struct FlowKey {
+    pub(crate) local: SocketAddrV4,
+    pub(crate) remote: SocketAddrV4,
 }
 
 /// What the engine reads from a received packet before smoltcp does: whose it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Segment {
+pub(crate) struct Segment {
     /// The receiving socket's view of the 4-tuple (destination = our end).
-    key: FlowKey,
+    pub(crate) key: FlowKey,
     /// A connection request: SYN without ACK.
     syn: bool,
 }
 
-const IP_PROTO_TCP: u8 = 6;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
-/// Reads the 4-tuple and the SYN flag of an IPv4/TCP packet. `None` for anything else
-/// (other protocols, fragments, truncated headers): smoltcp decides what to do with it,
-/// with no socket in reach. Never panics, whatever the bytes.
-fn segment_of(packet: &[u8]) -> Option<Segment> {
-    let first = *packet.first()?;
-    if first >> 4 != 4 || *packet.get(9)? != IP_PROTO_TCP {
-        return None;
-    }
-    // A fragment (more-fragments flag or an offset) has no whole TCP header to route by.
-    let fragment = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]);
-    if fragment & 0x3fff != 0 {
-        return None;
-    }
-    let header_len = usize::from(first & 0x0f) * 4;
-    let tcp = packet.get(header_len..)?;
-    if header_len < 20 || tcp.len() < 20 {
-        return None;
-    }
-    let ip = |at: usize| Ipv4Addr::new(packet[at], packet[at + 1], packet[at + 2], packet[at + 3]);
-    let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
-    let flags = tcp[13];
+/// Reads the 4-tuple and the SYN flag of an IPv4/TCP packet with the one parser
+/// ([`ncp_common::wire`]). `None` for anything else (other protocols, fragments, bad
+/// lengths, truncated headers): smoltcp decides what to do with it, with no socket in
+/// reach. Never panics, whatever the bytes.
+pub(crate) fn segment_of(packet: &[u8]) -> Option<Segment> {
+    let segment = TcpSegment::parse(packet, 0).ok()??;
     Some(Segment {
         key: FlowKey {
-            local: SocketAddrV4::new(ip(16), port(2)),
-            remote: SocketAddrV4::new(ip(12), port(0)),
+            local: segment.dst,
+            remote: segment.src,
         },
-        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        syn: segment.is_connection_request(),
     })
 }
 
@@ -421,7 +408,21 @@ fn fin_received(state: State) -> bool {
 
 impl<D: EngineDevice> Engine<D> {
     /// Builds the interface and starts listening on the configured endpoints.
-    pub fn new(mut device: D, config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn new(device: D, config: EngineConfig) -> Result<Self, EngineError> {
+        // Seeds initial sequence numbers; it only needs to differ between runs.
+        let random_seed = std::hash::RandomState::new().build_hasher().finish();
+        Self::with_clock(device, config, std::time::Instant::now(), random_seed)
+    }
+
+    /// [`Engine::new`] with its time origin and random seed given: tests drive the engine
+    /// on a simulated clock that starts at `epoch` and want the same sequence numbers on
+    /// every run, so that timer and retransmission paths replay exactly.
+    pub(crate) fn with_clock(
+        mut device: D,
+        config: EngineConfig,
+        epoch: std::time::Instant,
+        random_seed: u64,
+    ) -> Result<Self, EngineError> {
         let own = config.own_addr;
         if own.is_unspecified() || own.is_broadcast() || own.is_multicast() {
             return Err(EngineError::Config(format!(
@@ -433,10 +434,8 @@ impl<D: EngineDevice> Engine<D> {
                 "buffer sizes and rx_budget must be positive".into(),
             ));
         }
-        let epoch = std::time::Instant::now();
         let mut iface_config = Config::new(HardwareAddress::Ip);
-        // Seeds initial sequence numbers; it only needs to differ between runs.
-        iface_config.random_seed = std::hash::RandomState::new().build_hasher().finish();
+        iface_config.random_seed = random_seed;
         let mut iface = Interface::new(iface_config, &mut device, SmolInstant::ZERO);
         iface.update_ip_addrs(|addrs| {
             // One address always fits: the vector holds at least one entry.
@@ -491,6 +490,15 @@ impl<D: EngineDevice> Engine<D> {
         );
         socket.set_nagle_enabled(!self.config.nodelay);
         socket.set_timeout(self.config.timeout.map(SmolDuration::from));
+        // smoltcp's timeout counts from the last segment *received*, so on its own it
+        // would abort every session that is merely idle (a database client between
+        // queries) after `timeout`. Keep-alive probes a third of the way in make a live
+        // peer answer, so only a peer that stopped answering reaches the timeout.
+        socket.set_keep_alive(
+            self.config
+                .timeout
+                .map(|timeout| SmolDuration::from(timeout / KEEP_ALIVES_PER_TIMEOUT)),
+        );
         socket.set_congestion_control(self.config.congestion_control);
         // Timestamps from the wall clock keep growing across restarts of the data plane.
         // A server still holding one of our earlier connections in TIME-WAIT (it closed

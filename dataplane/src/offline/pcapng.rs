@@ -20,9 +20,11 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+pub use ncp_common::wire::TcpSegment;
 use serde::{Deserialize, Serialize};
 
 use super::SessionMeta;
+use crate::frame::{Segment, write_segment};
 
 /// Block type of the Section Header Block (the same in both byte orders by design).
 const BT_SHB: u32 = 0x0A0D_0D0A;
@@ -68,14 +70,7 @@ pub const COMMENT_PREFIX: &str = "ncp-session ";
 /// flag it).
 const ACK_EVERY: usize = 16 * MSS;
 
-/// TCP flag bits.
-mod flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-}
+use ncp_common::wire::tcp_flags as flags;
 
 /// Link layer of the synthesized packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -484,25 +479,6 @@ fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x00, o[0], o[1], o[2], o[3]]
 }
 
-/// Internet checksum (RFC 1071) over `data`, continuing from a partial sum `acc`.
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u32::from(*last) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    !(acc as u16)
-}
-
 /// Builds one Ethernet (optional)/IPv4/TCP packet with valid checksums into `out`.
 #[allow(
     clippy::too_many_arguments,
@@ -519,48 +495,29 @@ fn build_packet(
     fl: u8,
     payload: &[u8],
 ) {
-    out.clear();
-    if link == LinkLayer::Ethernet {
-        out.extend_from_slice(&mac_for(*dst.ip()));
-        out.extend_from_slice(&mac_for(*src.ip()));
-        out.extend_from_slice(&0x0800u16.to_be_bytes());
-    }
-    let ip_start = out.len();
     // SYNs announce the MSS the segments below respect.
-    let tcp_opts: &[u8] = if fl & flags::SYN != 0 {
-        &[2, 4, (MSS >> 8) as u8, MSS as u8]
+    let mss_option = [2, 4, (MSS >> 8) as u8, MSS as u8];
+    let options: &[u8] = if fl & flags::SYN != 0 {
+        &mss_option
     } else {
         &[]
     };
-    let tcp_len = 20 + tcp_opts.len() + payload.len();
-    let total = (20 + tcp_len) as u16;
-    out.extend_from_slice(&[0x45, 0]);
-    out.extend_from_slice(&total.to_be_bytes());
-    out.extend_from_slice(&ip_id.to_be_bytes());
-    out.extend_from_slice(&0x4000u16.to_be_bytes()); // DF, no fragment offset
-    out.extend_from_slice(&[64, 6, 0, 0]); // TTL, TCP, checksum placeholder
-    out.extend_from_slice(&src.ip().octets());
-    out.extend_from_slice(&dst.ip().octets());
-    let ip_csum = fold(sum16(&out[ip_start..ip_start + 20], 0));
-    out[ip_start + 10..ip_start + 12].copy_from_slice(&ip_csum.to_be_bytes());
-
-    let tcp_start = out.len();
-    out.extend_from_slice(&src.port().to_be_bytes());
-    out.extend_from_slice(&dst.port().to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&ack.to_be_bytes());
-    out.push((((20 + tcp_opts.len()) / 4) as u8) << 4);
-    out.push(fl);
-    out.extend_from_slice(&u16::MAX.to_be_bytes()); // window
-    out.extend_from_slice(&[0, 0, 0, 0]); // checksum placeholder, urgent pointer
-    out.extend_from_slice(tcp_opts);
-    out.extend_from_slice(payload);
-    // Pseudo-header: source, destination, zero + protocol, TCP length.
-    let mut acc = sum16(&src.ip().octets(), 0);
-    acc = sum16(&dst.ip().octets(), acc);
-    acc += 6 + tcp_len as u32;
-    let tcp_csum = fold(sum16(&out[tcp_start..], acc));
-    out[tcp_start + 16..tcp_start + 18].copy_from_slice(&tcp_csum.to_be_bytes());
+    let macs = (link == LinkLayer::Ethernet).then(|| (mac_for(*src.ip()), mac_for(*dst.ip())));
+    write_segment(
+        out,
+        &Segment {
+            macs,
+            src,
+            dst,
+            ip_id,
+            seq,
+            ack,
+            flags: fl,
+            window: u16::MAX,
+            options,
+            payload,
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -699,7 +656,7 @@ impl<R: Read> BlockReader<R> {
         };
         self.buf.clear();
         let got = self
-            .fill(8)
+            .buffer_at_least(8)
             .map_err(|e| err(FormatErrorKind::Io(e.to_string())))?;
         if got == 0 {
             return Ok(None);
@@ -718,7 +675,7 @@ impl<R: Read> BlockReader<R> {
         if is_shb {
             // The byte order of the length is only known after the magic that follows it.
             let got = self
-                .fill(12)
+                .buffer_at_least(12)
                 .map_err(|e| err(FormatErrorKind::Io(e.to_string())))?;
             if got < 12 {
                 return Err(err(FormatErrorKind::Truncated {
@@ -741,10 +698,10 @@ impl<R: Read> BlockReader<R> {
         if len > MAX_BLOCK_LEN {
             return Err(err(FormatErrorKind::TooLarge(len)));
         }
-        // Only now, with the length bounded, read the rest; `fill` grows the buffer as bytes
+        // Only now, with the length bounded, read the rest; `buffer_at_least` grows the buffer as bytes
         // arrive, so a truncated file never costs the announced length.
         let got = self
-            .fill(len as usize)
+            .buffer_at_least(len as usize)
             .map_err(|e| err(FormatErrorKind::Io(e.to_string())))?;
         if got < len as usize {
             return Err(err(FormatErrorKind::Truncated {
@@ -858,7 +815,7 @@ impl<R: Read> BlockReader<R> {
     }
 
     /// Reads until `buf` holds `want` bytes or the input ends; returns how many it holds.
-    fn fill(&mut self, want: usize) -> io::Result<usize> {
+    fn buffer_at_least(&mut self, want: usize) -> io::Result<usize> {
         while self.buf.len() < want {
             let have = self.buf.len();
             // Grow in steps so the allocation follows the bytes actually read.
@@ -904,96 +861,23 @@ impl<R: Read> BlockReader<R> {
     }
 }
 
-/// A TCP segment inside a captured packet.
-#[derive(Debug, Clone, Copy)]
-pub struct TcpSegment<'a> {
-    /// Source address and port.
-    pub src: SocketAddrV4,
-    /// Destination address and port.
-    pub dst: SocketAddrV4,
-    /// Sequence number.
-    pub seq: u32,
-    /// TCP flags byte.
-    pub flags: u8,
-    /// Payload.
-    pub payload: &'a [u8],
-}
-
-impl TcpSegment<'_> {
-    /// SYN set.
-    pub fn syn(&self) -> bool {
-        self.flags & flags::SYN != 0
-    }
-    /// ACK set.
-    pub fn ack(&self) -> bool {
-        self.flags & flags::ACK != 0
-    }
-    /// FIN set.
-    pub fn fin(&self) -> bool {
-        self.flags & flags::FIN != 0
-    }
-    /// RST set.
-    pub fn rst(&self) -> bool {
-        self.flags & flags::RST != 0
-    }
-}
-
-/// Finds the TCP segment in a captured packet; `None` for anything else (ARP, UDP, IPv6,
-/// fragments, truncated captures). Checksums are not verified: captures taken with
+/// Finds the TCP segment in a captured packet with the one parser
+/// ([`ncp_common::wire`]); `None` for anything else (ARP, UDP, IPv6, fragments, more than
+/// one VLAN tag, truncated captures). Checksums are not verified: captures taken with
 /// offload on carry partial ones.
 pub fn parse_tcp(linktype: u16, data: &[u8]) -> Option<TcpSegment<'_>> {
-    let ip = match linktype {
-        LINKTYPE_ETHERNET => {
-            let mut at = 12;
-            let mut ethertype = u16::from_be_bytes([*data.get(at)?, *data.get(at + 1)?]);
-            // Skip up to two VLAN tags (802.1Q / 802.1ad).
-            for _ in 0..2 {
-                if ethertype == 0x8100 || ethertype == 0x88a8 {
-                    at += 4;
-                    ethertype = u16::from_be_bytes([*data.get(at)?, *data.get(at + 1)?]);
-                }
-            }
-            if ethertype != 0x0800 {
-                return None;
-            }
-            data.get(at + 2..)?
-        }
-        LINKTYPE_RAW | LINKTYPE_IPV4 => data,
+    let segment = match linktype {
+        LINKTYPE_ETHERNET => TcpSegment::parse_ethernet(data),
+        LINKTYPE_RAW | LINKTYPE_IPV4 => TcpSegment::parse(data, 0),
         _ => return None,
     };
-    let vihl = *ip.first()?;
-    if vihl >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-    let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]);
-    // Fragments (MF set or an offset) are not reassembled.
-    if ihl < 20 || total < ihl || frag & 0x3fff != 0 || *ip.get(9)? != 6 {
-        return None;
-    }
-    let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst_ip = Ipv4Addr::new(*ip.get(16)?, ip[17], ip[18], ip[19]);
-    // Ethernet padding may follow the IP packet: trust the IP total length.
-    let tcp = ip.get(ihl..total)?;
-    if tcp.len() < 20 {
-        return None;
-    }
-    let off = usize::from(tcp[12] >> 4) * 4;
-    if off < 20 || off > tcp.len() {
-        return None;
-    }
-    Some(TcpSegment {
-        src: SocketAddrV4::new(src_ip, u16::from_be_bytes([tcp[0], tcp[1]])),
-        dst: SocketAddrV4::new(dst_ip, u16::from_be_bytes([tcp[2], tcp[3]])),
-        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-        flags: tcp[13],
-        payload: &tcp[off..],
-    })
+    segment.ok().flatten()
 }
 
 #[cfg(test)]
 mod tests {
+    use ncp_common::wire::{checksum, pseudo_header_sum};
+
     use super::*;
 
     fn meta() -> SessionMeta {
@@ -1020,10 +904,9 @@ mod tests {
             flags::ACK,
             b"hello",
         );
-        assert_eq!(fold(sum16(&p[..20], 0)), 0);
-        let mut acc = sum16(&p[12..20], 0);
-        acc += 6 + (p.len() - 20) as u32;
-        assert_eq!(fold(sum16(&p[20..], acc)), 0);
+        assert_eq!(checksum(&p[..20], 0), 0);
+        let pseudo = pseudo_header_sum(*m.client.ip(), *m.primary.ip(), 6, p.len() - 20);
+        assert_eq!(checksum(&p[20..], pseudo), 0);
     }
 
     #[test]

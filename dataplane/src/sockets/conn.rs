@@ -1,6 +1,7 @@
 //! Kernel sockets as the relay uses them: listeners shared between workers, non-blocking
 //! upstream connects from an optional source address and device, aborts that send a RST,
-//! and a small slab that gives every connection a stable poll token.
+//! and a small slab that gives every connection a stable poll token (and the driver its
+//! name for it).
 
 use std::{
     io,
@@ -9,7 +10,6 @@ use std::{
 };
 
 use mio::net::{TcpListener, TcpStream};
-use ncp_replication::{SessionId, Side};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// Pending connections the kernel queues per listener before the relay accepts them:
@@ -78,35 +78,12 @@ pub fn abort(stream: TcpStream) {
     drop(stream);
 }
 
-/// What a connection is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// One side of a running session.
-    Session {
-        /// The session.
-        id: SessionId,
-        /// Which connection of it.
-        side: Side,
-    },
-    /// An upstream of a finished session that got its FIN but whose peer may still be
-    /// answering: read and discard until the peer's FIN or `until`, then close. Closing
-    /// with unread bytes would make the kernel send a RST, which can destroy data still
-    /// in flight toward that server.
-    Lingering {
-        /// When to give up and close anyway.
-        until: Instant,
-    },
-}
-
 /// One kernel TCP connection and what the event loop knows about it. Readiness is
 /// remembered because mio is edge-triggered: a side held back by the core's window keeps
 /// `readable` set and is read again once the window reopens.
 #[derive(Debug)]
 pub struct Conn {
     pub stream: TcpStream,
-    /// Distinguishes this connection from a later one in the same slab slot.
-    pub serial: u64,
-    pub role: Role,
     /// Handshake completed (accepted client connections start connected).
     pub connected: bool,
     pub readable: bool,
@@ -115,30 +92,27 @@ pub struct Conn {
     pub read_eof: bool,
     /// Our FIN was sent (`shutdown(Write)`).
     pub write_shut: bool,
+    /// Failed and reported to the driver as such; the slot stays taken until the driver
+    /// has seen that report, so no new connection can be mistaken for this one.
+    pub dead: bool,
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, serial: u64, role: Role, connected: bool) -> Self {
+    pub fn new(stream: TcpStream, connected: bool) -> Self {
         Self {
             stream,
-            serial,
-            role,
             connected,
             readable: false,
             writable: false,
             read_eof: false,
             write_shut: false,
+            dead: false,
         }
-    }
-
-    /// Whether this connection is `side` of session `id`.
-    pub fn is(&self, id: SessionId, side: Side) -> bool {
-        self.role == Role::Session { id, side }
     }
 }
 
-/// Connections by slot; a slot index is the connection's poll token. Freed slots are
-/// reused, which is why [`Conn::serial`] exists.
+/// Connections by slot; a slot index is the connection's poll token and its name in the
+/// driver. Freed slots are reused; the driver forgets a slot before it is freed.
 #[derive(Debug, Default)]
 pub struct Slab {
     entries: Vec<Option<Conn>>,
@@ -157,6 +131,10 @@ impl Slab {
         self.entries.len() - 1
     }
 
+    pub fn get(&self, i: usize) -> Option<&Conn> {
+        self.entries.get(i).and_then(Option::as_ref)
+    }
+
     pub fn get_mut(&mut self, i: usize) -> Option<&mut Conn> {
         self.entries.get_mut(i).and_then(Option::as_mut)
     }
@@ -168,6 +146,7 @@ impl Slab {
     }
 
     /// Slots in use.
+    #[cfg(test)]
     pub fn slots(&self) -> impl Iterator<Item = usize> + '_ {
         self.entries
             .iter()
@@ -201,14 +180,7 @@ mod tests {
         };
         let stream = || {
             let s = connect(addr, None).unwrap();
-            Conn::new(
-                s,
-                0,
-                Role::Lingering {
-                    until: Instant::now(),
-                },
-                false,
-            )
+            Conn::new(s, false)
         };
         let mut slab = Slab::default();
         let a = slab.insert(stream());

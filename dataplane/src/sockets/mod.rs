@@ -67,7 +67,6 @@
 mod conn;
 pub mod nat;
 mod relay;
-mod stats;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -80,15 +79,18 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use ncp_replication::ManagerConfig;
 
-pub use conn::SourceBinding;
-pub use stats::{
-    DetachStats, PUBLISH_INTERVAL, RecordingStats, RefusalStats, ReplicaStats, ServiceStats,
-    SocketsStats, StatsHandle,
+pub use crate::driver::{
+    PUBLISH_INTERVAL,
+    stats::{
+        DetachStats, DropStats, RecordingStats, RefusalStats, ReplicaStats, ServiceStats,
+        SocketsStats, StatsHandle,
+    },
 };
+pub use conn::SourceBinding;
 
 use crate::config::Config;
+use crate::driver::manager_config;
 use crate::offline::services::ServiceRecorders;
 use nat::{NatTable, Redirect};
 use relay::{ServicePlan, WorkerSetup};
@@ -204,11 +206,7 @@ pub fn run_with(
             index,
             services: Arc::clone(&services),
             listeners,
-            manager: ManagerConfig {
-                max_sessions: config.limits.max_sessions,
-                max_memory_bytes: config.limits.max_buffer_bytes,
-                ..ManagerConfig::default()
-            },
+            manager: manager_config(config),
             max_lingering: config.limits.max_sessions,
             stats: stats.clone(),
         };
@@ -299,16 +297,9 @@ fn bind_services(
             }
         };
         tracing::info!(service = %service.name, primary = %service.primary, port, replicas = service.replicas.len(), "listening");
-        plans.push(ServicePlan {
-            name: service.name.clone(),
-            primary: service.primary,
-            clients: service.clients,
-            replicas: service.replicas.clone(),
-            session: service.session_config(),
-            replica_source,
-            listen_port: port,
-            record: None,
-        });
+        let mut plan = ServicePlan::new(service, replica_source);
+        plan.listen_port = port;
+        plans.push(plan);
     }
     Ok((plans, listeners))
 }

@@ -1,78 +1,46 @@
-//! One relay worker: a single-threaded mio event loop that owns its listeners, every
-//! socket of its sessions and one replication [`Manager`], and carries out the core's I/O
-//! contract (see the `ncp_replication` crate docs) with kernel TCP sockets.
+//! Sockets mode's transport for the replication [`Driver`]: kernel TCP sockets under one
+//! mio event loop per worker, which owns its listeners and every socket of its sessions.
 //!
 //! A turn of the loop: wait for readiness or the next timer; note which sockets became
-//! readable/writable; for every session that was touched, move bytes until nothing moves
-//! (bounded, so one busy session cannot starve the others); run due timers; expire
-//! lingering sockets; publish counters now and then.
-//!
-//! Recording (a service's `record`, the offline asynchronous mode): the session's
-//! recording is opened in [`Worker::admit`]; every read the core accepts from the client
-//! (and from the primary, if the service records responses) is handed to the recorder in
-//! [`Worker::fill`] right after `on_data`, so the file holds exactly the stream the
-//! primary and replicas are given, in order; [`Worker::finish`] ends it as closed or
-//! aborted. The recorder's handle only ever `try_send`s into a bounded queue: a recorder
-//! that falls behind loses the session's recording (counted), never the worker's time.
+//! readable/writable, finish connects, take listeners' new connections (bounded per turn)
+//! and hand all that to the driver as [`Event`]s; the driver moves bytes for the touched
+//! sessions, runs due timers and expires lingering sockets; counters are published now
+//! and then. Readiness is remembered per socket because mio is edge-triggered: a side
+//! held back by the core's window stays readable and is read again once the window
+//! reopens.
 
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
     io::{self, Read as _, Write as _},
-    net::{Shutdown, SocketAddr, SocketAddrV4},
+    net::{Shutdown, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use mio::{Events, Interest, Poll, Token, event::Event, net::TcpStream};
-use ncp_replication::{Action, Manager, ManagerConfig, Refusal, SessionConfig, SessionId, Side};
+use mio::{Events, Interest, Poll, Token, net::TcpStream};
+use ncp_replication::{ManagerConfig, Side};
 
-use super::{
-    conn::{self, Conn, Listener, Role, Slab, SourceBinding},
-    stats::{PUBLISH_INTERVAL, ServiceStats, SocketsStats, StatsHandle},
-};
-use crate::{
-    offline::recorder::{RecId, RecordHandle},
-    rules::Ipv4Prefix,
+use super::conn::{self, Conn, Listener, Slab, SourceBinding};
+use crate::driver::{
+    Addressed, Driver, Event, PUBLISH_INTERVAL, Received, Sent, Transport,
+    stats::{SocketsStats, StatsHandle},
 };
 
 /// Tokens from here up are listeners (service index added); below are connection slots.
 const LISTENER_TOKEN_BASE: usize = usize::MAX / 2;
-/// Bytes read from a socket per `read` call.
-const READ_CHUNK: usize = 64 * 1024;
-/// Reads per side per round, and rounds per session per turn: at most
-/// `READS_PER_SIDE * ROUNDS_PER_TURN * READ_CHUNK` (4 MiB) from one side before the
-/// other sessions get their turn.
-const READS_PER_SIDE: usize = 4;
-const ROUNDS_PER_TURN: usize = 16;
 /// Connections accepted per listener per turn.
 const ACCEPTS_PER_TURN: usize = 64;
 /// Back-off after an accept error such as running out of file descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Longest sleep, so a stop request is seen promptly.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
-/// At most one `info` line per replica and interval about detaches: a replica that is
-/// down is detached from every new session, and the counters already say how often.
-const DETACH_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One configured service as the workers use it.
-#[derive(Clone, Debug)]
-pub struct ServicePlan {
-    pub name: String,
-    pub primary: SocketAddrV4,
-    pub clients: Ipv4Prefix,
-    pub replicas: Vec<SocketAddrV4>,
-    pub session: SessionConfig,
-    /// Source address and device for replica connections, if the service names one.
-    pub replica_source: Option<SourceBinding>,
-    pub listen_port: u16,
-    /// The service's recorder, if it records its sessions (shared by all workers).
-    pub record: Option<RecordHandle>,
-}
+/// One configured service as the workers use it: replicas are connected from the
+/// service's source binding, if it names one.
+pub type ServicePlan = crate::driver::ServicePlan<Option<SourceBinding>>;
 
 /// Everything a worker thread starts from.
 #[derive(Debug)]
@@ -87,89 +55,85 @@ pub struct WorkerSetup {
     pub stats: StatsHandle,
 }
 
-/// The sockets of one session, by side (slab slots).
-struct Entry {
-    service: usize,
-    client: Option<usize>,
-    primary: Option<usize>,
-    replicas: Vec<Option<usize>>,
-    /// Already in the ready queue.
-    queued: bool,
-    /// The session's recording, if its service records and the recorder took it.
-    record: Option<RecId>,
-}
-
-impl Entry {
-    fn slot_mut(&mut self, side: Side) -> Option<&mut Option<usize>> {
-        match side {
-            Side::Client => Some(&mut self.client),
-            Side::Primary => Some(&mut self.primary),
-            Side::Replica(i) => self.replicas.get_mut(usize::from(i)),
-        }
-    }
-
-    fn slot(&self, side: Side) -> Option<usize> {
-        match side {
-            Side::Client => self.client,
-            Side::Primary => self.primary,
-            Side::Replica(i) => self.replicas.get(usize::from(i)).copied().flatten(),
-        }
-    }
-
-    fn take(&mut self, side: Side) -> Option<usize> {
-        self.slot_mut(side).and_then(Option::take)
-    }
-
-    /// Every socket of the session, client first.
-    fn sides(&self, out: &mut Vec<(Side, usize)>) {
-        out.clear();
-        out.extend(self.client.map(|s| (Side::Client, s)));
-        out.extend(self.primary.map(|s| (Side::Primary, s)));
-        for (i, slot) in (0u16..).zip(&self.replicas) {
-            out.extend(slot.map(|s| (Side::Replica(i), s)));
-        }
-    }
-}
-
 /// Runs one worker until `stop` is set, then resets its open sessions.
 pub fn run(setup: WorkerSetup, stop: &AtomicBool) -> anyhow::Result<()> {
-    let mut worker = Worker::new(setup)?;
-    let result = worker.event_loop(stop);
-    worker.shutdown();
-    worker.publish();
+    let sockets = Sockets::new(setup.listeners)?;
+    let mut driver = Driver::new(
+        sockets,
+        setup.services.to_vec(),
+        setup.manager,
+        setup.max_lingering,
+    );
+    let result = event_loop(&mut driver, setup.index, &setup.stats, stop);
+    let open = driver.shutdown();
+    if open > 0 {
+        tracing::info!(worker = setup.index, sessions = open, "worker stopped");
+    }
+    setup
+        .stats
+        .publish(setup.index, SocketsStats::from(driver.snapshot()));
     result
 }
 
-struct Worker {
+fn event_loop(
+    driver: &mut Driver<Sockets>,
     index: usize,
-    poll: Poll,
-    services: Arc<[ServicePlan]>,
-    listeners: Vec<Listener>,
-    conns: Slab,
-    sessions: HashMap<SessionId, Entry>,
-    manager: Manager,
-    /// Finished sessions' counters, refusals and session totals, per service.
-    counters: Vec<ServiceStats>,
-    /// Sessions with work to do this turn.
-    ready: VecDeque<SessionId>,
-    lingering: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    lingering_count: usize,
-    lingering_discarded: u64,
-    max_lingering: usize,
-    next_serial: u64,
-    scratch: Box<[u8]>,
-    sides: Vec<(Side, usize)>,
-    /// Per service and replica: when a detach was last logged at `info`, and how many
-    /// were only logged at `debug` since.
-    detach_log: Vec<Vec<(Option<Instant>, u64)>>,
-    stats: StatsHandle,
+    stats: &StatsHandle,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let mut readiness = Events::with_capacity(1024);
+    let mut events = Vec::new();
+    let mut next_publish = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let timeout = sleep_time(driver, now, next_publish);
+        let sockets = driver.transport_mut();
+        if let Err(e) = sockets.poll.poll(&mut readiness, Some(timeout)) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("waiting for socket events");
+        }
+        let now = Instant::now();
+        sockets.translate(&readiness, now, &mut events);
+        driver.turn(now, &mut events);
+        if now >= next_publish {
+            stats.publish(index, SocketsStats::from(driver.snapshot()));
+            next_publish = now + PUBLISH_INTERVAL;
+        }
+    }
+    Ok(())
 }
 
-impl Worker {
-    fn new(setup: WorkerSetup) -> anyhow::Result<Self> {
+/// How long the loop may wait for readiness: not at all while sessions are queued,
+/// otherwise until the next timer, listener retry or publication.
+fn sleep_time(driver: &Driver<Sockets>, now: Instant, next_publish: Instant) -> Duration {
+    if driver.is_busy() {
+        return Duration::ZERO;
+    }
+    let mut until = (now + MAX_SLEEP).min(next_publish);
+    let retries = driver.transport().listeners.iter().map(|l| l.retry_at);
+    for t in retries.chain([driver.next_timer()]).flatten() {
+        until = until.min(t);
+    }
+    until.saturating_duration_since(now)
+}
+
+/// A worker's listeners and sockets as a [`Transport`]; a connection is named by its
+/// slab slot, which is also its poll token.
+pub struct Sockets {
+    poll: Poll,
+    listeners: Vec<Listener>,
+    conns: Slab,
+    /// Slots of connections that failed in the last translation (see [`Conn::dead`]).
+    dead: Vec<usize>,
+}
+
+impl Sockets {
+    fn new(listeners: Vec<std::net::TcpListener>) -> anyhow::Result<Self> {
         let poll = Poll::new().context("creating the event loop")?;
-        let mut listeners = Vec::with_capacity(setup.listeners.len());
-        for (service, std_listener) in setup.listeners.into_iter().enumerate() {
+        let mut registered = Vec::with_capacity(listeners.len());
+        for (service, std_listener) in listeners.into_iter().enumerate() {
             let mut socket = mio::net::TcpListener::from_std(std_listener);
             poll.registry()
                 .register(
@@ -178,155 +142,83 @@ impl Worker {
                     Interest::READABLE,
                 )
                 .context("registering a listener")?;
-            listeners.push(Listener {
+            registered.push(Listener {
                 socket,
                 service,
                 retry_at: None,
             });
         }
-        let counters = setup
-            .services
-            .iter()
-            .map(|s| ServiceStats::new(&s.name, s.primary, s.listen_port, &s.replicas))
-            .collect();
-        let detach_log = setup
-            .services
-            .iter()
-            .map(|s| vec![(None, 0); s.replicas.len()])
-            .collect();
         Ok(Self {
-            index: setup.index,
             poll,
-            services: setup.services,
-            listeners,
+            listeners: registered,
             conns: Slab::default(),
-            sessions: HashMap::new(),
-            manager: Manager::new(setup.manager),
-            counters,
-            ready: VecDeque::new(),
-            lingering: BinaryHeap::new(),
-            lingering_count: 0,
-            lingering_discarded: 0,
-            max_lingering: setup.max_lingering,
-            next_serial: 0,
-            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
-            sides: Vec::new(),
-            detach_log,
-            stats: setup.stats,
+            dead: Vec::new(),
         })
     }
 
-    fn event_loop(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
-        let mut events = Events::with_capacity(1024);
-        let mut next_publish = Instant::now();
-        let mut touched = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            let timeout = self.sleep_time(now, next_publish);
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e).context("waiting for socket events");
-            }
-            let now = Instant::now();
-            for event in &events {
-                self.on_event(event, now);
-            }
-            for k in 0..self.listeners.len() {
-                if self.listeners[k].retry_at.is_some_and(|t| t <= now) {
-                    self.accept(k, now);
-                }
-            }
-            // Only the sessions queued so far: those re-queued while driving wait for the
-            // next turn, after the next poll, so fresh events are never starved.
-            for _ in 0..self.ready.len() {
-                let Some(id) = self.ready.pop_front() else {
-                    break;
-                };
-                if let Some(entry) = self.sessions.get_mut(&id) {
-                    entry.queued = false;
-                    self.drive(id, now);
-                }
-            }
-            if self.manager.poll_timeout().is_some_and(|t| t <= now) {
-                self.manager.handle_timeout(now, &mut touched);
-                for id in touched.drain(..) {
-                    self.apply_actions(id, now);
-                    self.drive(id, now);
-                }
-            }
-            self.expire_lingering(now);
-            if now >= next_publish {
-                self.publish();
-                next_publish = now + PUBLISH_INTERVAL;
+    /// Turns readiness into driver events: remembers it per socket, finishes connects,
+    /// reports errors, and accepts on listeners that are ready or due for a retry.
+    fn translate(&mut self, readiness: &Events, now: Instant, out: &mut Vec<Event<usize>>) {
+        // The driver has handled the previous batch, which reported these failures.
+        for slot in std::mem::take(&mut self.dead) {
+            if self.conns.get(slot).is_some_and(|c| c.dead) {
+                drop(self.conns.remove(slot));
             }
         }
-        Ok(())
-    }
-
-    fn sleep_time(&self, now: Instant, next_publish: Instant) -> Duration {
-        if !self.ready.is_empty() {
-            return Duration::ZERO;
-        }
-        let mut until = (now + MAX_SLEEP).min(next_publish);
-        let timers = [
-            self.manager.poll_timeout(),
-            self.lingering.peek().map(|Reverse((t, _, _))| *t),
-        ];
-        let retries = self.listeners.iter().map(|l| l.retry_at);
-        for t in timers.into_iter().chain(retries).flatten() {
-            until = until.min(t);
-        }
-        until.saturating_duration_since(now)
-    }
-
-    fn on_event(&mut self, event: &Event, now: Instant) {
-        let token = event.token().0;
-        if token >= LISTENER_TOKEN_BASE {
-            self.accept(token - LISTENER_TOKEN_BASE, now);
-            return;
-        }
-        let Some(conn) = self.conns.get_mut(token) else {
-            return; // closed earlier in this turn
-        };
-        // Errors and hang-ups surface through read/write, so they count as readiness.
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
-            conn.readable = true;
-        }
-        if event.is_writable() || event.is_write_closed() || event.is_error() {
-            conn.writable = true;
-        }
-        match conn.role {
-            Role::Lingering { .. } => self.drain_lingering(token),
-            Role::Session { id, side } => {
-                if !conn.connected {
-                    if conn.writable {
-                        self.finish_connect(id, side, token, now);
-                    }
-                } else if event.is_error() {
-                    // Learn about a reset now even if the core's window keeps us from
-                    // reading this side.
-                    if let Ok(Some(e)) = conn.stream.take_error() {
-                        self.lost(id, side, token, &e, now);
+        for event in readiness {
+            let token = event.token().0;
+            if token >= LISTENER_TOKEN_BASE {
+                self.accept(token - LISTENER_TOKEN_BASE, now, out);
+                continue;
+            }
+            let Some(c) = self.conns.get_mut(token) else {
+                continue; // closed earlier in this turn
+            };
+            // Errors and hang-ups surface through read/write, so they count as readiness.
+            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                c.readable = true;
+            }
+            if event.is_writable() || event.is_write_closed() || event.is_error() {
+                c.writable = true;
+            }
+            if !c.connected {
+                if c.writable {
+                    // A connecting socket became writable: the handshake is over either way.
+                    match conn::connect_result(&c.stream) {
+                        Ok(true) => {
+                            c.connected = true;
+                            out.push(Event::Connected(token));
+                        }
+                        // Spurious wakeup: wait for the next edge.
+                        Ok(false) => c.writable = false,
+                        Err(e) => {
+                            tracing::debug!(slot = token, error = %e, "upstream connection failed");
+                            self.bury(token);
+                            out.push(Event::Refused(token));
+                            continue;
+                        }
                     }
                 }
-                self.mark(id);
+            } else if event.is_error()
+                && let Ok(Some(e)) = c.stream.take_error()
+            {
+                // Learn about a reset now even if the core's window keeps us from reading
+                // this side.
+                tracing::debug!(slot = token, error = %e, "connection lost");
+                self.bury(token);
+                out.push(Event::Reset(token));
+                continue;
+            }
+            out.push(Event::Active(token));
+        }
+        for k in 0..self.listeners.len() {
+            if self.listeners[k].retry_at.is_some_and(|t| t <= now) {
+                self.accept(k, now, out);
             }
         }
     }
 
-    /// Queues a session for a drive in this turn (once).
-    fn mark(&mut self, id: SessionId) {
-        if let Some(entry) = self.sessions.get_mut(&id)
-            && !entry.queued
-        {
-            entry.queued = true;
-            self.ready.push_back(id);
-        }
-    }
-
-    fn accept(&mut self, k: usize, now: Instant) {
+    fn accept(&mut self, k: usize, now: Instant, out: &mut Vec<Event<usize>>) {
         let Some(listener) = self.listeners.get_mut(k) else {
             return;
         };
@@ -337,7 +229,26 @@ impl Worker {
                 return;
             };
             match listener.socket.accept() {
-                Ok((stream, peer)) => self.admit(service, stream, peer, now),
+                Ok((stream, remote)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY on a client connection");
+                    }
+                    let Some(slot) = self.add(stream, true) else {
+                        continue;
+                    };
+                    if let Some(c) = self.conns.get_mut(slot) {
+                        // Bytes may have arrived before the socket was registered; the
+                        // first read or write finds out (a spurious attempt just returns
+                        // WouldBlock).
+                        c.readable = true;
+                        c.writable = true;
+                    }
+                    out.push(Event::Accepted {
+                        conn: slot,
+                        to: Addressed::Service(service),
+                        remote,
+                    });
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
                     if matches!(
@@ -345,7 +256,7 @@ impl Worker {
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                     ) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, service = %self.services[service].name, "accept failed; retrying shortly");
+                    tracing::warn!(error = %e, service, "accept failed; retrying shortly");
                     if let Some(l) = self.listeners.get_mut(k) {
                         l.retry_at = Some(now + ACCEPT_RETRY);
                     }
@@ -359,85 +270,11 @@ impl Worker {
         }
     }
 
-    /// A new client connection: admit it as a session or reset it.
-    fn admit(&mut self, service: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
-        let plan = &self.services[service];
-        let allowed = match peer {
-            SocketAddr::V4(p) => plan.clients.contains(*p.ip()),
-            SocketAddr::V6(_) => false,
-        };
-        if !allowed {
-            tracing::debug!(%peer, service = %plan.name, "connection from outside the clients prefix reset");
-            self.counters[service].refused.not_a_client += 1;
-            conn::abort(stream);
-            return;
-        }
-        let id = match self.manager.open_with(plan.session.clone(), now) {
-            Ok(id) => id,
-            Err(refusal) => {
-                let refused = &mut self.counters[service].refused;
-                match refusal {
-                    Refusal::SessionLimit => refused.session_limit += 1,
-                    Refusal::MemoryLimit { .. } => refused.memory_limit += 1,
-                    Refusal::InvalidConfig(_) => refused.invalid_config += 1,
-                }
-                tracing::debug!(%peer, service = %plan.name, %refusal, "client reset");
-                conn::abort(stream);
-                return;
-            }
-        };
-        self.counters[service].sessions_total += 1;
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY on a client connection");
-        }
-        let replicas = vec![None; plan.replicas.len()];
-        tracing::debug!(session = %id, %peer, service = %plan.name, "session opened");
-        let Some(slot) = self.add_conn(
-            stream,
-            Role::Session {
-                id,
-                side: Side::Client,
-            },
-            true,
-        ) else {
-            self.manager.remove(id);
-            return;
-        };
-        if let Some(c) = self.conns.get_mut(slot) {
-            // Bytes may have arrived before the socket was registered; the first read or
-            // write finds out (a spurious attempt just returns WouldBlock).
-            c.readable = true;
-            c.writable = true;
-        }
-        let plan = &self.services[service];
-        let record = plan.record.as_ref().and_then(|handle| match peer {
-            SocketAddr::V4(client) => handle.open_replicated(&plan.name, client, plan.primary),
-            SocketAddr::V6(_) => None, // refused above; keeps the match total
-        });
-        self.sessions.insert(
-            id,
-            Entry {
-                service,
-                client: Some(slot),
-                primary: None,
-                replicas,
-                queued: false,
-                record,
-            },
-        );
-        self.apply_actions(id, now);
-        self.mark(id);
-    }
-
-    /// Registers a socket for read and write readiness; `None` (socket closed) on failure.
-    fn add_conn(&mut self, stream: TcpStream, role: Role, connected: bool) -> Option<usize> {
-        let serial = self.next_serial;
-        self.next_serial += 1;
+    /// Registers a socket for read and write readiness; `None` (socket reset) on failure.
+    fn add(&mut self, stream: TcpStream, connected: bool) -> Option<usize> {
         // The token is the slot, so the socket goes into the slab first and is registered
         // from there.
-        let slot = self
-            .conns
-            .insert(Conn::new(stream, serial, role, connected));
+        let slot = self.conns.insert(Conn::new(stream, connected));
         let registered = match self.conns.get_mut(slot) {
             Some(c) => self.poll.registry().register(
                 &mut c.stream,
@@ -455,495 +292,131 @@ impl Worker {
         }
         Some(slot)
     }
-}
 
-impl Worker {
-    /// A connecting upstream socket became writable: the handshake is over either way.
-    fn finish_connect(&mut self, id: SessionId, side: Side, slot: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
-        match conn::connect_result(&conn.stream) {
-            Ok(true) => {
-                conn.connected = true;
-                if let Some(mut s) = self.manager.session_mut(id) {
-                    log_misuse(id, s.on_connected(side, now));
-                }
-                tracing::debug!(session = %id, ?side, "upstream connected");
-            }
-            // Spurious wakeup: wait for the next edge.
-            Ok(false) => conn.writable = false,
-            Err(e) => {
-                tracing::debug!(session = %id, ?side, error = %e, "upstream connection failed");
-                self.forget(id, side, slot);
-                if let Some(mut s) = self.manager.session_mut(id) {
-                    log_misuse(id, s.on_refused(side, now));
-                }
-            }
+    /// Takes a socket out of the loop; dropping it closes it. A dead one is freed by the
+    /// next translation instead.
+    fn close(&mut self, slot: usize) -> Option<TcpStream> {
+        if self.conns.get(slot).is_none_or(|c| c.dead) {
+            return None;
         }
-        self.apply_actions(id, now);
+        let mut c = self.conns.remove(slot)?;
+        deregister(&self.poll, slot, &mut c.stream);
+        Some(c.stream)
     }
 
-    /// An established connection died (RST, fatal error): the socket is gone, the core is
-    /// told, and no `Reset` action will follow for it.
-    fn lost(&mut self, id: SessionId, side: Side, slot: usize, error: &io::Error, now: Instant) {
-        tracing::debug!(session = %id, ?side, %error, "connection lost");
-        self.forget(id, side, slot);
-        if let Some(mut s) = self.manager.session_mut(id) {
-            log_misuse(id, s.on_reset(side, now));
-        }
-        self.apply_actions(id, now);
-    }
-
-    /// Drops a dead socket and its place in the session.
-    fn forget(&mut self, id: SessionId, side: Side, slot: usize) {
-        if let Some(entry) = self.sessions.get_mut(&id)
-            && entry.slot(side) == Some(slot)
-        {
-            entry.take(side);
-        }
-        if let Some(mut c) = self.conns.remove(slot) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
-        }
-    }
-
-    /// Moves bytes for one session until nothing moves or its turn is used up.
-    fn drive(&mut self, id: SessionId, now: Instant) {
-        let mut sides = std::mem::take(&mut self.sides);
-        for _ in 0..ROUNDS_PER_TURN {
-            let Some(entry) = self.sessions.get(&id) else {
-                break;
-            };
-            entry.sides(&mut sides);
-            let mut moved = false;
-            for &(side, slot) in &sides {
-                moved |= self.flush(id, side, slot, now);
-                moved |= self.fill(id, side, slot, now);
-            }
-            self.apply_actions(id, now);
-            if !moved {
-                self.sides = sides;
-                return;
-            }
-        }
-        self.sides = sides;
-        // Still busy: let the other sessions have a turn first.
-        self.mark(id);
-    }
-
-    /// Writes what the core has pending for `side`. Returns whether anything happened.
-    fn flush(&mut self, id: SessionId, side: Side, slot: usize, now: Instant) -> bool {
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return false;
-        };
-        if !conn.is(id, side) || !conn.connected || !conn.writable || conn.write_shut {
-            return false;
-        }
-        let Some(mut s) = self.manager.session_mut(id) else {
-            return false;
-        };
-        let mut moved = false;
-        let mut failed = None;
-        loop {
-            let pending = s.pending(side);
-            if pending.is_empty() {
-                break;
-            }
-            match conn.stream.write(pending) {
-                Ok(0) => {
-                    conn.writable = false;
-                    break;
-                }
-                Ok(n) => {
-                    moved = true;
-                    if let Err(e) = s.on_sent(side, n, now) {
-                        log_misuse::<()>(id, Err(e));
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    conn.writable = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(s);
-        if let Some(e) = failed {
-            self.lost(id, side, slot, &e, now);
-            moved = true;
-        }
-        moved
-    }
-
-    /// Reads from `side` as far as the core's window allows. Returns whether anything
-    /// happened.
-    fn fill(&mut self, id: SessionId, side: Side, slot: usize, now: Instant) -> bool {
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return false;
-        };
-        if !conn.is(id, side) || !conn.connected || !conn.readable || conn.read_eof {
-            return false;
-        }
-        let Some(mut s) = self.manager.session_mut(id) else {
-            return false;
-        };
-        // The session's recording, if it has one; the handle decides which sides' bytes
-        // belong in it.
-        let record = self.sessions.get(&id).and_then(|e| {
-            let rec = e.record.as_ref()?;
-            let handle = self.services.get(e.service)?.record.as_ref()?;
-            Some((handle, rec))
-        });
-        let mut moved = false;
-        let mut failed = None;
-        for _ in 0..READS_PER_SIDE {
-            // Client and primary: never read more than the core takes, so the rest waits
-            // in the kernel and TCP flow control pushes back on the sender. Replicas: the
-            // window is unbounded and everything is dropped.
-            let window = s.receive_window(side);
-            if window == 0 {
-                break; // `readable` stays set: read again when the window reopens
-            }
-            let want = window.min(self.scratch.len());
-            let Some(buf) = self.scratch.get_mut(..want) else {
-                break;
-            };
-            match conn.stream.read(buf) {
-                Ok(0) => {
-                    conn.read_eof = true;
-                    conn.readable = false;
-                    moved = true;
-                    log_misuse(id, s.on_fin(side, now));
-                    break;
-                }
-                Ok(n) => {
-                    moved = true;
-                    let data = buf.get(..n).unwrap_or_default();
-                    let result = s.on_data(side, data, now);
-                    // Exactly what the core took, in the order it took it (a short take
-                    // ends the session below; its prefix is still part of the stream).
-                    if let (Ok(taken), Some((handle, rec))) = (&result, record) {
-                        let accepted = data.get(..*taken).unwrap_or_default();
-                        handle.accepted(rec, side, accepted, SystemTime::now());
-                    }
-                    match result {
-                        Ok(taken) if taken == n => {}
-                        Ok(taken) => {
-                            // Cannot happen while the window is respected; if it did, the
-                            // stream would have a hole, so end the session instead.
-                            tracing::error!(session = %id, ?side, n, taken, "core took less than its window; resetting the session");
-                            failed = Some(io::Error::other("replication core refused bytes"));
-                            break;
-                        }
-                        Err(e) => {
-                            log_misuse::<()>(id, Err(e));
-                            break;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    conn.readable = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(s);
-        if let Some(e) = failed {
-            if let Some(c) = self.conns.get_mut(slot) {
-                // Make sure the peer learns the stream is broken.
-                let _ = socket2::SockRef::from(&c.stream).set_linger(Some(Duration::ZERO));
-            }
-            self.lost(id, side, slot, &e, now);
-            moved = true;
-        }
-        moved
-    }
-
-    /// Carries out everything the session asks for, in order, until its queue is empty.
-    fn apply_actions(&mut self, id: SessionId, now: Instant) {
-        loop {
-            let action = match self.manager.session_mut(id) {
-                Some(mut s) => s.poll_action(),
-                None => return,
-            };
-            let Some(action) = action else {
-                return;
-            };
-            match action {
-                Action::Connect(side) => self.connect(id, side, now),
-                Action::Close(side) => {
-                    let slot = self.sessions.get(&id).and_then(|e| e.slot(side));
-                    if let Some(c) = slot.and_then(|slot| self.conns.get_mut(slot)) {
-                        c.write_shut = true;
-                        if let Err(e) = c.stream.shutdown(Shutdown::Write) {
-                            // Typically the peer is already gone; the read side will say so.
-                            tracing::debug!(session = %id, ?side, error = %e, "shutdown failed");
-                        }
-                    }
-                }
-                Action::Reset(side) => self.reset(id, side),
-                Action::Detached { replica, reason } => {
-                    let Some(service) = self.sessions.get(&id).map(|e| e.service) else {
-                        continue;
-                    };
-                    let plan = &self.services[service];
-                    let address = plan.replicas.get(usize::from(replica));
-                    let log = self
-                        .detach_log
-                        .get_mut(service)
-                        .and_then(|l| l.get_mut(usize::from(replica)));
-                    match log {
-                        Some((last, quiet))
-                            if last
-                                .is_none_or(|t| now.duration_since(t) >= DETACH_LOG_INTERVAL) =>
-                        {
-                            tracing::info!(session = %id, service = %plan.name, replica, address = ?address, ?reason, since_last_logged = *quiet, "replica detached");
-                            *last = Some(now);
-                            *quiet = 0;
-                        }
-                        Some((_, quiet)) => {
-                            *quiet += 1;
-                            tracing::debug!(session = %id, service = %plan.name, replica, ?reason, "replica detached");
-                        }
-                        None => {}
-                    }
-                    if let Some(r) = self.counters[service]
-                        .replicas
-                        .get_mut(usize::from(replica))
-                    {
-                        r.detached.record(reason);
-                    }
-                    self.reset(id, Side::Replica(replica));
-                }
-                Action::Finished => {
-                    self.finish(id, now);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Starts the connection to an upstream; an immediate failure is reported to the core
-    /// as a refusal (its actions are then drained by the caller's loop).
-    fn connect(&mut self, id: SessionId, side: Side, now: Instant) {
-        let Some(service) = self.sessions.get(&id).map(|e| e.service) else {
-            return;
-        };
-        let plan = &self.services[service];
-        let (to, from) = match side {
-            Side::Primary => (Some(plan.primary), None),
-            Side::Replica(i) => (
-                plan.replicas.get(usize::from(i)).copied(),
-                plan.replica_source.as_ref(),
-            ),
-            Side::Client => (None, None),
-        };
-        let Some(to) = to else {
-            tracing::error!(session = %id, ?side, "core asked to connect a side that has no address");
-            return;
-        };
-        let started = conn::connect(to, from).map_err(|e| {
-            tracing::debug!(session = %id, ?side, %to, error = %e, "connect failed at once");
-        });
-        let slot = started
-            .ok()
-            .and_then(|stream| self.add_conn(stream, Role::Session { id, side }, false));
-        match slot {
-            Some(slot) => {
-                if let Some(e) = self.sessions.get_mut(&id)
-                    && let Some(place) = e.slot_mut(side)
-                {
-                    *place = Some(slot);
-                }
-            }
-            None => {
-                if let Some(mut s) = self.manager.session_mut(id) {
-                    log_misuse(id, s.on_refused(side, now));
-                }
-            }
-        }
-    }
-
-    /// Aborts `side`'s connection with a RST, if it still has one.
-    fn reset(&mut self, id: SessionId, side: Side) {
-        let slot = self.sessions.get_mut(&id).and_then(|e| e.take(side));
-        if let Some(mut c) = slot.and_then(|slot| self.conns.remove(slot)) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
-            conn::abort(c.stream);
-        }
-    }
-
-    /// The session is over: release its sockets, fold its counters, end its recording,
-    /// forget it.
-    fn finish(&mut self, id: SessionId, now: Instant) {
-        let Some(mut entry) = self.sessions.remove(&id) else {
-            return;
-        };
-        let record = entry.record.take();
-        let linger_until = now + self.services[entry.service].session.drain_timeout;
-        let mut sides = Vec::new();
-        entry.sides(&mut sides);
-        for (side, slot) in sides {
-            let Some(c) = self.conns.get_mut(slot) else {
-                continue;
-            };
-            // An upstream that got our FIN may still be answering; closing it with unread
-            // bytes would send a RST that can destroy what it has not processed yet.
-            let still_talking = side != Side::Client && c.connected && c.write_shut && !c.read_eof;
-            if still_talking && self.lingering_count < self.max_lingering {
-                c.role = Role::Lingering {
-                    until: linger_until,
-                };
-                self.lingering.push(Reverse((linger_until, slot, c.serial)));
-                self.lingering_count += 1;
-                self.drain_lingering(slot);
-            } else if let Some(mut c) = self.conns.remove(slot) {
-                let _ = self.poll.registry().deregister(&mut c.stream);
-                drop(c); // orderly close where a FIN was sent; otherwise whatever is due
-            }
-        }
-        let stats = self.manager.remove(id);
-        if let Some(stats) = &stats {
-            self.counters[entry.service].add_session(stats);
-        }
-        if let (Some(rec), Some(handle)) = (record, &self.services[entry.service].record) {
-            handle.end(rec, stats.as_ref());
-        }
-        tracing::debug!(session = %id, service = %self.services[entry.service].name, "session finished");
-    }
-
-    /// Reads and discards what a lingering socket has; closes it at the peer's FIN.
-    fn drain_lingering(&mut self, slot: usize) {
+    /// A connection failed and is reported as such in this batch: out of the loop at once,
+    /// its slot freed only in the next translation, after the driver has seen the report
+    /// (a connect in between must not get the same slot and with it the report).
+    fn bury(&mut self, slot: usize) {
         let Some(c) = self.conns.get_mut(slot) else {
             return;
         };
-        let mut done = false;
-        // Bounded: a peer that keeps talking is cut off by the deadline instead.
-        for _ in 0..READS_PER_SIDE * ROUNDS_PER_TURN {
-            match c.stream.read(&mut self.scratch) {
-                Ok(0) => {
-                    done = true;
-                    break;
-                }
-                Ok(n) => self.lingering_discarded += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    done = true;
-                    break;
-                }
-            }
-        }
-        if done {
-            self.close_lingering(slot);
-        }
-    }
-
-    fn close_lingering(&mut self, slot: usize) {
-        if let Some(mut c) = self.conns.remove(slot) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
-            self.lingering_count = self.lingering_count.saturating_sub(1);
-        }
-    }
-
-    fn expire_lingering(&mut self, now: Instant) {
-        while let Some(Reverse((until, slot, serial))) = self.lingering.peek().copied() {
-            if until > now {
-                break;
-            }
-            self.lingering.pop();
-            let current = self
-                .conns
-                .get_mut(slot)
-                .is_some_and(|c| c.serial == serial && matches!(c.role, Role::Lingering { .. }));
-            if current {
-                tracing::debug!(slot, "lingering upstream closed at its deadline");
-                self.close_lingering(slot);
-            }
-        }
-    }
-
-    /// Stop: every open session is reset on all sides, lingering sockets are closed.
-    fn shutdown(&mut self) {
-        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
-        let open = ids.len();
-        for id in ids {
-            if let Some(mut entry) = self.sessions.remove(&id) {
-                // Reset at stop: the recording says so too.
-                if let (Some(rec), Some(handle)) =
-                    (entry.record.take(), &self.services[entry.service].record)
-                {
-                    handle.abort(rec);
-                }
-                let mut sides = Vec::new();
-                entry.sides(&mut sides);
-                for (_, slot) in sides {
-                    if let Some(mut c) = self.conns.remove(slot) {
-                        let _ = self.poll.registry().deregister(&mut c.stream);
-                        conn::abort(c.stream);
-                    }
-                }
-                if let Some(stats) = self.manager.remove(id) {
-                    self.counters[entry.service].add_session(&stats);
-                }
-            }
-        }
-        let slots: Vec<usize> = self.conns.slots().collect();
-        for slot in slots {
-            self.close_lingering(slot);
-        }
-        self.lingering.clear();
-        if open > 0 {
-            tracing::info!(
-                worker = self.index,
-                sessions = open,
-                "open sessions reset at stop"
-            );
-        }
-    }
-
-    /// Builds this worker's snapshot and hands it to the stats handle.
-    fn publish(&self) {
-        let mut services = self.counters.clone();
-        let mut buffered = 0;
-        for (id, entry) in &self.sessions {
-            let (Some(s), Some(svc)) = (self.manager.session(*id), services.get_mut(entry.service))
-            else {
-                continue;
-            };
-            buffered += svc.add_live_session(s);
-        }
-        let metrics = self.manager.metrics();
-        let snapshot = SocketsStats {
-            workers: 1,
-            sessions_active: self.sessions.len() as u64,
-            sessions_total: services.iter().map(|s| s.sessions_total).sum(),
-            sessions_refused: services.iter().map(|s| s.refused.total()).sum(),
-            memory_reserved_bytes: metrics.memory_reserved_bytes,
-            memory_buffered_bytes: buffered,
-            lingering_sockets: self.lingering_count as u64,
-            lingering_bytes_discarded: self.lingering_discarded,
-            services,
-        };
-        self.stats.publish(self.index, snapshot);
+        c.dead = true;
+        deregister(&self.poll, slot, &mut c.stream);
+        self.dead.push(slot);
     }
 }
 
-/// Errors from the core mean the I/O layer broke the contract; they change nothing in the
-/// session, so log them loudly and carry on.
-fn log_misuse<T>(id: SessionId, result: Result<T, ncp_replication::Error>) {
-    if let Err(e) = result {
-        tracing::error!(session = %id, error = %e, "replication core rejected an input");
+fn deregister(poll: &Poll, slot: usize, stream: &mut TcpStream) {
+    if let Err(e) = poll.registry().deregister(stream) {
+        // Closing the descriptor removes it from the epoll set anyway.
+        tracing::debug!(slot, error = %e, "deregistering a socket");
+    }
+}
+
+impl Transport for Sockets {
+    type Conn = usize;
+    type Route = Option<SourceBinding>;
+    const ROUNDS_PER_PASS: usize = 16;
+
+    fn connect(
+        &mut self,
+        to: SocketAddrV4,
+        route: Option<&Option<SourceBinding>>,
+    ) -> io::Result<usize> {
+        let stream = conn::connect(to, route.and_then(Option::as_ref))?;
+        self.add(stream, false)
+            .ok_or_else(|| io::Error::other("registering the socket failed"))
+    }
+
+    fn read(&mut self, slot: usize, buf: &mut [u8]) -> Received {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return Received::Nothing;
+        };
+        if !c.connected || !c.readable || c.read_eof || c.dead {
+            return Received::Nothing;
+        }
+        loop {
+            return match c.stream.read(buf) {
+                Ok(0) => {
+                    c.read_eof = true;
+                    c.readable = false;
+                    Received::Eof
+                }
+                Ok(n) => Received::Data(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    Received::Nothing
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Received::Broken(e),
+            };
+        }
+    }
+
+    fn write(&mut self, slot: usize, data: &[u8]) -> Sent {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return Sent::Full;
+        };
+        if !c.connected || !c.writable || c.write_shut || c.dead {
+            return Sent::Full;
+        }
+        loop {
+            return match c.stream.write(data) {
+                Ok(0) => {
+                    c.writable = false;
+                    Sent::Full
+                }
+                Ok(n) => Sent::Wrote(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.writable = false;
+                    Sent::Full
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Sent::Broken(e),
+            };
+        }
+    }
+
+    fn shutdown_write(&mut self, slot: usize) -> io::Result<()> {
+        let Some(c) = self.conns.get_mut(slot).filter(|c| !c.dead) else {
+            return Ok(()); // gone already; its event says so
+        };
+        c.write_shut = true;
+        c.stream.shutdown(Shutdown::Write)
+    }
+
+    fn abort(&mut self, slot: usize) {
+        if let Some(stream) = self.close(slot) {
+            conn::abort(stream);
+        }
+    }
+
+    fn release(&mut self, slot: usize) {
+        // The kernel finishes an orderly close on its own where a FIN was sent; otherwise
+        // it does whatever is due (a RST with unread bytes).
+        drop(self.close(slot));
+    }
+
+    fn may_linger(&self, slot: usize, side: Side) -> bool {
+        // An upstream that got our FIN may still be answering; closing it with unread
+        // bytes would send a RST that can destroy what it has not processed yet. A client
+        // is past that: the kernel delivers what we queued for it after close.
+        side != Side::Client
+            && self
+                .conns
+                .get(slot)
+                .is_some_and(|c| c.connected && !c.read_eof && !c.dead)
     }
 }
 
@@ -954,11 +427,14 @@ mod tests {
 
     use std::{
         io::{Read, Write},
-        net::{Shutdown, TcpListener, TcpStream},
+        net::{Shutdown, SocketAddr, TcpListener, TcpStream},
         thread,
     };
 
+    use ncp_replication::SessionConfig;
+
     use super::*;
+    use crate::{driver::ServiceStats, offline::recorder::RecordHandle};
 
     fn v4(addr: SocketAddr) -> SocketAddrV4 {
         match addr {
@@ -1009,7 +485,7 @@ mod tests {
                 clients: clients.parse().unwrap(),
                 replicas,
                 session,
-                replica_source: None,
+                replica_route: None,
                 listen_port: port,
                 record: record.clone(),
             };

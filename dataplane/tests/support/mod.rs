@@ -7,20 +7,26 @@
 )]
 
 use std::{
+    io::Read,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, ChildStdin, Command, Stdio},
     sync::{Mutex, MutexGuard},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use ncp_dataplane::{
-    control::{self, Request, Response},
-    replicator::ReplicationStats,
-};
+use ncp_dataplane::control::{self, Request, Response};
+// The XDP data plane's counters, named here only, so a move of them touches one line.
+pub use ncp_dataplane::replicator::{ReplicationStats, WorkerReplicationStats};
 use ncp_testbed::{Netns, Testbed};
 
 pub mod redis;
+pub mod scenarios;
+pub mod scene;
+pub mod streams;
+
+/// Upper bound for anything a test waits on.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// The middlebox binary of this build.
 pub const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
@@ -72,6 +78,83 @@ pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> std::proc
     }
 }
 
+/// Runs `command` with `feed` writing its stdin (on a thread of its own, so a full pipe
+/// cannot deadlock us), at most `limit`; returns (success, stdout, stderr). Fails the
+/// test if feeding failed.
+pub fn run_fed(
+    mut command: Command,
+    feed: impl FnOnce(ChildStdin) -> std::io::Result<()> + Send + 'static,
+    limit: Duration,
+    what: &str,
+) -> (bool, String, String) {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let feeder = thread::spawn(move || feed(stdin));
+    let read_all = |mut from: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = from.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let status = wait_bounded(&mut child, limit, what);
+    let fed = feeder.join();
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert!(
+        matches!(fed, Ok(Ok(()))),
+        "feeding {what} failed: {fed:?}; it said: {out}{err}"
+    );
+    (status.success(), out, err)
+}
+
+/// `tshark -r file args…`'s output; fails the test if tshark fails.
+pub fn tshark(file: &Path, args: &[&str]) -> String {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Client-side bytes of TCP stream 0 of a capture as `tshark -z follow,tcp,raw,0` prints
+/// them: after the `Node 1:` header, client lines are bare hex, server lines start with
+/// a tab.
+pub fn tshark_follow_client(file: &Path) -> Vec<u8> {
+    let text = tshark(file, &["-q", "-z", "follow,tcp,raw,0"]);
+    let mut bytes = Vec::new();
+    let mut in_body = false;
+    for line in text.lines() {
+        if line.starts_with("Node 1:") {
+            in_body = true;
+            continue;
+        }
+        if !in_body || line.starts_with('=') || line.starts_with('\t') || line.is_empty() {
+            continue;
+        }
+        let hex = line.trim().as_bytes();
+        assert!(hex.len().is_multiple_of(2), "odd hex line {line:?}");
+        for pair in hex.chunks_exact(2) {
+            let pair = std::str::from_utf8(pair).unwrap();
+            bytes.push(u8::from_str_radix(pair, 16).unwrap());
+        }
+    }
+    bytes
+}
+
 /// Sends `signal` to a child this test started (by its pid).
 pub fn signal(child: &Child, signal: i32) {
     let pid = i32::try_from(child.id()).unwrap();
@@ -92,6 +175,24 @@ impl XdpMiddlebox {
     /// Starts it with the configuration file `config`, whose `control_socket` is
     /// `socket`, and waits (at most a minute) until its workers report.
     pub fn start(bed: &Testbed, config: &Path, socket: &Path) -> XdpMiddlebox {
+        let mut middlebox = XdpMiddlebox::spawn(bed, config, socket);
+        middlebox.wait_until("its workers report", |m| {
+            m.stats().is_some_and(|s| s.workers > 0)
+        });
+        middlebox
+    }
+
+    /// Starts it and waits (at most a minute) until its control socket answers, for
+    /// configurations that start without services (and so without workers).
+    pub fn start_answering(bed: &Testbed, config: &Path, socket: &Path) -> XdpMiddlebox {
+        let mut middlebox = XdpMiddlebox::spawn(bed, config, socket);
+        middlebox.wait_until("its control socket answers", |m| {
+            control::call(&m.socket, &Request::Stats).is_ok()
+        });
+        middlebox
+    }
+
+    fn spawn(bed: &Testbed, config: &Path, socket: &Path) -> XdpMiddlebox {
         let child = bed
             .command(
                 "middlebox",
@@ -106,21 +207,28 @@ impl XdpMiddlebox {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let mut middlebox = XdpMiddlebox {
+        XdpMiddlebox {
             child: Some(child),
             socket: socket.to_owned(),
-        };
+        }
+    }
+
+    /// Waits until `ready` holds, failing the test if the process exits first or after a
+    /// minute.
+    fn wait_until(&mut self, what: &str, ready: impl Fn(&XdpMiddlebox) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while middlebox.stats().is_none_or(|s| s.workers == 0) {
-            let exited = middlebox.child.as_mut().unwrap().try_wait().unwrap();
+        while !ready(self) {
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
             assert!(
                 exited.is_none(),
                 "ncp-middlebox exited at start: {exited:?}"
             );
-            assert!(Instant::now() < deadline, "ncp-middlebox did not come up");
+            assert!(
+                Instant::now() < deadline,
+                "ncp-middlebox did not come up: waited until {what}"
+            );
             thread::sleep(Duration::from_millis(100));
         }
-        middlebox
     }
 
     /// The process id.
@@ -134,6 +242,24 @@ impl XdpMiddlebox {
             Response::Stats(s) => serde_json::from_value(s.replication?).ok(),
             _ => None,
         }
+    }
+
+    /// Sends it `signal` and returns its exit status (within 10 s).
+    pub fn stop_with(mut self, signal_number: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        signal(&child, signal_number);
+        wait_bounded(
+            &mut child,
+            Duration::from_secs(10),
+            &format!("ncp-middlebox after signal {signal_number}"),
+        )
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| child.try_wait().unwrap().is_none())
     }
 
     /// Stops it with SIGTERM and expects a clean exit within 20 s.

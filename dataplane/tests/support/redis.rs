@@ -3,12 +3,14 @@
 
 use std::{
     net::Ipv4Addr,
-    process::Command,
+    process::{ChildStdin, Command},
     thread,
     time::{Duration, Instant},
 };
 
 use ncp_testbed::Testbed;
+
+use super::run_fed;
 
 /// The port every scene's redis listens on.
 pub const PORT: u16 = 6379;
@@ -71,4 +73,16 @@ pub fn pipe_from_source(bed: &Testbed, primary: Ipv4Addr) -> Command {
         &["redis-cli", "-h", &primary, "-p", &port, "--pipe"],
     )
     .unwrap()
+}
+
+/// Runs a `redis-cli --pipe` command fed by `feed` (which gets its stdin) and returns its
+/// output; fails if it fails or takes longer than three minutes.
+pub fn run_pipe(command: Command, feed: impl FnOnce(ChildStdin) + Send + 'static) -> String {
+    let fed = move |stdin| {
+        feed(stdin);
+        Ok(())
+    };
+    let (ok, out, err) = run_fed(command, fed, Duration::from_secs(180), "redis-cli --pipe");
+    assert!(ok, "redis-cli --pipe failed: {out}{err}");
+    out
 }

@@ -4,7 +4,13 @@
 //! eBPF program and user space agree byte for byte. Addresses and ports are stored in
 //! network byte order exactly as they appear on the wire, so the XDP program never swaps
 //! bytes on the per-packet path.
+//!
+//! [`wire`] is the one parser of Ethernet/VLAN/IPv4/TCP headers and [`steer`] the XDP
+//! program's decision over it; both run unchanged in the kernel and in user space.
 #![no_std]
+
+pub mod steer;
+pub mod wire;
 
 /// Name of the LPM trie that holds the operator's redirect rules.
 pub const MAP_REDIRECT_RULES: &str = "REDIRECT_RULES";

@@ -112,7 +112,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
     std::fs::create_dir_all(&options.results_dir)
         .with_context(|| format!("creating {}", options.results_dir.display()))?;
     setup::setup()?;
-    let bins = middlebox::build_release()?;
+    let bins = middlebox::build_release(&["ncp-dataplane"])?;
     let topology = Topology::load("testbed/paper.toml")?;
     let prefix = prefix();
     let _ = Testbed::down(&prefix);

@@ -62,11 +62,8 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     })();
     let _ = routes::leave(bed);
     for mut server in servers {
-        // SAFETY: signals our own child by pid; postgres shuts down on SIGTERM.
-        unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = server.kill();
-        let _ = server.wait();
+        // Postgres shuts down on SIGTERM within half a second here.
+        crate::cmd::stop_child(&mut server, Duration::from_millis(500));
     }
     let _ = std::fs::remove_dir_all(&data);
     outcome?;

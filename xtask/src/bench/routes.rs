@@ -115,22 +115,7 @@ pub fn leave(bed: &Testbed) -> anyhow::Result<()> {
 }
 
 fn steer(bed: &Testbed, primary: Ipv4Addr, mac: &str) -> anyhow::Result<()> {
-    bed.exec(
-        "source",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &primary.to_string(),
-            "lladdr",
-            mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    )?;
-    Ok(())
+    Ok(bed.set_neighbor("source", "eth0", primary, mac)?)
 }
 
 /// Puts (or removes) a 1 Gbit/s token bucket on every interface of every host.

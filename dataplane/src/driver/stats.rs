@@ -1,10 +1,12 @@
-//! Counters of the socket relay and the snapshot it publishes.
+//! Replication counters of both data planes and the snapshots they publish.
 //!
-//! Each worker keeps its counters in plain integers (it owns its sessions, nothing is
-//! shared on the data path) and, every [`PUBLISH_INTERVAL`] and when it stops, copies a
-//! [`SocketsStats`] of its own into a mutex that the [`StatsHandle`] reads. A snapshot
-//! is therefore at most that old; reading it never blocks a worker for longer than one
-//! struct copy.
+//! The [`super::Driver`] keeps its counters in plain integers (it owns its sessions,
+//! nothing is shared on the data path) and hands out a [`WorkerReplicationStats`]
+//! snapshot. XDP mode adds its queue and links and publishes it as it is, summed into a
+//! [`ReplicationStats`]; sockets mode copies it, every [`PUBLISH_INTERVAL`] and when a
+//! worker stops, as a [`SocketsStats`] into a mutex that the [`StatsHandle`] reads. A
+//! snapshot is therefore at most that old; reading it never blocks a worker for longer
+//! than one struct copy. The field names are what `ncp-middlebox stats` prints.
 //!
 //! Recording counters are the exception: a service's recorder is shared by all workers
 //! and keeps its own atomic counters, so the handle reads them at snapshot time instead
@@ -45,8 +47,186 @@ pub struct SocketsStats {
     pub lingering_sockets: u64,
     /// Bytes read and discarded from lingering sockets.
     pub lingering_bytes_discarded: u64,
+    /// Drops by reason.
+    #[serde(default)]
+    pub drops: DropStats,
     /// Per service, in configuration order.
     pub services: Vec<ServiceStats>,
+}
+
+impl From<WorkerReplicationStats> for SocketsStats {
+    /// One sockets-mode worker's snapshot (it has no links to report).
+    fn from(d: WorkerReplicationStats) -> Self {
+        Self {
+            workers: 1,
+            sessions_active: d.sessions_active,
+            sessions_total: d.sessions_total,
+            sessions_refused: d.sessions_refused,
+            memory_reserved_bytes: d.memory_reserved_bytes,
+            memory_buffered_bytes: d.memory_buffered_bytes,
+            lingering_sockets: d.lingering_connections,
+            lingering_bytes_discarded: d.lingering_bytes_discarded,
+            drops: d.drops,
+            services: d.services,
+        }
+    }
+}
+
+/// Events and inputs a driver dropped, by reason.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DropStats {
+    /// Accepted connections whose local endpoint is no service's primary (reset).
+    pub not_a_service: u64,
+    /// Upstream connects that failed at once (no port, connection bound, socket error).
+    pub connect_failed: u64,
+    /// Inputs the replication core rejected (a driver bug if ever non-zero).
+    pub core_rejected: u64,
+    /// Lingering connections closed at once because too many were lingering already.
+    pub lingering_overflow: u64,
+}
+
+impl DropStats {
+    fn add(&mut self, o: &Self) {
+        self.not_a_service += o.not_a_service;
+        self.connect_failed += o.connect_failed;
+        self.core_rejected += o.core_rejected;
+        self.lingering_overflow += o.lingering_overflow;
+    }
+}
+
+/// Frames, neighbours and TCP counters of one XDP-mode link, for the stats.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Interface of the link.
+    pub interface: String,
+    /// Connections the worker can name (sessions' and lingering).
+    pub connections: u64,
+    /// Owned ports in use for upstream connections.
+    pub ports_in_use: u64,
+    /// Connections accepted from clients.
+    pub accepted: u64,
+    /// Upstream connections established.
+    pub connected: u64,
+    /// Upstream connection attempts refused or timed out.
+    pub refused: u64,
+    /// Established connections reset or timed out.
+    pub reset: u64,
+    /// Connections closed cleanly.
+    pub closed: u64,
+    /// Client handshakes that failed before an accept.
+    pub half_open_failed: u64,
+    /// Frames dropped on transmit because the next hop's MAC was unknown.
+    pub tx_no_neighbour: u64,
+    /// Frames dropped on transmit because no UMEM frame or ring slot was free (TCP
+    /// retransmits them).
+    pub tx_no_frame: u64,
+    /// Received frames that were not IPv4 or were truncated.
+    pub rx_dropped: u64,
+    /// Connection requests reset because the connection bound was reached.
+    #[serde(default)]
+    pub overloaded: u64,
+    /// TCP segments of no connection (answered with a reset).
+    #[serde(default)]
+    pub strays: u64,
+    /// Frames passed to the worker that owns them (several workers per NIC).
+    #[serde(default)]
+    pub handed_out: u64,
+    /// Frames other workers passed to this one.
+    #[serde(default)]
+    pub handed_in: u64,
+    /// Frames dropped because their owner's hand-over queue was full.
+    #[serde(default)]
+    pub handover_dropped: u64,
+}
+
+/// One worker's replication counters: what its [`super::Driver`] counts, plus (XDP mode)
+/// the queue it serves and its links. XDP mode publishes it as it is, sockets mode as a
+/// [`SocketsStats`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerReplicationStats {
+    /// Client-facing interface (XDP mode).
+    pub interface: String,
+    /// Queue served (XDP mode).
+    pub queue: u32,
+    /// Sessions open right now (gauge).
+    pub sessions_active: u64,
+    /// Sessions ever admitted.
+    pub sessions_total: u64,
+    /// Client connections reset at accept time, for any reason.
+    pub sessions_refused: u64,
+    /// Worst-case buffer memory reserved by open sessions (gauge).
+    pub memory_reserved_bytes: u64,
+    /// Bytes buffered in the replication core right now (gauge).
+    pub memory_buffered_bytes: u64,
+    /// Upstream connections of finished sessions still draining (gauge).
+    pub lingering_connections: u64,
+    /// Bytes read and discarded from lingering connections.
+    pub lingering_bytes_discarded: u64,
+    /// Drops by reason.
+    pub drops: DropStats,
+    /// Per link (engine), client-facing first (XDP mode).
+    pub links: Vec<LinkStats>,
+    /// Per service, in configuration order.
+    pub services: Vec<ServiceStats>,
+}
+
+/// Everything `ncp-middlebox stats` shows about replication in XDP mode: totals over the
+/// workers plus each worker's own view.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicationStats {
+    /// Workers reporting.
+    pub workers: u64,
+    /// Sessions open right now (gauge).
+    pub sessions_active: u64,
+    /// Sessions ever admitted.
+    pub sessions_total: u64,
+    /// Client connections reset at accept time.
+    pub sessions_refused: u64,
+    /// Worst-case buffer memory reserved by open sessions (gauge).
+    pub memory_reserved_bytes: u64,
+    /// Bytes buffered in the replication core right now (gauge).
+    pub memory_buffered_bytes: u64,
+    /// Upstream connections of finished sessions still draining (gauge).
+    pub lingering_connections: u64,
+    /// Drops by reason, summed.
+    pub drops: DropStats,
+    /// Per service, summed over workers (lag: the largest).
+    pub services: Vec<ServiceStats>,
+    /// Per worker.
+    pub per_worker: Vec<WorkerReplicationStats>,
+}
+
+impl ReplicationStats {
+    /// Sums worker snapshots (same services, same order).
+    pub fn from_workers(workers: Vec<WorkerReplicationStats>) -> Self {
+        let mut total = Self {
+            workers: workers.len() as u64,
+            ..Self::default()
+        };
+        for w in &workers {
+            total.sessions_active += w.sessions_active;
+            total.sessions_total += w.sessions_total;
+            total.sessions_refused += w.sessions_refused;
+            total.memory_reserved_bytes += w.memory_reserved_bytes;
+            total.memory_buffered_bytes += w.memory_buffered_bytes;
+            total.lingering_connections += w.lingering_connections;
+            total.drops.add(&w.drops);
+            merge_services(&mut total.services, &w.services);
+        }
+        total.per_worker = workers;
+        total
+    }
+}
+
+/// Folds one worker's per-service counters into a total (same services, same order).
+fn merge_services(total: &mut Vec<ServiceStats>, worker: &[ServiceStats]) {
+    if total.is_empty() {
+        *total = worker.to_vec();
+    } else {
+        for (a, b) in total.iter_mut().zip(worker) {
+            a.merge(b);
+        }
+    }
 }
 
 /// Counters of one replicated service.
@@ -333,17 +513,13 @@ impl SocketsStats {
         self.memory_buffered_bytes += o.memory_buffered_bytes;
         self.lingering_sockets += o.lingering_sockets;
         self.lingering_bytes_discarded += o.lingering_bytes_discarded;
-        if self.services.is_empty() {
-            self.services = o.services.clone();
-        } else {
-            for (a, b) in self.services.iter_mut().zip(&o.services) {
-                a.merge(b);
-            }
-        }
+        self.drops.add(&o.drops);
+        merge_services(&mut self.services, &o.services);
     }
 }
 
-/// Shared view of the relay's counters: clone it, hand one clone to [`super::run`] and
+/// Shared view of the socket relay's counters: clone it, hand one clone to
+/// [`crate::sockets::run`] and
 /// read [`StatsHandle::snapshot`] from anywhere (the control socket, a test).
 #[derive(Clone, Debug, Default)]
 pub struct StatsHandle {

@@ -1,0 +1,301 @@
+//! Replication scenarios that both data planes must pass, written once: each mode's test
+//! file names a test per scenario and calls it with its [`Mode`] and test-bed prefix.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpStream},
+    sync::{MutexGuard, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ncp_testbed::workload::redis_writes;
+
+use super::{
+    PATIENCE, in_netns,
+    redis::{self, run_pipe},
+    scene::{Mode, Scene, Service},
+    serial,
+};
+
+/// Commands of the redis workloads.
+const COMMANDS: usize = 100_000;
+
+/// A port nothing listens on, on the primary or on the replica.
+pub const CLOSED_PORT: u16 = 7000;
+
+/// The replica budget each mode's scenes have always used.
+fn replica_budget(mode: Mode) -> u64 {
+    match mode {
+        Mode::Sockets => 64 << 20,
+        Mode::Xdp => 16 << 20,
+    }
+}
+
+/// The scene of one replicated service on `port`.
+fn start(mode: Mode, prefix: &'static str, name: &'static str, port: u16) -> Scene {
+    let service = Service::new(name, port).budget(replica_budget(mode));
+    Scene::start(mode, prefix, &[service], "")
+}
+
+/// The scene of the redis scenarios (one at a time, see [`serial`]): a redis on the
+/// primary and one on the replica, whose index [`Scene::kill`] takes. `None` when the
+/// machine cannot run the test named `what`.
+fn redis_scene(
+    mode: Mode,
+    prefix: &'static str,
+    what: &str,
+) -> Option<(MutexGuard<'static, ()>, Scene, usize)> {
+    if !mode.ready_or_skip(what, &["ping", "redis-server", "redis-cli"]) {
+        return None;
+    }
+    let serial = serial();
+    let mut scene = start(mode, prefix, "redis", redis::PORT);
+    scene.start_redis("primary");
+    let replica = scene.start_redis("replica");
+    Some((serial, scene, replica))
+}
+
+/// `total_connections_received` from `INFO stats`.
+fn connections_received(scene: &Scene, host: &str) -> u64 {
+    let info = scene.redis(host, &["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_connections_received in {info}"))
+}
+
+/// A redis workload through the middlebox leaves the primary and the replica with the
+/// same data, and the replica heard from nobody but the middlebox.
+pub fn redis_workload_leaves_primary_and_replica_with_the_same_data(
+    mode: Mode,
+    prefix: &'static str,
+    seed: u64,
+) {
+    let Some((_serial, mut scene, _)) = redis_scene(mode, prefix, "redis") else {
+        return;
+    };
+    let mb1 = scene.bed.address("middlebox", "eth1").unwrap();
+    let before = connections_received(&scene, "replica");
+    let workload = redis_writes(COMMANDS, seed);
+    let len = workload.len() as u64;
+
+    let started = Instant::now();
+    let pipe = {
+        let command = scene.pipe_command();
+        thread::spawn(move || {
+            run_pipe(command, move |mut stdin| {
+                stdin.write_all(&workload).unwrap();
+            })
+        })
+    };
+    // While the session runs, the replica's only remote client is the middlebox's
+    // replication address.
+    scene.stats_when("session starts", |s| {
+        s.sessions_total == 1 && s.services[0].replicas[0].bytes_out > 0
+    });
+    let clients = scene.redis("replica", &["CLIENT", "LIST"]);
+    let remote: Vec<&str> = clients
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")))
+        .filter(|a| !a.starts_with("127.0.0.1:"))
+        .collect();
+    let out = pipe.join().unwrap();
+    let elapsed = started.elapsed();
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+    assert!(
+        remote.iter().all(|a| a.starts_with(&format!("{mb1}:"))),
+        "replica clients: {clients}"
+    );
+
+    // The replica's connection lingers after the session until the replica closes it.
+    let s = scene.stats_when("session ends and its connections are closed", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0 && s.lingering == 0
+    });
+    let svc = &s.services[0];
+    // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
+    assert!(svc.primary_bytes_out >= len, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
+    assert_eq!(svc.replicas[0].bytes_out, svc.primary_bytes_out, "{s:#?}");
+    assert_eq!(svc.detached.total(), 0, "{s:#?}");
+
+    // Connections the replica took since `before`: the middlebox's, the CLIENT LIST
+    // above and the INFO below (counted while it runs).
+    let after = connections_received(&scene, "replica");
+    let from_middlebox = after - before - 2;
+    // The replica processes on its own schedule: give it a moment to catch up.
+    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    while replica != primary && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        replica = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    }
+    let keys = scene.redis("primary", &["DBSIZE"]);
+    eprintln!(
+        "{} redis: {COMMANDS} commands ({len} bytes) in {elapsed:.2?}; DBSIZE {keys}; DEBUG DIGEST primary {primary} replica {replica}; replica connections during the run {from_middlebox} (remote clients seen: {remote:?})",
+        mode.name()
+    );
+    assert_eq!(
+        from_middlebox, 1,
+        "someone besides the middlebox talked to the replica"
+    );
+    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
+    assert_ne!(primary, "0".repeat(40), "primary is empty");
+    assert_eq!(primary, replica);
+    scene.stop_middlebox();
+}
+
+/// A replica killed mid-session is detached; the primary gets the whole workload and ends
+/// with the data of a direct run.
+pub fn killed_replica_is_detached_and_the_primary_completes(
+    mode: Mode,
+    prefix: &'static str,
+    seed: u64,
+) {
+    let Some((_serial, mut scene, replica_redis)) = redis_scene(mode, prefix, "replica killed")
+    else {
+        return;
+    };
+    let workload = redis_writes(COMMANDS, seed);
+    let len = workload.len() as u64;
+    // Cut at a command boundary: the first half is whole commands.
+    let half = workload
+        .windows(3)
+        .enumerate()
+        .skip(workload.len() / 2)
+        .find(|(_, w)| w == b"\n*2" || w == b"\n*3" || w == b"\n*4")
+        .map(|(i, _)| i + 1)
+        .unwrap();
+
+    // The feeder sends the first half, waits until the replica is dead, sends the rest.
+    let (killed_tx, killed_rx) = mpsc::channel::<()>();
+    let body = workload.clone();
+    let pipe = {
+        let command = scene.pipe_command();
+        thread::spawn(move || {
+            run_pipe(command, move |mut stdin| {
+                stdin.write_all(&body[..half]).unwrap();
+                stdin.flush().unwrap();
+                killed_rx.recv_timeout(PATIENCE).unwrap();
+                stdin.write_all(&body[half..]).unwrap();
+            })
+        })
+    };
+    // Kill the replica once it has been handed the whole first half: mid-session for sure.
+    let s = scene.stats_when("first half reaches the replica", |s| {
+        s.services[0].replicas[0].bytes_out >= half as u64
+    });
+    assert_eq!(s.sessions_active, 1);
+    scene.kill(replica_redis);
+    killed_tx.send(()).unwrap();
+    let out = pipe.join().unwrap();
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+
+    let s = scene.stats_when("session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    assert!(svc.primary_bytes_out >= len, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, svc.client_bytes_in, "{s:#?}");
+    assert_eq!(svc.replicas[0].detached.total(), 1, "{s:#?}");
+    assert!(svc.replicas[0].bytes_out < len, "{s:#?}");
+    assert!(svc.replicas[0].bytes_out < svc.primary_bytes_out, "{s:#?}");
+    assert_eq!(svc.primary_failures, 0);
+
+    // Reference: the same workload straight into a fresh redis on the replica host.
+    scene.start_redis("replica");
+    let port = redis::PORT.to_string();
+    let direct = scene
+        .bed
+        .command(
+            "replica",
+            &["redis-cli", "-h", "127.0.0.1", "-p", &port, "--pipe"],
+        )
+        .unwrap();
+    let reference = workload;
+    let out = run_pipe(direct, move |mut stdin| {
+        stdin.write_all(&reference).unwrap();
+    });
+    assert!(out.contains("errors: 0, replies: 100000"), "{out}");
+    let primary = scene.redis("primary", &["DEBUG", "DIGEST"]);
+    let expected = scene.redis("replica", &["DEBUG", "DIGEST"]);
+    eprintln!(
+        "{} replica killed: detached {:?}, replica was handed {} of {len} bytes; DBSIZE {}; digest primary {primary} reference {expected}",
+        mode.name(),
+        svc.replicas[0].detached,
+        svc.replicas[0].bytes_out,
+        scene.redis("primary", &["DBSIZE"]),
+    );
+    assert_eq!(primary.len(), 40, "unexpected digest {primary:?}");
+    assert_eq!(primary, expected, "primary differs from a direct run");
+    scene.stop_middlebox();
+}
+
+/// A primary that refuses every connection: each client is reset promptly, every session
+/// ends and none is left behind.
+pub fn refusing_primary_resets_clients_promptly_and_leaves_no_session(
+    mode: Mode,
+    prefix: &'static str,
+) {
+    if !mode.ready_or_skip("primary refusing", &["ping"]) {
+        return;
+    }
+    let _serial = serial();
+    let mut scene = start(mode, prefix, "closed", CLOSED_PORT);
+    let to = SocketAddrV4::new(scene.primary, CLOSED_PORT);
+    const CONNECTIONS: usize = 1000;
+    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
+        let mut slowest = Duration::ZERO;
+        let started = Instant::now();
+        for i in 0..CONNECTIONS {
+            let t = Instant::now();
+            let outcome = match TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)) {
+                Err(e) => e.kind(),
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    match s.read(&mut [0; 64]) {
+                        Ok(n) => panic!("connection {i}: read {n} bytes instead of a reset"),
+                        Err(e) => e.kind(),
+                    }
+                }
+            };
+            assert!(
+                matches!(
+                    outcome,
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
+                ),
+                "connection {i}: {outcome:?}"
+            );
+            slowest = slowest.max(t.elapsed());
+        }
+        (started.elapsed(), slowest)
+    });
+    let (total, slowest) = client.join().unwrap();
+    let s = scene.stats_when("all sessions end", |s| {
+        s.sessions_total == CONNECTIONS as u64 && s.sessions_active == 0
+    });
+    let svc = &s.services[0];
+    eprintln!(
+        "{} primary refusing: {CONNECTIONS} connections reset in {total:.2?} (slowest {slowest:.2?}); sessions active {}, primary failures {}, replica detaches {:?}, lingering {}",
+        mode.name(),
+        s.sessions_active,
+        svc.primary_failures,
+        svc.replicas[0].detached,
+        s.lingering
+    );
+    assert!(slowest < Duration::from_secs(2), "a reset took {slowest:?}");
+    assert_eq!(svc.primary_failures, CONNECTIONS as u64, "{s:#?}");
+    assert_eq!(s.sessions_refused, 0, "{s:#?}");
+    assert_eq!(svc.primary_bytes_out, 0);
+    if mode == Mode::Sockets {
+        // The relay dials the replicas alongside the primary, so each session also met a
+        // refusing replica; XDP mode's count is printed above.
+        assert_eq!(
+            svc.replicas[0].detached.total(),
+            CONNECTIONS as u64,
+            "every replica connection was refused too: {s:#?}"
+        );
+    }
+    scene.stop_middlebox();
+}
