@@ -6,9 +6,9 @@ use std::{hint::black_box, net::Ipv4Addr};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ncp_dataplane::{
-    device::parse_rx,
     frame::{TcpFrameSpec, tcp_frame},
     rules::RedirectRule,
+    xdp::device::parse_rx,
 };
 
 fn spec() -> TcpFrameSpec {

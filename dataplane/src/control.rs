@@ -18,7 +18,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::ServiceConfig, rules::RedirectRule, steering::VerdictCounters, worker::WorkerSnapshot,
+    config::ServiceConfig, rules::RedirectRule, xdp::steering::VerdictCounters,
+    xdp::worker::WorkerSnapshot,
 };
 
 /// Largest request line accepted.

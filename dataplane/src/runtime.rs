@@ -21,13 +21,13 @@ use anyhow::Context as _;
 use crate::{
     config::{Config, InterfaceConfig, PortRange},
     control::{ControlServer, Handler, InterfaceStats, Request, Response, Stats},
-    handover::{self, Handover, Ownership, Waker},
     offline::{recorder::RecordHandle, services::ServiceRecorders},
-    replicator::{self, CLIENT_LINK, ReplicationStats, ServicePlan},
     rules::RedirectRule,
-    steering::{AttachedMode, Steering},
-    worker::{self, LinkSpec, Worker, WorkerSpec, WorkerStats},
-    xsk::XskOptions,
+    xdp::handover::{self, Handover, Ownership, Waker},
+    xdp::steering::{AttachedMode, Steering},
+    xdp::transport::{self, CLIENT_LINK, ReplicationStats, ServicePlan},
+    xdp::worker::{self, LinkSpec, Worker, WorkerSpec, WorkerStats},
+    xdp::xsk::XskOptions,
 };
 
 /// Which data plane carries the sessions.
@@ -92,7 +92,7 @@ impl Handler for SocketsHandler {
 
 /// Runs the XDP/AF_XDP middlebox until `stop` is set: steering on every interface,
 /// then the workers (each terminating the services' clients and replicating their
-/// streams, see [`crate::replicator`]), then the control socket.
+/// streams, see [`crate::xdp::transport`]), then the control socket.
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // Refuse a layout the workers cannot serve, or a recording that cannot start, before
     // touching any interface.
@@ -337,7 +337,7 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
                 core: queue.core,
                 poll: config.poll,
                 services,
-                manager: replicator::manager_config(config),
+                manager: transport::manager_config(config),
                 tcp: config.tcp,
             });
         }

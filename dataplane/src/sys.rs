@@ -1,6 +1,6 @@
 //! Every raw system call of the data plane, each behind a safe wrapper that checks its
 //! result. The rest of the crate never calls `libc` functions directly, so the unsafe
-//! surface to review is this file plus the UMEM accesses in [`crate::xsk`].
+//! surface to review is this file plus the UMEM accesses in [`crate::xdp::xsk`].
 //!
 //! - [`Mapping`]: anonymous, page-aligned memory (the UMEM);
 //! - [`PollSet`] and [`wait_readable`]: `poll(2)`, with `EINTR` turned into an early

@@ -27,11 +27,11 @@ use std::{
 
 use ncp_dataplane::{
     config::{PortRange, XdpAttachMode},
-    device::{DeviceConfig, DeviceCounters, MacAddr, XskDevice},
     engine::{ConnId, Engine, EngineConfig, EngineCounters, EngineEvent},
     rules::{Ipv4Prefix, RedirectRule},
-    steering::Steering,
-    xsk::{XskCounters, XskOptions, XskSocket},
+    xdp::device::{DeviceConfig, DeviceCounters, MacAddr, XskDevice},
+    xdp::steering::Steering,
+    xdp::xsk::{XskCounters, XskOptions, XskSocket},
 };
 
 const A_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);

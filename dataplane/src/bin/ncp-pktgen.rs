@@ -103,7 +103,7 @@ impl FrameSink for PacketSocket {
 /// AF_XDP transmit: frames are copied into free UMEM frames and the kernel is kicked
 /// every batch (copy mode sends at most 32 frames per kick).
 struct XdpSink {
-    socket: ncp_dataplane::xsk::XskSocket,
+    socket: ncp_dataplane::xdp::xsk::XskSocket,
     queued: u32,
 }
 
@@ -170,18 +170,19 @@ fn main() -> anyhow::Result<()> {
         Backend::Kernel => unreachable!("the kernel back end returns before any socket opens"),
         Backend::Packet => Box::new(packet),
         Backend::Xdp => {
-            let socket = ncp_dataplane::xsk::XskSocket::open(&ncp_dataplane::xsk::XskOptions {
-                interface: args.interface.clone(),
-                queue: args.queue,
-                frames: 4096,
-                zero_copy: false,
-            })
-            .with_context(|| {
-                format!(
-                    "opening an AF_XDP socket on {} queue {}",
-                    args.interface, args.queue
-                )
-            })?;
+            let socket =
+                ncp_dataplane::xdp::xsk::XskSocket::open(&ncp_dataplane::xdp::xsk::XskOptions {
+                    interface: args.interface.clone(),
+                    queue: args.queue,
+                    frames: 4096,
+                    zero_copy: false,
+                })
+                .with_context(|| {
+                    format!(
+                        "opening an AF_XDP socket on {} queue {}",
+                        args.interface, args.queue
+                    )
+                })?;
             Box::new(XdpSink { socket, queued: 0 })
         }
     };

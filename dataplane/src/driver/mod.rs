@@ -2,7 +2,7 @@
 //! data plane's TCP connections, written once. A data plane supplies a [`Transport`]
 //! (open, read, write, half-close, abort, events); its event loop polls the transport
 //! for [`Event`]s and hands them to [`Driver::turn`]. XDP mode's transport is the
-//! smoltcp engines of a worker's links ([`crate::replicator`]); sockets mode's is a mio
+//! smoltcp engines of a worker's links ([`crate::xdp::transport`]); sockets mode's is a mio
 //! loop over kernel sockets ([`crate::sockets`]).
 //!
 //! The I/O contract of the core (see the `ncp_replication` crate docs) maps onto the

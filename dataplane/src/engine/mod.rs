@@ -54,7 +54,7 @@ use self::ports::PortAllocator;
 use crate::config::PortRange;
 
 /// What the engine needs from a device beyond smoltcp's trait. Device layers
-/// ([`crate::layers`]) implement it by wrapping another `EngineDevice`.
+/// ([`crate::xdp::layers`]) implement it by wrapping another `EngineDevice`.
 pub trait EngineDevice: Device {
     /// Called once at the end of every [`Engine::poll`]: a point to push out what was
     /// queued during the round (e.g. the AF_XDP `sendto` kick).

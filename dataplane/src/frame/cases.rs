@@ -19,10 +19,10 @@ use ncp_common::{
 use super::{Malformation, Segment, TcpFrameSpec, malformed_frame, write_segment};
 use crate::{
     config::PortRange,
-    device::{RxDrop, parse_rx},
     engine::segment_of,
-    handover::Ownership,
     rules::RedirectRule,
+    xdp::device::{RxDrop, parse_rx},
+    xdp::handover::Ownership,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);

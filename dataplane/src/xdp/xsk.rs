@@ -16,7 +16,7 @@
 //! lent them, so they cannot outlive the frame's return to the kernel. The intended use:
 //!
 //! ```no_run
-//! # use ncp_dataplane::xsk::XskRx;
+//! # use ncp_dataplane::xdp::xsk::XskRx;
 //! fn first_byte(rx: &mut XskRx) -> Option<u8> {
 //!     let frame = rx.take()?;
 //!     let first = rx.data(&frame).ok().and_then(|bytes| bytes.first().copied());
@@ -28,7 +28,7 @@
 //! and what does not compile:
 //!
 //! ```compile_fail,E0502
-//! # use ncp_dataplane::xsk::XskRx;
+//! # use ncp_dataplane::xdp::xsk::XskRx;
 //! fn read_after_release(rx: &mut XskRx) {
 //!     let frame = rx.take().unwrap();
 //!     let bytes = rx.data(&frame).unwrap();
@@ -38,7 +38,7 @@
 //! ```
 //!
 //! ```compile_fail,E0382
-//! # use ncp_dataplane::xsk::XskRx;
+//! # use ncp_dataplane::xdp::xsk::XskRx;
 //! fn read_a_released_frame(rx: &mut XskRx) {
 //!     let frame = rx.take().unwrap();
 //!     rx.release(frame);
@@ -47,7 +47,7 @@
 //! ```
 //!
 //! ```compile_fail,E0451
-//! # use ncp_dataplane::xsk::RxFrame;
+//! # use ncp_dataplane::xdp::xsk::RxFrame;
 //! // Handles only come from a socket: there is no way to make one up.
 //! let frame = RxFrame { umem: 1, addr: 0, len: 64 };
 //! ```

@@ -13,8 +13,8 @@
 //! UMEM frames. smoltcp verifies received checksums and computes transmitted ones
 //! (the default capabilities): nothing here trusts a peer's checksum offload.
 //!
-//! This is the bottom of a worker's device stack (see [`crate::layers`]): hand-over
-//! between workers, taps and fault injection wrap it; the [`crate::layers::LinkFrames`]
+//! This is the bottom of a worker's device stack (see [`crate::xdp::layers`]): hand-over
+//! between workers, taps and fault injection wrap it; the [`crate::xdp::layers::LinkFrames`]
 //! calls let a layer see and redirect whole link-layer frames.
 
 use std::{
@@ -35,8 +35,8 @@ use smoltcp::{
 
 use crate::{
     engine::EngineDevice,
-    layers::LinkFrames,
-    xsk::{FRAME_SIZE, RxFrame, TxFrame, XskCounters, XskRx, XskSocket, XskTx},
+    xdp::layers::LinkFrames,
+    xdp::xsk::{FRAME_SIZE, RxFrame, TxFrame, XskCounters, XskRx, XskSocket, XskTx},
 };
 
 /// An Ethernet (MAC) address.

@@ -12,7 +12,7 @@
 //! Engine events map onto driver events one to one (`Readable`/`Writable` are
 //! [`Event::Active`]); an engine reports the peer's FIN as `PeerClosed` rather than
 //! through a read. Upstream next hops are resolved through the kernel's neighbour table
-//! ([`crate::neighbours`]) before the first connect to them.
+//! ([`crate::xdp::neighbours`]) before the first connect to them.
 //!
 //! The driver's connection table is a hash map keyed by (link, [`ConnId`]), so finding a
 //! session for an event is O(1); the engine below finds a packet's socket by its 4-tuple,
@@ -33,7 +33,7 @@ pub use crate::driver::{
 use crate::{
     driver::{Addressed, Driver, Event, Received, Sent, Transport},
     engine::{ConnId, Engine, EngineDevice, EngineEvent},
-    neighbours::{NEIGHBOUR_CHECK, Neighbours, Resolver},
+    xdp::neighbours::{NEIGHBOUR_CHECK, Neighbours, Resolver},
 };
 
 /// Index of a worker's link (engine); 0 is the client-facing one.
@@ -327,7 +327,7 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
 /// Fills in the device-level counters of a snapshot (only an AF_XDP device has them).
 pub fn add_device_counters(
     stats: &mut WorkerReplicationStats,
-    links: &[Link<crate::worker::WorkerDevice>],
+    links: &[Link<crate::xdp::worker::WorkerDevice>],
 ) {
     for (s, l) in stats.links.iter_mut().zip(links) {
         let c = l.engine.device().inner().counters();
@@ -352,12 +352,12 @@ mod tests {
     use super::*;
     use crate::{
         config::{PortRange, ServiceConfig},
-        device::MacAddr,
         engine::{
             EngineConfig,
             pipe::{Pipe, pipe_pair},
         },
         offline::recorder::RecordHandle,
+        xdp::device::MacAddr,
     };
 
     impl Neighbours for Pipe {

@@ -14,9 +14,9 @@ use std::{
 };
 
 use crate::{
-    device::{MacAddr, XskDevice},
     engine::EngineDevice,
-    replicator::Link,
+    xdp::device::{MacAddr, XskDevice},
+    xdp::transport::Link,
 };
 
 /// How often an unresolved next hop is looked up in the kernel's neighbour table, how

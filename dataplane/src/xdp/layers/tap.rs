@@ -176,7 +176,7 @@ mod tests {
     use super::*;
     use crate::{
         engine::EngineEvent,
-        layers::test_scene::{SERVER, engines},
+        xdp::layers::test_scene::{SERVER, engines},
     };
 
     #[test]

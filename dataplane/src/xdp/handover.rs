@@ -34,8 +34,8 @@ use smoltcp::{
 };
 
 use crate::{
-    config::PortRange, device::MacAddr, engine::EngineDevice, layers::LinkFrames,
-    neighbours::Neighbours, sys::EventFd,
+    config::PortRange, engine::EngineDevice, sys::EventFd, xdp::device::MacAddr,
+    xdp::layers::LinkFrames, xdp::neighbours::Neighbours,
 };
 
 /// Frames a worker's queue holds per link before hand-overs to it are dropped.

@@ -5,13 +5,13 @@
 //! A worker's stack, bottom up:
 //!
 //! ```text
-//! XskDevice                      AF_XDP socket + Ethernet (crate::device)
+//! XskDevice                      AF_XDP socket + Ethernet (crate::xdp::device)
 //!   └─ HandoverDevice            frames owned by other workers leave, theirs come in
 //!        └─ Tap / Faults         optional: record what passes, inject loss (tests)
 //!             └─ Engine          smoltcp TCP (crate::engine)
 //! ```
 //!
-//! - [`crate::handover::HandoverDevice`] needs whole link-layer frames from the device
+//! - [`crate::xdp::handover::HandoverDevice`] needs whole link-layer frames from the device
 //!   below it, through [`LinkFrames`];
 //! - [`tap::Tap`] shows every packet that passes to a [`tap::TapSink`] (a recorder, a
 //!   trace);

@@ -257,7 +257,7 @@ mod tests {
             EngineEvent,
             pipe::{Pipe, pipe_pair},
         },
-        layers::test_scene::{SERVER, engines},
+        xdp::layers::test_scene::{SERVER, engines},
     };
 
     /// Queues packets 0..n (one byte each, its number) into a pipe wrapped in faults.

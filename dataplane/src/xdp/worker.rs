@@ -5,7 +5,7 @@
 //! socket/device/engine on the same queue of the replication NIC, and the
 //! [`Replicator`] with its session manager. Nothing on the data path is shared between
 //! workers; counters are published to the control socket through a mutex at most every
-//! [`crate::replicator::PUBLISH_INTERVAL`] and through relaxed atomics.
+//! [`crate::xdp::transport::PUBLISH_INTERVAL`] and through relaxed atomics.
 //!
 //! Idle behaviour follows the configuration's poll mode: `sleep` waits in `poll(2)` on
 //! every socket of the worker, bounded by the engines' and the sessions' next timers (the
@@ -29,12 +29,14 @@ use smoltcp::socket::tcp::CongestionControl;
 
 use crate::{
     config::{Congestion, PollMode, PortRange, TcpTuning},
-    device::{DeviceConfig, XskDevice},
     engine::{Engine, EngineConfig, EngineDevice},
-    handover::{Handover, HandoverDevice, HandoverPort, Waker},
-    replicator::{self, Link, PUBLISH_INTERVAL, Replicator, ServicePlan, WorkerReplicationStats},
     sys::{self, PollSet},
-    xsk::{XskOptions, XskSocket},
+    xdp::device::{DeviceConfig, XskDevice},
+    xdp::handover::{Handover, HandoverDevice, HandoverPort, Waker},
+    xdp::transport::{
+        self, Link, PUBLISH_INTERVAL, Replicator, ServicePlan, WorkerReplicationStats,
+    },
+    xdp::xsk::{XskOptions, XskSocket},
 };
 
 /// A worker's device stack on one link: the AF_XDP device under the hand-over layer.
@@ -459,7 +461,7 @@ fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<Worke
         stats.rx_bytes.store(c.rx_bytes, Ordering::Relaxed);
     }
     let mut snapshot = replicator.snapshot(&spec.socket.interface, spec.socket.queue);
-    replicator::add_device_counters(&mut snapshot, replicator.links());
+    transport::add_device_counters(&mut snapshot, replicator.links());
     *stats
         .replication
         .lock()
