@@ -35,6 +35,9 @@ pub struct SessionConfig {
     /// Once client and primary are both closed, how long replicas still catching up may
     /// take to receive the rest of the stream and their FIN before they are aborted.
     pub drain_timeout: Duration,
+    /// Reply verification ([`crate::verify`]): most answer bytes held to compare one
+    /// replica's answer with the primary's; 0 turns verification off.
+    pub verify_window_bytes: u64,
 }
 
 impl Default for SessionConfig {
@@ -47,6 +50,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            verify_window_bytes: 0,
         }
     }
 }
@@ -66,20 +70,42 @@ impl SessionConfig {
                 return Err(ConfigError::BudgetOutOfRange { name, value });
             }
         }
+        if self.verify_window_bytes > MAX_BUDGET_BYTES {
+            return Err(ConfigError::BudgetOutOfRange {
+                name: "verify_window_bytes",
+                value: self.verify_window_bytes,
+            });
+        }
         Ok(())
+    }
+
+    /// Whether the replicas' answers are compared with the primary's.
+    pub fn verifies_replies(&self) -> bool {
+        self.verify_window_bytes > 0 && self.replica_count > 0
     }
 
     /// Most buffer memory (bytes of chunks) one session with this configuration can ever
     /// hold. The client stream is stored once: its unread part is bounded by the primary
     /// budget (acceptance stops there) and by the replica budget (a replica further
-    /// behind is detached before the bytes that would overrun it are stored).
+    /// behind is detached before the bytes that would overrun it are stored). Reply
+    /// verification adds at most one window per replica, twice over for the ring
+    /// buffers' spare capacity.
     pub fn max_memory(&self) -> u64 {
         let upstream = if self.replica_count > 0 {
             self.primary_budget_bytes.max(self.replica_budget_bytes)
         } else {
             self.primary_budget_bytes
         };
-        max_allocated(upstream).saturating_add(max_allocated(self.response_budget_bytes))
+        let verify = if self.verifies_replies() {
+            self.verify_window_bytes
+                .saturating_mul(u64::from(self.replica_count))
+                .saturating_mul(2)
+        } else {
+            0
+        };
+        max_allocated(upstream)
+            .saturating_add(max_allocated(self.response_budget_bytes))
+            .saturating_add(verify)
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`session`]: the per-session state machine.
 //! - [`manager`]: admission caps, session ids, timers, metrics over sessions.
 //! - [`metrics`]: counters and snapshots.
+//! - [`verify`]: replicas' answers compared with the primary's.
 //!
 //! # Contract for the I/O layer
 //!
@@ -113,8 +114,10 @@ pub mod config;
 pub mod manager;
 pub mod metrics;
 pub mod session;
+pub mod verify;
 
 pub use config::{ConfigError, MAX_REPLICAS, SessionConfig};
 pub use manager::{Manager, ManagerConfig, Refusal, SessionId, SessionMut};
 pub use metrics::{DetachCounts, Metrics, SessionStats};
 pub use session::{Action, DetachReason, Error, Session, Side};
+pub use verify::{Mismatch, ReplyCheckOutcome};

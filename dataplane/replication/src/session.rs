@@ -19,6 +19,9 @@
 //! - When client and primary are both done, replicas still catching up get
 //!   `drain_timeout` to finish; the rest are detached with [`DetachReason::DrainTimeout`].
 //!   Replicas are never waited for beyond that, so a session always ends in bounded time.
+//! - Replicas' answers are never sent anywhere. With `verify_window_bytes` set they are
+//!   compared with the primary's ([`crate::verify`]); a mismatch or an overrun window is
+//!   reported once per replica as [`Action::ReplyCheck`], and changes nothing else.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -27,6 +30,7 @@ use std::time::Instant;
 use crate::buffer::SharedBuffer;
 use crate::config::{ConfigError, SessionConfig};
 use crate::metrics::SessionStats;
+use crate::verify::{Mismatch, ReplyCheckOutcome, ReplyVerifier};
 
 /// One of the connections of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,7 +40,7 @@ pub enum Side {
     /// The middlebox's connection to the real server; its answers go back to the client.
     Primary,
     /// The middlebox's connection to replica number `n` (`0..replica_count`); its answers
-    /// are read and dropped.
+    /// are read, compared with the primary's if the session verifies them, and dropped.
     Replica(u16),
 }
 
@@ -56,8 +60,8 @@ pub enum DetachReason {
 }
 
 /// Something the I/O layer must do. Per side and session there is at most one `Connect`,
-/// one `Close` and one `Reset` or `Detached` (plus one `Finished`), so the queue is
-/// bounded by the number of sides.
+/// one `Close`, one `Reset` or `Detached` and one `ReplyCheck` (plus one `Finished`), so
+/// the queue is bounded by the number of sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Open the connection to this upstream (primary or replica). Emitted at creation.
@@ -75,6 +79,15 @@ pub enum Action {
         replica: u16,
         /// Why.
         reason: DetachReason,
+    },
+    /// Reply verification of this replica ended early in this session: its answer
+    /// differed from the primary's ([`Session::reply_mismatch`] says where) or the
+    /// verification window was exceeded. Nothing to carry out; record and log it.
+    ReplyCheck {
+        /// Replica index.
+        replica: u16,
+        /// How it ended.
+        outcome: ReplyCheckOutcome,
     },
     /// The session is over; nothing more will be asked. Release every remaining socket
     /// (those that got `Close` may finish their orderly close in the TCP stack) and remove
@@ -182,6 +195,8 @@ pub struct Session {
     replicas: Vec<Link>,
     actions: VecDeque<Action>,
     stats: SessionStats,
+    /// Replicas' answers compared with the primary's (`None`: the service does not verify).
+    verify: Option<ReplyVerifier>,
 }
 
 impl Session {
@@ -207,6 +222,9 @@ impl Session {
             replicas: vec![Link::Connecting; usize::from(n)],
             actions,
             stats: SessionStats::with_replicas(n),
+            verify: config
+                .verifies_replies()
+                .then(|| ReplyVerifier::new(n, config.verify_window_bytes)),
             config,
         })
     }
@@ -244,6 +262,20 @@ impl Session {
             .is_some_and(|l| l.is_live())
     }
 
+    /// Where the replica's answer first differed from the primary's in this session, if
+    /// it did (reported by [`Action::ReplyCheck`]).
+    pub fn reply_mismatch(&self, replica: u16) -> Option<&Mismatch> {
+        self.verify.as_ref()?.mismatch(replica)
+    }
+
+    /// Bytes of the replica's answer found equal to the primary's so far (0 when the
+    /// session does not verify).
+    pub fn reply_bytes_compared(&self, replica: u16) -> u64 {
+        self.verify
+            .as_ref()
+            .map_or(0, |v| v.bytes_compared(replica))
+    }
+
     /// Bytes currently held for destinations that have not taken them yet.
     pub fn buffered_bytes(&self) -> u64 {
         self.upstream.buffered() + self.downstream.buffered()
@@ -276,7 +308,7 @@ impl Session {
     /// - Client: the primary's free budget (0 when the primary's queue is full, after the
     ///   client's FIN, or once the session is ending). Replicas never shrink it.
     /// - Primary: the free response budget toward the client.
-    /// - Replica: unbounded (`usize::MAX`): their answers are always read and dropped.
+    /// - Replica: unbounded (`usize::MAX`): their answers are always read (and dropped).
     pub fn receive_window(&self, side: Side) -> usize {
         if self.phase != Phase::Open {
             return match side {
@@ -397,6 +429,12 @@ impl Session {
             {
                 self.primary_eof = true;
                 self.last_activity = now;
+                if let Some(v) = &mut self.verify {
+                    let actions = &mut self.actions;
+                    v.on_primary_end(|replica, outcome| {
+                        actions.push_back(Action::ReplyCheck { replica, outcome });
+                    });
+                }
             }
             // A replica closing its sending half changes nothing: it may still receive.
             Side::Replica(_) => {}
@@ -410,7 +448,7 @@ impl Session {
     /// the rest in the socket and offer it again once the window reopens.
     ///
     /// Client and primary bytes are accepted up to [`Session::receive_window`]; replica
-    /// bytes are always accepted in full and dropped.
+    /// bytes are always accepted in full, compared if the session verifies, and dropped.
     pub fn on_data(&mut self, side: Side, data: &[u8], now: Instant) -> Result<usize, Error> {
         self.check_side(side)?;
         let accepted = match side {
@@ -439,11 +477,28 @@ impl Session {
                     self.downstream.push(&data[..n]);
                     self.stats.primary_bytes_in += n as u64;
                     self.last_activity = now;
+                    if let Some(v) = &mut self.verify {
+                        let actions = &mut self.actions;
+                        v.on_primary(&data[..n], |replica, outcome| {
+                            actions.push_back(Action::ReplyCheck { replica, outcome });
+                        });
+                    }
                 }
                 n
             }
-            Side::Replica(_) => {
+            Side::Replica(i) => {
                 self.stats.replica_bytes_dropped += data.len() as u64;
+                // After `Finished` nothing more is reported.
+                if let Some(v) = self
+                    .verify
+                    .as_mut()
+                    .filter(|_| self.phase != Phase::Finished)
+                {
+                    let actions = &mut self.actions;
+                    v.on_replica(i, data, |replica, outcome| {
+                        actions.push_back(Action::ReplyCheck { replica, outcome });
+                    });
+                }
                 data.len()
             }
         };
@@ -594,6 +649,9 @@ impl Session {
             *l = Link::Gone;
         }
         self.upstream.detach(usize::from(i) + 1);
+        if let Some(v) = &mut self.verify {
+            v.stop(i);
+        }
         self.stats.detached.record(reason);
         self.actions
             .push_back(Action::Detached { replica: i, reason });

@@ -62,6 +62,7 @@ pub fn config(replicas: u16) -> SessionConfig {
         idle_timeout: Duration::from_secs(60),
         connect_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(3),
+        verify_window_bytes: 0,
     }
 }
 
