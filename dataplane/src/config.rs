@@ -123,6 +123,28 @@ pub struct ServiceConfig {
     /// instead of the live `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<RecordSpec>,
+    /// Compare each replica's answers with the primary's to detect a replica that has
+    /// diverged (`"replies"`), or not (`"off"`, the default: only a service that answers
+    /// the same bytes to the same requests can be verified; see the README).
+    #[serde(default)]
+    pub verify: Verify,
+    /// With `verify = "replies"`: most answer bytes held, per replica and session, while
+    /// one side's answer is ahead of the other's; beyond it that replica is not verified
+    /// for the rest of the session (counted, not a divergence).
+    #[serde(default = "default_verify_window")]
+    pub verify_window_bytes: u64,
+}
+
+/// Whether a service's replicas' answers are verified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// Answers are read and dropped (the default: costs nothing, and a protocol whose
+    /// answers carry per-server data would otherwise look diverged on every session).
+    #[default]
+    Off,
+    /// Answers are compared byte for byte with the primary's.
+    Replies,
 }
 
 /// Where and how a service's sessions are recorded (pcapng files, replayable with
@@ -179,6 +201,9 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_connect_timeout() -> u64 {
     5
+}
+fn default_verify_window() -> u64 {
+    256 << 10
 }
 
 impl ServiceConfig {
@@ -530,6 +555,11 @@ impl Config {
             session
                 .validate()
                 .map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?;
+            if s.verify == Verify::Replies && s.verify_window_bytes == 0 {
+                return invalid(format!(
+                    "{at}: verify = \"replies\" needs verify_window_bytes above 0"
+                ));
+            }
             if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
                 return invalid(format!("{at}: timeouts must be at least 1 second"));
             }
@@ -573,6 +603,10 @@ impl ServiceConfig {
             primary_budget_bytes: self.primary_budget_bytes,
             idle_timeout: self.idle_timeout(),
             connect_timeout: self.connect_timeout(),
+            verify_window_bytes: match self.verify {
+                Verify::Replies => self.verify_window_bytes,
+                Verify::Off => 0,
+            },
             ..ncp_replication::SessionConfig::default()
         }
     }
@@ -655,6 +689,20 @@ mod tests {
         assert_eq!(rules[1].destination_port, 6379);
         assert_eq!(c.services[0].session_config().replica_count, 1);
         assert_eq!(c.services[0].replica_budget_bytes, 4 << 20);
+        assert_eq!(c.services[0].verify, Verify::Off);
+        assert_eq!(c.services[0].session_config().verify_window_bytes, 0);
+    }
+
+    #[test]
+    fn reply_verification_is_chosen_per_service() {
+        let c = parse(&format!("{GOOD}{SERVICE}verify = \"replies\"\n")).unwrap();
+        assert_eq!(c.services[0].verify, Verify::Replies);
+        assert_eq!(c.services[0].session_config().verify_window_bytes, 256 << 10);
+        let no_window = format!("{GOOD}{SERVICE}verify = \"replies\"\nverify_window_bytes = 0\n");
+        assert!(error(&no_window).contains("verify_window_bytes"));
+        let huge = format!("{GOOD}{SERVICE}verify = \"replies\"\nverify_window_bytes = 4294967296\n");
+        assert!(error(&huge).contains("verify_window_bytes"));
+        assert!(error(&format!("{GOOD}{SERVICE}verify = \"maybe\"\n")).contains("verify"));
     }
 
     #[test]

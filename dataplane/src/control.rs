@@ -18,7 +18,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::ServiceConfig, rules::RedirectRule, xdp::steering::VerdictCounters,
+    config::ServiceConfig,
+    driver::{ConsistencyBook, consistency::ReplicaConsistency}, rules::RedirectRule, xdp::steering::VerdictCounters,
     xdp::worker::WorkerSnapshot,
 };
 
@@ -47,6 +48,14 @@ pub enum Request {
     },
     /// The replicated services right now.
     Services,
+    /// An operator says this replica is in step with its primary again (after
+    /// re-cloning it): its consistency state becomes `in-step`.
+    ReplicaReset {
+        /// Service name.
+        service: String,
+        /// The replica's address.
+        replica: std::net::SocketAddrV4,
+    },
     /// Replace the replicated services with this list (what the controller pushes after
     /// every change; an unchanged list is a no-op).
     ServicesSet {
@@ -91,6 +100,9 @@ pub struct Stats {
     /// in the shape of the running mode's own stats type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<serde_json::Value>,
+    /// Per service and replica: in step with the primary, unknown, or diverged and why.
+    #[serde(default)]
+    pub consistency: Vec<ReplicaConsistency>,
 }
 
 /// XDP counters of one interface.
@@ -227,6 +239,20 @@ fn serve_one(stream: UnixStream, handler: &mut impl Handler) -> std::io::Result<
     let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     out.push(b'\n');
     (&stream).write_all(&out)
+}
+
+/// Answers a [`Request::ReplicaReset`] from `book` (both data planes).
+pub fn reset_replica(
+    book: &ConsistencyBook,
+    service: &str,
+    replica: std::net::SocketAddrV4,
+) -> Response {
+    match book.reset(service, replica) {
+        Ok(_) => Response::Done,
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
+    }
 }
 
 /// Sends one request to a running middlebox and returns its answer.

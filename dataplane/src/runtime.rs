@@ -20,7 +20,8 @@ use anyhow::Context as _;
 
 use crate::{
     config::{Config, InterfaceConfig, PortRange},
-    control::{ControlServer, Handler, InterfaceStats, Request, Response, Stats},
+    control::{self, ControlServer, Handler, InterfaceStats, Request, Response, Stats},
+    driver::ConsistencyBook,
     offline::{recorder::RecordHandle, services::ServiceRecorders},
     rules::RedirectRule,
     xdp::handover::{self, Handover, Ownership, Waker},
@@ -70,12 +71,16 @@ impl Handler for SocketsHandler {
             Request::Stats => match serde_json::to_value(self.stats.snapshot()) {
                 Ok(value) => Response::Stats(Stats {
                     replication: Some(value),
+                    consistency: self.stats.consistency().report(),
                     ..Stats::default()
                 }),
                 Err(e) => Response::Error {
                     message: e.to_string(),
                 },
             },
+            Request::ReplicaReset { service, replica } => {
+                control::reset_replica(self.stats.consistency(), &service, replica)
+            }
             Request::Services => Response::Error {
                 message: "sockets mode serves the services of its configuration file".into(),
             },
@@ -98,6 +103,9 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // touching any interface.
     plan_workers(config)?;
     let mut recorders = ServiceRecorders::start(&config.services)?;
+    // One book for the whole run: it outlives worker generations, so a replica's state
+    // survives a change of the service list.
+    let consistency = ConsistencyBook::new();
     raise_memlock_limit();
     let mut steerings = Vec::new();
     for iface in &config.interfaces {
@@ -118,6 +126,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let started = start_workers(
         config,
         &recorders.handles(),
+        &consistency,
         &mut steerings,
         &generation_stop,
         &mut workers,
@@ -134,6 +143,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         rules: config.all_rules().into_iter().map(|r| (r.id, r)).collect(),
         workers: workers.iter().map(Worker::stats_handle).collect(),
         config: config.clone(),
+        consistency: consistency.clone(),
         reconfigure: reconfigure_tx,
     };
     let steerings = Arc::clone(&handler.steerings);
@@ -170,6 +180,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             start_workers_retrying(
                 &change.config,
                 &recorders.handles(),
+                &consistency,
                 &mut guard,
                 &generation_stop,
                 &mut workers,
@@ -358,6 +369,7 @@ fn xsk_options(iface: &InterfaceConfig, queue: u32) -> XskOptions {
 fn start_workers(
     config: &Config,
     recorders: &[Option<RecordHandle>],
+    consistency: &ConsistencyBook,
     steerings: &mut [Steering],
     stop: &Arc<AtomicBool>,
     workers: &mut Vec<Worker>,
@@ -365,6 +377,7 @@ fn start_workers(
     for mut spec in plan_workers(config)? {
         for (plan, record) in spec.services.iter_mut().zip(recorders) {
             plan.record.clone_from(record);
+            plan.consistency = consistency.clone();
         }
         let core = spec
             .core
@@ -403,13 +416,14 @@ fn release_sockets(steerings: &mut [Steering]) {
 fn start_workers_retrying(
     config: &Config,
     recorders: &[Option<RecordHandle>],
+    consistency: &ConsistencyBook,
     steerings: &mut [Steering],
     stop: &Arc<AtomicBool>,
     workers: &mut Vec<Worker>,
 ) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match start_workers(config, recorders, steerings, stop, workers) {
+        match start_workers(config, recorders, consistency, steerings, stop, workers) {
             Ok(()) => return Ok(()),
             Err(e) if format!("{e:#}").contains("busy") && std::time::Instant::now() < deadline => {
                 stop.store(true, Ordering::Relaxed);
@@ -447,6 +461,8 @@ struct MiddleboxHandler {
     workers: Vec<WorkerHandle>,
     /// The configuration the current workers run.
     config: Config,
+    /// The replicas' consistency, written by the workers.
+    consistency: ConsistencyBook,
     reconfigure: mpsc::Sender<Reconfigure>,
 }
 
@@ -470,6 +486,7 @@ impl MiddleboxHandler {
                 }
             }
         }
+        stats.consistency = self.consistency.report();
         stats.workers = self
             .workers
             .iter()
@@ -604,6 +621,13 @@ impl MiddleboxHandler {
                 self.workers = workers;
                 let names: Vec<&str> = next.services.iter().map(|s| s.name.as_str()).collect();
                 tracing::info!(services = ?names, "services replaced; workers restarted");
+                // Replicas no longer configured leave the book; new ones joined it as
+                // unknown when the workers started.
+                self.consistency.retain(|service, replica| {
+                    next.services
+                        .iter()
+                        .any(|s| s.name == service && s.replicas.contains(&replica))
+                });
                 self.config = next;
                 Response::Done
             }
@@ -624,6 +648,9 @@ impl Handler for MiddleboxHandler {
                     services: self.config.services.clone(),
                 };
             }
+            Request::ReplicaReset { service, replica } => {
+                return control::reset_replica(&self.consistency, &service, replica);
+            }
             other => other,
         };
         let steerings = Arc::clone(&self.steerings);
@@ -637,9 +664,11 @@ impl Handler for MiddleboxHandler {
             },
             Request::RuleAdd { rule } => self.add_rule(&mut steerings, rule),
             Request::RuleDel { id } => self.remove_rule(&mut steerings, id),
-            Request::Services | Request::ServicesSet { .. } => Response::Error {
-                message: "handled above".into(),
-            },
+            Request::Services | Request::ServicesSet { .. } | Request::ReplicaReset { .. } => {
+                Response::Error {
+                    message: "handled above".into(),
+                }
+            }
         }
     }
 }

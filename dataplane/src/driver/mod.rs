@@ -28,10 +28,15 @@
 //! shutdown. The handle only `try_send`s into a bounded queue: a recorder that falls
 //! behind costs the session its recording (counted), never the worker its time.
 //!
+//! Consistency: detaches and reply mismatches (a service's `verify`) are written to the
+//! service plan's [`ConsistencyBook`], shared by all workers, which says per replica
+//! whether it is still in step with its primary (see [`consistency`]).
+//!
 //! Time is only what the caller passes in, so tests drive it with a simulated clock.
 //! Counters are plain integers owned by the driver; [`Driver::snapshot`] copies them
 //! (see [`stats`]).
 
+pub mod consistency;
 mod plan;
 pub mod stats;
 #[cfg(test)]
@@ -46,8 +51,11 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use ncp_replication::{Action, DetachReason, Manager, ManagerConfig, Refusal, SessionId, Side};
+use ncp_replication::{
+    Action, DetachReason, Manager, ManagerConfig, Refusal, ReplyCheckOutcome, SessionId, Side,
+};
 
+pub use consistency::ConsistencyBook;
 pub use plan::{ServicePlan, manager_config};
 pub use stats::{DropStats, PUBLISH_INTERVAL, ServiceStats, WorkerReplicationStats};
 pub use transport::{Addressed, Event, Received, Sent, Transport};
@@ -162,6 +170,9 @@ impl<T: Transport> Driver<T> {
             .iter()
             .map(|s| ServiceStats::new(&s.name, s.primary, s.listen_port, &s.replicas))
             .collect();
+        for s in &services {
+            s.consistency.register(&s.name, &s.replicas);
+        }
         let detach_log = services
             .iter()
             .map(|s| vec![DetachLog::default(); s.replicas.len()])
@@ -648,12 +659,50 @@ impl<T: Transport> Driver<T> {
                     {
                         r.detached.record(reason);
                     }
+                    let plan = &self.services[service];
+                    if let Some(&address) = plan.replicas.get(usize::from(replica)) {
+                        plan.consistency.detached(&plan.name, address, reason);
+                    }
                     self.reset(id, Side::Replica(replica));
+                }
+                Action::ReplyCheck { replica, outcome } => {
+                    self.reply_checked(id, service, replica, outcome);
                 }
                 Action::Finished => {
                     self.finish(id, now);
                     return;
                 }
+            }
+        }
+    }
+
+    /// A replica's answers stopped being verified in this session: a mismatch diverges
+    /// it, an overrun window is only counted.
+    fn reply_checked(
+        &mut self,
+        id: SessionId,
+        service: usize,
+        replica: u16,
+        outcome: ReplyCheckOutcome,
+    ) {
+        let plan = &self.services[service];
+        let Some(&address) = plan.replicas.get(usize::from(replica)) else {
+            return;
+        };
+        match outcome {
+            ReplyCheckOutcome::Mismatch => {
+                let mismatch = self
+                    .manager
+                    .session(id)
+                    .and_then(|s| s.reply_mismatch(replica).cloned());
+                if let Some(m) = mismatch {
+                    tracing::debug!(session = %id, service = %plan.name, %address, offset = m.offset, "reply mismatch");
+                    plan.consistency.mismatch(&plan.name, address, &m);
+                }
+            }
+            ReplyCheckOutcome::WindowExceeded => {
+                tracing::debug!(session = %id, service = %plan.name, %address, "verification window exceeded: the replica's answers are not verified for the rest of this session");
+                plan.consistency.window_exceeded(&plan.name, address);
             }
         }
     }
@@ -769,6 +818,15 @@ impl<T: Transport> Driver<T> {
             }
         }
         self.sides = sides;
+        let plan = &self.services[service];
+        if plan.session.verifies_replies()
+            && let Some(s) = self.manager.session(id)
+        {
+            for (i, &address) in (0u16..).zip(&plan.replicas) {
+                plan.consistency
+                    .compared(&plan.name, address, s.reply_bytes_compared(i));
+            }
+        }
         let stats = self.manager.remove(id);
         if let Some(stats) = &stats {
             self.counters[service].add_session(stats);

@@ -4,6 +4,7 @@ use std::net::SocketAddrV4;
 
 use ncp_replication::{ManagerConfig, SessionConfig};
 
+use super::ConsistencyBook;
 use crate::{
     config::{Config, ServiceConfig},
     offline::recorder::RecordHandle,
@@ -31,12 +32,15 @@ pub struct ServicePlan<R> {
     pub listen_port: u16,
     /// The service's recorder, if it records its sessions (shared by all workers).
     pub record: Option<RecordHandle>,
+    /// Where its replicas' consistency is kept (one book shared by all workers).
+    pub consistency: ConsistencyBook,
 }
 
 impl<R> ServicePlan<R> {
     /// The plan for `service`, with replicas reached through `replica_route` and clients
     /// arriving on the primary's port. Without a recorder: the runtime hands out the
-    /// service's recorder when it starts one (checking a configuration starts none).
+    /// service's recorder when it starts one (checking a configuration starts none); with
+    /// a book of its own, which the runtime replaces with the one all workers share.
     pub fn new(service: &ServiceConfig, replica_route: R) -> Self {
         Self {
             name: service.name.clone(),
@@ -47,6 +51,7 @@ impl<R> ServicePlan<R> {
             replica_route,
             listen_port: service.primary.port(),
             record: None,
+            consistency: ConsistencyBook::default(),
         }
     }
 }

@@ -527,6 +527,8 @@ pub struct StatsHandle {
     /// Per service (configuration order): its recorder, read at snapshot time. A handle
     /// outlives its recorder's writer harmlessly: the counters stay readable, final.
     recorders: Arc<Mutex<Vec<Option<RecordHandle>>>>,
+    /// The replicas' consistency, which `run` hands to every worker's services.
+    consistency: super::ConsistencyBook,
 }
 
 impl StatsHandle {
@@ -554,6 +556,11 @@ impl StatsHandle {
             svc.read_recording(rec.as_ref());
         }
         total
+    }
+
+    /// The replicas' consistency (shared with the workers).
+    pub fn consistency(&self) -> &super::ConsistencyBook {
+        &self.consistency
     }
 
     /// Sets the services' recorders (called by `run` before the workers start; `None` for

@@ -189,6 +189,7 @@ impl Bed {
             replica_route: REPLICA_ROUTE,
             listen_port: PRIMARY.port(),
             record,
+            consistency: Default::default(),
         };
         Self {
             driver: Driver::new(Fake::default(), vec![plan], ManagerConfig::default(), 16),

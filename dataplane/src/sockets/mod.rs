@@ -194,6 +194,9 @@ pub fn run_with(
     };
     stats.reset(workers, &initial);
     stats.set_recorders(plans.iter().map(|p| p.record.clone()).collect());
+    for plan in &mut plans {
+        plan.consistency = stats.consistency().clone();
+    }
     let services: Arc<[ServicePlan]> = plans.into();
     let nat = NatTable::install(&options.nft_table, &redirects)?;
 

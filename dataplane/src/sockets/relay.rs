@@ -488,6 +488,7 @@ mod tests {
                 replica_route: None,
                 listen_port: port,
                 record: record.clone(),
+                consistency: Default::default(),
             };
             let stats = StatsHandle::new();
             stats.set_recorders(vec![record]);

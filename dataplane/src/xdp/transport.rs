@@ -433,6 +433,8 @@ mod tests {
             idle_timeout_secs: 30,
             connect_timeout_secs: 5,
             record: None,
+            verify: crate::config::Verify::Off,
+            verify_window_bytes: 0,
         };
         let links = vec![
             Link {
