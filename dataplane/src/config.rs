@@ -697,10 +697,14 @@ mod tests {
     fn reply_verification_is_chosen_per_service() {
         let c = parse(&format!("{GOOD}{SERVICE}verify = \"replies\"\n")).unwrap();
         assert_eq!(c.services[0].verify, Verify::Replies);
-        assert_eq!(c.services[0].session_config().verify_window_bytes, 256 << 10);
+        assert_eq!(
+            c.services[0].session_config().verify_window_bytes,
+            256 << 10
+        );
         let no_window = format!("{GOOD}{SERVICE}verify = \"replies\"\nverify_window_bytes = 0\n");
         assert!(error(&no_window).contains("verify_window_bytes"));
-        let huge = format!("{GOOD}{SERVICE}verify = \"replies\"\nverify_window_bytes = 4294967296\n");
+        let huge =
+            format!("{GOOD}{SERVICE}verify = \"replies\"\nverify_window_bytes = 4294967296\n");
         assert!(error(&huge).contains("verify_window_bytes"));
         assert!(error(&format!("{GOOD}{SERVICE}verify = \"maybe\"\n")).contains("verify"));
     }

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::ServiceConfig,
-    driver::{ConsistencyBook, consistency::ReplicaConsistency}, rules::RedirectRule, xdp::steering::VerdictCounters,
+    driver::{ConsistencyBook, consistency::ReplicaConsistency},
+    rules::RedirectRule,
+    xdp::steering::VerdictCounters,
     xdp::worker::WorkerSnapshot,
 };
 

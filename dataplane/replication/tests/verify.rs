@@ -72,7 +72,11 @@ fn one_differing_byte_is_reported_once_at_its_offset() {
     assert_eq!(m.offset, at as u64);
     assert_eq!(m.primary.first(), answer.get(at));
     assert_eq!(m.replica.first(), wrong.get(at));
-    assert_eq!(m.replica.len(), 32, "the rest of its chunk (77 bytes), capped");
+    assert_eq!(
+        m.replica.len(),
+        32,
+        "the rest of its chunk (77 bytes), capped"
+    );
     assert_eq!(s.reply_bytes_compared(0), at as u64);
     assert_eq!(s.reply_mismatch(1), None);
     assert_eq!(s.reply_bytes_compared(1), answer.len() as u64);

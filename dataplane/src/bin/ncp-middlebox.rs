@@ -4,7 +4,7 @@ use std::{
     net::SocketAddrV4,
     path::PathBuf,
     sync::{Arc, atomic::AtomicBool},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, bail};
@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use ncp_dataplane::{
     config::{Config, DEFAULT_CONTROL_SOCKET},
     control::{self, Request, Response, Stats},
+    driver::consistency::ReplicaConsistency,
     rules::{Ipv4Prefix, RedirectRule},
     runtime,
 };
@@ -24,6 +25,7 @@ use ncp_dataplane::{
 ///   ncp-middlebox run --config mb.toml        # run until SIGINT/SIGTERM
 ///   ncp-middlebox stats                        # XDP verdicts and worker counters
 ///   ncp-middlebox rule add --id 2 --source 198.18.1.0/24 --destination 198.18.1.2:5201
+///   ncp-middlebox replica reset --service redis --replica 198.18.2.3:6379
 #[derive(Parser, Debug)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -70,6 +72,14 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
+    /// Replicas' consistency with their primary.
+    Replica {
+        #[command(subcommand)]
+        action: ReplicaAction,
+        /// Control socket of the running middlebox.
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
     /// List, add or remove redirect rules on a running middlebox (no reload needed).
     Rule {
         #[command(subcommand)]
@@ -77,6 +87,20 @@ enum Command {
         /// Control socket of the running middlebox.
         #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaAction {
+    /// Mark a replica in step with its primary again, e.g. after re-cloning it from the
+    /// primary: its consistency state becomes `in-step` (logged by the middlebox).
+    Reset {
+        /// The service's name.
+        #[arg(long)]
+        service: String,
+        /// The replica's address and port.
+        #[arg(long)]
+        replica: SocketAddrV4,
     },
 }
 
@@ -261,6 +285,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Response::Error { message } => bail!("{message}"),
             other => bail!("unexpected answer: {other:?}"),
         },
+        Command::Replica {
+            action: ReplicaAction::Reset { service, replica },
+            socket,
+        } => match control::call(&socket, &Request::ReplicaReset { service, replica })? {
+            Response::Done => {
+                println!("replica {replica} marked in step");
+                Ok(())
+            }
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer: {other:?}"),
+        },
         Command::Rule { action, socket } => {
             let request = match action {
                 RuleAction::List => Request::Rules,
@@ -305,6 +340,7 @@ fn print_stats(stats: &Stats) {
     if let Some(replication) = &stats.replication {
         println!("replication: {replication:#}");
     }
+    print_consistency(&stats.consistency);
     println!(
         "{:<12} {:<8} {:>12} {:>12} {:>10} {:>10} {:>8}",
         "interface", "mode", "redirected", "passed", "unparsed", "no_socket", "failed"
@@ -330,6 +366,52 @@ fn print_stats(stats: &Stats) {
         println!(
             "{:<12} {:>6} {:>6} {:>12} {:>14}",
             w.interface, w.queue, core, w.rx_frames, w.rx_bytes
+        );
+    }
+}
+
+/// One line per replica: where it stands, since when, why, and what verification saw.
+fn print_consistency(replicas: &[ReplicaConsistency]) {
+    if replicas.is_empty() {
+        return;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!(
+        "{:<12} {:<21} {:<9} {:>10} {:>8} {:>10} {:>12} {:>8}  reason",
+        "service", "replica", "state", "since", "detaches", "mismatches", "verified", "window"
+    );
+    for r in replicas {
+        let age = now.saturating_sub(r.since_unix_ms / 1000);
+        let detached = r.reasons.detached;
+        let mut reason = r.last_reason.clone().unwrap_or_else(|| "-".into());
+        if let Some(m) = &r.first_mismatch {
+            reason = format!(
+                "{reason}; first at offset {}: primary \"{}\" replica \"{}\"",
+                m.offset, m.primary, m.replica
+            );
+        }
+        if detached.total() > 0 {
+            reason = format!(
+                "{reason}; detaches: refused {} died {} lagged {} connect-timeout {} drain-timeout {}",
+                detached.refused,
+                detached.died,
+                detached.lagged,
+                detached.connect_timeout,
+                detached.drain_timeout
+            );
+        }
+        println!(
+            "{:<12} {:<21} {:<9} {:>10} {:>8} {:>10} {:>12} {:>8}  {reason}",
+            r.service,
+            r.replica.to_string(),
+            r.state.as_str(),
+            format!("{age} s ago"),
+            detached.total(),
+            r.reasons.reply_mismatch,
+            r.verification.bytes_compared,
+            r.verification.window_exceeded,
         );
     }
 }

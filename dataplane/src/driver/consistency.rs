@@ -145,8 +145,7 @@ impl ReplicaConsistency {
                 ..DivergenceReasons::default()
             },
             last_reason: Some(
-                "middlebox started: writes made while it was not replicating are unknown"
-                    .into(),
+                "middlebox started: writes made while it was not replicating are unknown".into(),
             ),
             first_mismatch: None,
             verification: VerificationTotals::default(),
@@ -302,7 +301,12 @@ impl ConsistencyBook {
             .collect()
     }
 
-    fn update(&self, service: &str, replica: SocketAddrV4, f: impl FnOnce(&mut ReplicaConsistency)) {
+    fn update(
+        &self,
+        service: &str,
+        replica: SocketAddrV4,
+        f: impl FnOnce(&mut ReplicaConsistency),
+    ) {
         let mut entries = self.lock();
         let per_service = entries.entry(service.to_owned()).or_default();
         let r = per_service
@@ -358,7 +362,10 @@ mod tests {
         assert_eq!(a.reasons, DivergenceReasons::default());
         assert_eq!(a.verification.bytes_compared, 100);
         assert_eq!(a.verification.operator_resets, 1);
-        assert!(book.reset("redis", "198.18.9.9:1".parse().unwrap()).is_err());
+        assert!(
+            book.reset("redis", "198.18.9.9:1".parse().unwrap())
+                .is_err()
+        );
         assert!(book.reset("other", A).is_err());
     }
 
@@ -381,13 +388,20 @@ mod tests {
         assert_eq!(a.state, ConsistencyState::Diverged);
         assert_eq!(a.reasons.detached.lagged, 2);
         assert_eq!(a.reasons.reply_mismatch, 1);
-        assert_eq!(a.last_reason.as_deref(), Some("reply mismatch at offset 42"));
+        assert_eq!(
+            a.last_reason.as_deref(),
+            Some("reply mismatch at offset 42")
+        );
         let first = a.first_mismatch.as_ref().expect("kept");
         assert_eq!(first.offset, 42);
         assert_eq!(first.primary, "$3\\r\\nold\\r\\n");
         assert_eq!(first.replica, "$3\\r\\nnew\\r\\n");
         let b = state(&book, B);
-        assert_eq!(b.state, ConsistencyState::InStep, "a window overrun is no divergence");
+        assert_eq!(
+            b.state,
+            ConsistencyState::InStep,
+            "a window overrun is no divergence"
+        );
         assert_eq!(b.verification.window_exceeded, 1);
 
         book.reset("redis", A).unwrap();

@@ -173,11 +173,17 @@ struct Bed {
 
 impl Bed {
     fn new(replica_budget: u64, record: Option<RecordHandle>) -> Self {
+        Self::with(replica_budget, record, 0)
+    }
+
+    /// A bed whose service verifies replies within `verify_window` bytes (0: off).
+    fn with(replica_budget: u64, record: Option<RecordHandle>, verify_window: u64) -> Self {
         let session = SessionConfig {
             replica_count: 1,
             replica_budget_bytes: replica_budget,
             primary_budget_bytes: 64 << 10,
             drain_timeout: DRAIN,
+            verify_window_bytes: verify_window,
             ..SessionConfig::default()
         };
         let plan = ServicePlan {
@@ -447,4 +453,133 @@ fn shutdown_resets_open_sessions() {
     // Events for released connections are ignored.
     bed.push(Event::Active(client));
     bed.settle();
+}
+
+mod consistency {
+    use super::*;
+    use crate::driver::consistency::{ConsistencyState, ReplicaConsistency};
+
+    fn replica_state(bed: &Bed) -> ReplicaConsistency {
+        let book = &bed.driver.services()[0].consistency;
+        let all = book.report();
+        assert_eq!(all.len(), 1, "one service, one replica: {all:?}");
+        all[0].clone()
+    }
+
+    /// A verifying bed whose replica an operator has marked in step.
+    fn in_step_bed(verify_window: u64) -> Bed {
+        let bed = Bed::with(1 << 20, None, verify_window);
+        let start = replica_state(&bed);
+        assert_eq!(
+            start.state,
+            ConsistencyState::Unknown,
+            "unknown until an operator says so"
+        );
+        assert!(start.reasons.unknown_since_start);
+        bed.driver.services()[0]
+            .consistency
+            .reset("svc", REPLICA)
+            .expect("registered by the driver");
+        bed
+    }
+
+    /// One request answered by the primary with `primary` and by the replica with
+    /// `replica`; returns what the client got.
+    fn exchange(bed: &mut Bed, primary_answer: &[u8], replica_answer: &[u8]) -> Vec<u8> {
+        let client = bed.client(b"GET k\r\n");
+        let primary = bed.connected(PRIMARY);
+        let replica = bed.connected(REPLICA);
+        // The replica answers in two pieces, before and after the primary.
+        let (early, late) = replica_answer.split_at(replica_answer.len() / 2);
+        bed.peer_sends(replica, early, false);
+        bed.peer_sends(primary, primary_answer, false);
+        bed.peer_sends(replica, late, false);
+        bed.fake().pipe(client).peer_fin = true;
+        bed.push(Event::Active(client));
+        bed.peer_sends(primary, b"", true);
+        assert_eq!(bed.driver.sessions(), 0, "the session finished");
+        bed.fake().pipe(client).outbound.clone()
+    }
+
+    #[test]
+    fn identical_answers_keep_the_replica_in_step_and_are_counted() {
+        let mut bed = in_step_bed(4096);
+        for _ in 0..3 {
+            let got = exchange(&mut bed, b"$3\r\nbar\r\n", b"$3\r\nbar\r\n");
+            assert_eq!(got, b"$3\r\nbar\r\n");
+        }
+        let r = replica_state(&bed);
+        assert_eq!(r.state, ConsistencyState::InStep);
+        assert_eq!(r.verification.bytes_compared, 27);
+        assert_eq!(r.verification.mismatches, 0);
+    }
+
+    #[test]
+    fn a_differing_answer_diverges_the_replica_at_its_offset_until_reset() {
+        let mut bed = in_step_bed(4096);
+        let got = exchange(&mut bed, b"$3\r\nbar\r\n", b"$3\r\nbaz\r\n");
+        assert_eq!(
+            got, b"$3\r\nbar\r\n",
+            "the client only ever sees the primary"
+        );
+        let r = replica_state(&bed);
+        assert_eq!(r.state, ConsistencyState::Diverged);
+        assert_eq!(r.reasons.reply_mismatch, 1);
+        assert_eq!(r.last_reason.as_deref(), Some("reply mismatch at offset 6"));
+        let m = r.first_mismatch.expect("excerpt kept");
+        assert_eq!(
+            (m.offset, m.primary.as_str(), m.replica.as_str()),
+            (6, "r\\r\\n", "z\\r\\n")
+        );
+        assert_eq!(r.verification.bytes_compared, 6);
+
+        // Later sessions that agree do not put it back in step: only the operator does.
+        exchange(&mut bed, b"+OK\r\n", b"+OK\r\n");
+        assert_eq!(replica_state(&bed).state, ConsistencyState::Diverged);
+        bed.driver.services()[0]
+            .consistency
+            .reset("svc", REPLICA)
+            .expect("known");
+        let r = replica_state(&bed);
+        assert_eq!(r.state, ConsistencyState::InStep);
+        assert_eq!(r.verification.mismatches, 1);
+    }
+
+    #[test]
+    fn without_verification_answers_are_not_judged() {
+        let mut bed = in_step_bed(0);
+        exchange(&mut bed, b"$3\r\nbar\r\n", b"-ERR other server\r\n");
+        let r = replica_state(&bed);
+        assert_eq!(r.state, ConsistencyState::InStep);
+        assert_eq!(r.verification.bytes_compared, 0);
+    }
+
+    #[test]
+    fn a_detached_replica_diverges_with_the_reason() {
+        let mut bed = in_step_bed(0);
+        bed.client(b"SET k v\r\n");
+        bed.connected(PRIMARY);
+        let replica = bed.fake().conn_to(REPLICA);
+        bed.fake().remove(replica, Gone::Released);
+        bed.push(Event::Refused(replica));
+        bed.settle();
+        let r = replica_state(&bed);
+        assert_eq!(r.state, ConsistencyState::Diverged);
+        assert_eq!(r.reasons.detached.refused, 1);
+        assert!(
+            r.last_reason
+                .as_deref()
+                .is_some_and(|s| s.contains("refused")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn an_overrun_window_is_counted_and_is_no_divergence() {
+        let mut bed = in_step_bed(4);
+        exchange(&mut bed, b"$3\r\nbar\r\n", b"$3\r\nbar\r\n");
+        let r = replica_state(&bed);
+        assert_eq!(r.state, ConsistencyState::InStep);
+        assert_eq!(r.verification.window_exceeded, 1);
+    }
 }
