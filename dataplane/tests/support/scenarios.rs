@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ncp_dataplane::driver::consistency::{ConsistencyState, ReplicaConsistency};
 use ncp_testbed::workload::redis_writes;
 
 use super::{
@@ -297,5 +298,107 @@ pub fn refusing_primary_resets_clients_promptly_and_leaves_no_session(
             "every replica connection was refused too: {s:#?}"
         );
     }
+    scene.stop_middlebox();
+}
+
+/// A replica that was written to behind the middlebox's back is found out by the answers:
+/// in step through a workload (after the operator's reset at start), diverged at the
+/// offset of the first differing answer once a GET of that key goes through the
+/// middlebox, in step again after the operator's reset.
+pub fn a_replica_written_behind_the_middlebox_is_found_diverged_by_its_answers(
+    mode: Mode,
+    prefix: &'static str,
+    seed: u64,
+) {
+    if !mode.ready_or_skip("divergence", &["ping", "redis-server", "redis-cli"]) {
+        return;
+    }
+    let _serial = serial();
+    let service = Service::new("redis", redis::PORT)
+        .budget(replica_budget(mode))
+        .verify_replies();
+    let mut scene = Scene::start(mode, prefix, &[service], "");
+    scene.start_redis("primary");
+    scene.start_redis("replica");
+    let replica = SocketAddrV4::new(scene.replica, redis::PORT);
+    let is_replica = move |r: &ReplicaConsistency| r.service == "redis" && r.replica == replica;
+
+    // The middlebox cannot know what the replica missed before it started.
+    let r = scene.consistency_when("unknown at start", |r| is_replica(r));
+    assert_eq!(r.state, ConsistencyState::Unknown, "{r:#?}");
+    assert!(r.reasons.unknown_since_start);
+    scene.reset_replica("redis", replica);
+    scene.consistency_when("in step after the reset", |r| {
+        is_replica(r) && r.state == ConsistencyState::InStep
+    });
+
+    // A workload: the replica answers what the primary answers.
+    const WRITES: usize = 2000;
+    let out = run_pipe(scene.pipe_command(), move |mut stdin| {
+        stdin.write_all(&redis_writes(WRITES, seed)).unwrap();
+    });
+    assert!(
+        out.contains(&format!("errors: 0, replies: {WRITES}")),
+        "{out}"
+    );
+    scene.stats_when("the workload's session ends", |s| {
+        s.sessions_total == 1 && s.sessions_active == 0
+    });
+    let r = scene.consistency_when("answers compared", |r| {
+        is_replica(r) && r.verification.bytes_compared > 0
+    });
+    assert_eq!(r.state, ConsistencyState::InStep, "{r:#?}");
+    assert_eq!(r.verification.mismatches, 0, "{r:#?}");
+
+    // A key only the replica has: its answer to the GET differs from the primary's nil.
+    assert_eq!(
+        scene.redis("replica", &["SET", "diverged", "replica-only"]),
+        "OK"
+    );
+    let to = SocketAddrV4::new(scene.primary, redis::PORT);
+    let (close_tx, close_rx) = mpsc::channel::<()>();
+    let client = in_netns(&scene.bed.netns("source").unwrap(), move || {
+        let mut stream = TcpStream::connect_timeout(&to.into(), PATIENCE).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(b"GET diverged\r\n").unwrap();
+        let mut answer = [0u8; 64];
+        let n = stream.read(&mut answer).unwrap();
+        // Open until the test has seen the verdict: the replica's answer is judged while
+        // its session runs.
+        let _ = close_rx.recv_timeout(PATIENCE);
+        answer[..n].to_vec()
+    });
+    let r = scene.consistency_when("diverged by the GET's answer", |r| {
+        is_replica(r) && r.state == ConsistencyState::Diverged
+    });
+    close_tx.send(()).unwrap();
+    assert_eq!(
+        client.join().unwrap(),
+        b"$-1\r\n",
+        "the client got the primary's nil"
+    );
+    eprintln!("{} divergence: {r:#?}", mode.name());
+    assert_eq!(r.reasons.reply_mismatch, 1, "{r:#?}");
+    assert_eq!(r.reasons.detached.total(), 0, "{r:#?}");
+    assert_eq!(r.last_reason.as_deref(), Some("reply mismatch at offset 1"));
+    let first = r
+        .first_mismatch
+        .as_ref()
+        .expect("the first mismatch is kept");
+    assert_eq!(first.offset, 1, "{r:#?}");
+    assert_eq!(first.primary, "-1\\r\\n");
+    assert_eq!(first.replica, "12\\r\\nreplica-only\\r\\n");
+
+    // The operator re-cloned it (here: removed the key) and says so.
+    scene.redis("replica", &["DEL", "diverged"]);
+    scene.reset_replica("redis", replica);
+    let r = scene.consistency_when("in step after the second reset", |r| {
+        is_replica(r) && r.state == ConsistencyState::InStep
+    });
+    assert_eq!(
+        r.verification.mismatches, 1,
+        "totals survive a reset: {r:#?}"
+    );
+    assert_eq!(r.verification.operator_resets, 2, "{r:#?}");
     scene.stop_middlebox();
 }

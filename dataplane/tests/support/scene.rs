@@ -3,7 +3,7 @@
 //! [`Mode`].
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -16,11 +16,15 @@ use std::{
 
 use ncp_dataplane::{
     config::Config,
+    control::{self, Request, Response},
+    driver::consistency::ReplicaConsistency,
     sockets::{self, ServiceStats, SocketsStats, StatsHandle},
 };
 use ncp_testbed::{Testbed, Topology, UpOptions};
 
-use super::{PATIENCE, ReplicationStats, WorkerReplicationStats, XdpMiddlebox, in_netns, redis};
+use super::{
+    MIDDLEBOX, PATIENCE, ReplicationStats, WorkerReplicationStats, XdpMiddlebox, in_netns, redis,
+};
 
 /// Which data plane carries the sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +125,8 @@ pub struct Service {
     pub replicated: bool,
     /// The TOML of its `record` field, or empty for none.
     pub record: String,
+    /// Whether the replica's answers are verified (`verify = "replies"`).
+    pub verify_replies: bool,
 }
 
 impl Service {
@@ -132,7 +138,14 @@ impl Service {
             replica_budget: None,
             replicated: true,
             record: String::new(),
+            verify_replies: false,
         }
+    }
+
+    /// The service compares the replica's answers with the primary's.
+    pub fn verify_replies(mut self) -> Self {
+        self.verify_replies = true;
+        self
     }
 
     pub fn budget(mut self, bytes: u64) -> Self {
@@ -256,11 +269,17 @@ clients = "198.18.1.0/24"
 replica_interface = "eth1"
 {budget}
 connect_timeout_secs = 5
+{verify}
 {record}
 "#,
                 name = s.name,
                 primary = self.primary,
                 port = s.port,
+                verify = if s.verify_replies {
+                    "verify = \"replies\""
+                } else {
+                    ""
+                },
                 record = s.record,
             ));
         }
@@ -342,6 +361,60 @@ connect_timeout_secs = 5
             None => None,
         }
         .unwrap_or_default()
+    }
+
+    /// The running middlebox's consistency state per service and replica (empty while it
+    /// does not answer); XDP mode's through its control socket.
+    pub fn consistency(&self) -> Vec<ReplicaConsistency> {
+        match &self.middlebox {
+            Some(Middlebox::Sockets { stats, .. }) => stats.consistency().report(),
+            Some(Middlebox::Xdp(_)) => match control::call(&self.control_socket(), &Request::Stats)
+            {
+                Ok(Response::Stats(s)) => s.consistency,
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
+        }
+    }
+
+    /// The consistency of the service's (first) replica once `done` holds, failing after
+    /// [`PATIENCE`].
+    pub fn consistency_when(
+        &self,
+        what: &str,
+        done: impl Fn(&ReplicaConsistency) -> bool,
+    ) -> ReplicaConsistency {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let all = self.consistency();
+            if let Some(r) = all.iter().find(|r| done(r)) {
+                return r.clone();
+            }
+            assert!(Instant::now() < deadline, "{what}: {all:#?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// An operator marks `replica` of `service` in step: XDP mode with
+    /// `ncp-middlebox replica reset` on the control socket, sockets mode (no control
+    /// socket in the test's relay) on the shared book directly.
+    pub fn reset_replica(&self, service: &str, replica: SocketAddrV4) {
+        match &self.middlebox {
+            Some(Middlebox::Sockets { stats, .. }) => {
+                stats.consistency().reset(service, replica).unwrap();
+            }
+            Some(Middlebox::Xdp(_)) => {
+                let out = Command::new(MIDDLEBOX)
+                    .args(["replica", "reset", "--service", service, "--replica"])
+                    .arg(replica.to_string())
+                    .arg("--socket")
+                    .arg(self.control_socket())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "replica reset: {out:?}");
+            }
+            None => panic!("no middlebox to reset a replica on"),
+        }
     }
 
     /// Stats once `done` holds, failing after [`PATIENCE`].
