@@ -290,6 +290,28 @@ mod tests {
     }
 
     #[test]
+    fn consistency_fields_are_backward_compatible_and_reset_is_answered() {
+        // A middlebox from before the consistency state answers without the field.
+        let old: Stats = serde_json::from_str(r#"{"interfaces":[],"workers":[]}"#).unwrap();
+        assert!(old.consistency.is_empty());
+        let request: Request = serde_json::from_str(
+            r#"{"cmd":"replica-reset","service":"redis","replica":"198.18.2.3:6379"}"#,
+        )
+        .unwrap();
+        let Request::ReplicaReset { service, replica } = request else {
+            panic!("parsed as {request:?}");
+        };
+        let book = ConsistencyBook::new();
+        assert!(matches!(
+            reset_replica(&book, &service, replica),
+            Response::Error { message } if message.contains("no replica")
+        ));
+        book.register(&service, &[replica]);
+        assert_eq!(reset_replica(&book, &service, replica), Response::Done);
+        assert_eq!(book.report()[0].state.as_str(), "in-step");
+    }
+
+    #[test]
     fn requests_round_trip_and_garbage_gets_an_error() {
         let dir = std::env::temp_dir().join(format!("ncp-control-test-{}", std::process::id()));
         let path = dir.join("c.sock");
