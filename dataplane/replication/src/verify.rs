@@ -158,8 +158,11 @@ impl ReplyVerifier {
     pub fn on_primary(&mut self, data: &[u8], mut report: impl FnMut(u16, ReplyCheckOutcome)) {
         let old_len = self.primary_len;
         self.primary_len += data.len() as u64;
-        if self.comparing == 0 || data.is_empty() {
+        if self.comparing == 0 {
             self.base = self.primary_len;
+            return;
+        }
+        if data.is_empty() {
             return;
         }
         let budget = self.window_bytes;
@@ -249,7 +252,8 @@ impl ReplyVerifier {
         if *offset < self.primary_len {
             // Compare with the primary's bytes kept for it.
             let k = to_usize(self.primary_len - *offset).min(rest.len());
-            let start = to_usize(*offset - self.base);
+            // A comparing replica is never before `base` (see `trim`).
+            let start = to_usize(offset.saturating_sub(self.base));
             let (wa, wb) = deque_range(&self.window, start, k);
             let (head, tail) = rest.split_at(k);
             if let Some(j) = first_difference(wa, wb, head) {
@@ -511,6 +515,16 @@ mod tests {
         let out = outcomes(|f| v.on_replica(0, &[1], f));
         assert_eq!(out, vec![(0, ReplyCheckOutcome::WindowExceeded)]);
         assert_eq!(v.held_bytes(), 0);
+    }
+
+    #[test]
+    fn empty_inputs_change_nothing() {
+        let mut v = ReplyVerifier::new(1, 1000);
+        v.on_primary(b"+OK\r\n", |_, _| {});
+        v.on_primary(b"", |_, _| {});
+        v.on_replica(0, b"", |_, _| {});
+        v.on_replica(0, b"+OK\r\n", |_, _| panic!("same answer"));
+        assert_eq!(v.bytes_compared(0), 5);
     }
 
     #[test]
