@@ -58,7 +58,7 @@ impl ConsistencyState {
 /// Why a replica is not in step, counted since it last was (or since start).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DivergenceReasons {
-    /// It has not been marked in step since the middlebox started.
+    /// It has not been marked in step since the middlebox started replicating to it.
     #[serde(default)]
     pub unknown_since_start: bool,
     /// Sessions it was detached from, by reason.
@@ -145,7 +145,9 @@ impl ReplicaConsistency {
                 ..DivergenceReasons::default()
             },
             last_reason: Some(
-                "middlebox started: writes made while it was not replicating are unknown".into(),
+                "not marked in step since the middlebox began replicating to it: writes made before \
+                 are unknown"
+                    .into(),
             ),
             first_mismatch: None,
             verification: VerificationTotals::default(),
@@ -178,21 +180,9 @@ pub struct UnknownReplica {
 type Entries = BTreeMap<String, BTreeMap<SocketAddrV4, ReplicaConsistency>>;
 
 /// The consistency of every configured replica; clones share it. See the module docs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ConsistencyBook {
     entries: Arc<Mutex<Entries>>,
-    /// When the middlebox (this book) started: replicas known at start are unknown
-    /// since then.
-    started: SystemTime,
-}
-
-impl Default for ConsistencyBook {
-    fn default() -> Self {
-        Self {
-            entries: Arc::default(),
-            started: SystemTime::now(),
-        }
-    }
 }
 
 impl ConsistencyBook {
@@ -207,14 +197,15 @@ impl ConsistencyBook {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds the replicas of `service` it does not know yet, as unknown since start.
+    /// Adds the replicas of `service` it does not know yet, as unknown from now (the
+    /// middlebox's start, or the service change that added them).
     pub fn register(&self, service: &str, replicas: &[SocketAddrV4]) {
         let mut entries = self.lock();
         let per_service = entries.entry(service.to_owned()).or_default();
         for &r in replicas {
             per_service
                 .entry(r)
-                .or_insert_with(|| ReplicaConsistency::unknown(service, r, self.started));
+                .or_insert_with(|| ReplicaConsistency::unknown(service, r, SystemTime::now()));
         }
     }
 
@@ -311,7 +302,7 @@ impl ConsistencyBook {
         let per_service = entries.entry(service.to_owned()).or_default();
         let r = per_service
             .entry(replica)
-            .or_insert_with(|| ReplicaConsistency::unknown(service, replica, self.started));
+            .or_insert_with(|| ReplicaConsistency::unknown(service, replica, SystemTime::now()));
         f(r);
     }
 }
