@@ -31,6 +31,10 @@
 //!    - `Reset(side)`: abort that connection and release its socket.
 //!    - `Detached { replica, reason }`: abort the replica's connection if still open,
 //!      release it, log `reason` (the counter is kept here).
+//!    - `ReplyCheck { replica, outcome }` (sessions with `verify_window_bytes`): the
+//!      replica's answers stopped being verified, because they differed from the
+//!      primary's ([`Session::reply_mismatch`] says where) or ran beyond the window.
+//!      Nothing to carry out: record it.
 //!    - `Finished`: always last. Release the session's remaining sockets (sockets that got
 //!      `Close` may complete their orderly close in the TCP stack) and call
 //!      [`Manager::remove`].
