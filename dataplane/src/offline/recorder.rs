@@ -51,7 +51,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use ncp_replication::{SessionStats, Side};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::pcapng::{PcapngWriter, SynthSession, WriterOptions};
 use super::{SessionMeta, now_ns, unix_ns};
@@ -75,23 +75,25 @@ pub struct RecorderConfig {
 }
 
 /// Counters, all since start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecorderStats {
     /// Sessions whose recording started.
     pub sessions_opened: u64,
-    /// `open_session` calls refused because the queue was full or the writer is gone.
+    /// Sessions not recorded at all: the queue was full or the writer was gone when they
+    /// opened.
     pub sessions_refused: u64,
-    /// Sessions cut loose after their recording had started.
+    /// Sessions whose recording was cut loose part-way (queue full, or a write failed);
+    /// their files hold a prefix of the stream, marked as such.
     pub sessions_detached: u64,
     /// Client bytes queued for writing.
     pub client_bytes: u64,
-    /// Server bytes queued for writing.
+    /// Primary bytes queued for writing (with `responses = true`).
     pub server_bytes: u64,
-    /// Files opened (1 + rotations + reopen after errors).
+    /// Files opened (the first, rotations, reopenings after errors).
     pub files: u64,
-    /// Bytes written to files.
+    /// Bytes written to files, framing included.
     pub bytes_written: u64,
-    /// Write or open failures.
+    /// Failed writes or file opens.
     pub write_errors: u64,
 }
 
