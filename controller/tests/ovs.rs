@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{Down, PREFIX, sh};
 use ncp_controller::installer;
-use ncp_controller::openflow::{FlowStatsRequest, Ipv4Prefix, MacAddr, Match, Message};
+use ncp_controller::openflow::{FlowStatsRequest, Ipv4Prefix, MacAddr, Match, Message, error_type};
 use ncp_controller::planner::{Mode, Replication, plan};
 use ncp_controller::reconcile::diff;
 use ncp_controller::rules::{COOKIE_MAGIC_MASK, FlowRule, RuleKind, cookie};
@@ -223,7 +223,10 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
         .await
         .expect("apply");
     assert_eq!(refused.len(), 1);
-    assert_eq!((refused[0].index, refused[0].err_type), (1, 4));
+    assert_eq!(
+        (refused[0].index, refused[0].err_type),
+        (1, error_type::BAD_MATCH)
+    );
     ctl.send(agg1, Message::FlowMod(bad.to_add()))
         .await
         .expect("send");
@@ -238,7 +241,7 @@ async fn plan_installs_and_reads_back_identically_on_ovs() {
             other => panic!("no error event: {other:?}"),
         }
     };
-    assert_eq!(err.err_type, 4);
+    assert_eq!(err.err_type, error_type::BAD_MATCH);
 
     // OVS's own tracer follows the redirect on agg1: MAC rewritten, out the core uplink.
     let in_port = bed.ofport("agg1", "leaf1").expect("port").to_string();

@@ -795,29 +795,42 @@ mod tests {
 
     #[test]
     fn errors_name_the_bad_field() {
-        assert!(error(&GOOD.replace("core = 0", "core = 9")).contains("core 9"));
-        assert!(
-            error(&GOOD.replace("\"eth0\"", "\"a-very-long-interface-name\""))
-                .contains("interfaces[0].name")
-        );
-        assert!(error(&GOOD.replace("first = 40000", "first = 50000")).contains("ports"));
-        assert!(error(&GOOD.replace("poll = \"sleep\"", "poll = \"nap\"")).contains("nap"));
-        assert!(
-            error(&GOOD.replace("destination_port = 5201", "destination_port = 0"))
-                .contains("rules[0]")
-        );
-        assert!(
-            error(&GOOD.replace("source = \"198.18.1.0/24\"", "source = \"198.18.1.0/40\""))
-                .contains("40")
-        );
-        assert!(
-            error(&GOOD.replace("address = \"198.18.1.4\"", "address = \"0.0.0.0\""))
-                .contains("unicast")
-        );
-        assert!(
-            error(&GOOD.replace("queues = [{ queue = 0, core = 0 }]", "queues = []"))
-                .contains("queues is empty")
-        );
+        // (what GOOD says, what the broken file says instead, what the error must name)
+        let edits = [
+            ("core = 0", "core = 9", "core 9"),
+            (
+                "\"eth0\"",
+                "\"a-very-long-interface-name\"",
+                "interfaces[0].name",
+            ),
+            ("first = 40000", "first = 50000", "ports"),
+            ("poll = \"sleep\"", "poll = \"nap\"", "nap"),
+            (
+                "destination_port = 5201",
+                "destination_port = 0",
+                "rules[0]",
+            ),
+            (
+                "source = \"198.18.1.0/24\"",
+                "source = \"198.18.1.0/40\"",
+                "40",
+            ),
+            (
+                "address = \"198.18.1.4\"",
+                "address = \"0.0.0.0\"",
+                "unicast",
+            ),
+            (
+                "queues = [{ queue = 0, core = 0 }]",
+                "queues = []",
+                "queues is empty",
+            ),
+        ];
+        for (good, bad, named) in edits {
+            assert!(GOOD.contains(good), "GOOD has no {good:?}");
+            let e = error(&GOOD.replace(good, bad));
+            assert!(e.contains(named), "{bad:?}: {e}");
+        }
         assert!(error(&format!("{GOOD}\nbogus = 1")).contains("bogus"));
         assert!(error("interfaces = []").contains("empty"));
         let twice = format!(

@@ -31,6 +31,10 @@ use crate::{
     xdp::xsk::XskOptions,
 };
 
+/// How long a new generation of workers retries binding a queue the previous generation's
+/// socket still holds (see [`start_workers`]).
+const BUSY_QUEUE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Which data plane carries the sessions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -130,6 +134,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         &mut steerings,
         &generation_stop,
         &mut workers,
+        Duration::ZERO,
     );
     if let Err(e) = started {
         generation_stop.store(true, Ordering::Relaxed);
@@ -177,13 +182,14 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             // The XSKMAP holds a reference to every old socket, which keeps its queue
             // bound: release them before the new generation binds the same queues.
             release_sockets(&mut guard);
-            start_workers_retrying(
+            start_workers(
                 &change.config,
                 &recorders.handles(),
                 &consistency,
                 &mut guard,
                 &generation_stop,
                 &mut workers,
+                BUSY_QUEUE_PATIENCE,
             )
         };
         let answer = result
@@ -366,6 +372,10 @@ fn xsk_options(iface: &InterfaceConfig, queue: u32) -> XskOptions {
 }
 
 /// Starts the workers of `config`, each with `recorders` (one per service, in order).
+///
+/// The kernel frees a closed AF_XDP socket's queue binding a little after the close, so a
+/// new generation passes a `busy_patience`: a bind that finds its queue busy is retried
+/// for that long (the first generation passes zero: nothing was bound before it).
 fn start_workers(
     config: &Config,
     recorders: &[Option<RecordHandle>],
@@ -373,57 +383,37 @@ fn start_workers(
     steerings: &mut [Steering],
     stop: &Arc<AtomicBool>,
     workers: &mut Vec<Worker>,
+    busy_patience: Duration,
 ) -> anyhow::Result<()> {
-    for mut spec in plan_workers(config)? {
-        for (plan, record) in spec.services.iter_mut().zip(recorders) {
-            plan.record.clone_from(record);
-            plan.consistency = consistency.clone();
+    let attempt = |steerings: &mut [Steering], workers: &mut Vec<Worker>| -> anyhow::Result<()> {
+        for mut spec in plan_workers(config)? {
+            for (plan, record) in spec.services.iter_mut().zip(recorders) {
+                plan.record.clone_from(record);
+                plan.consistency = consistency.clone();
+            }
+            let core = spec
+                .core
+                .map_or_else(|| "unpinned".to_owned(), |c| format!("core {c}"));
+            let (worker, sockets) = Worker::start(spec, Arc::clone(stop))?;
+            workers.push(worker);
+            for socket in sockets {
+                let steering = steerings
+                    .iter_mut()
+                    .find(|s| s.interface() == socket.interface)
+                    .with_context(|| format!("no XDP program on {}", socket.interface))?;
+                steering.register_socket(socket.queue, socket.fd)?;
+                tracing::info!(
+                    "{} queue {} -> worker on {core}",
+                    socket.interface,
+                    socket.queue
+                );
+            }
         }
-        let core = spec
-            .core
-            .map_or_else(|| "unpinned".to_owned(), |c| format!("core {c}"));
-        let (worker, sockets) = Worker::start(spec, Arc::clone(stop))?;
-        workers.push(worker);
-        for socket in sockets {
-            let steering = steerings
-                .iter_mut()
-                .find(|s| s.interface() == socket.interface)
-                .with_context(|| format!("no XDP program on {}", socket.interface))?;
-            steering.register_socket(socket.queue, socket.fd)?;
-            tracing::info!(
-                "{} queue {} -> worker on {core}",
-                socket.interface,
-                socket.queue
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Empties every XSKMAP slot, so that closed sockets really go away.
-fn release_sockets(steerings: &mut [Steering]) {
-    for steering in steerings.iter_mut() {
-        for queue in 0..ncp_common::MAX_QUEUES {
-            // Most slots are empty already; that error is the expected answer.
-            let _ = steering.unregister_socket(queue);
-        }
-    }
-}
-
-/// [`start_workers`] for a new generation: the kernel frees a closed AF_XDP socket's queue
-/// binding a little after the close, so a bind that finds the queue busy is retried for a
-/// bounded time.
-fn start_workers_retrying(
-    config: &Config,
-    recorders: &[Option<RecordHandle>],
-    consistency: &ConsistencyBook,
-    steerings: &mut [Steering],
-    stop: &Arc<AtomicBool>,
-    workers: &mut Vec<Worker>,
-) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        Ok(())
+    };
+    let deadline = std::time::Instant::now() + busy_patience;
     loop {
-        match start_workers(config, recorders, consistency, steerings, stop, workers) {
+        match attempt(steerings, workers) {
             Ok(()) => return Ok(()),
             Err(e) if format!("{e:#}").contains("busy") && std::time::Instant::now() < deadline => {
                 stop.store(true, Ordering::Relaxed);
@@ -434,6 +424,16 @@ fn start_workers_retrying(
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Empties every XSKMAP slot, so that closed sockets really go away.
+fn release_sockets(steerings: &mut [Steering]) {
+    for steering in steerings.iter_mut() {
+        for queue in 0..ncp_common::MAX_QUEUES {
+            // Most slots are empty already; that error is the expected answer.
+            let _ = steering.unregister_socket(queue);
         }
     }
 }

@@ -46,6 +46,11 @@ fn call(socket: &Path, request: Request) -> Response {
     control::call(socket, &request).unwrap()
 }
 
+/// Replaces the middlebox's service list.
+fn set_services(socket: &Path, services: Vec<ServiceConfig>) -> Response {
+    call(socket, Request::ServicesSet { services })
+}
+
 fn sha256_sink(bed: &Testbed, host: &str) -> Child {
     bed.command(
         host,
@@ -107,26 +112,13 @@ fn services_pushed_at_run_time_are_replicated_and_removable() {
     // A replica on the primary's host is refused (R4) and changes nothing.
     let mut bad = service.clone();
     bad.replicas = vec![format!("{primary}:9").parse().unwrap()];
-    let refused = call(
-        &socket,
-        Request::ServicesSet {
-            services: vec![bad],
-        },
-    );
+    let refused = set_services(&socket, vec![bad]);
     assert!(
         matches!(&refused, Response::Error { message } if message.contains("R4")),
         "{refused:?}"
     );
 
-    assert_eq!(
-        call(
-            &socket,
-            Request::ServicesSet {
-                services: vec![service.clone()]
-            }
-        ),
-        Response::Done
-    );
+    assert_eq!(set_services(&socket, vec![service.clone()]), Response::Done);
     assert_eq!(
         call(&socket, Request::Services),
         Response::Services {
@@ -134,15 +126,7 @@ fn services_pushed_at_run_time_are_replicated_and_removable() {
         }
     );
     // Pushing the same list again is a no-op.
-    assert_eq!(
-        call(
-            &socket,
-            Request::ServicesSet {
-                services: vec![service.clone()]
-            }
-        ),
-        Response::Done
-    );
+    assert_eq!(set_services(&socket, vec![service.clone()]), Response::Done);
     match call(&socket, Request::Rules) {
         Response::Rules { rules } => assert!(
             rules
@@ -196,10 +180,7 @@ fn services_pushed_at_run_time_are_replicated_and_removable() {
     }
 
     // An empty list removes the service and its redirect rule.
-    assert_eq!(
-        call(&socket, Request::ServicesSet { services: vec![] }),
-        Response::Done
-    );
+    assert_eq!(set_services(&socket, vec![]), Response::Done);
     match call(&socket, Request::Rules) {
         Response::Rules { rules } => assert!(
             rules.iter().all(|r| r.id < SERVICE_RULE_ID_BASE),

@@ -41,6 +41,29 @@ fn unchecked(bed: &Testbed, host: &str, argv: &[&str]) -> std::io::Result<std::p
         .output()
 }
 
+/// Runs `argv` in `host` and fails the test, showing its output, unless it succeeds.
+fn run_ok(bed: &Testbed, host: &str, argv: &[&str], what: &str) {
+    let out = unchecked(bed, host, argv).unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A run-time rule steering TCP from `source` to the primary's `port`.
+fn rule_to(id: u32, source: &str, primary: Ipv4Addr, port: u16) -> Request {
+    Request::RuleAdd {
+        rule: ncp_dataplane::rules::RedirectRule {
+            id,
+            source: source.parse().unwrap(),
+            source_port: None,
+            destination: primary,
+            destination_port: port,
+        },
+    }
+}
+
 /// Skips (or, under CI, fails) when the machine cannot run these tests.
 fn privileged() -> bool {
     match ncp_testbed::require_privileges() {
@@ -285,16 +308,11 @@ fn unmatched_traffic_still_works_through_the_kernel() {
     }
     let scene = Scene::start("nsb");
     let mb = scene.middlebox_ip.to_string();
-    let ping = unchecked(
+    run_ok(
         &scene.bed,
         "source",
         &["ping", "-c", "3", "-i", "0.2", "-W", "2", &mb],
-    )
-    .unwrap();
-    assert!(
-        ping.status.success(),
-        "ping through the kernel failed: {}",
-        String::from_utf8_lossy(&ping.stdout)
+        "ping through the kernel",
     );
 
     let mut server = scene
@@ -302,39 +320,18 @@ fn unmatched_traffic_still_works_through_the_kernel() {
         .spawn("middlebox", &["iperf3", "-s", "-p", "5301"])
         .unwrap();
     wait_listening(&scene.bed, "middlebox", 5301);
-    let tcp = unchecked(
+    let iperf = ["iperf3", "-c", &mb, "-p", "5301", "-t", "1"];
+    run_ok(
         &scene.bed,
         "source",
-        &[
-            "iperf3",
-            "-c",
-            &mb,
-            "-p",
-            "5301",
-            "-t",
-            "1",
-            "--connect-timeout",
-            "3000",
-        ],
-    )
-    .unwrap();
-    assert!(
-        tcp.status.success(),
-        "TCP to another port failed: {}",
-        String::from_utf8_lossy(&tcp.stdout)
+        &[&iperf[..], &["--connect-timeout", "3000"][..]].concat(),
+        "TCP to another port",
     );
-    let udp = unchecked(
+    run_ok(
         &scene.bed,
         "source",
-        &[
-            "iperf3", "-c", &mb, "-p", "5301", "-u", "-b", "10M", "-t", "1",
-        ],
-    )
-    .unwrap();
-    assert!(
-        udp.status.success(),
-        "UDP failed: {}",
-        String::from_utf8_lossy(&udp.stdout)
+        &[&iperf[..], &["-u", "-b", "10M"][..]].concat(),
+        "UDP",
     );
     let _ = server.kill();
     let _ = server.wait();
@@ -368,15 +365,7 @@ fn rules_change_at_run_time_without_reloading() {
         "no rule for port {port} yet: {s0:?}"
     );
 
-    let add = scene.request(Request::RuleAdd {
-        rule: ncp_dataplane::rules::RedirectRule {
-            id: 2,
-            source: "0.0.0.0/0".parse().unwrap(),
-            source_port: None,
-            destination: scene.primary_ip,
-            destination_port: port,
-        },
-    });
+    let add = scene.request(rule_to(2, "0.0.0.0/0", scene.primary_ip, port));
     assert_eq!(add, Response::Done);
     scene.pktgen_ok(scene.primary_ip, port, 200);
     let s1 = scene.settled_stats(200);
@@ -400,29 +389,18 @@ fn rules_change_at_run_time_without_reloading() {
         matches!(bad, Response::Error { ref message } if message.contains("99")),
         "{bad:?}"
     );
-    let port_zero = scene.request(Request::RuleAdd {
-        rule: ncp_dataplane::rules::RedirectRule {
-            id: 3,
-            source: "0.0.0.0/0".parse().unwrap(),
-            source_port: None,
-            destination: scene.primary_ip,
-            destination_port: 0,
-        },
-    });
+    let port_zero = scene.request(rule_to(3, "0.0.0.0/0", scene.primary_ip, 0));
     assert!(matches!(port_zero, Response::Error { .. }), "{port_zero:?}");
 
     // 1,024 rules at once (one per destination port), installed at run time; the last
     // one steers, a port next to them does not.
     for i in 0..1024u16 {
-        let add = scene.request(Request::RuleAdd {
-            rule: ncp_dataplane::rules::RedirectRule {
-                id: 100 + u32::from(i),
-                source: "198.18.1.0/24".parse().unwrap(),
-                source_port: None,
-                destination: scene.primary_ip,
-                destination_port: 10_000 + i,
-            },
-        });
+        let add = scene.request(rule_to(
+            100 + u32::from(i),
+            "198.18.1.0/24",
+            scene.primary_ip,
+            10_000 + i,
+        ));
         assert_eq!(add, Response::Done, "rule {i}");
     }
     match scene.request(Request::Rules) {
@@ -527,11 +505,10 @@ fn no_program_stays_attached_after_exit() {
     }
     // And the interface keeps working for the kernel.
     let mb = scene.middlebox_ip.to_string();
-    let ping = unchecked(
+    run_ok(
         &scene.bed,
         "source",
         &["ping", "-c", "2", "-i", "0.2", "-W", "2", &mb],
-    )
-    .unwrap();
-    assert!(ping.status.success());
+        "ping after the middlebox was killed",
+    );
 }

@@ -33,6 +33,7 @@ use ncp_dataplane::{
     xdp::steering::Steering,
     xdp::xsk::{XskCounters, XskOptions, XskSocket},
 };
+use ncp_testbed::workload::seeded_bytes;
 
 const A_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 const B_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 2);
@@ -540,20 +541,6 @@ impl App for Relay {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn connect_with_retry(target: SocketAddrV4) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -600,7 +587,7 @@ fn engine_echoes_a_kernel_client_as_the_foreign_address() {
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(8);
-    let data = pattern(0x5eed, mib << 20);
+    let data = seeded_bytes(0x5eed, mib << 20);
     let expected = data.clone();
     let client = scene.in_a(move || {
         let stream = connect_with_retry(PRIMARY);
@@ -638,8 +625,8 @@ fn engine_relays_between_a_kernel_client_and_a_kernel_server() {
     let mut scene = Scene::new("relay", 2);
 
     // The upstream server in A: reads the whole request, then answers and closes.
-    let request = pattern(0x1234, 3 << 20);
-    let answer = pattern(0xabcd, 2 << 20);
+    let request = seeded_bytes(0x1234, 3 << 20);
+    let answer = seeded_bytes(0xabcd, 2 << 20);
     let (bound_tx, bound_rx) = mpsc::channel();
     let server_answer = answer.clone();
     let server = scene.in_a(move || {
@@ -707,7 +694,7 @@ fn engine_takes_a_burst_of_kernel_clients() {
         .map(|i| {
             let barrier = barrier.clone();
             scene.in_a(move || {
-                let data = pattern(i as u64 + 1, 256 << 10);
+                let data = seeded_bytes(i as u64 + 1, 256 << 10);
                 barrier.wait();
                 // No retry: a refused connection fails the test.
                 let stream =
@@ -747,7 +734,7 @@ fn engine_recovers_from_a_full_receive_buffer() {
             ..Echo::default()
         },
     );
-    let data = pattern(0x2e80, 4 << 20);
+    let data = seeded_bytes(0x2e80, 4 << 20);
     let expected = data.clone();
     let client = scene.in_a(move || exchange(connect_with_retry(PRIMARY), data));
     let echoed = client.join().unwrap();

@@ -19,7 +19,8 @@
 //! * [`topology`]: the file format, parsing and validation (pure).
 //! * [`plan`]: names, port numbers and objects a topology yields under a prefix (pure).
 //! * [`Testbed`]: `up`/`down` and accessors; runs `ip`, `ethtool`, `sysctl`, `ovs-vsctl`.
-//! * [`require_privileges`] / [`ready_or_skip`]: machine checks and the test skip rule.
+//! * [`require_privileges`] / [`ready_or_skip`]: machine checks and the test skip rule;
+//!   [`serial()`]: the lock that makes a test binary's test beds take turns.
 //!
 //! Everything created is named `<prefix>-...`, so [`Testbed::down`] finds it by name even
 //! after a crash. Progress is reported through `tracing` (`info` for each object created
@@ -33,6 +34,7 @@ pub mod netns;
 mod ovs;
 pub mod plan;
 mod privileges;
+mod serial;
 pub mod servers;
 mod state;
 #[cfg(test)]
@@ -45,6 +47,7 @@ pub use error::{Error, Result};
 pub use netns::Netns;
 pub use plan::{DEFAULT_PREFIX, Plan};
 pub use privileges::{Missing, REQUIRED_TOOLS, ready_or_skip, require_privileges, require_tools};
+pub use serial::serial;
 pub use state::STATE_DIR;
 pub use testbed::{DownReport, Testbed, UpOptions};
 pub use topology::{Mac, Topology};

@@ -8,25 +8,14 @@
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use ncp_testbed::{Mac, Testbed, Topology, UpOptions};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Takes the serialising lock (surviving a previous test's panic) and sets up logging.
+/// Takes the serialising lock and sets up logging.
 fn serial() -> MutexGuard<'static, ()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "ncp_testbed=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    ncp_testbed::serial("ncp_testbed=info")
 }
 
 /// Brings the prefix down when dropped, so a failing assertion leaves nothing behind.

@@ -6,16 +6,16 @@
 use super::bytes::{Put, Reader, Truncated, len16};
 use super::oxm::{OxmError, OxmField};
 
-/// Reserved port numbers (`ofp_port_no`).
+/// The reserved port numbers (`ofp_port_no`) NCP uses.
 pub mod port {
+    /// Physical ports are numbered below this.
     pub const MAX: u32 = 0xffff_ff00;
-    pub const IN_PORT: u32 = 0xffff_fff8;
-    pub const TABLE: u32 = 0xffff_fff9;
+    /// The switch's own L2 forwarding.
     pub const NORMAL: u32 = 0xffff_fffa;
-    pub const FLOOD: u32 = 0xffff_fffb;
-    pub const ALL: u32 = 0xffff_fffc;
     pub const CONTROLLER: u32 = 0xffff_fffd;
+    /// The switch's local (bridge) port.
     pub const LOCAL: u32 = 0xffff_fffe;
+    /// Wildcard in requests and deletes.
     pub const ANY: u32 = 0xffff_ffff;
 }
 

@@ -2,7 +2,7 @@
 //! messages. No sockets here, so both sides are tested with plain byte vectors.
 
 use super::bytes::{Reader, len16};
-use super::header::{HEADER_LEN, Header, OFP_VERSION_1_3, msg_type};
+use super::header::{HEADER_LEN, Header, MsgType, OFP_VERSION_1_3};
 use super::messages::{BodyError, Message};
 
 /// Largest message the OpenFlow length field can describe.
@@ -126,7 +126,7 @@ impl Decoder {
         }
         let frame: Vec<u8> = self.buf.drain(..length).collect();
         let body = &frame[HEADER_LEN..];
-        let parsed = if h.version == OFP_VERSION_1_3 || h.msg_type == msg_type::HELLO {
+        let parsed = if h.version == OFP_VERSION_1_3 || h.msg_type == MsgType::Hello as u8 {
             Message::parse_body(h.version, h.msg_type, body)
         } else {
             Ok(Message::Unknown {

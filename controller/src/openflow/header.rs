@@ -7,25 +7,67 @@ pub const OFP_VERSION_1_3: u8 = 0x04;
 /// Size of [`Header`] on the wire.
 pub const HEADER_LEN: usize = 8;
 
-/// Message type numbers (`ofp_type`) we care about.
-pub mod msg_type {
-    pub const HELLO: u8 = 0;
-    pub const ERROR: u8 = 1;
-    pub const ECHO_REQUEST: u8 = 2;
-    pub const ECHO_REPLY: u8 = 3;
-    pub const FEATURES_REQUEST: u8 = 5;
-    pub const FEATURES_REPLY: u8 = 6;
-    pub const SET_CONFIG: u8 = 9;
-    pub const PACKET_IN: u8 = 10;
-    pub const FLOW_REMOVED: u8 = 11;
-    pub const PORT_STATUS: u8 = 12;
-    pub const PACKET_OUT: u8 = 13;
-    pub const FLOW_MOD: u8 = 14;
-    pub const GROUP_MOD: u8 = 15;
-    pub const MULTIPART_REQUEST: u8 = 18;
-    pub const MULTIPART_REPLY: u8 = 19;
-    pub const BARRIER_REQUEST: u8 = 20;
-    pub const BARRIER_REPLY: u8 = 21;
+/// The message types (`ofp_type`) NCP decodes into typed messages; every other number
+/// stays a raw [`super::messages::Message::Unknown`].
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MsgType {
+    Hello = 0,
+    Error = 1,
+    EchoRequest = 2,
+    EchoReply = 3,
+    FeaturesRequest = 5,
+    FeaturesReply = 6,
+    SetConfig = 9,
+    PacketIn = 10,
+    FlowRemoved = 11,
+    PortStatus = 12,
+    PacketOut = 13,
+    FlowMod = 14,
+    GroupMod = 15,
+    MultipartRequest = 18,
+    MultipartReply = 19,
+    BarrierRequest = 20,
+    BarrierReply = 21,
+}
+
+/// A message type number outside [`MsgType`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("OpenFlow message type {0} is not one NCP decodes")]
+pub struct UnknownMsgType(pub u8);
+
+impl MsgType {
+    /// Every type, in wire-number order.
+    const ALL: [MsgType; 17] = [
+        MsgType::Hello,
+        MsgType::Error,
+        MsgType::EchoRequest,
+        MsgType::EchoReply,
+        MsgType::FeaturesRequest,
+        MsgType::FeaturesReply,
+        MsgType::SetConfig,
+        MsgType::PacketIn,
+        MsgType::FlowRemoved,
+        MsgType::PortStatus,
+        MsgType::PacketOut,
+        MsgType::FlowMod,
+        MsgType::GroupMod,
+        MsgType::MultipartRequest,
+        MsgType::MultipartReply,
+        MsgType::BarrierRequest,
+        MsgType::BarrierReply,
+    ];
+}
+
+impl TryFrom<u8> for MsgType {
+    type Error = UnknownMsgType;
+
+    fn try_from(number: u8) -> Result<Self, UnknownMsgType> {
+        Self::ALL
+            .into_iter()
+            .find(|t| *t as u8 == number)
+            .ok_or(UnknownMsgType(number))
+    }
 }
 
 /// `ofp_header`: every message starts with it.
@@ -65,7 +107,7 @@ mod tests {
     fn header_roundtrip() {
         let h = Header {
             version: 4,
-            msg_type: msg_type::FLOW_MOD,
+            msg_type: MsgType::FlowMod as u8,
             length: 0x50,
             xid: 0xdead_beef,
         };
@@ -73,5 +115,22 @@ mod tests {
         h.emit(&mut v);
         assert_eq!(v, [4, 14, 0, 0x50, 0xde, 0xad, 0xbe, 0xef]);
         assert_eq!(Header::parse(&mut Reader::new(&v)), Ok(h));
+    }
+
+    #[test]
+    fn message_types_convert_both_ways_and_unknown_ones_are_rejected() {
+        for t in MsgType::ALL {
+            assert_eq!(MsgType::try_from(t as u8), Ok(t));
+        }
+        assert_eq!(
+            MsgType::try_from(4),
+            Err(UnknownMsgType(4)),
+            "OFPT_EXPERIMENTER"
+        );
+        assert_eq!(
+            MsgType::try_from(22),
+            Err(UnknownMsgType(22)),
+            "OFPT_QUEUE_GET_CONFIG"
+        );
     }
 }

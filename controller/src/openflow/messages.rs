@@ -2,7 +2,7 @@
 
 use super::actions::{Action, ActionError, Instruction, emit_actions, parse_actions};
 use super::bytes::{Put, Reader, Truncated, len16};
-use super::header::msg_type as t;
+use super::header::{MsgType, UnknownMsgType};
 use super::layout::{Field, wire_layout};
 use super::oxm::{MacAddr, Match, OxmError};
 
@@ -40,15 +40,13 @@ pub struct ErrorMsg {
     pub data: Vec<u8>,
 }
 
-/// Error types (`ofp_error_type`) the controller emits or logs by name.
+/// The error types (`ofp_error_type`) NCP itself sends or checks for; others are carried
+/// as plain numbers.
 pub mod error_type {
+    /// Sent when a switch speaks no version we do.
     pub const HELLO_FAILED: u16 = 0;
-    pub const BAD_REQUEST: u16 = 1;
-    pub const BAD_ACTION: u16 = 2;
-    pub const BAD_INSTRUCTION: u16 = 3;
+    /// What a switch answers to a FLOW_MOD whose match it cannot take.
     pub const BAD_MATCH: u16 = 4;
-    pub const FLOW_MOD_FAILED: u16 = 5;
-    pub const GROUP_MOD_FAILED: u16 = 6;
 }
 
 /// `ofp_switch_features`.
@@ -530,26 +528,27 @@ impl Field for PortDesc {
 impl Message {
     /// The `ofp_type` number of this message.
     pub fn msg_type(&self) -> u8 {
-        match self {
-            Message::Hello { .. } => t::HELLO,
-            Message::Error(_) => t::ERROR,
-            Message::EchoRequest(_) => t::ECHO_REQUEST,
-            Message::EchoReply(_) => t::ECHO_REPLY,
-            Message::FeaturesRequest => t::FEATURES_REQUEST,
-            Message::FeaturesReply(_) => t::FEATURES_REPLY,
-            Message::SetConfig(_) => t::SET_CONFIG,
-            Message::PacketIn(_) => t::PACKET_IN,
-            Message::FlowRemoved(_) => t::FLOW_REMOVED,
-            Message::PortStatus(_) => t::PORT_STATUS,
-            Message::PacketOut(_) => t::PACKET_OUT,
-            Message::FlowMod(_) => t::FLOW_MOD,
-            Message::GroupMod(_) => t::GROUP_MOD,
-            Message::MultipartRequest(_) => t::MULTIPART_REQUEST,
-            Message::MultipartReply(_) => t::MULTIPART_REPLY,
-            Message::BarrierRequest => t::BARRIER_REQUEST,
-            Message::BarrierReply => t::BARRIER_REPLY,
-            Message::Unknown { msg_type, .. } => *msg_type,
-        }
+        let known = match self {
+            Message::Hello { .. } => MsgType::Hello,
+            Message::Error(_) => MsgType::Error,
+            Message::EchoRequest(_) => MsgType::EchoRequest,
+            Message::EchoReply(_) => MsgType::EchoReply,
+            Message::FeaturesRequest => MsgType::FeaturesRequest,
+            Message::FeaturesReply(_) => MsgType::FeaturesReply,
+            Message::SetConfig(_) => MsgType::SetConfig,
+            Message::PacketIn(_) => MsgType::PacketIn,
+            Message::FlowRemoved(_) => MsgType::FlowRemoved,
+            Message::PortStatus(_) => MsgType::PortStatus,
+            Message::PacketOut(_) => MsgType::PacketOut,
+            Message::FlowMod(_) => MsgType::FlowMod,
+            Message::GroupMod(_) => MsgType::GroupMod,
+            Message::MultipartRequest(_) => MsgType::MultipartRequest,
+            Message::MultipartReply(_) => MsgType::MultipartReply,
+            Message::BarrierRequest => MsgType::BarrierRequest,
+            Message::BarrierReply => MsgType::BarrierReply,
+            Message::Unknown { msg_type, .. } => return *msg_type,
+        };
+        known as u8
     }
 
     /// Appends the body (everything after the header).
@@ -657,20 +656,22 @@ impl Message {
     /// may say hello); the codec routes other versions to [`Message::Unknown`].
     pub fn parse_body(version: u8, msg_type: u8, body: &[u8]) -> Result<Self, BodyError> {
         let mut r = Reader::new(body);
-        let m = match msg_type {
-            t::HELLO => Message::Hello {
+        let m = match MsgType::try_from(msg_type) {
+            Ok(MsgType::Hello) => Message::Hello {
                 versions: parse_hello(&mut r)?,
             },
-            t::ERROR => Message::Error(ErrorMsg::parse_fields(&mut r)?),
-            t::ECHO_REQUEST => Message::EchoRequest(r.rest().to_vec()),
-            t::ECHO_REPLY => Message::EchoReply(r.rest().to_vec()),
-            t::FEATURES_REQUEST => Message::FeaturesRequest,
-            t::FEATURES_REPLY => Message::FeaturesReply(SwitchFeatures::parse_fields(&mut r)?),
-            t::SET_CONFIG => Message::SetConfig(SwitchConfig::parse_fields(&mut r)?),
-            t::PACKET_IN => Message::PacketIn(PacketIn::parse_fields(&mut r)?),
-            t::FLOW_REMOVED => Message::FlowRemoved(FlowRemoved::parse_fields(&mut r)?),
-            t::PORT_STATUS => Message::PortStatus(PortStatus::parse_fields(&mut r)?),
-            t::PACKET_OUT => {
+            Ok(MsgType::Error) => Message::Error(ErrorMsg::parse_fields(&mut r)?),
+            Ok(MsgType::EchoRequest) => Message::EchoRequest(r.rest().to_vec()),
+            Ok(MsgType::EchoReply) => Message::EchoReply(r.rest().to_vec()),
+            Ok(MsgType::FeaturesRequest) => Message::FeaturesRequest,
+            Ok(MsgType::FeaturesReply) => {
+                Message::FeaturesReply(SwitchFeatures::parse_fields(&mut r)?)
+            }
+            Ok(MsgType::SetConfig) => Message::SetConfig(SwitchConfig::parse_fields(&mut r)?),
+            Ok(MsgType::PacketIn) => Message::PacketIn(PacketIn::parse_fields(&mut r)?),
+            Ok(MsgType::FlowRemoved) => Message::FlowRemoved(FlowRemoved::parse_fields(&mut r)?),
+            Ok(MsgType::PortStatus) => Message::PortStatus(PortStatus::parse_fields(&mut r)?),
+            Ok(MsgType::PacketOut) => {
                 let buffer_id = r.u32()?;
                 let in_port = r.u32()?;
                 let alen = usize::from(r.u16()?);
@@ -683,8 +684,8 @@ impl Message {
                     data: r.rest().to_vec(),
                 })
             }
-            t::FLOW_MOD => Message::FlowMod(FlowMod::parse_fields(&mut r)?),
-            t::GROUP_MOD => {
+            Ok(MsgType::FlowMod) => Message::FlowMod(FlowMod::parse_fields(&mut r)?),
+            Ok(MsgType::GroupMod) => {
                 let command = r.u16()?;
                 let group_type = r.u8()?;
                 r.skip(1)?;
@@ -706,7 +707,7 @@ impl Message {
                     buckets,
                 })
             }
-            t::MULTIPART_REQUEST => {
+            Ok(MsgType::MultipartRequest) => {
                 let mp_type = r.u16()?;
                 let flags = r.u16()?;
                 r.skip(4)?;
@@ -722,7 +723,7 @@ impl Message {
                     },
                 })
             }
-            t::MULTIPART_REPLY => {
+            Ok(MsgType::MultipartReply) => {
                 let mp_type = r.u16()?;
                 let flags = r.u16()?;
                 r.skip(4)?;
@@ -751,9 +752,9 @@ impl Message {
                 };
                 Message::MultipartReply(MultipartReply { flags, body })
             }
-            t::BARRIER_REQUEST => Message::BarrierRequest,
-            t::BARRIER_REPLY => Message::BarrierReply,
-            other => Message::Unknown {
+            Ok(MsgType::BarrierRequest) => Message::BarrierRequest,
+            Ok(MsgType::BarrierReply) => Message::BarrierReply,
+            Err(UnknownMsgType(other)) => Message::Unknown {
                 version,
                 msg_type: other,
                 body: r.rest().to_vec(),

@@ -9,6 +9,7 @@ use crate::session::DetachReason;
 
 /// Replicas detached, by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DetachCounts {
     /// The replica refused the connection (or failed before it was established).
     pub refused: u64,
@@ -40,7 +41,8 @@ impl DetachCounts {
         self.refused + self.died + self.lagged + self.connect_timeout + self.drain_timeout
     }
 
-    fn add(&mut self, o: &Self) {
+    /// Adds another set of counts (another session's, another worker's).
+    pub fn add(&mut self, o: &Self) {
         self.refused += o.refused;
         self.died += o.died;
         self.lagged += o.lagged;

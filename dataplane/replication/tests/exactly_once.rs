@@ -10,7 +10,7 @@ mod common;
 
 use common::{Clock, Rng, actions};
 use ncp_replication::{Action, Session, SessionConfig, Side};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 struct Run {
     rng: Rng,
@@ -28,6 +28,26 @@ struct Run {
     finished: bool,
     /// Per-destination speed: most bytes taken per step (0 = stalled replica).
     speed: Vec<usize>,
+}
+
+/// Offers `side`'s next chunk of `stream`, of random length, after the `taken` bytes the
+/// core has accepted already; checks the core takes as much as `window` allows, and sends
+/// the FIN once the whole stream is in.
+fn offer_chunk(
+    s: &mut Session,
+    side: Side,
+    stream: &[u8],
+    taken: usize,
+    window: usize,
+    rng: &mut Rng,
+    now: Instant,
+) {
+    let n = 1 + rng.upto(stream.len() - taken - 1);
+    let took = s.on_data(side, &stream[taken..taken + n], now).unwrap();
+    assert_eq!(took, n.min(window));
+    if taken + took == stream.len() {
+        s.on_fin(side, now).unwrap();
+    }
 }
 
 fn side_of(k: usize) -> Side {
@@ -115,7 +135,7 @@ impl Run {
         }
     }
 
-    fn step(&mut self, now: std::time::Instant) {
+    fn step(&mut self, now: Instant) {
         self.check_actions();
         let s = &mut self.session;
         // Upstreams connect at random times.
@@ -131,29 +151,31 @@ impl Run {
             let primary_lag = s.stats().client_bytes_in - self.upstream_got[0].len() as u64;
             let want = (s.config().primary_budget_bytes - primary_lag) as usize;
             assert_eq!(s.receive_window(Side::Client), want);
-            let start = s.stats().client_bytes_in as usize;
-            let n = 1 + self.rng.upto(offered - 1);
-            let took = s
-                .on_data(Side::Client, &self.upload[start..start + n], now)
-                .unwrap();
-            assert_eq!(took, n.min(want));
-            if s.stats().client_bytes_in as usize == self.upload.len() {
-                s.on_fin(Side::Client, now).unwrap();
-            }
+            let taken = s.stats().client_bytes_in as usize;
+            offer_chunk(
+                s,
+                Side::Client,
+                &self.upload,
+                taken,
+                want,
+                &mut self.rng,
+                now,
+            );
         }
         // The primary answers in random chunks, once connected.
         if self.connected[0] {
-            let start = s.stats().primary_bytes_in as usize;
-            if start < self.download.len() {
-                let n = 1 + self.rng.upto(self.download.len() - start - 1);
+            let taken = s.stats().primary_bytes_in as usize;
+            if taken < self.download.len() {
                 let window = s.receive_window(Side::Primary);
-                let took = s
-                    .on_data(Side::Primary, &self.download[start..start + n], now)
-                    .unwrap();
-                assert_eq!(took, n.min(window));
-                if s.stats().primary_bytes_in as usize == self.download.len() {
-                    s.on_fin(Side::Primary, now).unwrap();
-                }
+                offer_chunk(
+                    s,
+                    Side::Primary,
+                    &self.download,
+                    taken,
+                    window,
+                    &mut self.rng,
+                    now,
+                );
             } else if self.download.is_empty() && !self.primary_fin {
                 s.on_fin(Side::Primary, now).unwrap();
             }

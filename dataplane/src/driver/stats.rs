@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use ncp_replication::{DetachCounts, DetachReason, SessionStats};
+use ncp_replication::{DetachCounts, SessionStats};
 use serde::{Deserialize, Serialize};
 
 use crate::offline::recorder::{RecordHandle, RecorderStats};
@@ -269,42 +269,9 @@ pub struct ServiceStats {
     pub recording: Option<RecordingStats>,
 }
 
-/// Counters of a service's recorder, all since start.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RecordingStats {
-    /// Sessions whose recording started.
-    pub sessions_opened: u64,
-    /// Sessions not recorded at all: the recorder's queue was full when they opened.
-    pub sessions_refused: u64,
-    /// Sessions whose recording was cut loose part-way (queue full, or a write failed);
-    /// their files hold a prefix of the stream, marked as such.
-    pub sessions_detached: u64,
-    /// Client bytes queued for writing.
-    pub client_bytes: u64,
-    /// Primary bytes queued for writing (with `responses = true`).
-    pub server_bytes: u64,
-    /// Files opened (the first, rotations, reopenings after errors).
-    pub files: u64,
-    /// Bytes written to files, framing included.
-    pub bytes_written: u64,
-    /// Failed writes or file opens.
-    pub write_errors: u64,
-}
-
-impl From<RecorderStats> for RecordingStats {
-    fn from(r: RecorderStats) -> Self {
-        Self {
-            sessions_opened: r.sessions_opened,
-            sessions_refused: r.sessions_refused,
-            sessions_detached: r.sessions_detached,
-            client_bytes: r.client_bytes,
-            server_bytes: r.server_bytes,
-            files: r.files,
-            bytes_written: r.bytes_written,
-            write_errors: r.write_errors,
-        }
-    }
-}
+/// Counters of a service's recorder, all since start: the recorder's own snapshot type,
+/// published as it is.
+pub type RecordingStats = RecorderStats;
 
 /// Counters of one replica of a service.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -349,58 +316,8 @@ impl RefusalStats {
     }
 }
 
-/// Replica detaches by reason (the replication core's [`DetachCounts`], serialisable).
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DetachStats {
-    /// The connection attempt failed.
-    pub refused: u64,
-    /// The established connection was reset or died.
-    pub died: u64,
-    /// The replica fell further behind than its byte budget.
-    pub lagged: u64,
-    /// The replica did not connect within the connect timeout.
-    pub connect_timeout: u64,
-    /// The replica had not caught up when the drain period after the session ran out.
-    pub drain_timeout: u64,
-}
-
-impl DetachStats {
-    /// All detaches.
-    pub fn total(&self) -> u64 {
-        self.refused + self.died + self.lagged + self.connect_timeout + self.drain_timeout
-    }
-
-    pub(crate) fn record(&mut self, reason: DetachReason) {
-        let slot = match reason {
-            DetachReason::Refused => &mut self.refused,
-            DetachReason::Died => &mut self.died,
-            DetachReason::Lagged => &mut self.lagged,
-            DetachReason::ConnectTimeout => &mut self.connect_timeout,
-            DetachReason::DrainTimeout => &mut self.drain_timeout,
-        };
-        *slot += 1;
-    }
-
-    fn add(&mut self, o: &Self) {
-        self.refused += o.refused;
-        self.died += o.died;
-        self.lagged += o.lagged;
-        self.connect_timeout += o.connect_timeout;
-        self.drain_timeout += o.drain_timeout;
-    }
-}
-
-impl From<&DetachCounts> for DetachStats {
-    fn from(c: &DetachCounts) -> Self {
-        Self {
-            refused: c.refused,
-            died: c.died,
-            lagged: c.lagged,
-            connect_timeout: c.connect_timeout,
-            drain_timeout: c.drain_timeout,
-        }
-    }
-}
+/// Replica detaches by reason: the replication core's own counters, published as they are.
+pub type DetachStats = DetachCounts;
 
 impl ServiceStats {
     pub(crate) fn new(
@@ -449,7 +366,7 @@ impl ServiceStats {
         self.primary_failures += s.primary_failures;
         self.client_resets += s.client_resets;
         self.idle_timeouts += s.idle_timeouts;
-        self.detached.add(&DetachStats::from(&s.detached));
+        self.detached.add(&s.detached);
         for (r, bytes) in self.replicas.iter_mut().zip(&s.replica_bytes_out) {
             r.bytes_out += bytes;
         }
@@ -475,7 +392,7 @@ impl ServiceStats {
     /// by all of a service's workers and counts for all of them, so its counters are read
     /// where a snapshot is taken and never added up across workers (see [`Self::merge`]).
     pub(crate) fn read_recording(&mut self, record: Option<&RecordHandle>) {
-        self.recording = record.map(|r| r.stats().into());
+        self.recording = record.map(RecordHandle::stats);
     }
 
     /// Folds another worker's view of the same service into this one. `recording` is kept
@@ -595,6 +512,8 @@ impl StatsHandle {
 
 #[cfg(test)]
 mod tests {
+    use ncp_replication::DetachReason;
+
     use super::*;
 
     fn service() -> ServiceStats {

@@ -184,8 +184,24 @@ fn case(
     }
 }
 
+/// A well-formed TCP frame from `src` to `dst`, which every reader takes at `IP`.
+fn tcp_case(name: &str, src: SocketAddrV4, dst: SocketAddrV4, decision: Decision) -> Case {
+    case(name, tcp(src, dst), decision, Ok(Some((src, dst))), Ok(IP))
+}
+
+/// A frame that carries no TCP segment the classifier looks at: passed to the kernel.
+fn not_tcp(name: &str, frame: Vec<u8>, device: Result<usize, RxDrop>) -> Case {
+    case(name, frame, Decision::Pass, Ok(None), device)
+}
+
 fn malformed(name: &str, frame: Vec<u8>, e: WireError) -> Case {
     case(name, frame, Decision::Malformed(e), Err(e), Err(e.into()))
+}
+
+/// A frame whose IPv4 header is sound but whose TCP segment is not: the device, which
+/// checks only up to IPv4, hands it on; the classifiers reject it.
+fn malformed_segment(name: &str, frame: Vec<u8>, e: WireError) -> Case {
+    case(name, frame, Decision::Malformed(e), Err(e), Ok(IP))
 }
 
 fn table() -> Vec<Case> {
@@ -201,62 +217,46 @@ fn table() -> Vec<Case> {
 
     let mut cases = vec![
         case("TCP to a rule", to_service(), steer_rule, flow, Ok(IP)),
-        case(
+        tcp_case(
             "TCP to a rule naming the source port",
-            tcp(client(PINNED_CLIENT_PORT), pinned),
+            client(PINNED_CLIENT_PORT),
+            pinned,
             steer_rule,
-            Ok(Some((client(PINNED_CLIENT_PORT), pinned))),
-            Ok(IP),
         ),
-        case(
+        tcp_case(
             "TCP from another source port than a rule names",
-            tcp(client(40002), pinned),
+            client(40002),
+            pinned,
             Decision::Pass,
-            Ok(Some((client(40002), pinned))),
-            Ok(IP),
         ),
-        case(
+        tcp_case(
             "TCP to an owned endpoint",
-            tcp(answer, owned),
+            answer,
+            owned,
             Decision::Steer(Match::OwnedEndpoint),
-            Ok(Some((answer, owned))),
-            Ok(IP),
         ),
-        case(
+        tcp_case(
             "TCP to our address outside the owned ports",
-            tcp(answer, unowned),
+            answer,
+            unowned,
             Decision::Pass,
-            Ok(Some((answer, unowned))),
-            Ok(IP),
         ),
-        case(
-            "other TCP",
-            tcp(client(40000), other),
-            Decision::Pass,
-            Ok(Some((client(40000), other))),
-            Ok(IP),
-        ),
-        case(
+        tcp_case("other TCP", client(40000), other, Decision::Pass),
+        not_tcp(
             "ARP",
             edit(to_service(), |f| {
                 f[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes())
             }),
-            Decision::Pass,
-            Ok(None),
             Err(RxDrop::NotIpv4),
         ),
-        case(
+        not_tcp(
             "UDP",
             edit(to_service(), |f| f[IP + 9] = IPPROTO_UDP),
-            Decision::Pass,
-            Ok(None),
             Ok(IP),
         ),
-        case(
+        not_tcp(
             "ICMP",
             edit(to_service(), |f| f[IP + 9] = IPPROTO_ICMP),
-            Decision::Pass,
-            Ok(None),
             Ok(IP),
         ),
         case(
@@ -273,11 +273,9 @@ fn table() -> Vec<Case> {
             flow,
             tagged_at,
         ),
-        case(
+        not_tcp(
             "two tags (only one is looked through)",
             tagged(Tpid::Dot1Ad, tagged(Tpid::Dot1Q, to_service())),
-            Decision::Pass,
-            Ok(None),
             Err(RxDrop::NotIpv4),
         ),
         case(
@@ -334,26 +332,20 @@ fn table() -> Vec<Case> {
             edit(to_service(), |f| set_total_len(f, 1000)),
             WireError::Truncated,
         ),
-        case(
+        malformed_segment(
             "total length too short for a TCP header",
             edit(to_service(), |f| set_total_len(f, 30)),
-            Decision::Malformed(WireError::Truncated),
-            Err(WireError::Truncated),
-            Ok(IP),
+            WireError::Truncated,
         ),
-        case(
+        malformed_segment(
             "TCP data offset below 5",
             edit(to_service(), |f| f[TCP + 12] = 4 << 4),
-            Decision::Malformed(WireError::BadDataOffset),
-            Err(WireError::BadDataOffset),
-            Ok(IP),
+            WireError::BadDataOffset,
         ),
-        case(
+        malformed_segment(
             "TCP data offset past the segment",
             edit(to_service(), |f| f[TCP + 12] = 6 << 4),
-            Decision::Malformed(WireError::BadDataOffset),
-            Err(WireError::BadDataOffset),
-            Ok(IP),
+            WireError::BadDataOffset,
         ),
     ];
     // Cut at every byte, header boundaries included, with and without a tag.

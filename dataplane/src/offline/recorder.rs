@@ -51,7 +51,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use ncp_replication::{SessionStats, Side};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::pcapng::{PcapngWriter, SynthSession, WriterOptions};
 use super::{SessionMeta, now_ns, unix_ns};
@@ -75,23 +75,25 @@ pub struct RecorderConfig {
 }
 
 /// Counters, all since start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecorderStats {
     /// Sessions whose recording started.
     pub sessions_opened: u64,
-    /// `open_session` calls refused because the queue was full or the writer is gone.
+    /// Sessions not recorded at all: the queue was full or the writer was gone when they
+    /// opened.
     pub sessions_refused: u64,
-    /// Sessions cut loose after their recording had started.
+    /// Sessions whose recording was cut loose part-way (queue full, or a write failed);
+    /// their files hold a prefix of the stream, marked as such.
     pub sessions_detached: u64,
     /// Client bytes queued for writing.
     pub client_bytes: u64,
-    /// Server bytes queued for writing.
+    /// Primary bytes queued for writing (with `responses = true`).
     pub server_bytes: u64,
-    /// Files opened (1 + rotations + reopen after errors).
+    /// Files opened (the first, rotations, reopenings after errors).
     pub files: u64,
-    /// Bytes written to files.
+    /// Bytes written to files, framing included.
     pub bytes_written: u64,
-    /// Write or open failures.
+    /// Failed writes or file opens.
     pub write_errors: u64,
 }
 
@@ -159,18 +161,21 @@ impl fmt::Debug for RecId {
     }
 }
 
+/// Which peer of a recorded session sent the bytes.
+#[derive(Clone, Copy, Debug)]
+enum Origin {
+    Client,
+    Server,
+}
+
 enum Msg {
     Open {
         state: Arc<SessionState>,
         meta: SessionMeta,
     },
-    Client {
+    Bytes {
         id: u64,
-        data: Vec<u8>,
-        ts_ns: u64,
-    },
-    Server {
-        id: u64,
+        origin: Origin,
         data: Vec<u8>,
         ts_ns: u64,
     },
@@ -221,35 +226,33 @@ impl RecordHandle {
 
     /// Bytes the client sent, in order.
     pub fn client_bytes(&self, id: &RecId, data: &[u8], ts: SystemTime) {
-        if data.is_empty() || id.is_detached() {
-            return;
-        }
-        let msg = Msg::Client {
-            id: id.id(),
-            data: data.to_vec(),
-            ts_ns: unix_ns(ts),
-        };
-        if self.send(id, msg) {
-            self.shared
-                .client_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
+        self.queue_bytes(id, Origin::Client, data, ts);
     }
 
     /// Bytes the primary answered (ignored unless `record_responses`).
     pub fn server_bytes(&self, id: &RecId, data: &[u8], ts: SystemTime) {
-        if !self.record_responses || data.is_empty() || id.is_detached() {
+        if self.record_responses {
+            self.queue_bytes(id, Origin::Server, data, ts);
+        }
+    }
+
+    /// Queues one peer's bytes for the writer and counts them once they are queued.
+    fn queue_bytes(&self, id: &RecId, origin: Origin, data: &[u8], ts: SystemTime) {
+        if data.is_empty() || id.is_detached() {
             return;
         }
-        let msg = Msg::Server {
+        let msg = Msg::Bytes {
             id: id.id(),
+            origin,
             data: data.to_vec(),
             ts_ns: unix_ns(ts),
         };
         if self.send(id, msg) {
-            self.shared
-                .server_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            let queued = match origin {
+                Origin::Client => &self.shared.client_bytes,
+                Origin::Server => &self.shared.server_bytes,
+            };
+            queued.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -526,8 +529,15 @@ impl Writer {
                     Err(_) => self.write_failed(),
                 }
             }
-            Msg::Client { id, data, ts_ns } => self.with(id, |f, s| f.client_data(s, &data, ts_ns)),
-            Msg::Server { id, data, ts_ns } => self.with(id, |f, s| f.server_data(s, &data, ts_ns)),
+            Msg::Bytes {
+                id,
+                origin,
+                data,
+                ts_ns,
+            } => self.with(id, |f, s| match origin {
+                Origin::Client => f.client_data(s, &data, ts_ns),
+                Origin::Server => f.server_data(s, &data, ts_ns),
+            }),
             Msg::Close { id, ts_ns } => {
                 self.with(id, |f, s| f.close(s, ts_ns));
                 self.sessions.remove(&id);

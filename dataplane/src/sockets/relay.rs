@@ -317,6 +317,19 @@ impl Sockets {
     }
 }
 
+/// One read or write on a non-blocking socket, retried while a signal interrupts it:
+/// `Some(n)` bytes moved, or `None` when the socket would block.
+fn nonblocking(mut op: impl FnMut() -> io::Result<usize>) -> io::Result<Option<usize>> {
+    loop {
+        match op() {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn deregister(poll: &Poll, slot: usize, stream: &mut TcpStream) {
     if let Err(e) = poll.registry().deregister(stream) {
         // Closing the descriptor removes it from the epoll set anyway.
@@ -346,21 +359,18 @@ impl Transport for Sockets {
         if !c.connected || !c.readable || c.read_eof || c.dead {
             return Received::Nothing;
         }
-        loop {
-            return match c.stream.read(buf) {
-                Ok(0) => {
-                    c.read_eof = true;
-                    c.readable = false;
-                    Received::Eof
-                }
-                Ok(n) => Received::Data(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.readable = false;
-                    Received::Nothing
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Received::Broken(e),
-            };
+        match nonblocking(|| c.stream.read(buf)) {
+            Ok(Some(0)) => {
+                c.read_eof = true;
+                c.readable = false;
+                Received::Eof
+            }
+            Ok(Some(n)) => Received::Data(n),
+            Ok(None) => {
+                c.readable = false;
+                Received::Nothing
+            }
+            Err(e) => Received::Broken(e),
         }
     }
 
@@ -371,20 +381,14 @@ impl Transport for Sockets {
         if !c.connected || !c.writable || c.write_shut || c.dead {
             return Sent::Full;
         }
-        loop {
-            return match c.stream.write(data) {
-                Ok(0) => {
-                    c.writable = false;
-                    Sent::Full
-                }
-                Ok(n) => Sent::Wrote(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.writable = false;
-                    Sent::Full
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Sent::Broken(e),
-            };
+        match nonblocking(|| c.stream.write(data)) {
+            // A socket that takes nothing is full, like one that would block.
+            Ok(Some(0) | None) => {
+                c.writable = false;
+                Sent::Full
+            }
+            Ok(Some(n)) => Sent::Wrote(n),
+            Err(e) => Sent::Broken(e),
         }
     }
 
@@ -533,6 +537,13 @@ mod tests {
                 thread::sleep(Duration::from_millis(20));
             }
         }
+
+        /// Waits until `sessions` sessions were admitted and all of them have ended.
+        fn wait_sessions_done(&self, sessions: u64) -> SocketsStats {
+            self.wait_for("sessions end", |s| {
+                s.sessions_active == 0 && s.sessions_total == sessions
+            })
+        }
     }
 
     impl Drop for Relay {
@@ -563,6 +574,17 @@ mod tests {
         v4(l.local_addr().unwrap())
     }
 
+    /// A client's whole session through the relay on `port`: sends `data`, half-closes
+    /// and returns what comes back.
+    fn exchange(port: u16, data: &[u8]) -> String {
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client.write_all(data).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
     }
@@ -573,17 +595,11 @@ mod tests {
         let (replica, r) = sink("replica");
         let relay = Relay::start(primary, vec![replica], 64 << 20);
         let data = pattern(3 << 20);
-        let mut client = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
-        client.write_all(&data).unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
+        let answer = exchange(relay.port, &data);
         assert_eq!(answer, format!("primary:{}", data.len()));
         assert!(p.join().unwrap() == data, "primary stream differs");
         assert!(r.join().unwrap() == data, "replica stream differs");
-        let s = relay.wait_for("session ends", |s| {
-            s.sessions_active == 0 && s.sessions_total == 1
-        });
+        let s = relay.wait_sessions_done(1);
         let svc = &s.services[0];
         assert_eq!(svc.primary_bytes_out, data.len() as u64);
         assert_eq!(svc.replicas[0].bytes_out, data.len() as u64);
@@ -595,16 +611,10 @@ mod tests {
     fn a_refusing_replica_is_detached_and_the_client_is_still_served() {
         let (primary, p) = sink("primary");
         let relay = Relay::start(primary, vec![closed_port()], 1 << 20);
-        let mut client = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
-        client.write_all(b"hello").unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
+        let answer = exchange(relay.port, b"hello");
         assert_eq!(answer, "primary:5");
         assert_eq!(p.join().unwrap(), b"hello");
-        let s = relay.wait_for("replica detached", |s| {
-            s.sessions_active == 0 && s.sessions_total == 1
-        });
+        let s = relay.wait_sessions_done(1);
         assert_eq!(s.services[0].replicas[0].detached.refused, 1);
     }
 
@@ -620,9 +630,7 @@ mod tests {
             let e = client.read(&mut buf).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
         }
-        let s = relay.wait_for("sessions end", |s| {
-            s.sessions_active == 0 && s.sessions_total == 20
-        });
+        let s = relay.wait_sessions_done(20);
         assert_eq!(s.services[0].primary_failures, 20);
     }
 
@@ -648,16 +656,10 @@ mod tests {
         let replica = v4(stalled.local_addr().unwrap());
         let relay = Relay::start(primary, vec![replica], 1 << 20);
         let data = pattern(48 << 20);
-        let mut client = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
-        client.write_all(&data).unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
+        let answer = exchange(relay.port, &data);
         assert_eq!(answer, format!("primary:{}", data.len()));
         assert!(p.join().unwrap() == data, "primary stream differs");
-        let s = relay.wait_for("session ends", |s| {
-            s.sessions_active == 0 && s.sessions_total == 1
-        });
+        let s = relay.wait_sessions_done(1);
         assert_eq!(s.services[0].replicas[0].detached.lagged, 1, "{s:#?}");
         drop(stalled);
     }
@@ -698,12 +700,7 @@ mod tests {
                 thread::spawn(move || {
                     let mut data = pattern(EACH);
                     data[..8].copy_from_slice(&(i as u64).to_le_bytes());
-                    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                    c.write_all(&data).unwrap();
-                    c.shutdown(Shutdown::Write).unwrap();
-                    let mut answer = String::new();
-                    c.read_to_string(&mut answer).unwrap();
-                    assert_eq!(answer, EACH.to_string());
+                    assert_eq!(exchange(port, &data), EACH.to_string());
                     data
                 })
             })
@@ -721,9 +718,7 @@ mod tests {
             got.sort_by_key(key);
             assert!(got == sent, "a stream arrived altered");
         }
-        let s = relay.wait_for("sessions end", |s| {
-            s.sessions_active == 0 && s.sessions_total == STREAMS as u64
-        });
+        let s = relay.wait_sessions_done(STREAMS as u64);
         assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");
     }
 
@@ -738,15 +733,9 @@ mod tests {
         let relay =
             Relay::start_recording("127.0.0.0/8", primary, vec![], 1 << 20, Some(rec.handle()));
         let data = pattern(5 << 20);
-        let mut client = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
-        client.write_all(&data).unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
+        let answer = exchange(relay.port, &data);
         assert!(p.join().unwrap() == data, "primary stream differs");
-        let s = relay.wait_for("session ends", |s| {
-            s.sessions_active == 0 && s.sessions_total == 1
-        });
+        let s = relay.wait_sessions_done(1);
         let r = s.services[0].recording.unwrap();
         assert_eq!((r.sessions_opened, r.sessions_detached), (1, 0), "{r:?}");
         assert_eq!(r.client_bytes, data.len() as u64);
@@ -788,9 +777,7 @@ mod tests {
             .unwrap();
         let _ = client.write_all(b"lost");
         assert!(client.read(&mut [0; 16]).is_err());
-        refused.wait_for("session ends", |s| {
-            s.sessions_total == 1 && s.sessions_active == 0
-        });
+        refused.wait_sessions_done(1);
         drop(refused);
 
         let held = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -28,14 +28,15 @@ use std::{
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use ncp_common::wire::TcpSegment;
-use smoltcp::{
-    phy::{Device, DeviceCapabilities},
-    time::Instant,
-};
+use smoltcp::{phy::Device, time::Instant};
 
 use crate::{
-    config::PortRange, engine::EngineDevice, sys::EventFd, xdp::device::MacAddr,
-    xdp::layers::LinkFrames, xdp::neighbours::Neighbours,
+    config::PortRange,
+    engine::EngineDevice,
+    sys::EventFd,
+    xdp::device::MacAddr,
+    xdp::layers::{LinkFrames, forward_to_inner},
+    xdp::neighbours::Neighbours,
 };
 
 /// Frames a worker's queue holds per link before hand-overs to it are dropped.
@@ -327,14 +328,8 @@ impl<D: LinkFrames> HandoverDevice<D> {
 }
 
 impl<D: LinkFrames> Device for HandoverDevice<D> {
-    type RxToken<'a>
-        = D::RxToken<'a>
-    where
-        Self: 'a;
-    type TxToken<'a>
-        = D::TxToken<'a>
-    where
-        Self: 'a;
+    forward_to_inner!(type RxToken of D);
+    forward_to_inner!(type TxToken of D);
 
     fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         if !self.settle() {
@@ -346,13 +341,7 @@ impl<D: LinkFrames> Device for HandoverDevice<D> {
         self.inner.receive(timestamp)
     }
 
-    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.inner.transmit(timestamp)
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        self.inner.capabilities()
-    }
+    forward_to_inner!(transmit, capabilities);
 }
 
 impl<D: LinkFrames> EngineDevice for HandoverDevice<D> {
@@ -371,9 +360,7 @@ impl<D: LinkFrames> EngineDevice for HandoverDevice<D> {
         self.inner.peek_packet()
     }
 
-    fn readiness_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.readiness_fd()
-    }
+    forward_to_inner!(readiness_fd);
 }
 
 impl<D: Neighbours> Neighbours for HandoverDevice<D> {
@@ -389,6 +376,8 @@ impl<D: Neighbours> Neighbours for HandoverDevice<D> {
 #[cfg(test)]
 mod tests {
     use ncp_common::wire::ETH_HEADER_LEN;
+
+    use smoltcp::phy::DeviceCapabilities;
 
     use super::*;
     use crate::frame::{TcpFrameSpec, tcp_frame};

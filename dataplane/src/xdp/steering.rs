@@ -76,19 +76,6 @@ pub struct VerdictCounters {
     pub redirect_failed: u64,
 }
 
-impl VerdictCounters {
-    fn set(&mut self, verdict: Verdict, value: u64) {
-        let slot = match verdict {
-            Verdict::Redirected => &mut self.redirected,
-            Verdict::Passed => &mut self.passed,
-            Verdict::Unparsed => &mut self.unparsed,
-            Verdict::NoSocket => &mut self.no_socket,
-            Verdict::RedirectFailed => &mut self.redirect_failed,
-        };
-        *slot = value;
-    }
-}
-
 /// An attached XDP program and its maps.
 pub struct Steering {
     interface: String,
@@ -231,8 +218,7 @@ impl Steering {
 
     /// Reads the verdict counters, summed over CPUs.
     pub fn counters(&self) -> Result<VerdictCounters, SteeringError> {
-        let mut out = VerdictCounters::default();
-        for verdict in Verdict::ALL {
+        let read = |verdict: Verdict| -> Result<u64, SteeringError> {
             let per_cpu =
                 self.counters
                     .get(&(verdict as u32), 0)
@@ -240,9 +226,15 @@ impl Steering {
                         what: format!("reading the {} counter", verdict.name()),
                         source,
                     })?;
-            out.set(verdict, per_cpu.iter().sum());
-        }
-        Ok(out)
+            Ok(per_cpu.iter().sum())
+        };
+        Ok(VerdictCounters {
+            redirected: read(Verdict::Redirected)?,
+            passed: read(Verdict::Passed)?,
+            unparsed: read(Verdict::Unparsed)?,
+            no_socket: read(Verdict::NoSocket)?,
+            redirect_failed: read(Verdict::RedirectFailed)?,
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
     io::Read,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::{Mutex, MutexGuard},
+    sync::MutexGuard,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -33,20 +33,9 @@ pub const MIDDLEBOX: &str = env!("CARGO_BIN_EXE_ncp-middlebox");
 
 /// One test bed at a time: on two shared cores, parallel userspace-datapath traffic
 /// spoils every timing.
-static SERIAL: Mutex<()> = Mutex::new(());
-
 /// Takes the one-test-bed-at-a-time lock (and sets up test logging once).
 pub fn serial() -> MutexGuard<'static, ()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "ncp_dataplane=info,ncp_testbed=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    ncp_testbed::serial("ncp_dataplane=info,ncp_testbed=warn")
 }
 
 /// Runs `f` on a new thread inside network namespace `netns` (threads it spawns inherit

@@ -51,10 +51,9 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     ];
     std::thread::sleep(Duration::from_millis(500));
 
-    // results[regime][path label][streams] = samples (bit/s)
-    let mut results: BTreeMap<&str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
-    // per_core[regime][path label][streams] = samples (bit/s per busy middlebox core)
-    let mut per_core: BTreeMap<&str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
+    // Samples in bit/s, and in bit/s per busy middlebox core.
+    let mut results = Samples::new();
+    let mut per_core = Samples::new();
     let outcome = (|| -> anyhow::Result<()> {
         for regime in ["1 Gbit/s", "unlimited"] {
             routes::limit_links(bed, regime == "1 Gbit/s")?;
@@ -81,24 +80,10 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                         {
                             let cores = (after - before) / started.elapsed().as_secs_f64();
                             if cores > 0.0 && bps > 0.0 {
-                                per_core
-                                    .entry(regime)
-                                    .or_default()
-                                    .entry(path.label())
-                                    .or_default()
-                                    .entry(n)
-                                    .or_default()
-                                    .push(bps / cores);
+                                add_sample(&mut per_core, regime, path.label(), n, bps / cores);
                             }
                         }
-                        results
-                            .entry(regime)
-                            .or_default()
-                            .entry(path.label())
-                            .or_default()
-                            .entry(n)
-                            .or_default()
-                            .push(bps);
+                        add_sample(&mut results, regime, path.label(), n, bps);
                     }
                 }
             }
@@ -125,13 +110,11 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         super::versus_direct_table(&mut md, "streams", streams, &labels, by_path, |bps| {
             format!("{:.3}", bps / 1e9)
         });
-        let plot = super::LinePlot {
-            name: format!("iperf-{}", file_name(regime)),
-            title: format!("iperf3 throughput, links {regime}"),
-            x_label: "parallel streams (-P)",
-            y_label: "Gbit/s",
-            scale: 1e-9,
-        };
+        let plot = streams_plot(
+            format!("iperf-{}", file_name(regime)),
+            format!("iperf3 throughput, links {regime}"),
+            "Gbit/s",
+        );
         md.push_str(&super::save_versus_direct_plot(
             options, &plot, streams, &labels, by_path,
         )?);
@@ -169,13 +152,11 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
             let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
         }
         md.push('\n');
-        let plot = super::LinePlot {
-            name: format!("iperf-per-core-{}", file_name(regime)),
-            title: format!("relay throughput per middlebox core, links {regime}"),
-            x_label: "parallel streams (-P)",
-            y_label: "Gbit/s per CPU-second",
-            scale: 1e-9,
-        };
+        let plot = streams_plot(
+            format!("iperf-per-core-{}", file_name(regime)),
+            format!("relay throughput per middlebox core, links {regime}"),
+            "Gbit/s per CPU-second",
+        );
         md.push_str(&super::save_versus_direct_plot(
             options,
             &plot,
@@ -191,6 +172,30 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     )?;
     eprint!("{md}");
     Ok(md)
+}
+
+/// Samples by link regime, path label and parallel streams.
+type Samples = BTreeMap<&'static str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>>;
+
+fn add_sample(into: &mut Samples, regime: &'static str, path: String, streams: u32, value: f64) {
+    into.entry(regime)
+        .or_default()
+        .entry(path)
+        .or_default()
+        .entry(streams)
+        .or_default()
+        .push(value);
+}
+
+/// A plot of samples in bit/s, shown in Gbit/s, against the parallel streams of a run.
+fn streams_plot(name: String, title: String, y_label: &'static str) -> super::LinePlot {
+    super::LinePlot {
+        name,
+        title,
+        x_label: "parallel streams (-P)",
+        y_label,
+        scale: 1e-9,
+    }
 }
 
 fn run_iperf(

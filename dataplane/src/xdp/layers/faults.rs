@@ -7,16 +7,14 @@
 //! Received packets are copied out of the device below into the layer's own queue (the
 //! damage needs packets it can hold back or repeat); meant for tests, not the data path.
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    os::fd::BorrowedFd,
-};
+use std::collections::{BTreeMap, VecDeque};
 
 use smoltcp::{
-    phy::{self, Device, DeviceCapabilities},
+    phy::{self, Device},
     time::Instant,
 };
 
+use super::forward_to_inner;
 use crate::engine::EngineDevice;
 
 /// What happens to one received packet.
@@ -203,10 +201,7 @@ impl<D: EngineDevice> Device for Faults<D> {
         = FaultRx
     where
         Self: 'a;
-    type TxToken<'a>
-        = D::TxToken<'a>
-    where
-        Self: 'a;
+    forward_to_inner!(type TxToken of D);
 
     fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         self.now = timestamp;
@@ -225,9 +220,7 @@ impl<D: EngineDevice> Device for Faults<D> {
         self.inner.transmit(timestamp)
     }
 
-    fn capabilities(&self) -> DeviceCapabilities {
-        self.inner.capabilities()
-    }
+    forward_to_inner!(capabilities);
 }
 
 impl<D: EngineDevice> EngineDevice for Faults<D> {
@@ -242,9 +235,7 @@ impl<D: EngineDevice> EngineDevice for Faults<D> {
         self.ready.front().map(Vec::as_slice)
     }
 
-    fn readiness_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.readiness_fd()
-    }
+    forward_to_inner!(readiness_fd);
 }
 
 #[cfg(test)]

@@ -24,6 +24,61 @@
 pub mod faults;
 pub mod tap;
 
+/// Writes, inside a layer's `impl Device` or `impl EngineDevice`, the methods the layer
+/// passes through unchanged to the device below it (a field named `inner`), so that each
+/// impl spells out only what the layer changes. Name the methods:
+///
+/// ```ignore
+/// impl<D: EngineDevice> EngineDevice for MyLayer<D> {
+///     fn peek_packet(&mut self) -> Option<&[u8]> { /* what the layer changes */ }
+///     forward_to_inner!(flush, readiness_fd);
+/// }
+/// ```
+///
+/// `transmit` forwards the token as it is, so it suits a layer whose `TxToken` is the
+/// inner device's; `forward_to_inner!(type TxToken of D);` declares that token type (and
+/// likewise `RxToken`) for a layer over a device of type `D`.
+macro_rules! forward_to_inner {
+    (type $token:ident of $inner:ident) => {
+        type $token<'a>
+            = $inner::$token<'a>
+        where
+            Self: 'a;
+    };
+    ($($method:ident),+ $(,)?) => {
+        $(forward_to_inner!(@one $method);)+
+    };
+    (@one transmit) => {
+        fn transmit(
+            &mut self,
+            timestamp: ::smoltcp::time::Instant,
+        ) -> Option<Self::TxToken<'_>> {
+            self.inner.transmit(timestamp)
+        }
+    };
+    (@one capabilities) => {
+        fn capabilities(&self) -> ::smoltcp::phy::DeviceCapabilities {
+            self.inner.capabilities()
+        }
+    };
+    (@one flush) => {
+        fn flush(&mut self) {
+            self.inner.flush();
+        }
+    };
+    (@one peek_packet) => {
+        fn peek_packet(&mut self) -> Option<&[u8]> {
+            self.inner.peek_packet()
+        }
+    };
+    (@one readiness_fd) => {
+        fn readiness_fd(&self) -> Option<::std::os::fd::BorrowedFd<'_>> {
+            self.inner.readiness_fd()
+        }
+    };
+}
+pub(crate) use forward_to_inner;
+
 use crate::engine::EngineDevice;
 
 /// What a layer that redirects frames needs from the device below it: the link-layer

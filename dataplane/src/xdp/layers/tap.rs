@@ -1,13 +1,14 @@
 //! A layer that shows every packet passing through to a sink, unchanged: the hook point
 //! for recording or tracing what an engine saw and sent.
 
-use std::{cell::RefCell, os::fd::BorrowedFd};
+use std::cell::RefCell;
 
 use smoltcp::{
-    phy::{self, Device, DeviceCapabilities},
+    phy::{self, Device},
     time::Instant,
 };
 
+use super::forward_to_inner;
 use crate::engine::EngineDevice;
 
 /// Which way a packet went.
@@ -150,23 +151,11 @@ impl<D: EngineDevice, S: TapSink> Device for Tap<D, S> {
         })
     }
 
-    fn capabilities(&self) -> DeviceCapabilities {
-        self.inner.capabilities()
-    }
+    forward_to_inner!(capabilities);
 }
 
 impl<D: EngineDevice, S: TapSink> EngineDevice for Tap<D, S> {
-    fn flush(&mut self) {
-        self.inner.flush();
-    }
-
-    fn peek_packet(&mut self) -> Option<&[u8]> {
-        self.inner.peek_packet()
-    }
-
-    fn readiness_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.readiness_fd()
-    }
+    forward_to_inner!(flush, peek_packet, readiness_fd);
 }
 
 #[cfg(test)]
