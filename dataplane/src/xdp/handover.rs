@@ -356,6 +356,14 @@ impl<D: LinkFrames> Device for HandoverDevice<D> {
 }
 
 impl<D: LinkFrames> EngineDevice for HandoverDevice<D> {
+    fn start_round(&mut self, now: Instant) {
+        self.inner.start_round(now);
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        self.inner.poll_at()
+    }
+
     /// Ends the round below and wakes the workers that were passed frames in it.
     fn flush(&mut self) {
         self.inner.flush();

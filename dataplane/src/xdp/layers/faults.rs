@@ -231,6 +231,14 @@ impl<D: EngineDevice> Device for Faults<D> {
 }
 
 impl<D: EngineDevice> EngineDevice for Faults<D> {
+    fn start_round(&mut self, now: Instant) {
+        self.inner.start_round(now);
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        self.inner.poll_at()
+    }
+
     /// Ends the round below, and releases a delayed packet no other one followed.
     fn flush(&mut self) {
         self.inner.flush();

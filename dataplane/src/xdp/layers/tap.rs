@@ -156,6 +156,14 @@ impl<D: EngineDevice, S: TapSink> Device for Tap<D, S> {
 }
 
 impl<D: EngineDevice, S: TapSink> EngineDevice for Tap<D, S> {
+    fn start_round(&mut self, now: Instant) {
+        self.inner.start_round(now);
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        self.inner.poll_at()
+    }
+
     fn flush(&mut self) {
         self.inner.flush();
     }
