@@ -18,8 +18,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::ServiceConfig, rules::RedirectRule, xdp::steering::VerdictCounters,
-    xdp::worker::WorkerSnapshot,
+    config::ServiceConfig, rules::RedirectRule, xdp::layers::recovery::RecoveryCounters,
+    xdp::steering::VerdictCounters, xdp::worker::WorkerSnapshot,
 };
 
 /// Largest request line accepted.
@@ -117,6 +117,10 @@ pub struct WorkerStatsView {
     pub rx_frames: u64,
     /// Bytes received from AF_XDP.
     pub rx_bytes: u64,
+    /// Retransmissions by cause and segments tracked by the loss-recovery layer
+    /// (absent from older middleboxes' answers: all zero then).
+    #[serde(default)]
+    pub loss_recovery: RecoveryCounters,
 }
 
 impl From<WorkerSnapshot> for WorkerStatsView {
@@ -127,6 +131,7 @@ impl From<WorkerSnapshot> for WorkerStatsView {
             core: s.core,
             rx_frames: s.rx_frames,
             rx_bytes: s.rx_bytes,
+            loss_recovery: s.loss_recovery,
         }
     }
 }

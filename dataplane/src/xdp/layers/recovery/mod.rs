@@ -175,9 +175,7 @@ impl<T: phy::TxToken> phy::TxToken for RecoveryTx<'_, T> {
         scratch.resize(len, 0);
         let result = f(scratch);
         match core.on_transmit(self.now.total_micros(), scratch) {
-            Outbound::Send => self
-                .inner
-                .consume(len, |buf| buf.copy_from_slice(scratch)),
+            Outbound::Send => self.inner.consume(len, |buf| buf.copy_from_slice(scratch)),
             // The token below goes unused: dropping it sends nothing.
             Outbound::Held => {}
         }

@@ -233,7 +233,12 @@ const OPT_TIMESTAMP: u8 = 8;
 
 /// Walks the options of the TCP header at `tcp_at..payload_at`, calling `f(kind, start
 /// of the option's data, its data)` for each well-formed one.
-fn for_each_option(packet: &[u8], tcp_at: usize, payload_at: usize, mut f: impl FnMut(u8, usize, &[u8])) {
+fn for_each_option(
+    packet: &[u8],
+    tcp_at: usize,
+    payload_at: usize,
+    mut f: impl FnMut(u8, usize, &[u8]),
+) {
     let mut at = tcp_at + 20;
     while at < payload_at {
         let Some(&kind) = packet.get(at) else { return };
@@ -241,7 +246,9 @@ fn for_each_option(packet: &[u8], tcp_at: usize, payload_at: usize, mut f: impl 
             OPT_END => return,
             OPT_NOP => at += 1,
             _ => {
-                let Some(&len) = packet.get(at + 1) else { return };
+                let Some(&len) = packet.get(at + 1) else {
+                    return;
+                };
                 let len = usize::from(len);
                 if len < 2 || at + len > payload_at {
                     return;
@@ -474,8 +481,11 @@ impl Flow {
         if self.cwnd < self.ssthresh {
             self.cwnd = self.cwnd.saturating_add(acked);
         } else {
-            let step = (u64::from(self.mss) * u64::from(acked) / u64::from(self.cwnd.max(1))).max(1);
-            self.cwnd = self.cwnd.saturating_add(u32::try_from(step).unwrap_or(u32::MAX));
+            let step =
+                (u64::from(self.mss) * u64::from(acked) / u64::from(self.cwnd.max(1))).max(1);
+            self.cwnd = self
+                .cwnd
+                .saturating_add(u32::try_from(step).unwrap_or(u32::MAX));
         }
         self.cwnd = self.cwnd.min(MAX_CWND);
     }
@@ -507,8 +517,12 @@ impl Flow {
         let mut packet = segment.packet.clone();
         let tcp_at = segment.tcp_at;
         let current = self.current;
-        packet.get_mut(tcp_at + 8..tcp_at + 12)?.copy_from_slice(&current.ack.to_be_bytes());
-        packet.get_mut(tcp_at + 14..tcp_at + 16)?.copy_from_slice(&current.window.to_be_bytes());
+        packet
+            .get_mut(tcp_at + 8..tcp_at + 12)?
+            .copy_from_slice(&current.ack.to_be_bytes());
+        packet
+            .get_mut(tcp_at + 14..tcp_at + 16)?
+            .copy_from_slice(&current.window.to_be_bytes());
         if let Some((tsval, tsecr)) = current.timestamps {
             let mut at = None;
             for_each_option(&packet, tcp_at, segment.payload_at, |kind, start, data| {
@@ -517,8 +531,12 @@ impl Flow {
                 }
             });
             if let Some(at) = at {
-                packet.get_mut(at..at + 4)?.copy_from_slice(&tsval.to_be_bytes());
-                packet.get_mut(at + 4..at + 8)?.copy_from_slice(&tsecr.to_be_bytes());
+                packet
+                    .get_mut(at..at + 4)?
+                    .copy_from_slice(&tsval.to_be_bytes());
+                packet
+                    .get_mut(at + 4..at + 8)?
+                    .copy_from_slice(&tsecr.to_be_bytes());
             }
         }
         let ip = Ipv4Header::parse(packet.as_slice(), 0).ok()?;
@@ -819,9 +837,11 @@ impl LossRecovery {
         for_each_option(packet, p.tcp_at, p.payload_at, |kind, _, data| {
             if kind == OPT_SACK {
                 for block in data.chunks_exact(8) {
-                    if let (Some(l), Some(r), Some(slot)) =
-                        (be32(block), block.get(4..).and_then(be32), blocks.get_mut(count))
-                    {
+                    if let (Some(l), Some(r), Some(slot)) = (
+                        be32(block),
+                        block.get(4..).and_then(be32),
+                        blocks.get_mut(count),
+                    ) {
                         *slot = (l, r);
                         count += 1;
                     }
@@ -1025,11 +1045,13 @@ impl LossRecovery {
                     segment.sent_at = now;
                     self.out.push_back(segment.packet.clone());
                     self.counters.retransmits_tlp += 1;
-                } else if let Some(index) = flow.segments.iter().rposition(|s| s.released && !s.sacked)
+                } else if let Some(segment) = flow
+                    .segments
+                    .iter_mut()
+                    .rev()
+                    .find(|s| s.released && !s.sacked)
                 {
-                    if let Some(segment) = flow.segments.get_mut(index) {
-                        segment.lost = Some(Cause::Tlp);
-                    }
+                    segment.lost = Some(Cause::Tlp);
                 }
             }
             if flow.pace_at.is_some_and(|t| t <= now) {

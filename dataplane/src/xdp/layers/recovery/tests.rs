@@ -162,7 +162,11 @@ impl Net {
                     self.dropped += 1;
                     continue;
                 }
-                reorder = self.faults.reorder_data.as_mut().is_some_and(|f| f(&segment));
+                reorder = self
+                    .faults
+                    .reorder_data
+                    .as_mut()
+                    .is_some_and(|f| f(&segment));
             }
             if reorder && held.is_none() {
                 held = Some(packet);
@@ -199,13 +203,21 @@ impl Net {
 
     fn deliver(&mut self) -> bool {
         let mut moved = false;
-        while self.to_receiver.front().is_some_and(|(at, _)| *at <= self.clock) {
+        while self
+            .to_receiver
+            .front()
+            .is_some_and(|(at, _)| *at <= self.clock)
+        {
             if let Some((_, p)) = self.to_receiver.pop_front() {
                 self.receiver_far.outbox.borrow_mut().push_back(p);
                 moved = true;
             }
         }
-        while self.to_sender.front().is_some_and(|(at, _)| *at <= self.clock) {
+        while self
+            .to_sender
+            .front()
+            .is_some_and(|(at, _)| *at <= self.clock)
+        {
             if let Some((_, p)) = self.to_sender.pop_front() {
                 self.sender_far.outbox.borrow_mut().push_back(p);
                 moved = true;
@@ -441,7 +453,10 @@ fn one_segment_lost_without_sack_is_repaired_on_duplicate_acks() {
     assert!(got == data);
     let c = net.counters();
     assert_eq!((c.retransmits(), c.retransmits_dupack), (1, 1), "{c:?}");
-    assert!(took <= clean + 2 * RTT + Duration::from_millis(200), "{took:?}");
+    assert!(
+        took <= clean + 2 * RTT + Duration::from_millis(200),
+        "{took:?}"
+    );
 }
 
 /// Linux receivers send duplicate ACKs that also move the window; smoltcp does not
@@ -461,7 +476,10 @@ fn duplicate_acks_that_move_the_window_still_start_a_fast_retransmit() {
     assert!(got == data);
     let c = net.counters();
     assert_eq!((c.retransmits(), c.retransmits_dupack), (1, 1), "{c:?}");
-    assert!(took <= clean + 2 * RTT + Duration::from_millis(200), "{took:?}");
+    assert!(
+        took <= clean + 2 * RTT + Duration::from_millis(200),
+        "{took:?}"
+    );
 
     // smoltcp alone waits for its one-second timeout on the same wire.
     let faults = WireFaults {
@@ -483,7 +501,9 @@ fn a_whole_window_lost_at_the_tail_costs_a_few_round_trips() {
     // Every segment of the last 30 KB, first transmission.
     let tail = (len as u32).saturating_sub(30_000);
     let faults = WireFaults {
-        drop_data: Some(Box::new(move |s: &DataSegment| s.seen == 0 && s.offset + s.len > tail)),
+        drop_data: Some(Box::new(move |s: &DataSegment| {
+            s.seen == 0 && s.offset + s.len > tail
+        })),
         ..WireFaults::default()
     };
     let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
@@ -493,7 +513,11 @@ fn a_whole_window_lost_at_the_tail_costs_a_few_round_trips() {
     let c = net.counters();
     assert!(net.dropped >= 20, "dropped {}", net.dropped);
     assert!(c.retransmits_tlp >= 1, "{c:?}");
-    assert!(c.retransmits() <= net.dropped + 2, "{c:?}, dropped {}", net.dropped);
+    assert!(
+        c.retransmits() <= net.dropped + 2,
+        "{c:?}, dropped {}",
+        net.dropped
+    );
     assert!(took <= clean + 8 * RTT, "took {took:?}, clean {clean:?}");
 }
 
@@ -501,7 +525,9 @@ fn a_whole_window_lost_at_the_tail_costs_a_few_round_trips() {
 fn a_retransmission_lost_again_is_repaired_well_within_a_second() {
     let clean = clean_time(LEN);
     let faults = WireFaults {
-        drop_data: Some(Box::new(move |s: &DataSegment| s.holds(LOST) && s.seen <= 1)),
+        drop_data: Some(Box::new(move |s: &DataSegment| {
+            s.holds(LOST) && s.seen <= 1
+        })),
         ..WireFaults::default()
     };
     let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
@@ -522,7 +548,9 @@ fn reordering_without_loss_triggers_no_retransmission_storm() {
     let clean = clean_time(LEN);
     // Every 7th data segment arrives after the one behind it.
     let faults = WireFaults {
-        reorder_data: Some(Box::new(|s: &DataSegment| (s.offset / 1000).is_multiple_of(7))),
+        reorder_data: Some(Box::new(|s: &DataSegment| {
+            (s.offset / 1000).is_multiple_of(7)
+        })),
         ..WireFaults::default()
     };
     let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
