@@ -376,11 +376,8 @@ fn stream(len: usize) -> Vec<u8> {
 
 /// The time a clean transfer of `len` bytes takes with the layer on.
 fn clean_time(len: usize) -> Duration {
-    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, WireFaults::default());
-    let data = stream(len);
-    let (got, took) = net.transfer(&data, None);
-    assert!(got == data);
-    assert_eq!(net.counters().retransmits(), 0, "{:?}", net.counters());
+    let (took, c, _) = lossy_transfer(RecoveryConfig::enabled(), len, WireFaults::default());
+    assert_eq!(c.retransmits(), 0, "{c:?}");
     took
 }
 
@@ -405,10 +402,7 @@ const LOST: u32 = 200_000;
 fn a_clean_transfer_needs_no_retransmission_and_is_not_slower() {
     let len = 2_000_000;
     let took = clean_time(len);
-    let mut alone = Net::new(RecoveryConfig::disabled(), 64 * 1024, WireFaults::default());
-    let data = stream(len);
-    let (got, without) = alone.transfer(&data, None);
-    assert!(got == data);
+    let (without, _, _) = lossy_transfer(RecoveryConfig::disabled(), len, WireFaults::default());
     // Slow start from ten segments costs the layer two round trips at the start; the
     // pacer (at Linux's gains) a few per cent of a window-limited stream on a 10 ms
     // round trip, where a millisecond's worth of rate is less than a window.
@@ -418,6 +412,25 @@ fn a_clean_transfer_needs_no_retransmission_and_is_not_slower() {
     );
 }
 
+/// Sends `len` bytes over a wire with `faults`, with the layer on or off, and checks
+/// that every byte arrived. Returns the time it took and the layer's counters.
+fn lossy_transfer(
+    config: RecoveryConfig,
+    len: usize,
+    faults: WireFaults,
+) -> (Duration, RecoveryCounters, u64) {
+    let mut net = Net::new(config, 64 * 1024, faults);
+    let data = stream(len);
+    let (got, took) = net.transfer(&data, None);
+    assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    (took, net.counters(), net.dropped)
+}
+
+/// The bound for one lost segment: two round trips and 200 ms.
+fn within_one_loss_bound(took: Duration, clean: Duration) -> bool {
+    took <= clean + 2 * RTT + Duration::from_millis(200)
+}
+
 #[test]
 fn one_segment_lost_mid_window_costs_about_a_round_trip() {
     let clean = clean_time(LEN);
@@ -425,16 +438,12 @@ fn one_segment_lost_mid_window_costs_about_a_round_trip() {
         drop_data: Some(drop_first_send_of(LOST)),
         ..WireFaults::default()
     };
-    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
-    let data = stream(LEN);
-    let (got, took) = net.transfer(&data, None);
-    assert!(got == data, "{} of {} bytes", got.len(), data.len());
-    assert_eq!(net.dropped, 1);
-    let c = net.counters();
+    let (took, c, dropped) = lossy_transfer(RecoveryConfig::enabled(), LEN, faults);
+    assert_eq!(dropped, 1);
     assert_eq!(c.retransmits(), 1, "{c:?}");
     assert_eq!(c.retransmits_dupack + c.retransmits_sack, 1, "{c:?}");
     assert!(
-        took <= clean + 2 * RTT + Duration::from_millis(200),
+        within_one_loss_bound(took, clean),
         "took {took:?}, clean {clean:?}"
     );
 }
@@ -447,15 +456,11 @@ fn one_segment_lost_without_sack_is_repaired_on_duplicate_acks() {
         no_sack: true,
         ..WireFaults::default()
     };
-    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
-    let data = stream(LEN);
-    let (got, took) = net.transfer(&data, None);
-    assert!(got == data);
-    let c = net.counters();
+    let (took, c, _) = lossy_transfer(RecoveryConfig::enabled(), LEN, faults);
     assert_eq!((c.retransmits(), c.retransmits_dupack), (1, 1), "{c:?}");
     assert!(
-        took <= clean + 2 * RTT + Duration::from_millis(200),
-        "{took:?}"
+        within_one_loss_bound(took, clean),
+        "took {took:?}, clean {clean:?}"
     );
 }
 
@@ -464,33 +469,20 @@ fn one_segment_lost_without_sack_is_repaired_on_duplicate_acks() {
 #[test]
 fn duplicate_acks_that_move_the_window_still_start_a_fast_retransmit() {
     let clean = clean_time(LEN);
-    let faults = WireFaults {
+    let linux_like = || WireFaults {
         drop_data: Some(drop_first_send_of(LOST)),
         no_sack: true,
         wiggle_windows: true,
         ..WireFaults::default()
     };
-    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
-    let data = stream(LEN);
-    let (got, took) = net.transfer(&data, None);
-    assert!(got == data);
-    let c = net.counters();
+    let (took, c, _) = lossy_transfer(RecoveryConfig::enabled(), LEN, linux_like());
     assert_eq!((c.retransmits(), c.retransmits_dupack), (1, 1), "{c:?}");
     assert!(
-        took <= clean + 2 * RTT + Duration::from_millis(200),
-        "{took:?}"
+        within_one_loss_bound(took, clean),
+        "took {took:?}, clean {clean:?}"
     );
-
     // smoltcp alone waits for its one-second timeout on the same wire.
-    let faults = WireFaults {
-        drop_data: Some(drop_first_send_of(LOST)),
-        no_sack: true,
-        wiggle_windows: true,
-        ..WireFaults::default()
-    };
-    let mut alone = Net::new(RecoveryConfig::disabled(), 64 * 1024, faults);
-    let (got, slow) = alone.transfer(&data, None);
-    assert!(got == data);
+    let (slow, _, _) = lossy_transfer(RecoveryConfig::disabled(), LEN, linux_like());
     assert!(slow >= clean + Duration::from_millis(900), "{slow:?}");
 }
 
@@ -506,18 +498,10 @@ fn a_whole_window_lost_at_the_tail_costs_a_few_round_trips() {
         })),
         ..WireFaults::default()
     };
-    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
-    let data = stream(len);
-    let (got, took) = net.transfer(&data, None);
-    assert!(got == data);
-    let c = net.counters();
-    assert!(net.dropped >= 20, "dropped {}", net.dropped);
+    let (took, c, dropped) = lossy_transfer(RecoveryConfig::enabled(), len, faults);
+    assert!(dropped >= 20, "dropped {dropped}");
     assert!(c.retransmits_tlp >= 1, "{c:?}");
-    assert!(
-        c.retransmits() <= net.dropped + 2,
-        "{c:?}, dropped {}",
-        net.dropped
-    );
+    assert!(c.retransmits() <= dropped + 2, "{c:?}, dropped {dropped}");
     assert!(took <= clean + 8 * RTT, "took {took:?}, clean {clean:?}");
 }
 
@@ -530,12 +514,8 @@ fn a_retransmission_lost_again_is_repaired_well_within_a_second() {
         })),
         ..WireFaults::default()
     };
-    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
-    let data = stream(LEN);
-    let (got, took) = net.transfer(&data, None);
-    assert!(got == data);
-    assert_eq!(net.dropped, 2);
-    let c = net.counters();
+    let (took, c, dropped) = lossy_transfer(RecoveryConfig::enabled(), LEN, faults);
+    assert_eq!(dropped, 2);
     assert!((2..=3).contains(&c.retransmits()), "{c:?}");
     assert!(
         took <= clean + 4 * RTT + Duration::from_millis(250),
@@ -553,11 +533,7 @@ fn reordering_without_loss_triggers_no_retransmission_storm() {
         })),
         ..WireFaults::default()
     };
-    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, faults);
-    let data = stream(LEN);
-    let (got, took) = net.transfer(&data, None);
-    assert!(got == data);
-    let c = net.counters();
+    let (took, c, _) = lossy_transfer(RecoveryConfig::enabled(), LEN, faults);
     assert!(c.retransmits() <= 1, "{c:?}");
     assert!(took <= clean + 2 * RTT, "took {took:?}, clean {clean:?}");
 }
@@ -566,7 +542,6 @@ fn reordering_without_loss_triggers_no_retransmission_storm() {
 /// going at several times the pace smoltcp manages alone.
 #[test]
 fn random_loss_costs_several_times_less_with_the_layer() {
-    let data = stream(1_000_000);
     let run = |config: RecoveryConfig| {
         let faults = WireFaults {
             random: Some(RandomLoss {
@@ -577,11 +552,9 @@ fn random_loss_costs_several_times_less_with_the_layer() {
             wiggle_windows: true,
             ..WireFaults::default()
         };
-        let mut net = Net::new(config, 64 * 1024, faults);
-        let (got, took) = net.transfer(&data, None);
-        assert!(got == data, "{} of {} bytes", got.len(), data.len());
-        assert!(net.dropped >= 5, "dropped only {}", net.dropped);
-        (took, net.counters())
+        let (took, counters, dropped) = lossy_transfer(config, 1_000_000, faults);
+        assert!(dropped >= 5, "dropped only {dropped}");
+        (took, counters)
     };
     let (with, counters) = run(RecoveryConfig::enabled());
     let (without, _) = run(RecoveryConfig::disabled());
