@@ -214,6 +214,28 @@ impl Parsed {
         })
     }
 
+    /// The SACK blocks of the segment's options (at most four fit), and how many.
+    fn sack_blocks(&self, packet: &[u8]) -> ([(u32, u32); 4], usize) {
+        let mut blocks = [(0u32, 0u32); 4];
+        let mut count = 0;
+        for_each_option(packet, self.tcp_at, self.payload_at, |kind, _, data| {
+            if kind != OPT_SACK {
+                return;
+            }
+            for block in data.chunks_exact(8) {
+                if let (Some(l), Some(r), Some(slot)) = (
+                    be32(block),
+                    block.get(4..).and_then(be32),
+                    blocks.get_mut(count),
+                ) {
+                    *slot = (l, r);
+                    count += 1;
+                }
+            }
+        });
+        (blocks, count)
+    }
+
     fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }
@@ -832,22 +854,7 @@ impl LossRecovery {
         }
         // The SACK blocks: mark what they cover, note D-SACKs (a block below the ACK or
         // inside data already reported) as signs of an unneeded retransmission.
-        let mut blocks = [(0u32, 0u32); 4];
-        let mut count = 0;
-        for_each_option(packet, p.tcp_at, p.payload_at, |kind, _, data| {
-            if kind == OPT_SACK {
-                for block in data.chunks_exact(8) {
-                    if let (Some(l), Some(r), Some(slot)) = (
-                        be32(block),
-                        block.get(4..).and_then(be32),
-                        blocks.get_mut(count),
-                    ) {
-                        *slot = (l, r);
-                        count += 1;
-                    }
-                }
-            }
-        });
+        let (blocks, count) = p.sack_blocks(packet);
         let mut delivered_sent_at: Option<Micros> = None;
         let mut delivered_end = p.ack;
         let mut sacked_now = false;
