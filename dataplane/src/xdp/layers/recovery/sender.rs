@@ -737,7 +737,14 @@ impl LossRecovery {
         self.counters.segments_tracked += 1;
         // The newest segment goes at once when nothing is held before it and the window
         // and the pacer allow; otherwise it waits its turn.
-        let held_before = flow.segments.iter().rev().skip(1).any(|s| !s.released);
+        // Held segments are always the newest ones (release goes in order), so the one
+        // before tells.
+        let held_before = flow
+            .segments
+            .len()
+            .checked_sub(2)
+            .and_then(|i| flow.segments.get(i))
+            .is_some_and(|s| !s.released);
         let verdict = if !held_before && Self::may_release(flow, now, seq_len) {
             let was_idle = !flow.released_outstanding();
             if let Some(segment) = flow.segments.back_mut() {
@@ -761,7 +768,8 @@ impl LossRecovery {
     /// Whether `len` more bytes may go now: room in the congestion window and pacing
     /// credit. Sets the pacer's wake-up when only the credit is missing.
     fn may_release(flow: &mut Flow, now: Micros, len: u32) -> bool {
-        if flow.pipe() + u64::from(len) > u64::from(flow.cwnd) && flow.pipe() > 0 {
+        let pipe = flow.pipe();
+        if pipe > 0 && pipe + u64::from(len) > u64::from(flow.cwnd) {
             return false;
         }
         flow.refill_credit(now);
@@ -807,7 +815,14 @@ impl LossRecovery {
             sent_any = true;
         }
         // New data held back.
-        while let Some(index) = flow.segments.iter().position(|s| !s.released) {
+        // Held segments are the newest: look for the first one from the back.
+        while let Some(index) = flow
+            .segments
+            .iter()
+            .rposition(|s| s.released)
+            .map_or(Some(0), |i| Some(i + 1))
+            .filter(|&i| i < flow.segments.len())
+        {
             let len = flow.segments.get(index).map_or(0, |s| s.len);
             if !Self::may_release(flow, now, len) {
                 break;
