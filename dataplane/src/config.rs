@@ -55,6 +55,10 @@ pub struct TcpTuning {
     /// Congestion control: `cubic` (default), `reno` or `none` (send the whole window at
     /// once; only for a lossless path).
     pub congestion_control: Congestion,
+    /// Who repairs lost segments: `ncp` (default), the data plane's own recovery layer
+    /// under smoltcp, or `smoltcp` alone (its timeout has a 1 s floor).
+    #[serde(default)]
+    pub loss_recovery: LossRecovery,
 }
 
 impl Default for TcpTuning {
@@ -62,8 +66,22 @@ impl Default for TcpTuning {
         Self {
             buffer_bytes: 64 * 1024,
             congestion_control: Congestion::Cubic,
+            loss_recovery: LossRecovery::Ncp,
         }
     }
+}
+
+/// Who recovers the user-space TCP connections' lost segments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossRecovery {
+    /// The recovery layer under smoltcp: fast retransmit, partial-ACK and SACK
+    /// recovery, a 200 ms timeout floor, tail-loss probes, a congestion window that
+    /// halves on loss, pacing.
+    #[default]
+    Ncp,
+    /// smoltcp alone.
+    Smoltcp,
 }
 
 /// A congestion control algorithm of the user-space TCP stack.
@@ -670,6 +688,22 @@ mod tests {
         assert!(error(&tiny).contains("tcp.buffer_bytes = 100"));
         let unknown = format!("{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"bbr\"\n");
         assert!(error(&unknown).contains("bbr"));
+        assert_eq!(
+            c.tcp.loss_recovery,
+            LossRecovery::Ncp,
+            "the layer is on by default"
+        );
+        let alone = format!(
+            "{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"cubic\"\nloss_recovery = \"smoltcp\"\n"
+        );
+        assert_eq!(
+            parse(&alone).unwrap().tcp.loss_recovery,
+            LossRecovery::Smoltcp
+        );
+        let wrong = format!(
+            "{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"cubic\"\nloss_recovery = \"linux\"\n"
+        );
+        assert!(error(&wrong).contains("linux"));
     }
 
     const SERVICE: &str = r#"

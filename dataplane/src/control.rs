@@ -21,6 +21,7 @@ use crate::{
     config::ServiceConfig,
     driver::{ConsistencyBook, consistency::ReplicaConsistency},
     rules::RedirectRule,
+    xdp::layers::recovery::RecoveryCounters,
     xdp::steering::VerdictCounters,
     xdp::worker::WorkerSnapshot,
 };
@@ -131,6 +132,10 @@ pub struct WorkerStatsView {
     pub rx_frames: u64,
     /// Bytes received from AF_XDP.
     pub rx_bytes: u64,
+    /// Retransmissions by cause and segments tracked by the loss-recovery layer
+    /// (absent from older middleboxes' answers: all zero then).
+    #[serde(default)]
+    pub loss_recovery: RecoveryCounters,
 }
 
 impl From<WorkerSnapshot> for WorkerStatsView {
@@ -141,6 +146,7 @@ impl From<WorkerSnapshot> for WorkerStatsView {
             core: s.core,
             rx_frames: s.rx_frames,
             rx_bytes: s.rx_bytes,
+            loss_recovery: s.loss_recovery,
         }
     }
 }

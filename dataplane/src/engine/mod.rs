@@ -56,6 +56,16 @@ use crate::config::PortRange;
 /// What the engine needs from a device beyond smoltcp's trait. Device layers
 /// ([`crate::xdp::layers`]) implement it by wrapping another `EngineDevice`.
 pub trait EngineDevice: Device {
+    /// Called once at the start of every [`Engine::poll`], with its time: a layer with
+    /// timers of its own (e.g. retransmissions) fires them here.
+    fn start_round(&mut self, _now: SmolInstant) {}
+
+    /// When a layer's own timer is next due, so that [`Engine::poll_delay`] lets the
+    /// caller sleep no longer. `None`: no timer.
+    fn poll_at(&self) -> Option<SmolInstant> {
+        None
+    }
+
     /// Called once at the end of every [`Engine::poll`]: a point to push out what was
     /// queued during the round (e.g. the AF_XDP `sendto` kick).
     fn flush(&mut self) {}
@@ -664,6 +674,7 @@ impl<D: EngineDevice> Engine<D> {
         self.now = self.now.max(now);
         let before = events.len();
         let mut active = false;
+        self.device.start_round(ts);
         self.iface.poll_maintenance(ts);
         while let Some(&(at, slot)) = self.timers.first() {
             if at > ts.total_micros() {
@@ -734,7 +745,9 @@ impl<D: EngineDevice> Engine<D> {
             return Some(Duration::ZERO);
         }
         let now = self.timestamp(now).total_micros();
-        let &(at, _) = self.timers.first()?;
+        let sockets = self.timers.first().map(|&(at, _)| at);
+        let device = self.device.poll_at().map(|at| at.total_micros());
+        let at = sockets.into_iter().chain(device).min()?;
         Some(Duration::from_micros(
             u64::try_from(at.saturating_sub(now)).unwrap_or(0),
         ))

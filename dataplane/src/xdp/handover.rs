@@ -345,6 +345,8 @@ impl<D: LinkFrames> Device for HandoverDevice<D> {
 }
 
 impl<D: LinkFrames> EngineDevice for HandoverDevice<D> {
+    forward_to_inner!(start_round, poll_at);
+
     /// Ends the round below and wakes the workers that were passed frames in it.
     fn flush(&mut self) {
         self.inner.flush();

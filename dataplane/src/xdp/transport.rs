@@ -330,11 +330,11 @@ pub fn add_device_counters(
     links: &[Link<crate::xdp::worker::WorkerDevice>],
 ) {
     for (s, l) in stats.links.iter_mut().zip(links) {
-        let c = l.engine.device().inner().counters();
+        let c = l.engine.device().inner().inner().counters();
         s.tx_no_neighbour = c.tx_no_neighbour;
         s.tx_no_frame = c.tx_no_frame;
         s.rx_dropped = c.rx_not_ipv4 + c.rx_truncated + c.rx_malformed;
-        if let Some(h) = l.engine.device().handover_counters() {
+        if let Some(h) = l.engine.device().inner().handover_counters() {
             s.handed_out = h.handed_out;
             s.handed_in = h.handed_in;
             s.handover_dropped = h.dropped;

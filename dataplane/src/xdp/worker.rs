@@ -28,19 +28,21 @@ use serde::Serialize;
 use smoltcp::socket::tcp::CongestionControl;
 
 use crate::{
-    config::{Congestion, PollMode, PortRange, TcpTuning},
+    config::{Congestion, LossRecovery, PollMode, PortRange, TcpTuning},
     engine::{Engine, EngineConfig, EngineDevice},
     sys::{self, PollSet},
     xdp::device::{DeviceConfig, XskDevice},
     xdp::handover::{Handover, HandoverDevice, HandoverPort, Waker},
+    xdp::layers::recovery::{Recovery, RecoveryConfig, RecoveryCounters},
     xdp::transport::{
         self, Link, PUBLISH_INTERVAL, Replicator, ServicePlan, WorkerReplicationStats,
     },
     xdp::xsk::{XskOptions, XskSocket},
 };
 
-/// A worker's device stack on one link: the AF_XDP device under the hand-over layer.
-pub type WorkerDevice = HandoverDevice<XskDevice>;
+/// A worker's device stack on one link: the AF_XDP device under the hand-over layer,
+/// under the loss-recovery layer (a pass-through when `[tcp] loss_recovery = "smoltcp"`).
+pub type WorkerDevice = Recovery<HandoverDevice<XskDevice>>;
 
 /// Longest sleep, so a stop request is seen promptly.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
@@ -100,6 +102,7 @@ pub struct WorkerStats {
     wakeups: AtomicU64,
     poll_errors: AtomicU64,
     replication: Mutex<WorkerReplicationStats>,
+    loss_recovery: Mutex<RecoveryCounters>,
 }
 
 impl WorkerStats {
@@ -129,6 +132,8 @@ pub struct WorkerSnapshot {
     pub wakeups: u64,
     /// Failed sleeps: `poll(2)` or the hand-over wake-up's eventfd returned an error.
     pub poll_errors: u64,
+    /// What the loss-recovery layer did, over the worker's links.
+    pub loss_recovery: RecoveryCounters,
 }
 
 /// A socket a worker opened: the runtime registers it in that interface's XSKMAP.
@@ -217,6 +222,10 @@ pub fn snapshot(spec: &WorkerSpec, stats: &WorkerStats) -> WorkerSnapshot {
         rx_bytes: stats.rx_bytes.load(Ordering::Relaxed),
         wakeups: stats.wakeups.load(Ordering::Relaxed),
         poll_errors: stats.poll_errors.load(Ordering::Relaxed),
+        loss_recovery: *stats
+            .loss_recovery
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
     }
 }
 
@@ -239,6 +248,13 @@ fn open_link(
     };
     let device = XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| at(&e))?;
     let device = HandoverDevice::new(device, handover);
+    let device = Recovery::new(
+        device,
+        match tcp.loss_recovery {
+            LossRecovery::Ncp => RecoveryConfig::enabled(),
+            LossRecovery::Smoltcp => RecoveryConfig::disabled(),
+        },
+    );
     let mut config = EngineConfig::new(spec.address, spec.ports);
     config.listen = listen;
     // The core's budgets are the real queues; these buffers only need to cover the
@@ -456,10 +472,18 @@ fn count_poll_error(stats: &WorkerStats, error: &std::io::Error) {
 
 fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<WorkerDevice>) {
     if let Some(link) = replicator.links().first() {
-        let c = link.engine.device().inner().socket_counters();
+        let c = link.engine.device().inner().inner().socket_counters();
         stats.rx_frames.store(c.rx_frames, Ordering::Relaxed);
         stats.rx_bytes.store(c.rx_bytes, Ordering::Relaxed);
     }
+    let mut recovery = RecoveryCounters::default();
+    for link in replicator.links() {
+        recovery.add(&link.engine.device().counters());
+    }
+    *stats
+        .loss_recovery
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = recovery;
     let mut snapshot = replicator.snapshot(&spec.socket.interface, spec.socket.queue);
     transport::add_device_counters(&mut snapshot, replicator.links());
     *stats

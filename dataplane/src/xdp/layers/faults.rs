@@ -224,6 +224,8 @@ impl<D: EngineDevice> Device for Faults<D> {
 }
 
 impl<D: EngineDevice> EngineDevice for Faults<D> {
+    forward_to_inner!(start_round, poll_at);
+
     /// Ends the round below, and releases a delayed packet no other one followed.
     fn flush(&mut self) {
         self.inner.flush();

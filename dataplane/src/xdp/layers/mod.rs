@@ -7,12 +7,16 @@
 //! ```text
 //! XskDevice                      AF_XDP socket + Ethernet (crate::xdp::device)
 //!   └─ HandoverDevice            frames owned by other workers leave, theirs come in
-//!        └─ Tap / Faults         optional: record what passes, inject loss (tests)
-//!             └─ Engine          smoltcp TCP (crate::engine)
+//!        └─ Recovery             loss recovery, congestion window, pacing (TCP senders)
+//!             └─ Tap / Faults    optional: record what passes, inject loss (tests)
+//!                  └─ Engine     smoltcp TCP (crate::engine)
 //! ```
 //!
 //! - [`crate::xdp::handover::HandoverDevice`] needs whole link-layer frames from the device
 //!   below it, through [`LinkFrames`];
+//! - [`recovery::Recovery`] repairs lost segments of the engine's connections as Linux
+//!   would (fast retransmit, partial ACKs, SACK, a 200 ms timeout floor, tail-loss
+//!   probes), where smoltcp alone would wait a second;
 //! - [`tap::Tap`] shows every packet that passes to a [`tap::TapSink`] (a recorder, a
 //!   trace);
 //! - [`faults::Faults`] drops, duplicates and reorders received packets, by a seeded
@@ -22,6 +26,7 @@
 //! is passed through every layer, so it never reaches past them to the socket.
 
 pub mod faults;
+pub mod recovery;
 pub mod tap;
 
 /// Writes, inside a layer's `impl Device` or `impl EngineDevice`, the methods the layer
@@ -74,6 +79,16 @@ macro_rules! forward_to_inner {
     (@one readiness_fd) => {
         fn readiness_fd(&self) -> Option<::std::os::fd::BorrowedFd<'_>> {
             self.inner.readiness_fd()
+        }
+    };
+    (@one start_round) => {
+        fn start_round(&mut self, now: ::smoltcp::time::Instant) {
+            self.inner.start_round(now);
+        }
+    };
+    (@one poll_at) => {
+        fn poll_at(&self) -> Option<::smoltcp::time::Instant> {
+            self.inner.poll_at()
         }
     };
 }

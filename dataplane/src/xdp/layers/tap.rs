@@ -155,7 +155,7 @@ impl<D: EngineDevice, S: TapSink> Device for Tap<D, S> {
 }
 
 impl<D: EngineDevice, S: TapSink> EngineDevice for Tap<D, S> {
-    forward_to_inner!(flush, peek_packet, readiness_fd);
+    forward_to_inner!(start_round, poll_at, flush, peek_packet, readiness_fd);
 }
 
 #[cfg(test)]
