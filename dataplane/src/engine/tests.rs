@@ -87,6 +87,14 @@ impl Loss {
     }
 }
 
+/// The connection a middlebox accepted in a round, if it accepted one.
+fn accepted(events: &[EngineEvent]) -> Option<ConnId> {
+    events.iter().find_map(|e| match *e {
+        EngineEvent::Accepted { conn, .. } => Some(conn),
+        _ => None,
+    })
+}
+
 /// Two engines joined by an in-memory wire on a simulated clock. Time moves only when the
 /// test calls [`Pair::advance`], or when [`Pair::pump`] finds both engines idle and jumps
 /// to the earliest timer: retransmissions, delayed ACKs and TIME-WAIT run without real
@@ -231,6 +239,18 @@ impl Pair {
         self.client_far = client_far;
         // A clock that only moves forward: the new engine's time starts where the pair is.
         self.client.poll(self.now(), &mut Vec::new());
+    }
+
+    /// Connects the client to the primary's address and runs until the middlebox has
+    /// accepted and the client is connected: (client's connection, middlebox's).
+    fn establish(&mut self) -> (ConnId, ConnId) {
+        let conn = self.client.connect(PRIMARY).unwrap();
+        let mut server = None;
+        self.pump(|_, _, ec, em| {
+            server = server.or(accepted(em));
+            server.is_some() && ec.contains(&EngineEvent::Connected { conn })
+        });
+        (conn, server.unwrap())
     }
 
     /// One poll of the middlebox alone, returning its events.
@@ -378,17 +398,7 @@ fn connection_to_a_closed_port_is_refused() {
 #[test]
 fn abort_resets_the_peer() {
     let mut pair = Pair::new();
-    let conn = pair.client.connect(PRIMARY).unwrap();
-    let mut server = None;
-    pair.pump(|_, _, ec, em| {
-        for e in em {
-            if let EngineEvent::Accepted { conn, .. } = *e {
-                server = Some(conn);
-            }
-        }
-        server.is_some() && ec.contains(&EngineEvent::Connected { conn })
-    });
-    let server = server.unwrap();
+    let (conn, server) = pair.establish();
     pair.client.abort(conn).unwrap();
     assert_eq!(
         pair.client.abort(conn),
@@ -614,11 +624,7 @@ fn a_zero_window_opens_again_when_the_reader_catches_up() {
             "stalled at {} bytes",
             got.len()
         );
-        for e in em {
-            if let EngineEvent::Accepted { conn, .. } = *e {
-                server = Some(conn);
-            }
-        }
+        server = server.or(accepted(em));
         if ec.contains(&EngineEvent::Connected { conn }) || sent > 0 {
             let n = c.send(conn, &data[sent..]).unwrap();
             sent += n;
@@ -659,11 +665,7 @@ fn zero_windows_both_ways_open_again() {
             got_c.len(),
             got_m.len()
         );
-        for e in em {
-            if let EngineEvent::Accepted { conn, .. } = *e {
-                server = Some(conn);
-            }
-        }
+        server = server.or(accepted(em));
         let Some(s) = server else { return false };
         if ec.contains(&EngineEvent::Connected { conn }) || sent_c > 0 {
             let a = c.send(conn, &data[sent_c..]).unwrap();
@@ -925,17 +927,7 @@ fn a_new_connection_may_reuse_the_tuple_of_one_in_time_wait() {
 #[test]
 fn calls_that_move_nothing_leave_the_engine_free_to_sleep() {
     let mut pair = Pair::new();
-    let conn = pair.client.connect(PRIMARY).unwrap();
-    let mut server = None;
-    pair.pump(|_, _, _, em| {
-        for e in em {
-            if let EngineEvent::Accepted { conn, .. } = *e {
-                server = Some(conn);
-            }
-        }
-        server.is_some()
-    });
-    let server = server.unwrap();
+    let (conn, server) = pair.establish();
     pair.drive();
 
     // Nothing to read.
@@ -986,11 +978,7 @@ fn transfer_over_a_lossy_wire(len: usize, one_in: u64) -> (Vec<u8>, Vec<u8>, u64
         if connected && sent < data.len() {
             sent += c.send(conn, &data[sent..]).unwrap();
         }
-        for e in em {
-            if let EngineEvent::Accepted { conn, .. } = *e {
-                server = Some(conn);
-            }
-        }
+        server = server.or(accepted(em));
         if let Some(s) = server {
             loop {
                 let n = m.recv(s, &mut buf).unwrap();
@@ -1031,17 +1019,7 @@ fn an_idle_connection_outlives_the_timeout_and_a_silent_peer_does_not() {
     let mut quiet_client = client_config();
     quiet_client.timeout = None;
     let mut pair = Pair::with_configs(quiet_client, middlebox_config());
-    let conn = pair.client.connect(PRIMARY).unwrap();
-    let mut server = None;
-    pair.pump(|_, _, _, em| {
-        for e in em {
-            if let EngineEvent::Accepted { conn, .. } = *e {
-                server = Some(conn);
-            }
-        }
-        server.is_some()
-    });
-    let server = server.unwrap();
+    let (conn, server) = pair.establish();
     pair.drive();
 
     // Ten idle minutes, five times the 60 s timeout.
