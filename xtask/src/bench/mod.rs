@@ -7,6 +7,7 @@
 
 mod httperf;
 mod iperf;
+mod loss;
 mod pgbench;
 mod plot;
 mod routes;
@@ -66,6 +67,30 @@ pub enum Experiment {
     /// 1,000 and 10,000 concurrent sessions on one worker: memory per session, time to
     /// open them, and throughput with every one of them sending.
     Scale,
+    /// iperf3 under random loss (nftables) at the primary's or the client's ingress,
+    /// links at 200 Mbit/s: direct versus XDP mode with each loss recovery and sockets
+    /// mode, and whether the replica kept up.
+    Loss,
+}
+
+/// Who repairs lost segments of XDP mode's TCP connections: the config's
+/// `[tcp] loss_recovery`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossRecovery {
+    /// NCP's own recovery layer under smoltcp (the data plane's default).
+    Ncp,
+    /// smoltcp's own retransmission alone.
+    Smoltcp,
+}
+
+impl LossRecovery {
+    /// The value as the middlebox config spells it.
+    pub fn config_value(self) -> &'static str {
+        match self {
+            LossRecovery::Ncp => "ncp",
+            LossRecovery::Smoltcp => "smoltcp",
+        }
+    }
 }
 
 /// Options common to all experiments.
@@ -79,6 +104,8 @@ pub struct Options {
     pub quick: bool,
     /// `[tcp] buffer_bytes` of the middlebox in the relay experiments (None: its default).
     pub tcp_buffer: Option<u32>,
+    /// `[tcp] loss_recovery` of XDP mode in the relay experiments (None: its default).
+    pub loss_recovery: Option<LossRecovery>,
     /// Where JSON, plots and the report go: `bench-results/` for a run of every
     /// experiment, `bench-results/partial/` for a run of some. Set by [`bench`] from the
     /// experiments it runs.
@@ -88,11 +115,27 @@ pub struct Options {
 impl Options {
     /// Middlebox settings of the relay experiments (iperf, httperf, pgbench).
     pub fn relay_tuning(&self) -> routes::Tuning {
+        self.relay_tuning_with(self.loss_recovery)
+    }
+
+    /// [`Options::relay_tuning`] with `loss_recovery` in place of the option's, for an
+    /// experiment that compares recoveries. Both settings share one `[tcp]` table: TOML
+    /// rejects a table defined twice.
+    pub fn relay_tuning_with(&self, loss_recovery: Option<LossRecovery>) -> routes::Tuning {
+        let mut tcp = String::new();
+        if let Some(bytes) = self.tcp_buffer {
+            let _ = writeln!(tcp, "buffer_bytes = {bytes}");
+        }
+        if let Some(recovery) = loss_recovery {
+            let _ = writeln!(tcp, "loss_recovery = \"{}\"", recovery.config_value());
+        }
         routes::Tuning {
             ports: None,
-            tables: self.tcp_buffer.map_or(String::new(), |bytes| {
-                format!("[tcp]\nbuffer_bytes = {bytes}\n")
-            }),
+            tables: if tcp.is_empty() {
+                tcp
+            } else {
+                format!("[tcp]\n{tcp}")
+            },
         }
     }
 }
@@ -129,6 +172,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
             Experiment::Httperf => httperf::httperf(&bed, &bins, options),
             Experiment::Pgbench => pgbench::pgbench(&bed, &bins, options),
             Experiment::Scale => scale::scale(&bed, &bins, options),
+            Experiment::Loss => loss::loss(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),
@@ -166,7 +210,7 @@ fn write_benchmarks_md(
         .collect();
     let _ = writeln!(
         doc,
-        "Produced by one run of `cargo xtask bench {} --repetitions {}{}{}{}` on {cores} cores ({cpu}), \
+        "Produced by one run of `cargo xtask bench {} --repetitions {}{}{}{}{}` on {cores} cores ({cpu}), \
          Linux {}, hosts in network namespaces joined by Open vSwitch (userspace datapath) bridges. \
          The machine is shared and noisy: compare the numbers within a table (measured side by \
          side, alternating), not across runs.\n",
@@ -181,6 +225,10 @@ fn write_benchmarks_md(
         options
             .tcp_buffer
             .map_or(String::new(), |bytes| format!(" --tcp-buffer {bytes}")),
+        options.loss_recovery.map_or(String::new(), |r| format!(
+            " --loss-recovery {}",
+            r.config_value()
+        )),
         kernel.trim()
     );
     doc.push_str(body);
