@@ -276,9 +276,14 @@ fn replica_counters(mb: &Middlebox) -> anyhow::Result<ReplicaOutcome> {
     let detaches = replica["detached"].as_object().map_or(0, |reasons| {
         reasons.values().filter_map(|v| v.as_u64()).sum()
     });
+    // A missing counter would read as "0 of 0 bytes, complete": refuse it instead.
     Ok(ReplicaOutcome {
-        primary_bytes: service["primary_bytes_out"].as_u64().unwrap_or(0),
-        replica_bytes: replica["bytes_out"].as_u64().unwrap_or(0),
+        primary_bytes: service["primary_bytes_out"]
+            .as_u64()
+            .context("middlebox stats without the service's primary_bytes_out")?,
+        replica_bytes: replica["bytes_out"]
+            .as_u64()
+            .context("middlebox stats without the replica's bytes_out")?,
         detaches,
     })
 }
