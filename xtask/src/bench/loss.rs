@@ -512,7 +512,13 @@ mod tests {
             .tables;
         assert_eq!(
             tables,
-            "[tcp]\nbuffer_bytes = 1048576\nloss_recovery = \"smoltcp\"\n"
+            "[tcp]\nbuffer_bytes = 1048576\ncongestion_control = \"cubic\"\nloss_recovery = \"smoltcp\"\n"
+        );
+        assert_eq!(
+            Options::default()
+                .relay_tuning_with(Some(LossRecovery::Ncp))
+                .tables,
+            "[tcp]\nbuffer_bytes = 65536\ncongestion_control = \"cubic\"\nloss_recovery = \"ncp\"\n"
         );
         assert_eq!(tables.matches("[tcp]").count(), 1);
         assert!(Options::default().relay_tuning().tables.is_empty());

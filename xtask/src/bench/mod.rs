@@ -31,6 +31,10 @@ pub use scale::sink_main as scale_sink;
 /// Results folder of a run of every experiment (committed with BENCHMARKS.md).
 const RESULTS_DIR: &str = "bench-results";
 
+/// XDP mode's per-connection TCP buffer when `[tcp]` does not set one (the data plane's
+/// default), written out when a `[tcp]` table is needed for another setting.
+const DEFAULT_TCP_BUFFER: u32 = 64 * 1024;
+
 /// Test-bed prefix when `NCP_BENCH_PREFIX` is not set.
 const DEFAULT_PREFIX: &str = "ncpb";
 
@@ -122,20 +126,22 @@ impl Options {
     /// experiment that compares recoveries. Both settings share one `[tcp]` table: TOML
     /// rejects a table defined twice.
     pub fn relay_tuning_with(&self, loss_recovery: Option<LossRecovery>) -> routes::Tuning {
-        let mut tcp = String::new();
-        if let Some(bytes) = self.tcp_buffer {
-            let _ = writeln!(tcp, "buffer_bytes = {bytes}");
+        if self.tcp_buffer.is_none() && loss_recovery.is_none() {
+            return routes::Tuning::default();
         }
+        // The data plane requires buffer_bytes and congestion_control in a `[tcp]` table
+        // (only loss_recovery has a default there), so one written here spells out the
+        // data plane's defaults for the settings not asked for.
+        let mut tcp = format!(
+            "[tcp]\nbuffer_bytes = {}\ncongestion_control = \"cubic\"\n",
+            self.tcp_buffer.unwrap_or(DEFAULT_TCP_BUFFER)
+        );
         if let Some(recovery) = loss_recovery {
             let _ = writeln!(tcp, "loss_recovery = \"{}\"", recovery.config_value());
         }
         routes::Tuning {
             ports: None,
-            tables: if tcp.is_empty() {
-                tcp
-            } else {
-                format!("[tcp]\n{tcp}")
-            },
+            tables: tcp,
         }
     }
 }
