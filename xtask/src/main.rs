@@ -81,6 +81,12 @@ enum Task {
         /// one stream falls short of the link. Default: the data plane's own (64 KiB).
         #[arg(long, value_name = "BYTES")]
         tcp_buffer: Option<u32>,
+        /// Who repairs lost segments of XDP mode's connections in the iperf, httperf and
+        /// pgbench experiments: the config's `[tcp] loss_recovery` (`ncp`: NCP's recovery
+        /// layer, `smoltcp`: smoltcp's alone). Default: the data plane's own (ncp). The
+        /// loss experiment sets it per column.
+        #[arg(long, value_enum, value_name = "RECOVERY")]
+        loss_recovery: Option<bench::LossRecovery>,
     },
     /// The scale benchmark's sink, run by it inside a test-bed host: accepts connections
     /// on LISTEN, discards what they send, reports counters on stdout, exits when stdin
@@ -134,12 +140,14 @@ fn main() {
             dataplane,
             quick,
             tcp_buffer,
+            loss_recovery,
         } => {
             let options = bench::Options {
                 repetitions: repetitions.max(1),
                 dataplanes: dataplane,
                 quick,
                 tcp_buffer,
+                loss_recovery,
                 ..bench::Options::default()
             };
             bench::bench(

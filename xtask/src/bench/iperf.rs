@@ -16,7 +16,7 @@ use super::{
 };
 use crate::cmd::step;
 
-const PORT: u16 = 5201;
+pub(super) const PORT: u16 = 5201;
 
 pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<String> {
     let streams: &[u32] = if options.quick {
@@ -35,28 +35,14 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         ],
     );
 
-    // The primary runs a real iperf3 server; the replica a discard sink, so that what it
-    // receives is exactly the client's stream and nothing it answers matters.
-    let servers = vec![
-        bed.spawn("primary", &["iperf3", "-s", "-p", &PORT.to_string()])?,
-        bed.spawn(
-            "replica",
-            &[
-                "socat",
-                "-u",
-                &format!("TCP-LISTEN:{PORT},fork,reuseaddr,backlog=256"),
-                "OPEN:/dev/null",
-            ],
-        )?,
-    ];
-    std::thread::sleep(Duration::from_millis(500));
+    let servers = start_servers(bed)?;
 
     // Samples in bit/s, and in bit/s per busy middlebox core.
     let mut results = Samples::new();
     let mut per_core = Samples::new();
     let outcome = (|| -> anyhow::Result<()> {
         for regime in ["1 Gbit/s", "unlimited"] {
-            routes::limit_links(bed, regime == "1 Gbit/s")?;
+            routes::limit_links(bed, (regime == "1 Gbit/s").then_some(1000))?;
             for round in 0..options.repetitions {
                 for path in &paths {
                     step(&format!("{regime}, round {}: {}", round + 1, path.label()));
@@ -90,12 +76,9 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         }
         Ok(())
     })();
-    let _ = routes::limit_links(bed, false);
+    let _ = routes::limit_links(bed, None);
     let _ = routes::leave(bed);
-    for mut server in servers {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
+    stop_servers(servers);
     outcome?;
 
     let mut md = String::from("## Throughput (paper Fig. 6): iperf3, one replica\n\n");
@@ -198,7 +181,36 @@ fn streams_plot(name: String, title: String, y_label: &'static str) -> super::Li
     }
 }
 
-fn run_iperf(
+/// Starts a real iperf3 server on the primary and a discard sink on the replica, so that
+/// what the replica receives is exactly the client's stream and nothing it answers
+/// matters.
+pub(super) fn start_servers(bed: &Testbed) -> anyhow::Result<Vec<std::process::Child>> {
+    let servers = vec![
+        bed.spawn("primary", &["iperf3", "-s", "-p", &PORT.to_string()])?,
+        bed.spawn(
+            "replica",
+            &[
+                "socat",
+                "-u",
+                &format!("TCP-LISTEN:{PORT},fork,reuseaddr,backlog=256"),
+                "OPEN:/dev/null",
+            ],
+        )?,
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(servers)
+}
+
+pub(super) fn stop_servers(servers: Vec<std::process::Child>) {
+    for mut server in servers {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
+
+/// Runs an iperf3 client on the source against the primary; its received throughput in
+/// bit/s.
+pub(super) fn run_iperf(
     bed: &Testbed,
     primary: std::net::Ipv4Addr,
     streams: u32,

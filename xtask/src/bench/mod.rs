@@ -7,6 +7,7 @@
 
 mod httperf;
 mod iperf;
+mod loss;
 mod pgbench;
 mod plot;
 mod routes;
@@ -29,6 +30,10 @@ pub use scale::sink_main as scale_sink;
 
 /// Results folder of a run of every experiment (committed with BENCHMARKS.md).
 const RESULTS_DIR: &str = "bench-results";
+
+/// XDP mode's per-connection TCP buffer when `[tcp]` does not set one (the data plane's
+/// default), written out when a `[tcp]` table is needed for another setting.
+const DEFAULT_TCP_BUFFER: u32 = 64 * 1024;
 
 /// Test-bed prefix when `NCP_BENCH_PREFIX` is not set.
 const DEFAULT_PREFIX: &str = "ncpb";
@@ -66,6 +71,30 @@ pub enum Experiment {
     /// 1,000 and 10,000 concurrent sessions on one worker: memory per session, time to
     /// open them, and throughput with every one of them sending.
     Scale,
+    /// iperf3 under random loss (nftables) at the primary's or the client's ingress,
+    /// links at 200 Mbit/s: direct versus XDP mode with each loss recovery and sockets
+    /// mode, and whether the replica kept up.
+    Loss,
+}
+
+/// Who repairs lost segments of XDP mode's TCP connections: the config's
+/// `[tcp] loss_recovery`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossRecovery {
+    /// NCP's own recovery layer under smoltcp (the data plane's default).
+    Ncp,
+    /// smoltcp's own retransmission alone.
+    Smoltcp,
+}
+
+impl LossRecovery {
+    /// The value as the middlebox config spells it.
+    pub fn config_value(self) -> &'static str {
+        match self {
+            LossRecovery::Ncp => "ncp",
+            LossRecovery::Smoltcp => "smoltcp",
+        }
+    }
 }
 
 /// Options common to all experiments.
@@ -79,6 +108,8 @@ pub struct Options {
     pub quick: bool,
     /// `[tcp] buffer_bytes` of the middlebox in the relay experiments (None: its default).
     pub tcp_buffer: Option<u32>,
+    /// `[tcp] loss_recovery` of XDP mode in the relay experiments (None: its default).
+    pub loss_recovery: Option<LossRecovery>,
     /// Where JSON, plots and the report go: `bench-results/` for a run of every
     /// experiment, `bench-results/partial/` for a run of some. Set by [`bench`] from the
     /// experiments it runs.
@@ -88,11 +119,29 @@ pub struct Options {
 impl Options {
     /// Middlebox settings of the relay experiments (iperf, httperf, pgbench).
     pub fn relay_tuning(&self) -> routes::Tuning {
+        self.relay_tuning_with(self.loss_recovery)
+    }
+
+    /// [`Options::relay_tuning`] with `loss_recovery` in place of the option's, for an
+    /// experiment that compares recoveries. Both settings share one `[tcp]` table: TOML
+    /// rejects a table defined twice.
+    pub fn relay_tuning_with(&self, loss_recovery: Option<LossRecovery>) -> routes::Tuning {
+        if self.tcp_buffer.is_none() && loss_recovery.is_none() {
+            return routes::Tuning::default();
+        }
+        // The data plane requires buffer_bytes and congestion_control in a `[tcp]` table
+        // (only loss_recovery has a default there), so one written here spells out the
+        // data plane's defaults for the settings not asked for.
+        let mut tcp = format!(
+            "[tcp]\nbuffer_bytes = {}\ncongestion_control = \"cubic\"\n",
+            self.tcp_buffer.unwrap_or(DEFAULT_TCP_BUFFER)
+        );
+        if let Some(recovery) = loss_recovery {
+            let _ = writeln!(tcp, "loss_recovery = \"{}\"", recovery.config_value());
+        }
         routes::Tuning {
             ports: None,
-            tables: self.tcp_buffer.map_or(String::new(), |bytes| {
-                format!("[tcp]\nbuffer_bytes = {bytes}\n")
-            }),
+            tables: tcp,
         }
     }
 }
@@ -129,6 +178,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
             Experiment::Httperf => httperf::httperf(&bed, &bins, options),
             Experiment::Pgbench => pgbench::pgbench(&bed, &bins, options),
             Experiment::Scale => scale::scale(&bed, &bins, options),
+            Experiment::Loss => loss::loss(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),
@@ -166,7 +216,7 @@ fn write_benchmarks_md(
         .collect();
     let _ = writeln!(
         doc,
-        "Produced by one run of `cargo xtask bench {} --repetitions {}{}{}{}` on {cores} cores ({cpu}), \
+        "Produced by one run of `cargo xtask bench {} --repetitions {}{}{}{}{}` on {cores} cores ({cpu}), \
          Linux {}, hosts in network namespaces joined by Open vSwitch (userspace datapath) bridges. \
          The machine is shared and noisy: compare the numbers within a table (measured side by \
          side, alternating), not across runs.\n",
@@ -181,6 +231,10 @@ fn write_benchmarks_md(
         options
             .tcp_buffer
             .map_or(String::new(), |bytes| format!(" --tcp-buffer {bytes}")),
+        options.loss_recovery.map_or(String::new(), |r| format!(
+            " --loss-recovery {}",
+            r.config_value()
+        )),
         kernel.trim()
     );
     doc.push_str(body);

@@ -118,16 +118,28 @@ fn steer(bed: &Testbed, primary: Ipv4Addr, mac: &str) -> anyhow::Result<()> {
     Ok(bed.set_neighbor("source", "eth0", primary, mac)?)
 }
 
-/// Puts (or removes) a 1 Gbit/s token bucket on every interface of every host.
-pub fn limit_links(bed: &Testbed, limited: bool) -> anyhow::Result<()> {
+/// Puts a token bucket of `mbit_per_s` on every interface of every host, or removes it
+/// (None).
+pub fn limit_links(bed: &Testbed, mbit_per_s: Option<u32>) -> anyhow::Result<()> {
     for host in ["source", "primary", "replica", "middlebox"] {
         for iface in ["eth0", "eth1"] {
-            if limited {
+            if let Some(rate) = mbit_per_s {
                 bed.exec(
                     host,
                     &[
-                        "tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate", "1gbit",
-                        "burst", "512kb", "latency", "50ms",
+                        "tc",
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        iface,
+                        "root",
+                        "tbf",
+                        "rate",
+                        &format!("{rate}mbit"),
+                        "burst",
+                        "512kb",
+                        "latency",
+                        "50ms",
                     ],
                 )?;
             } else {
