@@ -57,7 +57,9 @@ use ncp_replication::{
 
 pub use consistency::ConsistencyBook;
 pub use plan::{ServicePlan, manager_config};
-pub use stats::{DropStats, PUBLISH_INTERVAL, ServiceStats, WorkerReplicationStats};
+pub use stats::{
+    DriverCounters, DropStats, PUBLISH_INTERVAL, ServiceStats, WorkerReplicationStats,
+};
 pub use transport::{Addressed, Event, Received, Sent, Transport};
 
 use crate::offline::recorder::RecId;
@@ -895,15 +897,17 @@ impl<T: Transport> Driver<T> {
         }
         let metrics = self.manager.metrics();
         WorkerReplicationStats {
-            sessions_active: self.sessions.len() as u64,
-            sessions_total: services.iter().map(|s| s.sessions_total).sum(),
-            sessions_refused: services.iter().map(|s| s.refused.total()).sum::<u64>()
-                + self.drops.not_a_service,
-            memory_reserved_bytes: metrics.memory_reserved_bytes,
-            memory_buffered_bytes: buffered,
+            counters: DriverCounters {
+                sessions_active: self.sessions.len() as u64,
+                sessions_total: services.iter().map(|s| s.sessions_total).sum(),
+                sessions_refused: services.iter().map(|s| s.refused.total()).sum::<u64>()
+                    + self.drops.not_a_service,
+                memory_reserved_bytes: metrics.memory_reserved_bytes,
+                memory_buffered_bytes: buffered,
+                drops: self.drops,
+            },
             lingering_connections: self.lingering_count as u64,
             lingering_bytes_discarded: self.lingering_discarded,
-            drops: self.drops,
             services,
             ..WorkerReplicationStats::default()
         }

@@ -17,7 +17,7 @@ use std::{
 use ncp_dataplane::{
     config::Config,
     control::{self, Request, Response},
-    driver::consistency::ReplicaConsistency,
+    driver::{DriverCounters, consistency::ReplicaConsistency},
     sockets::{self, ServiceStats, SocketsStats, StatsHandle},
 };
 use ncp_testbed::{Testbed, Topology, UpOptions};
@@ -75,9 +75,7 @@ enum Middlebox {
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
     pub workers: u64,
-    pub sessions_total: u64,
-    pub sessions_active: u64,
-    pub sessions_refused: u64,
+    pub counters: DriverCounters,
     /// Connections (XDP mode) or sockets (sockets mode) kept after their session.
     pub lingering: u64,
     pub services: Vec<ServiceStats>,
@@ -89,9 +87,7 @@ impl From<SocketsStats> for Counters {
     fn from(s: SocketsStats) -> Self {
         Counters {
             workers: s.workers,
-            sessions_total: s.sessions_total,
-            sessions_active: s.sessions_active,
-            sessions_refused: s.sessions_refused,
+            counters: s.counters,
             lingering: s.lingering_sockets,
             services: s.services,
             per_worker: Vec::new(),
@@ -103,9 +99,7 @@ impl From<ReplicationStats> for Counters {
     fn from(s: ReplicationStats) -> Self {
         Counters {
             workers: s.workers,
-            sessions_total: s.sessions_total,
-            sessions_active: s.sessions_active,
-            sessions_refused: s.sessions_refused,
+            counters: s.counters,
             lingering: s.lingering_connections,
             services: s.services,
             per_worker: s.per_worker,
