@@ -52,7 +52,8 @@ use std::{
 };
 
 use ncp_replication::{
-    Action, DetachReason, Manager, ManagerConfig, Refusal, ReplyCheckOutcome, SessionId, Side,
+    Action, DetachReason, Manager, ManagerConfig, Refusal, ReplyCheckOutcome, Session, SessionId,
+    Side,
 };
 
 pub use consistency::ConsistencyBook;
@@ -63,6 +64,9 @@ pub use stats::{
 pub use transport::{Addressed, Event, Received, Sent, Transport};
 
 use crate::offline::recorder::RecId;
+
+/// An input of the replication core about one side of a session (a connection event).
+type SideInput = fn(&mut Session, Side, Instant) -> Result<(), ncp_replication::Error>;
 
 /// Bytes read from a connection per read call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -298,36 +302,23 @@ impl<T: Transport> Driver<T> {
         ) {
             self.forget(conn, id, side);
         }
-        let result = match event {
-            Event::Connected(_) => {
-                tracing::debug!(session = %id, ?side, "upstream connected");
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_connected(side, now))
-            }
-            Event::Refused(_) => {
-                tracing::debug!(session = %id, ?side, "upstream refused");
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_refused(side, now))
-            }
-            Event::Reset(_) => {
-                tracing::debug!(session = %id, ?side, "connection reset");
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_reset(side, now))
-            }
-            Event::PeerClosed(_) => {
-                // Reported only once every byte before the FIN was read, and every byte
-                // read went to the core: the FIN is in order.
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_fin(side, now))
-            }
+        // The core's input for the event, and what the log calls it.
+        let input: Option<(SideInput, &str)> = match event {
+            Event::Connected(_) => Some((Session::on_connected, "upstream connected")),
+            Event::Refused(_) => Some((Session::on_refused, "upstream refused")),
+            Event::Reset(_) => Some((Session::on_reset, "connection reset")),
+            // Reported only once every byte before the FIN was read, and every byte read
+            // went to the core: the FIN is in order.
+            Event::PeerClosed(_) => Some((Session::on_fin, "peer closed")),
             // Closed: the FIN came before and ours was sent (Close): nothing left to tell
             // the core. Active: the drive does the work.
             Event::Closed(_) | Event::Active(_) | Event::Accepted { .. } => None,
         };
+        let result = input.and_then(|(input, what)| {
+            tracing::debug!(session = %id, ?side, "{what}");
+            let mut session = self.manager.session_mut(id)?;
+            Some(input(&mut session, side, now))
+        });
         if let Some(Err(e)) = result {
             self.core_rejected(id, e);
         }
