@@ -314,13 +314,9 @@ impl<T: Transport> Driver<T> {
             // the core. Active: the drive does the work.
             Event::Closed(_) | Event::Active(_) | Event::Accepted { .. } => None,
         };
-        let result = input.and_then(|(input, what)| {
+        if let Some((input, what)) = input {
             tracing::debug!(session = %id, ?side, "{what}");
-            let mut session = self.manager.session_mut(id)?;
-            Some(input(&mut session, side, now))
-        });
-        if let Some(Err(e)) = result {
-            self.core_rejected(id, e);
+            self.tell_core(id, side, now, input);
         }
         self.apply_actions(id, now);
         self.mark(id);
@@ -596,10 +592,16 @@ impl<T: Transport> Driver<T> {
         tracing::debug!(session = %id, ?side, %error, "connection lost");
         self.transport.abort(conn);
         self.forget(conn, id, side);
+        self.tell_core(id, side, now, Session::on_reset);
+    }
+
+    /// Gives the core an input about one side of session `id` (if the session still
+    /// exists); an input it rejects is counted and logged.
+    fn tell_core(&mut self, id: SessionId, side: Side, now: Instant, input: SideInput) {
         let result = self
             .manager
             .session_mut(id)
-            .map(|mut s| s.on_reset(side, now));
+            .map(|mut s| input(&mut s, side, now));
         if let Some(Err(e)) = result {
             self.core_rejected(id, e);
         }
@@ -761,13 +763,7 @@ impl<T: Transport> Driver<T> {
             Err(e) => {
                 self.drops.connect_failed += 1;
                 tracing::debug!(session = %id, ?side, %to, error = %e, "connect failed at once");
-                let result = self
-                    .manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_refused(side, now));
-                if let Some(Err(e)) = result {
-                    self.core_rejected(id, e);
-                }
+                self.tell_core(id, side, now, Session::on_refused);
             }
         }
     }
