@@ -111,7 +111,9 @@ pub fn redis_workload_leaves_primary_and_replica_with_the_same_data(
 
     // The replica's connection lingers after the session until the replica closes it.
     let s = scene.stats_when("session ends and its connections are closed", |s| {
-        s.counters.sessions_total == 1 && s.counters.sessions_active == 0 && s.lingering == 0
+        s.counters.sessions_total == 1
+            && s.counters.sessions_active == 0
+            && s.lingering_connections == 0
     });
     let svc = &s.services[0];
     // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
@@ -283,7 +285,7 @@ pub fn refusing_primary_resets_clients_promptly_and_leaves_no_session(
         s.counters.sessions_active,
         svc.primary_failures,
         svc.replicas[0].detached,
-        s.lingering
+        s.lingering_connections
     );
     assert!(slowest < Duration::from_secs(2), "a reset took {slowest:?}");
     assert_eq!(svc.primary_failures, CONNECTIONS as u64, "{s:#?}");
