@@ -2,7 +2,10 @@
 //! classification (Ethernet/VLAN/IPv4 parse that feeds the TCP stack and the neighbour
 //! table) and the software model of the redirect-rule match.
 
-use std::{hint::black_box, net::Ipv4Addr};
+use std::{
+    hint::black_box,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ncp_dataplane::{
@@ -11,17 +14,13 @@ use ncp_dataplane::{
     xdp::device::parse_rx,
 };
 
+/// An ACK from a client to an iperf3 server.
 fn spec() -> TcpFrameSpec {
-    TcpFrameSpec {
-        src_mac: [2, 0, 0, 0, 0, 1],
-        dst_mac: [2, 0, 0, 0, 0, 2],
-        src_ip: Ipv4Addr::new(198, 18, 1, 1),
-        dst_ip: Ipv4Addr::new(198, 18, 1, 2),
-        src_port: 40000,
-        dst_port: 5201,
-        flags: 0x10,
-        seq: 1,
-    }
+    TcpFrameSpec::local(
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 1), 40000),
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), 5201),
+        0x10,
+    )
 }
 
 fn classification(c: &mut Criterion) {

@@ -32,6 +32,27 @@ pub struct TcpFrameSpec {
     pub seq: u32,
 }
 
+impl TcpFrameSpec {
+    /// A segment from `src` to `dst` with sequence number 1, between the [`LOCAL_MACS`]:
+    /// the frame of a benchmark or a test, which no NIC's address filter sees.
+    pub fn local(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
+        let (src_mac, dst_mac) = LOCAL_MACS;
+        Self {
+            src_mac,
+            dst_mac,
+            src_ip: *src.ip(),
+            dst_ip: *dst.ip(),
+            src_port: src.port(),
+            dst_port: dst.port(),
+            flags,
+            seq: 1,
+        }
+    }
+}
+
+/// Locally administered source and destination MACs for frames built in memory.
+pub const LOCAL_MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+
 /// Ways a frame can be broken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -210,16 +231,11 @@ mod tests {
     use super::*;
 
     fn spec() -> TcpFrameSpec {
-        TcpFrameSpec {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src_ip: Ipv4Addr::new(198, 18, 1, 1),
-            dst_ip: Ipv4Addr::new(198, 18, 1, 2),
-            src_port: 40000,
-            dst_port: 5201,
-            flags: 0x02,
-            seq: 1,
-        }
+        TcpFrameSpec::local(
+            "198.18.1.1:40000".parse().unwrap(),
+            "198.18.1.2:5201".parse().unwrap(),
+            0x02,
+        )
     }
 
     #[test]

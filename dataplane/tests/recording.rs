@@ -181,7 +181,7 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
     );
 
     let s = scene.stats_when("the session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0
+        s.counters.sessions_total == 1 && s.counters.sessions_active == 0
     });
     let client_bytes_in = s.services[0].client_bytes_in;
     // Queued for the file by the time the session ended, so already final.
@@ -326,7 +326,7 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
             assert!(Instant::now() < deadline, "iperf3 failed: {out}{err}");
             thread::sleep(Duration::from_millis(500));
         };
-        let s = scene.stats_when("iperf3's sessions end", |s| s.sessions_active == 0);
+        let s = scene.stats_when("iperf3's sessions end", |s| s.counters.sessions_active == 0);
         scene.stop_middlebox();
         let gbps = iperf_bps(&out) / 1e9;
         results.push((

@@ -203,7 +203,7 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
         let direct = iperf3(&scene.bed, direct_to, parallel, 3);
         sessions += parallel as u64 + 1; // the data streams and the control connection
         let s = scene.stats_when("iperf3 sessions end", |s| {
-            s.sessions_active == 0 && s.services[0].sessions_total == sessions
+            s.counters.sessions_active == 0 && s.services[0].sessions_total == sessions
         });
         let svc = &s.services[0];
         eprintln!(
@@ -265,7 +265,7 @@ fn iperf3_parallel_streams_and_a_byte_identical_replica_stream() {
     assert_eq!(primary, sent, "primary got a different stream");
     assert_eq!(replica, sent, "replica got a different stream");
     let s = scene.stats_when("stream session ends", |s| {
-        s.sessions_active == 0 && s.services[1].sessions_total == 1
+        s.counters.sessions_active == 0 && s.services[1].sessions_total == 1
     });
     let svc = &s.services[1];
     assert_eq!(svc.primary_bytes_out, data.len() as u64, "{s:#?}");
@@ -354,7 +354,7 @@ fn stalled_replica_neither_slows_the_primary_nor_grows_memory() {
     let healthy = push_stream(&scene.bed, to, LEN).join().unwrap();
     assert_eq!(primary.join().unwrap(), LEN as u64);
     let s = scene.stats_when("baseline session ends", |s| {
-        s.sessions_active == 0 && s.sessions_total == 1
+        s.counters.sessions_active == 0 && s.counters.sessions_total == 1
     });
     // A lost frame costs smoltcp its 1 s minimum RTO, which can push even a healthy
     // replica past its budget on this software switch: reported, not asserted.
@@ -373,7 +373,8 @@ fn stalled_replica_neither_slows_the_primary_nor_grows_memory() {
     let primary = counting_sink(&scene.bed, "primary", STREAM_PORT);
     let client = push_stream(&scene.bed, to, LEN);
     scene.stats_when("the replica is being fed", |s| {
-        s.sessions_total == 2 && s.services[0].replicas[0].bytes_out > fed_before + (16 << 20)
+        s.counters.sessions_total == 2
+            && s.services[0].replicas[0].bytes_out > fed_before + (16 << 20)
     });
     signal(&scene.children[stalled], libc::SIGSTOP);
     let mut rss_max = 0;
@@ -384,7 +385,7 @@ fn stalled_replica_neither_slows_the_primary_nor_grows_memory() {
     let slowed = client.join().unwrap();
     assert_eq!(primary.join().unwrap(), LEN as u64);
     let s = scene.stats_when("stalled session ends", |s| {
-        s.sessions_active == 0 && s.sessions_total == 2
+        s.counters.sessions_active == 0 && s.counters.sessions_total == 2
     });
     let svc = &s.services[0];
     eprintln!(
@@ -457,7 +458,10 @@ fn two_workers_share_the_nics_and_hand_frames_to_their_owner() {
     let s = concurrent_sessions("nx8", Duration::from_millis(2), 2);
     assert_eq!(s.per_worker.len(), 2, "{s:#?}");
     for w in &s.per_worker {
-        assert!(w.sessions_total > 0, "a worker got no session: {s:#?}");
+        assert!(
+            w.counters.sessions_total > 0,
+            "a worker got no session: {s:#?}"
+        );
     }
     let links = || s.per_worker.iter().flat_map(|w| &w.links);
     let out: u64 = links().map(|l| l.handed_out).sum();
@@ -528,12 +532,12 @@ fn concurrent_sessions(prefix: &'static str, stagger: Duration, queues: u16) -> 
         }
     }
     let s = scene.stats_when("sessions end", |s| {
-        s.sessions_total == SESSIONS as u64 && s.sessions_active == 0
+        s.counters.sessions_total == SESSIONS as u64 && s.counters.sessions_active == 0
     });
     eprintln!(
         "xdp concurrent: {SESSIONS} sessions of {} KiB each in {elapsed:.2?}, intact at primary and replica; listener handshakes failed {}, detaches {:?}",
         EACH >> 10,
-        s.per_worker[0].links[0].half_open_failed,
+        s.per_worker[0].links[0].tcp.half_open_failed,
         s.services[0].detached
     );
     assert_eq!(s.services[0].detached.total(), 0, "{s:#?}");

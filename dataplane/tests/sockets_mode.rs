@@ -150,7 +150,7 @@ fn byte_stream_reaches_primary_and_replica_identically() {
     assert_eq!(digests[0], digests[2]);
 
     let s = scene.stats_when("session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0
+        s.counters.sessions_total == 1 && s.counters.sessions_active == 0
     });
     let svc = &s.services[0];
     assert_eq!(svc.primary_bytes_out, data.len() as u64, "{s:#?}");
@@ -236,7 +236,7 @@ fn middlebox_binary_runs_sockets_mode_with_stats_and_cleans_up_on_sigterm() {
         let s = stats();
         if let Some(s) = s
             .as_ref()
-            .filter(|s| s.sessions_total == 1 && s.sessions_active == 0)
+            .filter(|s| s.counters.sessions_total == 1 && s.counters.sessions_active == 0)
         {
             break s.clone();
         }
@@ -310,7 +310,7 @@ fn parallel_streams_are_each_replicated_intact() {
         mib_per_s(STREAMS * EACH, direct)
     );
     let s = scene.stats_when("sessions end", |s| {
-        s.sessions_total == STREAMS as u64 && s.sessions_active == 0
+        s.counters.sessions_total == STREAMS as u64 && s.counters.sessions_active == 0
     });
     let svc = &s.services[0];
     assert_eq!(svc.primary_bytes_out, (STREAMS * EACH) as u64, "{s:#?}");

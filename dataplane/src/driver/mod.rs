@@ -52,15 +52,21 @@ use std::{
 };
 
 use ncp_replication::{
-    Action, DetachReason, Manager, ManagerConfig, Refusal, ReplyCheckOutcome, SessionId, Side,
+    Action, DetachReason, Manager, ManagerConfig, Refusal, ReplyCheckOutcome, Session, SessionId,
+    Side,
 };
 
 pub use consistency::ConsistencyBook;
 pub use plan::{ServicePlan, manager_config};
-pub use stats::{DropStats, PUBLISH_INTERVAL, ServiceStats, WorkerReplicationStats};
+pub use stats::{
+    DriverCounters, DropStats, PUBLISH_INTERVAL, ServiceStats, WorkerReplicationStats,
+};
 pub use transport::{Addressed, Event, Received, Sent, Transport};
 
 use crate::offline::recorder::RecId;
+
+/// An input of the replication core about one side of a session (a connection event).
+type SideInput = fn(&mut Session, Side, Instant) -> Result<(), ncp_replication::Error>;
 
 /// Bytes read from a connection per read call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -296,38 +302,21 @@ impl<T: Transport> Driver<T> {
         ) {
             self.forget(conn, id, side);
         }
-        let result = match event {
-            Event::Connected(_) => {
-                tracing::debug!(session = %id, ?side, "upstream connected");
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_connected(side, now))
-            }
-            Event::Refused(_) => {
-                tracing::debug!(session = %id, ?side, "upstream refused");
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_refused(side, now))
-            }
-            Event::Reset(_) => {
-                tracing::debug!(session = %id, ?side, "connection reset");
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_reset(side, now))
-            }
-            Event::PeerClosed(_) => {
-                // Reported only once every byte before the FIN was read, and every byte
-                // read went to the core: the FIN is in order.
-                self.manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_fin(side, now))
-            }
+        // The core's input for the event, and what the log calls it.
+        let input: Option<(SideInput, &str)> = match event {
+            Event::Connected(_) => Some((Session::on_connected, "upstream connected")),
+            Event::Refused(_) => Some((Session::on_refused, "upstream refused")),
+            Event::Reset(_) => Some((Session::on_reset, "connection reset")),
+            // Reported only once every byte before the FIN was read, and every byte read
+            // went to the core: the FIN is in order.
+            Event::PeerClosed(_) => Some((Session::on_fin, "peer closed")),
             // Closed: the FIN came before and ours was sent (Close): nothing left to tell
             // the core. Active: the drive does the work.
             Event::Closed(_) | Event::Active(_) | Event::Accepted { .. } => None,
         };
-        if let Some(Err(e)) = result {
-            self.core_rejected(id, e);
+        if let Some((input, what)) = input {
+            tracing::debug!(session = %id, ?side, "{what}");
+            self.tell_core(id, side, now, input);
         }
         self.apply_actions(id, now);
         self.mark(id);
@@ -603,10 +592,16 @@ impl<T: Transport> Driver<T> {
         tracing::debug!(session = %id, ?side, %error, "connection lost");
         self.transport.abort(conn);
         self.forget(conn, id, side);
+        self.tell_core(id, side, now, Session::on_reset);
+    }
+
+    /// Gives the core an input about one side of session `id` (if the session still
+    /// exists); an input it rejects is counted and logged.
+    fn tell_core(&mut self, id: SessionId, side: Side, now: Instant, input: SideInput) {
         let result = self
             .manager
             .session_mut(id)
-            .map(|mut s| s.on_reset(side, now));
+            .map(|mut s| input(&mut s, side, now));
         if let Some(Err(e)) = result {
             self.core_rejected(id, e);
         }
@@ -768,13 +763,7 @@ impl<T: Transport> Driver<T> {
             Err(e) => {
                 self.drops.connect_failed += 1;
                 tracing::debug!(session = %id, ?side, %to, error = %e, "connect failed at once");
-                let result = self
-                    .manager
-                    .session_mut(id)
-                    .map(|mut s| s.on_refused(side, now));
-                if let Some(Err(e)) = result {
-                    self.core_rejected(id, e);
-                }
+                self.tell_core(id, side, now, Session::on_refused);
             }
         }
     }
@@ -895,15 +884,17 @@ impl<T: Transport> Driver<T> {
         }
         let metrics = self.manager.metrics();
         WorkerReplicationStats {
-            sessions_active: self.sessions.len() as u64,
-            sessions_total: services.iter().map(|s| s.sessions_total).sum(),
-            sessions_refused: services.iter().map(|s| s.refused.total()).sum::<u64>()
-                + self.drops.not_a_service,
-            memory_reserved_bytes: metrics.memory_reserved_bytes,
-            memory_buffered_bytes: buffered,
+            counters: DriverCounters {
+                sessions_active: self.sessions.len() as u64,
+                sessions_total: services.iter().map(|s| s.sessions_total).sum(),
+                sessions_refused: services.iter().map(|s| s.refused.total()).sum::<u64>()
+                    + self.drops.not_a_service,
+                memory_reserved_bytes: metrics.memory_reserved_bytes,
+                memory_buffered_bytes: buffered,
+                drops: self.drops,
+            },
             lingering_connections: self.lingering_count as u64,
             lingering_bytes_discarded: self.lingering_discarded,
-            drops: self.drops,
             services,
             ..WorkerReplicationStats::default()
         }

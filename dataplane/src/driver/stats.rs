@@ -21,7 +21,10 @@ use std::{
 use ncp_replication::{DetachCounts, SessionStats};
 use serde::{Deserialize, Serialize};
 
-use crate::offline::recorder::{RecordHandle, RecorderStats};
+use crate::{
+    engine::EngineCounters,
+    offline::recorder::{RecordHandle, RecorderStats},
+};
 
 /// How often a worker refreshes its published snapshot.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
@@ -32,6 +35,36 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 pub struct SocketsStats {
     /// Worker threads (each with its own event loop and listeners).
     pub workers: u64,
+    /// Sessions, buffer memory and drops, summed over the workers.
+    #[serde(flatten)]
+    pub counters: DriverCounters,
+    /// Upstream sockets of finished sessions still draining their peer's last bytes
+    /// before they are closed (gauge).
+    pub lingering_sockets: u64,
+    /// Bytes read and discarded from lingering sockets.
+    pub lingering_bytes_discarded: u64,
+    /// Per service, in configuration order.
+    pub services: Vec<ServiceStats>,
+}
+
+impl From<WorkerReplicationStats> for SocketsStats {
+    /// One sockets-mode worker's snapshot (it has no links to report).
+    fn from(d: WorkerReplicationStats) -> Self {
+        Self {
+            workers: 1,
+            counters: d.counters,
+            lingering_sockets: d.lingering_connections,
+            lingering_bytes_discarded: d.lingering_bytes_discarded,
+            services: d.services,
+        }
+    }
+}
+
+/// The counters every snapshot of a driver carries, per worker and summed: its sessions,
+/// their buffer memory and what it dropped. Flattened into each snapshot type, so the
+/// field names are the ones `ncp-middlebox stats` prints at the top level.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DriverCounters {
     /// Sessions open right now (gauge).
     pub sessions_active: u64,
     /// Sessions ever admitted.
@@ -42,33 +75,21 @@ pub struct SocketsStats {
     pub memory_reserved_bytes: u64,
     /// Bytes buffered in the replication core right now (gauge).
     pub memory_buffered_bytes: u64,
-    /// Upstream sockets of finished sessions still draining their peer's last bytes
-    /// before they are closed (gauge).
-    pub lingering_sockets: u64,
-    /// Bytes read and discarded from lingering sockets.
-    pub lingering_bytes_discarded: u64,
     /// Drops by reason.
     #[serde(default)]
     pub drops: DropStats,
-    /// Per service, in configuration order.
-    pub services: Vec<ServiceStats>,
 }
 
-impl From<WorkerReplicationStats> for SocketsStats {
-    /// One sockets-mode worker's snapshot (it has no links to report).
-    fn from(d: WorkerReplicationStats) -> Self {
-        Self {
-            workers: 1,
-            sessions_active: d.sessions_active,
-            sessions_total: d.sessions_total,
-            sessions_refused: d.sessions_refused,
-            memory_reserved_bytes: d.memory_reserved_bytes,
-            memory_buffered_bytes: d.memory_buffered_bytes,
-            lingering_sockets: d.lingering_connections,
-            lingering_bytes_discarded: d.lingering_bytes_discarded,
-            drops: d.drops,
-            services: d.services,
-        }
+impl DriverCounters {
+    /// Adds another worker's counters (gauges add up too: each worker has its own
+    /// sessions).
+    fn add(&mut self, o: &Self) {
+        self.sessions_active += o.sessions_active;
+        self.sessions_total += o.sessions_total;
+        self.sessions_refused += o.sessions_refused;
+        self.memory_reserved_bytes += o.memory_reserved_bytes;
+        self.memory_buffered_bytes += o.memory_buffered_bytes;
+        self.drops.add(&o.drops);
     }
 }
 
@@ -103,18 +124,9 @@ pub struct LinkStats {
     pub connections: u64,
     /// Owned ports in use for upstream connections.
     pub ports_in_use: u64,
-    /// Connections accepted from clients.
-    pub accepted: u64,
-    /// Upstream connections established.
-    pub connected: u64,
-    /// Upstream connection attempts refused or timed out.
-    pub refused: u64,
-    /// Established connections reset or timed out.
-    pub reset: u64,
-    /// Connections closed cleanly.
-    pub closed: u64,
-    /// Client handshakes that failed before an accept.
-    pub half_open_failed: u64,
+    /// The link's TCP engine's connection counters, as the engine counts them.
+    #[serde(flatten)]
+    pub tcp: EngineCounters,
     /// Frames dropped on transmit because the next hop's MAC was unknown.
     pub tx_no_neighbour: u64,
     /// Frames dropped on transmit because no UMEM frame or ring slot was free (TCP
@@ -122,12 +134,6 @@ pub struct LinkStats {
     pub tx_no_frame: u64,
     /// Received frames that were not IPv4 or were truncated.
     pub rx_dropped: u64,
-    /// Connection requests reset because the connection bound was reached.
-    #[serde(default)]
-    pub overloaded: u64,
-    /// TCP segments of no connection (answered with a reset).
-    #[serde(default)]
-    pub strays: u64,
     /// Frames passed to the worker that owns them (several workers per NIC).
     #[serde(default)]
     pub handed_out: u64,
@@ -148,22 +154,13 @@ pub struct WorkerReplicationStats {
     pub interface: String,
     /// Queue served (XDP mode).
     pub queue: u32,
-    /// Sessions open right now (gauge).
-    pub sessions_active: u64,
-    /// Sessions ever admitted.
-    pub sessions_total: u64,
-    /// Client connections reset at accept time, for any reason.
-    pub sessions_refused: u64,
-    /// Worst-case buffer memory reserved by open sessions (gauge).
-    pub memory_reserved_bytes: u64,
-    /// Bytes buffered in the replication core right now (gauge).
-    pub memory_buffered_bytes: u64,
+    /// Sessions, buffer memory and drops.
+    #[serde(flatten)]
+    pub counters: DriverCounters,
     /// Upstream connections of finished sessions still draining (gauge).
     pub lingering_connections: u64,
     /// Bytes read and discarded from lingering connections.
     pub lingering_bytes_discarded: u64,
-    /// Drops by reason.
-    pub drops: DropStats,
     /// Per link (engine), client-facing first (XDP mode).
     pub links: Vec<LinkStats>,
     /// Per service, in configuration order.
@@ -176,20 +173,11 @@ pub struct WorkerReplicationStats {
 pub struct ReplicationStats {
     /// Workers reporting.
     pub workers: u64,
-    /// Sessions open right now (gauge).
-    pub sessions_active: u64,
-    /// Sessions ever admitted.
-    pub sessions_total: u64,
-    /// Client connections reset at accept time.
-    pub sessions_refused: u64,
-    /// Worst-case buffer memory reserved by open sessions (gauge).
-    pub memory_reserved_bytes: u64,
-    /// Bytes buffered in the replication core right now (gauge).
-    pub memory_buffered_bytes: u64,
+    /// Sessions, buffer memory and drops, summed.
+    #[serde(flatten)]
+    pub counters: DriverCounters,
     /// Upstream connections of finished sessions still draining (gauge).
     pub lingering_connections: u64,
-    /// Drops by reason, summed.
-    pub drops: DropStats,
     /// Per service, summed over workers (lag: the largest).
     pub services: Vec<ServiceStats>,
     /// Per worker.
@@ -204,13 +192,8 @@ impl ReplicationStats {
             ..Self::default()
         };
         for w in &workers {
-            total.sessions_active += w.sessions_active;
-            total.sessions_total += w.sessions_total;
-            total.sessions_refused += w.sessions_refused;
-            total.memory_reserved_bytes += w.memory_reserved_bytes;
-            total.memory_buffered_bytes += w.memory_buffered_bytes;
+            total.counters.add(&w.counters);
             total.lingering_connections += w.lingering_connections;
-            total.drops.add(&w.drops);
             merge_services(&mut total.services, &w.services);
         }
         total.per_worker = workers;
@@ -423,14 +406,9 @@ impl SocketsStats {
     /// Folds another worker's snapshot into this one (same services, same order).
     fn merge(&mut self, o: &Self) {
         self.workers += o.workers;
-        self.sessions_active += o.sessions_active;
-        self.sessions_total += o.sessions_total;
-        self.sessions_refused += o.sessions_refused;
-        self.memory_reserved_bytes += o.memory_reserved_bytes;
-        self.memory_buffered_bytes += o.memory_buffered_bytes;
+        self.counters.add(&o.counters);
         self.lingering_sockets += o.lingering_sockets;
         self.lingering_bytes_discarded += o.lingering_bytes_discarded;
-        self.drops.add(&o.drops);
         merge_services(&mut self.services, &o.services);
     }
 }
@@ -534,7 +512,7 @@ mod tests {
             ..SocketsStats::default()
         };
         handle.reset(2, &base);
-        base.sessions_active = 2;
+        base.counters.sessions_active = 2;
         base.services[0].sessions_active = 2;
         base.services[0].replicas[0].lag_bytes = 10;
         base.services[0].replicas[0]
@@ -547,12 +525,29 @@ mod tests {
 
         let s = handle.snapshot();
         assert_eq!(s.workers, 2);
-        assert_eq!(s.sessions_active, 4);
+        assert_eq!(s.counters.sessions_active, 4);
         assert_eq!(s.services[0].sessions_active, 4);
         assert_eq!(s.services[0].replicas[0].lag_bytes, 10);
         assert_eq!(s.services[0].replicas[0].detached.died, 2);
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"listen_port\":40000"), "{json}");
+    }
+
+    #[test]
+    fn flattened_counters_keep_their_top_level_names() {
+        let mut worker = WorkerReplicationStats {
+            links: vec![LinkStats::default()],
+            ..WorkerReplicationStats::default()
+        };
+        worker.counters.sessions_active = 3;
+        worker.links[0].tcp.accepted = 2;
+        let total = ReplicationStats::from_workers(vec![worker.clone()]);
+        let json = serde_json::to_value(&total).unwrap();
+        assert_eq!(json["sessions_active"], 3, "{json}");
+        assert_eq!(json["drops"]["not_a_service"], 0, "{json}");
+        assert_eq!(json["per_worker"][0]["links"][0]["accepted"], 2, "{json}");
+        let back: ReplicationStats = serde_json::from_value(json).unwrap();
+        assert_eq!(back, total);
     }
 
     #[test]

@@ -289,7 +289,7 @@ fn upstreams_are_connected_and_a_refused_replica_is_detached() {
     let svc = bed.service();
     assert_eq!(svc.replicas[0].detached.refused, 1);
     assert_eq!(svc.sessions_active, 1, "the client is still served");
-    assert_eq!(bed.driver.snapshot().drops, DropStats::default());
+    assert_eq!(bed.driver.snapshot().counters.drops, DropStats::default());
 }
 
 #[test]
@@ -299,7 +299,7 @@ fn a_connect_that_fails_at_once_is_a_refusal() {
     let client = bed.client(b"hello");
     assert_eq!(bed.fake().gone.get(&client), Some(&Gone::Aborted));
     let s = bed.driver.snapshot();
-    assert_eq!(s.drops.connect_failed, 1);
+    assert_eq!(s.counters.drops.connect_failed, 1);
     assert_eq!(s.services[0].primary_failures, 1);
     // Without a primary the client is reset; the replica is still closed in order.
     let replica = bed.connected(REPLICA);
@@ -327,8 +327,11 @@ fn clients_outside_the_prefix_and_unknown_services_are_reset() {
     assert_eq!(bed.fake().gone.get(&nowhere), Some(&Gone::Aborted));
     let s = bed.driver.snapshot();
     assert_eq!(s.services[0].refused.not_a_client, 1);
-    assert_eq!(s.drops.not_a_service, 1);
-    assert_eq!((s.sessions_refused, s.sessions_total), (2, 0));
+    assert_eq!(s.counters.drops.not_a_service, 1);
+    assert_eq!(
+        (s.counters.sessions_refused, s.counters.sessions_total),
+        (2, 0)
+    );
 }
 
 #[test]
@@ -400,7 +403,7 @@ fn a_lingering_replica_is_released_at_the_drain_deadline() {
     assert_eq!(bed.fake().gone.get(&replica), Some(&Gone::Released));
     let s = bed.driver.snapshot();
     assert_eq!(s.lingering_connections, 0);
-    assert_eq!(s.drops.lingering_overflow, 0);
+    assert_eq!(s.counters.drops.lingering_overflow, 0);
 }
 
 #[test]
@@ -447,7 +450,10 @@ fn shutdown_resets_open_sessions() {
         assert_eq!(bed.fake().gone.get(&conn), Some(&Gone::Aborted), "{conn}");
     }
     let s = bed.driver.snapshot();
-    assert_eq!((s.sessions_active, s.sessions_total), (0, 1));
+    assert_eq!(
+        (s.counters.sessions_active, s.counters.sessions_total),
+        (0, 1)
+    );
     assert_eq!(s.services[0].primary_bytes_out, 9);
     assert_eq!(bed.driver.next_timer(), None);
     // Events for released connections are ignored.

@@ -226,8 +226,10 @@ pub enum EngineError {
     Config(String),
 }
 
-/// Counters of the engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters of the engine. Published as they are in the stats, where counters newer than
+/// a reader's snapshot default to zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct EngineCounters {
     /// Connections accepted.
     pub accepted: u64,

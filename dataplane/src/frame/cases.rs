@@ -437,16 +437,11 @@ fn answers_to_owned_endpoints_go_to_the_worker_of_their_port() {
 
 #[test]
 fn the_packet_generator_breaks_frames_the_way_the_table_expects() {
-    let spec = TcpFrameSpec {
-        src_mac: [2, 0, 0, 0, 0, 1],
-        dst_mac: [2, 0, 0, 0, 0, 2],
-        src_ip: CLIENT,
-        dst_ip: PRIMARY,
-        src_port: 40000,
-        dst_port: SERVICE_PORT,
-        flags: 0x02,
-        seq: 1,
-    };
+    let spec = TcpFrameSpec::local(
+        SocketAddrV4::new(CLIENT, 40000),
+        SocketAddrV4::new(PRIMARY, SERVICE_PORT),
+        0x02,
+    );
     let tables = tables();
     for kind in Malformation::ALL {
         let expected = match kind {

@@ -217,6 +217,18 @@ struct Live {
     last_ts: u64,
 }
 
+/// Where a reader's events go: it returns `Break` to stop the reading early.
+pub type EventSink<'a> = dyn FnMut(Event) -> ControlFlow<()> + 'a;
+
+/// One TCP segment of a capture, with what came with its packet.
+struct Arrival<'s, 'p> {
+    seg: &'s TcpSegment<'p>,
+    /// The packet's comment, when it is one of the recorder's annotations.
+    annotation: Option<Annotation>,
+    /// The packet's capture time.
+    ts_ns: u64,
+}
+
 /// Streaming reassembler over one or more pcapng inputs; see the module docs.
 #[derive(Default)]
 pub struct SessionReader {
@@ -243,7 +255,7 @@ impl SessionReader {
     pub fn read_path(
         &mut self,
         path: &Path,
-        sink: &mut dyn FnMut(Event) -> ControlFlow<()>,
+        sink: &mut EventSink<'_>,
     ) -> Result<ControlFlow<()>, FileError> {
         let file = File::open(path).map_err(|e| FileError {
             path: Some(path.to_path_buf()),
@@ -264,7 +276,7 @@ impl SessionReader {
     pub fn read_stream<R: Read>(
         &mut self,
         input: R,
-        sink: &mut dyn FnMut(Event) -> ControlFlow<()>,
+        sink: &mut EventSink<'_>,
     ) -> Result<ControlFlow<()>, FormatError> {
         let mut blocks = BlockReader::new(input);
         while let Some(block) = blocks.next_block()? {
@@ -275,7 +287,12 @@ impl SessionReader {
                 continue;
             };
             let annotation = p.comment.and_then(Annotation::parse);
-            if self.segment(&seg, annotation, p.ts_ns, sink).is_break() {
+            let arrival = Arrival {
+                seg: &seg,
+                annotation,
+                ts_ns: p.ts_ns,
+            };
+            if self.segment(arrival, sink).is_break() {
                 return Ok(ControlFlow::Break(()));
             }
         }
@@ -284,7 +301,7 @@ impl SessionReader {
 
     /// Ends every session still open (as [`EndKind::Unterminated`]); call after the last
     /// input.
-    pub fn finish(&mut self, sink: &mut dyn FnMut(Event) -> ControlFlow<()>) {
+    pub fn finish(&mut self, sink: &mut EventSink<'_>) {
         let mut rest: Vec<Live> = self.live.drain().map(|(_, l)| l).collect();
         self.ooo_total = 0;
         rest.sort_by_key(|l| l.sid);
@@ -301,13 +318,8 @@ impl SessionReader {
         }
     }
 
-    fn segment(
-        &mut self,
-        seg: &TcpSegment<'_>,
-        annotation: Option<Annotation>,
-        ts_ns: u64,
-        sink: &mut dyn FnMut(Event) -> ControlFlow<()>,
-    ) -> ControlFlow<()> {
+    fn segment(&mut self, arrival: Arrival<'_, '_>, sink: &mut EventSink<'_>) -> ControlFlow<()> {
+        let Arrival { seg, ts_ns, .. } = arrival;
         let fwd = (seg.src, seg.dst);
         let rev = (seg.dst, seg.src);
         let from_client = if self.live.contains_key(&fwd) {
@@ -316,7 +328,7 @@ impl SessionReader {
             false
         } else {
             // No session: only a SYN or one of our annotations can start one.
-            return self.start(seg, annotation, ts_ns, sink);
+            return self.start(arrival, sink);
         };
         if seg.syn() && !seg.ack() && from_client {
             let same_syn = self.live.get(&fwd).and_then(|l| l.syn_seq) == Some(seg.seq);
@@ -332,7 +344,7 @@ impl SessionReader {
                     ts_ns: old.last_ts,
                 })?;
             }
-            return self.start(seg, annotation, ts_ns, sink);
+            return self.start(arrival, sink);
         }
         let key = if from_client { fwd } else { rev };
         let Some(live) = self.live.get_mut(&key) else {
@@ -365,7 +377,9 @@ impl SessionReader {
             })?;
         }
         let end = if seg.rst() {
-            let detached = annotation.is_some_and(|a| a.note == Some(Note::Detached));
+            let detached = arrival
+                .annotation
+                .is_some_and(|a| a.note == Some(Note::Detached));
             Some(if detached {
                 EndKind::Detached
             } else {
@@ -389,13 +403,12 @@ impl SessionReader {
         ControlFlow::Continue(())
     }
 
-    fn start(
-        &mut self,
-        seg: &TcpSegment<'_>,
-        annotation: Option<Annotation>,
-        ts_ns: u64,
-        sink: &mut dyn FnMut(Event) -> ControlFlow<()>,
-    ) -> ControlFlow<()> {
+    fn start(&mut self, arrival: Arrival<'_, '_>, sink: &mut EventSink<'_>) -> ControlFlow<()> {
+        let Arrival {
+            seg,
+            annotation,
+            ts_ns,
+        } = arrival;
         let is_syn = seg.syn() && !seg.ack();
         let (meta, recorded_id, continued) = match annotation {
             Some(a) if is_syn || a.note == Some(Note::Continued) => (a.meta, Some(a.id), !is_syn),
@@ -458,7 +471,12 @@ impl SessionReader {
             return ControlFlow::Continue(());
         }
         // A continued session's first packet may already carry data (or its end).
-        self.segment(seg, None, ts_ns, sink)
+        let rest = Arrival {
+            seg,
+            annotation: None,
+            ts_ns,
+        };
+        self.segment(rest, sink)
     }
 }
 

@@ -541,7 +541,7 @@ mod tests {
         /// Waits until `sessions` sessions were admitted and all of them have ended.
         fn wait_sessions_done(&self, sessions: u64) -> SocketsStats {
             self.wait_for("sessions end", |s| {
-                s.sessions_active == 0 && s.sessions_total == sessions
+                s.counters.sessions_active == 0 && s.counters.sessions_total == sessions
             })
         }
     }
@@ -643,9 +643,9 @@ mod tests {
             .unwrap();
         let e = client.read(&mut [0; 16]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
-        let s = relay.wait_for("refusal counted", |s| s.sessions_refused == 1);
+        let s = relay.wait_for("refusal counted", |s| s.counters.sessions_refused == 1);
         assert_eq!(s.services[0].refused.not_a_client, 1);
-        assert_eq!(s.sessions_total, 0);
+        assert_eq!(s.counters.sessions_total, 0);
     }
 
     #[test]
@@ -814,7 +814,7 @@ mod tests {
         let mut relay = Relay::start(primary, vec![], 1 << 20);
         let mut client = TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
         client.write_all(b"in flight").unwrap();
-        relay.wait_for("session open", |s| s.sessions_active == 1);
+        relay.wait_for("session open", |s| s.counters.sessions_active == 1);
         relay.stop.store(true, Ordering::Relaxed);
         relay.thread.take().unwrap().join().unwrap().unwrap();
         client
@@ -823,7 +823,11 @@ mod tests {
         let e = client.read(&mut [0; 16]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
         let s = relay.stats.snapshot();
-        assert_eq!((s.sessions_active, s.sessions_total), (0, 1), "{s:#?}");
+        assert_eq!(
+            (s.counters.sessions_active, s.counters.sessions_total),
+            (0, 1),
+            "{s:#?}"
+        );
         drop(holder.join().unwrap());
     }
 }

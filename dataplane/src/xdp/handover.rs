@@ -377,6 +377,8 @@ impl<D: Neighbours> Neighbours for HandoverDevice<D> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddrV4;
+
     use ncp_common::wire::ETH_HEADER_LEN;
 
     use smoltcp::phy::DeviceCapabilities;
@@ -388,16 +390,11 @@ mod tests {
 
     /// The IPv4 packet of a TCP segment from `src` to `dst`.
     fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-        let spec = TcpFrameSpec {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src_ip: src.0,
-            dst_ip: dst.0,
-            src_port: src.1,
-            dst_port: dst.1,
-            flags: 0x10,
-            seq: 1,
-        };
+        let spec = TcpFrameSpec::local(
+            SocketAddrV4::new(src.0, src.1),
+            SocketAddrV4::new(dst.0, dst.1),
+            0x10,
+        );
         tcp_frame(&spec, &[])[ETH_HEADER_LEN..].to_vec()
     }
 

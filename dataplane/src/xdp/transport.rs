@@ -285,22 +285,12 @@ impl<D: EngineDevice + Neighbours> Replicator<D> {
         let links = self
             .links()
             .iter()
-            .map(|l| {
-                let e = l.engine.counters();
-                LinkStats {
-                    interface: l.interface.clone(),
-                    connections: l.engine.connections() as u64,
-                    ports_in_use: l.engine.ports_in_use() as u64,
-                    accepted: e.accepted,
-                    connected: e.connected,
-                    refused: e.refused,
-                    reset: e.reset,
-                    closed: e.closed,
-                    half_open_failed: e.half_open_failed,
-                    overloaded: e.overloaded,
-                    strays: e.strays,
-                    ..LinkStats::default()
-                }
+            .map(|l| LinkStats {
+                interface: l.interface.clone(),
+                connections: l.engine.connections() as u64,
+                ports_in_use: l.engine.ports_in_use() as u64,
+                tcp: l.engine.counters(),
+                ..LinkStats::default()
             })
             .collect();
         WorkerReplicationStats {
@@ -582,10 +572,10 @@ mod tests {
         assert_eq!(svc.detached.total(), 0);
         assert_eq!(svc.recording, None, "the service does not record");
         assert_eq!(
-            s.links[1].connected, 1,
+            s.links[1].tcp.connected, 1,
             "the replica is reached through link 1"
         );
-        assert_eq!(s.links[0].connected, 1);
+        assert_eq!(s.links[0].tcp.connected, 1);
     }
 
     #[test]
@@ -679,7 +669,7 @@ mod tests {
         assert!(reset, "the outsider was not reset");
         let s = mb.snapshot("eth0", 0);
         assert_eq!(s.services[0].refused.not_a_client, 1);
-        assert_eq!(s.sessions_refused, 1);
-        assert_eq!(s.sessions_total, 0);
+        assert_eq!(s.counters.sessions_refused, 1);
+        assert_eq!(s.counters.sessions_total, 0);
     }
 }

@@ -17,7 +17,7 @@ use std::{
 
 use ncp_dataplane::control::{self, Request, Response};
 // The XDP data plane's counters, named here only, so a move of them touches one line.
-pub use ncp_dataplane::xdp::transport::{ReplicationStats, WorkerReplicationStats};
+pub use ncp_dataplane::xdp::transport::ReplicationStats;
 use ncp_testbed::{Netns, Testbed};
 
 pub mod redis;

@@ -93,7 +93,7 @@ pub fn redis_workload_leaves_primary_and_replica_with_the_same_data(
     // While the session runs, the replica's only remote client is the middlebox's
     // replication address.
     scene.stats_when("session starts", |s| {
-        s.sessions_total == 1 && s.services[0].replicas[0].bytes_out > 0
+        s.counters.sessions_total == 1 && s.services[0].replicas[0].bytes_out > 0
     });
     let clients = scene.redis("replica", &["CLIENT", "LIST"]);
     let remote: Vec<&str> = clients
@@ -111,7 +111,9 @@ pub fn redis_workload_leaves_primary_and_replica_with_the_same_data(
 
     // The replica's connection lingers after the session until the replica closes it.
     let s = scene.stats_when("session ends and its connections are closed", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0 && s.lingering == 0
+        s.counters.sessions_total == 1
+            && s.counters.sessions_active == 0
+            && s.lingering_connections == 0
     });
     let svc = &s.services[0];
     // redis-cli --pipe ends the stream with an ECHO of its own, hence "at least".
@@ -187,14 +189,14 @@ pub fn killed_replica_is_detached_and_the_primary_completes(
     let s = scene.stats_when("first half reaches the replica", |s| {
         s.services[0].replicas[0].bytes_out >= half as u64
     });
-    assert_eq!(s.sessions_active, 1);
+    assert_eq!(s.counters.sessions_active, 1);
     scene.kill(replica_redis);
     killed_tx.send(()).unwrap();
     let out = pipe.join().unwrap();
     assert!(out.contains("errors: 0, replies: 100000"), "{out}");
 
     let s = scene.stats_when("session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0
+        s.counters.sessions_total == 1 && s.counters.sessions_active == 0
     });
     let svc = &s.services[0];
     assert!(svc.primary_bytes_out >= len, "{s:#?}");
@@ -274,20 +276,20 @@ pub fn refusing_primary_resets_clients_promptly_and_leaves_no_session(
     });
     let (total, slowest) = client.join().unwrap();
     let s = scene.stats_when("all sessions end", |s| {
-        s.sessions_total == CONNECTIONS as u64 && s.sessions_active == 0
+        s.counters.sessions_total == CONNECTIONS as u64 && s.counters.sessions_active == 0
     });
     let svc = &s.services[0];
     eprintln!(
         "{} primary refusing: {CONNECTIONS} connections reset in {total:.2?} (slowest {slowest:.2?}); sessions active {}, primary failures {}, replica detaches {:?}, lingering {}",
         mode.name(),
-        s.sessions_active,
+        s.counters.sessions_active,
         svc.primary_failures,
         svc.replicas[0].detached,
-        s.lingering
+        s.lingering_connections
     );
     assert!(slowest < Duration::from_secs(2), "a reset took {slowest:?}");
     assert_eq!(svc.primary_failures, CONNECTIONS as u64, "{s:#?}");
-    assert_eq!(s.sessions_refused, 0, "{s:#?}");
+    assert_eq!(s.counters.sessions_refused, 0, "{s:#?}");
     assert_eq!(svc.primary_bytes_out, 0);
     if mode == Mode::Sockets {
         // The relay dials the replicas alongside the primary, so each session also met a
@@ -342,7 +344,7 @@ pub fn a_replica_written_behind_the_middlebox_is_found_diverged_by_its_answers(
         "{out}"
     );
     scene.stats_when("the workload's session ends", |s| {
-        s.sessions_total == 1 && s.sessions_active == 0
+        s.counters.sessions_total == 1 && s.counters.sessions_active == 0
     });
     let r = scene.consistency_when("answers compared", |r| {
         is_replica(r) && r.verification.bytes_compared > 0

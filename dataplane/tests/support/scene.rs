@@ -18,13 +18,11 @@ use ncp_dataplane::{
     config::Config,
     control::{self, Request, Response},
     driver::consistency::ReplicaConsistency,
-    sockets::{self, ServiceStats, SocketsStats, StatsHandle},
+    sockets::{self, SocketsStats, StatsHandle},
 };
 use ncp_testbed::{Testbed, Topology, UpOptions};
 
-use super::{
-    MIDDLEBOX, PATIENCE, ReplicationStats, WorkerReplicationStats, XdpMiddlebox, in_netns, redis,
-};
+use super::{MIDDLEBOX, PATIENCE, ReplicationStats, XdpMiddlebox, in_netns, redis};
 
 /// Which data plane carries the sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,45 +69,19 @@ enum Middlebox {
     Xdp(XdpMiddlebox),
 }
 
-/// What the tests read from either data plane's counters.
-#[derive(Clone, Debug, Default)]
-pub struct Counters {
-    pub workers: u64,
-    pub sessions_total: u64,
-    pub sessions_active: u64,
-    pub sessions_refused: u64,
-    /// Connections (XDP mode) or sockets (sockets mode) kept after their session.
-    pub lingering: u64,
-    pub services: Vec<ServiceStats>,
-    /// XDP mode's per-worker counters (empty in sockets mode).
-    pub per_worker: Vec<WorkerReplicationStats>,
-}
+/// What the tests read from either data plane's counters: XDP mode's as they are, sockets
+/// mode's in the same shape (see [`sockets_counters`]).
+pub type Counters = ReplicationStats;
 
-impl From<SocketsStats> for Counters {
-    fn from(s: SocketsStats) -> Self {
-        Counters {
-            workers: s.workers,
-            sessions_total: s.sessions_total,
-            sessions_active: s.sessions_active,
-            sessions_refused: s.sessions_refused,
-            lingering: s.lingering_sockets,
-            services: s.services,
-            per_worker: Vec::new(),
-        }
-    }
-}
-
-impl From<ReplicationStats> for Counters {
-    fn from(s: ReplicationStats) -> Self {
-        Counters {
-            workers: s.workers,
-            sessions_total: s.sessions_total,
-            sessions_active: s.sessions_active,
-            sessions_refused: s.sessions_refused,
-            lingering: s.lingering_connections,
-            services: s.services,
-            per_worker: s.per_worker,
-        }
+/// Sockets mode's counters as [`Counters`]: its lingering sockets are the lingering
+/// connections, and it has no per-worker views.
+fn sockets_counters(s: SocketsStats) -> Counters {
+    ReplicationStats {
+        workers: s.workers,
+        counters: s.counters,
+        lingering_connections: s.lingering_sockets,
+        services: s.services,
+        per_worker: Vec::new(),
     }
 }
 
@@ -356,8 +328,8 @@ connect_timeout_secs = 5
     /// The running middlebox's counters (all zero while it does not answer).
     pub fn stats(&self) -> Counters {
         match &self.middlebox {
-            Some(Middlebox::Sockets { stats, .. }) => Some(stats.snapshot().into()),
-            Some(Middlebox::Xdp(middlebox)) => middlebox.stats().map(Counters::from),
+            Some(Middlebox::Sockets { stats, .. }) => Some(sockets_counters(stats.snapshot())),
+            Some(Middlebox::Xdp(middlebox)) => middlebox.stats(),
             None => None,
         }
         .unwrap_or_default()
