@@ -1189,4 +1189,4 @@ impl<D: EngineDevice> Engine<D> {
 #[cfg(test)]
 pub(crate) mod pipe;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

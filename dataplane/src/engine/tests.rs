@@ -69,15 +69,24 @@ fn carry(from: &Pipe, to: &Pipe, loss: &mut Option<Loss>) -> bool {
 }
 
 /// Drops one frame in `one_in` on average, chosen by a seeded generator (xorshift64), so a
-/// lossy run is the same run every time.
-struct Loss {
+/// lossy run is the same run every time. Also the recovery layer's tests' random loss.
+pub(crate) struct Loss {
     one_in: u64,
     state: u64,
     dropped: u64,
 }
 
 impl Loss {
-    fn drops_next(&mut self) -> bool {
+    /// One drop in `one_in`, from the generator seeded with `seed` (not zero).
+    pub(crate) fn new(one_in: u64, seed: u64) -> Self {
+        Self {
+            one_in,
+            state: seed,
+            dropped: 0,
+        }
+    }
+
+    pub(crate) fn drops_next(&mut self) -> bool {
         self.state ^= self.state << 13;
         self.state ^= self.state >> 7;
         self.state ^= self.state << 17;
@@ -145,11 +154,7 @@ impl Pair {
 
     /// Loses one frame in `one_in` (both ways), with a fixed seed.
     fn lose(&mut self, one_in: u64) {
-        self.loss = Some(Loss {
-            one_in,
-            state: 0x5eed_1234_abcd_0001,
-            dropped: 0,
-        });
+        self.loss = Some(Loss::new(one_in, 0x5eed_1234_abcd_0001));
     }
 
     /// Frames the wire has dropped so far.

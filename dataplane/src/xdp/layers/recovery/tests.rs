@@ -12,6 +12,7 @@ use std::{
 use ncp_common::wire::{Ipv4Header, TcpHeader, fill_tcp_checksum};
 
 use super::*;
+use crate::engine::tests::Loss;
 use crate::{
     config::PortRange,
     engine::{
@@ -41,21 +42,6 @@ struct DataSegment {
 /// What the wire does to the packets of one direction.
 type Script = Box<dyn FnMut(&DataSegment) -> bool>;
 
-/// Seeded loss of any packet, one in `one_in` (xorshift64).
-struct RandomLoss {
-    one_in: u64,
-    state: u64,
-}
-
-impl RandomLoss {
-    fn drops(&mut self) -> bool {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state.is_multiple_of(self.one_in)
-    }
-}
-
 /// How the wire misbehaves.
 #[derive(Default)]
 struct WireFaults {
@@ -64,7 +50,7 @@ struct WireFaults {
     /// Delivers the data segments it returns true for after the next packet.
     reorder_data: Option<Script>,
     /// Random loss both ways.
-    random: Option<RandomLoss>,
+    random: Option<Loss>,
     /// Changes the window of every other ACK toward the sender by one, as a Linux
     /// receiver whose buffer drains between ACKs does.
     wiggle_windows: bool,
@@ -135,7 +121,7 @@ impl Net {
         let arrival = self.clock + ONE_WAY;
         let frames: Vec<Vec<u8>> = self.sender_far.inbox.borrow_mut().drain(..).collect();
         for mut packet in frames {
-            if self.faults.random.as_mut().is_some_and(RandomLoss::drops) {
+            if self.faults.random.as_mut().is_some_and(Loss::drops_next) {
                 self.dropped += 1;
                 continue;
             }
@@ -186,7 +172,7 @@ impl Net {
         let arrival = self.clock + ONE_WAY;
         let frames: Vec<Vec<u8>> = self.receiver_far.inbox.borrow_mut().drain(..).collect();
         for mut packet in frames {
-            if self.faults.random.as_mut().is_some_and(RandomLoss::drops) {
+            if self.faults.random.as_mut().is_some_and(Loss::drops_next) {
                 self.dropped += 1;
                 continue;
             }
@@ -544,10 +530,7 @@ fn reordering_without_loss_triggers_no_retransmission_storm() {
 fn random_loss_costs_several_times_less_with_the_layer() {
     let run = |config: RecoveryConfig| {
         let faults = WireFaults {
-            random: Some(RandomLoss {
-                one_in: 100,
-                state: 0x0123_4567_89ab_cdef,
-            }),
+            random: Some(Loss::new(100, 0x0123_4567_89ab_cdef)),
             // A Linux receiver's duplicate ACKs move the window.
             wiggle_windows: true,
             ..WireFaults::default()
