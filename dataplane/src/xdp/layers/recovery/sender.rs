@@ -656,16 +656,24 @@ impl LossRecovery {
         self.timers.push(Reverse((at, key)));
     }
 
-    /// A packet the engine sends.
-    pub(crate) fn on_transmit(&mut self, now: Micros, packet: &[u8]) -> Outbound {
-        let Some(p) = Parsed::parse(packet) else {
-            return Outbound::Send;
-        };
-        let key = (p.src, p.dst);
+    /// The TCP segment in `packet` and its connection's key (`sent`: the engine sends it,
+    /// so the key is source→destination; else it was received, destination→source).
+    /// `None` for what is not a TCP segment and for a reset, which also ends tracking.
+    fn live_segment(&mut self, packet: &[u8], sent: bool) -> Option<(Parsed, Key)> {
+        let p = Parsed::parse(packet)?;
+        let key = if sent { (p.src, p.dst) } else { (p.dst, p.src) };
         if p.has(tcp_flags::RST) {
             self.forget(&key);
-            return Outbound::Send;
+            return None;
         }
+        Some((p, key))
+    }
+
+    /// A packet the engine sends.
+    pub(crate) fn on_transmit(&mut self, now: Micros, packet: &[u8]) -> Outbound {
+        let Some((p, key)) = self.live_segment(packet, true) else {
+            return Outbound::Send;
+        };
         if p.has(tcp_flags::SYN) {
             // A new connection (or a retransmitted SYN): start afresh after the SYN.
             self.forget(&key);
@@ -847,14 +855,9 @@ impl LossRecovery {
 
     /// A packet received for the engine.
     pub(crate) fn on_receive(&mut self, now: Micros, packet: &[u8]) -> Inbound {
-        let Some(p) = Parsed::parse(packet) else {
+        let Some((p, key)) = self.live_segment(packet, false) else {
             return Inbound::Pass;
         };
-        let key = (p.dst, p.src);
-        if p.has(tcp_flags::RST) {
-            self.forget(&key);
-            return Inbound::Pass;
-        }
         if !p.has(tcp_flags::ACK) {
             return Inbound::Pass;
         }
