@@ -23,15 +23,16 @@ mod sender;
 #[cfg(test)]
 mod tests;
 
-use std::{net::Ipv4Addr, os::fd::BorrowedFd};
+use std::net::Ipv4Addr;
 
 use smoltcp::{
-    phy::{self, Device, DeviceCapabilities},
+    phy::{self, Device},
     time::Instant,
 };
 
 pub use self::sender::RecoveryCounters;
 use self::sender::{Inbound, Limits, LossRecovery, Outbound};
+use super::forward_to_inner;
 use crate::{engine::EngineDevice, xdp::device::MacAddr, xdp::neighbours::Neighbours};
 
 /// Default cap on the bytes of segment copies one layer keeps: 256 connections' full
@@ -130,10 +131,12 @@ impl<D: EngineDevice> Recovery<D> {
     }
 
     /// Shows the core the packet waiting below and drops the duplicate ACKs it absorbs.
-    /// Returns whether a packet waits for the engine.
+    /// Returns whether a packet may wait for the engine: `false` only when there is
+    /// none. With the layer off it is always `true` and peeks nothing, so the device
+    /// below is asked once per packet, by the caller, as without the layer.
     fn settle(&mut self) -> bool {
         let Some(core) = &mut self.core else {
-            return self.inner.peek_packet().is_some();
+            return true;
         };
         loop {
             if self.vetted {
@@ -225,9 +228,7 @@ impl<D: EngineDevice> Device for Recovery<D> {
         })
     }
 
-    fn capabilities(&self) -> DeviceCapabilities {
-        self.inner.capabilities()
-    }
+    forward_to_inner!(capabilities);
 }
 
 impl<D: EngineDevice> EngineDevice for Recovery<D> {
@@ -251,9 +252,7 @@ impl<D: EngineDevice> EngineDevice for Recovery<D> {
         self.inner.peek_packet()
     }
 
-    fn readiness_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.inner.readiness_fd()
-    }
+    forward_to_inner!(readiness_fd);
 
     fn poll_at(&self) -> Option<Instant> {
         let own = self.core.as_ref().and_then(|core| {
