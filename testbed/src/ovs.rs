@@ -92,38 +92,47 @@ pub fn ensure_running() -> Result<()> {
             tracing::info!(db = %db.display(), "converting OVS database to the installed schema");
             cmd::run(&["ovsdb-tool", "convert", path_str(&db)?, SCHEMA])?;
         }
-        tracing::info!("starting ovsdb-server");
         let remote = format!("--remote=punix:{DB_SOCK}");
-        cmd::run(&[
-            "ovsdb-server",
-            path_str(&db)?,
-            &remote,
-            "--pidfile",
-            "--detach",
-            "--log-file",
-        ])?;
-        started.ovsdb_server = pidfile_pid("ovsdb-server");
-        state::write_ovs(&started)?;
-        cmd::wait_until(
+        start_daemon(
+            &mut started,
+            |d| &mut d.ovsdb_server,
+            &["ovsdb-server", path_str(&db)?, &remote],
             Duration::from_secs(10),
-            "ovsdb-server to answer",
             db_answers,
         )?;
         cmd::run(&["ovs-vsctl", "--no-wait", "init"])?;
     }
 
     if !vswitchd_answers() {
-        tracing::info!("starting ovs-vswitchd");
-        cmd::run(&["ovs-vswitchd", "--pidfile", "--detach", "--log-file"])?;
-        started.ovs_vswitchd = pidfile_pid("ovs-vswitchd");
-        state::write_ovs(&started)?;
-        cmd::wait_until(
+        start_daemon(
+            &mut started,
+            |d| &mut d.ovs_vswitchd,
+            &["ovs-vswitchd"],
             Duration::from_secs(15),
-            "ovs-vswitchd to answer",
             vswitchd_answers,
         )?;
     }
     Ok(())
+}
+
+/// Starts one OVS daemon (`command[0]`) in the background, records its pid in the state
+/// directory before waiting (so `down` can stop it even if it never answers) and waits up
+/// to `patience` for `answers`.
+fn start_daemon(
+    started: &mut state::OvsDaemons,
+    pid_slot: fn(&mut state::OvsDaemons) -> &mut Option<i32>,
+    command: &[&str],
+    patience: Duration,
+    answers: fn() -> bool,
+) -> Result<()> {
+    let daemon = command[0];
+    tracing::info!("starting {daemon}");
+    let mut argv = command.to_vec();
+    argv.extend(["--pidfile", "--detach", "--log-file"]);
+    cmd::run(&argv)?;
+    *pid_slot(started) = pidfile_pid(daemon);
+    state::write_ovs(started)?;
+    cmd::wait_until(patience, &format!("{daemon} to answer"), answers)
 }
 
 /// Stops the daemons `ensure_running` started, if their pidfiles still name the recorded

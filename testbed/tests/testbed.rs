@@ -54,6 +54,11 @@ fn topology(file: &str) -> Topology {
     Topology::load(&path).expect("shipped topology loads")
 }
 
+/// Brings up the shipped topology `file` under `prefix`.
+fn up(file: &str, prefix: &str) -> Testbed {
+    Testbed::up(&topology(file), &UpOptions::with_prefix(prefix)).expect("up")
+}
+
 fn stdout(argv: &[&str]) -> String {
     ncp_testbed::cmd::stdout(argv).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -131,7 +136,7 @@ fn paper_topology_pings_both_networks_and_carries_tcp() {
     let Some(_scene) = begin("paper_topology", &["ping", "iperf3"], prefix) else {
         return;
     };
-    let bed = Testbed::up(&topology("paper.toml"), &UpOptions::with_prefix(prefix)).expect("up");
+    let bed = up("paper.toml", prefix);
 
     // Everything the file promises is visible on the system.
     assert_eq!(bed.netns("middlebox").expect("netns"), "nt1-middlebox");
@@ -298,7 +303,7 @@ fn down_finds_leftovers_without_a_state_file() {
     let Some(_scene) = begin("crash_recovery", &[], prefix) else {
         return;
     };
-    Testbed::up(&topology("tree.toml"), &UpOptions::with_prefix(prefix)).expect("up");
+    up("tree.toml", prefix);
     // Simulate a crash that lost the state file.
     std::fs::remove_file(format!("{}/{prefix}.toml", ncp_testbed::STATE_DIR))
         .expect("remove state file");
@@ -314,7 +319,7 @@ fn tree_topology_pings_across_subtrees() {
     let Some(_scene) = begin("tree_topology", &["ping"], prefix) else {
         return;
     };
-    let bed = Testbed::up(&topology("tree.toml"), &UpOptions::with_prefix(prefix)).expect("up");
+    let bed = up("tree.toml", prefix);
 
     // OVS assigned the port numbers the plan predicts, for hosts and for switch links.
     for b in &bed.plan().bridges {
