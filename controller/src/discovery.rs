@@ -36,10 +36,7 @@ pub fn base_rules(dpid: Dpid, normal_fallback: bool) -> Vec<FlowRule> {
         table_id: 0,
         priority: PRIORITY_LLDP,
         cookie: cookie(RuleKind::Switch, 1),
-        matched: Match {
-            eth_type: Some(ETH_TYPE_LLDP),
-            ..Match::default()
-        },
+        matched: Match::eth_type(ETH_TYPE_LLDP),
         instructions: vec![Instruction::ApplyActions(vec![Action::Output {
             port: port::CONTROLLER,
             max_len: OFPCML_NO_BUFFER,
@@ -124,10 +121,7 @@ pub fn learning_rules<'a>(
             dpid,
             PRIORITY_LEARN,
             cookie(RuleKind::Switch, id),
-            Match {
-                eth_type: Some(eth_type),
-                ..Match::default()
-            },
+            Match::eth_type(eth_type),
             actions,
         )
     };
@@ -137,10 +131,7 @@ pub fn learning_rules<'a>(
             dpid,
             PRIORITY_KNOWN,
             cookie(RuleKind::Port, p),
-            Match {
-                in_port: Some(p),
-                ..Match::default()
-            },
+            Match::in_port(p),
             forward(normal_fallback),
         ));
     }
@@ -303,6 +294,16 @@ mod tests {
         assert_eq!(lldp::parse_probe(&po.data), Some((9, 1)));
     }
 
+    /// Discovery that has seen each `(dpid, port)` pair of `links` as a link, and when.
+    fn discovered(links: &[((u64, u32), (u64, u32))]) -> (Discovery, Instant) {
+        let t0 = Instant::now();
+        let mut d = Discovery::default();
+        for &((a, pa), (b, pb)) in links {
+            d.observe(PortRef::new(a, pa), PortRef::new(b, pb), t0);
+        }
+        (d, t0)
+    }
+
     #[test]
     fn links_are_learned_refreshed_and_expired() {
         let t0 = Instant::now();
@@ -327,10 +328,7 @@ mod tests {
 
     #[test]
     fn forget_and_apply() {
-        let t0 = Instant::now();
-        let mut d = Discovery::default();
-        d.observe(PortRef::new(1, 1), PortRef::new(2, 1), t0);
-        d.observe(PortRef::new(2, 2), PortRef::new(3, 1), t0);
+        let (mut d, t0) = discovered(&[((1, 1), (2, 1)), ((2, 2), (3, 1))]);
         let mut topo = Topology::new();
         for s in [1, 2, 3] {
             topo.add_switch(s);
@@ -384,10 +382,7 @@ mod tests {
 
     #[test]
     fn link_ports_are_listed_once() {
-        let t0 = Instant::now();
-        let mut d = Discovery::default();
-        d.observe(PortRef::new(1, 1), PortRef::new(2, 1), t0);
-        d.observe(PortRef::new(1, 2), PortRef::new(3, 1), t0);
+        let (mut d, _) = discovered(&[((1, 1), (2, 1)), ((1, 2), (3, 1))]);
         assert_eq!(d.link_ports(1), vec![1, 2]);
         assert!(d.is_link_port(PortRef::new(3, 1)));
         assert!(!d.is_link_port(PortRef::new(3, 2)));

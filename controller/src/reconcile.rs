@@ -63,10 +63,7 @@ mod tests {
             table_id: 0,
             priority,
             cookie,
-            matched: Match {
-                in_port: Some(in_port),
-                ..Match::default()
-            },
+            matched: Match::in_port(in_port),
             instructions: vec![Instruction::ApplyActions(vec![Action::output(out)])],
         }
     }

@@ -163,10 +163,7 @@ mod tests {
             table_id: 0,
             priority: PRIORITY_ROUTE,
             cookie: cookie(RuleKind::Flow, 1),
-            matched: Match {
-                in_port: Some(1),
-                ..Match::default()
-            },
+            matched: Match::in_port(1),
             instructions: vec![],
         };
         let d = r.to_delete();

@@ -359,6 +359,22 @@ pub struct Match {
 }
 
 impl Match {
+    /// Everything of one Ethernet type (the match of most of the controller's own rules).
+    pub fn eth_type(eth_type: u16) -> Self {
+        Self {
+            eth_type: Some(eth_type),
+            ..Self::default()
+        }
+    }
+
+    /// Everything arriving on one port.
+    pub fn in_port(port: u32) -> Self {
+        Self {
+            in_port: Some(port),
+            ..Self::default()
+        }
+    }
+
     /// The fields in canonical (field-number) order, then the unmodelled ones.
     pub fn fields(&self) -> Vec<OxmField> {
         let mut v = Vec::new();

@@ -81,10 +81,7 @@ fn all_messages() -> Vec<Message> {
             reason: 0,
             table_id: 0,
             cookie: u64::MAX,
-            matched: Match {
-                in_port: Some(2),
-                ..Match::default()
-            },
+            matched: Match::in_port(2),
             data: vec![0xde, 0xad, 0xbe, 0xef],
         }),
         Message::FlowRemoved(FlowRemoved {
@@ -214,10 +211,7 @@ fn flow_mod_bytes() {
     let fm = FlowMod::add(
         0x0102_0304_0506_0708,
         0x10,
-        Match {
-            in_port: Some(1),
-            ..Match::default()
-        },
+        Match::in_port(1),
         vec![Instruction::ApplyActions(vec![Action::output(2)])],
     );
     let b = encode(&Message::FlowMod(fm), 0x11);
