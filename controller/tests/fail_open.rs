@@ -7,23 +7,25 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config, get_json, ncp_rules, sh, spec, temp_state, tree_scene};
+use common::{TreeScene, get_json, ncp_rules, sh, spec, tree_scene};
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, cookie};
+use ncp_controller::service::ServiceConfig;
 use ncp_controller::store::ModeSpec;
 
 const PREFIX: &str = "nc4c";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_middlebox_is_bypassed_and_restored() {
-    if !ncp_testbed::ready_or_skip("controller fail-open", &["ovs-ofctl", "socat", "timeout"]) {
+    let tools = ["ovs-ofctl", "socat", "timeout"];
+    let check_health = |cfg: &mut ServiceConfig| {
+        let health = cfg.health.expect("health checks on by default");
+        assert!(health.interval * (health.failures + 1) < Duration::from_secs(3));
+    };
+    let Some(scene) = tree_scene("controller fail-open", &tools, PREFIX, check_health).await else {
         return;
-    }
-    let state = temp_state("fail-open");
-    let cfg = config(state.clone());
-    let health = cfg.health.expect("health checks on by default");
-    assert!(health.interval * (health.failures + 1) < Duration::from_secs(3));
-    let (svc, api, bed, _down) = tree_scene(PREFIX, cfg).await;
-    common::pin_all(&api, &bed).await;
+    };
+    let TreeScene { svc, api, bed, .. } = &scene;
+    common::pin_all(api, bed).await;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
 
     // A real server on the primary.
@@ -53,15 +55,15 @@ async fn silent_middlebox_is_bypassed_and_restored() {
     .await;
 
     let r = spec(1, &ip("h11"), &primary, &ip("h31"), ModeSpec::Rewrite);
-    common::add_replication(&api, &r).await;
-    common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
+    common::add_replication(api, &r).await;
+    common::wait_installed(api, 1, true, Duration::from_secs(20)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
     let redirect_on = |rules: Vec<ncp_controller::rules::FlowRule>| {
         rules
             .iter()
             .any(|r| r.priority == PRIORITY_REDIRECT && r.cookie == cookie(RuleKind::Flow, 1))
     };
-    assert!(redirect_on(ncp_rules(&svc, agg1).await));
+    assert!(redirect_on(ncp_rules(svc, agg1).await));
     // The redirect sits on the path: the SYN now goes to the middlebox, which does not
     // forward it (a fresh namespace does not route), so the connection fails.
     let mb_ns = bed.netns("h31").expect("netns");
@@ -83,7 +85,7 @@ async fn silent_middlebox_is_bypassed_and_restored() {
     ]);
     let t0 = Instant::now();
     loop {
-        if !redirect_on(ncp_rules(&svc, agg1).await) {
+        if !redirect_on(ncp_rules(svc, agg1).await) {
             break;
         }
         assert!(
@@ -97,13 +99,13 @@ async fn silent_middlebox_is_bypassed_and_restored() {
         t0.elapsed()
     );
     assert_eq!(connect(), "ncp-primary", "straight to the primary");
-    let r = common::replication(&api, 1).await;
+    let r = common::replication(api, 1).await;
     assert_eq!(r["installed"], false);
     assert!(
         r["error"].as_str().is_some_and(|e| e.contains("fail-open")),
         "{r}"
     );
-    let topo = get_json(&api, "/v1/topology").await;
+    let topo = get_json(api, "/v1/topology").await;
     assert_eq!(topo["middleboxes_down"][0], ip("h31"), "{topo}");
 
     // It answers again: the redirect returns.
@@ -111,13 +113,13 @@ async fn silent_middlebox_is_bypassed_and_restored() {
         "ip", "netns", "exec", &mb_ns, "ip", "link", "set", "eth0", "up",
     ]);
     let (_, took) = common::wait_for(Duration::from_secs(10), "redirect restored", || async {
-        redirect_on(ncp_rules(&svc, agg1).await).then_some(())
+        redirect_on(ncp_rules(svc, agg1).await).then_some(())
     })
     .await;
     eprintln!("redirect restored {took:?} after the middlebox came back");
-    common::wait_installed(&api, 1, true, Duration::from_secs(5)).await;
+    common::wait_installed(api, 1, true, Duration::from_secs(5)).await;
     assert_eq!(connect(), "", "steered to the middlebox again");
-    let audit = get_json(&api, "/v1/audit").await;
+    let audit = get_json(api, "/v1/audit").await;
     let said = |what: &str| {
         audit.as_array().is_some_and(|a| {
             a.iter()
@@ -129,6 +131,4 @@ async fn silent_middlebox_is_bypassed_and_restored() {
 
     let _ = server.kill();
     let _ = server.wait();
-    drop(bed);
-    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
 }

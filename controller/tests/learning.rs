@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, get_json, temp_state, tree_scene, wait_for};
+use common::{TreeScene, get_json, tree_scene, wait_for};
 use ncp_controller::openflow::MacAddr;
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, parse_cookie};
 use serde_json::Value;
@@ -22,12 +22,12 @@ fn learned_at(topo: &Value, ip: &str) -> Option<(u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_are_learned_moves_and_link_loss_replan() {
-    if !ncp_testbed::ready_or_skip("controller learning", &["ovs-ofctl", "ping", "ip"]) {
+    let tools = ["ovs-ofctl", "ping", "ip"];
+    let Some(scene) = tree_scene("controller learning", &tools, PREFIX, |_| {}).await else {
         return;
-    }
-    let state = temp_state("learning");
-    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
-    common::wait_links(&api, Duration::from_secs(20)).await;
+    };
+    let TreeScene { svc, api, bed, .. } = &scene;
+    common::wait_links(api, Duration::from_secs(20)).await;
 
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
     let at = |h: &str, sw: &str| {
@@ -48,7 +48,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
         ("h12", "leaf1"),
     ];
     let (topo, _) = wait_for(Duration::from_secs(10), "hosts learned", || async {
-        let t = get_json(&api, "/v1/topology").await;
+        let t = get_json(api, "/v1/topology").await;
         want.iter()
             .all(|(h, sw)| learned_at(&t, &ip(h)) == Some(at(h, sw)))
             .then_some(t)
@@ -63,9 +63,9 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     }
     assert!(topo["hosts"].as_array().is_some_and(Vec::is_empty));
 
-    let r = common::h11_to_h21_via_h31(&bed);
-    common::add_replication(&api, &r).await;
-    let status = common::wait_installed(&api, 1, true, Duration::from_secs(15)).await;
+    let r = common::h11_to_h21_via_h31(bed);
+    common::add_replication(api, &r).await;
+    let status = common::wait_installed(api, 1, true, Duration::from_secs(15)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
     let agg2 = bed.dpid("agg2").expect("dpid");
     assert_eq!(status["redirection_switch"], agg1);
@@ -96,9 +96,9 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
         "ip", "netns", "exec", &mb_ns, "ip", "addr", "del", &spoofed, "dev", "eth0",
     ]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let t = get_json(&api, "/v1/topology").await;
+    let t = get_json(api, "/v1/topology").await;
     assert_eq!(learned_at(&t, &ip("h21")), Some(at("h21", "leaf2")), "{t}");
-    let r = common::replication(&api, 1).await;
+    let r = common::replication(api, 1).await;
     assert_eq!(
         (r["installed"].clone(), r["redirection_switch"].clone()),
         (Value::Bool(true), Value::from(agg1)),
@@ -144,8 +144,8 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     // from leaf4 part at agg2 now.
     let (_, took) = wait_for(Duration::from_secs(15), "move re-planned", || async {
         let _ = bed.exec("h11", &["ping", "-c", "1", "-W", "1", &ip("h21")]);
-        let t = get_json(&api, "/v1/topology").await;
-        let r = common::replication(&api, 1).await;
+        let t = get_json(api, "/v1/topology").await;
+        let r = common::replication(api, 1).await;
         (learned_at(&t, &ip("h11")) == Some((leaf4_dpid, new_port))
             && r["redirection_switch"] == agg2
             && r["installed"] == true)
@@ -162,13 +162,13 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
             })
             .count()
     };
-    assert_eq!(redirects(common::ncp_rules(&svc, agg2).await), 1);
+    assert_eq!(redirects(common::ncp_rules(svc, agg2).await), 1);
     assert_eq!(
-        redirects(common::ncp_rules(&svc, agg1).await),
+        redirects(common::ncp_rules(svc, agg1).await),
         0,
         "old redirect withdrawn"
     );
-    let audit = get_json(&api, "/v1/audit").await;
+    let audit = get_json(api, "/v1/audit").await;
     assert!(
         audit
             .as_array()
@@ -187,8 +187,8 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     );
     common::sh(&["ip", "link", "set", &agg2_leaf3, "down"]);
     let (r, took) = wait_for(Duration::from_secs(5), "withdrawn on link down", || async {
-        let r = common::replication(&api, 1).await;
-        let gone = redirects(common::ncp_rules(&svc, agg2).await) == 0;
+        let r = common::replication(api, 1).await;
+        let gone = redirects(common::ncp_rules(svc, agg2).await) == 0;
         (r["installed"] == false && gone).then_some(r)
     })
     .await;
@@ -197,12 +197,9 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
         r["error"].as_str().is_some_and(|e| e.contains("no route")),
         "{r}"
     );
-    let t = get_json(&api, "/v1/topology").await;
+    let t = get_json(api, "/v1/topology").await;
     assert_eq!(t["links"].as_array().map(Vec::len), Some(5), "{t}");
     common::sh(&["ip", "link", "set", &agg2_leaf3, "up"]);
-    common::wait_installed(&api, 1, true, Duration::from_secs(15)).await;
-    assert_eq!(redirects(common::ncp_rules(&svc, agg2).await), 1);
-
-    drop(bed);
-    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
+    common::wait_installed(api, 1, true, Duration::from_secs(15)).await;
+    assert_eq!(redirects(common::ncp_rules(svc, agg2).await), 1);
 }

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{PREFIX, call, config, spec, start_with, temp_state, to_json, tree_scene};
+use common::{
+    PREFIX, TreeScene, call, config, spec, start_with, temp_state, to_json, tree_scene_replicating,
+};
 use ncp_controller::client::Client;
 use ncp_controller::openflow::FlowStatsRequest;
 use ncp_controller::rules::{RuleKind, parse_cookie};
@@ -96,23 +98,21 @@ async fn api_needs_token_and_state_survives_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_on_ovs_through_the_api() {
-    if !ncp_testbed::ready_or_skip("controller service", &["ovs-ofctl", "bash", "timeout"]) {
+    let tools = ["ovs-ofctl", "bash", "timeout"];
+    let Some((scene, _r)) = tree_scene_replicating("controller service", &tools, PREFIX).await
+    else {
         return;
-    }
-    let state = temp_state("e2e");
-    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
-    common::pin_all(&api, &bed).await;
+    };
+    let TreeScene { svc, api, bed, .. } = &scene;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    let r = common::h11_to_h21_via_h31(&bed);
-    common::add_replication(&api, &r).await;
 
     // LLDP finds all six links, the plan places the redirect on agg1, and the rules are
     // confirmed by barrier replies.
-    let status = common::wait_installed(&api, 1, true, Duration::from_secs(40)).await;
+    let status = common::wait_installed(api, 1, true, Duration::from_secs(40)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
     assert_eq!(status["redirection_switch"], agg1);
     let topo: Value =
-        serde_json::from_str(&call(&api, "GET", "/v1/topology", None).await.body).expect("json");
+        serde_json::from_str(&call(api, "GET", "/v1/topology", None).await.body).expect("json");
     assert_eq!(topo["links"].as_array().map(Vec::len), Some(6), "{topo}");
 
     // Unsteered traffic flows through the NORMAL fallback.
@@ -148,7 +148,7 @@ async fn end_to_end_on_ovs_through_the_api() {
 
     // Removing the replication removes its rules everywhere.
     assert_eq!(
-        common::status(&api, "DELETE", "/v1/replications/1").await,
+        common::status(api, "DELETE", "/v1/replications/1").await,
         204
     );
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -174,8 +174,6 @@ async fn end_to_end_on_ovs_through_the_api() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    drop(bed);
-    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

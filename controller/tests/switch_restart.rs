@@ -8,23 +8,22 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{call, config, dump_flows, ncp_rules, sh, temp_state, tree_scene};
+use common::{TreeScene, call, dump_flows, ncp_rules, sh, tree_scene_replicating};
 use ncp_controller::rules::{PRIORITY_REDIRECT, PRIORITY_ROUTE, RuleKind, cookie};
 
 const PREFIX: &str = "nc4b";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_come_back_and_foreign_rules_stay() {
-    if !ncp_testbed::ready_or_skip("controller switch restart", &["ovs-ofctl", "ovs-vsctl"]) {
+    let tools = ["ovs-ofctl", "ovs-vsctl"];
+    let Some((scene, _)) =
+        tree_scene_replicating("controller switch restart", &tools, PREFIX).await
+    else {
         return;
-    }
-    let state = temp_state("restart-switch");
-    let (svc, api, bed, _down) = tree_scene(PREFIX, config(state.clone())).await;
-    common::pin_all(&api, &bed).await;
+    };
+    let TreeScene { svc, api, bed, .. } = &scene;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    let r = common::h11_to_h21_via_h31(&bed);
-    common::add_replication(&api, &r).await;
-    common::wait_installed(&api, 1, true, Duration::from_secs(20)).await;
+    common::wait_installed(api, 1, true, Duration::from_secs(20)).await;
 
     let agg1 = bed.dpid("agg1").expect("dpid");
     let core = bed.dpid("core").expect("dpid");
@@ -60,11 +59,11 @@ async fn rules_come_back_and_foreign_rules_stay() {
             .iter()
             .any(|r| r.priority == PRIORITY_REDIRECT && r.cookie == cookie(RuleKind::Flow, 1))
     };
-    assert!(!has_redirect(&ncp_rules(&svc, agg1).await));
+    assert!(!has_redirect(&ncp_rules(svc, agg1).await));
     let (_, took) = common::wait_for(
         Duration::from_secs(5),
         "redirect restored after deletion by hand",
-        || async { has_redirect(&ncp_rules(&svc, agg1).await).then_some(()) },
+        || async { has_redirect(&ncp_rules(svc, agg1).await).then_some(()) },
     )
     .await;
     eprintln!("hand-deleted redirect back in {took:?}");
@@ -86,13 +85,13 @@ async fn rules_come_back_and_foreign_rules_stay() {
     )
     .await;
     eprintln!("re-created bridge (ovs-vsctl took {recreated:?}) had its rules back in {took:?}");
-    assert!(has_redirect(&ncp_rules(&svc, agg1).await));
-    common::wait_installed(&api, 1, true, Duration::from_secs(5)).await;
+    assert!(has_redirect(&ncp_rules(svc, agg1).await));
+    common::wait_installed(api, 1, true, Duration::from_secs(5)).await;
     assert_eq!(foreign(&br_core), 1, "foreign rule untouched");
 
     // 3. A foreign rule exactly on an NCP key (same priority and match) replaces NCP's
     //    rule on the switch; the controller reports the conflict and leaves it alone.
-    let route = ncp_rules(&svc, core)
+    let route = ncp_rules(svc, core)
         .await
         .into_iter()
         .find(|r| r.priority == PRIORITY_ROUTE && r.cookie == cookie(RuleKind::Flow, 1))
@@ -105,7 +104,7 @@ async fn rules_come_back_and_foreign_rules_stay() {
     );
     common::add_flow(&br_core, &spec_line);
     let summary: serde_json::Value =
-        serde_json::from_str(&call(&api, "POST", "/v1/reconcile", None).await.body).expect("json");
+        serde_json::from_str(&call(api, "POST", "/v1/reconcile", None).await.body).expect("json");
     assert_eq!(summary["conflicts"], 1, "{summary}");
     // A few more runs (periodic, triggered) change nothing about it.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -115,9 +114,6 @@ async fn rules_come_back_and_foreign_rules_stay() {
         .find(|l| l.contains("cookie=0x1234") && l.contains(&format!("priority={PRIORITY_ROUTE}")))
         .expect("foreign rule on NCP's key");
     assert!(conflicting.contains("actions=drop"), "{conflicting}");
-    let r = common::replication(&api, 1).await;
+    let r = common::replication(api, 1).await;
     assert_eq!(r["installed"], false, "{r}");
-
-    drop(bed);
-    let _ = std::fs::remove_dir_all(state.parent().expect("dir"));
 }

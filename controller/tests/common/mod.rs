@@ -137,17 +137,64 @@ pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
     tokio::task::block_in_place(|| Testbed::up(&tb, &options)).expect("test bed up")
 }
 
-/// Starts the service with `cfg`, then brings the tree up under `prefix` behind it: the
-/// start of every scene on OVS. The returned [`Down`] takes the test bed down when the
-/// scene ends, also when an assertion fails.
+/// A controller driving the tree test bed: the start of every scene on OVS. Dropping it
+/// takes the test bed down and removes the controller's state directory, also when an
+/// assertion fails.
+pub struct TreeScene {
+    pub svc: Service,
+    pub api: Client,
+    pub bed: Testbed,
+    state: PathBuf,
+    _down: Down,
+}
+
+impl Drop for TreeScene {
+    fn drop(&mut self) {
+        if let Some(dir) = self.state.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Starts the service (test settings from [`config`], changed by `tune`) with a fresh state
+/// file named after `test`, then brings the tree up under `prefix` behind it. `None` when
+/// this machine cannot run the scene (see [`ncp_testbed::ready_or_skip`]: a failure under
+/// `CI=true`).
 pub async fn tree_scene(
+    test: &str,
+    tools: &[&str],
     prefix: &'static str,
-    cfg: ServiceConfig,
-) -> (Service, Client, Testbed, Down) {
+    tune: impl FnOnce(&mut ServiceConfig),
+) -> Option<TreeScene> {
+    if !ncp_testbed::ready_or_skip(test, tools) {
+        return None;
+    }
+    let state = temp_state(&test.replace(' ', "-"));
+    let mut cfg = config(state.clone());
+    tune(&mut cfg);
     let (svc, api) = start_with(cfg).await;
-    let down = Down(prefix);
+    let _down = Down(prefix);
     let bed = tree_up(prefix, svc.controller().local_addr().port());
-    (svc, api, bed, down)
+    Some(TreeScene {
+        svc,
+        api,
+        bed,
+        state,
+        _down,
+    })
+}
+
+/// [`tree_scene`] with every host pinned and replication 1 ([`h11_to_h21_via_h31`]) added.
+pub async fn tree_scene_replicating(
+    test: &str,
+    tools: &[&str],
+    prefix: &'static str,
+) -> Option<(TreeScene, ReplicationSpec)> {
+    let scene = tree_scene(test, tools, prefix, |_| {}).await?;
+    pin_all(&scene.api, &scene.bed).await;
+    let r = h11_to_h21_via_h31(&scene.bed);
+    add_replication(&scene.api, &r).await;
+    Some((scene, r))
 }
 
 /// Pins every host of the test bed where it is attached.
