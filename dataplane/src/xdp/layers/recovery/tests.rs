@@ -58,6 +58,13 @@ struct WireFaults {
     no_sack: bool,
 }
 
+/// One end of the wire.
+#[derive(Clone, Copy)]
+enum Side {
+    Sender,
+    Receiver,
+}
+
 /// Sender and receiver engines and the wire between them.
 struct Net {
     sender: Engine<Recovery<Pipe>>,
@@ -115,16 +122,27 @@ impl Net {
         }
     }
 
+    /// What one side sent since the last call, less what random loss drops (counted).
+    fn survivors(&mut self, side: Side) -> Vec<Vec<u8>> {
+        let far = match side {
+            Side::Sender => &self.sender_far,
+            Side::Receiver => &self.receiver_far,
+        };
+        let sent: Vec<Vec<u8>> = far.inbox.borrow_mut().drain(..).collect();
+        let before = sent.len();
+        let kept: Vec<Vec<u8>> = match self.faults.random.as_mut() {
+            Some(loss) => sent.into_iter().filter(|_| !loss.drops_next()).collect(),
+            None => sent,
+        };
+        self.dropped += (before - kept.len()) as u64;
+        kept
+    }
+
     /// Puts what the sender sent on the wire, through the faults.
     fn carry_from_sender(&mut self) {
         let mut held: Option<Vec<u8>> = None;
         let arrival = self.clock + ONE_WAY;
-        let frames: Vec<Vec<u8>> = self.sender_far.inbox.borrow_mut().drain(..).collect();
-        for mut packet in frames {
-            if self.faults.random.as_mut().is_some_and(Loss::drops_next) {
-                self.dropped += 1;
-                continue;
-            }
+        for mut packet in self.survivors(Side::Sender) {
             let (syn, seq, payload) = tcp_fields(&packet);
             if syn {
                 self.isn = Some(seq);
@@ -170,12 +188,7 @@ impl Net {
 
     fn carry_from_receiver(&mut self) {
         let arrival = self.clock + ONE_WAY;
-        let frames: Vec<Vec<u8>> = self.receiver_far.inbox.borrow_mut().drain(..).collect();
-        for mut packet in frames {
-            if self.faults.random.as_mut().is_some_and(Loss::drops_next) {
-                self.dropped += 1;
-                continue;
-            }
+        for mut packet in self.survivors(Side::Receiver) {
             if tcp_fields(&packet).0 && self.faults.no_sack {
                 strip_sack_permitted(&mut packet);
             }
@@ -188,28 +201,9 @@ impl Net {
     }
 
     fn deliver(&mut self) -> bool {
-        let mut moved = false;
-        while self
-            .to_receiver
-            .front()
-            .is_some_and(|(at, _)| *at <= self.clock)
-        {
-            if let Some((_, p)) = self.to_receiver.pop_front() {
-                self.receiver_far.outbox.borrow_mut().push_back(p);
-                moved = true;
-            }
-        }
-        while self
-            .to_sender
-            .front()
-            .is_some_and(|(at, _)| *at <= self.clock)
-        {
-            if let Some((_, p)) = self.to_sender.pop_front() {
-                self.sender_far.outbox.borrow_mut().push_back(p);
-                moved = true;
-            }
-        }
-        moved
+        let to_receiver = arrive(&mut self.to_receiver, self.clock, &self.receiver_far);
+        let to_sender = arrive(&mut self.to_sender, self.clock, &self.sender_far);
+        to_receiver || to_sender
     }
 
     /// The earliest moment something happens without a packet arriving.
@@ -309,6 +303,16 @@ impl Net {
 }
 
 /// SYN flag, sequence number and payload length of a TCP packet.
+/// Hands the packets of one direction whose arrival time has come to the far end's device.
+fn arrive(wire: &mut VecDeque<(Duration, Vec<u8>)>, clock: Duration, far: &Pipe) -> bool {
+    let mut moved = false;
+    while let Some((_, packet)) = wire.pop_front_if(|(at, _)| *at <= clock) {
+        far.outbox.borrow_mut().push_back(packet);
+        moved = true;
+    }
+    moved
+}
+
 fn tcp_fields(packet: &[u8]) -> (bool, u32, u32) {
     let Ok(ip) = Ipv4Header::parse(packet, 0) else {
         return (false, 0, 0);
