@@ -68,7 +68,7 @@ impl Default for TcpTuning {
         Self {
             buffer_bytes: 64 * 1024,
             congestion_control: Congestion::Cubic,
-            loss_recovery: LossRecovery::Smoltcp,
+            loss_recovery: LossRecovery::default(),
         }
     }
 }
@@ -79,10 +79,11 @@ impl Default for TcpTuning {
 pub enum LossRecovery {
     /// The recovery layer under smoltcp: fast retransmit, partial-ACK and SACK
     /// recovery, a 200 ms timeout floor, tail-loss probes, a congestion window that
-    /// halves on loss, pacing.
-    #[default]
+    /// halves on loss, pacing. Opt-in: on the test bed it does not yet beat smoltcp
+    /// (`cargo xtask bench loss`).
     Ncp,
-    /// smoltcp alone.
+    /// smoltcp alone (the default).
+    #[default]
     Smoltcp,
 }
 

@@ -81,9 +81,9 @@ pub enum Experiment {
 /// `[tcp] loss_recovery`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LossRecovery {
-    /// NCP's own recovery layer under smoltcp (the data plane's default).
+    /// NCP's own recovery layer under smoltcp (opt-in).
     Ncp,
-    /// smoltcp's own retransmission alone.
+    /// smoltcp's own retransmission alone (the data plane's default).
     Smoltcp,
 }
 
