@@ -403,6 +403,10 @@ fn endpoint(addr: SocketAddrV4) -> IpEndpoint {
 /// Milliseconds of the wall clock, as TCP timestamps (RFC 7323: any clock that ticks
 /// between 1 ms and 1 s and only moves forward).
 fn wall_clock_millis() -> u32 {
+    #[cfg(test)]
+    if let Some(millis) = tests::SIMULATED_TSVAL.get() {
+        return millis;
+    }
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());

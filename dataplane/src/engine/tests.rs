@@ -38,6 +38,13 @@ const MAX_JUMP: Duration = Duration::from_millis(100);
 /// Rounds after which a test that waits on the engines gives up.
 const MAX_ROUNDS: usize = 100_000;
 
+thread_local! {
+    /// TCP timestamps of this thread's engines, when a test drives them on a simulated
+    /// clock: the wall clock would barely move during a simulated minute, so it would
+    /// hide a layer that sends a segment with a timestamp older than one sent before.
+    pub(crate) static SIMULATED_TSVAL: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
 /// The client's default configuration (plain, connects out).
 fn client_config() -> EngineConfig {
     EngineConfig::new(CLIENT, ports())

@@ -636,8 +636,12 @@ impl LossRecovery {
     /// Stops tracking a connection: what is held back goes out at once, in order.
     fn untrack(&mut self, key: &Key) {
         if let Some(flow) = self.flows.get(key) {
-            for segment in flow.segments.iter().filter(|s| !s.released) {
-                self.out.push_back(segment.packet.clone());
+            for (index, segment) in flow.segments.iter().enumerate() {
+                if !segment.released {
+                    // Refreshed for the same reason as a paced release.
+                    self.out
+                        .extend(flow.refresh(index).or_else(|| Some(segment.packet.clone())));
+                }
             }
         }
         self.forget(key);
@@ -835,12 +839,18 @@ impl LossRecovery {
             if !Self::may_release(flow, now, len) {
                 break;
             }
+            // The copy was made when smoltcp wrote it; a retransmission may since have
+            // carried a newer timestamp, and a Linux peer drops a segment whose
+            // timestamp is older than one it has taken (PAWS). So it leaves refreshed.
+            let Some(packet) = flow.refresh(index) else {
+                break;
+            };
             let Some(segment) = flow.segments.get_mut(index) else {
                 break;
             };
             segment.released = true;
             segment.sent_at = now;
-            self.out.push_back(segment.packet.clone());
+            self.out.push_back(packet);
             flow.credit -= i64::from(len);
             sent_any = true;
         }

@@ -12,7 +12,7 @@ use std::{
 use ncp_common::wire::{Ipv4Header, TcpHeader, fill_tcp_checksum};
 
 use super::*;
-use crate::engine::tests::Loss;
+use crate::engine::tests::{Loss, SIMULATED_TSVAL};
 use crate::{
     config::PortRange,
     engine::{
@@ -81,6 +81,12 @@ struct Net {
     isn: Option<u32>,
     acks: u64,
     dropped: u64,
+    /// The newest timestamp of the data segments the receiver took, and the segments it
+    /// dropped for an older one (a Linux receiver's PAWS check, RFC 7323).
+    ts_recent: Option<u32>,
+    paws_dropped: u64,
+    /// The receiver's latest acknowledgement: the left edge of its window.
+    last_ack_sent: Option<u32>,
     epoch: Instant,
     clock: Duration,
 }
@@ -117,6 +123,9 @@ impl Net {
             isn: None,
             acks: 0,
             dropped: 0,
+            ts_recent: None,
+            paws_dropped: 0,
+            last_ack_sent: None,
             epoch,
             clock: Duration::ZERO,
         }
@@ -141,7 +150,7 @@ impl Net {
     /// Puts what the sender sent on the wire, through the faults.
     fn carry_from_sender(&mut self) {
         let mut held: Option<Vec<u8>> = None;
-        let arrival = self.clock + ONE_WAY;
+        let mut arriving = Vec::new();
         for mut packet in self.survivors(Side::Sender) {
             let (syn, seq, payload) = tcp_fields(&packet);
             if syn {
@@ -176,19 +185,54 @@ impl Net {
                 held = Some(packet);
                 continue;
             }
-            self.to_receiver.push_back((arrival, packet));
-            if let Some(late) = held.take() {
-                self.to_receiver.push_back((arrival, late));
+            arriving.push(packet);
+            arriving.extend(held.take());
+        }
+        arriving.extend(held);
+        let arrival = self.clock + ONE_WAY;
+        for packet in arriving {
+            if self.passes_paws(&packet) {
+                self.to_receiver.push_back((arrival, packet));
             }
         }
-        if let Some(late) = held {
-            self.to_receiver.push_back((arrival, late));
+    }
+
+    /// Whether a Linux receiver would take this segment, by the timestamp check that
+    /// protects it from old duplicates (PAWS, RFC 7323): a data segment whose timestamp
+    /// is older than the one remembered is dropped (counted). As in Linux, only a segment
+    /// at the left edge of the window updates what is remembered, so reordering alone
+    /// trips nothing.
+    fn passes_paws(&mut self, packet: &[u8]) -> bool {
+        let (_, seq, payload) = tcp_fields(packet);
+        let Some(tsval) = tsval(packet).filter(|_| payload > 0) else {
+            return true;
+        };
+        if self
+            .ts_recent
+            .is_some_and(|recent| (tsval.wrapping_sub(recent) as i32) < 0)
+        {
+            self.paws_dropped += 1;
+            return false;
         }
+        if self
+            .last_ack_sent
+            .is_none_or(|edge| (seq.wrapping_sub(edge) as i32) <= 0)
+        {
+            self.ts_recent = Some(tsval);
+        }
+        true
     }
 
     fn carry_from_receiver(&mut self) {
         let arrival = self.clock + ONE_WAY;
         for mut packet in self.survivors(Side::Receiver) {
+            if let Ok(ip) = Ipv4Header::parse(packet.as_slice(), 0)
+                && let Ok(tcp) =
+                    TcpHeader::parse(packet.as_slice(), ip.header_len, ip.payload_len())
+                && tcp.flags & 0x10 != 0
+            {
+                self.last_ack_sent = Some(tcp.ack);
+            }
             if tcp_fields(&packet).0 && self.faults.no_sack {
                 strip_sack_permitted(&mut packet);
             }
@@ -241,6 +285,7 @@ impl Net {
         let mut events = Vec::new();
         while self.clock < GIVE_UP {
             let now = self.epoch + self.clock;
+            SIMULATED_TSVAL.set(Some(self.clock.as_millis() as u32));
             events.clear();
             let mut busy = self.sender.poll(now, &mut events);
             for e in &events {
@@ -302,7 +347,6 @@ impl Net {
     }
 }
 
-/// SYN flag, sequence number and payload length of a TCP packet.
 /// Hands the packets of one direction whose arrival time has come to the far end's device.
 fn arrive(wire: &mut VecDeque<(Duration, Vec<u8>)>, clock: Duration, far: &Pipe) -> bool {
     let mut moved = false;
@@ -313,6 +357,33 @@ fn arrive(wire: &mut VecDeque<(Duration, Vec<u8>)>, clock: Duration, far: &Pipe)
     moved
 }
 
+/// The sender's timestamp (TSval) of a TCP packet, when it carries the option.
+fn tsval(packet: &[u8]) -> Option<u32> {
+    let ip = Ipv4Header::parse(packet, 0).ok()?;
+    let tcp = TcpHeader::parse(packet, ip.header_len, ip.payload_len()).ok()?;
+    let options = packet.get(ip.header_len + 20..ip.header_len + tcp.header_len)?;
+    let mut at = 0;
+    while let Some(&kind) = options.get(at) {
+        match kind {
+            0 => return None,
+            1 => at += 1,
+            _ => {
+                let len = usize::from(*options.get(at + 1)?);
+                if kind == 8 && len == 10 {
+                    return options
+                        .get(at + 2..at + 6)?
+                        .try_into()
+                        .ok()
+                        .map(u32::from_be_bytes);
+                }
+                at += len.max(2);
+            }
+        }
+    }
+    None
+}
+
+/// SYN flag, sequence number and payload length of a TCP packet.
 fn tcp_fields(packet: &[u8]) -> (bool, u32, u32) {
     let Ok(ip) = Ipv4Header::parse(packet, 0) else {
         return (false, 0, 0);
@@ -413,6 +484,12 @@ fn lossy_transfer(
     let data = stream(len);
     let (got, took) = net.transfer(&data, None);
     assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    if config.enabled {
+        assert_eq!(
+            net.paws_dropped, 0,
+            "segments left with a timestamp older than one sent before them"
+        );
+    }
     (took, net.counters(), net.dropped)
 }
 
