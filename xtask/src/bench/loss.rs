@@ -253,7 +253,7 @@ fn measure(
     per_mille: u32,
     run: impl FnOnce() -> anyhow::Result<f64>,
 ) -> anyhow::Result<Sample> {
-    let before = mb.map(replica_counters).transpose()?;
+    let before = mb.map(first_replica_counters).transpose()?;
     let bps = {
         let _rule = LossRule::install(bed, site, per_mille)?;
         run().unwrap_or_else(|e| {
@@ -287,6 +287,22 @@ fn replica_counters(mb: &Middlebox) -> anyhow::Result<ReplicaOutcome> {
             .context("middlebox stats without the replica's bytes_out")?,
         detaches,
     })
+}
+
+/// [`replica_counters`] of a middlebox that has just started: its workers publish their
+/// counters a moment after it answers, so a service missing from the first answers is
+/// waited for (boundedly) rather than taken for an error.
+fn first_replica_counters(mb: &Middlebox) -> anyhow::Result<ReplicaOutcome> {
+    let deadline = std::time::Instant::now() + REPLICA_CATCH_UP;
+    loop {
+        match replica_counters(mb) {
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!("middlebox counters not there yet: {e:#}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            done => return done,
+        }
+    }
 }
 
 /// What the replica got during a run compared with the primary, once it has caught up
