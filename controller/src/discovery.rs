@@ -294,14 +294,14 @@ mod tests {
         assert_eq!(lldp::parse_probe(&po.data), Some((9, 1)));
     }
 
-    /// Discovery that has seen each `(dpid, port)` pair of `links` as a link, and when.
-    fn discovered(links: &[((u64, u32), (u64, u32))]) -> (Discovery, Instant) {
+    /// Discovery that has just seen each pair of ports in `links` as a link.
+    fn discovered(links: &[(PortRef, PortRef)]) -> Discovery {
         let t0 = Instant::now();
         let mut d = Discovery::default();
-        for &((a, pa), (b, pb)) in links {
-            d.observe(PortRef::new(a, pa), PortRef::new(b, pb), t0);
+        for &(a, b) in links {
+            d.observe(a, b, t0);
         }
-        (d, t0)
+        d
     }
 
     #[test]
@@ -328,7 +328,10 @@ mod tests {
 
     #[test]
     fn forget_and_apply() {
-        let (mut d, t0) = discovered(&[((1, 1), (2, 1)), ((2, 2), (3, 1))]);
+        let mut d = discovered(&[
+            (PortRef::new(1, 1), PortRef::new(2, 1)),
+            (PortRef::new(2, 2), PortRef::new(3, 1)),
+        ]);
         let mut topo = Topology::new();
         for s in [1, 2, 3] {
             topo.add_switch(s);
@@ -382,7 +385,10 @@ mod tests {
 
     #[test]
     fn link_ports_are_listed_once() {
-        let (mut d, _) = discovered(&[((1, 1), (2, 1)), ((1, 2), (3, 1))]);
+        let mut d = discovered(&[
+            (PortRef::new(1, 1), PortRef::new(2, 1)),
+            (PortRef::new(1, 2), PortRef::new(3, 1)),
+        ]);
         assert_eq!(d.link_ports(1), vec![1, 2]);
         assert!(d.is_link_port(PortRef::new(3, 1)));
         assert!(!d.is_link_port(PortRef::new(3, 2)));
