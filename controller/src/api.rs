@@ -25,6 +25,15 @@
 //! | POST   | /v1/reconcile             | `ReconcileSummary` (runs now)         |
 //! | GET    | /v1/audit                 | `[AuditEntry]` (who changed what)     |
 //! | GET    | /v1/metrics               | `Metrics` (flow-mods sent, ...)       |
+//! | POST   | /v1/replications/{id}/replicas/{ip:port}/reset | 200 `ResetDone`; 404 unknown replication or replica, 409 middlebox not registered, 502 middlebox unreachable or refused |
+//! | GET    | /metrics                  | Prometheus / OpenMetrics text ([`crate::metrics`]) |
+//!
+//! Each replication's status lists its replicas' consistency (`in-step`, `diverged` since
+//! when and why, or `unknown`; see [`crate::consistency`]). A reset tells the middlebox
+//! the replica is in step again and stops the controller's fail-open and withdrawal
+//! windows from counting for it; it is audited under the caller's name. `/metrics` needs
+//! the token like every other route (Prometheus sends it with `authorization:
+//! credentials_file:` in its scrape config).
 //!
 //! A replication whose middlebox is registered (`/v1/middleboxes`) is also pushed to that
 //! middlebox as a service (see [`crate::middlebox`]); the others get redirection rules
@@ -46,7 +55,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 
-use crate::service::Service;
+use crate::service::{ResetError, Service};
 use crate::store::{DesiredState, HostSpec, MiddleboxSpec, ReplicationSpec, StoreError};
 
 /// Largest request body accepted.
@@ -91,6 +100,11 @@ pub fn router_with_tokens(svc: Service, tokens: Vec<(String, String)>) -> Router
         .route("/v1/reconcile", post(reconcile))
         .route("/v1/audit", get(audit))
         .route("/v1/metrics", get(metrics))
+        .route(
+            "/v1/replications/{id}/replicas/{replica}/reset",
+            post(reset_replica),
+        )
+        .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/v1/health", get(|| async { "ok" }))
@@ -358,6 +372,38 @@ async fn audit(State(st): State<AppState>) -> Response {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     Json(st.svc.metrics()).into_response()
+}
+
+async fn reset_replica(
+    State(st): State<AppState>,
+    Extension(Caller(who)): Extension<Caller>,
+    Path((id, replica)): Path<(u32, String)>,
+) -> Response {
+    let Ok(replica) = replica.parse::<std::net::SocketAddrV4>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("replica must be ip:port, not {replica:?}\n"),
+        )
+            .into_response();
+    };
+    match st.svc.reset_replica(&who, id, replica).await {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => {
+            let status = match e {
+                ResetError::NoReplication(_) | ResetError::NoReplica { .. } => {
+                    StatusCode::NOT_FOUND
+                }
+                ResetError::NotRegistered(_) => StatusCode::CONFLICT,
+                ResetError::Middlebox { .. } => StatusCode::BAD_GATEWAY,
+            };
+            (status, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+async fn prometheus(State(st): State<AppState>) -> Response {
+    let text = crate::metrics::render(&st.svc.metrics_snapshot());
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 #[cfg(test)]

@@ -16,6 +16,9 @@
 //!   probes for fail-open.
 //! - [`middlebox`]: the service lists pushed to registered middleboxes over their control
 //!   sockets, so a replication created through the API configures its middlebox too.
+//! - [`mbstats`] and [`consistency`]: each replica's consistency state, read from its
+//!   middlebox and merged with the controller's fail-open and withdrawal windows;
+//!   [`metrics`]: all of it, and the counters, for Prometheus.
 //!
 //! Binaries: `ncpd` (the controller daemon) and `ncpctl` (its command-line client).
 //!
@@ -70,11 +73,14 @@
 
 pub mod api;
 pub mod client;
+pub mod consistency;
 pub mod discovery;
 pub mod health;
 pub mod hosts;
 pub mod installer;
 pub mod lldp;
+pub mod mbstats;
+pub mod metrics;
 pub mod middlebox;
 pub mod openflow;
 pub mod planner;

@@ -190,6 +190,18 @@ pub fn parse_answer(line: &str) -> Result<(), PushError> {
 /// Sends `line` to the middlebox at `addr` and waits for its answer, each step bounded by
 /// `timeout`.
 pub async fn push(addr: &ControlAddr, line: &str, timeout: Duration) -> Result<(), PushError> {
+    parse_answer(&exchange(addr, line, timeout, MAX_ANSWER).await?)
+}
+
+/// One request-answer exchange on the middlebox's control socket: connect, write `line`,
+/// read one answer line of at most `max_answer` bytes, each step bounded by `timeout`.
+/// Returns the answer line, newline included.
+pub async fn exchange(
+    addr: &ControlAddr,
+    line: &str,
+    timeout: Duration,
+    max_answer: u64,
+) -> Result<String, PushError> {
     if line.len() > MAX_REQUEST {
         return Err(PushError::TooLarge(line.len()));
     }
@@ -204,7 +216,7 @@ pub async fn push(addr: &ControlAddr, line: &str, timeout: Duration) -> Result<(
         .map_err(|_| PushError::Timeout("write", timeout))?
         .map_err(|e| PushError::Write(e.to_string()))?;
     let mut answer = String::new();
-    let mut rd = BufReader::new(rd.take(MAX_ANSWER));
+    let mut rd = BufReader::new(rd.take(max_answer));
     let n = tokio::time::timeout(timeout, rd.read_line(&mut answer))
         .await
         .map_err(|_| PushError::Timeout("read", timeout))?
@@ -218,7 +230,22 @@ pub async fn push(addr: &ControlAddr, line: &str, timeout: Duration) -> Result<(
             answer.len()
         )));
     }
-    parse_answer(&answer)
+    Ok(answer)
+}
+
+/// Tells the middlebox at `addr` that `replica` of `service` is in step again (an
+/// operator re-cloned it): its `replica-reset` request.
+pub async fn reset_replica(
+    addr: &ControlAddr,
+    service: &str,
+    replica: SocketAddrV4,
+    timeout: Duration,
+) -> Result<(), PushError> {
+    let line = format!(
+        "{}\n",
+        serde_json::json!({ "cmd": "replica-reset", "service": service, "replica": replica.to_string() })
+    );
+    parse_answer(&exchange(addr, &line, timeout, MAX_ANSWER).await?)
 }
 
 /// Asks the middlebox process whether it is alive: one `services` request on its control
@@ -226,17 +253,13 @@ pub async fn push(addr: &ControlAddr, line: &str, timeout: Duration) -> Result<(
 /// [`crate::health`] shows that the middlebox *host* is on the network; this shows that the
 /// NCP process behind it is running, so a crashed data plane fails open too.
 pub async fn ping(addr: &ControlAddr, timeout: Duration) -> bool {
-    let ControlAddr::Unix(path) = addr;
-    let exchange = async {
-        let stream = tokio::net::UnixStream::connect(path).await.ok()?;
-        let (rd, mut wr) = stream.into_split();
-        wr.write_all(b"{\"cmd\":\"services\"}\n").await.ok()?;
-        let mut answer = String::new();
-        let mut rd = BufReader::new(rd.take(MAX_ANSWER));
-        rd.read_line(&mut answer).await.ok()?;
-        serde_json::from_str::<Answer>(answer.trim_end()).ok()
-    };
-    matches!(tokio::time::timeout(timeout, exchange).await, Ok(Some(_)))
+    // The whole exchange, not each step, must fit in `timeout`: the answer is wanted by
+    // the next probe round.
+    let exchange = exchange(addr, "{\"cmd\":\"services\"}\n", timeout, MAX_ANSWER);
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(answer)) => serde_json::from_str::<Answer>(answer.trim_end()).is_ok(),
+        _ => false,
+    }
 }
 
 /// The last push attempt to a middlebox, as the API reports it.

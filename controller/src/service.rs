@@ -35,12 +35,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 
+use crate::consistency::{self, PollConfig, Polls, ReplicaConsistency, Windows};
 use crate::discovery::{self, Discovery};
 use crate::health::{self, Health, HealthConfig, PROBE_MAC};
 use crate::hosts::{self, LearnConfig, Learned};
 use crate::installer::{self, InstallReport};
 use crate::lldp;
-use crate::middlebox::{self, MiddleboxStatus, PushConfig, Pushes};
+use crate::mbstats;
+use crate::middlebox::{self, MiddleboxStatus, PushConfig, PushError, Pushes};
 use crate::openflow::messages::NO_BUFFER;
 use crate::openflow::{Action, Message, PacketIn, PacketOut, PortDesc, port};
 use crate::planner::{self, Plan, PlanError};
@@ -71,6 +73,8 @@ pub struct ServiceConfig {
     pub settle: Duration,
     /// Timing of the service pushes to registered middleboxes.
     pub push: PushConfig,
+    /// Timing of the consistency and counter polls of registered middleboxes.
+    pub poll: PollConfig,
 }
 
 impl Default for ServiceConfig {
@@ -87,6 +91,7 @@ impl Default for ServiceConfig {
             health: Some(HealthConfig::default()),
             settle: Duration::from_secs(1),
             push: PushConfig::default(),
+            poll: PollConfig::default(),
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct ReplicationStatus {
     /// [`middlebox::NOT_REGISTERED`], `push pending`, `configured on middlebox` or
     /// `push failed: <reason>`.
     pub middlebox_service: String,
+    /// Each replica's consistency state (see [`crate::consistency`]).
+    pub replicas: Vec<ReplicaConsistency>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -146,6 +153,12 @@ pub struct Metrics {
     pub middlebox_pushes_ok: u64,
     /// Service pushes that failed (refused, timed out, unreachable).
     pub middlebox_pushes_failed: u64,
+    /// Middleboxes declared down (fail-open).
+    pub fail_open_events: u64,
+    /// Installed redirects withdrawn for another reason than fail-open.
+    pub redirect_withdrawals: u64,
+    /// Replicas marked in step by an operator.
+    pub replica_resets: u64,
 }
 
 /// Summary of the last reconcile run.
@@ -175,6 +188,12 @@ struct State {
     /// Registered middleboxes whose process did not answer its last control-socket ping:
     /// their ARP answers do not count, so they go down like a silent host.
     process_dead: std::collections::BTreeSet<Ipv4Addr>,
+    /// Fail-open and withdrawal windows, operator resets.
+    windows: Windows,
+    /// The last stats answer of each registered middlebox.
+    polls: Polls,
+    /// Middleboxes to poll at once (after a reset), not at their next interval.
+    poll_asap: Vec<Ipv4Addr>,
 }
 
 impl State {
@@ -186,10 +205,7 @@ impl State {
         if self.audit.len() >= AUDIT_LEN {
             self.audit.pop_front();
         }
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        let at_ms = now_ms();
         self.audit.push_back(AuditEntry {
             at_ms,
             who: who.to_string(),
@@ -219,6 +235,46 @@ impl State {
             .map(|h| (h.at, h.ip))
             .collect()
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Why an operator's replica reset was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("no replication {0}")]
+    NoReplication(u32),
+    #[error("replication {id} has no replica {replica} (its replicas: {known})")]
+    NoReplica {
+        id: u32,
+        replica: std::net::SocketAddrV4,
+        known: String,
+    },
+    #[error(
+        "middlebox {0} of this replication is not registered, so it keeps no consistency state to reset (register it: PUT /v1/middleboxes/{0})"
+    )]
+    NotRegistered(Ipv4Addr),
+    #[error("middlebox {middlebox} did not take the reset: {error}")]
+    Middlebox {
+        middlebox: Ipv4Addr,
+        error: PushError,
+    },
+}
+
+/// What a reset replaced.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetDone {
+    pub replication: u32,
+    pub replica: std::net::SocketAddrV4,
+    /// The state before, in one line.
+    pub was: String,
+    pub at_ms: u64,
 }
 
 fn host_spec(h: &Host) -> HostSpec {
@@ -260,6 +316,8 @@ struct Inner {
     kick: Notify,
     /// Wakes the push loop.
     push_kick: Notify,
+    /// Wakes the poll loop.
+    poll_kick: Notify,
     /// Serialises reconcile runs.
     running: tokio::sync::Mutex<()>,
     reconciles: AtomicU64,
@@ -293,10 +351,14 @@ impl Service {
                 last: None,
                 pushes: Pushes::new(cfg.push),
                 process_dead: std::collections::BTreeSet::new(),
+                windows: Windows::default(),
+                polls: Polls::new(cfg.poll),
+                poll_asap: Vec::new(),
             }),
             cfg,
             kick: Notify::new(),
             push_kick: Notify::new(),
+            poll_kick: Notify::new(),
             running: tokio::sync::Mutex::new(()),
             reconciles: AtomicU64::new(0),
             packet_ins: AtomicU64::new(0),
@@ -306,6 +368,7 @@ impl Service {
         tokio::spawn(svc.clone().probe_loop());
         tokio::spawn(svc.clone().reconcile_loop());
         tokio::spawn(svc.clone().push_loop());
+        tokio::spawn(svc.clone().poll_loop());
         if let Some(h) = svc.inner.cfg.health {
             tokio::spawn(svc.clone().health_loop(h));
         }
@@ -376,7 +439,11 @@ impl Service {
     pub fn metrics(&self) -> Metrics {
         let st = self.state();
         let (middlebox_pushes_ok, middlebox_pushes_failed) = st.pushes.totals();
+        let (fail_open_events, redirect_withdrawals, replica_resets) = st.windows.totals();
         Metrics {
+            fail_open_events,
+            redirect_withdrawals,
+            replica_resets,
             flow_mods_sent: self.inner.ctl.flow_mods_sent(),
             reconciles: self.inner.reconciles.load(Ordering::Relaxed),
             packet_ins: self.inner.packet_ins.load(Ordering::Relaxed),
@@ -398,9 +465,95 @@ impl Service {
         st.pushes.replication_state(&st.desired, middlebox)
     }
 
+    /// An operator (`who`) says `replica` of replication `id` is in step again (it was
+    /// re-cloned): the middlebox is told first (`replica-reset`), then the controller's
+    /// own windows stop counting for it. Audited and logged.
+    pub async fn reset_replica(
+        &self,
+        who: &str,
+        id: u32,
+        replica: std::net::SocketAddrV4,
+    ) -> Result<ResetDone, ResetError> {
+        let (mb, addr, was) = {
+            let st = self.state();
+            let r = st
+                .desired
+                .replications
+                .iter()
+                .find(|r| r.id == id)
+                .ok_or(ResetError::NoReplication(id))?;
+            if !consistency::replicas_of(r).contains(&replica) {
+                return Err(ResetError::NoReplica {
+                    id,
+                    replica,
+                    known: r.replicas.join(", "),
+                });
+            }
+            let addr = st
+                .desired
+                .middlebox(r.middlebox)
+                .and_then(|m| m.control_addr().ok())
+                .ok_or(ResetError::NotRegistered(r.middlebox))?;
+            let was = consistency::merge(&st.desired, &st.polls, &st.windows)
+                .remove(&id)
+                .and_then(|l| l.into_iter().find(|x| x.replica == replica))
+                .map(|x| x.summary)
+                .unwrap_or_default();
+            (r.middlebox, addr, was)
+        };
+        let service = consistency::service_name(id);
+        middlebox::reset_replica(&addr, &service, replica, self.inner.cfg.poll.timeout)
+            .await
+            .map_err(|error| {
+                tracing::warn!(who, replication = id, %replica, middlebox = %mb, error = %error, "replica reset failed");
+                ResetError::Middlebox { middlebox: mb, error }
+            })?;
+        let at_ms = now_ms();
+        {
+            let mut st = self.state();
+            st.windows.reset(id, replica, who, at_ms);
+            st.audit(
+                who,
+                format!("mark replica {replica} of replication {id} in step (was: {was})"),
+            );
+            st.poll_asap.push(mb);
+        }
+        tracing::info!(who, replication = id, %replica, middlebox = %mb, at_ms, was = %was, "replica marked in step by the operator");
+        self.inner.poll_kick.notify_one();
+        Ok(ResetDone {
+            replication: id,
+            replica,
+            was,
+            at_ms,
+        })
+    }
+
+    /// Everything `GET /metrics` shows, now.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let counters = self.metrics();
+        let st = self.state();
+        let (polls_ok, polls_failed) = st.polls.totals();
+        crate::metrics::Snapshot {
+            switches_connected: self.inner.ctl.connected().len(),
+            fail_open_events: counters.fail_open_events,
+            withdrawals: counters.redirect_withdrawals,
+            operator_resets: counters.replica_resets,
+            polls_ok,
+            polls_failed,
+            replicas: consistency::merge(&st.desired, &st.polls, &st.windows),
+            middleboxes: st
+                .polls
+                .iter()
+                .filter_map(|(ip, p)| p.report.clone().map(|r| (*ip, p.error.is_none(), r)))
+                .collect(),
+            counters,
+        }
+    }
+
     pub fn status(&self) -> Vec<ReplicationStatus> {
         let st = self.state();
         let pushed = st.pushes.replication_states(&st.desired);
+        let mut replicas = consistency::merge(&st.desired, &st.polls, &st.windows);
         st.desired
             .replications
             .iter()
@@ -428,6 +581,7 @@ impl Service {
                         .get(&spec.middlebox)
                         .cloned()
                         .unwrap_or_else(|| middlebox::NOT_REGISTERED.to_string()),
+                    replicas: replicas.remove(&spec.id).unwrap_or_default(),
                 }
             })
             .collect()
@@ -549,11 +703,26 @@ impl Service {
                 .as_ref()
                 .map(|(_, r)| r.installed.clone())
                 .unwrap_or_default();
+            let now = now_ms();
             for (id, e) in &plan.failures {
                 if before.contains(id) {
                     tracing::warn!(replication = id, error = %e, "replication withdrawn");
+                    // Fail-open has its own window (opened by the health loop).
+                    if !matches!(e, PlanError::MiddleboxDown(_))
+                        && st.windows.withdrawn(*id, e.to_string(), now)
+                    {
+                        st.audit(
+                            CONTROLLER,
+                            format!("redirect of replication {id} withdrawn: {e}"),
+                        );
+                    }
                 }
             }
+            for id in &report.installed {
+                st.windows.installed(*id, now);
+            }
+            let st = &mut *st;
+            st.windows.retain(&st.desired);
             st.last = Some((plan, report));
         }
         self.kick_push();
@@ -599,6 +768,7 @@ impl Service {
         {
             tracing::info!(middlebox = %c.ip, "middlebox answers again; restoring its redirects");
             st.audit(CONTROLLER, format!("middlebox {} up", c.ip));
+            st.windows.fail_open_ended(c.ip, now_ms());
             kick = true;
         }
         if self.inner.cfg.learn_hosts
@@ -769,9 +939,19 @@ impl Service {
                     }
                 }
                 let ips: Vec<Ipv4Addr> = located.iter().map(|h| h.ip).collect();
+                let down_before = st.health.down();
                 let changes = st.health.round(&ips);
+                let now = now_ms();
                 for c in &changes {
                     st.audit(CONTROLLER, format!("middlebox {} down", c.ip));
+                    let st = &mut *st;
+                    st.windows.fail_open(&st.desired, c.ip, now);
+                }
+                // A middlebox no longer in use is no longer down: its window ends too.
+                for ip in down_before {
+                    if st.health.is_up(ip) {
+                        st.windows.fail_open_ended(ip, now);
+                    }
                 }
                 (located, changes)
             };
@@ -866,6 +1046,52 @@ impl Service {
                     }
                     // The list may have changed while this push was out.
                     svc.kick_push();
+                });
+            }
+        }
+    }
+
+    /// Asks every registered middlebox for its stats (consistency state and counters)
+    /// each [`PollConfig::interval`], and at once after a reset. Polls run on tasks of
+    /// their own, each step bounded by [`PollConfig::timeout`], at most one per
+    /// middlebox: a stuck middlebox holds up nothing but its own next poll.
+    async fn poll_loop(self) {
+        let cfg = self.inner.cfg.poll;
+        // Often enough that a poll starts close to its due time.
+        let tick = (cfg.interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = self.inner.poll_kick.notified() => {}
+                () = tokio::time::sleep(tick) => {}
+            }
+            let jobs = {
+                let mut st = self.state();
+                let st = &mut *st;
+                let asap = std::mem::take(&mut st.poll_asap);
+                st.polls.due(&st.desired, Instant::now(), &asap)
+            };
+            for job in jobs {
+                let svc = self.clone();
+                tokio::spawn(async move {
+                    let result = middlebox::exchange(
+                        &job.addr,
+                        mbstats::STATS_REQUEST,
+                        cfg.timeout,
+                        mbstats::MAX_STATS_ANSWER,
+                    )
+                    .await
+                    .and_then(|line| mbstats::parse_stats(&line));
+                    let error = result.as_ref().err().map(ToString::to_string);
+                    let news = svc.state().polls.finished(job.ip, result, now_ms());
+                    match error {
+                        Some(e) if news => {
+                            tracing::warn!(middlebox = %job.ip, error = %e, "middlebox stats poll failed; its replicas show as unknown")
+                        }
+                        None if news => {
+                            tracing::info!(middlebox = %job.ip, "middlebox stats poll answers again")
+                        }
+                        _ => {}
+                    }
                 });
             }
         }

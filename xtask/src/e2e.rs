@@ -194,7 +194,7 @@ impl Scene {
             "the replication to be installed",
             Duration::from_secs(30),
             |s| {
-                let v = s.ncpctl(&["status"]).ok()?;
+                let v = s.ncpctl(&["status", "--json"]).ok()?;
                 let r = v.as_array()?.first()?.clone();
                 r["installed"].as_bool()?.then_some(r)
             },

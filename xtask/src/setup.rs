@@ -6,7 +6,8 @@ use anyhow::{Context as _, bail};
 use crate::cmd::{capture, have, run, run_env, step};
 
 /// Debian packages: LLVM 22 for bpf-linker, the test bed (OVS, iproute2, ethtool), the
-/// clients and servers the tests and benchmarks drive, and capture tools.
+/// clients and servers the tests and benchmarks drive, capture tools, and Prometheus (the
+/// metrics test scrapes ncpd with a real one).
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "openvswitch-switch",
@@ -23,6 +24,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "socat",
     "postgresql",
     "python3",
+    "prometheus",
 ];
 
 /// The toolchain the XDP program builds with (see xdp-ebpf/rust-toolchain.toml).

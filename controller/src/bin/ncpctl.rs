@@ -23,8 +23,13 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Replications and whether they are installed.
-    Status,
+    /// Replications, whether they are installed, and whether each replica is in step
+    /// (a table; --json for scripts).
+    Status {
+        /// The API's JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add a replication.
     Add {
         #[arg(long)]
@@ -75,6 +80,21 @@ enum Cmd {
     /// Middleboxes the controller configures (their services follow the replications).
     #[command(subcommand)]
     Middlebox(MiddleboxCmd),
+    /// Replicas' consistency state.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaCmd {
+    /// Mark a replica in step with its primary again, after re-cloning it (audited).
+    Reset {
+        #[arg(long)]
+        replication: u32,
+        /// The replica as address:port.
+        #[arg(long)]
+        replica: std::net::SocketAddrV4,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,8 +175,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
     };
     let client = Client::new(args.api, token_of(&token));
+    let table = matches!(args.cmd, Cmd::Status { json: false });
     let (method, path, body) = match args.cmd {
-        Cmd::Status => ("GET", "/v1/replications".to_string(), None),
+        Cmd::Status { .. } => ("GET", "/v1/replications".to_string(), None),
         Cmd::Add {
             id,
             source,
@@ -227,8 +248,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Middlebox(MiddleboxCmd::Del { ip }) => {
             ("DELETE", format!("/v1/middleboxes/{ip}"), None)
         }
+        Cmd::Replica(ReplicaCmd::Reset {
+            replication,
+            replica,
+        }) => (
+            "POST",
+            format!("/v1/replications/{replication}/replicas/{replica}/reset"),
+            None,
+        ),
     };
     let resp = client.request(method, &path, body.as_deref())?;
+    if table && resp.status == 200 {
+        let list: serde_json::Value =
+            serde_json::from_str(&resp.body).context("the controller's status is not JSON")?;
+        print!("{}", status_table(&list));
+        return Ok(());
+    }
     let shown = serde_json::from_str::<serde_json::Value>(&resp.body)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())
@@ -242,9 +277,88 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ncpctl status` for people: one row per replica (or per replication without
+/// replicas), columns aligned.
+fn status_table(list: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let mut rows = vec![[
+        "ID".to_string(),
+        "INSTALLED".to_string(),
+        "MIDDLEBOX".to_string(),
+        "REPLICA".to_string(),
+        "STATE".to_string(),
+    ]];
+    for r in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let installed = match (r["installed"].as_bool(), r["error"].as_str()) {
+            (Some(true), _) => "yes".to_string(),
+            (_, Some(e)) => format!("no: {e}"),
+            _ => "no".to_string(),
+        };
+        let head = [text(&r["id"]), installed, text(&r["middlebox"])];
+        let replicas = r["replicas"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if replicas.is_empty() {
+            let [a, b, c] = head.clone();
+            rows.push([a, b, c, "-".into(), "(no replicas)".into()]);
+        }
+        for x in replicas {
+            let [a, b, c] = head.clone();
+            rows.push([a, b, c, text(&x["replica"]), text(&x["summary"])]);
+        }
+    }
+    let mut widths = [0usize; 4];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        for (w, cell) in widths.iter().zip(row) {
+            out.push_str(&format!("{cell:<w$}  "));
+        }
+        out.push_str(&row[4]);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::token_of;
+    use super::{status_table, token_of};
+
+    #[test]
+    fn status_table_has_a_row_per_replica() {
+        let list = serde_json::json!([
+            {"id": 1, "installed": true, "error": null, "middlebox": "198.18.1.3", "replicas": [
+                {"replica": "198.18.2.3:6379", "summary": "in-step"},
+                {"replica": "198.18.2.4:6379", "summary": "diverged since 2026-12-06T22:00:00Z (fail-open)"}
+            ]},
+            {"id": 2, "installed": false, "error": "no route", "middlebox": "198.18.1.3", "replicas": []}
+        ]);
+        let t = status_table(&list);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(
+            lines[0].starts_with("ID  INSTALLED     MIDDLEBOX   REPLICA          STATE"),
+            "{t}"
+        );
+        assert!(lines[1].ends_with("198.18.2.3:6379  in-step"), "{t}");
+        assert!(
+            lines[2].contains("diverged since 2026-12-06T22:00:00Z (fail-open)"),
+            "{t}"
+        );
+        assert!(
+            lines[3].contains("no: no route") && lines[3].ends_with("(no replicas)"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn token_file_forms() {

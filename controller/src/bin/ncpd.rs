@@ -52,6 +52,10 @@ struct Args {
     /// Milliseconds the topology must be quiet before a reconcile after a change.
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
+    /// Milliseconds between polls of each registered middlebox's consistency state and
+    /// counters (shown in `ncpctl status` and on /metrics).
+    #[arg(long, default_value_t = 2000)]
+    poll_ms: u64,
 }
 
 /// (caller name, token) pairs from the token file or NCP_TOKEN.
@@ -117,6 +121,10 @@ async fn main() -> anyhow::Result<()> {
         }),
         settle: Duration::from_millis(args.settle_ms),
         push: ncp_controller::middlebox::PushConfig::default(),
+        poll: ncp_controller::consistency::PollConfig {
+            interval: Duration::from_millis(args.poll_ms.max(100)),
+            ..ncp_controller::consistency::PollConfig::default()
+        },
     };
     let svc = Service::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(args.api)
