@@ -362,7 +362,7 @@ async fn status_shows_divergence_fail_open_windows_and_operator_resets() {
     let r = call(
         &api,
         "POST",
-        &format!("/v1/replications/1/replicas/nonsense/reset"),
+        "/v1/replications/1/replicas/nonsense/reset",
         None,
     )
     .await;
