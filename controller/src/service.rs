@@ -516,7 +516,9 @@ impl Service {
                 who,
                 format!("mark replica {replica} of replication {id} in step (was: {was})"),
             );
-            st.poll_asap.push(mb);
+            if !st.poll_asap.contains(&mb) {
+                st.poll_asap.push(mb);
+            }
         }
         tracing::info!(who, replication = id, %replica, middlebox = %mb, at_ms, was = %was, "replica marked in step by the operator");
         self.inner.poll_kick.notify_one();
@@ -1067,8 +1069,14 @@ impl Service {
             let jobs = {
                 let mut st = self.state();
                 let st = &mut *st;
-                let asap = std::mem::take(&mut st.poll_asap);
-                st.polls.due(&st.desired, Instant::now(), &asap)
+                let jobs = st.polls.due(&st.desired, Instant::now(), &st.poll_asap);
+                // A middlebox whose poll was in flight is asked again once that one is
+                // back: its answer may predate the reset.
+                let desired = &st.desired;
+                st.poll_asap.retain(|ip| {
+                    desired.middlebox(*ip).is_some() && !jobs.iter().any(|j| j.ip == *ip)
+                });
+                jobs
             };
             for job in jobs {
                 let svc = self.clone();

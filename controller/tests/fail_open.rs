@@ -1,7 +1,8 @@
 //! Fail-open on Open vSwitch with the tree test bed: the controller health-checks the
 //! middlebox with ARP probes sent through OpenFlow; when the middlebox stops answering its
 //! redirect is withdrawn within 3 seconds and a TCP connection from the source reaches the
-//! primary directly; when it answers again the redirect returns.
+//! primary directly; when it answers again the redirect returns, and the replica shows the
+//! fail-open window as why it diverged.
 
 mod common;
 
@@ -54,7 +55,10 @@ async fn silent_middlebox_is_bypassed_and_restored() {
     })
     .await;
 
-    let r = spec(1, &ip("h11"), &primary, &ip("h31"), ModeSpec::Rewrite);
+    let mut r = spec(1, &ip("h11"), &primary, &ip("h31"), ModeSpec::Rewrite);
+    // A replica, so that the fail-open window shows in its consistency state.
+    let replica = format!("{}:80", ip("h22"));
+    r.replicas = vec![replica.clone()];
     common::add_replication(api, &r).await;
     common::wait_installed(api, 1, true, Duration::from_secs(20)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
@@ -128,6 +132,27 @@ async fn silent_middlebox_is_bypassed_and_restored() {
     };
     assert!(said(&format!("middlebox {} down", ip("h31"))), "{audit}");
     assert!(said(&format!("middlebox {} up", ip("h31"))), "{audit}");
+
+    // The client's writes reached the primary only while it failed open: the replica is
+    // diverged from then on, the window closed when the redirect came back.
+    let r = common::replication(api, 1).await;
+    let c = &r["replicas"][0];
+    assert_eq!(c["replica"], replica.as_str(), "{r}");
+    assert_eq!(c["state"], "diverged", "{r}");
+    assert_eq!(c["windows"][0]["kind"], "fail-open", "{r}");
+    assert!(
+        c["windows"][0]["to_ms"].as_u64() > c["windows"][0]["from_ms"].as_u64(),
+        "{r}"
+    );
+    let fail_open = format!("fail-open (middlebox {} down) from ", ip("h31"));
+    assert!(
+        c["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("diverged since") && s.contains(&fail_open)),
+        "{r}"
+    );
+    let m = get_json(api, "/v1/metrics").await;
+    assert_eq!(m["fail_open_events"], 1, "{m}");
 
     let _ = server.kill();
     let _ = server.wait();
