@@ -1,11 +1,14 @@
 //! The running controller: switch events in, converged network out.
 //!
-//! Five loops share one state: the event loop (switch connects, port changes, LLDP,
+//! Six loops share one state: the event loop (switch connects, port changes, LLDP,
 //! learning and health-reply packet-ins), the probe loop (LLDP out of every port, link
 //! expiry), the health loop (ARP probes to every middlebox in use, see [`crate::health`]),
 //! the reconcile loop (read every switch, plan from desired state plus discovered
-//! topology, apply the difference) and the push loop (service lists to the registered
-//! middleboxes, see [`crate::middlebox`]). The reconcile loop runs on a timer and whenever
+//! topology, apply the difference), the push loop (service lists to the registered
+//! middleboxes, see [`crate::middlebox`]) and the poll loop (each registered middlebox's
+//! stats: replica consistency and counters, see [`crate::consistency`]). The health
+//! loop and the reconcile run open and close the fail-open and withdrawal windows that
+//! mark replicas diverged. The reconcile loop runs on a timer and whenever
 //! something relevant changes; runs never overlap. The push loop runs after every
 //! reconcile, right after every change of the desired state and once a second; its
 //! pushes run on tasks of their own, so a middlebox that does not answer holds up
