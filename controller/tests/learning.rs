@@ -63,7 +63,9 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     }
     assert!(topo["hosts"].as_array().is_some_and(Vec::is_empty));
 
-    let r = common::h11_to_h21_via_h31(bed);
+    let mut r = common::h11_to_h21_via_h31(bed);
+    // A replica, so that a withdrawn redirect shows in its consistency state.
+    r.replicas = vec![format!("{}:80", ip("h22"))];
     common::add_replication(api, &r).await;
     let status = common::wait_installed(api, 1, true, Duration::from_secs(15)).await;
     let agg1 = bed.dpid("agg1").expect("dpid");
@@ -200,6 +202,32 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     let t = get_json(api, "/v1/topology").await;
     assert_eq!(t["links"].as_array().map(Vec::len), Some(5), "{t}");
     common::sh(&["ip", "link", "set", &agg2_leaf3, "up"]);
-    common::wait_installed(api, 1, true, Duration::from_secs(15)).await;
+    let r = common::wait_installed(api, 1, true, Duration::from_secs(15)).await;
     assert_eq!(redirects(common::ncp_rules(svc, agg2).await), 1);
+    // While the redirect was gone the client's writes reached the primary only: the
+    // replica is diverged since then, the window closed when the redirect came back.
+    let c = &r["replicas"][0];
+    assert_eq!(c["state"], "diverged", "{r}");
+    let window = c["windows"]
+        .as_array()
+        .and_then(|l| {
+            l.iter().find(|w| {
+                w["kind"] == "redirect-withdrawn"
+                    && w["reason"].as_str().is_some_and(|e| e.contains("no route"))
+            })
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no withdrawal window: {r}"));
+    assert!(
+        window["to_ms"].as_u64() >= window["from_ms"].as_u64(),
+        "{window}"
+    );
+    assert!(
+        c["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("redirect withdrawn (no route")),
+        "{r}"
+    );
+    let m = get_json(api, "/v1/metrics").await;
+    assert!(m["redirect_withdrawals"].as_u64() >= Some(1), "{m}");
 }
