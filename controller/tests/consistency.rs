@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +19,6 @@ use common::{TOKEN, call, config, get_json, start_with, temp_state, to_json, wai
 use ncp_controller::client::Client;
 use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 const MB: &str = "198.18.1.3";
 const A: &str = "198.18.2.3:6379";
@@ -37,47 +36,30 @@ type Book = Arc<Mutex<BTreeMap<(String, String), Value>>>;
 
 /// A fake middlebox control socket with a consistency book.
 struct FakeMiddlebox {
-    path: PathBuf,
+    control: String,
     book: Book,
     requests: Arc<Mutex<Vec<Value>>>,
 }
 
 impl FakeMiddlebox {
     fn start(dir: &Path) -> FakeMiddlebox {
-        std::fs::create_dir_all(dir).expect("dir");
-        let path = dir.join("mb.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path).expect("bind fake middlebox");
         let book: Book = Arc::default();
         let requests: Arc<Mutex<Vec<Value>>> = Arc::default();
         let (b, r) = (book.clone(), requests.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (b, r) = (b.clone(), r.clone());
-                tokio::spawn(async move {
-                    let (rd, mut wr) = stream.into_split();
-                    let mut line = String::new();
-                    if BufReader::new(rd).read_line(&mut line).await.is_err() {
-                        return;
-                    }
-                    let Ok(req) = serde_json::from_str::<Value>(&line) else {
-                        return;
-                    };
-                    r.lock().expect("lock").push(req.clone());
-                    let answer = answer(&b, &req);
-                    let _ = wr.write_all(format!("{answer}\n").as_bytes()).await;
-                });
-            }
+        let control = common::fake_control_socket(dir, "mb", move |line| {
+            let req = serde_json::from_str::<Value>(&line).ok()?;
+            r.lock().expect("lock").push(req.clone());
+            Some(answer(&b, &req).to_string())
         });
         FakeMiddlebox {
-            path,
+            control,
             book,
             requests,
         }
     }
 
     fn control(&self) -> String {
-        format!("unix:{}", self.path.display())
+        self.control.clone()
     }
 
     fn set(&self, service: &str, replica: &str, entry: Value) {
@@ -208,6 +190,27 @@ async fn wait_summary(api: &Client, replica: &str, what: &str, ok: impl Fn(&str)
     .0
 }
 
+/// ncpd on `state` with `fake` registered as middlebox [`MB`] and replication 1 (replicas
+/// [`A`] and [`B`]) created on it.
+async fn replicating_through(
+    fake: &FakeMiddlebox,
+    state: std::path::PathBuf,
+) -> (ncp_controller::service::Service, Client) {
+    let (svc, api) = start_with(config(state)).await;
+    register_and_replicate(&api, MB, &fake.control(), &replication(1, MB, &[A, B])).await;
+    (svc, api)
+}
+
+/// Registers middlebox `mb` at `control`, then creates `r`; both must succeed.
+async fn register_and_replicate(api: &Client, mb: &str, control: &str, r: &ReplicationSpec) {
+    let path = format!("/v1/middleboxes/{mb}");
+    let body = json!({ "control": control }).to_string();
+    let answer = call(api, "PUT", &path, Some(body)).await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    let answer = call(api, "POST", "/v1/replications", Some(to_json(r))).await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_divergence_fail_open_windows_and_operator_resets() {
     let state = temp_state("consistency");
@@ -216,24 +219,7 @@ async fn status_shows_divergence_fail_open_windows_and_operator_resets() {
     let t0 = now_ms();
     fake.set("r1", A, entry("r1", A, "in-step", t0));
     fake.set("r1", B, lagged_entry(B, t0));
-    let (_svc, api) = start_with(config(state)).await;
-
-    let r = call(
-        &api,
-        "PUT",
-        &format!("/v1/middleboxes/{MB}"),
-        Some(json!({"control": fake.control()}).to_string()),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(to_json(&replication(1, MB, &[A, B]))),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let (_svc, api) = replicating_through(&fake, state).await;
 
     // The middlebox's own state, polled by ncpd.
     let a = wait_summary(&api, A, "A in step", |s| s == "in-step").await;
@@ -312,23 +298,9 @@ async fn status_shows_divergence_fail_open_windows_and_operator_resets() {
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
-    let gone = dir.join("nobody.sock");
-    let r = call(
-        &api,
-        "PUT",
-        "/v1/middleboxes/198.18.1.8",
-        Some(json!({"control": format!("unix:{}", gone.display())}).to_string()),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(to_json(&replication(3, "198.18.1.8", &[A]))),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let gone = format!("unix:{}", dir.join("nobody.sock").display());
+    let r = replication(3, "198.18.1.8", &[A]);
+    register_and_replicate(&api, "198.18.1.8", &gone, &r).await;
     for (args, status, says) in [
         (
             vec!["--replication", "9", "--replica", A],
@@ -447,23 +419,7 @@ async fn prometheus_scrapes_the_replica_state() {
     let fake = FakeMiddlebox::start(&dir);
     fake.set("r1", A, entry("r1", A, "in-step", now_ms()));
     fake.set("r1", B, lagged_entry(B, now_ms()));
-    let (_svc, api) = start_with(config(state)).await;
-    let r = call(
-        &api,
-        "PUT",
-        &format!("/v1/middleboxes/{MB}"),
-        Some(json!({"control": fake.control()}).to_string()),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = call(
-        &api,
-        "POST",
-        "/v1/replications",
-        Some(to_json(&replication(1, MB, &[A, B]))),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let (_svc, api) = replicating_through(&fake, state).await;
 
     // The exposition itself, as Prometheus will read it.
     let text = wait_for(Duration::from_secs(10), "the middlebox polled", || async {

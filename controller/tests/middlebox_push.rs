@@ -17,7 +17,6 @@ use ncp_controller::client::Client;
 use ncp_controller::middlebox::NOT_REGISTERED;
 use ncp_controller::store::{ModeSpec, ReplicationSpec};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 /// How the fake middlebox answers.
 #[derive(Debug, Clone)]
@@ -30,55 +29,37 @@ enum Answer {
 
 /// A fake middlebox control socket.
 struct Fake {
-    path: PathBuf,
+    control: String,
     lines: Arc<Mutex<Vec<String>>>,
     answer: Arc<Mutex<Answer>>,
 }
 
 impl Fake {
     fn start(dir: &Path, name: &str, answer: Answer) -> Fake {
-        std::fs::create_dir_all(dir).expect("dir");
-        let path = dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path).expect("bind fake middlebox");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let answer = Arc::new(Mutex::new(answer));
         let (l, a) = (lines.clone(), answer.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (l, a) = (l.clone(), a.clone());
-                tokio::spawn(async move {
-                    let (rd, mut wr) = stream.into_split();
-                    let mut line = String::new();
-                    if BufReader::new(rd).read_line(&mut line).await.is_err() {
-                        return;
-                    }
-                    // Only the pushes are under test here, not ncpd's stats polls.
-                    if line.starts_with("{\"cmd\":\"services-set\"") {
-                        l.lock().expect("lock").push(line);
-                    }
-                    let answer = a.lock().expect("lock").clone();
-                    let reply = match answer {
-                        Answer::Done => "{\"result\":\"done\"}\n".to_string(),
-                        Answer::Error(m) => format!("{}\n", json!({"result":"error","message":m})),
-                        Answer::Silent => {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                            return;
-                        }
-                    };
-                    let _ = wr.write_all(reply.as_bytes()).await;
-                });
+        let control = common::fake_control_socket(dir, name, move |line| {
+            // Only the pushes are under test here, not ncpd's stats polls.
+            if line.starts_with("{\"cmd\":\"services-set\"") {
+                l.lock().expect("lock").push(line);
+            }
+            let answer = a.lock().expect("lock").clone();
+            match answer {
+                Answer::Done => Some("{\"result\":\"done\"}".to_string()),
+                Answer::Error(m) => Some(json!({"result":"error","message":m}).to_string()),
+                Answer::Silent => None,
             }
         });
         Fake {
-            path,
+            control,
             lines,
             answer,
         }
     }
 
     fn control(&self) -> String {
-        format!("unix:{}", self.path.display())
+        self.control.clone()
     }
 
     fn lines(&self) -> Vec<String> {

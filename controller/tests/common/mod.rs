@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ncp_controller::client::{Client, Response};
@@ -306,4 +306,41 @@ pub fn dump_flows(bridge: &str) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// A fake middlebox control socket at `dir/<name>.sock`: on every connection it reads one
+/// request line and writes back the line `answer` makes of it, or, for `None`, keeps the
+/// connection open without a word (a middlebox that hangs). Returns the `unix:` control
+/// address to register.
+pub fn fake_control_socket(
+    dir: &Path,
+    name: &str,
+    answer: impl Fn(String) -> Option<String> + Send + Sync + 'static,
+) -> String {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+
+    std::fs::create_dir_all(dir).expect("dir");
+    let path = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind fake middlebox");
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = stream.into_split();
+                let mut line = String::new();
+                if BufReader::new(rd).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                match answer(line) {
+                    Some(reply) => {
+                        let _ = wr.write_all(format!("{reply}\n").as_bytes()).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            });
+        }
+    });
+    format!("unix:{}", path.display())
 }
