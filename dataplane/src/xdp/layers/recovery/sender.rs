@@ -566,6 +566,18 @@ impl Flow {
         fill_tcp_checksum(packet.get_mut(tcp_at..end)?, ip.src, ip.dst)?;
         Some(packet)
     }
+
+    /// Lets a held-back segment go: marks it sent and returns it refreshed. The copy was
+    /// made when smoltcp wrote it; a segment sent since (a retransmission, or newer data)
+    /// may carry a newer timestamp, and a Linux peer drops a segment whose timestamp is
+    /// older than one it has taken (PAWS, RFC 7323), so a stale copy would be lost.
+    fn release(&mut self, index: usize, now: Micros) -> Option<Vec<u8>> {
+        let packet = self.refresh(index)?;
+        let segment = self.segments.get_mut(index)?;
+        segment.released = true;
+        segment.sent_at = now;
+        Some(packet)
+    }
 }
 
 /// Configuration of the core.
@@ -635,12 +647,10 @@ impl LossRecovery {
 
     /// Stops tracking a connection: what is held back goes out at once, in order.
     fn untrack(&mut self, key: &Key) {
-        if let Some(flow) = self.flows.get(key) {
-            for (index, segment) in flow.segments.iter().enumerate() {
-                if !segment.released {
-                    // Refreshed for the same reason as a paced release.
-                    self.out
-                        .extend(flow.refresh(index).or_else(|| Some(segment.packet.clone())));
+        if let Some(flow) = self.flows.get_mut(key) {
+            for index in 0..flow.segments.len() {
+                if flow.segments.get(index).is_some_and(|s| !s.released) {
+                    self.out.extend(flow.release(index, 0));
                 }
             }
         }
@@ -839,17 +849,9 @@ impl LossRecovery {
             if !Self::may_release(flow, now, len) {
                 break;
             }
-            // The copy was made when smoltcp wrote it; a retransmission may since have
-            // carried a newer timestamp, and a Linux peer drops a segment whose
-            // timestamp is older than one it has taken (PAWS). So it leaves refreshed.
-            let Some(packet) = flow.refresh(index) else {
+            let Some(packet) = flow.release(index, now) else {
                 break;
             };
-            let Some(segment) = flow.segments.get_mut(index) else {
-                break;
-            };
-            segment.released = true;
-            segment.sent_at = now;
             self.out.push_back(packet);
             flow.credit -= i64::from(len);
             sent_any = true;
@@ -1075,10 +1077,8 @@ impl LossRecovery {
                 flow.tlp_at = None;
                 flow.probed = true;
                 // The probe: new data if some is held back, else the last segment sent.
-                if let Some(segment) = flow.segments.iter_mut().find(|s| !s.released) {
-                    segment.released = true;
-                    segment.sent_at = now;
-                    self.out.push_back(segment.packet.clone());
+                if let Some(index) = flow.segments.iter().position(|s| !s.released) {
+                    self.out.extend(flow.release(index, now));
                     self.counters.retransmits_tlp += 1;
                 } else if let Some(segment) = flow
                     .segments

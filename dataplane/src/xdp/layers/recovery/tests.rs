@@ -624,6 +624,23 @@ fn random_loss_costs_several_times_less_with_the_layer() {
     );
 }
 
+/// Heavy random loss both ways (ACKs too), so probes fire while the congestion window
+/// holds data back and sends it as the probe: whatever leaves the layer, and however
+/// late, must carry a timestamp no older than what went before (`lossy_transfer` checks
+/// with the wire's PAWS test), or a Linux peer drops it.
+#[test]
+fn everything_the_layer_sends_late_carries_a_current_timestamp() {
+    // A seed whose losses make a probe go out as held-back data.
+    let faults = WireFaults {
+        random: Some(Loss::new(12, 1)),
+        wiggle_windows: true,
+        ..WireFaults::default()
+    };
+    let (_, counters, dropped) = lossy_transfer(RecoveryConfig::enabled(), 200_000, faults);
+    assert!(dropped >= 10, "dropped only {dropped}");
+    assert!(counters.retransmits_tlp > 0, "no probe: {counters:?}");
+}
+
 /// A receiver that drains its small buffer slowly: the window closes and reopens, and
 /// the duplicate ACKs it sends move the window. Nothing is lost, so nothing is resent.
 #[test]
