@@ -83,6 +83,7 @@ pub mod mbstats;
 pub mod metrics;
 pub mod middlebox;
 pub mod openflow;
+pub mod pki;
 pub mod planner;
 pub mod reconcile;
 pub mod rules;

@@ -162,6 +162,14 @@ pub struct Metrics {
     pub redirect_withdrawals: u64,
     /// Replicas marked in step by an operator.
     pub replica_resets: u64,
+    /// Switch connections refused for claiming the datapath id of a connected switch
+    /// that still answered an echo probe.
+    pub duplicate_dpid_refused: u64,
+    /// OpenFlow peers refused in the TLS handshake (no or an untrusted certificate).
+    pub tls_refused: u64,
+    /// Switch connections refused for claiming a datapath id their certificate does not
+    /// grant.
+    pub unauthorized_dpid_refused: u64,
 }
 
 /// Summary of the last reconcile run.
@@ -453,6 +461,9 @@ impl Service {
             learned_hosts: st.learned.len(),
             middlebox_pushes_ok,
             middlebox_pushes_failed,
+            duplicate_dpid_refused: self.inner.ctl.duplicate_claims_refused(),
+            tls_refused: self.inner.ctl.tls_refused(),
+            unauthorized_dpid_refused: self.inner.ctl.unauthorized_claims(),
         }
     }
 

@@ -27,6 +27,8 @@ fn fast_config() -> ServerConfig {
         },
         request_timeout: Duration::from_secs(2),
         event_capacity: 64,
+        duplicate_probe_timeout: Duration::from_millis(300),
+        tls: None,
     }
 }
 
@@ -142,9 +144,11 @@ async fn handshake_barrier_and_multipart() {
 }
 
 #[tokio::test]
-async fn new_connection_replaces_stale_one() {
+async fn new_connection_replaces_a_silent_one() {
     let (ctl, mut events) = start().await;
-    let first = fake_switch(ctl.local_addr(), 7, false);
+    // The first connection went quiet, as a half-open connection of a restarted switch
+    // does: it fails the echo probe that the second one's claim triggers.
+    let first = fake_switch(ctl.local_addr(), 7, true);
     expect_connected(&mut events, 7).await;
     let _second = fake_switch(ctl.local_addr(), 7, false);
     expect_connected(&mut events, 7).await;
@@ -162,6 +166,39 @@ async fn new_connection_replaces_stale_one() {
         timeout(Duration::from_millis(300), events.recv())
             .await
             .is_err()
+    );
+    assert_eq!(ctl.duplicate_claims_refused(), 0);
+}
+
+/// A peer that completes the handshake as `dpid` and then answers echoes; returns once the
+/// controller closes the connection (`true`) or after `limit` (`false`).
+async fn impostor_is_closed(addr: SocketAddr, dpid: u64, limit: Duration) -> bool {
+    let sw = fake_switch(addr, dpid, false);
+    timeout(limit, sw).await.is_ok()
+}
+
+#[tokio::test]
+async fn impostor_does_not_displace_a_live_switch() {
+    let (ctl, mut events) = start().await;
+    let _real = fake_switch(ctl.local_addr(), 0x51, false);
+    expect_connected(&mut events, 0x51).await;
+    for n in 1..=2u64 {
+        assert!(
+            impostor_is_closed(ctl.local_addr(), 0x51, Duration::from_secs(3)).await,
+            "the impostor must be closed"
+        );
+        assert_eq!(ctl.duplicate_claims_refused(), n);
+    }
+    assert_eq!(ctl.connected(), vec![0x51]);
+    ctl.barrier(0x51)
+        .await
+        .expect("the real switch keeps its connection");
+    // The real switch never saw a disconnect and the impostors never a connect.
+    assert!(
+        timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err(),
+        "no events from the refused impostors"
     );
 }
 

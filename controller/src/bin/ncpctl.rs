@@ -83,6 +83,9 @@ enum Cmd {
     /// Replicas' consistency state.
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// Certificates for OpenFlow over TLS (local files; no controller needed).
+    #[command(subcommand)]
+    Pki(PkiCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -94,6 +97,30 @@ enum ReplicaCmd {
         /// The replica as address:port.
         #[arg(long)]
         replica: std::net::SocketAddrV4,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCmd {
+    /// Create a CA and ncpd's certificate in DIR (ncpd --tls-cert DIR/ctl-cert.pem
+    /// --tls-key DIR/ctl-privkey.pem --tls-ca DIR/cacert.pem).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign a switch certificate that may claim the given datapath ids; on the switch:
+    /// ovs-vsctl set-ssl DIR/NAME-privkey.pem DIR/NAME-cert.pem DIR/cacert.pem and
+    /// ovs-vsctl set-controller BRIDGE ssl:IP:PORT.
+    Switch {
+        #[arg(long)]
+        dir: PathBuf,
+        /// File name stem and certificate common name (default: sw-<first dpid>).
+        #[arg(long)]
+        name: Option<String>,
+        /// Datapath id the switch may claim (0x-hex, 16 hex digits or decimal);
+        /// repeat for every bridge of the switch.
+        #[arg(long, required = true, value_parser = parse_dpid)]
+        dpid: Vec<u64>,
     },
 }
 
@@ -126,12 +153,37 @@ fn token_of(text: &str) -> &str {
         .unwrap_or("")
 }
 
-fn parse_dpid(s: &str) -> Result<u64, String> {
-    match s.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
+use ncp_controller::switch::tls::parse_dpid;
+
+fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
+    use ncp_controller::pki;
+    match cmd {
+        PkiCmd::Init { dir } => {
+            let ctl = pki::init(&dir)?;
+            println!("CA:         {}", dir.join(pki::CA_CERT).display());
+            println!(
+                "CA key:     {} (keep it off the switches)",
+                dir.join(pki::CA_KEY).display()
+            );
+            println!(
+                "ncpd:       --tls-cert {} --tls-key {} --tls-ca {}",
+                ctl.cert.display(),
+                ctl.key.display(),
+                dir.join(pki::CA_CERT).display()
+            );
+        }
+        PkiCmd::Switch { dir, name, dpid } => {
+            let name = name.unwrap_or_else(|| format!("sw-{:016x}", dpid[0]));
+            let sw = pki::switch(&dir, &name, &dpid)?;
+            println!(
+                "on the switch: ovs-vsctl set-ssl {} {} {}",
+                sw.key.display(),
+                sw.cert.display(),
+                dir.join(pki::CA_CERT).display()
+            );
+        }
     }
-    .map_err(|e| format!("bad dpid {s:?}: {e}"))
+    Ok(())
 }
 
 fn parse_mode(s: &str) -> anyhow::Result<ModeSpec> {
@@ -159,22 +211,6 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let token = match &args.token_file {
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
-        None => match std::env::var("NCP_TOKEN") {
-            Ok(token) if !token.trim().is_empty() => token,
-            // The token ncpd created at its first start.
-            _ => ncp_controller::token::read(std::path::Path::new(
-                ncp_controller::token::DEFAULT_TOKEN_FILE,
-            ))
-            .context(
-                "no --token-file, no NCP_TOKEN, and the controller's own token is unreadable",
-            )?,
-        },
-    };
-    let client = Client::new(args.api, token_of(&token));
     let table = matches!(args.cmd, Cmd::Status { json: false });
     let (method, path, body) = match args.cmd {
         Cmd::Status { .. } => ("GET", "/v1/replications".to_string(), None),
@@ -256,7 +292,24 @@ fn run(args: Args) -> anyhow::Result<()> {
             format!("/v1/replications/{replication}/replicas/{replica}/reset"),
             None,
         ),
+        Cmd::Pki(cmd) => return pki(cmd),
     };
+    let token = match &args.token_file {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => match std::env::var("NCP_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => token,
+            // The token ncpd created at its first start.
+            _ => ncp_controller::token::read(std::path::Path::new(
+                ncp_controller::token::DEFAULT_TOKEN_FILE,
+            ))
+            .context(
+                "no --token-file, no NCP_TOKEN, and the controller's own token is unreadable",
+            )?,
+        },
+    };
+    let client = Client::new(args.api, token_of(&token));
     let resp = client.request(method, &path, body.as_deref())?;
     if table && resp.status == 200 {
         let list: serde_json::Value =

@@ -9,14 +9,29 @@ use clap::Parser;
 use ncp_controller::health::HealthConfig;
 use ncp_controller::hosts::LearnConfig;
 use ncp_controller::service::{Service, ServiceConfig};
-use ncp_controller::switch::ServerConfig;
+use ncp_controller::switch::{ServerConfig, SwitchTls, TlsFiles};
 
 #[derive(Parser, Debug)]
 #[command(about = "NCP OpenFlow 1.3 controller")]
 struct Args {
-    /// Where switches connect.
+    /// Where switches connect. Without the --tls-* files only a loopback address is
+    /// allowed: plain OpenFlow lets anyone who reaches the port pose as a switch.
     #[arg(long, default_value = "127.0.0.1:6653")]
     listen: SocketAddr,
+    /// ncpd's certificate (PEM) for OpenFlow over TLS; `ncpctl pki init` makes one.
+    /// With it, every switch must present a certificate signed by --tls-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// ncpd's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs switch certificates.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Allow-list granting datapath ids to switch certificates by subject common name
+    /// (`<common name> = <dpid>, ...` per line), for certificates made by `ovs-pki`.
+    #[arg(long, requires = "tls_cert")]
+    tls_switch_map: Option<PathBuf>,
     /// Where the REST API listens.
     #[arg(long, default_value = "127.0.0.1:8653")]
     api: SocketAddr,
@@ -56,6 +71,31 @@ struct Args {
     /// counters (shown in `ncpctl status` and on /metrics).
     #[arg(long, default_value_t = 2000)]
     poll_ms: u64,
+}
+
+/// The OpenFlow listener's TLS, or plain TCP where that is allowed (loopback only).
+fn switch_tls(args: &Args) -> anyhow::Result<Option<SwitchTls>> {
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) else {
+        if !args.listen.ip().is_loopback() {
+            bail!(
+                "plain OpenFlow on {} would let anyone who reaches it pose as a switch: \
+                 give --tls-cert, --tls-key and --tls-ca (ncpctl pki init makes them), \
+                 or listen on loopback",
+                args.listen
+            );
+        }
+        tracing::warn!(listen = %args.listen, "OpenFlow without TLS: any local process can pose as a switch; give --tls-cert/--tls-key/--tls-ca to require switch certificates");
+        return Ok(None);
+    };
+    let files = TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: ca.clone(),
+        switch_map: args.tls_switch_map.clone(),
+    };
+    let tls = SwitchTls::load(&files).context("loading the OpenFlow TLS files")?;
+    tracing::info!(listen = %args.listen, "OpenFlow over TLS; switches must present a certificate from the CA");
+    Ok(Some(tls))
 }
 
 /// (caller name, token) pairs from the token file or NCP_TOKEN.
@@ -103,9 +143,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let tokens = tokens(&args)?;
+    let tls = switch_tls(&args)?;
     let cfg = ServiceConfig {
         server: ServerConfig {
             listen: args.listen,
+            tls,
             ..ServerConfig::default()
         },
         state_file: args.state.clone(),

@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::registry::{Claim, Holder, Registry, Settlement};
 use super::session::{CloseReason, Output, Session, SessionConfig};
+use super::tls::{Credentials, SwitchTls};
 use crate::openflow::messages::MULTIPART_MORE;
 use crate::openflow::{
     FlowStats, FlowStatsRequest, Frame, Message, MultipartReplyBody, MultipartRequest, PortDesc,
@@ -36,6 +38,13 @@ pub struct ServerConfig {
     /// (packet-ins...) are dropped with a warning when the application falls behind, so a
     /// chatty switch cannot stall its own keepalive.
     pub event_capacity: usize,
+    /// How long a switch's established connection has to answer the echo probe sent
+    /// when another connection claims its datapath id; silent means dead and replaced,
+    /// answering means the newcomer is refused.
+    pub duplicate_probe_timeout: Duration,
+    /// OpenFlow over TLS with client certificates (see [`super::tls`]); `None` is plain
+    /// TCP, which callers allow on loopback only.
+    pub tls: Option<SwitchTls>,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +54,8 @@ impl Default for ServerConfig {
             session: SessionConfig::default(),
             request_timeout: Duration::from_secs(10),
             event_capacity: 1024,
+            duplicate_probe_timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -108,26 +119,33 @@ enum Command {
     /// Send all, then a barrier; answer with the refused messages once the barrier reply
     /// arrives (a switch reports every error of earlier messages before that reply).
     Batch { msgs: Vec<Message>, reply: BatchTx },
+    /// Echo-probe the switch; answer whether it replied within the probe timeout.
+    Probe { reply: oneshot::Sender<bool> },
 }
 
+/// How the rest of the controller reaches one connection's task.
+#[derive(Clone)]
 struct Entry {
-    conn_id: u64,
     commands: mpsc::Sender<Command>,
     kill: Arc<Notify>,
 }
 
 struct Shared {
     cfg: ServerConfig,
-    switches: Mutex<HashMap<Dpid, Entry>>,
+    switches: Mutex<Registry<Entry>>,
     next_conn: AtomicU64,
     /// FLOW_MODs handed to switch connections since start.
     flow_mods: AtomicU64,
+    /// Peers that failed the TLS handshake (no or a bad certificate, no TLS at all).
+    tls_refused: AtomicU64,
+    /// Connections whose certificate does not grant the datapath id they claimed.
+    unauthorized_claims: AtomicU64,
     events: mpsc::Sender<SwitchEvent>,
 }
 
 impl Shared {
-    fn switches(&self) -> MutexGuard<'_, HashMap<Dpid, Entry>> {
-        // A panic while holding this lock cannot leave the map half-updated (every
+    fn switches(&self) -> MutexGuard<'_, Registry<Entry>> {
+        // A panic while holding this lock cannot leave the registry half-updated (every
         // critical section is a single insert/remove), so poisoning is safe to ignore.
         self.switches.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -150,9 +168,11 @@ impl Controller {
         let (events, events_rx) = mpsc::channel(cfg.event_capacity.max(1));
         let shared = Arc::new(Shared {
             cfg,
-            switches: Mutex::new(HashMap::new()),
+            switches: Mutex::new(Registry::default()),
             next_conn: AtomicU64::new(1),
             flow_mods: AtomicU64::new(0),
+            tls_refused: AtomicU64::new(0),
+            unauthorized_claims: AtomicU64::new(0),
             events,
         });
         tracing::info!(%local_addr, "OpenFlow listener up");
@@ -167,9 +187,24 @@ impl Controller {
 
     /// Dpids of switches that finished the handshake.
     pub fn connected(&self) -> Vec<Dpid> {
-        let mut v: Vec<Dpid> = self.shared.switches().keys().copied().collect();
-        v.sort_unstable();
-        v
+        self.shared.switches().dpids()
+    }
+
+    /// Connections refused since start because they claimed the datapath id of a switch
+    /// whose established connection still answered.
+    pub fn duplicate_claims_refused(&self) -> u64 {
+        self.shared.switches().refused()
+    }
+
+    /// Peers refused in the TLS handshake since start.
+    pub fn tls_refused(&self) -> u64 {
+        self.shared.tls_refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused since start for claiming a datapath id their certificate does
+    /// not grant.
+    pub fn unauthorized_claims(&self) -> u64 {
+        self.shared.unauthorized_claims.load(Ordering::Relaxed)
     }
 
     /// FLOW_MODs sent to switches since start (a restart on unchanged state must not
@@ -191,8 +226,8 @@ impl Controller {
     fn commands(&self, dpid: Dpid) -> Result<mpsc::Sender<Command>, SwitchError> {
         self.shared
             .switches()
-            .get(&dpid)
-            .map(|e| e.commands.clone())
+            .get(dpid)
+            .map(|h| h.handle.commands.clone())
             .ok_or(SwitchError::NotConnected(dpid))
     }
 
@@ -313,7 +348,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, conn_id, "switch connection accepted");
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(run_connection(stream, peer, conn_id, Arc::clone(&shared)));
+                let shared = Arc::clone(&shared);
+                match shared.cfg.tls.clone() {
+                    None => {
+                        tokio::spawn(run_connection(stream, peer, conn_id, shared, None));
+                    }
+                    Some(tls) => {
+                        tokio::spawn(async move {
+                            if let Some((stream, creds)) =
+                                tls_accept(&tls, stream, peer, &shared).await
+                            {
+                                run_connection(stream, peer, conn_id, shared, Some(creds)).await;
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // E.g. out of file descriptors: back off instead of spinning.
@@ -403,6 +452,10 @@ enum End {
     Io(std::io::Error),
     WriteStalled,
     Replaced,
+    /// Claimed the datapath id of a switch whose connection is alive.
+    DuplicateRefused(Dpid),
+    /// Claimed a datapath id its certificate does not grant.
+    Unauthorized(Dpid),
 }
 
 impl std::fmt::Display for End {
@@ -413,20 +466,76 @@ impl std::fmt::Display for End {
             End::Io(e) => write!(f, "I/O error: {e}"),
             End::WriteStalled => write!(f, "peer stopped reading"),
             End::Replaced => write!(f, "replaced by a newer connection of the same switch"),
+            End::Unauthorized(d) => write!(
+                f,
+                "claimed datapath id {d:#x}, which its certificate does not grant"
+            ),
+            End::DuplicateRefused(d) => write!(
+                f,
+                "claimed datapath id {d:#x}, whose switch is connected and answering"
+            ),
         }
     }
 }
 
-async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, shared: Arc<Shared>) {
+/// Runs the TLS handshake (bounded by the OpenFlow handshake timeout) and reads what
+/// the switch's verified certificate grants; `None` (logged and counted) refuses the peer.
+async fn tls_accept<S>(
+    tls: &SwitchTls,
+    stream: S,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(tokio_rustls::server::TlsStream<S>, Credentials)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limit = shared.cfg.session.handshake_timeout;
+    let why = match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
+        Err(_) => "TLS handshake not finished in time".to_string(),
+        Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+        Ok(Ok(stream)) => {
+            // Verification passed, so there is an end-entity certificate.
+            let leaf = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first());
+            match leaf.map(|c| Credentials::of(c, &tls.map)) {
+                Some(Ok(creds)) => {
+                    tracing::debug!(%peer, name = %creds.name, dpids = ?creds.dpids, "switch certificate accepted");
+                    return Some((stream, creds));
+                }
+                Some(Err(e)) => e.to_string(),
+                None => "no client certificate".to_string(),
+            }
+        }
+    };
+    shared.tls_refused.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%peer, reason = %why, "refused an OpenFlow peer at the TLS layer");
+    None
+}
+
+/// Drives one switch connection over any byte stream (plain TCP, or TLS with the peer's
+/// `creds`, which then bound the datapath ids it may claim).
+async fn run_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    conn_id: u64,
+    shared: Arc<Shared>,
+    creds: Option<Credentials>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let cfg = shared.cfg.session;
     let mut session = Session::new(cfg, Instant::now());
     let (commands_tx, mut commands) = mpsc::channel::<Command>(64);
     let kill = Arc::new(Notify::new());
     let mut dpid: Option<Dpid> = None;
     let mut waiters = Waiters::default();
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = vec![0u8; 16 * 1024];
     let mut commands_tx = Some(commands_tx);
+    let mut probe_waiters: Vec<oneshot::Sender<bool>> = Vec::new();
 
     let end = 'conn: loop {
         while let Some(out) = session.poll_output() {
@@ -440,25 +549,32 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
                 }
                 Output::Up(features) => {
                     let id = features.datapath_id;
-                    dpid = Some(id);
+                    if let Some(c) = creds.as_ref().filter(|c| !c.may_claim(id)) {
+                        shared.unauthorized_claims.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            dpid = format_args!("{id:#x}"),
+                            %peer,
+                            certificate = %c.name,
+                            granted = ?c.dpids.iter().map(|d| format!("{d:#x}")).collect::<Vec<_>>(),
+                            "refused a switch claiming a datapath id its certificate does not grant"
+                        );
+                        break 'conn End::Unauthorized(id);
+                    }
                     let Some(tx) = commands_tx.take() else {
                         continue;
                     };
-                    let old = shared.switches().insert(
-                        id,
-                        Entry {
-                            conn_id,
+                    let me = Holder {
+                        conn_id,
+                        peer,
+                        handle: Entry {
                             commands: tx,
                             kill: Arc::clone(&kill),
                         },
-                    );
-                    if let Some(old) = old {
-                        tracing::info!(
-                            dpid = format_args!("{id:#x}"),
-                            "switch reconnected; dropping the stale connection"
-                        );
-                        old.kill.notify_one();
+                    };
+                    if !admit(&shared, id, me).await {
+                        break 'conn End::DuplicateRefused(id);
                     }
+                    dpid = Some(id);
                     tracing::info!(dpid = format_args!("{id:#x}"), %peer, "switch connected");
                     let _ = shared
                         .events
@@ -468,6 +584,11 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
                             peer,
                         })
                         .await;
+                }
+                Output::Probed(alive) => {
+                    for w in probe_waiters.drain(..) {
+                        let _ = w.send(alive);
+                    }
                 }
                 Output::Deliver(frame) => deliver(frame, dpid, &mut waiters, &shared),
                 Output::Close(reason) => break 'conn End::Session(reason),
@@ -496,6 +617,10 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
                     }
                     waiters.batches.insert(barrier, PendingBatch { rejected: Vec::new(), tx: reply });
                 }
+                Command::Probe { reply } => {
+                    session.probe(Instant::now(), shared.cfg.duplicate_probe_timeout);
+                    probe_waiters.push(reply);
+                }
             },
             () = tokio::time::sleep_until(deadline) => session.on_tick(Instant::now()),
             () = kill.notified() => break End::Replaced,
@@ -511,19 +636,13 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
         End::Session(CloseReason::Protocol(_)) | End::Session(CloseReason::Unexpected(_)) => {
             tracing::warn!(%peer, dpid = %who, reason = %end, "dropping misbehaving peer")
         }
+        // Already logged as a warning with the details where it was decided.
+        End::DuplicateRefused(_) | End::Unauthorized(_) => {}
         _ => tracing::info!(%peer, dpid = %who, reason = %end, "switch connection closed"),
     }
     if let Some(id) = dpid {
         // Only remove our own entry: a replacement may already have taken the slot.
-        let mine = {
-            let mut map = shared.switches();
-            if map.get(&id).is_some_and(|e| e.conn_id == conn_id) {
-                map.remove(&id);
-                true
-            } else {
-                false
-            }
-        };
+        let mine = shared.switches().release(id, conn_id);
         if mine {
             let _ = shared
                 .events
@@ -536,6 +655,58 @@ async fn run_connection(stream: TcpStream, peer: SocketAddr, conn_id: u64, share
     }
     // Dropping `waiters` wakes every waiter with a disconnect error.
     drop(waiters);
+}
+
+/// Lets connection `me` speak for datapath `id` unless a live connection already does
+/// (see [`super::registry`]); returns whether it may. The refusal is logged and counted.
+async fn admit(shared: &Shared, id: Dpid, me: Holder<Entry>) -> bool {
+    let claim = shared.switches().claim(id, me.clone());
+    let holder = match claim {
+        Claim::Granted => return true,
+        Claim::Contested(holder) => holder,
+    };
+    let probe_timeout = shared.cfg.duplicate_probe_timeout;
+    let (tx, rx) = oneshot::channel();
+    let probe = async {
+        holder
+            .handle
+            .commands
+            .send(Command::Probe { reply: tx })
+            .await
+            .ok()?;
+        rx.await.ok()
+    };
+    // A holder whose task is gone or wedged counts as silent. The margin covers the
+    // holder's task noticing its own deadline.
+    let alive = tokio::time::timeout(probe_timeout + Duration::from_millis(500), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    let peer = me.peer;
+    let settlement = shared.switches().settle(id, me, holder.conn_id, alive);
+    match settlement {
+        Settlement::Granted => true,
+        Settlement::Replaced(old) => {
+            tracing::info!(
+                dpid = format_args!("{id:#x}"),
+                %peer,
+                old_peer = %old.peer,
+                "switch reconnected and its old connection did not answer an echo; replacing it"
+            );
+            old.handle.kill.notify_one();
+            true
+        }
+        Settlement::Refused => {
+            tracing::warn!(
+                dpid = format_args!("{id:#x}"),
+                %peer,
+                holder_peer = %holder.peer,
+                "refused a connection claiming the datapath id of a connected switch that still answers"
+            );
+            false
+        }
+    }
 }
 
 /// Routes a message either to whoever waits for it or to the event stream.

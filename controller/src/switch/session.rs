@@ -66,6 +66,8 @@ pub enum Output {
     Deliver(Frame),
     /// Stop: send nothing more and close the socket.
     Close(CloseReason),
+    /// The outcome of [`Session::probe`]: `true` if the switch echoed in time.
+    Probed(bool),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +89,8 @@ pub struct Session {
     last_rx: Instant,
     echo_sent: bool,
     features: Option<SwitchFeatures>,
+    /// The liveness probe in flight: its ECHO_REQUEST's xid and when it counts as failed.
+    probe: Option<(u32, Instant)>,
     out: VecDeque<Output>,
 }
 
@@ -102,6 +106,7 @@ impl Session {
             last_rx: now,
             echo_sent: false,
             features: None,
+            probe: None,
             out: VecDeque::new(),
         };
         s.send(Message::Hello {
@@ -126,6 +131,19 @@ impl Session {
         xid
     }
 
+    /// Asks the switch to prove it is alive: sends an ECHO_REQUEST now and later emits
+    /// [`Output::Probed`], `true` when the matching ECHO_REPLY arrives before
+    /// `now + timeout`, `false` at that deadline (or at once when the session is closed).
+    /// A probe already in flight is not doubled: its outcome answers this call too.
+    pub fn probe(&mut self, now: Instant, timeout: Duration) {
+        if self.state == State::Closed {
+            self.out.push_back(Output::Probed(false));
+        } else if self.probe.is_none() {
+            let xid = self.send(Message::EchoRequest(b"ncp-probe".to_vec()));
+            self.probe = Some((xid, now + timeout));
+        }
+    }
+
     fn send_with_xid(&mut self, msg: &Message, xid: u32) {
         if self.state != State::Closed {
             self.out.push_back(Output::Send(encode(msg, xid)));
@@ -135,6 +153,9 @@ impl Session {
     fn close(&mut self, why: CloseReason) {
         if self.state != State::Closed {
             self.state = State::Closed;
+            if self.probe.take().is_some() {
+                self.out.push_back(Output::Probed(false));
+            }
             self.out.push_back(Output::Close(why));
         }
     }
@@ -182,7 +203,12 @@ impl Session {
         } = frame;
         match (self.state, message) {
             (_, Message::EchoRequest(data)) => self.send_with_xid(&Message::EchoReply(data), xid),
-            (_, Message::EchoReply(_)) => {}
+            (_, Message::EchoReply(_)) => {
+                if self.probe.is_some_and(|(probe_xid, _)| probe_xid == xid) {
+                    self.probe = None;
+                    self.out.push_back(Output::Probed(true));
+                }
+            }
             (State::AwaitHello, Message::Hello { versions }) => {
                 // Without a bitmap the header version is the highest the peer speaks.
                 let ok = if versions.is_empty() {
@@ -255,6 +281,9 @@ impl Session {
         if self.state != State::Ready {
             next = next.min(self.started + self.cfg.handshake_timeout);
         }
+        if let Some((_, deadline)) = self.probe {
+            next = next.min(deadline);
+        }
         next
     }
 
@@ -262,6 +291,10 @@ impl Session {
     pub fn on_tick(&mut self, now: Instant) {
         if self.state == State::Closed {
             return;
+        }
+        if self.probe.is_some_and(|(_, deadline)| now >= deadline) {
+            self.probe = None;
+            self.out.push_back(Output::Probed(false));
         }
         if self.state != State::Ready && now >= self.started + self.cfg.handshake_timeout {
             self.close(CloseReason::HandshakeTimeout);
@@ -416,6 +449,56 @@ mod tests {
         s.on_tick(t0 + Duration::from_secs(3));
         assert!(s.is_closed());
         assert!(drain(&mut s).1.contains(&Output::Close(CloseReason::Dead)));
+    }
+
+    #[test]
+    fn probe_answered_in_time() {
+        let t0 = Instant::now();
+        let mut s = ready(t0);
+        s.probe(t0, Duration::from_millis(500));
+        // A second probe while one is in flight sends nothing more.
+        s.probe(t0, Duration::from_millis(500));
+        let (sent, _) = drain(&mut s);
+        assert_eq!(sent, vec![Message::EchoRequest(b"ncp-probe".to_vec())]);
+        assert_eq!(s.next_deadline(), t0 + Duration::from_millis(500));
+        // An echo reply with another xid (a keepalive's) does not answer the probe.
+        let t1 = t0 + Duration::from_millis(200);
+        s.receive(&encode(&Message::EchoReply(vec![]), 999), t1);
+        assert_eq!(drain(&mut s).1, vec![]);
+        let probe_xid = s.next_xid;
+        s.receive(&encode(&Message::EchoReply(vec![]), probe_xid), t1);
+        assert_eq!(drain(&mut s).1, vec![Output::Probed(true)]);
+        s.on_tick(t0 + Duration::from_millis(600));
+        assert_eq!(drain(&mut s).1, vec![], "answered probes report once");
+    }
+
+    #[test]
+    fn probe_unanswered_fails_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut s = ready(t0);
+        s.probe(t0, Duration::from_millis(500));
+        drain(&mut s);
+        s.on_tick(t0 + Duration::from_millis(499));
+        assert_eq!(drain(&mut s).1, vec![]);
+        s.on_tick(t0 + Duration::from_millis(500));
+        assert_eq!(drain(&mut s).1, vec![Output::Probed(false)]);
+        // The session itself stays up: the caller decides what a failed probe means.
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn probe_of_a_closing_session_fails() {
+        let t0 = Instant::now();
+        let mut s = ready(t0);
+        s.probe(t0, Duration::from_secs(5));
+        drain(&mut s);
+        s.on_tick(t0 + Duration::from_secs(3));
+        assert_eq!(
+            drain(&mut s).1,
+            vec![Output::Probed(false), Output::Close(CloseReason::Dead)]
+        );
+        s.probe(t0 + Duration::from_secs(4), Duration::from_secs(5));
+        assert_eq!(drain(&mut s).1, vec![Output::Probed(false)]);
     }
 
     #[test]
