@@ -196,3 +196,31 @@ pub fn interface_error(ifname: &str) -> String {
     .map(|s| s.trim().to_string())
     .unwrap_or_default()
 }
+
+/// Gives ovs-vswitchd the credentials it presents to `ssl:` controllers and the CA it
+/// checks the controller's certificate against.
+pub fn set_ssl(ssl: &crate::state::OvsSsl) -> Result<()> {
+    cmd::run(&[
+        "ovs-vsctl",
+        "--timeout=10",
+        "set-ssl",
+        path_str(&ssl.privkey)?,
+        path_str(&ssl.cert)?,
+        path_str(&ssl.cacert)?,
+    ])
+    .map(drop)
+}
+
+/// Removes OVS's SSL setting if it points at files under `dir` (about to be deleted), so
+/// that OVS does not keep trying to read them. Best effort: OVS may not be running.
+pub fn forget_ssl_under(dir: &Path) {
+    let Ok(current) = cmd::stdout(&["ovs-vsctl", "--timeout=5", "get-ssl"]) else {
+        return;
+    };
+    if dir.to_str().is_some_and(|d| current.contains(d)) {
+        tracing::info!(dir = %dir.display(), "removing OVS's SSL setting");
+        if let Err(e) = cmd::run(&["ovs-vsctl", "--timeout=5", "del-ssl"]) {
+            tracing::warn!(error = %e, "ovs-vsctl del-ssl failed");
+        }
+    }
+}

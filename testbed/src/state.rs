@@ -27,6 +27,18 @@ pub struct TestbedState {
     pub prefix: String,
     pub controller_port: Option<u16>,
     pub topology: String,
+    /// OpenFlow over TLS with these switch credentials (absent in older state files).
+    #[serde(default)]
+    pub controller_tls: Option<OvsSsl>,
+}
+
+/// The switch side's TLS files, as `ovs-vsctl set-ssl` takes them (PEM).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OvsSsl {
+    pub privkey: PathBuf,
+    pub cert: PathBuf,
+    pub cacert: PathBuf,
 }
 
 /// Daemons the test bed started itself.

@@ -1,6 +1,7 @@
 //! Building (`up`) and removing (`down`) a test bed, and the handle tests use.
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ovs;
 use crate::plan::{self, DEFAULT_PREFIX, Plan};
 use crate::privileges;
-use crate::state::{self, TestbedState};
+use crate::state::{self, OvsSsl, TestbedState};
 use crate::topology::Topology;
 
 /// How to bring a test bed up.
@@ -21,6 +22,11 @@ pub struct UpOptions {
     /// (no forwarding without the controller's rules). If unset, bridges run
     /// `fail_mode=standalone` and forward like learning switches (OpenFlow NORMAL).
     pub controller_port: Option<u16>,
+    /// With a controller: speak OpenFlow over TLS (`ssl:127.0.0.1:<port>`) with these
+    /// switch credentials, given to OVS with `ovs-vsctl set-ssl`. OVS has one SSL
+    /// setting per ovs-vswitchd, so the last TLS test bed brought up sets it for all.
+    /// Keep the files in [`Testbed::pki_dir`] so that `down` removes them.
+    pub controller_tls: Option<OvsSsl>,
 }
 
 impl Default for UpOptions {
@@ -28,6 +34,7 @@ impl Default for UpOptions {
         UpOptions {
             prefix: DEFAULT_PREFIX.to_string(),
             controller_port: None,
+            controller_tls: None,
         }
     }
 }
@@ -38,6 +45,7 @@ impl UpOptions {
         UpOptions {
             prefix: prefix.to_string(),
             controller_port: None,
+            controller_tls: None,
         }
     }
 }
@@ -73,9 +81,16 @@ pub struct Testbed {
     topology: Topology,
     plan: Plan,
     controller_port: Option<u16>,
+    controller_tls: Option<OvsSsl>,
 }
 
 impl Testbed {
+    /// Where a test bed's OpenFlow TLS keys and certificates belong (in the state
+    /// directory, named after the prefix, so that `down` removes them with the rest).
+    pub fn pki_dir(prefix: &str) -> PathBuf {
+        Path::new(state::STATE_DIR).join(format!("{prefix}-pki"))
+    }
+
     /// Builds the test bed. If one with the same prefix exists already it is removed first
     /// (so a second `up` is not an error and always yields a fresh, predictable state; note
     /// this ends processes running in the old namespaces). On failure everything created so
@@ -108,12 +123,17 @@ impl Testbed {
                 prefix: prefix.to_string(),
                 controller_port: options.controller_port,
                 topology: topology.source.clone(),
+                controller_tls: options.controller_tls.clone(),
             })?;
+            if let Some(ssl) = &options.controller_tls {
+                ovs::set_ssl(ssl)?;
+            }
         }
         let testbed = Testbed {
             topology: topology.clone(),
             plan,
             controller_port: options.controller_port,
+            controller_tls: options.controller_tls.clone(),
         };
         if let Err(e) = testbed.build() {
             tracing::warn!(prefix, error = %e, "up failed; removing what was created");
@@ -141,6 +161,7 @@ impl Testbed {
             topology,
             plan,
             controller_port: st.controller_port,
+            controller_tls: st.controller_tls,
         })
     }
 
@@ -152,6 +173,13 @@ impl Testbed {
         plan::validate_prefix(prefix)?;
         let _lock = state::lock()?;
         let mut report = remove_by_prefix(prefix)?;
+        let pki = Testbed::pki_dir(prefix);
+        ovs::forget_ssl_under(&pki);
+        if let Err(e) = std::fs::remove_dir_all(&pki)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %pki.display(), error = %e, "cannot remove the test bed's PKI");
+        }
         state::remove_testbed(prefix)?;
         let others = state::testbed_prefixes()?;
         if others.is_empty() {
@@ -392,7 +420,14 @@ impl Testbed {
         );
         let dpid = format!("other-config:datapath-id={}", b.dpid_hex());
         let fail = format!("fail_mode={fail_mode}");
-        let controller = self.controller_port.map(|p| format!("tcp:127.0.0.1:{p}"));
+        let scheme = if self.controller_tls.is_some() {
+            "ssl"
+        } else {
+            "tcp"
+        };
+        let controller = self
+            .controller_port
+            .map(|p| format!("{scheme}:127.0.0.1:{p}"));
         let requests: Vec<String> = b
             .ports
             .iter()

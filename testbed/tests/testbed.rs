@@ -358,6 +358,7 @@ fn controller_option_sets_secure_mode_and_connects() {
     let options = UpOptions {
         prefix: prefix.to_string(),
         controller_port: Some(port),
+        controller_tls: None,
     };
     let bed = Testbed::up(&topology("paper.toml"), &options).expect("up");
     let br = bed.bridge("repl").expect("bridge");

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use ncp_controller::client::{Client, Response};
 use ncp_controller::openflow::{FlowStatsRequest, MacAddr};
+use ncp_controller::pki;
 use ncp_controller::rules::{FlowRule, is_ncp_cookie};
 use ncp_controller::service::{Service, ServiceConfig};
 use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
-use ncp_controller::switch::ServerConfig;
+use ncp_controller::switch::{ServerConfig, SwitchTls, TlsFiles};
 use ncp_controller::topology::Dpid;
-use ncp_testbed::{Testbed, UpOptions};
+use ncp_testbed::{OvsSsl, Testbed, UpOptions};
 use serde_json::Value;
 
 /// Name prefix of everything the older tests create (bridges, namespaces, veths).
@@ -126,15 +127,63 @@ pub fn h11_to_h21_via_h31(bed: &Testbed) -> ReplicationSpec {
     spec(1, &ip("h11"), &ip("h21"), &ip("h31"), ModeSpec::Rewrite)
 }
 
-/// Brings the tree up under `prefix`, its bridges pointing at `controller_port`.
+/// The tree topology.
+pub fn tree() -> ncp_testbed::Topology {
+    ncp_testbed::Topology::load(TREE).expect("tree topology")
+}
+
+/// A fresh PKI in the test bed's PKI directory (which `down` removes): a CA, the
+/// controller's certificate, and one switch certificate for OVS granting `dpids` (one
+/// ovs-vswitchd presents one certificate for all its bridges). Returns the controller's
+/// TLS and OVS's `set-ssl` files. Call after the previous bed of `prefix` is down.
+pub fn tls_pki(prefix: &str, dpids: &[Dpid]) -> (SwitchTls, OvsSsl) {
+    let dir = Testbed::pki_dir(prefix);
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctl = pki::init(&dir).expect("pki init");
+    let ovs = pki::switch(&dir, "ovs", dpids).expect("switch certificate");
+    let ca = dir.join(pki::CA_CERT);
+    let tls = SwitchTls::load(&TlsFiles {
+        cert: ctl.cert,
+        key: ctl.key,
+        ca: ca.clone(),
+        switch_map: None,
+    })
+    .expect("controller TLS");
+    let ssl = OvsSsl {
+        privkey: ovs.key,
+        cert: ovs.cert,
+        cacert: ca,
+    };
+    (tls, ssl)
+}
+
+/// The datapath ids of the tree's bridges under `prefix`.
+pub fn tree_dpids(prefix: &str) -> Vec<Dpid> {
+    ncp_testbed::Plan::new(&tree(), prefix)
+        .expect("plan")
+        .bridges
+        .iter()
+        .map(|b| b.dpid)
+        .collect()
+}
+
+/// Brings the tree up under `prefix`, its bridges pointing at `controller_port` over
+/// plain TCP (after taking down what a crashed run left).
 pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
     let _ = Testbed::down(prefix);
-    let tb = ncp_testbed::Topology::load(TREE).expect("tree topology");
+    tree_up_with(prefix, controller_port, None)
+}
+
+/// Brings the tree up under `prefix`, its bridges pointing at `controller_port`, over TLS
+/// with `tls` when given. Does not take an old bed down first (that would delete the PKI
+/// made for this one); `up` replaces a bed of the same prefix anyway.
+pub fn tree_up_with(prefix: &str, controller_port: u16, tls: Option<OvsSsl>) -> Testbed {
     let options = UpOptions {
         prefix: prefix.to_string(),
         controller_port: Some(controller_port),
+        controller_tls: tls,
     };
-    tokio::task::block_in_place(|| Testbed::up(&tb, &options)).expect("test bed up")
+    tokio::task::block_in_place(|| Testbed::up(&tree(), &options)).expect("test bed up")
 }
 
 /// A controller driving the tree test bed: the start of every scene on OVS. Dropping it
@@ -159,7 +208,8 @@ impl Drop for TreeScene {
 /// Starts the service (test settings from [`config`], changed by `tune`) with a fresh state
 /// file named after `test`, then brings the tree up under `prefix` behind it. `None` when
 /// this machine cannot run the scene (see [`ncp_testbed::ready_or_skip`]: a failure under
-/// `CI=true`).
+/// `CI=true`). Switches speak OpenFlow over TLS with a fresh PKI, the test bed's default
+/// (whatever `tune` sets as the controller's TLS is replaced).
 pub async fn tree_scene(
     test: &str,
     tools: &[&str],
@@ -172,9 +222,12 @@ pub async fn tree_scene(
     let state = temp_state(&test.replace(' ', "-"));
     let mut cfg = config(state.clone());
     tune(&mut cfg);
+    let _ = Testbed::down(prefix);
+    let (tls, ssl) = tls_pki(prefix, &tree_dpids(prefix));
+    cfg.server.tls = Some(tls);
     let (svc, api) = start_with(cfg).await;
     let _down = Down(prefix);
-    let bed = tree_up(prefix, svc.controller().local_addr().port());
+    let bed = tree_up_with(prefix, svc.controller().local_addr().port(), Some(ssl));
     Some(TreeScene {
         svc,
         api,
