@@ -98,6 +98,8 @@ async fn main() -> anyhow::Result<()> {
     let options = UpOptions {
         prefix: PREFIX.into(),
         controller_port: Some(svc.controller().local_addr().port()),
+        // Plain TCP on loopback: this measures installation, not the TLS layer.
+        controller_tls: None,
     };
     let bed = tokio::task::block_in_place(|| Testbed::up(&topo, &options))?;
     for h in &topo.hosts {

@@ -6,7 +6,10 @@
 //! - [`topology`] and [`planner`]: pure route and rule computation;
 //! - [`reconcile`]: pure diff of desired rules against what a switch reports;
 //! - [`rules`]: the rule value and the ownership cookie shared by all of the above;
-//! - [`switch`]: sans-IO session plus tokio glue that keeps switch connections alive;
+//! - [`switch`]: sans-IO session plus tokio glue that keeps switch connections alive,
+//!   OpenFlow over TLS with switch certificates ([`switch::tls`]) and the rule for two
+//!   connections claiming one datapath id ([`switch::registry`]);
+//! - [`pki`]: the CA and certificates `ncpctl pki` makes for that;
 //! - [`lldp`] and [`discovery`]: link discovery with LLDP probes;
 //! - [`installer`]: phased, barrier-confirmed application of reconciler diffs;
 //! - [`store`], [`service`], [`api`], [`client`]: desired state on disk, the running

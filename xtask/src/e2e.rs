@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use ncp_testbed::{Testbed, Topology, UpOptions, workload};
+use ncp_testbed::{OvsSsl, Plan, Testbed, Topology, UpOptions, workload};
 
 use crate::{cmd::step, middlebox::Middlebox, setup};
 
@@ -43,10 +43,13 @@ pub fn demo(keep: bool) -> anyhow::Result<()> {
         .next()
         .and_then(|p| p.parse().ok())
         .context("OpenFlow port")?;
+    let pki = Testbed::pki_dir(PREFIX);
+    let ssl = make_pki(&bins, &topology, &pki)?;
     let bed = Testbed::up(
         &topology,
         &UpOptions {
             controller_port: Some(port),
+            controller_tls: Some(ssl),
             ..UpOptions::with_prefix(PREFIX)
         },
     )?;
@@ -55,6 +58,7 @@ pub fn demo(keep: bool) -> anyhow::Result<()> {
         bins,
         processes: Vec::new(),
         token: token(),
+        pki,
     };
     let result = scene.run();
     if keep && result.is_ok() {
@@ -86,6 +90,48 @@ struct Scene {
     bins: PathBuf,
     processes: Vec<Child>,
     token: String,
+    /// The OpenFlow PKI (`ncpctl pki` layout: cacert.pem, ctl-cert.pem, ...).
+    pki: PathBuf,
+}
+
+/// Runs `ncpctl` (`command`, with any options already given) with `args`; fails with its
+/// standard error, returns its standard output.
+fn run_ncpctl(mut command: Command, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = command.args(args).output().context("running ncpctl")?;
+    if !out.status.success() {
+        bail!(
+            "ncpctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// Makes the OpenFlow PKI in `dir` with `ncpctl pki`, as an operator would: a CA, ncpd's
+/// certificate, and one certificate for the test bed's ovs-vswitchd granting the
+/// datapath ids of all its bridges. Returns what `ovs-vsctl set-ssl` takes.
+fn make_pki(bins: &Path, topology: &Topology, dir: &Path) -> anyhow::Result<OvsSsl> {
+    step("making the OpenFlow PKI (ncpctl pki): a CA, ncpd's and the switches' certificates");
+    let _ = std::fs::remove_dir_all(dir);
+    let dir_arg = dir.to_str().context("non-UTF-8 PKI path")?;
+    let dpids: Vec<String> = Plan::new(topology, PREFIX)?
+        .bridges
+        .iter()
+        .map(|b| format!("{:#x}", b.dpid))
+        .collect();
+    let mut switch = vec!["pki", "switch", "--dir", dir_arg, "--name", "ovs"];
+    for d in &dpids {
+        switch.extend(["--dpid", d.as_str()]);
+    }
+    for argv in [vec!["pki", "init", "--dir", dir_arg], switch] {
+        run_ncpctl(Command::new(bins.join("ncpctl")), &argv)?;
+    }
+    Ok(OvsSsl {
+        privkey: dir.join("ovs-privkey.pem"),
+        cert: dir.join("ovs-cert.pem"),
+        cacert: dir.join("cacert.pem"),
+    })
 }
 
 impl Drop for Scene {
@@ -116,8 +162,17 @@ impl Scene {
         let mb = self.bed.address("middlebox", "eth0")?;
         let mb1 = self.bed.address("middlebox", "eth1")?;
 
-        step("starting the controller (ncpd)");
+        step("starting the controller (ncpd), OpenFlow over TLS with switch certificates");
+        let pki = |f: &str| self.pki.join(f).display().to_string();
         let ncpd = Command::new(self.bins.join("ncpd"))
+            .args([
+                "--tls-cert",
+                &pki("ctl-cert.pem"),
+                "--tls-key",
+                &pki("ctl-privkey.pem"),
+                "--tls-ca",
+                &pki("cacert.pem"),
+            ])
             .args([
                 "--listen",
                 OPENFLOW,
@@ -241,6 +296,15 @@ impl Scene {
             "redirect rule: on switch `{switch}` (dpid {}), the last switch shared by the\n  \
              source->primary and source->middlebox routes (lowest common ancestor seen from the source)",
             dpid.map_or("?".to_owned(), |d| format!("{d:#x}"))
+        );
+        let metrics = self.ncpctl(&["metrics"])?;
+        let ovs_target =
+            ncp_testbed::cmd::stdout(&["ovs-vsctl", "get-controller", &self.bed.bridge("prod")?])?;
+        println!(
+            "OpenFlow: both switches connected to `{}` with their certificate; \
+             peers refused at the TLS layer: {}",
+            ovs_target.trim(),
+            metrics["tls_refused"]
         );
         println!(
             "workload: {COMMANDS} Redis writes (SET/INCR/LPUSH/HSET/DEL) with redis-cli --pipe"
@@ -473,20 +537,10 @@ impl Scene {
     }
 
     fn ncpctl(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(self.bins.join("ncpctl"))
-            .args(["--api", API])
-            .args(args)
-            .env("NCP_TOKEN", &self.token)
-            .output()
-            .context("running ncpctl")?;
-        if !out.status.success() {
-            bail!(
-                "ncpctl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+        let mut command = Command::new(self.bins.join("ncpctl"));
+        command.args(["--api", API]).env("NCP_TOKEN", &self.token);
+        let stdout = run_ncpctl(command, args)?;
+        Ok(serde_json::from_slice(&stdout).unwrap_or(serde_json::Value::Null))
     }
 
     fn redis(&self, host: &str, args: &[&str]) -> anyhow::Result<String> {
