@@ -180,3 +180,37 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(["ncpd"].iter().chain(extra))
+    }
+
+    #[test]
+    fn plain_openflow_only_on_loopback() {
+        let local = args(&["--listen", "127.0.0.1:6653"]).expect("args");
+        assert!(switch_tls(&local).expect("loopback allowed").is_none());
+        let open = args(&["--listen", "0.0.0.0:6653"]).expect("args");
+        let err = switch_tls(&open).expect_err("non-loopback without TLS");
+        assert!(err.to_string().contains("--tls-cert"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_come_as_a_set() {
+        assert!(args(&["--tls-cert", "c.pem"]).is_err());
+        assert!(args(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_err());
+        assert!(args(&["--tls-switch-map", "m"]).is_err());
+        let all = [
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-ca",
+            "ca.pem",
+        ];
+        assert!(args(&all).is_ok());
+    }
+}
