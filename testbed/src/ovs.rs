@@ -217,7 +217,11 @@ pub fn forget_ssl_under(dir: &Path) {
     let Ok(current) = cmd::stdout(&["ovs-vsctl", "--timeout=5", "get-ssl"]) else {
         return;
     };
-    if dir.to_str().is_some_and(|d| current.contains(d)) {
+    // With the separator, so that `/run/x/a-pki` does not match `/run/x/a-pki2/...`.
+    if dir
+        .to_str()
+        .is_some_and(|d| current.contains(&format!("{d}/")))
+    {
         tracing::info!(dir = %dir.display(), "removing OVS's SSL setting");
         if let Err(e) = cmd::run(&["ovs-vsctl", "--timeout=5", "del-ssl"]) {
             tracing::warn!(error = %e, "ovs-vsctl del-ssl failed");

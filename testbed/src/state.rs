@@ -163,3 +163,26 @@ pub fn lock() -> Result<Lock> {
     // Closing the file (on drop) releases the lock.
     Ok(Lock { _file: file })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_without_tls_still_read() {
+        let old = "prefix = \"nt1\"\ncontroller_port = 6653\ntopology = \"\"\n";
+        let st: TestbedState = toml::from_str(old).expect("older state file");
+        assert_eq!(st.controller_tls, None);
+        let tls = TestbedState {
+            controller_tls: Some(OvsSsl {
+                privkey: "/k.pem".into(),
+                cert: "/c.pem".into(),
+                cacert: "/ca.pem".into(),
+            }),
+            ..st
+        };
+        let back: TestbedState =
+            toml::from_str(&toml::to_string(&tls).expect("write")).expect("read");
+        assert_eq!(back, tls);
+    }
+}

@@ -174,11 +174,11 @@ impl Testbed {
         let _lock = state::lock()?;
         let mut report = remove_by_prefix(prefix)?;
         let pki = Testbed::pki_dir(prefix);
-        ovs::forget_ssl_under(&pki);
-        if let Err(e) = std::fs::remove_dir_all(&pki)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(dir = %pki.display(), error = %e, "cannot remove the test bed's PKI");
+        if pki.exists() {
+            ovs::forget_ssl_under(&pki);
+            if let Err(e) = std::fs::remove_dir_all(&pki) {
+                tracing::warn!(dir = %pki.display(), error = %e, "cannot remove the test bed's PKI");
+            }
         }
         state::remove_testbed(prefix)?;
         let others = state::testbed_prefixes()?;
