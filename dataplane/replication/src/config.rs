@@ -12,6 +12,10 @@ pub const MAX_REPLICAS: u16 = 64;
 /// Largest accepted byte budget (1 GiB). Keeps every sum of budgets far from overflow.
 pub const MAX_BUDGET_BYTES: u64 = 1 << 30;
 
+/// Largest accepted spill budget (1 TiB): disk is cheaper than memory, and the sum stays
+/// far from overflow.
+pub const MAX_SPILL_BYTES: u64 = 1 << 40;
+
 /// Limits and timeouts of one replicated session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -38,6 +42,11 @@ pub struct SessionConfig {
     /// Reply verification ([`crate::verify`]): most answer bytes held to compare one
     /// replica's answer with the primary's; 0 turns verification off.
     pub verify_window_bytes: u64,
+    /// Spilling ([`crate::session`]): most bytes of one replica's stream held on its
+    /// on-disk spool at once. A replica that would fall more than its memory budget
+    /// behind has its backlog moved to the spool instead of being detached, and is
+    /// detached only when the spool would grow beyond this. 0 turns spilling off.
+    pub spill_budget_bytes: u64,
 }
 
 impl Default for SessionConfig {
@@ -51,6 +60,7 @@ impl Default for SessionConfig {
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             verify_window_bytes: 0,
+            spill_budget_bytes: 0,
         }
     }
 }
@@ -76,7 +86,21 @@ impl SessionConfig {
                 value: self.verify_window_bytes,
             });
         }
+        if self.spill_budget_bytes > MAX_SPILL_BYTES {
+            return Err(ConfigError::SpillBudgetOutOfRange(self.spill_budget_bytes));
+        }
+        if self.spills() && self.spill_budget_bytes < self.replica_budget_bytes {
+            return Err(ConfigError::SpillBudgetBelowReplicaBudget {
+                spill: self.spill_budget_bytes,
+                replica: self.replica_budget_bytes,
+            });
+        }
         Ok(())
+    }
+
+    /// Whether replicas that fall behind their memory budget spill to disk.
+    pub fn spills(&self) -> bool {
+        self.spill_budget_bytes > 0 && self.replica_count > 0
     }
 
     /// Whether the replicas' answers are compared with the primary's.
@@ -89,7 +113,9 @@ impl SessionConfig {
     /// budget (acceptance stops there) and by the replica budget (a replica further
     /// behind is detached before the bytes that would overrun it are stored). Reply
     /// verification adds at most one window per replica, twice over for the ring
-    /// buffers' spare capacity.
+    /// buffers' spare capacity. Spilling adds, per replica, the one backlog on its way to
+    /// the spool (at most a replica budget plus the read that overran it, which the
+    /// primary budget bounds).
     pub fn max_memory(&self) -> u64 {
         let upstream = if self.replica_count > 0 {
             self.primary_budget_bytes.max(self.replica_budget_bytes)
@@ -103,9 +129,17 @@ impl SessionConfig {
         } else {
             0
         };
+        let spill = if self.spills() {
+            self.replica_budget_bytes
+                .saturating_add(self.primary_budget_bytes)
+                .saturating_mul(u64::from(self.replica_count))
+        } else {
+            0
+        };
         max_allocated(upstream)
             .saturating_add(max_allocated(self.response_budget_bytes))
             .saturating_add(verify)
+            .saturating_add(spill)
     }
 }
 
@@ -121,6 +155,16 @@ pub enum ConfigError {
         /// Rejected value.
         value: u64,
     },
+    /// `spill_budget_bytes` above [`MAX_SPILL_BYTES`].
+    SpillBudgetOutOfRange(u64),
+    /// A spill moves up to one replica budget at a time, so a smaller spill budget could
+    /// never hold one.
+    SpillBudgetBelowReplicaBudget {
+        /// `spill_budget_bytes`.
+        spill: u64,
+        /// `replica_budget_bytes`.
+        replica: u64,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -135,6 +179,17 @@ impl fmt::Display for ConfigError {
             Self::BudgetOutOfRange { name, value } => {
                 write!(f, "{name} = {value} is outside 1..={MAX_BUDGET_BYTES}")
             }
+            Self::SpillBudgetOutOfRange(value) => {
+                write!(
+                    f,
+                    "spill_budget_bytes = {value} is above the most supported, {MAX_SPILL_BYTES}"
+                )
+            }
+            Self::SpillBudgetBelowReplicaBudget { spill, replica } => write!(
+                f,
+                "spill_budget_bytes = {spill} is below replica_budget_bytes = {replica}: \
+                 a spill moves up to one replica budget at a time, so the spool could never hold one"
+            ),
         }
     }
 }
@@ -162,6 +217,26 @@ mod tests {
         assert!(c.validate().is_err());
         c.primary_budget_bytes = MAX_BUDGET_BYTES + 1;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn spill_budget_must_hold_one_replica_budget() {
+        let mut c = SessionConfig {
+            spill_budget_bytes: 1,
+            ..SessionConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::SpillBudgetBelowReplicaBudget { .. })
+        ));
+        c.spill_budget_bytes = MAX_SPILL_BYTES + 1;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::SpillBudgetOutOfRange(MAX_SPILL_BYTES + 1))
+        );
+        c.spill_budget_bytes = c.replica_budget_bytes;
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c.max_memory() > SessionConfig::default().max_memory());
     }
 
     #[test]

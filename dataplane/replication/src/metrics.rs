@@ -21,6 +21,10 @@ pub struct DetachCounts {
     pub connect_timeout: u64,
     /// The replica had not caught up when the drain period after the session ended ran out.
     pub drain_timeout: u64,
+    /// Its backlog would have grown beyond the spill budget, or its spool could not be
+    /// written in time (disk slow or full).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub spill_budget: u64,
 }
 
 impl DetachCounts {
@@ -32,13 +36,16 @@ impl DetachCounts {
             DetachReason::Lagged => &mut self.lagged,
             DetachReason::ConnectTimeout => &mut self.connect_timeout,
             DetachReason::DrainTimeout => &mut self.drain_timeout,
+            DetachReason::SpillBudgetExceeded => &mut self.spill_budget,
         };
         *slot += 1;
     }
 
     /// All detaches, whatever the reason.
     pub fn total(&self) -> u64 {
-        self.refused + self.died + self.lagged + self.connect_timeout + self.drain_timeout
+        self.refused + self.died + self.lagged + self.connect_timeout
+            + self.drain_timeout
+            + self.spill_budget
     }
 
     /// Adds another set of counts (another session's, another worker's).
@@ -48,6 +55,7 @@ impl DetachCounts {
         self.lagged += o.lagged;
         self.connect_timeout += o.connect_timeout;
         self.drain_timeout += o.drain_timeout;
+        self.spill_budget += o.spill_budget;
     }
 }
 
@@ -64,6 +72,10 @@ pub struct SessionStats {
     pub client_bytes_out: u64,
     /// Client bytes handed to each replica's socket, by replica index.
     pub replica_bytes_out: Vec<u64>,
+    /// Client bytes moved to each replica's on-disk spool, by replica index.
+    pub replica_bytes_spilled: Vec<u64>,
+    /// Of `replica_bytes_out`, the bytes that came from the spool, by replica index.
+    pub replica_bytes_replayed: Vec<u64>,
     /// Bytes the replicas sent back, read and discarded.
     pub replica_bytes_dropped: u64,
     /// Replicas detached, by reason.
@@ -83,6 +95,8 @@ impl SessionStats {
     pub(crate) fn with_replicas(n: u16) -> Self {
         Self {
             replica_bytes_out: vec![0; usize::from(n)],
+            replica_bytes_spilled: vec![0; usize::from(n)],
+            replica_bytes_replayed: vec![0; usize::from(n)],
             ..Self::default()
         }
     }
@@ -94,6 +108,8 @@ impl SessionStats {
         self.primary_bytes_in += o.primary_bytes_in;
         self.client_bytes_out += o.client_bytes_out;
         add_per_replica(&mut self.replica_bytes_out, &o.replica_bytes_out);
+        add_per_replica(&mut self.replica_bytes_spilled, &o.replica_bytes_spilled);
+        add_per_replica(&mut self.replica_bytes_replayed, &o.replica_bytes_replayed);
         self.replica_bytes_dropped += o.replica_bytes_dropped;
         self.detached.add(&o.detached);
         self.idle_timeouts += o.idle_timeouts;

@@ -19,6 +19,14 @@
 //! - When client and primary are both done, replicas still catching up get
 //!   `drain_timeout` to finish; the rest are detached with [`DetachReason::DrainTimeout`].
 //!   Replicas are never waited for beyond that, so a session always ends in bounded time.
+//! - Spilling (`spill_budget_bytes` above 0): a replica that would fall more than its
+//!   budget behind is not detached; its whole in-memory backlog is moved to its on-disk
+//!   spool instead ([`Action::Spill`], [`Session::take_spill`]), freeing the memory. It is
+//!   then fed from the spool ([`Session::replica_spooled`]) before any newer byte in
+//!   memory, so it still gets the stream in order. Only when the spool would grow beyond
+//!   `spill_budget_bytes` since it was last empty, or the I/O layer cannot write it
+//!   ([`Session::spill_failed`]), is the replica detached, with
+//!   [`DetachReason::SpillBudgetExceeded`]. The client is never held back either way.
 //! - Replicas' answers are never sent anywhere. With `verify_window_bytes` set they are
 //!   compared with the primary's ([`crate::verify`]); a mismatch or an overrun window is
 //!   reported once per replica as [`Action::ReplyCheck`], and changes nothing else.
@@ -57,11 +65,13 @@ pub enum DetachReason {
     ConnectTimeout,
     /// It had not caught up when the drain period after the session's end ran out.
     DrainTimeout,
+    /// Its spool would have grown beyond `spill_budget_bytes`, or could not be written.
+    SpillBudgetExceeded,
 }
 
 /// Something the I/O layer must do. Per side and session there is at most one `Connect`,
-/// one `Close`, one `Reset` or `Detached` and one `ReplyCheck` (plus one `Finished`), so
-/// the queue is bounded by the number of sides.
+/// one `Close`, one `Reset` or `Detached`, one `ReplyCheck` and one `Spill` not yet taken
+/// (plus one `Finished`), so the queue is bounded by the number of sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Open the connection to this upstream (primary or replica). Emitted at creation.
@@ -88,6 +98,15 @@ pub enum Action {
         replica: u16,
         /// How it ended.
         outcome: ReplyCheckOutcome,
+    },
+    /// Bytes of this replica's stream were moved out of memory: take them with
+    /// [`Session::take_spill`] at once and append them to the replica's spool, then feed
+    /// the replica from the spool while [`Session::replica_spooled`] is above 0 (and
+    /// report those writes with `on_sent` as usual). If the spool cannot take them, call
+    /// [`Session::spill_failed`].
+    Spill {
+        /// Replica index.
+        replica: u16,
     },
     /// The session is over; nothing more will be asked. Release every remaining socket
     /// (those that got `Close` may finish their orderly close in the TCP stack) and remove
@@ -166,6 +185,19 @@ enum Phase {
     Finished,
 }
 
+/// A replica's on-disk spool as the core accounts for it; the bytes themselves are the
+/// I/O layer's.
+#[derive(Debug, Default)]
+struct Spool {
+    /// Stream bytes on the spool (or on their way there) not yet handed to the replica:
+    /// they come before every byte the replica still has in memory.
+    unread: u64,
+    /// Bytes appended since the spool was last empty: what it occupies on disk.
+    used: u64,
+    /// Spilled bytes the I/O layer has not taken yet.
+    outbox: Vec<u8>,
+}
+
 /// Index of the primary's reader in the upstream buffer; replica `i` reads as `i + 1`.
 const PRIMARY_READER: usize = 0;
 /// Index of the client's reader in the downstream buffer.
@@ -193,6 +225,8 @@ pub struct Session {
     /// Primary sent FIN.
     primary_eof: bool,
     replicas: Vec<Link>,
+    /// Per replica (empty unless the session spills).
+    spools: Vec<Spool>,
     actions: VecDeque<Action>,
     stats: SessionStats,
     /// Replicas' answers compared with the primary's (`None`: the service does not verify).
@@ -220,6 +254,11 @@ impl Session {
             primary: Link::Connecting,
             primary_eof: false,
             replicas: vec![Link::Connecting; usize::from(n)],
+            spools: if config.spills() {
+                (0..n).map(|_| Spool::default()).collect()
+            } else {
+                Vec::new()
+            },
             actions,
             stats: SessionStats::with_replicas(n),
             verify: config
@@ -249,10 +288,45 @@ impl Session {
         &self.stats
     }
 
-    /// Bytes the replica still has to receive, `None` if the index is unknown or the
-    /// replica is detached or done.
+    /// Bytes the replica still has to receive (in memory and on its spool), `None` if
+    /// the index is unknown or the replica is detached or done.
     pub fn replica_lag(&self, replica: u16) -> Option<u64> {
-        self.upstream.lag(usize::from(replica) + 1)
+        let memory = self.upstream.lag(usize::from(replica) + 1)?;
+        Some(memory + self.replica_spooled(replica))
+    }
+
+    /// Bytes of the replica's stream on its spool not yet handed to it. While above 0,
+    /// [`Session::pending`] gives the replica nothing: feed it this many bytes from the
+    /// spool first, in order, and report them with [`Session::on_sent`].
+    pub fn replica_spooled(&self, replica: u16) -> u64 {
+        self.spools.get(usize::from(replica)).map_or(0, |s| s.unread)
+    }
+
+    /// The bytes announced by [`Action::Spill`], to append to the replica's spool (empty
+    /// if there are none). They count as spooled from the moment they were spilled.
+    pub fn take_spill(&mut self, replica: u16) -> Vec<u8> {
+        self.spools
+            .get_mut(usize::from(replica))
+            .map(|s| std::mem::take(&mut s.outbox))
+            .unwrap_or_default()
+    }
+
+    /// The I/O layer could not append to the replica's spool (disk full or slow, write
+    /// error): the replica missed those bytes and is detached with
+    /// [`DetachReason::SpillBudgetExceeded`].
+    pub fn spill_failed(&mut self, replica: u16, now: Instant) -> Result<(), Error> {
+        self.check_side(Side::Replica(replica))?;
+        if self
+            .replicas
+            .get(usize::from(replica))
+            .is_some_and(|l| l.is_live())
+        {
+            self.detach(replica, DetachReason::SpillBudgetExceeded);
+        } else {
+            self.stats.ignored_inputs += 1;
+        }
+        self.progress(now);
+        Ok(())
     }
 
     /// Whether the replica is still part of the session (connecting or receiving).
@@ -348,7 +422,10 @@ impl Session {
                 self.downstream.readable(CLIENT_READER)
             }
             Side::Primary if self.primary == Link::Open => self.upstream.readable(PRIMARY_READER),
-            Side::Replica(i) if self.replicas.get(usize::from(i)) == Some(&Link::Open) => {
+            Side::Replica(i)
+                if self.replicas.get(usize::from(i)) == Some(&Link::Open)
+                    && self.replica_spooled(i) == 0 =>
+            {
                 self.upstream.readable(usize::from(i) + 1)
             }
             _ => &[],
@@ -512,6 +589,11 @@ impl Session {
         if n == 0 {
             return Ok(());
         }
+        if let Side::Replica(i) = side
+            && self.replica_spooled(i) > 0
+        {
+            return self.on_sent_from_spool(i, n, now);
+        }
         let (buf, reader) = match side {
             Side::Client => (&mut self.downstream, CLIENT_READER),
             Side::Primary => (&mut self.upstream, PRIMARY_READER),
@@ -542,6 +624,38 @@ impl Session {
                 if let Some(c) = self.stats.replica_bytes_out.get_mut(usize::from(i)) {
                     *c += n as u64;
                 }
+            }
+        }
+        self.progress(now);
+        Ok(())
+    }
+
+    /// `n` bytes from the replica's spool were handed to its socket.
+    fn on_sent_from_spool(&mut self, i: u16, n: usize, now: Instant) -> Result<(), Error> {
+        let slot = usize::from(i);
+        let Some(spool) = self.spools.get_mut(slot) else {
+            return self.reject(Error::UnknownReplica(i));
+        };
+        if n as u64 > spool.unread {
+            let pending = spool.unread;
+            return self.reject(Error::SentTooMuch {
+                side: Side::Replica(i),
+                sent: n,
+                pending,
+            });
+        }
+        spool.unread -= n as u64;
+        if spool.unread == 0 {
+            // Empty: the I/O layer starts a new spool next time, so the disk it used is
+            // free again.
+            spool.used = 0;
+        }
+        for counter in [
+            &mut self.stats.replica_bytes_out,
+            &mut self.stats.replica_bytes_replayed,
+        ] {
+            if let Some(c) = counter.get_mut(slot) {
+                *c += n as u64;
             }
         }
         self.progress(now);
@@ -622,26 +736,68 @@ impl Session {
     }
 
     /// Stores accepted client bytes. Replicas that these bytes would push past their
-    /// budget are detached first, so memory never exceeds `config.max_memory()`, even
-    /// transiently, and the client is never held back for them.
+    /// budget either spill their backlog (with these bytes) to their spool, when the
+    /// session spills and the spool has room, or are detached first, so memory never
+    /// exceeds `config.max_memory()` and the client is never held back for them.
     fn push_upstream(&mut self, data: &[u8]) {
         let n = data.len() as u64;
+        // Bit `i`: replica `i` spills once the bytes are stored (at most 64 replicas).
+        let mut spilling = 0u64;
         for i in 0..self.replica_count() {
-            let over = self
-                .upstream
-                .lag(usize::from(i) + 1)
-                .is_some_and(|lag| lag + n > self.config.replica_budget_bytes);
-            if over
-                && self
-                    .replicas
-                    .get(usize::from(i))
-                    .is_some_and(|l| l.is_live())
-            {
-                self.detach(i, DetachReason::Lagged);
+            let Some(lag) = self.upstream.lag(usize::from(i) + 1) else {
+                continue;
+            };
+            let live = self
+                .replicas
+                .get(usize::from(i))
+                .is_some_and(|l| l.is_live());
+            if !live || lag + n <= self.config.replica_budget_bytes {
+                continue;
+            }
+            match self.spools.get(usize::from(i)) {
+                Some(spool) if spool.used + lag + n <= self.config.spill_budget_bytes => {
+                    spilling |= 1 << i;
+                }
+                Some(_) => self.detach(i, DetachReason::SpillBudgetExceeded),
+                None => self.detach(i, DetachReason::Lagged),
             }
         }
         self.upstream.push(data);
         self.stats.client_bytes_in += n;
+        for i in (0..self.replica_count()).filter(|i| spilling & (1 << i) != 0) {
+            self.spill(i);
+        }
+    }
+
+    /// Moves replica `i`'s whole in-memory backlog to its spool's outbox and asks the I/O
+    /// layer to take it.
+    fn spill(&mut self, i: u16) {
+        let reader = usize::from(i) + 1;
+        let Some(spool) = self.spools.get_mut(usize::from(i)) else {
+            return;
+        };
+        let announce = spool.outbox.is_empty();
+        let mut moved = 0u64;
+        loop {
+            let slice = self.upstream.readable(reader);
+            if slice.is_empty() {
+                break;
+            }
+            spool.outbox.extend_from_slice(slice);
+            let len = slice.len() as u64;
+            if !self.upstream.consume(reader, len) {
+                break;
+            }
+            moved += len;
+        }
+        spool.unread += moved;
+        spool.used += moved;
+        if let Some(c) = self.stats.replica_bytes_spilled.get_mut(usize::from(i)) {
+            *c += moved;
+        }
+        if announce && moved > 0 {
+            self.actions.push_back(Action::Spill { replica: i });
+        }
     }
 
     fn detach(&mut self, i: u16, reason: DetachReason) {
@@ -649,6 +805,9 @@ impl Session {
             *l = Link::Gone;
         }
         self.upstream.detach(usize::from(i) + 1);
+        if let Some(spool) = self.spools.get_mut(usize::from(i)) {
+            *spool = Spool::default();
+        }
         if let Some(v) = &mut self.verify {
             v.stop(i);
         }
@@ -695,6 +854,7 @@ impl Session {
     }
 
     fn finish(&mut self) {
+        self.spools.iter_mut().for_each(|s| *s = Spool::default());
         self.upstream.detach_all();
         self.downstream.detach_all();
         self.phase = Phase::Finished;
@@ -721,6 +881,7 @@ impl Session {
                 let slot = usize::from(i);
                 if self.replicas.get(slot) == Some(&Link::Open)
                     && self.upstream.lag(reader) == Some(0)
+                    && self.spools.get(slot).is_none_or(|s| s.unread == 0)
                 {
                     if let Some(l) = self.replicas.get_mut(slot) {
                         *l = Link::FinSent;

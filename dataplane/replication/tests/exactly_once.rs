@@ -76,6 +76,7 @@ impl Run {
             connect_timeout: Duration::from_secs(3600),
             // Verification rides along on some seeds: it must change nothing on the data path.
             verify_window_bytes: if tight { 4096 } else { 0 },
+            spill_budget_bytes: 0,
             // A replica that never reads is cut loose by lag or, for short streams, here.
             drain_timeout: Duration::from_secs(1),
         };
@@ -130,6 +131,7 @@ impl Run {
                 }
                 Action::Reset(side) => panic!("unexpected reset of {side:?}"),
                 Action::ReplyCheck { .. } => {}
+                Action::Spill { replica } => panic!("replica {replica} spilled without a spill budget"),
                 Action::Finished => self.finished = true,
             }
         }

@@ -30,9 +30,10 @@ fn arbitrary_inputs_never_break_the_session() {
         let mut clock = Clock::new();
         clock.advance(Duration::from_secs(100));
         let replicas = rng.upto(3) as u16;
+        let replica_budget = 1 + rng.upto(40_000) as u64;
         let cfg = SessionConfig {
             replica_count: replicas,
-            replica_budget_bytes: 1 + rng.upto(40_000) as u64,
+            replica_budget_bytes: replica_budget,
             primary_budget_bytes: 1 + rng.upto(40_000) as u64,
             response_budget_bytes: 1 + rng.upto(40_000) as u64,
             idle_timeout: Duration::from_millis(rng.upto(5_000) as u64),
@@ -42,6 +43,12 @@ fn arbitrary_inputs_never_break_the_session() {
             // same): each replica is judged at most once, whatever comes.
             verify_window_bytes: if seed % 2 == 0 {
                 1 + seed * 97 % 5_000
+            } else {
+                0
+            },
+            // Every third seed spills, to a spool of one to three memory budgets.
+            spill_budget_bytes: if seed % 3 == 0 {
+                replica_budget * (1 + seed % 3)
             } else {
                 0
             },
@@ -77,6 +84,9 @@ fn arbitrary_inputs_never_break_the_session() {
                     };
                     let _ = s.on_sent(side, n, now);
                 }
+                6 if rng.chance(10) => {
+                    let _ = s.spill_failed(rng.upto(usize::from(replicas) + 1) as u16, now);
+                }
                 _ => s.handle_timeout(now),
             }
             assert!(s.allocated_bytes() <= cfg.max_memory(), "seed {seed}");
@@ -101,6 +111,13 @@ fn arbitrary_inputs_never_break_the_session() {
                         format!("gone {:?}", Side::Replica(replica))
                     }
                     Action::ReplyCheck { replica, .. } => format!("check {replica}"),
+                    Action::Spill { replica } => {
+                        // Taken at once, as the contract asks; a later spill may come
+                        // again once the outbox was emptied.
+                        assert!(cfg.spills(), "seed {seed}: spill without a spill budget");
+                        assert!(!s.take_spill(replica).is_empty(), "seed {seed}");
+                        continue;
+                    }
                     Action::Finished => {
                         finished = true;
                         "finished".into()

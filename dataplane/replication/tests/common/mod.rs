@@ -63,6 +63,7 @@ pub fn config(replicas: u16) -> SessionConfig {
         connect_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(3),
         verify_window_bytes: 0,
+        spill_budget_bytes: 0,
     }
 }
 
