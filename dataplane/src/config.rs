@@ -154,6 +154,21 @@ pub struct ServiceConfig {
     /// for the rest of the session (counted, not a divergence).
     #[serde(default = "default_verify_window")]
     pub verify_window_bytes: u64,
+    /// Directory for the on-disk spools of replicas that fall more than
+    /// `replica_budget_bytes` behind: with it (and `spill_budget_bytes`) such a replica
+    /// is fed from its spool as it catches up instead of being detached. Created when
+    /// first needed; spool files are removed when their session or replica ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spill_dir: Option<PathBuf>,
+    /// With `spill_dir`: most bytes one replica's spool may hold in one session before
+    /// the replica is detached after all (and marked diverged). At least
+    /// `replica_budget_bytes`. 0 (the default): no spilling.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spill_budget_bytes: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Whether a service's replicas' answers are verified.
@@ -581,6 +596,30 @@ impl Config {
                     "{at}: verify = \"replies\" needs verify_window_bytes above 0"
                 ));
             }
+            match (&s.spill_dir, s.spill_budget_bytes) {
+                (None, 0) => {}
+                (Some(dir), 0) => {
+                    return invalid(format!(
+                        "{at}: spill_dir = {dir:?} needs spill_budget_bytes above 0 (the most one replica's spool may hold)"
+                    ));
+                }
+                (None, _) => {
+                    return invalid(format!(
+                        "{at}: spill_budget_bytes needs spill_dir (the directory the spools go to)"
+                    ));
+                }
+                (Some(dir), _) if dir.as_os_str().is_empty() => {
+                    return invalid(format!(
+                        "{at}: spill_dir is empty: name the directory the spools go to"
+                    ));
+                }
+                (Some(_), _) if s.replicas.is_empty() => {
+                    return invalid(format!(
+                        "{at}: spill_dir without replicas: only replicas spill"
+                    ));
+                }
+                (Some(_), _) => {}
+            }
             if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
                 return invalid(format!("{at}: timeouts must be at least 1 second"));
             }
@@ -627,6 +666,11 @@ impl ServiceConfig {
             verify_window_bytes: match self.verify {
                 Verify::Replies => self.verify_window_bytes,
                 Verify::Off => 0,
+            },
+            spill_budget_bytes: if self.spill_dir.is_some() {
+                self.spill_budget_bytes
+            } else {
+                0
             },
             ..ncp_replication::SessionConfig::default()
         }
@@ -749,6 +793,32 @@ mod tests {
             format!("{GOOD}{SERVICE}verify = \"replies\"\nverify_window_bytes = 4294967296\n");
         assert!(error(&huge).contains("verify_window_bytes"));
         assert!(error(&format!("{GOOD}{SERVICE}verify = \"maybe\"\n")).contains("verify"));
+    }
+
+    #[test]
+    fn spilling_is_off_by_default_and_needs_a_directory_and_a_budget() {
+        let c = parse(&format!("{GOOD}{SERVICE}")).unwrap();
+        assert_eq!(c.services[0].spill_dir, None);
+        assert_eq!(c.services[0].session_config().spill_budget_bytes, 0);
+        assert!(!toml::to_string(&c).unwrap().contains("spill"));
+
+        let on = format!("{GOOD}{SERVICE}spill_dir = \"/var/lib/ncp/spill\"\nspill_budget_bytes = 67108864\n");
+        let c = parse(&on).unwrap();
+        assert_eq!(c.services[0].session_config().spill_budget_bytes, 64 << 20);
+        assert_eq!(
+            c.services[0].spill_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/ncp/spill"))
+        );
+
+        let no_budget = format!("{GOOD}{SERVICE}spill_dir = \"/tmp/s\"\n");
+        assert!(error(&no_budget).contains("needs spill_budget_bytes"), "{}", error(&no_budget));
+        let no_dir = format!("{GOOD}{SERVICE}spill_budget_bytes = 67108864\n");
+        assert!(error(&no_dir).contains("needs spill_dir"), "{}", error(&no_dir));
+        let empty = format!("{GOOD}{SERVICE}spill_dir = \"\"\nspill_budget_bytes = 67108864\n");
+        assert!(error(&empty).contains("spill_dir is empty"), "{}", error(&empty));
+        let small = format!("{GOOD}{SERVICE}spill_dir = \"/tmp/s\"\nspill_budget_bytes = 1024\n");
+        let e = error(&small);
+        assert!(e.contains("services[0]") && e.contains("below replica_budget_bytes"), "{e}");
     }
 
     #[test]

@@ -314,6 +314,9 @@ fn describe(reason: DetachReason) -> &'static str {
         DetachReason::Lagged => "it lagged beyond its budget",
         DetachReason::ConnectTimeout => "it did not connect in time",
         DetachReason::DrainTimeout => "it had not caught up when the session's drain time ran out",
+        DetachReason::SpillBudgetExceeded => {
+            "spill budget exceeded: its backlog outgrew its spool, or the spool could not be written"
+        }
     }
 }
 

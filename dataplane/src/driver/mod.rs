@@ -32,12 +32,22 @@
 //! service plan's [`ConsistencyBook`], shared by all workers, which says per replica
 //! whether it is still in step with its primary (see [`consistency`]).
 //!
+//! Spilling (a service's `spill_dir`): a replica that falls more than its memory budget
+//! behind has its backlog handed out by the core (`Action::Spill`); the driver appends it
+//! to the replica's spool ([`spool`]), a file written by a thread of its own so the
+//! worker never waits for the disk, and feeds the replica from the spool before any
+//! newer byte while the core says it has spooled bytes. An append the spooler refuses
+//! (its writer too far behind, the disk full) detaches the replica at once, as the core's
+//! spill budget does; either way it is marked diverged. A spool's file goes with its
+//! episode, its replica or its session.
+//!
 //! Time is only what the caller passes in, so tests drive it with a simulated clock.
 //! Counters are plain integers owned by the driver; [`Driver::snapshot`] copies them
 //! (see [`stats`]).
 
 pub mod consistency;
 mod plan;
+pub mod spool;
 pub mod stats;
 #[cfg(test)]
 mod tests;
@@ -64,6 +74,7 @@ pub use stats::{
 pub use transport::{Addressed, Event, Received, Sent, Transport};
 
 use crate::offline::recorder::RecId;
+use spool::{SpoolRead, Spooler};
 
 /// An input of the replication core about one side of a session (a connection event).
 type SideInput = fn(&mut Session, Side, Instant) -> Result<(), ncp_replication::Error>;
@@ -161,6 +172,10 @@ pub struct Driver<T: Transport> {
     touched: Vec<SessionId>,
     sides: Vec<(Side, Slot<T::Conn>)>,
     scratch: Box<[u8]>,
+    /// The spools of replicas that spill (`None` when no service spills).
+    spooler: Option<Spooler>,
+    /// A replica in the session being driven waits for its spool's writer.
+    spool_waiting: bool,
 }
 
 impl<T: Transport> Driver<T> {
@@ -183,6 +198,7 @@ impl<T: Transport> Driver<T> {
             .iter()
             .map(|s| vec![DetachLog::default(); s.replicas.len()])
             .collect();
+        let spooler = spooler_for(&services);
         Self {
             transport,
             services,
@@ -200,6 +216,8 @@ impl<T: Transport> Driver<T> {
             touched: Vec::new(),
             sides: Vec::new(),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            spooler,
+            spool_waiting: false,
         }
     }
 
@@ -431,6 +449,7 @@ impl<T: Transport> Driver<T> {
         let mut sides = std::mem::take(&mut self.sides);
         let mut any = false;
         let mut exhausted = true;
+        self.spool_waiting = false;
         for _ in 0..T::ROUNDS_PER_PASS {
             let Some(entry) = self.sessions.get(&id) else {
                 exhausted = false;
@@ -450,7 +469,9 @@ impl<T: Transport> Driver<T> {
             }
         }
         self.sides = sides;
-        if exhausted {
+        // A replica whose next bytes are still on their way to its spool is fed on a
+        // later turn (the writer needs no more than a page-cache copy).
+        if exhausted || self.spool_waiting {
             // Still busy: the other sessions and the transport get a turn first.
             self.mark(id);
         }
@@ -467,6 +488,54 @@ impl<T: Transport> Driver<T> {
         let mut rejected = None;
         let mut broken = None;
         loop {
+            // A replica with spooled bytes gets them first, in order, from the disk.
+            if let Side::Replica(i) = side
+                && s.replica_spooled(i) > 0
+            {
+                let key = (id, i);
+                let want = usize::try_from(s.replica_spooled(i))
+                    .unwrap_or(usize::MAX)
+                    .min(self.scratch.len());
+                let (Some(spooler), Some(buf)) =
+                    (self.spooler.as_mut(), self.scratch.get_mut(..want))
+                else {
+                    break;
+                };
+                let n = match spooler.read(key, buf) {
+                    SpoolRead::Data(n) => n,
+                    SpoolRead::NotYet => {
+                        self.spool_waiting = true;
+                        break;
+                    }
+                    SpoolRead::Failed => {
+                        self.drops.spill_failed += 1;
+                        tracing::debug!(session = %id, replica = i, "spool unreadable: replica detached");
+                        if let Err(e) = s.spill_failed(i, now) {
+                            rejected = Some(e);
+                        }
+                        break;
+                    }
+                };
+                match self.transport.write(conn, buf.get(..n).unwrap_or_default()) {
+                    Sent::Wrote(w) => {
+                        moved = true;
+                        if let Err(e) = s.on_sent(side, w, now) {
+                            rejected = Some(e);
+                            break;
+                        }
+                        spooler.consumed(key, w);
+                        if w < n {
+                            break;
+                        }
+                    }
+                    Sent::Full => break,
+                    Sent::Broken(e) => {
+                        broken = Some(e);
+                        break;
+                    }
+                }
+                continue;
+            }
             let pending = s.pending(side);
             if pending.is_empty() {
                 break;
@@ -646,7 +715,11 @@ impl<T: Transport> Driver<T> {
                     }
                 }
                 Action::Reset(side) => self.reset(id, side),
+                Action::Spill { replica } => self.spill(id, service, replica, now),
                 Action::Detached { replica, reason } => {
+                    if let Some(spooler) = &mut self.spooler {
+                        spooler.remove((id, replica));
+                    }
                     self.log_detach(id, service, replica, reason, now);
                     if let Some(r) = self.counters[service]
                         .replicas
@@ -668,6 +741,30 @@ impl<T: Transport> Driver<T> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Appends what the core spilled for a replica to its spool; if the spooler cannot
+    /// take it, the replica is detached (the core is told the spool failed).
+    fn spill(&mut self, id: SessionId, service: usize, replica: u16, now: Instant) {
+        let Some(mut s) = self.manager.session_mut(id) else {
+            return;
+        };
+        let bytes = s.take_spill(replica);
+        let result = match (&mut self.spooler, &self.services[service].spill_dir) {
+            (Some(spooler), Some(dir)) => spooler
+                .append((id, replica), dir, bytes)
+                .map_err(|e| e.to_string()),
+            _ => Err("no spool for this service".to_owned()),
+        };
+        let Err(error) = result else {
+            return;
+        };
+        self.drops.spill_failed += 1;
+        tracing::debug!(session = %id, replica, %error, "spill refused: replica detached");
+        if let Err(e) = s.spill_failed(replica, now) {
+            drop(s);
+            self.core_rejected(id, e);
         }
     }
 
@@ -788,6 +885,9 @@ impl<T: Transport> Driver<T> {
         let Some(mut entry) = self.sessions.remove(&id) else {
             return;
         };
+        if let Some(spooler) = &mut self.spooler {
+            spooler.remove_session(id);
+        }
         let service = entry.service;
         let until = now + self.services[service].session.drain_timeout;
         let mut sides = std::mem::take(&mut self.sides);
@@ -910,6 +1010,9 @@ impl<T: Transport> Driver<T> {
             let Some(mut entry) = self.sessions.remove(&id) else {
                 continue;
             };
+            if let Some(spooler) = &mut self.spooler {
+                spooler.remove_session(id);
+            }
             // Reset at stop: the recording says so too.
             if let (Some(rec), Some(handle)) =
                 (entry.record.take(), &self.services[entry.service].record)
@@ -937,5 +1040,27 @@ impl<T: Transport> Driver<T> {
             tracing::info!(sessions = open, "open sessions reset at stop");
         }
         open
+    }
+}
+
+/// The spooler of a driver whose services spill (none otherwise). Its writer may fall
+/// behind by two of the largest spills, and at least [`spool::MIN_QUEUED_BYTES`].
+/// Without a writer thread every spill fails, and replicas are detached as before.
+fn spooler_for<R>(services: &[ServicePlan<R>]) -> Option<Spooler> {
+    let largest = services
+        .iter()
+        .filter(|s| s.spill_dir.is_some() && s.session.spills())
+        .map(|s| {
+            s.session
+                .replica_budget_bytes
+                .saturating_add(s.session.primary_budget_bytes)
+        })
+        .max()?;
+    match Spooler::new(spool::MIN_QUEUED_BYTES.max(largest.saturating_mul(2))) {
+        Ok(spooler) => Some(spooler),
+        Err(e) => {
+            tracing::error!(error = %e, "spool writer not started: replicas that fall behind are detached");
+            None
+        }
     }
 }

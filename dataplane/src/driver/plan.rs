@@ -1,6 +1,6 @@
 //! One configured service as a driver carries it out.
 
-use std::net::SocketAddrV4;
+use std::{net::SocketAddrV4, path::PathBuf};
 
 use ncp_replication::{ManagerConfig, SessionConfig};
 
@@ -34,6 +34,9 @@ pub struct ServicePlan<R> {
     pub record: Option<RecordHandle>,
     /// Where its replicas' consistency is kept (one book shared by all workers).
     pub consistency: ConsistencyBook,
+    /// Where replicas that fall behind their memory budget spill (`None`: they are
+    /// detached instead); the budget is the session's `spill_budget_bytes`.
+    pub spill_dir: Option<PathBuf>,
 }
 
 impl<R> ServicePlan<R> {
@@ -52,6 +55,7 @@ impl<R> ServicePlan<R> {
             listen_port: service.primary.port(),
             record: None,
             consistency: ConsistencyBook::default(),
+            spill_dir: service.spill_dir.clone(),
         }
     }
 }

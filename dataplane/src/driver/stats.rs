@@ -104,6 +104,10 @@ pub struct DropStats {
     pub core_rejected: u64,
     /// Lingering connections closed at once because too many were lingering already.
     pub lingering_overflow: u64,
+    /// Spills the spooler could not take or write (its writer too far behind, the disk
+    /// full or failing): each detached its replica.
+    #[serde(default)]
+    pub spill_failed: u64,
 }
 
 impl DropStats {
@@ -112,6 +116,7 @@ impl DropStats {
         self.connect_failed += o.connect_failed;
         self.core_rejected += o.core_rejected;
         self.lingering_overflow += o.lingering_overflow;
+        self.spill_failed += o.spill_failed;
     }
 }
 
@@ -267,8 +272,15 @@ pub struct ReplicaStats {
     pub lag_bytes: u64,
     /// Open sessions in which this replica still takes part (gauge).
     pub live_sessions: u64,
-    /// Times this replica was cut loose from a session, by reason.
+    /// Times this replica was cut loose from a session, by reason (`spill_budget`: its
+    /// spool would have outgrown the spill budget, or could not be written).
     pub detached: DetachStats,
+    /// Client bytes moved to this replica's on-disk spools.
+    #[serde(default)]
+    pub spilled_bytes: u64,
+    /// Of `bytes_out`, the bytes replayed from its spools.
+    #[serde(default)]
+    pub replayed_bytes: u64,
 }
 
 /// Client connections reset at accept time, by reason.
@@ -333,6 +345,8 @@ impl ServiceStats {
                     lag_bytes: 0,
                     live_sessions: 0,
                     detached: DetachStats::default(),
+                    spilled_bytes: 0,
+                    replayed_bytes: 0,
                 })
                 .collect(),
             recording: None,
@@ -350,8 +364,11 @@ impl ServiceStats {
         self.client_resets += s.client_resets;
         self.idle_timeouts += s.idle_timeouts;
         self.detached.add(&s.detached);
-        for (r, bytes) in self.replicas.iter_mut().zip(&s.replica_bytes_out) {
-            r.bytes_out += bytes;
+        for (i, r) in self.replicas.iter_mut().enumerate() {
+            let at = |v: &[u64]| v.get(i).copied().unwrap_or(0);
+            r.bytes_out += at(&s.replica_bytes_out);
+            r.spilled_bytes += at(&s.replica_bytes_spilled);
+            r.replayed_bytes += at(&s.replica_bytes_replayed);
         }
     }
 
@@ -398,6 +415,8 @@ impl ServiceStats {
             a.lag_bytes = a.lag_bytes.max(b.lag_bytes);
             a.live_sessions += b.live_sessions;
             a.detached.add(&b.detached);
+            a.spilled_bytes += b.spilled_bytes;
+            a.replayed_bytes += b.replayed_bytes;
         }
     }
 }

@@ -196,6 +196,7 @@ impl Bed {
             listen_port: PRIMARY.port(),
             record,
             consistency: Default::default(),
+            spill_dir: None,
         };
         Self {
             driver: Driver::new(Fake::default(), vec![plan], ManagerConfig::default(), 16),

@@ -425,6 +425,8 @@ mod tests {
             record: None,
             verify: crate::config::Verify::Off,
             verify_window_bytes: 0,
+            spill_dir: None,
+            spill_budget_bytes: 0,
         };
         let links = vec![
             Link {
