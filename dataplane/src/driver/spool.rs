@@ -68,7 +68,7 @@ pub enum SpoolRead {
     Data(usize),
     /// The next bytes are still on their way to the disk: try again shortly.
     NotYet,
-    /// The spool is broken (write or read error, or unknown): the replica cannot get its
+    /// The spool is broken (write or read error): the replica cannot get its
     /// stream any more.
     Failed,
 }
@@ -187,7 +187,10 @@ impl Spooler {
     /// what was used with [`Spooler::consumed`].
     pub fn read(&mut self, key: SpoolKey, buf: &mut [u8]) -> SpoolRead {
         let Some(spool) = self.spools.get_mut(&key) else {
-            return SpoolRead::Failed;
+            // The core counts spilled bytes as spooled from the moment it spills them;
+            // the driver appends them when it carries out the `Spill` action, which may
+            // come after a write attempt in the same pass.
+            return SpoolRead::NotYet;
         };
         if spool.progress.failed.load(Ordering::Acquire) {
             return SpoolRead::Failed;

@@ -178,12 +178,27 @@ impl Bed {
 
     /// A bed whose service verifies replies within `verify_window` bytes (0: off).
     fn with(replica_budget: u64, record: Option<RecordHandle>, verify_window: u64) -> Self {
+        Self::planned(replica_budget, record, verify_window, None)
+    }
+
+    /// A bed whose service spills to `spill` (directory, budget).
+    fn spilling(replica_budget: u64, dir: &std::path::Path, budget: u64) -> Self {
+        Self::planned(replica_budget, None, 0, Some((dir.to_path_buf(), budget)))
+    }
+
+    fn planned(
+        replica_budget: u64,
+        record: Option<RecordHandle>,
+        verify_window: u64,
+        spill: Option<(std::path::PathBuf, u64)>,
+    ) -> Self {
         let session = SessionConfig {
             replica_count: 1,
             replica_budget_bytes: replica_budget,
             primary_budget_bytes: 64 << 10,
             drain_timeout: DRAIN,
             verify_window_bytes: verify_window,
+            spill_budget_bytes: spill.as_ref().map_or(0, |s| s.1),
             ..SessionConfig::default()
         };
         let plan = ServicePlan {
@@ -196,7 +211,7 @@ impl Bed {
             listen_port: PRIMARY.port(),
             record,
             consistency: Default::default(),
-            spill_dir: None,
+            spill_dir: spill.map(|s| s.0),
         };
         Self {
             driver: Driver::new(Fake::default(), vec![plan], ManagerConfig::default(), 16),
@@ -213,11 +228,16 @@ impl Bed {
         self.events.push(event);
     }
 
-    /// Turns until the driver has nothing left to do (bounded).
+    /// Turns until the driver has nothing left to do (bounded). A replica fed from its
+    /// spool may wait for the spool's writer thread: after the first thousand turns
+    /// each one yields to it.
     fn settle(&mut self) {
-        for _ in 0..1000 {
+        for turn in 0..100_000 {
             if !self.driver.turn(self.now, &mut self.events) {
                 return;
+            }
+            if turn >= 1000 {
+                std::thread::yield_now();
             }
         }
         panic!("the driver never settled");
@@ -591,4 +611,108 @@ mod consistency {
         assert_eq!(r.state, ConsistencyState::InStep);
         assert_eq!(r.verification.window_exceeded, 1);
     }
+}
+
+fn spill_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ncp-driver-spill-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Spool files are removed by the writer thread, in order after its writes: wait for
+/// it (bounded), then say what is left.
+fn spool_files_settled(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    for _ in 0..10_000 {
+        if spool::spool_files(dir).is_empty() {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    spool::spool_files(dir)
+}
+
+#[test]
+fn a_stalled_replica_spills_and_catches_up_from_its_spool_in_order() {
+    let dir = spill_dir("catch-up");
+    let mut bed = Bed::spilling(4096, &dir, 1 << 20);
+    let client = bed.client(b"");
+    let primary = bed.connected(PRIMARY);
+    // The replica takes 1000 bytes, then stalls far beyond its memory budget.
+    let replica = bed.fake().conn_to(REPLICA);
+    bed.fake().pipe(replica).room = 1000;
+    bed.connected(REPLICA);
+    let data = pattern(60_000);
+    bed.peer_sends(client, &data[..40_000], false);
+    assert_eq!(bed.fake().pipe(primary).outbound, data[..40_000], "the primary is not held up");
+    let snapshot = bed.driver.snapshot();
+    assert_eq!(bed.fake().gone.get(&replica), None, "spilled, not detached: {snapshot:#?}");
+    let svc = bed.service();
+    assert!(svc.replicas[0].spilled_bytes > 0, "{svc:#?}");
+    assert_eq!(svc.replicas[0].detached.total(), 0, "{svc:#?}");
+    assert!(!spool::spool_files(&dir).is_empty() || svc.replicas[0].spilled_bytes > 0);
+
+    // It wakes up while the client still writes: spool first, then memory, in order.
+    bed.fake().pipe(replica).room = usize::MAX;
+    bed.push(Event::Active(replica));
+    bed.settle();
+    bed.peer_sends(client, &data[40_000..], true);
+    assert_eq!(bed.fake().pipe(replica).outbound, data);
+    assert!(bed.fake().pipe(replica).shut, "the replica got our FIN after everything");
+    let svc = bed.service();
+    assert_eq!(svc.replicas[0].bytes_out, data.len() as u64);
+    assert_eq!(svc.replicas[0].replayed_bytes, svc.replicas[0].spilled_bytes);
+    assert_eq!(svc.replicas[0].detached.total(), 0);
+    assert_eq!(bed.driver.snapshot().counters.drops, DropStats::default());
+    assert!(spool_files_settled(&dir).is_empty(), "spool files left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn beyond_the_spill_budget_the_replica_is_detached_diverged_and_its_spool_removed() {
+    let dir = spill_dir("budget");
+    let mut bed = Bed::spilling(4096, &dir, 8192);
+    let client = bed.client(b"");
+    let primary = bed.connected(PRIMARY);
+    let replica = bed.fake().conn_to(REPLICA);
+    bed.fake().pipe(replica).room = 0;
+    bed.connected(REPLICA);
+    let data = pattern(50_000);
+    // In reads smaller than the memory budget: the first spills fit, a later one not.
+    for piece in data.chunks(3000) {
+        bed.peer_sends(client, piece, false);
+    }
+    assert_eq!(bed.fake().pipe(primary).outbound, data, "the primary is not held up");
+    assert_eq!(bed.fake().gone.get(&replica), Some(&Gone::Aborted));
+    let svc = bed.service();
+    assert_eq!(svc.replicas[0].detached.spill_budget, 1, "{svc:#?}");
+    assert!(svc.replicas[0].spilled_bytes > 0);
+    let book = bed.driver.services()[0].consistency.report();
+    assert_eq!(book[0].state, crate::driver::consistency::ConsistencyState::Diverged, "{book:#?}");
+    assert_eq!(book[0].reasons.detached.spill_budget, 1);
+    assert!(spool_files_settled(&dir).is_empty(), "spool files left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unwritable_spill_dir_detaches_the_replica_counted() {
+    let dir = spill_dir("unwritable");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let mut bed = Bed::spilling(4096, &file, 1 << 20);
+    let client = bed.client(b"");
+    bed.connected(PRIMARY);
+    let replica = bed.fake().conn_to(REPLICA);
+    bed.fake().pipe(replica).room = 0;
+    bed.connected(REPLICA);
+    bed.peer_sends(client, &pattern(20_000), false);
+    // Fed from the spool once it has room: the spool is found broken.
+    bed.fake().pipe(replica).room = usize::MAX;
+    bed.push(Event::Active(replica));
+    bed.settle();
+    assert_eq!(bed.fake().gone.get(&replica), Some(&Gone::Aborted));
+    let s = bed.driver.snapshot();
+    assert_eq!(s.services[0].replicas[0].detached.spill_budget, 1, "{s:#?}");
+    assert_eq!(s.counters.drops.spill_failed, 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

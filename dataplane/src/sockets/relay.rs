@@ -493,6 +493,7 @@ mod tests {
                 listen_port: port,
                 record: record.clone(),
                 consistency: Default::default(),
+                spill_dir: None,
             };
             let stats = StatsHandle::new();
             stats.set_recorders(vec![record]);
