@@ -10,13 +10,15 @@ use std::{
 };
 
 use ncp_dataplane::driver::consistency::{ConsistencyState, ReplicaConsistency};
-use ncp_testbed::workload::redis_writes;
+use ncp_dataplane::driver::spool::spool_files;
+use ncp_testbed::workload::{redis_writes, seeded_bytes};
 
 use super::{
     PATIENCE, in_netns,
     redis::{self, run_pipe},
-    scene::{Mode, Scene, Service},
+    scene::{Mode, Scene, Service, wait_until},
     serial,
+    streams::{gated_server, one_shot_server, send_stream},
 };
 
 /// Commands of the redis workloads.
@@ -403,4 +405,150 @@ pub fn a_replica_written_behind_the_middlebox_is_found_diverged_by_its_answers(
     );
     assert_eq!(r.verification.operator_resets, 2, "{r:#?}");
     scene.stop_middlebox();
+}
+
+/// Port of the spilling scenarios' service.
+const SPILL_PORT: u16 = 5301;
+/// Their replica's memory budget: far below what the client sends.
+const SPILL_MEMORY_BUDGET: u64 = 256 << 10;
+/// What the client sends in them.
+const SPILL_STREAM: usize = 24 << 20;
+
+/// A scene whose one service spills its replica to a directory of its own with
+/// `spill_budget`; the directory is returned too.
+fn spill_scene(
+    mode: Mode,
+    prefix: &'static str,
+    what: &str,
+    spill_budget: u64,
+) -> Option<(MutexGuard<'static, ()>, Scene, std::path::PathBuf)> {
+    if !mode.ready_or_skip(what, &["ping"]) {
+        return None;
+    }
+    let serial = serial();
+    let dir = std::env::temp_dir().join(format!(
+        "ncp-spill-{prefix}-{}-{}",
+        mode.name(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let service = Service::new("bulk", SPILL_PORT)
+        .budget(SPILL_MEMORY_BUDGET)
+        .spill(&dir, spill_budget);
+    let scene = Scene::start(mode, prefix, &[service], "");
+    Some((serial, scene, dir))
+}
+
+/// A replica that stops reading for far longer than its memory budget lasts, while the
+/// client keeps writing, is not detached: its backlog goes to its spool and it catches
+/// up from there once it reads again, ending with exactly the bytes the primary got; the
+/// client is not held up; the spool files are gone afterwards.
+pub fn a_stalled_replica_spills_and_catches_up_with_every_byte(
+    mode: Mode,
+    prefix: &'static str,
+    seed: u64,
+) {
+    let Some((_serial, scene, dir)) =
+        spill_scene(mode, prefix, "stalled replica spills", 256 << 20)
+    else {
+        return;
+    };
+    let data = std::sync::Arc::new(seeded_bytes(seed, SPILL_STREAM));
+    let primary = one_shot_server(&scene.bed, "primary", SPILL_PORT, "primary");
+    let (gate, gated) = mpsc::channel();
+    let replica = gated_server(&scene.bed, "replica", SPILL_PORT, gated);
+    let to = SocketAddrV4::new(scene.primary, SPILL_PORT);
+    let client = {
+        let (bed_data, bed) = (std::sync::Arc::clone(&data), scene.bed.clone());
+        thread::spawn(move || send_stream(&bed, "source", to, bed_data))
+    };
+    // The replica stays stopped until its spool holds many memory budgets' worth.
+    let s = scene.stats_when("the stalled replica spills", |s| {
+        s.services[0].replicas[0].spilled_bytes >= 16 * SPILL_MEMORY_BUDGET
+    });
+    assert_eq!(s.services[0].replicas[0].detached.total(), 0, "{s:#?}");
+    gate.send(()).unwrap();
+    let (answer, took) = client.join().unwrap();
+    assert_eq!(answer, format!("primary {SPILL_STREAM}\n"));
+    let (got, clean) = replica.join().unwrap();
+    let primary_got = primary.join().unwrap();
+    assert!(clean, "the replica's stream was reset after {} bytes", got.len());
+    assert!(primary_got == *data, "the primary got other bytes");
+    assert_eq!(got.len(), data.len(), "the replica got a different length");
+    assert!(got == primary_got, "the replica got other bytes than the primary");
+
+    let s = scene.stats_when("the session ends", |s| {
+        s.counters.sessions_total == 1 && s.counters.sessions_active == 0
+    });
+    let r = &s.services[0].replicas[0];
+    eprintln!(
+        "{} stalled replica: client done in {took:?}; spilled {} B, replayed {} B, sent {} B",
+        mode.name(),
+        r.spilled_bytes,
+        r.replayed_bytes,
+        r.bytes_out
+    );
+    assert!(r.spilled_bytes > 0 && r.replayed_bytes == r.spilled_bytes, "{s:#?}");
+    assert_eq!(r.bytes_out, SPILL_STREAM as u64, "{s:#?}");
+    assert_eq!(r.detached.total(), 0, "{s:#?}");
+    assert_eq!(s.counters.drops.spill_failed, 0, "{s:#?}");
+    let c = scene.consistency_when("the replica's state", |_| true);
+    assert_eq!(c.reasons.detached.total(), 0, "{c:#?}");
+    assert_ne!(c.state, ConsistencyState::Diverged, "{c:#?}");
+    wait_until("the spool files are removed", PATIENCE, || {
+        spool_files(&dir).is_empty()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With a spill budget too small for the replica's backlog, the stalled replica is
+/// detached after all, for that reason, and marked diverged; the primary still gets
+/// every byte and the spool files are gone.
+pub fn a_replica_beyond_its_spill_budget_is_detached_and_diverged(
+    mode: Mode,
+    prefix: &'static str,
+    seed: u64,
+) {
+    let Some((_serial, scene, dir)) = spill_scene(
+        mode,
+        prefix,
+        "replica beyond its spill budget",
+        4 * SPILL_MEMORY_BUDGET,
+    ) else {
+        return;
+    };
+    let data = std::sync::Arc::new(seeded_bytes(seed, SPILL_STREAM));
+    let primary = one_shot_server(&scene.bed, "primary", SPILL_PORT, "primary");
+    let (gate, gated) = mpsc::channel();
+    let replica = gated_server(&scene.bed, "replica", SPILL_PORT, gated);
+    let to = SocketAddrV4::new(scene.primary, SPILL_PORT);
+    let client = {
+        let (bed_data, bed) = (std::sync::Arc::clone(&data), scene.bed.clone());
+        thread::spawn(move || send_stream(&bed, "source", to, bed_data))
+    };
+    let s = scene.stats_when("the replica is detached beyond its spill budget", |s| {
+        s.services[0].replicas[0].detached.spill_budget == 1
+    });
+    assert!(s.services[0].replicas[0].spilled_bytes > 0, "{s:#?}");
+    gate.send(()).unwrap();
+    let (answer, _) = client.join().unwrap();
+    assert_eq!(answer, format!("primary {SPILL_STREAM}\n"));
+    assert!(primary.join().unwrap() == *data, "the primary got other bytes");
+    let (got, clean) = replica.join().unwrap();
+    assert!(!clean || got.len() < data.len(), "a detached replica got everything");
+
+    let c = scene.consistency_when("the replica is diverged", |r| {
+        r.state == ConsistencyState::Diverged
+    });
+    assert_eq!(c.reasons.detached.spill_budget, 1, "{c:#?}");
+    assert!(
+        c.last_reason
+            .as_deref()
+            .is_some_and(|t| t.contains("spill budget exceeded")),
+        "{c:#?}"
+    );
+    wait_until("the spool files are removed", PATIENCE, || {
+        spool_files(&dir).is_empty()
+    });
+    let _ = std::fs::remove_dir_all(&dir);
 }

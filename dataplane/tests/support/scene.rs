@@ -99,6 +99,8 @@ pub struct Service {
     pub record: String,
     /// Whether the replica's answers are verified (`verify = "replies"`).
     pub verify_replies: bool,
+    /// `spill_dir` and `spill_budget_bytes`, when the replica spills.
+    pub spill: Option<(PathBuf, u64)>,
 }
 
 impl Service {
@@ -111,12 +113,19 @@ impl Service {
             replicated: true,
             record: String::new(),
             verify_replies: false,
+            spill: None,
         }
     }
 
     /// The service compares the replica's answers with the primary's.
     pub fn verify_replies(mut self) -> Self {
         self.verify_replies = true;
+        self
+    }
+
+    /// A replica beyond its budget spills to `dir`, at most `budget` bytes per session.
+    pub fn spill(mut self, dir: &Path, budget: u64) -> Self {
+        self.spill = Some((dir.to_path_buf(), budget));
         self
     }
 
@@ -242,6 +251,7 @@ replica_interface = "eth1"
 {budget}
 connect_timeout_secs = 5
 {verify}
+{spill}
 {record}
 "#,
                 name = s.name,
@@ -253,6 +263,14 @@ connect_timeout_secs = 5
                     ""
                 },
                 record = s.record,
+                spill = s
+                    .spill
+                    .as_ref()
+                    .map(|(dir, budget)| format!(
+                        "spill_dir = \"{}\"\nspill_budget_bytes = {budget}",
+                        dir.display()
+                    ))
+                    .unwrap_or_default(),
             ));
         }
         text

@@ -65,6 +65,46 @@ pub fn many_shot_server(
     server
 }
 
+/// A server in `host`'s namespace that takes one connection and then does not read it
+/// until `gate` says so (a replica that stopped reading), then reads it to its end.
+/// Its receive buffer is small (`SO_RCVBUF` 64 KiB), so the kernel absorbs little of
+/// what it is sent meanwhile. Returns what it read and whether the stream ended cleanly
+/// (`false`: reset, i.e. detached). Ready when the function returns.
+pub fn gated_server(
+    bed: &Testbed,
+    host: &str,
+    port: u16,
+    gate: mpsc::Receiver<()>,
+) -> JoinHandle<(Vec<u8>, bool)> {
+    let (ready, bound) = mpsc::channel();
+    let server = in_netns(&bed.netns(host).unwrap(), move || {
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.set_reuse_address(true).unwrap();
+        listener.set_recv_buffer_size(64 << 10).unwrap();
+        listener
+            .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+            .unwrap();
+        listener.listen(16).unwrap();
+        let listener = TcpListener::from(listener);
+        ready.send(()).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        gate.recv_timeout(PATIENCE).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut all = Vec::new();
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return (all, true),
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(_) => return (all, false),
+            }
+        }
+    });
+    bound.recv_timeout(PATIENCE).unwrap();
+    server
+}
+
 /// [`many_shot_server`] for one connection; returns what it read.
 pub fn one_shot_server(
     bed: &Testbed,
