@@ -802,7 +802,9 @@ mod tests {
         assert_eq!(c.services[0].session_config().spill_budget_bytes, 0);
         assert!(!toml::to_string(&c).unwrap().contains("spill"));
 
-        let on = format!("{GOOD}{SERVICE}spill_dir = \"/var/lib/ncp/spill\"\nspill_budget_bytes = 67108864\n");
+        let on = format!(
+            "{GOOD}{SERVICE}spill_dir = \"/var/lib/ncp/spill\"\nspill_budget_bytes = 67108864\n"
+        );
         let c = parse(&on).unwrap();
         assert_eq!(c.services[0].session_config().spill_budget_bytes, 64 << 20);
         assert_eq!(
@@ -811,14 +813,29 @@ mod tests {
         );
 
         let no_budget = format!("{GOOD}{SERVICE}spill_dir = \"/tmp/s\"\n");
-        assert!(error(&no_budget).contains("needs spill_budget_bytes"), "{}", error(&no_budget));
+        assert!(
+            error(&no_budget).contains("needs spill_budget_bytes"),
+            "{}",
+            error(&no_budget)
+        );
         let no_dir = format!("{GOOD}{SERVICE}spill_budget_bytes = 67108864\n");
-        assert!(error(&no_dir).contains("needs spill_dir"), "{}", error(&no_dir));
+        assert!(
+            error(&no_dir).contains("needs spill_dir"),
+            "{}",
+            error(&no_dir)
+        );
         let empty = format!("{GOOD}{SERVICE}spill_dir = \"\"\nspill_budget_bytes = 67108864\n");
-        assert!(error(&empty).contains("spill_dir is empty"), "{}", error(&empty));
+        assert!(
+            error(&empty).contains("spill_dir is empty"),
+            "{}",
+            error(&empty)
+        );
         let small = format!("{GOOD}{SERVICE}spill_dir = \"/tmp/s\"\nspill_budget_bytes = 1024\n");
         let e = error(&small);
-        assert!(e.contains("services[0]") && e.contains("below replica_budget_bytes"), "{e}");
+        assert!(
+            e.contains("services[0]") && e.contains("below replica_budget_bytes"),
+            "{e}"
+        );
     }
 
     #[test]

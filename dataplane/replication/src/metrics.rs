@@ -43,7 +43,10 @@ impl DetachCounts {
 
     /// All detaches, whatever the reason.
     pub fn total(&self) -> u64 {
-        self.refused + self.died + self.lagged + self.connect_timeout
+        self.refused
+            + self.died
+            + self.lagged
+            + self.connect_timeout
             + self.drain_timeout
             + self.spill_budget
     }

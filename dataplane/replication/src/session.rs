@@ -299,7 +299,9 @@ impl Session {
     /// [`Session::pending`] gives the replica nothing: feed it this many bytes from the
     /// spool first, in order, and report them with [`Session::on_sent`].
     pub fn replica_spooled(&self, replica: u16) -> u64 {
-        self.spools.get(usize::from(replica)).map_or(0, |s| s.unread)
+        self.spools
+            .get(usize::from(replica))
+            .map_or(0, |s| s.unread)
     }
 
     /// The bytes announced by [`Action::Spill`], to append to the replica's spool (empty

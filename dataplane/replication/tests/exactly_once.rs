@@ -131,7 +131,9 @@ impl Run {
                 }
                 Action::Reset(side) => panic!("unexpected reset of {side:?}"),
                 Action::ReplyCheck { .. } => {}
-                Action::Spill { replica } => panic!("replica {replica} spilled without a spill budget"),
+                Action::Spill { replica } => {
+                    panic!("replica {replica} spilled without a spill budget")
+                }
                 Action::Finished => self.finished = true,
             }
         }

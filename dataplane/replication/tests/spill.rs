@@ -93,7 +93,10 @@ fn a_replica_beyond_its_memory_budget_spills_instead_of_being_detached() {
     assert_eq!(spool.bytes, data[..spool.bytes.len()]);
     assert_eq!(s.replica_spooled(0), spool.bytes.len() as u64);
     assert_eq!(s.replica_lag(0), Some(data.len() as u64));
-    assert_eq!(s.stats().replica_bytes_spilled, vec![spool.bytes.len() as u64]);
+    assert_eq!(
+        s.stats().replica_bytes_spilled,
+        vec![spool.bytes.len() as u64]
+    );
     assert_eq!(s.stats().detached.total(), 0);
     assert!(s.allocated_bytes() <= s.config().max_memory());
 }

@@ -332,7 +332,11 @@ fn write_spools(rx: &Receiver<Msg>, queued: &AtomicU64) {
     }
 }
 
-fn append(open: &mut HashMap<Arc<Path>, File>, path: &Arc<Path>, bytes: &[u8]) -> std::io::Result<()> {
+fn append(
+    open: &mut HashMap<Arc<Path>, File>,
+    path: &Arc<Path>,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     let file = match open.get_mut(path) {
         Some(file) => file,
         None => {
@@ -381,7 +385,8 @@ mod tests {
     }
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ncp-spool-test-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ncp-spool-test-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }

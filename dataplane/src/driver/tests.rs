@@ -643,9 +643,17 @@ fn a_stalled_replica_spills_and_catches_up_from_its_spool_in_order() {
     bed.connected(REPLICA);
     let data = pattern(60_000);
     bed.peer_sends(client, &data[..40_000], false);
-    assert_eq!(bed.fake().pipe(primary).outbound, data[..40_000], "the primary is not held up");
+    assert_eq!(
+        bed.fake().pipe(primary).outbound,
+        data[..40_000],
+        "the primary is not held up"
+    );
     let snapshot = bed.driver.snapshot();
-    assert_eq!(bed.fake().gone.get(&replica), None, "spilled, not detached: {snapshot:#?}");
+    assert_eq!(
+        bed.fake().gone.get(&replica),
+        None,
+        "spilled, not detached: {snapshot:#?}"
+    );
     let svc = bed.service();
     assert!(svc.replicas[0].spilled_bytes > 0, "{svc:#?}");
     assert_eq!(svc.replicas[0].detached.total(), 0, "{svc:#?}");
@@ -657,13 +665,22 @@ fn a_stalled_replica_spills_and_catches_up_from_its_spool_in_order() {
     bed.settle();
     bed.peer_sends(client, &data[40_000..], true);
     assert_eq!(bed.fake().pipe(replica).outbound, data);
-    assert!(bed.fake().pipe(replica).shut, "the replica got our FIN after everything");
+    assert!(
+        bed.fake().pipe(replica).shut,
+        "the replica got our FIN after everything"
+    );
     let svc = bed.service();
     assert_eq!(svc.replicas[0].bytes_out, data.len() as u64);
-    assert_eq!(svc.replicas[0].replayed_bytes, svc.replicas[0].spilled_bytes);
+    assert_eq!(
+        svc.replicas[0].replayed_bytes,
+        svc.replicas[0].spilled_bytes
+    );
     assert_eq!(svc.replicas[0].detached.total(), 0);
     assert_eq!(bed.driver.snapshot().counters.drops, DropStats::default());
-    assert!(spool_files_settled(&dir).is_empty(), "spool files left behind");
+    assert!(
+        spool_files_settled(&dir).is_empty(),
+        "spool files left behind"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -681,15 +698,26 @@ fn beyond_the_spill_budget_the_replica_is_detached_diverged_and_its_spool_remove
     for piece in data.chunks(3000) {
         bed.peer_sends(client, piece, false);
     }
-    assert_eq!(bed.fake().pipe(primary).outbound, data, "the primary is not held up");
+    assert_eq!(
+        bed.fake().pipe(primary).outbound,
+        data,
+        "the primary is not held up"
+    );
     assert_eq!(bed.fake().gone.get(&replica), Some(&Gone::Aborted));
     let svc = bed.service();
     assert_eq!(svc.replicas[0].detached.spill_budget, 1, "{svc:#?}");
     assert!(svc.replicas[0].spilled_bytes > 0);
     let book = bed.driver.services()[0].consistency.report();
-    assert_eq!(book[0].state, crate::driver::consistency::ConsistencyState::Diverged, "{book:#?}");
+    assert_eq!(
+        book[0].state,
+        crate::driver::consistency::ConsistencyState::Diverged,
+        "{book:#?}"
+    );
     assert_eq!(book[0].reasons.detached.spill_budget, 1);
-    assert!(spool_files_settled(&dir).is_empty(), "spool files left behind");
+    assert!(
+        spool_files_settled(&dir).is_empty(),
+        "spool files left behind"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -472,10 +472,17 @@ pub fn a_stalled_replica_spills_and_catches_up_with_every_byte(
     assert_eq!(answer, format!("primary {SPILL_STREAM}\n"));
     let (got, clean) = replica.join().unwrap();
     let primary_got = primary.join().unwrap();
-    assert!(clean, "the replica's stream was reset after {} bytes", got.len());
+    assert!(
+        clean,
+        "the replica's stream was reset after {} bytes",
+        got.len()
+    );
     assert!(primary_got == *data, "the primary got other bytes");
     assert_eq!(got.len(), data.len(), "the replica got a different length");
-    assert!(got == primary_got, "the replica got other bytes than the primary");
+    assert!(
+        got == primary_got,
+        "the replica got other bytes than the primary"
+    );
 
     let s = scene.stats_when("the session ends", |s| {
         s.counters.sessions_total == 1 && s.counters.sessions_active == 0
@@ -488,7 +495,10 @@ pub fn a_stalled_replica_spills_and_catches_up_with_every_byte(
         r.replayed_bytes,
         r.bytes_out
     );
-    assert!(r.spilled_bytes > 0 && r.replayed_bytes == r.spilled_bytes, "{s:#?}");
+    assert!(
+        r.spilled_bytes > 0 && r.replayed_bytes == r.spilled_bytes,
+        "{s:#?}"
+    );
     assert_eq!(r.bytes_out, SPILL_STREAM as u64, "{s:#?}");
     assert_eq!(r.detached.total(), 0, "{s:#?}");
     assert_eq!(s.counters.drops.spill_failed, 0, "{s:#?}");
@@ -533,9 +543,15 @@ pub fn a_replica_beyond_its_spill_budget_is_detached_and_diverged(
     gate.send(()).unwrap();
     let (answer, _) = client.join().unwrap();
     assert_eq!(answer, format!("primary {SPILL_STREAM}\n"));
-    assert!(primary.join().unwrap() == *data, "the primary got other bytes");
+    assert!(
+        primary.join().unwrap() == *data,
+        "the primary got other bytes"
+    );
     let (got, clean) = replica.join().unwrap();
-    assert!(!clean || got.len() < data.len(), "a detached replica got everything");
+    assert!(
+        !clean || got.len() < data.len(),
+        "a detached replica got everything"
+    );
 
     let c = scene.consistency_when("the replica is diverged", |r| {
         r.state == ConsistencyState::Diverged
