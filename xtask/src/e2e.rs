@@ -379,6 +379,7 @@ impl Scene {
                     "lagged",
                     "connect_timeout",
                     "drain_timeout",
+                    "spill_budget",
                 ]
                 .iter()
                 .map(|k| d[*k].as_u64().unwrap_or(0))

@@ -394,12 +394,13 @@ fn print_consistency(replicas: &[ReplicaConsistency]) {
         }
         if detached.total() > 0 {
             reason = format!(
-                "{reason}; detaches: refused {} died {} lagged {} connect-timeout {} drain-timeout {}",
+                "{reason}; detaches: refused {} died {} lagged {} connect-timeout {} drain-timeout {} spill-budget {}",
                 detached.refused,
                 detached.died,
                 detached.lagged,
                 detached.connect_timeout,
-                detached.drain_timeout
+                detached.drain_timeout,
+                detached.spill_budget
             );
         }
         println!(
