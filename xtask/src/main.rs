@@ -87,6 +87,15 @@ enum Task {
         /// (smoltcp). The loss experiment sets it per column.
         #[arg(long, value_enum, value_name = "RECOVERY")]
         loss_recovery: Option<bench::LossRecovery>,
+        /// The service's `replica_budget_bytes` in the iperf, httperf and pgbench
+        /// experiments (default: the data plane's own, 4 MiB).
+        #[arg(long, value_name = "BYTES")]
+        replica_budget: Option<u64>,
+        /// Spill replicas beyond their budget to disk (a directory of the run), at most
+        /// BYTES per replica and session, in the iperf, httperf and pgbench experiments
+        /// (default: no spilling).
+        #[arg(long, value_name = "BYTES")]
+        spill_budget: Option<u64>,
     },
     /// The scale benchmark's sink, run by it inside a test-bed host: accepts connections
     /// on LISTEN, discards what they send, reports counters on stdout, exits when stdin
@@ -141,6 +150,8 @@ fn main() {
             quick,
             tcp_buffer,
             loss_recovery,
+            replica_budget,
+            spill_budget,
         } => {
             let options = bench::Options {
                 repetitions: repetitions.max(1),
@@ -148,6 +159,8 @@ fn main() {
                 quick,
                 tcp_buffer,
                 loss_recovery,
+                replica_budget,
+                spill_budget,
                 ..bench::Options::default()
             };
             bench::bench(

@@ -110,6 +110,11 @@ pub struct Options {
     pub tcp_buffer: Option<u32>,
     /// `[tcp] loss_recovery` of XDP mode in the relay experiments (None: its default).
     pub loss_recovery: Option<LossRecovery>,
+    /// The service's `replica_budget_bytes` in the relay experiments (None: its default).
+    pub replica_budget: Option<u64>,
+    /// The service's `spill_budget_bytes` in the relay experiments, spilling to a
+    /// directory of the run (None: no spilling).
+    pub spill_budget: Option<u64>,
     /// Where JSON, plots and the report go: `bench-results/` for a run of every
     /// experiment, `bench-results/partial/` for a run of some. Set by [`bench`] from the
     /// experiments it runs.
@@ -126,8 +131,23 @@ impl Options {
     /// experiment that compares recoveries. Both settings share one `[tcp]` table: TOML
     /// rejects a table defined twice.
     pub fn relay_tuning_with(&self, loss_recovery: Option<LossRecovery>) -> routes::Tuning {
+        let mut service = String::new();
+        if let Some(bytes) = self.replica_budget {
+            let _ = writeln!(service, "replica_budget_bytes = {bytes}");
+        }
+        if let Some(bytes) = self.spill_budget {
+            let dir = run_dir().join("spill");
+            let _ = writeln!(
+                service,
+                "spill_dir = \"{}\"\nspill_budget_bytes = {bytes}",
+                dir.display()
+            );
+        }
         if self.tcp_buffer.is_none() && loss_recovery.is_none() {
-            return routes::Tuning::default();
+            return routes::Tuning {
+                service,
+                ..routes::Tuning::default()
+            };
         }
         // The data plane requires buffer_bytes and congestion_control in a `[tcp]` table
         // (only loss_recovery has a default there), so one written here spells out the
@@ -142,6 +162,7 @@ impl Options {
         routes::Tuning {
             ports: None,
             tables: tcp,
+            service,
         }
     }
 }

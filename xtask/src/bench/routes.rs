@@ -106,6 +106,8 @@ pub struct Tuning {
     pub ports: Option<(u16, u16)>,
     /// Top-level tables appended to the configuration (`[limits]`, `[tcp]`).
     pub tables: String,
+    /// Lines added to the service's table (`replica_budget_bytes`, `spill_dir`, ...).
+    pub service: String,
 }
 
 /// Restores direct forwarding from the source to the primary.
@@ -182,8 +184,9 @@ fn middlebox_config(
          [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
          [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
          [[services]]\nname = \"bench\"\nprimary = \"{primary}:{port}\"\nclients = \"{source}/32\"\n\
-         replicas = [{replicas}]\n{extra}{}",
+         replicas = [{replicas}]\n{extra}{}{}",
         socket.display(),
+        tuning.service,
         tuning.tables
     ))
 }
