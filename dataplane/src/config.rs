@@ -613,11 +613,6 @@ impl Config {
                         "{at}: spill_dir is empty: name the directory the spools go to"
                     ));
                 }
-                (Some(_), _) if s.replicas.is_empty() => {
-                    return invalid(format!(
-                        "{at}: spill_dir without replicas: only replicas spill"
-                    ));
-                }
                 (Some(_), _) => {}
             }
             if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
