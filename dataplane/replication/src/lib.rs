@@ -35,6 +35,10 @@
 //!      replica's answers stopped being verified, because they differed from the
 //!      primary's ([`Session::reply_mismatch`] says where) or ran beyond the window.
 //!      Nothing to carry out: record it.
+//!    - `Spill { replica }` (sessions with `spill_budget_bytes`): the replica fell more
+//!      than its memory budget behind and its backlog left memory: take it at once with
+//!      [`Session::take_spill`] and append it to the replica's spool; if that fails,
+//!      call [`Session::spill_failed`] (the replica is then detached).
 //!    - `Finished`: always last. Release the session's remaining sockets (sockets that got
 //!      `Close` may complete their orderly close in the TCP stack) and call
 //!      [`Manager::remove`].
@@ -54,7 +58,9 @@
 //! 5. **Writing.** For each side with room in its socket: take
 //!    `let buf = session.pending(side)`, write a prefix of it, report the written length
 //!    with [`Session::on_sent`]; repeat while the socket takes everything and `pending` is
-//!    non-empty (a slice ends at a storage chunk boundary). After `on_sent(Primary, ..)`
+//!    non-empty (a slice ends at a storage chunk boundary). A replica with
+//!    [`Session::spool_pending`] above 0 gets that many bytes from its spool first (its
+//!    `pending` is empty meanwhile), reported with `on_sent` the same way. After `on_sent(Primary, ..)`
 //!    the client's window may have reopened: resume reading the client.
 //! 6. **Timers.** Sleep at most until [`Manager::poll_timeout`]; on wake call
 //!    [`Manager::handle_timeout`] and drain the actions of the sessions it reports.

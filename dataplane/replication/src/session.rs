@@ -304,6 +304,16 @@ impl Session {
             .map_or(0, |s| s.unread)
     }
 
+    /// Of [`Session::replica_spooled`], what may be handed to the replica's socket now:
+    /// all of it once its connection is open, nothing while it is still connecting.
+    pub fn spool_pending(&self, replica: u16) -> u64 {
+        if self.replicas.get(usize::from(replica)) == Some(&Link::Open) {
+            self.replica_spooled(replica)
+        } else {
+            0
+        }
+    }
+
     /// The bytes announced by [`Action::Spill`], to append to the replica's spool (empty
     /// if there are none). They count as spooled from the moment they were spilled.
     pub fn take_spill(&mut self, replica: u16) -> Vec<u8> {
@@ -635,6 +645,9 @@ impl Session {
     /// `n` bytes from the replica's spool were handed to its socket.
     fn on_sent_from_spool(&mut self, i: u16, n: usize, now: Instant) -> Result<(), Error> {
         let slot = usize::from(i);
+        if self.replicas.get(slot) != Some(&Link::Open) {
+            return self.reject(Error::NotConnected(Side::Replica(i)));
+        }
         let Some(spool) = self.spools.get_mut(slot) else {
             return self.reject(Error::UnknownReplica(i));
         };

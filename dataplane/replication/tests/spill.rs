@@ -202,6 +202,29 @@ fn spilling_is_off_by_default_and_lag_still_detaches() {
 }
 
 #[test]
+fn a_replica_still_connecting_spills_and_is_fed_only_once_connected() {
+    let clock = Clock::new();
+    let now = clock.now();
+    let mut s = Session::new(spilling(8 * BUDGET), now).unwrap();
+    s.on_connected(Side::Primary, now).unwrap();
+    let _ = actions(&mut s);
+    let mut spool = Spool::default();
+    let data = stream(2 * BUDGET as usize);
+    client_sends(&mut s, &mut spool, &data, now);
+    assert!(s.replica_spooled(0) > 0);
+    assert_eq!(s.spool_pending(0), 0, "not connected yet");
+    assert_eq!(
+        s.on_sent(Side::Replica(0), 1, now),
+        Err(Error::NotConnected(Side::Replica(0)))
+    );
+    s.on_connected(Side::Replica(0), now).unwrap();
+    assert_eq!(s.spool_pending(0), s.replica_spooled(0));
+    let mut got = spool.replay(&mut s, 4096, now);
+    got.extend(drain(&mut s, Side::Replica(0), now));
+    assert_eq!(got, data);
+}
+
+#[test]
 fn replaying_more_than_the_spool_holds_is_rejected() {
     let clock = Clock::new();
     let now = clock.now();

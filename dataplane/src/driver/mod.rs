@@ -490,10 +490,10 @@ impl<T: Transport> Driver<T> {
         loop {
             // A replica with spooled bytes gets them first, in order, from the disk.
             if let Side::Replica(i) = side
-                && s.replica_spooled(i) > 0
+                && s.spool_pending(i) > 0
             {
                 let key = (id, i);
-                let want = usize::try_from(s.replica_spooled(i))
+                let want = usize::try_from(s.spool_pending(i))
                     .unwrap_or(usize::MAX)
                     .min(self.scratch.len());
                 let (Some(spooler), Some(buf)) =
