@@ -18,6 +18,28 @@ use crate::cmd::step;
 
 pub(super) const PORT: u16 = 5201;
 
+/// What the replica got over a path's runs, in the log: a replicated figure counts only
+/// if the replica stayed attached (spilling shows how often it fell behind its memory).
+fn log_replica(mb: &crate::middlebox::Middlebox) {
+    let Ok(stats) = mb.stats() else {
+        return;
+    };
+    let service = &stats["replication"]["services"][0];
+    let Some(replica) = service["replicas"].get(0) else {
+        return;
+    };
+    let detaches: u64 = replica["detached"]
+        .as_object()
+        .map_or(0, |r| r.values().filter_map(|v| v.as_u64()).sum());
+    eprintln!(
+        "      replica: {} of {} bytes, spilled {} replayed {}, detaches {detaches}",
+        replica["bytes_out"].as_u64().unwrap_or(0),
+        service["primary_bytes_out"].as_u64().unwrap_or(0),
+        replica["spilled_bytes"].as_u64().unwrap_or(0),
+        replica["replayed_bytes"].as_u64().unwrap_or(0),
+    );
+}
+
 pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<String> {
     let streams: &[u32] = if options.quick {
         &[1, 8, 32]
@@ -70,6 +92,9 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                             }
                         }
                         add_sample(&mut results, regime, path.label(), n, bps);
+                    }
+                    if let Some(mb) = &mb {
+                        log_replica(mb);
                     }
                 }
             }
