@@ -1043,10 +1043,17 @@ impl<T: Transport> Driver<T> {
     }
 }
 
-/// The spooler of a driver whose services spill (none otherwise). Its writer may fall
+/// The spooler of a driver whose services spill (none otherwise), after the spill
+/// directories were cleared of what stopped middleboxes left behind. Its writer may fall
 /// behind by two of the largest spills, and at least [`spool::MIN_QUEUED_BYTES`].
 /// Without a writer thread every spill fails, and replicas are detached as before.
 fn spooler_for<R>(services: &[ServicePlan<R>]) -> Option<Spooler> {
+    for dir in services.iter().filter_map(|s| s.spill_dir.as_deref()) {
+        let removed = spool::remove_orphans(dir);
+        if removed > 0 {
+            tracing::info!(dir = %dir.display(), removed, "spool files of stopped middleboxes removed");
+        }
+    }
     let largest = services
         .iter()
         .filter(|s| s.spill_dir.is_some() && s.session.spills())

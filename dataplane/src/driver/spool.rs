@@ -354,7 +354,30 @@ fn append(
     file.write_all(bytes)
 }
 
-/// Files a spooler of this process would name in `dir` (for tests and checks).
+/// Removes the spool files in `dir` left by middlebox processes that no longer run (a
+/// middlebox killed outright cannot remove its own). Files of running processes,
+/// this one included, are kept. Returns how many were removed.
+pub fn remove_orphans(dir: &Path) -> usize {
+    let mut removed = 0;
+    for path in spool_files(dir) {
+        let pid = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("ncp-spill-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            remove_file(&path);
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Files a spooler would name in `dir` (for tests and checks).
 pub fn spool_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
@@ -448,6 +471,23 @@ mod tests {
         spooler.remove_session(SessionId(3));
         assert_eq!(spooler.open_spools(), 0);
         drop(spooler);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn orphans_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = temp_dir("orphans");
+        fs::create_dir_all(&dir).unwrap();
+        // Above any pid_max Linux allows: no such process can be running.
+        let dead = dir.join("ncp-spill-999999999-0-1-r0-1.spool");
+        let ours = dir.join(format!("ncp-spill-{}-0-1-r0-1.spool", std::process::id()));
+        let other = dir.join("unrelated.spool");
+        for f in [&dead, &ours, &other] {
+            fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_orphans(&dir), 1);
+        assert!(!dead.exists());
+        assert!(ours.exists() && other.exists());
         let _ = fs::remove_dir_all(&dir);
     }
 
