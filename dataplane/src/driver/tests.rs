@@ -282,6 +282,29 @@ impl Bed {
     fn service(&self) -> ServiceStats {
         self.driver.snapshot().services[0].clone()
     }
+
+    /// A client connects, with its primary; the replica takes `room` bytes and then
+    /// nothing. Returns the client, primary and replica connections.
+    fn stalled_replica(&mut self, room: usize) -> (u32, u32, u32) {
+        let client = self.client(b"");
+        let primary = self.connected(PRIMARY);
+        let replica = self.fake().conn_to(REPLICA);
+        self.fake().pipe(replica).room = room;
+        self.connected(REPLICA);
+        (client, primary, replica)
+    }
+
+    /// The primary got all the client `sent`, not held up by the replica, which was
+    /// detached and aborted. Returns the service's stats, to say why.
+    fn assert_replica_detached(&mut self, primary: u32, replica: u32, sent: &[u8]) -> ServiceStats {
+        assert_eq!(
+            self.fake().pipe(primary).outbound,
+            sent,
+            "the primary is not held up"
+        );
+        assert_eq!(self.fake().gone.get(&replica), Some(&Gone::Aborted));
+        self.service()
+    }
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -358,24 +381,14 @@ fn clients_outside_the_prefix_and_unknown_services_are_reset() {
 #[test]
 fn a_replica_over_its_budget_is_detached_and_aborted() {
     let mut bed = Bed::new(4096, None);
-    let client = bed.client(b"");
-    let primary = bed.connected(PRIMARY);
     // The replica takes 1000 bytes and then nothing.
-    let replica = bed.fake().conn_to(REPLICA);
-    bed.fake().pipe(replica).room = 1000;
-    bed.connected(REPLICA);
+    let (client, primary, replica) = bed.stalled_replica(1000);
     let data = pattern(20_000);
     bed.peer_sends(client, &data[..3000], false);
     assert!(bed.fake().pipe(replica).outbound == data[..1000]);
     assert_eq!(bed.fake().gone.get(&replica), None, "within its budget");
     bed.peer_sends(client, &data[3000..], false);
-    assert_eq!(
-        bed.fake().pipe(primary).outbound,
-        data,
-        "the primary is not held up"
-    );
-    assert_eq!(bed.fake().gone.get(&replica), Some(&Gone::Aborted));
-    let svc = bed.service();
+    let svc = bed.assert_replica_detached(primary, replica, &data);
     assert_eq!(svc.replicas[0].detached.lagged, 1, "{svc:#?}");
     assert_eq!(svc.replicas[0].live_sessions, 0);
     assert_eq!(svc.sessions_active, 1);
@@ -613,34 +626,91 @@ mod consistency {
     }
 }
 
-fn spill_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ncp-driver-spill-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A bed whose service spills, with a client, its primary and a replica that takes
+/// `replica_room` bytes, then stalls. Its scratch directory goes when it is dropped.
+struct SpillBed {
+    bed: Bed,
+    scratch: std::path::PathBuf,
+    client: u32,
+    primary: u32,
+    replica: u32,
 }
 
-/// Spool files are removed by the writer thread, in order after its writes: wait for
-/// it (bounded), then say what is left.
-fn spool_files_settled(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    for _ in 0..10_000 {
-        if spool::spool_files(dir).is_empty() {
-            break;
-        }
-        std::thread::yield_now();
+impl SpillBed {
+    /// Spilling into a fresh directory named after the test.
+    fn new(name: &str, spill_budget: u64, replica_room: usize) -> Self {
+        let scratch = Self::scratch(name);
+        Self::spooling_to(scratch.clone(), scratch, spill_budget, replica_room)
     }
-    spool::spool_files(dir)
+
+    /// Spilling to a path that is a regular file, so no spool can be made there.
+    fn unwritable(name: &str, spill_budget: u64, replica_room: usize) -> Self {
+        let scratch = Self::scratch(name);
+        std::fs::create_dir_all(&scratch).expect("scratch directory");
+        let file = scratch.join("a-file");
+        std::fs::write(&file, b"not a directory").expect("scratch file");
+        Self::spooling_to(scratch, file, spill_budget, replica_room)
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ncp-driver-spill-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn spooling_to(
+        scratch: std::path::PathBuf,
+        spool_dir: std::path::PathBuf,
+        spill_budget: u64,
+        replica_room: usize,
+    ) -> Self {
+        let mut bed = Bed::spilling(4096, &spool_dir, spill_budget);
+        let (client, primary, replica) = bed.stalled_replica(replica_room);
+        Self {
+            bed,
+            scratch,
+            client,
+            primary,
+            replica,
+        }
+    }
+
+    /// The stalled replica has room again and says so.
+    fn wake_replica(&mut self) {
+        self.bed.fake().pipe(self.replica).room = usize::MAX;
+        self.bed.push(Event::Active(self.replica));
+        self.bed.settle();
+    }
+
+    /// Spool files are removed by the writer thread, in order after its writes: wait
+    /// for it (bounded), then say that none is left.
+    fn assert_spool_removed(&self) {
+        for _ in 0..10_000 {
+            if spool::spool_files(&self.scratch).is_empty() {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!(
+            "spool files left behind: {:?}",
+            spool::spool_files(&self.scratch)
+        );
+    }
+}
+
+impl Drop for SpillBed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
 }
 
 #[test]
 fn a_stalled_replica_spills_and_catches_up_from_its_spool_in_order() {
-    let dir = spill_dir("catch-up");
-    let mut bed = Bed::spilling(4096, &dir, 1 << 20);
-    let client = bed.client(b"");
-    let primary = bed.connected(PRIMARY);
-    // The replica takes 1000 bytes, then stalls far beyond its memory budget.
-    let replica = bed.fake().conn_to(REPLICA);
-    bed.fake().pipe(replica).room = 1000;
-    bed.connected(REPLICA);
+    let mut s = SpillBed::new("catch-up", 1 << 20, 1000);
+    let (client, primary, replica) = (s.client, s.primary, s.replica);
+    let bed = &mut s.bed;
+    // The replica took 1000 bytes, then stalls far beyond its memory budget.
     let data = pattern(60_000);
     bed.peer_sends(client, &data[..40_000], false);
     assert_eq!(
@@ -657,12 +727,11 @@ fn a_stalled_replica_spills_and_catches_up_from_its_spool_in_order() {
     let svc = bed.service();
     assert!(svc.replicas[0].spilled_bytes > 0, "{svc:#?}");
     assert_eq!(svc.replicas[0].detached.total(), 0, "{svc:#?}");
-    assert!(!spool::spool_files(&dir).is_empty() || svc.replicas[0].spilled_bytes > 0);
+    assert!(!spool::spool_files(&s.scratch).is_empty() || svc.replicas[0].spilled_bytes > 0);
 
     // It wakes up while the client still writes: spool first, then memory, in order.
-    bed.fake().pipe(replica).room = usize::MAX;
-    bed.push(Event::Active(replica));
-    bed.settle();
+    s.wake_replica();
+    let bed = &mut s.bed;
     bed.peer_sends(client, &data[40_000..], true);
     assert_eq!(bed.fake().pipe(replica).outbound, data);
     assert!(
@@ -677,34 +746,20 @@ fn a_stalled_replica_spills_and_catches_up_from_its_spool_in_order() {
     );
     assert_eq!(svc.replicas[0].detached.total(), 0);
     assert_eq!(bed.driver.snapshot().counters.drops, DropStats::default());
-    assert!(
-        spool_files_settled(&dir).is_empty(),
-        "spool files left behind"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    s.assert_spool_removed();
 }
 
 #[test]
 fn beyond_the_spill_budget_the_replica_is_detached_diverged_and_its_spool_removed() {
-    let dir = spill_dir("budget");
-    let mut bed = Bed::spilling(4096, &dir, 8192);
-    let client = bed.client(b"");
-    let primary = bed.connected(PRIMARY);
-    let replica = bed.fake().conn_to(REPLICA);
-    bed.fake().pipe(replica).room = 0;
-    bed.connected(REPLICA);
+    let mut s = SpillBed::new("budget", 8192, 0);
+    let (client, primary, replica) = (s.client, s.primary, s.replica);
+    let bed = &mut s.bed;
     let data = pattern(50_000);
     // In reads smaller than the memory budget: the first spills fit, a later one not.
     for piece in data.chunks(3000) {
         bed.peer_sends(client, piece, false);
     }
-    assert_eq!(
-        bed.fake().pipe(primary).outbound,
-        data,
-        "the primary is not held up"
-    );
-    assert_eq!(bed.fake().gone.get(&replica), Some(&Gone::Aborted));
-    let svc = bed.service();
+    let svc = bed.assert_replica_detached(primary, replica, &data);
     assert_eq!(svc.replicas[0].detached.spill_budget, 1, "{svc:#?}");
     assert!(svc.replicas[0].spilled_bytes > 0);
     let book = bed.driver.services()[0].consistency.report();
@@ -714,33 +769,20 @@ fn beyond_the_spill_budget_the_replica_is_detached_diverged_and_its_spool_remove
         "{book:#?}"
     );
     assert_eq!(book[0].reasons.detached.spill_budget, 1);
-    assert!(
-        spool_files_settled(&dir).is_empty(),
-        "spool files left behind"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    s.assert_spool_removed();
 }
 
 #[test]
 fn an_unwritable_spill_dir_detaches_the_replica_counted() {
-    let dir = spill_dir("unwritable");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("a-file");
-    std::fs::write(&file, b"not a directory").unwrap();
-    let mut bed = Bed::spilling(4096, &file, 1 << 20);
-    let client = bed.client(b"");
-    bed.connected(PRIMARY);
-    let replica = bed.fake().conn_to(REPLICA);
-    bed.fake().pipe(replica).room = 0;
-    bed.connected(REPLICA);
-    bed.peer_sends(client, &pattern(20_000), false);
+    let mut s = SpillBed::unwritable("unwritable", 1 << 20, 0);
+    s.bed.peer_sends(s.client, &pattern(20_000), false);
     // Fed from the spool once it has room: the spool is found broken.
-    bed.fake().pipe(replica).room = usize::MAX;
-    bed.push(Event::Active(replica));
-    bed.settle();
-    assert_eq!(bed.fake().gone.get(&replica), Some(&Gone::Aborted));
-    let s = bed.driver.snapshot();
-    assert_eq!(s.services[0].replicas[0].detached.spill_budget, 1, "{s:#?}");
-    assert_eq!(s.counters.drops.spill_failed, 1);
-    let _ = std::fs::remove_dir_all(&dir);
+    s.wake_replica();
+    assert_eq!(s.bed.fake().gone.get(&s.replica), Some(&Gone::Aborted));
+    let snap = s.bed.driver.snapshot();
+    assert_eq!(
+        snap.services[0].replicas[0].detached.spill_budget, 1,
+        "{snap:#?}"
+    );
+    assert_eq!(snap.counters.drops.spill_failed, 1);
 }
