@@ -76,14 +76,21 @@ fn client_sends(s: &mut Session, spool: &mut Spool, data: &[u8], now: Instant) -
     other
 }
 
+/// A session connected at the clock's start whose client sent `data` (see
+/// [`client_sends`]) while the replica read nothing; returns it with its spool and the
+/// actions other than spills.
+fn behind(clock: &Clock, cfg: SessionConfig, data: &[u8]) -> (Session, Spool, Vec<Action>) {
+    let mut s = connected(cfg, clock);
+    let mut spool = Spool::default();
+    let other = client_sends(&mut s, &mut spool, data, clock.now());
+    (s, spool, other)
+}
+
 #[test]
 fn a_replica_beyond_its_memory_budget_spills_instead_of_being_detached() {
     let clock = Clock::new();
-    let now = clock.now();
-    let mut s = connected(spilling(4 * BUDGET), &clock);
-    let mut spool = Spool::default();
     let data = stream(3 * BUDGET as usize);
-    let other = client_sends(&mut s, &mut spool, &data, now);
+    let (s, spool, other) = behind(&clock, spilling(4 * BUDGET), &data);
     assert!(other.is_empty(), "{other:?}");
     assert!(s.replica_is_live(0));
     // Memory never holds more than the budget for it; the rest went to the spool, the
@@ -104,12 +111,10 @@ fn a_replica_beyond_its_memory_budget_spills_instead_of_being_detached() {
 #[test]
 fn a_spilled_replica_catches_up_from_the_spool_before_newer_bytes_in_order() {
     let mut clock = Clock::new();
-    let mut s = connected(spilling(8 * BUDGET), &clock);
-    let mut spool = Spool::default();
     let data = stream(5 * BUDGET as usize + 1234);
     let half = data.len() / 2;
     let now = clock.now();
-    client_sends(&mut s, &mut spool, &data[..half], now);
+    let (mut s, mut spool, _) = behind(&clock, spilling(8 * BUDGET), &data[..half]);
     assert!(s.replica_spooled(0) > 0);
 
     // The replica wakes up while the client keeps writing: the spool first, then memory.
@@ -140,12 +145,9 @@ fn a_spilled_replica_catches_up_from_the_spool_before_newer_bytes_in_order() {
 #[test]
 fn beyond_the_spill_budget_the_replica_is_detached() {
     let clock = Clock::new();
-    let now = clock.now();
     // Room for one spill of a memory budget (plus a read), not for a second.
-    let mut s = connected(spilling(BUDGET + 16 * 1024), &clock);
-    let mut spool = Spool::default();
     let data = stream(4 * BUDGET as usize);
-    let other = client_sends(&mut s, &mut spool, &data, now);
+    let (s, _, other) = behind(&clock, spilling(BUDGET + 16 * 1024), &data);
     assert_eq!(
         other,
         vec![Action::Detached {
@@ -165,9 +167,7 @@ fn beyond_the_spill_budget_the_replica_is_detached() {
 fn a_spool_that_cannot_be_written_detaches_the_replica() {
     let clock = Clock::new();
     let now = clock.now();
-    let mut s = connected(spilling(8 * BUDGET), &clock);
-    let mut spool = Spool::default();
-    client_sends(&mut s, &mut spool, &stream(2 * BUDGET as usize), now);
+    let (mut s, _, _) = behind(&clock, spilling(8 * BUDGET), &stream(2 * BUDGET as usize));
     assert!(s.replica_spooled(0) > 0);
     s.spill_failed(0, now).unwrap();
     assert_eq!(
@@ -187,10 +187,7 @@ fn a_spool_that_cannot_be_written_detaches_the_replica() {
 #[test]
 fn spilling_is_off_by_default_and_lag_still_detaches() {
     let clock = Clock::new();
-    let now = clock.now();
-    let mut s = connected(config(1), &clock);
-    let mut spool = Spool::default();
-    let other = client_sends(&mut s, &mut spool, &stream(2 * BUDGET as usize), now);
+    let (_, spool, other) = behind(&clock, config(1), &stream(2 * BUDGET as usize));
     assert_eq!(
         other,
         vec![Action::Detached {
@@ -228,9 +225,7 @@ fn a_replica_still_connecting_spills_and_is_fed_only_once_connected() {
 fn replaying_more_than_the_spool_holds_is_rejected() {
     let clock = Clock::new();
     let now = clock.now();
-    let mut s = connected(spilling(8 * BUDGET), &clock);
-    let mut spool = Spool::default();
-    client_sends(&mut s, &mut spool, &stream(2 * BUDGET as usize), now);
+    let (mut s, _, _) = behind(&clock, spilling(8 * BUDGET), &stream(2 * BUDGET as usize));
     let spooled = s.replica_spooled(0);
     let too_many = usize::try_from(spooled).unwrap() + 1;
     assert!(matches!(
@@ -244,9 +239,7 @@ fn replaying_more_than_the_spool_holds_is_rejected() {
 fn a_spilled_replica_that_does_not_catch_up_in_the_drain_time_is_detached() {
     let mut clock = Clock::new();
     let now = clock.now();
-    let mut s = connected(spilling(8 * BUDGET), &clock);
-    let mut spool = Spool::default();
-    client_sends(&mut s, &mut spool, &stream(2 * BUDGET as usize), now);
+    let (mut s, mut spool, _) = behind(&clock, spilling(8 * BUDGET), &stream(2 * BUDGET as usize));
     s.on_fin(Side::Client, now).unwrap();
     s.on_fin(Side::Primary, now).unwrap();
     assert!(!spool.act(&mut s).is_empty()); // the primary's and the client's FINs
