@@ -4,8 +4,8 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddrV4, TcpStream},
-    sync::{MutexGuard, mpsc},
-    thread,
+    sync::{Arc, MutexGuard, mpsc},
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -414,29 +414,110 @@ const SPILL_MEMORY_BUDGET: u64 = 256 << 10;
 /// What the client sends in them.
 const SPILL_STREAM: usize = 24 << 20;
 
-/// A scene whose one service spills its replica to a directory of its own with
-/// `spill_budget`; the directory is returned too.
-fn spill_scene(
-    mode: Mode,
-    prefix: &'static str,
-    what: &str,
-    spill_budget: u64,
-) -> Option<(MutexGuard<'static, ()>, Scene, std::path::PathBuf)> {
-    if !mode.ready_or_skip(what, &["ping"]) {
-        return None;
+/// A scene whose one service spills its replica to a directory of its own.
+struct SpillScene {
+    _serial: MutexGuard<'static, ()>,
+    scene: Scene,
+    dir: std::path::PathBuf,
+}
+
+/// A stream in flight through a [`SpillScene`]: the client sends [`SPILL_STREAM`]
+/// seeded bytes while the replica's server accepts and then reads nothing until
+/// [`Stalled::release`].
+struct Stalled {
+    data: Arc<Vec<u8>>,
+    primary: JoinHandle<Vec<u8>>,
+    gate: mpsc::Sender<()>,
+    replica: JoinHandle<(Vec<u8>, bool)>,
+    client: JoinHandle<(String, Duration)>,
+}
+
+/// What the ends of a [`Stalled`] stream got once it was released.
+struct Released {
+    /// From the client's connect to the server's close.
+    took: Duration,
+    primary_got: Vec<u8>,
+    replica_got: Vec<u8>,
+    /// The replica's stream ended cleanly (`false`: reset, i.e. detached).
+    replica_clean: bool,
+}
+
+impl SpillScene {
+    /// Starts the scene, with `spill_budget` per session, and the stalled stream through
+    /// it; `None` if the bed is not ready (a skip).
+    fn stalled(
+        mode: Mode,
+        prefix: &'static str,
+        what: &str,
+        spill_budget: u64,
+        seed: u64,
+    ) -> Option<(Self, Stalled)> {
+        if !mode.ready_or_skip(what, &["ping"]) {
+            return None;
+        }
+        let serial = serial();
+        let dir = std::env::temp_dir().join(format!(
+            "ncp-spill-{prefix}-{}-{}",
+            mode.name(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let service = Service::new("bulk", SPILL_PORT)
+            .budget(SPILL_MEMORY_BUDGET)
+            .spill(&dir, spill_budget);
+        let scene = Scene::start(mode, prefix, &[service], "");
+        let data = Arc::new(seeded_bytes(seed, SPILL_STREAM));
+        let primary = one_shot_server(&scene.bed, "primary", SPILL_PORT, "primary");
+        let (gate, gated) = mpsc::channel();
+        let replica = gated_server(&scene.bed, "replica", SPILL_PORT, gated);
+        let to = SocketAddrV4::new(scene.primary, SPILL_PORT);
+        let client = {
+            let (data, bed) = (Arc::clone(&data), scene.bed.clone());
+            thread::spawn(move || send_stream(&bed, "source", to, data))
+        };
+        let stalled = Stalled {
+            data,
+            primary,
+            gate,
+            replica,
+            client,
+        };
+        Some((
+            Self {
+                _serial: serial,
+                scene,
+                dir,
+            },
+            stalled,
+        ))
     }
-    let serial = serial();
-    let dir = std::env::temp_dir().join(format!(
-        "ncp-spill-{prefix}-{}-{}",
-        mode.name(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    let service = Service::new("bulk", SPILL_PORT)
-        .budget(SPILL_MEMORY_BUDGET)
-        .spill(&dir, spill_budget);
-    let scene = Scene::start(mode, prefix, &[service], "");
-    Some((serial, scene, dir))
+
+    /// Waits until the spool files are gone, then removes the directory.
+    fn assert_spool_removed(&self) {
+        wait_until("the spool files are removed", PATIENCE, || {
+            spool_files(&self.dir).is_empty()
+        });
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Stalled {
+    /// Lets the replica read and waits for every end. The client is answered by the
+    /// primary, which got every byte the client sent.
+    fn release(self) -> Released {
+        self.gate.send(()).unwrap();
+        let (answer, took) = self.client.join().unwrap();
+        assert_eq!(answer, format!("primary {SPILL_STREAM}\n"));
+        let primary_got = self.primary.join().unwrap();
+        assert!(primary_got == *self.data, "the primary got other bytes");
+        let (replica_got, replica_clean) = self.replica.join().unwrap();
+        Released {
+            took,
+            primary_got,
+            replica_got,
+            replica_clean,
+        }
+    }
 }
 
 /// A replica that stops reading for far longer than its memory budget lasts, while the
@@ -448,43 +529,38 @@ pub fn a_stalled_replica_spills_and_catches_up_with_every_byte(
     prefix: &'static str,
     seed: u64,
 ) {
-    let Some((_serial, scene, dir)) =
-        spill_scene(mode, prefix, "stalled replica spills", 256 << 20)
+    let Some((run, stalled)) =
+        SpillScene::stalled(mode, prefix, "stalled replica spills", 256 << 20, seed)
     else {
         return;
     };
-    let data = std::sync::Arc::new(seeded_bytes(seed, SPILL_STREAM));
-    let primary = one_shot_server(&scene.bed, "primary", SPILL_PORT, "primary");
-    let (gate, gated) = mpsc::channel();
-    let replica = gated_server(&scene.bed, "replica", SPILL_PORT, gated);
-    let to = SocketAddrV4::new(scene.primary, SPILL_PORT);
-    let client = {
-        let (bed_data, bed) = (std::sync::Arc::clone(&data), scene.bed.clone());
-        thread::spawn(move || send_stream(&bed, "source", to, bed_data))
-    };
     // The replica stays stopped until its spool holds many memory budgets' worth.
-    let s = scene.stats_when("the stalled replica spills", |s| {
+    let s = run.scene.stats_when("the stalled replica spills", |s| {
         s.services[0].replicas[0].spilled_bytes >= 16 * SPILL_MEMORY_BUDGET
     });
     assert_eq!(s.services[0].replicas[0].detached.total(), 0, "{s:#?}");
-    gate.send(()).unwrap();
-    let (answer, took) = client.join().unwrap();
-    assert_eq!(answer, format!("primary {SPILL_STREAM}\n"));
-    let (got, clean) = replica.join().unwrap();
-    let primary_got = primary.join().unwrap();
+    let Released {
+        took,
+        primary_got,
+        replica_got: got,
+        replica_clean: clean,
+    } = stalled.release();
     assert!(
         clean,
         "the replica's stream was reset after {} bytes",
         got.len()
     );
-    assert!(primary_got == *data, "the primary got other bytes");
-    assert_eq!(got.len(), data.len(), "the replica got a different length");
+    assert_eq!(
+        got.len(),
+        SPILL_STREAM,
+        "the replica got a different length"
+    );
     assert!(
         got == primary_got,
         "the replica got other bytes than the primary"
     );
 
-    let s = scene.stats_when("the session ends", |s| {
+    let s = run.scene.stats_when("the session ends", |s| {
         s.counters.sessions_total == 1 && s.counters.sessions_active == 0
     });
     let r = &s.services[0].replicas[0];
@@ -502,13 +578,10 @@ pub fn a_stalled_replica_spills_and_catches_up_with_every_byte(
     assert_eq!(r.bytes_out, SPILL_STREAM as u64, "{s:#?}");
     assert_eq!(r.detached.total(), 0, "{s:#?}");
     assert_eq!(s.counters.drops.spill_failed, 0, "{s:#?}");
-    let c = scene.consistency_when("the replica's state", |_| true);
+    let c = run.scene.consistency_when("the replica's state", |_| true);
     assert_eq!(c.reasons.detached.total(), 0, "{c:#?}");
     assert_ne!(c.state, ConsistencyState::Diverged, "{c:#?}");
-    wait_until("the spool files are removed", PATIENCE, || {
-        spool_files(&dir).is_empty()
-    });
-    let _ = std::fs::remove_dir_all(&dir);
+    run.assert_spool_removed();
 }
 
 /// With a spill budget too small for the replica's backlog, the stalled replica is
@@ -519,41 +592,32 @@ pub fn a_replica_beyond_its_spill_budget_is_detached_and_diverged(
     prefix: &'static str,
     seed: u64,
 ) {
-    let Some((_serial, scene, dir)) = spill_scene(
+    let Some((run, stalled)) = SpillScene::stalled(
         mode,
         prefix,
         "replica beyond its spill budget",
         4 * SPILL_MEMORY_BUDGET,
+        seed,
     ) else {
         return;
     };
-    let data = std::sync::Arc::new(seeded_bytes(seed, SPILL_STREAM));
-    let primary = one_shot_server(&scene.bed, "primary", SPILL_PORT, "primary");
-    let (gate, gated) = mpsc::channel();
-    let replica = gated_server(&scene.bed, "replica", SPILL_PORT, gated);
-    let to = SocketAddrV4::new(scene.primary, SPILL_PORT);
-    let client = {
-        let (bed_data, bed) = (std::sync::Arc::clone(&data), scene.bed.clone());
-        thread::spawn(move || send_stream(&bed, "source", to, bed_data))
-    };
-    let s = scene.stats_when("the replica is detached beyond its spill budget", |s| {
-        s.services[0].replicas[0].detached.spill_budget == 1
-    });
+    let s = run
+        .scene
+        .stats_when("the replica is detached beyond its spill budget", |s| {
+            s.services[0].replicas[0].detached.spill_budget == 1
+        });
     assert!(s.services[0].replicas[0].spilled_bytes > 0, "{s:#?}");
-    gate.send(()).unwrap();
-    let (answer, _) = client.join().unwrap();
-    assert_eq!(answer, format!("primary {SPILL_STREAM}\n"));
+    let Released {
+        replica_got: got,
+        replica_clean: clean,
+        ..
+    } = stalled.release();
     assert!(
-        primary.join().unwrap() == *data,
-        "the primary got other bytes"
-    );
-    let (got, clean) = replica.join().unwrap();
-    assert!(
-        !clean || got.len() < data.len(),
+        !clean || got.len() < SPILL_STREAM,
         "a detached replica got everything"
     );
 
-    let c = scene.consistency_when("the replica is diverged", |r| {
+    let c = run.scene.consistency_when("the replica is diverged", |r| {
         r.state == ConsistencyState::Diverged
     });
     assert_eq!(c.reasons.detached.spill_budget, 1, "{c:#?}");
@@ -563,8 +627,5 @@ pub fn a_replica_beyond_its_spill_budget_is_detached_and_diverged(
             .is_some_and(|t| t.contains("spill budget exceeded")),
         "{c:#?}"
     );
-    wait_until("the spool files are removed", PATIENCE, || {
-        spool_files(&dir).is_empty()
-    });
-    let _ = std::fs::remove_dir_all(&dir);
+    run.assert_spool_removed();
 }
