@@ -407,16 +407,46 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("ncp-spool-test-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
+    /// A test's own directory, not created yet; removed with all it holds when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("ncp-spool-test-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            Self(dir)
+        }
+
+        /// The directory, created, holding a small file for each of `files`; their paths.
+        fn holding<const N: usize>(name: &str, files: [&str; N]) -> (Self, [PathBuf; N]) {
+            let scratch = Self::new(name);
+            fs::create_dir_all(&scratch.0).unwrap();
+            let paths = files.map(|f| scratch.0.join(f));
+            for path in &paths {
+                fs::write(path, b"x").unwrap();
+            }
+            (scratch, paths)
+        }
+    }
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn appended_bytes_come_back_in_order_and_the_file_goes_when_replayed() {
-        let dir = temp_dir("order");
+        let dir = Scratch::new("order");
         let mut spooler = Spooler::new(1 << 20).unwrap();
         let key = (SessionId(7), 0);
         spooler.append(key, &dir, b"hello ".to_vec()).unwrap();
@@ -436,12 +466,11 @@ mod tests {
         assert_eq!(spooler.open_spools(), 0);
         drop(spooler); // the writer has carried out the removal when it stops
         assert!(spool_files(&dir).is_empty(), "{:?}", spool_files(&dir));
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_backlog_beyond_the_bound_is_refused() {
-        let dir = temp_dir("bound");
+        let dir = Scratch::new("bound");
         let mut spooler = Spooler::new(8).unwrap();
         let key = (SessionId(1), 2);
         assert!(matches!(
@@ -449,16 +478,12 @@ mod tests {
             Err(SpillError::Backlogged { max: 8, .. })
         ));
         drop(spooler);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_unwritable_spool_fails_and_leaves_nothing() {
         // A directory where a file is expected: creating the spool fails.
-        let dir = temp_dir("unwritable");
-        fs::create_dir_all(&dir).unwrap();
-        let blocker = dir.join("not-a-dir");
-        fs::write(&blocker, b"x").unwrap();
+        let (_dir, [blocker]) = Scratch::holding("unwritable", ["not-a-dir"]);
         let mut spooler = Spooler::new(1 << 20).unwrap();
         let key = (SessionId(3), 0);
         spooler.append(key, &blocker, b"data".to_vec()).unwrap();
@@ -471,29 +496,28 @@ mod tests {
         spooler.remove_session(SessionId(3));
         assert_eq!(spooler.open_spools(), 0);
         drop(spooler);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn orphans_of_dead_processes_are_removed_and_live_ones_kept() {
-        let dir = temp_dir("orphans");
-        fs::create_dir_all(&dir).unwrap();
-        // Above any pid_max Linux allows: no such process can be running.
-        let dead = dir.join("ncp-spill-999999999-0-1-r0-1.spool");
-        let ours = dir.join(format!("ncp-spill-{}-0-1-r0-1.spool", std::process::id()));
-        let other = dir.join("unrelated.spool");
-        for f in [&dead, &ours, &other] {
-            fs::write(f, b"x").unwrap();
-        }
+        let ours = format!("ncp-spill-{}-0-1-r0-1.spool", std::process::id());
+        let (dir, [dead, ours, other]) = Scratch::holding(
+            "orphans",
+            // Above any pid_max Linux allows: no such process can be running.
+            [
+                "ncp-spill-999999999-0-1-r0-1.spool",
+                &ours,
+                "unrelated.spool",
+            ],
+        );
         assert_eq!(remove_orphans(&dir), 1);
         assert!(!dead.exists());
         assert!(ours.exists() && other.exists());
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn ending_a_session_removes_its_files() {
-        let dir = temp_dir("session");
+        let dir = Scratch::new("session");
         let mut spooler = Spooler::new(1 << 20).unwrap();
         for replica in 0..2 {
             spooler
@@ -512,6 +536,5 @@ mod tests {
         spooler.remove_session(SessionId(9));
         drop(spooler);
         assert!(spool_files(&dir).is_empty());
-        let _ = fs::remove_dir_all(&dir);
     }
 }
