@@ -807,30 +807,25 @@ mod tests {
             Some(std::path::Path::new("/var/lib/ncp/spill"))
         );
 
-        let no_budget = format!("{GOOD}{SERVICE}spill_dir = \"/tmp/s\"\n");
-        assert!(
-            error(&no_budget).contains("needs spill_budget_bytes"),
-            "{}",
-            error(&no_budget)
-        );
-        let no_dir = format!("{GOOD}{SERVICE}spill_budget_bytes = 67108864\n");
-        assert!(
-            error(&no_dir).contains("needs spill_dir"),
-            "{}",
-            error(&no_dir)
-        );
-        let empty = format!("{GOOD}{SERVICE}spill_dir = \"\"\nspill_budget_bytes = 67108864\n");
-        assert!(
-            error(&empty).contains("spill_dir is empty"),
-            "{}",
-            error(&empty)
-        );
-        let small = format!("{GOOD}{SERVICE}spill_dir = \"/tmp/s\"\nspill_budget_bytes = 1024\n");
-        let e = error(&small);
-        assert!(
-            e.contains("services[0]") && e.contains("below replica_budget_bytes"),
-            "{e}"
-        );
+        // A misconfigured spill, and what the error names.
+        for (spill, expected) in [
+            (
+                "spill_dir = \"/tmp/s\"\n",
+                &["needs spill_budget_bytes"][..],
+            ),
+            ("spill_budget_bytes = 67108864\n", &["needs spill_dir"]),
+            (
+                "spill_dir = \"\"\nspill_budget_bytes = 67108864\n",
+                &["spill_dir is empty"],
+            ),
+            (
+                "spill_dir = \"/tmp/s\"\nspill_budget_bytes = 1024\n",
+                &["services[0]", "below replica_budget_bytes"],
+            ),
+        ] {
+            let e = error(&format!("{GOOD}{SERVICE}{spill}"));
+            assert!(expected.iter().all(|x| e.contains(x)), "{spill:?}: {e}");
+        }
     }
 
     #[test]
