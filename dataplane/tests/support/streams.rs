@@ -23,6 +23,23 @@ fn answer(tag: &str, len: usize) -> String {
     }
 }
 
+/// A listener on `port` (any address) of the calling thread's namespace, with room for
+/// `backlog` connections not accepted yet and, if given, a receive buffer of
+/// `recv_buffer` bytes for the connections it accepts.
+fn listen(port: u16, backlog: i32, recv_buffer: Option<usize>) -> TcpListener {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener.set_reuse_address(true).unwrap();
+    if let Some(bytes) = recv_buffer {
+        listener.set_recv_buffer_size(bytes).unwrap();
+    }
+    listener
+        .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+        .unwrap();
+    listener.listen(backlog).unwrap();
+    TcpListener::from(listener)
+}
+
 /// A server in `host`'s namespace taking `count` connections at once: each is read to its
 /// end in its own thread and answered (see [`answer`]); returns the streams in arrival
 /// order. Ready when the function returns.
@@ -38,14 +55,7 @@ pub fn many_shot_server(
         // A backlog for the whole burst: std's 128 sends the kernel into SYN cookies
         // under 200 simultaneous connections, which lose the window scale and reset
         // some of them: a property of the server, not of what is under test.
-        let listener =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        listener.set_reuse_address(true).unwrap();
-        listener
-            .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
-            .unwrap();
-        listener.listen(1024).unwrap();
-        let listener = TcpListener::from(listener);
+        let listener = listen(port, 1024, None);
         ready.send(()).unwrap();
         let handlers: Vec<JoinHandle<Vec<u8>>> = (0..count)
             .map(|_| {
@@ -78,15 +88,7 @@ pub fn gated_server(
 ) -> JoinHandle<(Vec<u8>, bool)> {
     let (ready, bound) = mpsc::channel();
     let server = in_netns(&bed.netns(host).unwrap(), move || {
-        let listener =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        listener.set_reuse_address(true).unwrap();
-        listener.set_recv_buffer_size(64 << 10).unwrap();
-        listener
-            .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
-            .unwrap();
-        listener.listen(16).unwrap();
-        let listener = TcpListener::from(listener);
+        let listener = listen(port, 16, Some(64 << 10));
         ready.send(()).unwrap();
         let (mut s, _) = listener.accept().unwrap();
         gate.recv_timeout(PATIENCE).unwrap();
