@@ -83,8 +83,8 @@ enum Task {
         tcp_buffer: Option<u32>,
         /// Who repairs lost segments of XDP mode's connections in the iperf, httperf and
         /// pgbench experiments: the config's `[tcp] loss_recovery` (`ncp`: NCP's recovery
-        /// layer, opt-in; `smoltcp`: smoltcp's alone). Default: the data plane's own
-        /// (smoltcp). The loss experiment sets it per column.
+        /// layer; `smoltcp`: smoltcp's alone). Default: the data plane's own (ncp). The
+        /// loss experiment sets it per column.
         #[arg(long, value_enum, value_name = "RECOVERY")]
         loss_recovery: Option<bench::LossRecovery>,
         /// The service's `replica_budget_bytes` in the iperf, httperf and pgbench

@@ -81,9 +81,9 @@ pub enum Experiment {
 /// `[tcp] loss_recovery`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LossRecovery {
-    /// NCP's own recovery layer under smoltcp (opt-in).
+    /// NCP's own recovery layer under smoltcp (the data plane's default).
     Ncp,
-    /// smoltcp's own retransmission alone (the data plane's default).
+    /// smoltcp's own retransmission alone.
     Smoltcp,
 }
 
