@@ -142,6 +142,14 @@ mod tests {
         r.get(dpid).map(|h| h.conn_id)
     }
 
+    /// A registry in which connection 1 holds 0x51 and connection 2 has just claimed it.
+    fn contested() -> Registry<&'static str> {
+        let mut r = Registry::default();
+        assert!(matches!(r.claim(0x51, conn(1)), Claim::Granted));
+        assert!(matches!(r.claim(0x51, conn(2)), Claim::Contested(_)));
+        r
+    }
+
     #[test]
     fn free_id_is_granted_and_released_only_by_its_holder() {
         let mut r = Registry::default();
@@ -172,9 +180,7 @@ mod tests {
 
     #[test]
     fn silent_holder_is_replaced() {
-        let mut r = Registry::default();
-        r.claim(0x51, conn(1));
-        assert!(matches!(r.claim(0x51, conn(2)), Claim::Contested(_)));
+        let mut r = contested();
         let Settlement::Replaced(old) = r.settle(0x51, conn(2), 1, false) else {
             panic!("a silent holder must be replaced");
         };
@@ -188,9 +194,7 @@ mod tests {
 
     #[test]
     fn holder_gone_during_the_probe_grants() {
-        let mut r = Registry::default();
-        r.claim(0x51, conn(1));
-        assert!(matches!(r.claim(0x51, conn(2)), Claim::Contested(_)));
+        let mut r = contested();
         r.release(0x51, 1);
         assert!(matches!(
             r.settle(0x51, conn(2), 1, false),
@@ -201,10 +205,8 @@ mod tests {
 
     #[test]
     fn third_connection_that_won_meanwhile_is_not_displaced() {
-        let mut r = Registry::default();
-        r.claim(0x51, conn(1));
         // Two claimants probe the same holder; the first replaces it.
-        assert!(matches!(r.claim(0x51, conn(2)), Claim::Contested(_)));
+        let mut r = contested();
         assert!(matches!(r.claim(0x51, conn(3)), Claim::Contested(_)));
         assert!(matches!(
             r.settle(0x51, conn(2), 1, false),

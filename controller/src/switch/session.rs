@@ -472,12 +472,18 @@ mod tests {
         assert_eq!(drain(&mut s).1, vec![], "answered probes report once");
     }
 
+    /// A ready session that has sent an echo probe at `t0`, answer due within `limit`.
+    fn probing(t0: Instant, limit: Duration) -> Session {
+        let mut s = ready(t0);
+        s.probe(t0, limit);
+        drain(&mut s);
+        s
+    }
+
     #[test]
     fn probe_unanswered_fails_at_its_deadline() {
         let t0 = Instant::now();
-        let mut s = ready(t0);
-        s.probe(t0, Duration::from_millis(500));
-        drain(&mut s);
+        let mut s = probing(t0, Duration::from_millis(500));
         s.on_tick(t0 + Duration::from_millis(499));
         assert_eq!(drain(&mut s).1, vec![]);
         s.on_tick(t0 + Duration::from_millis(500));
@@ -489,9 +495,7 @@ mod tests {
     #[test]
     fn probe_of_a_closing_session_fails() {
         let t0 = Instant::now();
-        let mut s = ready(t0);
-        s.probe(t0, Duration::from_secs(5));
-        drain(&mut s);
+        let mut s = probing(t0, Duration::from_secs(5));
         s.on_tick(t0 + Duration::from_secs(3));
         assert_eq!(
             drain(&mut s).1,
