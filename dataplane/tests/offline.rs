@@ -11,7 +11,7 @@
 
 mod support;
 
-use support::{tshark, tshark_follow_client};
+use support::{output_ok, tshark, tshark_follow_client};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpListener};
@@ -790,22 +790,17 @@ fn replay_into_redis_matches_direct_pipe() {
     let replayed = Redis::start();
     let direct = Redis::start();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_ncp-replay"))
-        .args(&files)
-        .args([
-            "--to",
-            &format!("127.0.0.1:{}", replayed.port),
-            "--pace",
-            "fast",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ncp-replay failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
+    let out = output_ok(
+        Command::new(env!("CARGO_BIN_EXE_ncp-replay"))
+            .args(&files)
+            .args([
+                "--to",
+                &format!("127.0.0.1:{}", replayed.port),
+                "--pace",
+                "fast",
+                "--json",
+            ]),
+        "ncp-replay",
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["sessions_replayed"], 1);

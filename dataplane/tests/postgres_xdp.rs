@@ -18,7 +18,7 @@
 mod support;
 
 use support::{
-    XdpMiddlebox,
+    XdpMiddlebox, output_ok,
     scene::{paper_bed, steer_to_middlebox},
 };
 
@@ -160,17 +160,9 @@ fn postgres_primary_and_two_replicas_compare_equal_after_pgbench() {
             "postgres".into(),
         ]);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = scene
-            .bed
-            .command("source", &argv)
-            .unwrap()
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pgbench {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let out = output_ok(
+            &mut scene.bed.command("source", &argv).unwrap(),
+            &format!("pgbench {args:?}"),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

@@ -9,7 +9,7 @@
 use std::{
     io::Read,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Child, ChildStdin, Command, Output, Stdio},
     sync::MutexGuard,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -103,18 +103,27 @@ pub fn run_fed(
     (status.success(), out, err)
 }
 
-/// `tshark -r file args…`'s output; fails the test if tshark fails.
-pub fn tshark(file: &Path, args: &[&str]) -> String {
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(file)
-        .args(args)
+/// Runs `cmd` to its end and returns what it printed; fails the test, showing both of
+/// its streams, if it cannot start or exits unsuccessfully.
+pub fn output_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{what} did not start: {e}"));
     assert!(
         out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "{what} failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
+
+/// `tshark -r file args…`'s output; fails the test if tshark fails.
+pub fn tshark(file: &Path, args: &[&str]) -> String {
+    let out = output_ok(
+        Command::new("tshark").arg("-r").arg(file).args(args),
+        "tshark",
     );
     String::from_utf8(out.stdout).unwrap()
 }
