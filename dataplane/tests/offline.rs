@@ -540,19 +540,29 @@ fn closing_sink(limit: usize) -> (std::net::SocketAddr, std::thread::JoinHandle<
     (addr, h)
 }
 
+/// A recording of one session (id 1) whose client sends each of `writes` at its offset
+/// (ns after the session's start) and closes at `close_at`; with the file length after
+/// each write, for tests that cut the file at a known block.
+fn one_session(service: &str, writes: &[(&[u8], u64)], close_at: u64) -> (Vec<u8>, Vec<u64>) {
+    let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
+    let m = meta(1, service);
+    let mut s = w.open(1, &m, m.start_ns).unwrap();
+    let mut lengths = Vec::with_capacity(writes.len());
+    for (data, at) in writes {
+        w.client_data(&mut s, data, m.start_ns + at).unwrap();
+        lengths.push(w.bytes_written());
+    }
+    w.close(&mut s, m.start_ns + close_at).unwrap();
+    (w.into_inner(), lengths)
+}
+
 #[test]
 fn replay_reports_a_target_that_closes_early() {
     let dir = TempDir::new("early");
-    let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
-    let m = meta(1, "kv");
-    let mut s = w.open(1, &m, m.start_ns).unwrap();
-    for _ in 0..400 {
-        w.client_data(&mut s, &[1u8; 10_000], m.start_ns + 1)
-            .unwrap();
-    }
-    w.close(&mut s, m.start_ns + 2).unwrap();
+    let chunk = [1u8; 10_000];
+    let (bytes, _) = one_session("kv", &[(&chunk[..], 1); 400], 2);
     let file = dir.path().join("big.pcapng");
-    std::fs::write(&file, w.into_inner()).unwrap();
+    std::fs::write(&file, bytes).unwrap();
 
     let (addr, sink) = closing_sink(1000);
     let mut cfg = ReplayConfig::new(addr);
@@ -842,16 +852,8 @@ fn replay_into_redis_matches_direct_pipe() {
 #[test]
 fn replay_binary_reports_damage_and_replays_what_is_intact() {
     let dir = TempDir::new("damaged");
-    let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
-    let m = meta(1, "kv");
-    let mut s = w.open(1, &m, m.start_ns).unwrap();
-    w.client_data(&mut s, b"intact bytes", m.start_ns + 1)
-        .unwrap();
-    let good_len = w.bytes_written();
-    w.client_data(&mut s, b"lost bytes", m.start_ns + 2)
-        .unwrap();
-    w.close(&mut s, m.start_ns + 3).unwrap();
-    let mut bytes = w.into_inner();
+    let (mut bytes, lengths) = one_session("kv", &[(b"intact bytes", 1), (b"lost bytes", 2)], 3);
+    let good_len = lengths[0];
     // Cut the file inside the block that holds "lost bytes".
     bytes.truncate(good_len as usize + 30);
     let file = dir.path().join("cut.pcapng");
@@ -1088,14 +1090,9 @@ fn replay_accepts_a_target_that_closes_after_everything_was_sent() {
     // Like an HTTP/1.0 exchange: the server closes once it has the request, while the
     // recorded client only closes 200 ms later.
     let dir = TempDir::new("closes-after");
-    let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
-    let m = meta(1, "web");
-    let mut s = w.open(1, &m, m.start_ns).unwrap();
-    w.client_data(&mut s, b"GET /\r\n\r\n", m.start_ns + 1_000_000)
-        .unwrap();
-    w.close(&mut s, m.start_ns + 200_000_000).unwrap();
+    let (bytes, _) = one_session("web", &[(b"GET /\r\n\r\n", 1_000_000)], 200_000_000);
     let file = dir.path().join("http.pcapng");
-    std::fs::write(&file, w.into_inner()).unwrap();
+    std::fs::write(&file, bytes).unwrap();
 
     let (addr, sink) = closing_sink(9);
     let sum = replay(
