@@ -78,9 +78,12 @@ fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
     reg.register(name, help, c);
 }
 
-/// Registers a family and hands it back for filling (families share their values with
-/// the registry).
-fn family<M>(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, M>
+/// Registers one family per `(name, help)` and hands them back, in that order, for
+/// filling (families share their values with the registry).
+fn families<M, const N: usize>(
+    reg: &mut Registry,
+    declared: [(&str, &str); N],
+) -> [Family<Labels, M>; N]
 where
     M: prometheus_client::metrics::TypedMetric
         + prometheus_client::encoding::EncodeMetric
@@ -90,38 +93,54 @@ where
         + Sync
         + 'static,
 {
-    let f: Family<Labels, M> = Family::default();
-    reg.register(name, help, f.clone());
-    f
+    declared.map(|(name, help)| {
+        let f: Family<Labels, M> = Family::default();
+        reg.register(name, help, f.clone());
+        f
+    })
+}
+
+/// A counter family `name` with a `result` label: `ok` and `failed` attempts.
+fn ok_failed(reg: &mut Registry, (name, help): (&str, &str), ok: u64, failed: u64) {
+    let [f] = families::<Counter, 1>(reg, [(name, help)]);
+    for (result, n) in [("ok", ok), ("failed", failed)] {
+        f.get_or_create(&labels(&[("result", result.into())]))
+            .inc_by(n);
+    }
 }
 
 /// The text exposition of `s`.
 pub fn render(s: &Snapshot) -> String {
     let mut reg = Registry::default();
-    let in_step = family::<Gauge>(
+    let [in_step, diverged, lag] = families::<Gauge, 3>(
         &mut reg,
-        "ncp_replica_in_step",
-        "1 if the replica is in step with its primary, 0 if diverged or unknown",
+        [
+            (
+                "ncp_replica_in_step",
+                "1 if the replica is in step with its primary, 0 if diverged or unknown",
+            ),
+            (
+                "ncp_replica_diverged",
+                "1 if the replica is known to have missed writes or answered differently",
+            ),
+            (
+                "ncp_replica_lag_bytes",
+                "Largest current lag of the replica among open sessions",
+            ),
+        ],
     );
-    let diverged = family::<Gauge>(
+    let [detaches, mismatches] = families::<Counter, 2>(
         &mut reg,
-        "ncp_replica_diverged",
-        "1 if the replica is known to have missed writes or answered differently",
-    );
-    let lag = family::<Gauge>(
-        &mut reg,
-        "ncp_replica_lag_bytes",
-        "Largest current lag of the replica among open sessions",
-    );
-    let detaches = family::<Counter>(
-        &mut reg,
-        "ncp_replica_detaches",
-        "Sessions the replica was detached from, by reason, since its middlebox started",
-    );
-    let mismatches = family::<Counter>(
-        &mut reg,
-        "ncp_replica_reply_mismatches",
-        "Sessions in which the replica's answer differed from the primary's",
+        [
+            (
+                "ncp_replica_detaches",
+                "Sessions the replica was detached from, by reason, since its middlebox started",
+            ),
+            (
+                "ncp_replica_reply_mismatches",
+                "Sessions in which the replica's answer differed from the primary's",
+            ),
+        ],
     );
     for (id, replicas) in &s.replicas {
         for r in replicas {
@@ -150,87 +169,78 @@ pub fn render(s: &Snapshot) -> String {
             }
         }
     }
-    counter(
-        &mut reg,
-        "ncp_fail_open_events",
-        "Middleboxes declared down (their redirects withdrawn)",
-        s.fail_open_events,
-    );
-    counter(
-        &mut reg,
-        "ncp_redirect_withdrawals",
-        "Installed redirects withdrawn for a reason other than fail-open",
-        s.withdrawals,
-    );
-    counter(
-        &mut reg,
-        "ncp_replica_operator_resets",
-        "Replicas marked in step by an operator",
-        s.operator_resets,
-    );
-    counter(
-        &mut reg,
-        "ncp_flow_mods_sent",
-        "FLOW_MOD messages sent to switches",
-        s.counters.flow_mods_sent,
-    );
-    counter(
-        &mut reg,
-        "ncp_reconciles",
-        "Reconcile runs",
-        s.counters.reconciles,
-    );
-    counter(
-        &mut reg,
-        "ncp_packet_ins",
-        "PACKET_IN messages received",
-        s.counters.packet_ins,
-    );
+    for (name, help, value) in [
+        (
+            "ncp_fail_open_events",
+            "Middleboxes declared down (their redirects withdrawn)",
+            s.fail_open_events,
+        ),
+        (
+            "ncp_redirect_withdrawals",
+            "Installed redirects withdrawn for a reason other than fail-open",
+            s.withdrawals,
+        ),
+        (
+            "ncp_replica_operator_resets",
+            "Replicas marked in step by an operator",
+            s.operator_resets,
+        ),
+        (
+            "ncp_flow_mods_sent",
+            "FLOW_MOD messages sent to switches",
+            s.counters.flow_mods_sent,
+        ),
+        ("ncp_reconciles", "Reconcile runs", s.counters.reconciles),
+        (
+            "ncp_packet_ins",
+            "PACKET_IN messages received",
+            s.counters.packet_ins,
+        ),
+    ] {
+        counter(&mut reg, name, help, value);
+    }
     let switches: Gauge = Gauge::default();
     switches.set(gauge(s.switches_connected as u64));
     reg.register("ncp_switch_connections", "Switches connected now", switches);
-    let pushes = family::<Counter>(
+    ok_failed(
         &mut reg,
-        "ncp_middlebox_pushes",
-        "Service list pushes to middleboxes",
+        ("ncp_middlebox_pushes", "Service list pushes to middleboxes"),
+        s.counters.middlebox_pushes_ok,
+        s.counters.middlebox_pushes_failed,
     );
-    pushes
-        .get_or_create(&labels(&[("result", "ok".into())]))
-        .inc_by(s.counters.middlebox_pushes_ok);
-    pushes
-        .get_or_create(&labels(&[("result", "failed".into())]))
-        .inc_by(s.counters.middlebox_pushes_failed);
-    let polls = family::<Counter>(
+    ok_failed(
         &mut reg,
-        "ncp_middlebox_polls",
-        "Consistency and counter polls of middleboxes",
+        (
+            "ncp_middlebox_polls",
+            "Consistency and counter polls of middleboxes",
+        ),
+        s.polls_ok,
+        s.polls_failed,
     );
-    polls
-        .get_or_create(&labels(&[("result", "ok".into())]))
-        .inc_by(s.polls_ok);
-    polls
-        .get_or_create(&labels(&[("result", "failed".into())]))
-        .inc_by(s.polls_failed);
 
-    let reachable = family::<Gauge>(
+    let [reachable] = families::<Gauge, 1>(
         &mut reg,
-        "ncp_middlebox_reachable",
-        "1 if the middlebox's last stats poll answered",
+        [(
+            "ncp_middlebox_reachable",
+            "1 if the middlebox's last stats poll answered",
+        )],
     );
-    let xdp = family::<Counter>(
+    let [xdp, rx_frames, rx_bytes] = families::<Counter, 3>(
         &mut reg,
-        "ncp_middlebox_xdp_frames",
-        "Frames by XDP verdict, since the middlebox started",
-    );
-    let rx_frames = family::<Counter>(
-        &mut reg,
-        "ncp_middlebox_worker_rx_frames",
-        "Frames a middlebox worker received from AF_XDP",
-    );
-    let rx_bytes = family::<Counter>(
-        &mut reg,
-        "ncp_middlebox_worker_rx_bytes",
-        "Bytes a middlebox worker received from AF_XDP",
+        [
+            (
+                "ncp_middlebox_xdp_frames",
+                "Frames by XDP verdict, since the middlebox started",
+            ),
+            (
+                "ncp_middlebox_worker_rx_frames",
+                "Frames a middlebox worker received from AF_XDP",
+            ),
+            (
+                "ncp_middlebox_worker_rx_bytes",
+                "Bytes a middlebox worker received from AF_XDP",
+            ),
+        ],
     );
     for (ip, ok, report) in &s.middleboxes {
         let mb = ip.to_string();
