@@ -419,6 +419,13 @@ mod tests {
         t
     }
 
+    /// [`tree`] with the usual placement (source under s4, primary under s5, middlebox
+    /// under s6, each on port 10) and then the `extra` hosts a test needs.
+    fn placed_tree(extra: &[([u8; 4], Dpid, u32)]) -> Topology {
+        let t = with_hosts(tree(), &[(SRC, 4, 10), (PRIMARY, 5, 10), (MB, 6, 10)]);
+        with_hosts(t, extra)
+    }
+
     fn rep(id: u32, mode: Mode) -> Replication {
         Replication {
             id,
@@ -444,7 +451,7 @@ mod tests {
 
     #[test]
     fn rewrite_mode_in_a_tree() {
-        let t = with_hosts(tree(), &[(SRC, 4, 10), (PRIMARY, 5, 10), (MB, 6, 10)]);
+        let t = placed_tree(&[]);
         let p = plan_replication(&t, &rep(7, Mode::Rewrite)).expect("plannable");
         assert_eq!(p.redirection_switch, 2);
         let dpids: Vec<Dpid> = p.rules.iter().map(|r| r.dpid).collect();
@@ -496,15 +503,7 @@ mod tests {
 
     #[test]
     fn source_port_and_prefix_are_matched() {
-        let t = with_hosts(
-            tree(),
-            &[
-                (SRC, 4, 10),
-                ([198, 18, 4, 2], 4, 11),
-                (PRIMARY, 5, 10),
-                (MB, 6, 10),
-            ],
-        );
+        let t = placed_tree(&[([198, 18, 4, 2], 4, 11)]);
         let mut r = rep(1, Mode::Rewrite);
         r.source = Ipv4Prefix::new(Ipv4Addr::from(SRC), 24);
         r.source_port = Some(5555);
@@ -513,23 +512,69 @@ mod tests {
         assert!(p.rules.iter().all(|x| x.matched.ipv4_src == Some(r.source)));
     }
 
+    /// Rewrite mode for placements of the three hosts other than the usual one: where
+    /// the redirect goes, which switches get rules (in install order) and, where it says
+    /// something, the port the last rule sends to.
     #[test]
-    fn middlebox_next_to_primary_redirects_at_the_last_switch() {
-        let t = with_hosts(tree(), &[(SRC, 4, 10), (PRIMARY, 5, 10), (MB, 5, 11)]);
-        let p = plan_replication(&t, &rep(1, Mode::Rewrite)).expect("plannable");
-        assert_eq!(p.redirection_switch, 5);
-        assert_eq!(p.rules.len(), 1);
-        assert_eq!(outputs(&p.rules[0]).last(), Some(&Action::output(11)));
+    fn rewrite_mode_for_host_placements() {
+        struct Case {
+            name: &'static str,
+            hosts: [([u8; 4], Dpid, u32); 3],
+            redirection_switch: Dpid,
+            dpids: &'static [Dpid],
+            last_output: Option<u32>,
+        }
+        let cases = [
+            Case {
+                name: "middlebox next to the primary redirects at the last switch",
+                hosts: [(SRC, 4, 10), (PRIMARY, 5, 10), (MB, 5, 11)],
+                redirection_switch: 5,
+                dpids: &[5],
+                last_output: Some(11),
+            },
+            Case {
+                name: "all on one switch",
+                hosts: [(SRC, 6, 10), (PRIMARY, 6, 11), (MB, 6, 12)],
+                redirection_switch: 6,
+                dpids: &[6],
+                last_output: Some(12),
+            },
+            Case {
+                name: "middlebox at the source switch",
+                hosts: [(SRC, 4, 10), (PRIMARY, 6, 10), (MB, 4, 11)],
+                redirection_switch: 4,
+                dpids: &[4],
+                last_output: None,
+            },
+            Case {
+                name: "primary at the source switch, middlebox far",
+                hosts: [(SRC, 4, 10), (PRIMARY, 4, 11), (MB, 6, 10)],
+                redirection_switch: 4,
+                dpids: &[6, 3, 1, 2, 4],
+                last_output: None,
+            },
+        ];
+        for c in cases {
+            let t = with_hosts(tree(), &c.hosts);
+            let p = plan_replication(&t, &rep(1, Mode::Rewrite)).expect(c.name);
+            assert_eq!(p.redirection_switch, c.redirection_switch, "{}", c.name);
+            let dpids: Vec<Dpid> = p.rules.iter().map(|r| r.dpid).collect();
+            assert_eq!(dpids, c.dpids, "{}", c.name);
+            if let Some(port) = c.last_output {
+                let last = p.rules.last().expect(c.name);
+                assert_eq!(
+                    outputs(last).last(),
+                    Some(&Action::output(port)),
+                    "{}",
+                    c.name
+                );
+            }
+        }
     }
 
     #[test]
-    fn all_on_one_switch() {
+    fn tunnel_mode_needs_no_tag_when_nothing_leaves_the_switch() {
         let t = with_hosts(tree(), &[(SRC, 6, 10), (PRIMARY, 6, 11), (MB, 6, 12)]);
-        let p = plan_replication(&t, &rep(1, Mode::Rewrite)).expect("plannable");
-        assert_eq!(p.redirection_switch, 6);
-        assert_eq!(p.rules.len(), 1);
-        assert_eq!(outputs(&p.rules[0]).last(), Some(&Action::output(12)));
-        // Tunnel mode needs no tag when nothing leaves the switch.
         let p = plan_replication(&t, &rep(1, Mode::Vlan { vid: 10 })).expect("plannable");
         assert_eq!(p.rules.len(), 1);
         assert_eq!(
@@ -542,34 +587,9 @@ mod tests {
     }
 
     #[test]
-    fn middlebox_at_the_source_switch() {
-        let t = with_hosts(tree(), &[(SRC, 4, 10), (PRIMARY, 6, 10), (MB, 4, 11)]);
-        let p = plan_replication(&t, &rep(1, Mode::Rewrite)).expect("plannable");
-        assert_eq!(p.redirection_switch, 4);
-        assert_eq!(p.rules.len(), 1);
-    }
-
-    #[test]
-    fn primary_at_the_source_switch_middlebox_far() {
-        let t = with_hosts(tree(), &[(SRC, 4, 10), (PRIMARY, 4, 11), (MB, 6, 10)]);
-        let p = plan_replication(&t, &rep(1, Mode::Rewrite)).expect("plannable");
-        assert_eq!(p.redirection_switch, 4);
-        let dpids: Vec<Dpid> = p.rules.iter().map(|r| r.dpid).collect();
-        assert_eq!(dpids, [6, 3, 1, 2, 4]);
-    }
-
-    #[test]
     fn vlan_tunnel_shares_rules_per_middlebox() {
         let other_primary = [198, 18, 5, 2];
-        let t = with_hosts(
-            tree(),
-            &[
-                (SRC, 4, 10),
-                (PRIMARY, 5, 10),
-                (other_primary, 5, 11),
-                (MB, 6, 10),
-            ],
-        );
+        let t = placed_tree(&[(other_primary, 5, 11)]);
         let a = rep(1, Mode::Vlan { vid: 100 });
         let mut b = rep(2, Mode::Vlan { vid: 100 });
         b.primary = Ipv4Addr::from(other_primary);
@@ -624,7 +644,7 @@ mod tests {
 
     #[test]
     fn mpls_tunnel() {
-        let t = with_hosts(tree(), &[(SRC, 4, 10), (PRIMARY, 5, 10), (MB, 6, 10)]);
+        let t = placed_tree(&[]);
         let p = plan_replication(&t, &rep(3, Mode::Mpls { label: 1000 })).expect("plannable");
         let dpids: Vec<Dpid> = p.rules.iter().map(|r| r.dpid).collect();
         assert_eq!(dpids, [6, 3, 1, 2]);
@@ -652,10 +672,7 @@ mod tests {
     #[test]
     fn conflicts_fail_only_the_offender() {
         let mb2 = [198, 18, 6, 2];
-        let t = with_hosts(
-            tree(),
-            &[(SRC, 4, 10), (PRIMARY, 5, 10), (MB, 6, 10), (mb2, 3, 10)],
-        );
+        let t = placed_tree(&[(mb2, 3, 10)]);
         // Same tag for two middleboxes.
         let a = rep(1, Mode::Vlan { vid: 5 });
         let mut b = rep(2, Mode::Vlan { vid: 5 });
@@ -695,15 +712,7 @@ mod tests {
             plan_replication(&t, &rep(1, Mode::Rewrite)),
             Err(PlanError::NoRoute { from: 1, to: 2 })
         );
-        let t = with_hosts(
-            tree(),
-            &[
-                (SRC, 4, 10),
-                ([198, 18, 4, 9], 5, 12),
-                (PRIMARY, 5, 10),
-                (MB, 6, 10),
-            ],
-        );
+        let t = placed_tree(&[([198, 18, 4, 9], 5, 12)]);
         let mut r = rep(1, Mode::Rewrite);
         r.source = Ipv4Prefix::new(Ipv4Addr::from(SRC), 24);
         assert!(matches!(
