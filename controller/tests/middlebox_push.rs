@@ -105,6 +105,12 @@ async fn register(api: &Client, ip: &str, body: Value) -> ncp_controller::client
     .await
 }
 
+/// Registers a middlebox a test needs in place: anything but `201 Created` fails the test.
+async fn register_new(api: &Client, ip: &str, body: Value) {
+    let r = register(api, ip, body).await;
+    assert_eq!(r.status, 201, "registering {ip}: {}", r.body);
+}
+
 async fn middlebox_status(api: &Client, ip: &str) -> Value {
     let list = get_json(api, "/v1/middleboxes").await;
     list.as_array()
@@ -309,13 +315,12 @@ async fn a_refusing_middlebox_is_reported_and_retried() {
         Answer::Error("replica_interface eth1 is not configured"),
     );
     let (_svc, api) = start_with(config(dir.join("state.json"))).await;
-    let r = register(
+    register_new(
         &api,
         MB,
         json!({ "control": fake.control(), "replica_interface": "eth1" }),
     )
     .await;
-    assert_eq!(r.status, 201, "{}", r.body);
     let r = post(&api, &rep(1, "198.18.1.1", MB, &["198.18.2.3:6379"])).await;
     assert_eq!(r.status, 201, "{}", r.body);
 
@@ -370,16 +375,14 @@ async fn a_silent_middlebox_stalls_nothing() {
     let silent = Fake::start(&dir, "silent", Answer::Silent);
     let good = Fake::start(&dir, "good", Answer::Done);
     let (_svc, api) = start_with(config(dir.join("state.json"))).await;
-    let r = register(&api, MB, json!({ "control": silent.control() })).await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    register_new(&api, MB, json!({ "control": silent.control() })).await;
     // Registered, but nobody listens at the socket path.
-    let r = register(
+    register_new(
         &api,
         "198.18.1.5",
         json!({ "control": format!("unix:{}", dir.join("nobody.sock").display()) }),
     )
     .await;
-    assert_eq!(r.status, 201, "{}", r.body);
     silent
         .next_line(
             0,
@@ -403,8 +406,7 @@ async fn a_silent_middlebox_stalls_nothing() {
         "API calls took {:?} while a middlebox hangs",
         t.elapsed()
     );
-    let r = register(&api, "198.18.1.4", json!({ "control": good.control() })).await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    register_new(&api, "198.18.1.4", json!({ "control": good.control() })).await;
     let r = post(&api, &rep(2, "198.18.1.1", "198.18.1.4", &[])).await;
     assert_eq!(r.status, 201, "{}", r.body);
     wait_for(
