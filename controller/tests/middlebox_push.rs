@@ -111,6 +111,16 @@ async fn register_new(api: &Client, ip: &str, body: Value) {
     assert_eq!(r.status, 201, "registering {ip}: {}", r.body);
 }
 
+/// Deletes replication `id`, which must exist.
+async fn delete_replication(api: &Client, id: u32) {
+    let path = format!("/v1/replications/{id}");
+    assert_eq!(
+        common::status(api, "DELETE", &path).await,
+        204,
+        "DELETE {path}"
+    );
+}
+
 async fn middlebox_status(api: &Client, ip: &str) -> Value {
     let list = get_json(api, "/v1/middleboxes").await;
     list.as_array()
@@ -237,10 +247,7 @@ async fn replications_through_the_api_configure_the_middlebox() {
         .collect();
     assert_eq!(names, ["r3", "r7"], "{line}");
     assert_eq!(sent["services"][0]["replicas"], json!([]), "{line}");
-    assert_eq!(
-        common::status(&api, "DELETE", "/v1/replications/7").await,
-        204
-    );
+    delete_replication(&api, 7).await;
     let (line, seen) = fake
         .next_line(seen, Duration::from_secs(3), "list with r3 only")
         .await;
@@ -248,10 +255,7 @@ async fn replications_through_the_api_configure_the_middlebox() {
         line.contains("\"r3\"") && !line.contains("\"r7\""),
         "{line}"
     );
-    assert_eq!(
-        common::status(&api, "DELETE", "/v1/replications/3").await,
-        204
-    );
+    delete_replication(&api, 3).await;
     let (line, seen) = fake
         .next_line(seen, Duration::from_secs(3), "empty list after deletes")
         .await;
