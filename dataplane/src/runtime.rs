@@ -342,9 +342,11 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
                 })
                 .collect();
             specs.push(WorkerSpec {
-                socket: xsk_options(iface, queue.queue),
-                address: iface.address,
-                ports: share(0, w, iface.ports),
+                link: LinkSpec {
+                    socket: xsk_options(iface, queue.queue),
+                    address: iface.address,
+                    ports: share(0, w, iface.ports),
+                },
                 handover: link_ends
                     .iter()
                     .filter_map(|ends| ends.get(w).cloned())
@@ -703,7 +705,7 @@ mod plan_tests {
         let workers =
             plan_workers(&config("[{ queue = 0 }]", "replica_interface = \"eth1\"")).unwrap();
         assert_eq!(workers.len(), 1, "eth1 gets no worker of its own");
-        assert_eq!(workers[0].socket.interface, "eth0");
+        assert_eq!(workers[0].link.socket.interface, "eth0");
         assert_eq!(workers[0].replica_links.len(), 1);
         assert_eq!(workers[0].replica_links[0].socket.interface, "eth1");
         assert_eq!(workers[0].replica_links[0].socket.queue, 0);
@@ -729,10 +731,18 @@ mod plan_tests {
         }
         // Disjoint shares of the owned ranges, on both links.
         let (a, b) = (&workers[0], &workers[1]);
-        assert!(a.ports.last < b.ports.first, "{:?} {:?}", a.ports, b.ports);
+        assert!(
+            a.link.ports.last < b.link.ports.first,
+            "{:?} {:?}",
+            a.link.ports,
+            b.link.ports
+        );
         let (ra, rb) = (a.replica_links[0].ports, b.replica_links[0].ports);
         assert!(ra.last < rb.first, "{ra:?} {rb:?}");
-        assert_eq!(a.handover[0].ownership.shares, vec![a.ports, b.ports]);
+        assert_eq!(
+            a.handover[0].ownership.shares,
+            vec![a.link.ports, b.link.ports]
+        );
     }
 
     #[test]

@@ -229,10 +229,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                             .collect();
                         println!(
                             "xdp worker {} queue {}: replicas through [{}]",
-                            w.socket.interface,
-                            w.socket.queue,
+                            w.link.socket.interface,
+                            w.link.socket.queue,
                             if nics.is_empty() {
-                                w.socket.interface.clone()
+                                w.link.socket.interface.clone()
                             } else {
                                 nics.join(", ")
                             }

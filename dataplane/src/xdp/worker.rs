@@ -69,12 +69,9 @@ pub struct LinkSpec {
 /// What a worker is told at start.
 #[derive(Clone, Debug)]
 pub struct WorkerSpec {
-    /// Socket options of the worker's own (client-facing) queue.
-    pub socket: XskOptions,
-    /// The interface's own address and owned ports.
-    pub address: Ipv4Addr,
-    /// Owned ports on that address.
-    pub ports: PortRange,
+    /// The worker's own (client-facing) queue: its socket, the interface's address and
+    /// the ports it owns there (link 0).
+    pub link: LinkSpec,
     /// Sockets on the same queue of replication NICs (link 1, 2, … in this order).
     pub replica_links: Vec<LinkSpec>,
     /// Core to pin to, if any.
@@ -165,7 +162,10 @@ impl Worker {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_spec = spec.clone();
         let thread_stats = Arc::clone(&stats);
-        let name = format!("ncp-{}-q{}", spec.socket.interface, spec.socket.queue);
+        let name = format!(
+            "ncp-{}-q{}",
+            spec.link.socket.interface, spec.link.socket.queue
+        );
         let handle = thread::Builder::new()
             .name(name.clone())
             .spawn(move || run(thread_spec, thread_stats, stop, ready_tx))
@@ -207,7 +207,10 @@ impl Worker {
     /// Waits for the thread to end (after the stop flag is set).
     pub fn join(self) {
         if self.handle.join().is_err() {
-            tracing::error!(queue = self.spec.socket.queue, "worker thread panicked");
+            tracing::error!(
+                queue = self.spec.link.socket.queue,
+                "worker thread panicked"
+            );
         }
     }
 }
@@ -215,8 +218,8 @@ impl Worker {
 /// Reads a worker's counters.
 pub fn snapshot(spec: &WorkerSpec, stats: &WorkerStats) -> WorkerSnapshot {
     WorkerSnapshot {
-        interface: spec.socket.interface.clone(),
-        queue: spec.socket.queue,
+        interface: spec.link.socket.interface.clone(),
+        queue: spec.link.socket.queue,
         core: spec.core,
         rx_frames: stats.rx_frames.load(Ordering::Relaxed),
         rx_bytes: stats.rx_bytes.load(Ordering::Relaxed),
@@ -315,15 +318,13 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
         count_only(&spec, &stats, &stop, &ready);
         return;
     }
-    let own = LinkSpec {
-        socket: spec.socket.clone(),
-        address: spec.address,
-        ports: spec.ports,
-    };
     let mut links = Vec::new();
     let mut opened = Vec::new();
     let listen: Vec<_> = spec.services.iter().map(|s| s.primary).collect();
-    for (index, link) in std::iter::once(&own).chain(&spec.replica_links).enumerate() {
+    for (index, link) in std::iter::once(&spec.link)
+        .chain(&spec.replica_links)
+        .enumerate()
+    {
         let listen = if index == 0 {
             listen.clone()
         } else {
@@ -356,8 +357,8 @@ fn run(spec: WorkerSpec, stats: Arc<WorkerStats>, stop: Arc<AtomicBool>, ready: 
         return;
     }
     tracing::info!(
-        interface = %spec.socket.interface,
-        queue = spec.socket.queue,
+        interface = %spec.link.socket.interface,
+        queue = spec.link.socket.queue,
         core = ?spec.core,
         links = links.len(),
         services = spec.services.len(),
@@ -418,26 +419,26 @@ const RX_BATCH: u32 = 64;
 /// rules steer to it, counts them and drops them, silently. (A TCP engine would answer
 /// each with a RST, doubling the traffic of a flow nobody asked to be served.)
 fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: &Ready) {
-    let mut socket = match XskSocket::open(&spec.socket) {
+    let mut socket = match XskSocket::open(&spec.link.socket) {
         Ok(socket) => socket,
         Err(e) => {
             // As in `run`: a closed channel means nobody is waiting for the answer.
             let _ = ready.send(Err(format!(
                 "{} queue {}: {e}",
-                spec.socket.interface, spec.socket.queue
+                spec.link.socket.interface, spec.link.socket.queue
             )));
             return;
         }
     };
     let opened = OpenedSocket {
-        interface: spec.socket.interface.clone(),
-        queue: spec.socket.queue,
+        interface: spec.link.socket.interface.clone(),
+        queue: spec.link.socket.queue,
         fd: socket.raw_fd(),
     };
     if ready.send(Ok(vec![opened])).is_err() {
         return;
     }
-    tracing::info!(interface = %spec.socket.interface, queue = spec.socket.queue, "worker running without services: counting and dropping steered frames");
+    tracing::info!(interface = %spec.link.socket.interface, queue = spec.link.socket.queue, "worker running without services: counting and dropping steered frames");
     while !stop.load(Ordering::Relaxed) {
         let mut bytes = 0u64;
         let frames = socket.receive(RX_BATCH, |frame| bytes += frame.len() as u64);
@@ -484,7 +485,7 @@ fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<Worke
         .loss_recovery
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = recovery;
-    let mut snapshot = replicator.snapshot(&spec.socket.interface, spec.socket.queue);
+    let mut snapshot = replicator.snapshot(&spec.link.socket.interface, spec.link.socket.queue);
     transport::add_device_counters(&mut snapshot, replicator.links());
     *stats
         .replication
