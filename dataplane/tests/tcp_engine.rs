@@ -48,8 +48,9 @@ const OWNED: PortRange = PortRange {
 };
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether this machine can run the tests; under CI=true a missing piece is a failure.
-fn ready(test: &str) -> bool {
+/// Whether this machine can run `what` (named in the skip message); under CI=true a
+/// missing piece is a failure.
+fn ready(what: &str) -> bool {
     let mut missing = Vec::new();
     // SAFETY: geteuid(2) has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -81,10 +82,10 @@ fn ready(test: &str) -> bool {
         return true;
     }
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    assert!(!ci, "{test}: CI=true but missing {}", missing.join(", "));
+    assert!(!ci, "{what}: CI=true but missing {}", missing.join(", "));
     let _ = writeln!(
         std::io::stderr(),
-        "skipped: {test}: missing {}",
+        "skipped: {what}: missing {}",
         missing.join(", ")
     );
     false
@@ -134,6 +135,13 @@ struct Scene {
 }
 
 impl Scene {
+    /// The scene [`Scene::new`] builds, or `None` (having said why, naming the scene)
+    /// when this machine cannot run it; under CI=true a missing piece fails the test
+    /// instead (see [`ready`]).
+    fn if_ready(tag: &str, index: u8) -> Option<Scene> {
+        ready(&format!("scene {tag}")).then(|| Scene::new(tag, index))
+    }
+
     /// `tag` keeps concurrently running tests apart (namespaces, interfaces, MACs).
     fn new(tag: &str, index: u8) -> Scene {
         let scene = Scene {
@@ -575,11 +583,9 @@ fn exchange(stream: TcpStream, data: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn engine_echoes_a_kernel_client_as_the_foreign_address() {
-    let test = "engine_echoes_a_kernel_client_as_the_foreign_address";
-    if !ready(test) {
+    let Some(mut scene) = Scene::if_ready("echo", 1) else {
         return;
-    }
-    let mut scene = Scene::new("echo", 1);
+    };
     scene.start_engine("echo", 1, Echo::default());
 
     // 8 MiB by default; NCP_ECHO_MIB makes it longer for a throughput look.
@@ -618,11 +624,9 @@ fn engine_echoes_a_kernel_client_as_the_foreign_address() {
 
 #[test]
 fn engine_relays_between_a_kernel_client_and_a_kernel_server() {
-    let test = "engine_relays_between_a_kernel_client_and_a_kernel_server";
-    if !ready(test) {
+    let Some(mut scene) = Scene::if_ready("relay", 2) else {
         return;
-    }
-    let mut scene = Scene::new("relay", 2);
+    };
 
     // The upstream server in A: reads the whole request, then answers and closes.
     let request = seeded_bytes(0x1234, 3 << 20);
@@ -680,11 +684,9 @@ fn engine_relays_between_a_kernel_client_and_a_kernel_server() {
 
 #[test]
 fn engine_takes_a_burst_of_kernel_clients() {
-    let test = "engine_takes_a_burst_of_kernel_clients";
-    if !ready(test) {
+    let Some(mut scene) = Scene::if_ready("burst", 3) else {
         return;
-    }
-    let mut scene = Scene::new("burst", 3);
+    };
     // The SYNs of all clients arrive within a few frames of each other; each gets a
     // socket of its own.
     scene.start_engine("burst", 3, Echo::default());
@@ -718,11 +720,9 @@ fn engine_takes_a_burst_of_kernel_clients() {
 
 #[test]
 fn engine_recovers_from_a_full_receive_buffer() {
-    let test = "engine_recovers_from_a_full_receive_buffer";
-    if !ready(test) {
+    let Some(mut scene) = Scene::if_ready("zwin", 4) else {
         return;
-    }
-    let mut scene = Scene::new("zwin", 4);
+    };
     // The engine reads nothing for a while, so its 256 KiB receive buffer fills and it
     // advertises a zero window to the kernel client, then reads in small bites.
     scene.start_engine(
