@@ -91,6 +91,12 @@ struct Scene {
 }
 
 impl Scene {
+    /// The scene on `prefix`, or `None` (having said why) on a machine without the
+    /// privileges; under CI=true their absence fails the test instead (see [`privileged`]).
+    fn if_privileged(prefix: &str) -> Option<Scene> {
+        privileged().then(|| Scene::start(prefix))
+    }
+
     fn start(prefix: &str) -> Scene {
         let bed = paper_bed(prefix, 1);
         let source_ip = bed.address("source", "eth0").unwrap();
@@ -273,10 +279,9 @@ impl Drop for Scene {
 
 #[test]
 fn matching_flow_reaches_the_af_xdp_ring_and_counts_agree() {
-    if !privileged() {
+    let Some(scene) = Scene::if_privileged("nsa") else {
         return;
-    }
-    let scene = Scene::start("nsa");
+    };
     scene.pktgen_ok(scene.primary_ip, SERVICE_PORT, 5000);
     let stats = scene.settled_stats(5000);
     assert_eq!(stats.interfaces[0].xdp.redirected, 5000, "{stats:?}");
@@ -303,10 +308,9 @@ fn matching_flow_reaches_the_af_xdp_ring_and_counts_agree() {
 
 #[test]
 fn unmatched_traffic_still_works_through_the_kernel() {
-    if !privileged() {
+    let Some(scene) = Scene::if_privileged("nsb") else {
         return;
-    }
-    let scene = Scene::start("nsb");
+    };
     let mb = scene.middlebox_ip.to_string();
     run_ok(
         &scene.bed,
@@ -349,10 +353,9 @@ fn unmatched_traffic_still_works_through_the_kernel() {
 
 #[test]
 fn rules_change_at_run_time_without_reloading() {
-    if !privileged() {
+    let Some(scene) = Scene::if_privileged("nsc") else {
         return;
-    }
-    let scene = Scene::start("nsc");
+    };
     let port = 6000;
     let passed = scene.stats().interfaces[0].xdp.passed;
     scene.pktgen_ok(scene.primary_ip, port, 200);
@@ -424,10 +427,9 @@ fn rules_change_at_run_time_without_reloading() {
 
 #[test]
 fn malformed_frames_are_counted_and_harmless() {
-    if !privileged() {
+    let Some(mut scene) = Scene::if_privileged("nsd") else {
         return;
-    }
-    let mut scene = Scene::start("nsd");
+    };
     let per_kind = 25;
     let mut sent = 0;
     for kind in Malformation::ALL {
@@ -470,10 +472,9 @@ fn malformed_frames_are_counted_and_harmless() {
 
 #[test]
 fn no_program_stays_attached_after_exit() {
-    if !privileged() {
+    let Some(mut scene) = Scene::if_privileged("nse") else {
         return;
-    }
-    let mut scene = Scene::start("nse");
+    };
     assert!(scene.xdp_attached());
     let status = scene.stop_middlebox(libc::SIGTERM);
     assert!(
