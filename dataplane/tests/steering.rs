@@ -156,6 +156,15 @@ destination_port = {SERVICE_PORT}
         ));
     }
 
+    /// Pings the middlebox's own address from the source (`count` echoes, answered by
+    /// the kernel since no rule matches ICMP).
+    fn ping_middlebox(&self, count: u32, what: &str) {
+        let mb = self.middlebox_ip.to_string();
+        let count = count.to_string();
+        let argv = ["ping", "-c", &count, "-i", "0.2", "-W", "2", &mb];
+        run_ok(&self.bed, "source", &argv, what);
+    }
+
     fn stats(&self) -> Stats {
         match control::call(&self.socket, &Request::Stats).expect("stats") {
             Response::Stats(s) => s,
@@ -311,13 +320,8 @@ fn unmatched_traffic_still_works_through_the_kernel() {
     let Some(scene) = Scene::if_privileged("nsb") else {
         return;
     };
+    scene.ping_middlebox(3, "ping through the kernel");
     let mb = scene.middlebox_ip.to_string();
-    run_ok(
-        &scene.bed,
-        "source",
-        &["ping", "-c", "3", "-i", "0.2", "-W", "2", &mb],
-        "ping through the kernel",
-    );
 
     let mut server = scene
         .bed
@@ -503,11 +507,5 @@ fn no_program_stays_attached_after_exit() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // And the interface keeps working for the kernel.
-    let mb = scene.middlebox_ip.to_string();
-    run_ok(
-        &scene.bed,
-        "source",
-        &["ping", "-c", "2", "-i", "0.2", "-W", "2", &mb],
-        "ping after the middlebox was killed",
-    );
+    scene.ping_middlebox(2, "ping after the middlebox was killed");
 }
