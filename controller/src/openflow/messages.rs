@@ -87,6 +87,18 @@ pub struct PortDesc {
 pub const PORT_CONFIG_DOWN: u32 = 1;
 pub const PORT_STATE_LINK_DOWN: u32 = 1;
 const PORT_DESC_LEN: usize = 64;
+/// Longest port name: `OFP_MAX_PORT_NAME_LEN` (16) less the terminating NUL.
+const PORT_NAME_MAX: usize = 15;
+
+/// The longest prefix of `name` that fits `PORT_NAME_MAX` bytes and ends on a character
+/// boundary, so a name cut to fit the field is still valid UTF-8.
+fn port_name_prefix(name: &str) -> &str {
+    let mut end = name.len().min(PORT_NAME_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
 
 impl PortDesc {
     /// A port that is up, with no features, state bits or speeds reported.
@@ -118,8 +130,8 @@ impl PortDesc {
         out.put_zeros(2);
         let mut name = [0u8; 16];
         // Leave room for the terminating NUL the spec requires.
-        let n = self.name.len().min(15);
-        name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
+        let kept = port_name_prefix(&self.name).as_bytes();
+        name[..kept.len()].copy_from_slice(kept);
         out.extend_from_slice(&name);
         for v in [
             self.config,
@@ -142,7 +154,10 @@ impl PortDesc {
         r.skip(2)?;
         let raw: [u8; 16] = r.array()?;
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let name = String::from_utf8_lossy(&raw[..end]).into_owned();
+        // Kept to what `emit` can write back: a switch that fills all 16 bytes, or sends
+        // bytes that are not UTF-8 (each replaced by a 3-byte U+FFFD), still yields a name
+        // that encodes and decodes to itself.
+        let name = port_name_prefix(&String::from_utf8_lossy(&raw[..end])).to_owned();
         Ok(Self {
             port_no,
             hw_addr,

@@ -178,6 +178,48 @@ fn every_message_roundtrips() {
     }
 }
 
+/// Decodes `m`'s encoding; the message must come back whole.
+fn reencoded(m: &Message) -> Message {
+    let mut d = Decoder::default();
+    d.feed(&encode(m, 1));
+    d.next_frame().expect("decodes").expect("complete").message
+}
+
+/// Found by fuzzing (openflow_decoder): a port name that is not UTF-8, or that fills all 16
+/// bytes, decoded to a name the encoder wrote differently, so decode → encode → decode
+/// changed it (and the encoder could cut a character in half).
+#[test]
+fn port_names_survive_decode_encode_decode() {
+    let with_name = |raw: [u8; 16]| {
+        let mut body = vec![0]; // reason
+        body.extend_from_slice(&[0; 7]);
+        body.extend_from_slice(&7u32.to_be_bytes());
+        body.extend_from_slice(&[0; 4]);
+        body.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        body.extend_from_slice(&[0; 2]);
+        body.extend_from_slice(&raw);
+        body.extend_from_slice(&[0; 32]);
+        Message::parse_body(4, 12, &body).expect("a port status")
+    };
+    for raw in [[0x8f; 16], *b"sixteen-bytes-ab", *b"eth0\0\0\0\0\0\0\0\0\0\0\0\0"] {
+        let first = with_name(raw);
+        let Message::PortStatus(ps) = &first else {
+            panic!("not a port status: {first:?}");
+        };
+        assert!(ps.desc.name.len() <= 15, "{:?}", ps.desc.name);
+        assert_eq!(reencoded(&first), first, "name {raw:?}");
+    }
+    // A name longer than the field is cut on a character boundary.
+    let long = Message::PortStatus(PortStatus {
+        reason: 0,
+        desc: PortDesc::new(1, mac(1), "ééééééééé".to_string()),
+    });
+    let Message::PortStatus(ps) = reencoded(&long) else {
+        panic!("not a port status");
+    };
+    assert_eq!(ps.desc.name, "ééééééé");
+}
+
 #[test]
 fn hello_bytes() {
     let b = encode(&Message::Hello { versions: vec![4] }, 1);
