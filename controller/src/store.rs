@@ -549,4 +549,49 @@ mod tests {
         assert!(matches!(store.load(), Err(StoreError::Format { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// The rest_bodies fuzz target's seeds: one valid body of each kind the API takes
+    /// (first byte: 0 replication, 1 host, 2 middlebox, 3 the whole state file).
+    #[test]
+    fn fuzz_seeds_are_valid_bodies() {
+        let host = HostSpec {
+            ip: Ipv4Addr::new(198, 18, 3, 11),
+            mac: "02:00:00:00:03:0b".into(),
+            dpid: 0xa1,
+            port: 3,
+        };
+        let middlebox = MiddleboxSpec {
+            ip: Ipv4Addr::new(198, 18, 3, 31),
+            control: "unix:/run/ncp/middlebox.sock".into(),
+            replica_interface: Some("eth1".into()),
+        };
+        let mpls = ReplicationSpec {
+            id: 2,
+            source: "198.18.3.11".into(),
+            source_port: Some(40000),
+            replicas: vec![],
+            mode: ModeSpec::Mpls { label: 16 },
+            ..spec()
+        };
+        let state = DesiredState {
+            hosts: vec![host.clone()],
+            replications: vec![spec()],
+            middleboxes: vec![middlebox.clone()],
+        };
+        assert!(state.validate().is_ok());
+        let seeds = vec![
+            ("replication-vlan".to_string(), seed_body(0, &spec())),
+            ("replication-mpls".to_string(), seed_body(0, &mpls)),
+            ("host".to_string(), seed_body(1, &host)),
+            ("middlebox".to_string(), seed_body(2, &middlebox)),
+            ("state".to_string(), seed_body(3, &state)),
+        ];
+        ncp_testbed::fuzz_seeds::sync("rest_bodies", &seeds);
+    }
+
+    /// A rest_bodies seed: the kind byte, then the body as a client would send it.
+    fn seed_body<T: Serialize>(kind: u8, body: &T) -> Vec<u8> {
+        let json = serde_json::to_vec_pretty(body).expect("specs serialize");
+        [vec![kind], json].concat()
+    }
 }

@@ -760,6 +760,32 @@ mod tests {
         replicas = ["198.18.2.3:6379"]
     "#;
 
+    /// The middlebox_config fuzz target's seeds: the configurations these tests accept.
+    #[test]
+    fn fuzz_seeds_are_valid_configs() {
+        let seeds = [
+            ("rules", GOOD.to_string()),
+            ("service", format!("{GOOD}{SERVICE}")),
+            (
+                "service-recorded-verified",
+                format!(
+                    "{GOOD}{SERVICE}verify = \"replies\"\n[services.record]\ndir = \"rec\"\n\
+                     rotate_bytes = 4096\nrotate_secs = 5\n\n[limits]\nmax_sessions = 64\n\
+                     max_buffer_bytes = 1048576\n\n[tcp]\nbuffer_bytes = 65536\n\
+                     congestion_control = \"reno\"\nloss_recovery = \"ncp\"\n"
+                ),
+            ),
+        ];
+        for (name, text) in &seeds {
+            parse(text).unwrap_or_else(|e| panic!("seed {name}: {e}"));
+        }
+        let seeds: Vec<(String, Vec<u8>)> = seeds
+            .into_iter()
+            .map(|(name, text)| (format!("{name}.toml"), text.into_bytes()))
+            .collect();
+        ncp_testbed::fuzz_seeds::sync("middlebox_config", &seeds);
+    }
+
     #[test]
     fn services_imply_rules_and_session_configs() {
         let c = parse(&format!("{GOOD}{SERVICE}")).unwrap();

@@ -18,6 +18,8 @@
 //! Modules:
 //! * [`topology`]: the file format, parsing and validation (pure).
 //! * [`plan`]: names, port numbers and objects a topology yields under a prefix (pure).
+//! * [`fuzz_seeds`]: the fuzz targets' seed corpora, checked against the fixtures they
+//!   come from.
 //! * [`Testbed`]: `up`/`down` and accessors; runs `ip`, `ethtool`, `sysctl`, `ovs-vsctl`.
 //! * [`require_privileges`] / [`ready_or_skip`]: machine checks and the test skip rule;
 //!   [`serial()`]: the lock that makes a test binary's test beds take turns.
@@ -30,6 +32,7 @@
 
 pub mod cmd;
 mod error;
+pub mod fuzz_seeds;
 pub mod netns;
 mod ovs;
 pub mod plan;

@@ -1,6 +1,7 @@
 //! `cargo xtask ci`: the one command CI runs (through `.ci/run`) and the README's test
 //! command. Installs what is missing, then checks formatting, lints, and runs every test,
-//! including the privileged ones in network namespaces with Open vSwitch and XDP.
+//! including the privileged ones in network namespaces with Open vSwitch and XDP, and runs
+//! every fuzz target briefly.
 
 use anyhow::Context as _;
 
@@ -8,6 +9,10 @@ use crate::{
     cmd::{run, run_env, step},
     setup,
 };
+
+/// Seconds each fuzz target runs in CI: six targets stay within about two minutes after
+/// the build; longer runs are `cargo xtask fuzz --seconds N`.
+const CI_FUZZ_SECONDS: u64 = 20;
 
 /// Runs the whole pipeline, stopping at the first failure.
 pub fn ci() -> anyhow::Result<()> {
@@ -52,6 +57,10 @@ pub fn ci() -> anyhow::Result<()> {
         ],
         &[("CI", if ci.is_empty() { "false" } else { ci.as_str() })],
     )?;
+    step(&format!(
+        "fuzzing: every target for {CI_FUZZ_SECONDS} s (cargo xtask fuzz)"
+    ));
+    crate::fuzz::fuzz(&[], CI_FUZZ_SECONDS)?;
     step("end to end: the README's main job (cargo xtask demo) on the built-in test bed");
     crate::e2e::demo(false).context("the end-to-end demo failed")?;
     step("all checks passed");

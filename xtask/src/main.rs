@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod deploy;
 mod e2e;
+mod fuzz;
 mod middlebox;
 mod setup;
 
@@ -25,10 +26,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Task {
-    /// Install everything NCP needs (apt packages, rust-src, bpf-linker); idempotent.
+    /// Install everything NCP needs (apt packages, rust-src, bpf-linker, cargo-fuzz); idempotent.
     Setup,
-    /// Everything CI checks: setup, fmt, clippy, unit and privileged integration tests.
+    /// Everything CI checks: setup, fmt, clippy, unit and privileged integration tests,
+    /// a short fuzzing run.
     Ci,
+    /// Coverage-guided fuzzing of the parsers (cargo-fuzz, nightly): each target in turn,
+    /// from the seeds in fuzz/seeds; prints executions, coverage and crashes per target
+    /// and fails with the reproducer's path when one crashes.
+    Fuzz {
+        /// Targets to run (repeatable; default: all of them).
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Bring a test bed (namespaces + Open vSwitch bridges) up or down.
     Testbed {
         #[command(subcommand)]
@@ -138,6 +151,7 @@ fn main() {
     let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Ci => ci::ci(),
+        Task::Fuzz { targets, seconds } => fuzz::fuzz(&targets, seconds.max(1)),
         Task::Testbed { action } => testbed(action),
         Task::Demo { keep } => e2e::demo(keep),
         Task::DemoSteering { keep } => demo::demo(keep),

@@ -1,5 +1,5 @@
 //! `cargo xtask setup`: installs what building and testing NCP needs on a fresh Debian 12
-//! machine, and does nothing (quickly) when everything is there.
+//! machine (cargo-fuzz included), and does nothing (quickly) when everything is there.
 
 use anyhow::{Context as _, bail};
 
@@ -31,6 +31,9 @@ pub const APT_PACKAGES: &[&str] = &[
 const EBPF_TOOLCHAIN: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// `cargo xtask fuzz` drives cargo-fuzz (the fuzz targets build with the nightly
+/// toolchain above).
+const CARGO_FUZZ_VERSION: &str = "0.13";
 
 /// Installs whatever is missing.
 pub fn setup() -> anyhow::Result<()> {
@@ -102,6 +105,25 @@ pub fn setup() -> anyhow::Result<()> {
             ],
             &[("LLVM_PREFIX", LLVM_PREFIX)],
         )?;
+    }
+    step(&format!("checking cargo-fuzz {CARGO_FUZZ_VERSION}"));
+    let current = have("cargo-fuzz")
+        .then(|| capture(&["cargo", "fuzz", "--version"]).ok())
+        .flatten()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if current.contains(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}.")) {
+        eprintln!("    present: {}", current.trim());
+    } else {
+        eprintln!("    building cargo-fuzz (about two minutes, once)");
+        run(&[
+            "cargo",
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            &format!("^{CARGO_FUZZ_VERSION}"),
+        ])?;
     }
     step("setup complete");
     Ok(())

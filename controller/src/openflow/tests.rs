@@ -201,7 +201,11 @@ fn port_names_survive_decode_encode_decode() {
         body.extend_from_slice(&[0; 32]);
         Message::parse_body(4, 12, &body).expect("a port status")
     };
-    for raw in [[0x8f; 16], *b"sixteen-bytes-ab", *b"eth0\0\0\0\0\0\0\0\0\0\0\0\0"] {
+    for raw in [
+        [0x8f; 16],
+        *b"sixteen-bytes-ab",
+        *b"eth0\0\0\0\0\0\0\0\0\0\0\0\0",
+    ] {
         let first = with_name(raw);
         let Message::PortStatus(ps) = &first else {
             panic!("not a port status: {first:?}");
@@ -218,6 +222,78 @@ fn port_names_survive_decode_encode_decode() {
         panic!("not a port status");
     };
     assert_eq!(ps.desc.name, "ééééééé");
+}
+
+/// The openflow_decoder fuzz target's seeds are every fixture message, encoded (after the
+/// byte that picks the target's chunk size), plus a whole handshake in one stream; the
+/// switch_session target's are scripts of a switch's side of a session. See
+/// `fuzz/fuzz_targets/` for both input formats.
+#[test]
+fn fuzz_seeds_are_the_encoded_fixtures() {
+    let messages = all_messages();
+    let mut decoder: Vec<(String, Vec<u8>)> = (1u32..)
+        .zip(&messages)
+        .map(|(xid, m)| {
+            let name = format!("{xid:02}-type{}", m.msg_type());
+            (name, [vec![7], encode(m, xid)].concat())
+        })
+        .collect();
+    let features = Message::FeaturesReply(SwitchFeatures {
+        datapath_id: 0xa1,
+        n_buffers: 0,
+        n_tables: 254,
+        auxiliary_id: 0,
+        capabilities: 0x4f,
+    });
+    let handshake = [
+        encode(&Message::Hello { versions: vec![4] }, 1),
+        encode(&features, 2),
+        encode(&Message::EchoRequest(vec![9; 4]), 3),
+    ]
+    .concat();
+    decoder.push((
+        "handshake-stream".into(),
+        [vec![13], handshake.clone()].concat(),
+    ));
+    ncp_testbed::fuzz_seeds::sync("openflow_decoder", &decoder);
+
+    // switch_session scripts: a limit byte, then (op, length[, bytes]) steps: op 0
+    // receives, 1 waits length × 40 ms and ticks, 2 ticks at the deadline, 3 sends an echo.
+    let receive = |bytes: &[u8]| -> Vec<u8> {
+        bytes
+            .chunks(255)
+            .flat_map(|c| [vec![0, u8::try_from(c.len()).unwrap_or(255)], c.to_vec()].concat())
+            .collect()
+    };
+    let after_handshake: Vec<u8> = messages
+        .iter()
+        .filter(|m| !matches!(m, Message::Hello { .. }))
+        .flat_map(|m| receive(&encode(m, 77)))
+        .collect();
+    let session = vec![
+        (
+            "handshake-then-every-message".to_string(),
+            [vec![255], receive(&handshake), after_handshake].concat(),
+        ),
+        (
+            "handshake-echo-then-silence".to_string(),
+            [
+                vec![255],
+                receive(&handshake),
+                vec![3, 2, 1, 30, 2, 0, 2, 0],
+            ]
+            .concat(),
+        ),
+        (
+            "hello-of-version-1-only".to_string(),
+            [
+                vec![255],
+                receive(&encode(&Message::Hello { versions: vec![1] }, 1)),
+            ]
+            .concat(),
+        ),
+    ];
+    ncp_testbed::fuzz_seeds::sync("switch_session", &session);
 }
 
 #[test]

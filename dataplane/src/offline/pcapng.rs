@@ -1027,4 +1027,70 @@ mod tests {
         assert!(matches!(e.kind, FormatErrorKind::TooLarge(_)));
         assert!(r.buf.capacity() < 1 << 16);
     }
+
+    /// The pcapng_reader fuzz target's seeds (after the byte that picks the target's read
+    /// size): recordings as the recorder writes them, in both byte orders and both link
+    /// layers, with a session that ends, one cut loose and one continued from an earlier
+    /// file. The frame_parser target's seeds (after 8 bytes of steering tables: owned
+    /// address, first and last owned port) are the Ethernet frames of the first one, and a
+    /// VLAN-tagged one.
+    #[test]
+    fn fuzz_seeds_are_recordings() {
+        let mut w = PcapngWriter::new(Vec::new(), WriterOptions::default()).unwrap();
+        let mut s = w.open(1, &meta(), 1_000).unwrap();
+        w.client_data(&mut s, b"*1\r\n$4\r\nPING\r\n", 2_000)
+            .unwrap();
+        w.server_data(&mut s, b"+PONG\r\n", 3_000).unwrap();
+        w.close(&mut s, 4_000).unwrap();
+        let ethernet = w.into_inner();
+
+        let raw = WriterOptions {
+            link: LinkLayer::RawIpv4,
+            resolution: TsResolution::Micro,
+        };
+        let mut w = PcapngWriter::new(Vec::new(), raw).unwrap();
+        let mut cut = w.open(2, &meta(), 1_000).unwrap();
+        w.client_data(&mut cut, &[b'x'; 1600], 2_000).unwrap();
+        w.abort(&mut cut, true, 3_000).unwrap();
+        let mut later = SessionMeta {
+            client: "198.18.0.9:40001".parse().unwrap(),
+            ..meta()
+        };
+        later.start_ns += 1;
+        let mut continued = w.open(3, &later, 4_000).unwrap();
+        continued.mark_continued();
+        w.client_data(&mut continued, b"GET / HTTP/1.1\r\n\r\n", 5_000)
+            .unwrap();
+        w.abort(&mut continued, false, 6_000).unwrap();
+        let raw = w.into_inner();
+
+        let with_piece = |bytes: &[u8]| [&[7u8][..], bytes].concat();
+        let recordings = vec![
+            ("ethernet-le".to_string(), with_piece(&ethernet)),
+            (
+                "ethernet-be".to_string(),
+                with_piece(&to_big_endian(&ethernet)),
+            ),
+            ("raw-ipv4-detached-continued".to_string(), with_piece(&raw)),
+        ];
+        ncp_testbed::fuzz_seeds::sync("pcapng_reader", &recordings);
+
+        // Owned: the primary's address, ports 6000..=7000 (so the client's segments to
+        // port 6379 are steered).
+        let tables = [198, 18, 0, 2, 0x17, 0x70, 0x1b, 0x58];
+        let mut frames = Vec::new();
+        let mut r = BlockReader::new(&ethernet[..]);
+        while let Some(b) = r.next_block().unwrap() {
+            if let Block::Packet(p) = b {
+                let name = format!("frame-{:02}", frames.len());
+                frames.push((name, [&tables[..], p.data].concat()));
+            }
+        }
+        let (_, first) = &frames[0];
+        let mut tagged = first[..8 + 12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x1f]);
+        tagged.extend_from_slice(&first[8 + 12..]);
+        frames.push(("frame-vlan".into(), tagged));
+        ncp_testbed::fuzz_seeds::sync("frame_parser", &frames);
+    }
 }
