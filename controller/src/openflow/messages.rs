@@ -779,7 +779,8 @@ impl Message {
     }
 }
 
-/// Reads the HELLO elements and returns the versions named in a version bitmap.
+/// Reads the HELLO elements and returns the versions named in its version bitmaps, in
+/// ascending order.
 /// Unknown element types are skipped, as the spec asks.
 fn parse_hello(r: &mut Reader<'_>) -> Result<Vec<u8>, BodyError> {
     let mut versions = Vec::new();
@@ -808,6 +809,10 @@ fn parse_hello(r: &mut Reader<'_>) -> Result<Vec<u8>, BodyError> {
             }
         }
     }
+    // Several bitmap elements name one set of versions: keep it in the one order the
+    // encoder writes (a single bitmap), so a HELLO decodes the same after re-encoding.
+    versions.sort_unstable();
+    versions.dedup();
     Ok(versions)
 }
 

@@ -296,6 +296,23 @@ fn fuzz_seeds_are_the_encoded_fixtures() {
     ncp_testbed::fuzz_seeds::sync("switch_session", &session);
 }
 
+/// Found by fuzzing (openflow_decoder): a HELLO with two version bitmaps decoded to the
+/// versions in element order, which the encoder (one bitmap) wrote back sorted, so
+/// decode → encode → decode changed the message.
+#[test]
+fn hello_with_several_bitmaps_decodes_to_one_sorted_set() {
+    // Two VERSIONBITMAP elements: {4, 1}, then {4} again.
+    let body = [0, 1, 0, 8, 0, 0, 0, 0x12, 0, 1, 0, 8, 0, 0, 0, 0x10];
+    let m = Message::parse_body(4, 0, &body).expect("a hello");
+    assert_eq!(
+        m,
+        Message::Hello {
+            versions: vec![1, 4]
+        }
+    );
+    assert_eq!(reencoded(&m), m);
+}
+
 #[test]
 fn hello_bytes() {
     let b = encode(&Message::Hello { versions: vec![4] }, 1);
