@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Task {
-    /// Install everything NCP needs (apt packages, rust-src, bpf-linker, cargo-fuzz); idempotent.
+    /// Install everything NCP needs (apt packages, rust-src, bpf-linker, cargo-fuzz);
+    /// idempotent.
     Setup,
     /// Everything CI checks: setup, fmt, clippy, unit and privileged integration tests,
     /// a short fuzzing run.

@@ -83,11 +83,7 @@ pub fn setup() -> anyhow::Result<()> {
     }
 
     step(&format!("checking bpf-linker {BPF_LINKER_VERSION}"));
-    let current = have("bpf-linker")
-        .then(|| capture(&["bpf-linker", "--version"]).ok())
-        .flatten()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    let current = version_of("bpf-linker", &["bpf-linker", "--version"]);
     if current.contains(&format!("bpf-linker {BPF_LINKER_VERSION}.")) {
         eprintln!("    present: {}", current.trim());
     } else {
@@ -107,11 +103,7 @@ pub fn setup() -> anyhow::Result<()> {
         )?;
     }
     step(&format!("checking cargo-fuzz {CARGO_FUZZ_VERSION}"));
-    let current = have("cargo-fuzz")
-        .then(|| capture(&["cargo", "fuzz", "--version"]).ok())
-        .flatten()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    let current = version_of("cargo-fuzz", &["cargo", "fuzz", "--version"]);
     if current.contains(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}.")) {
         eprintln!("    present: {}", current.trim());
     } else {
@@ -127,6 +119,15 @@ pub fn setup() -> anyhow::Result<()> {
     }
     step("setup complete");
     Ok(())
+}
+
+/// What `argv` (a `--version` call) prints, or nothing when `program` is not installed.
+fn version_of(program: &str, argv: &[&str]) -> String {
+    have(program)
+        .then(|| capture(argv).ok())
+        .flatten()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 fn missing_packages() -> anyhow::Result<Vec<String>> {
