@@ -627,19 +627,8 @@ async fn run_connection<S>(
         }
     };
 
-    // Bounded like every other wait on the peer.
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    let who = dpid
-        .map(|d| format!("{d:#x}"))
-        .unwrap_or_else(|| "(no handshake)".into());
-    match &end {
-        End::Session(CloseReason::Protocol(_)) | End::Session(CloseReason::Unexpected(_)) => {
-            tracing::warn!(%peer, dpid = %who, reason = %end, "dropping misbehaving peer")
-        }
-        // Already logged as a warning with the details where it was decided.
-        End::DuplicateRefused(_) | End::Unauthorized(_) => {}
-        _ => tracing::info!(%peer, dpid = %who, reason = %end, "switch connection closed"),
-    }
+    // The slot and the event first, the socket after: a peer that sees the connection
+    // close can count on the controller's state and events saying so already.
     if let Some(id) = dpid {
         // Only remove our own entry: a replacement may already have taken the slot.
         let mine = shared.switches().release(id, conn_id);
@@ -652,6 +641,19 @@ async fn run_connection<S>(
                 })
                 .await;
         }
+    }
+    // Bounded like every other wait on the peer.
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    let who = dpid
+        .map(|d| format!("{d:#x}"))
+        .unwrap_or_else(|| "(no handshake)".into());
+    match &end {
+        End::Session(CloseReason::Protocol(_)) | End::Session(CloseReason::Unexpected(_)) => {
+            tracing::warn!(%peer, dpid = %who, reason = %end, "dropping misbehaving peer")
+        }
+        // Already logged as a warning with the details where it was decided.
+        End::DuplicateRefused(_) | End::Unauthorized(_) => {}
+        _ => tracing::info!(%peer, dpid = %who, reason = %end, "switch connection closed"),
     }
     // Dropping `waiters` wakes every waiter with a disconnect error.
     drop(waiters);
