@@ -2,9 +2,10 @@
 //! interleaved with timer ticks and messages the application sends.
 //!
 //! Properties: no panic; everything the session sends is one well-formed OpenFlow
-//! message; nothing is output after `Close` and `Close` comes at most once; `Up` comes
-//! at most once and before any delivered message; after a tick at its deadline the
-//! session asks to be woken strictly later (the glue can never spin).
+//! message; nothing but a failed probe result is output after `Close`, and `Close` comes
+//! at most once; `Up` comes at most once and before any delivered message; a probe
+//! result only answers a probe asked for; after a tick at its deadline the session asks
+//! to be woken strictly later (the glue can never spin).
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     while let [op, len, rest @ ..] = script {
         let len = usize::from(*len);
         script = rest;
-        match op % 4 {
+        match op % 5 {
             0 => {
                 let (bytes, rest) = script.split_at(len.min(script.len()));
                 script = rest;
@@ -52,8 +53,12 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
             }
-            _ => {
+            3 => {
                 session.send(Message::EchoRequest(vec![*op; len]));
+            }
+            _ => {
+                session.probe(now, Duration::from_millis(len as u64 * 10));
+                seen.probes_asked = true;
             }
         }
         seen.drain(&mut session);
@@ -67,12 +72,18 @@ fuzz_target!(|data: &[u8]| {
 struct Seen {
     up: bool,
     closed: bool,
+    probes_asked: bool,
 }
 
 impl Seen {
     fn drain(&mut self, session: &mut Session) {
         while let Some(output) = session.poll_output() {
-            assert!(!self.closed, "{output:?} after Close");
+            // A probe asked of a closed session is still answered (failed), so its
+            // waiter is not left hanging; nothing else may follow Close.
+            assert!(
+                !self.closed || matches!(output, Output::Probed(false)),
+                "{output:?} after Close"
+            );
             match output {
                 Output::Send(bytes) => {
                     let mut decoder = Decoder::default();
@@ -88,6 +99,7 @@ impl Seen {
                     self.up = true;
                 }
                 Output::Deliver(_) => assert!(self.up, "a message delivered before Up"),
+                Output::Probed(_) => assert!(self.probes_asked, "a probe result unasked"),
                 Output::Close(_) => self.closed = true,
             }
         }
