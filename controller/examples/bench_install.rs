@@ -44,6 +44,7 @@ fn replication(id: u32, port: u16, mode: ModeSpec) -> String {
         middlebox: "198.18.3.31".parse().expect("ip"),
         replicas: vec![],
         mode,
+        verify: Default::default(),
     })
     .expect("json")
 }

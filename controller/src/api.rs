@@ -28,6 +28,9 @@
 //! | POST   | /v1/replications/{id}/replicas/{ip:port}/reset | 200 `ResetDone`; 404 unknown replication or replica, 409 middlebox not registered, 502 middlebox unreachable or refused |
 //! | GET    | /metrics                  | Prometheus / OpenMetrics text ([`crate::metrics`]) |
 //!
+//! A `ReplicationSpec` may carry `"verify":"replies"` (default `"off"`, left out when off):
+//! its middlebox then compares the replicas' answers with the primary's.
+//!
 //! Each replication's status lists its replicas' consistency (`in-step`, `diverged` since
 //! when and why, or `unknown`; see [`crate::consistency`]). A reset tells the middlebox
 //! the replica is in step again and stops the controller's fail-open and withdrawal

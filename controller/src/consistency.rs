@@ -624,6 +624,7 @@ mod tests {
                 middlebox: MB,
                 replicas: vec![A.to_string(), B.to_string()],
                 mode: ModeSpec::Rewrite,
+                verify: Default::default(),
             }],
             ..Default::default()
         }

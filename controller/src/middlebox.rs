@@ -20,8 +20,10 @@
 //! < {"result":"error","message":"..."}
 //! ```
 //!
-//! `replica_interface` is present only when the middlebox was registered with one: the
-//! middlebox refuses unknown keys and `null`. A replication with a `source_port` cannot be
+//! `replica_interface` is present only when the middlebox was registered with one, and
+//! `"verify":"replies"` only when the replication asks for reply verification: the
+//! middlebox refuses unknown keys and `null`, and one from before either key still takes
+//! a list that does not use it. A replication with a `source_port` cannot be
 //! expressed as a service; [`DesiredState::validate`] refuses it for registered
 //! middleboxes.
 //!
@@ -42,7 +44,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
-use crate::store::{ControlAddr, DesiredState, MiddleboxSpec, parse_prefix};
+use crate::store::{ControlAddr, DesiredState, MiddleboxSpec, VerifySpec, parse_prefix};
 
 /// What a replication's status says when its middlebox is not registered.
 pub const NOT_REGISTERED: &str = "middlebox not registered: rules only";
@@ -89,6 +91,10 @@ pub struct ServiceEntry {
     pub replicas: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica_interface: Option<String>,
+    /// `replies` when the replication asks for reply verification; absent when off, so a
+    /// middlebox from before verification (which refuses unknown keys) still takes it.
+    #[serde(default, skip_serializing_if = "VerifySpec::is_off")]
+    pub verify: VerifySpec,
 }
 
 #[derive(Serialize)]
@@ -131,6 +137,7 @@ pub fn services_for(desired: &DesiredState, mb: &MiddleboxSpec) -> Vec<ServiceEn
                 })
                 .collect(),
             replica_interface: mb.replica_interface.clone(),
+            verify: r.verify,
         })
         .collect();
     v.sort_by_key(|s| {
@@ -545,6 +552,7 @@ mod tests {
             middlebox: Ipv4Addr::from(middlebox),
             replicas: vec!["198.18.2.3:6379".into()],
             mode: ModeSpec::Rewrite,
+            verify: Default::default(),
         }
     }
 
@@ -584,6 +592,17 @@ mod tests {
             concat!(
                 r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
                 r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"]}]}"#,
+                "\n"
+            )
+        );
+        // Reply verification is the service's `verify` key, present only when on.
+        let mut verified = d.clone();
+        verified.replications[0].verify = VerifySpec::Replies;
+        assert_eq!(
+            request_line(&services_for(&verified, &verified.middleboxes[0])),
+            concat!(
+                r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
+                r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"verify":"replies"}]}"#,
                 "\n"
             )
         );

@@ -81,6 +81,44 @@ pub struct ReplicationSpec {
     pub replicas: Vec<String>,
     #[serde(default = "rewrite")]
     pub mode: ModeSpec,
+    /// Whether the middlebox compares the replicas' answers with the primary's (see
+    /// [`VerifySpec`]). Left out of the stored and pushed JSON when off, so state files
+    /// and middleboxes from before it read what is written now.
+    #[serde(default, skip_serializing_if = "VerifySpec::is_off")]
+    pub verify: VerifySpec,
+}
+
+/// Reply verification of a replication's service on its middlebox: `replies` makes the
+/// middlebox compare each replica's answers with the primary's byte for byte and mark a
+/// replica that answers differently `diverged`; `off` (the default) reads and drops them.
+/// Only a service that answers the same request with the same bytes can be verified.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifySpec {
+    #[default]
+    Off,
+    Replies,
+}
+
+impl VerifySpec {
+    pub fn is_off(&self) -> bool {
+        *self == VerifySpec::Off
+    }
+}
+
+impl std::str::FromStr for VerifySpec {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(VerifySpec::Off),
+            "replies" => Ok(VerifySpec::Replies),
+            _ => Err(StoreError::Invalid {
+                what: "verify",
+                detail: format!("{s:?}: must be replies or off"),
+            }),
+        }
+    }
 }
 
 /// Where a middlebox's control socket is. Only Unix stream sockets exist today; the enum
@@ -403,6 +441,7 @@ mod tests {
             middlebox: Ipv4Addr::new(198, 18, 3, 31),
             replicas: vec!["198.18.4.32:80".into()],
             mode: ModeSpec::Vlan { vid: 31 },
+            verify: VerifySpec::Off,
         }
     }
 
@@ -416,6 +455,24 @@ mod tests {
         )
         .expect("defaults apply");
         assert_eq!(minimal.mode, ModeSpec::Rewrite);
+        // Verification is off unless asked for, and then written out: a state file
+        // without the key (older controllers) and one with it both load.
+        assert_eq!(minimal.verify, VerifySpec::Off);
+        assert!(json.get("verify").is_none(), "off is not written: {json}");
+        let verified = ReplicationSpec {
+            verify: VerifySpec::Replies,
+            ..spec()
+        };
+        let text = serde_json::to_string(&verified).expect("serialize");
+        assert!(text.contains(r#""verify":"replies""#), "{text}");
+        let back: ReplicationSpec = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(back, verified);
+        assert_eq!(
+            "replies".parse::<VerifySpec>().ok(),
+            Some(VerifySpec::Replies)
+        );
+        assert_eq!("off".parse::<VerifySpec>().ok(), Some(VerifySpec::Off));
+        assert!("on".parse::<VerifySpec>().is_err());
         let r = minimal.to_replication().expect("valid");
         assert_eq!(r.source.prefix_len(), 32);
         assert_eq!(

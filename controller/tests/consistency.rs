@@ -140,6 +140,7 @@ fn replication(id: u32, middlebox: &str, replicas: &[&str]) -> ReplicationSpec {
         middlebox: middlebox.parse().expect("ip"),
         replicas: replicas.iter().map(|s| s.to_string()).collect(),
         mode: ModeSpec::Rewrite,
+        verify: Default::default(),
     }
 }
 

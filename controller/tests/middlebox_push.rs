@@ -87,6 +87,7 @@ fn rep(id: u32, source: &str, middlebox: &str, replicas: &[&str]) -> Replication
         middlebox: middlebox.parse().expect("ip"),
         replicas: replicas.iter().map(|s| s.to_string()).collect(),
         mode: ModeSpec::Rewrite,
+        verify: Default::default(),
     }
 }
 

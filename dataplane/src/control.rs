@@ -284,6 +284,7 @@ pub fn call(path: &Path, request: &Request) -> anyhow::Result<Response> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Verify;
 
     struct Echo;
     impl Handler for Echo {
@@ -315,6 +316,26 @@ mod tests {
         book.register(&service, &[replica]);
         assert_eq!(reset_replica(&book, &service, replica), Response::Done);
         assert_eq!(book.report()[0].state.as_str(), "in-step");
+    }
+
+    #[test]
+    fn services_set_takes_the_controllers_verify_key() {
+        // The controller's push line (see ncp-controller's golden test): `verify` present
+        // only when reply verification is on.
+        let parse = |verify: &str| {
+            let line = format!(
+                r#"{{"cmd":"services-set","services":[{{"name":"r0","primary":"198.18.1.2:6379","clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"]{verify}}}]}}"#
+            );
+            match serde_json::from_str::<Request>(&line) {
+                Ok(Request::ServicesSet { services }) => Ok(services[0].verify),
+                Ok(other) => panic!("parsed as {other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(parse(r#","verify":"replies""#), Ok(Verify::Replies));
+        assert_eq!(parse(r#","verify":"off""#), Ok(Verify::Off));
+        assert_eq!(parse(""), Ok(Verify::Off));
+        assert!(parse(r#","verify":"maybe""#).is_err());
     }
 
     #[test]

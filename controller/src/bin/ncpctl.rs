@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use ncp_controller::client::Client;
-use ncp_controller::store::{HostSpec, MiddleboxSpec, ModeSpec, ReplicationSpec};
+use ncp_controller::store::{HostSpec, MiddleboxSpec, ModeSpec, ReplicationSpec, VerifySpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "Manage NCP replications through the controller's API")]
@@ -50,6 +50,10 @@ enum Cmd {
         /// rewrite, vlan:VID or mpls:LABEL.
         #[arg(long, default_value = "rewrite")]
         mode: String,
+        /// replies: the middlebox compares the replicas' answers with the primary's and
+        /// flags a replica that answers differently as diverged; off: it does not.
+        #[arg(long, default_value = "off")]
+        verify: VerifySpec,
     },
     /// Remove a replication.
     Rm { id: u32 },
@@ -222,6 +226,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             middlebox,
             replica,
             mode,
+            verify,
         } => {
             let spec = ReplicationSpec {
                 id,
@@ -232,6 +237,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 middlebox,
                 replicas: replica,
                 mode: parse_mode(&mode)?,
+                verify,
             };
             (
                 "POST",

@@ -106,6 +106,7 @@ pub fn spec(
         middlebox: middlebox.parse().expect("ip"),
         replicas: vec![],
         mode,
+        verify: Default::default(),
     }
 }
 
