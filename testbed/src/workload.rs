@@ -42,10 +42,17 @@ pub fn redis_writes(commands: usize, seed: u64) -> Vec<u8> {
                 vec!["DEL".into(), format!("{kind}:{key}")]
             }
         };
-        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-        }
+        out.extend_from_slice(&redis_command(&args));
+    }
+    out
+}
+
+/// One Redis command, RESP-encoded (an array of bulk strings).
+pub fn redis_command<S: AsRef<str>>(args: &[S]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        let a = a.as_ref();
+        out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
     }
     out
 }
@@ -59,6 +66,14 @@ mod tests {
         assert_eq!(seeded_bytes(7, 1000), seeded_bytes(7, 1000));
         assert_ne!(seeded_bytes(7, 1000), seeded_bytes(8, 1000));
         assert_eq!(seeded_bytes(7, 13).len(), 13);
+    }
+
+    #[test]
+    fn redis_command_is_a_resp_array_of_bulk_strings() {
+        assert_eq!(
+            redis_command(&["GET", "k:1"]),
+            b"*2\r\n$3\r\nGET\r\n$3\r\nk:1\r\n"
+        );
     }
 
     #[test]

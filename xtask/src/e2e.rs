@@ -142,6 +142,18 @@ impl Drop for Scene {
     }
 }
 
+/// One replica's consistency as `ncpctl status` words it, or why it is not known.
+fn consistency_line(r: &anyhow::Result<serde_json::Value>) -> String {
+    match r {
+        Ok(r) => r["summary"]
+            .as_str()
+            .or_else(|| r["state"].as_str())
+            .unwrap_or("?")
+            .to_owned(),
+        Err(e) => format!("NOT REPORTED ({e})"),
+    }
+}
+
 /// A fresh API token for this run (the controller accepts it through NCP_TOKEN).
 fn token() -> String {
     let seed = std::time::SystemTime::now()
@@ -216,9 +228,9 @@ impl Scene {
         step(&format!(
             "workload 1/2: {COMMANDS} Redis writes from the source, directly to the primary (after a warm-up run)"
         ));
-        self.pipe(primary, &workload_path)?;
+        self.pipe(primary, &workload_path, COMMANDS)?;
         self.redis("primary", &["FLUSHALL"])?;
-        let direct = self.pipe(primary, &workload_path)?;
+        let direct = self.pipe(primary, &workload_path, COMMANDS)?;
         self.redis("primary", &["FLUSHALL"])?;
 
         step("ncpctl: register the middlebox, create the replication");
@@ -244,6 +256,8 @@ impl Scene {
             &mb.to_string(),
             "--replica",
             &format!("{replica}:{REDIS_PORT}"),
+            "--verify",
+            "replies",
         ])?;
         let status = self.wait_for(
             "the replication to be installed",
@@ -267,7 +281,7 @@ impl Scene {
         step(&format!(
             "workload 2/2: the same {COMMANDS} writes, now through NCP"
         ));
-        let through = self.pipe(primary, &workload_path)?;
+        let through = self.pipe(primary, &workload_path, COMMANDS)?;
 
         step("comparing the primary's and the replica's data");
         let primary_digest = self.redis("primary", &["DEBUG", "DIGEST"])?;
@@ -348,6 +362,7 @@ impl Scene {
         if !equal {
             bail!("the replica's data differs from the primary's");
         }
+        self.divergence_drill(primary, replica)?;
 
         step("drill 1/2: the replica dies in the middle of a workload");
         // The client sends half the workload, the replica dies, the client sends the rest:
@@ -388,6 +403,16 @@ impl Scene {
             },
         );
 
+        let after_kill = self.wait_for(
+            "the controller to report the replica diverged by the detach",
+            Duration::from_secs(20),
+            |s| {
+                let r = s.replica_consistency().ok()?;
+                (r["state"] == "diverged" && r["summary"].as_str()?.contains("detached"))
+                    .then_some(r)
+            },
+        );
+
         step("drill 2/2: the middlebox dies; the controller fails open, then restores replication");
         let replica_redis = self.start_redis("replica")?;
         self.processes.push(replica_redis);
@@ -420,6 +445,15 @@ impl Scene {
                     .then(|| killed.elapsed())
             },
         )?;
+        let during_outage = self.wait_for(
+            "the controller to report the fail-open window",
+            Duration::from_secs(20),
+            |s| {
+                let r = s.replica_consistency().ok()?;
+                (r["state"] == "diverged" && r["summary"].as_str()?.contains("fail-open"))
+                    .then_some(r)
+            },
+        );
         let mut middlebox = self.start_middlebox(&config)?;
         let back = Instant::now();
         self.wait_for(
@@ -445,6 +479,7 @@ impl Scene {
             );
             (s.redis("replica", &["GET", "after-recovery"]).ok()? == "yes").then(|| back.elapsed())
         });
+        let after_restart = self.replica_consistency();
         middlebox.stop();
 
         println!("\n-------------------------- drills --------------------------");
@@ -460,6 +495,10 @@ impl Scene {
                 .map_or_else(|e| format!("NOT REPORTED ({e})"), |d| d.to_string())
         );
         println!(
+            "  state it leaves behind (controller): {}",
+            consistency_line(&after_kill)
+        );
+        println!(
             "middlebox killed: the source reached the primary directly after {:.1} s (fail-open, limit 3 s)",
             fail_open.as_secs_f64()
         );
@@ -470,12 +509,161 @@ impl Scene {
             ),
             Err(e) => println!("middlebox restarted: replication DID NOT RESUME ({e})"),
         }
+        println!(
+            "  state while the middlebox was down (controller): {}",
+            consistency_line(&during_outage)
+        );
+        println!(
+            "  state after its restart (controller): {}; the new middlebox's own view: {}",
+            consistency_line(&after_restart),
+            after_restart
+                .as_ref()
+                .ok()
+                .and_then(|r| r["middlebox"]["state"].as_str())
+                .unwrap_or("none")
+        );
         println!("=============================================================");
-        if !client_ok || detached.is_err() || resumed.is_err() || fail_open > Duration::from_secs(3)
+        if !client_ok
+            || detached.is_err()
+            || after_kill.is_err()
+            || during_outage.is_err()
+            || resumed.is_err()
+            || fail_open > Duration::from_secs(3)
         {
             bail!("a failure drill did not behave as it should (see above)");
         }
         Ok(())
+    }
+
+    /// A key written on the replica behind NCP's back, then commands through NCP that
+    /// read it: the middlebox sees the replica answer differently and the controller
+    /// reports the replica diverged with the offset of the first differing answer byte.
+    /// Then the operator's repair: the key deleted on the replica (the digests agree
+    /// again) and `ncpctl replica reset`, so that the drills after this one start in step.
+    fn divergence_drill(&self, primary: Ipv4Addr, replica: Ipv4Addr) -> anyhow::Result<()> {
+        const KEY: &str = "behind-ncp";
+        const VALUE: &str = "written-on-the-replica-only";
+        let before = self.replica_consistency();
+        step(
+            "divergence drill: a key written on the replica behind NCP's back, then commands through NCP",
+        );
+        self.redis("replica", &["SET", KEY, VALUE])?;
+        // Two writes (`+OK\r\n` each from both), the read the two answer differently
+        // (`$-1\r\n`, no such key, from the primary), more traffic after it.
+        let commands: [&[&str]; 6] = [
+            &["SET", "drill:a", "1"],
+            &["SET", "drill:b", "2"],
+            &["GET", KEY],
+            &["GET", "drill:a"],
+            &["INCR", "drill:c"],
+            &["GET", "drill:b"],
+        ];
+        let get_starts_at = 2 * "+OK\r\n".len();
+        let replica_answer = format!("${}\r\n{VALUE}\r\n", VALUE.len());
+        let same = "$-1\r\n"
+            .bytes()
+            .zip(replica_answer.bytes())
+            .take_while(|(p, r)| p == r)
+            .count();
+        let expected_offset = (get_starts_at + same) as u64;
+        let path = format!("{WORK}/divergence.resp");
+        std::fs::write(
+            &path,
+            commands
+                .iter()
+                .flat_map(|c| workload::redis_command(c))
+                .collect::<Vec<u8>>(),
+        )?;
+        self.pipe(primary, &path, commands.len())?;
+        let flagged = self.wait_for(
+            "the controller to report the replica diverged by a reply mismatch",
+            Duration::from_secs(20),
+            |s| {
+                let r = s.replica_consistency().ok()?;
+                (r["state"] == "diverged" && r["middlebox"]["first_mismatch"]["offset"].is_u64())
+                    .then_some(r)
+            },
+        );
+        let mismatch = flagged
+            .as_ref()
+            .map(|r| r["middlebox"]["first_mismatch"].clone())
+            .unwrap_or_default();
+        let offset = mismatch["offset"].as_u64();
+
+        step(
+            "repairing the replica: the key deleted on it, digests compared, ncpctl replica reset",
+        );
+        self.redis("replica", &["DEL", KEY])?;
+        let primary_digest = self.redis("primary", &["DEBUG", "DIGEST"])?;
+        let digests = self.wait_for(
+            "the replica's digest to equal the primary's again",
+            Duration::from_secs(30),
+            |s| (s.redis("replica", &["DEBUG", "DIGEST"]).ok()? == primary_digest).then_some(()),
+        );
+        self.ncpctl(&[
+            "replica",
+            "reset",
+            "--replication",
+            "1",
+            "--replica",
+            &format!("{replica}:{REDIS_PORT}"),
+        ])?;
+        let reset = self.wait_for(
+            "the replica to be reported in step again",
+            Duration::from_secs(20),
+            |s| {
+                let r = s.replica_consistency().ok()?;
+                (r["state"] == "in-step").then_some(r)
+            },
+        );
+
+        println!("\n--------------------- divergence drill ---------------------");
+        println!("before: {}", consistency_line(&before));
+        println!(
+            "wrote `{KEY}` on the replica directly (redis-cli in its namespace), then through NCP:"
+        );
+        let listed: Vec<String> = commands.iter().map(|c| c.join(" ")).collect();
+        println!(
+            "  {}  (the client got the primary's answers, no error)",
+            listed.join(" | ")
+        );
+        println!(
+            "controller (ncpctl status --json): {}",
+            consistency_line(&flagged)
+        );
+        println!(
+            "first differing answer byte: offset {} of the session's answer stream (expected {expected_offset}:              the GET's answer starts at {get_starts_at}); primary {} replica {}",
+            offset.map_or("NOT REPORTED".to_owned(), |o| o.to_string()),
+            mismatch["primary"],
+            mismatch["replica"]
+        );
+        println!(
+            "repair: key deleted on the replica, digests {}; after `ncpctl replica reset`: {}",
+            if digests.is_ok() {
+                "equal again"
+            } else {
+                "STILL DIFFER"
+            },
+            consistency_line(&reset)
+        );
+        if flagged.is_err() || offset != Some(expected_offset) || digests.is_err() || reset.is_err()
+        {
+            bail!("the divergence drill did not behave as it should (see above)");
+        }
+        Ok(())
+    }
+
+    /// The controller's consistency view of replication #1's replica, from
+    /// `ncpctl status --json`.
+    fn replica_consistency(&self) -> anyhow::Result<serde_json::Value> {
+        let status = self.ncpctl(&["status", "--json"])?;
+        // The replication's own `replicas` (addresses) and its replicas' consistency
+        // share a name in the status; the entry wanted is the one with a state.
+        status[0]["replicas"]
+            .as_array()
+            .and_then(|list| list.iter().find(|r| r.get("state").is_some()))
+            .cloned()
+            .context("ncpctl status --json has no consistency entry for the replica")
     }
 
     fn start_redis(&self, host: &str) -> anyhow::Result<Child> {
@@ -551,15 +739,16 @@ impl Scene {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    /// Feeds the workload file to `redis-cli --pipe` from the source; returns the time.
-    fn pipe(&self, primary: Ipv4Addr, path: &str) -> anyhow::Result<Duration> {
+    /// Feeds the workload file of `commands` commands to `redis-cli --pipe` from the
+    /// source; fails unless every one was answered without an error; returns the time.
+    fn pipe(&self, primary: Ipv4Addr, path: &str, commands: usize) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let out = self
             .spawn_pipe(primary, std::fs::File::open(path)?.into())?
             .wait_with_output()?;
         let elapsed = start.elapsed();
         let text = String::from_utf8_lossy(&out.stdout);
-        if !text.contains(&format!("errors: 0, replies: {COMMANDS}")) {
+        if !text.contains(&format!("errors: 0, replies: {commands}")) {
             bail!("redis-cli --pipe: {}", text.trim());
         }
         eprintln!("    {}", text.lines().last().unwrap_or_default());
