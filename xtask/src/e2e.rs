@@ -403,15 +403,7 @@ impl Scene {
             },
         );
 
-        let after_kill = self.wait_for(
-            "the controller to report the replica diverged by the detach",
-            Duration::from_secs(20),
-            |s| {
-                let r = s.replica_consistency().ok()?;
-                (r["state"] == "diverged" && r["summary"].as_str()?.contains("detached"))
-                    .then_some(r)
-            },
-        );
+        let after_kill = self.wait_diverged_by("detached");
 
         step("drill 2/2: the middlebox dies; the controller fails open, then restores replication");
         let replica_redis = self.start_redis("replica")?;
@@ -445,15 +437,7 @@ impl Scene {
                     .then(|| killed.elapsed())
             },
         )?;
-        let during_outage = self.wait_for(
-            "the controller to report the fail-open window",
-            Duration::from_secs(20),
-            |s| {
-                let r = s.replica_consistency().ok()?;
-                (r["state"] == "diverged" && r["summary"].as_str()?.contains("fail-open"))
-                    .then_some(r)
-            },
-        );
+        let during_outage = self.wait_diverged_by("fail-open");
         let mut middlebox = self.start_middlebox(&config)?;
         let back = Instant::now();
         self.wait_for(
@@ -479,7 +463,18 @@ impl Scene {
             );
             (s.redis("replica", &["GET", "after-recovery"]).ok()? == "yes").then(|| back.elapsed())
         });
-        let after_restart = self.replica_consistency();
+        // The new middlebox's own view once the controller has polled it (it knows
+        // nothing of the writes made while it was down).
+        let after_restart = self
+            .wait_for(
+                "the controller to poll the restarted middlebox",
+                Duration::from_secs(15),
+                |s| {
+                    let r = s.replica_consistency().ok()?;
+                    r["middlebox"]["state"].is_string().then_some(r)
+                },
+            )
+            .or_else(|_| self.replica_consistency());
         middlebox.stop();
 
         println!("\n-------------------------- drills --------------------------");
@@ -575,15 +570,7 @@ impl Scene {
                 .collect::<Vec<u8>>(),
         )?;
         self.pipe(primary, &path, commands.len())?;
-        let flagged = self.wait_for(
-            "the controller to report the replica diverged by a reply mismatch",
-            Duration::from_secs(20),
-            |s| {
-                let r = s.replica_consistency().ok()?;
-                (r["state"] == "diverged" && r["middlebox"]["first_mismatch"]["offset"].is_u64())
-                    .then_some(r)
-            },
-        );
+        let flagged = self.wait_diverged_by("reply mismatch");
         let mismatch = flagged
             .as_ref()
             .map(|r| r["middlebox"]["first_mismatch"].clone())
@@ -632,11 +619,14 @@ impl Scene {
             consistency_line(&flagged)
         );
         println!(
-            "first differing answer byte: offset {} of the session's answer stream (expected {expected_offset}:              the GET's answer starts at {get_starts_at}); primary {} replica {}",
+            "first differing answer byte: offset {} of the session's answer stream \
+             (expected {expected_offset}: the GET's answer starts at {get_starts_at})",
             offset.map_or("NOT REPORTED".to_owned(), |o| o.to_string()),
-            mismatch["primary"],
-            mismatch["replica"]
         );
+        // The middlebox's excerpts are already escaped: printed as they are.
+        let excerpt = |side: &str| mismatch[side].as_str().unwrap_or("?").to_owned();
+        println!("  primary's answer from there: {}", excerpt("primary"));
+        println!("  replica's answer from there: {}", excerpt("replica"));
         println!(
             "repair: key deleted on the replica, digests {}; after `ncpctl replica reset`: {}",
             if digests.is_ok() {
@@ -651,6 +641,19 @@ impl Scene {
             bail!("the divergence drill did not behave as it should (see above)");
         }
         Ok(())
+    }
+
+    /// Waits for the controller to report replication #1's replica diverged with a reason
+    /// that mentions `reason`; returns its consistency entry.
+    fn wait_diverged_by(&self, reason: &str) -> anyhow::Result<serde_json::Value> {
+        self.wait_for(
+            &format!("the controller to report the replica diverged ({reason})"),
+            Duration::from_secs(20),
+            |s| {
+                let r = s.replica_consistency().ok()?;
+                (r["state"] == "diverged" && r["summary"].as_str()?.contains(reason)).then_some(r)
+            },
+        )
     }
 
     /// The controller's consistency view of replication #1's replica, from
