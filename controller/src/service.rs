@@ -111,8 +111,9 @@ pub struct ReplicationStatus {
     /// [`middlebox::NOT_REGISTERED`], `push pending`, `configured on middlebox` or
     /// `push failed: <reason>`.
     pub middlebox_service: String,
-    /// Each replica's consistency state (see [`crate::consistency`]).
-    pub replicas: Vec<ReplicaConsistency>,
+    /// Each replica's consistency state (see [`crate::consistency`]). Not `replicas`:
+    /// the flattened spec already has that key (the replicas' addresses).
+    pub replica_states: Vec<ReplicaConsistency>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -597,7 +598,7 @@ impl Service {
                         .get(&spec.middlebox)
                         .cloned()
                         .unwrap_or_else(|| middlebox::NOT_REGISTERED.to_string()),
-                    replicas: replicas.remove(&spec.id).unwrap_or_default(),
+                    replica_states: replicas.remove(&spec.id).unwrap_or_default(),
                 }
             })
             .collect()

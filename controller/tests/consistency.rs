@@ -175,7 +175,7 @@ fn replica_json(api: &Client, replica: &str) -> Value {
     let list: Value = serde_json::from_str(&stdout(&out)).expect("status --json is JSON");
     list.as_array()
         .and_then(|l| l.iter().find(|r| r["id"] == 1))
-        .and_then(|r| r["replicas"].as_array())
+        .and_then(|r| r["replica_states"].as_array())
         .and_then(|l| l.iter().find(|x| x["replica"] == replica))
         .cloned()
         .unwrap_or(Value::Null)

@@ -136,7 +136,7 @@ async fn silent_middlebox_is_bypassed_and_restored() {
     // The client's writes reached the primary only while it failed open: the replica is
     // diverged from then on, the window closed when the redirect came back.
     let r = common::replication(api, 1).await;
-    let c = &r["replicas"][0];
+    let c = &r["replica_states"][0];
     assert_eq!(c["replica"], replica.as_str(), "{r}");
     assert_eq!(c["state"], "diverged", "{r}");
     assert_eq!(c["windows"][0]["kind"], "fail-open", "{r}");

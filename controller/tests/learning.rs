@@ -206,7 +206,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     assert_eq!(redirects(common::ncp_rules(svc, agg2).await), 1);
     // While the redirect was gone the client's writes reached the primary only: the
     // replica is diverged since then, the window closed when the redirect came back.
-    let c = &r["replicas"][0];
+    let c = &r["replica_states"][0];
     assert_eq!(c["state"], "diverged", "{r}");
     let window = c["windows"]
         .as_array()

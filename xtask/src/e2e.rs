@@ -660,11 +660,8 @@ impl Scene {
     /// `ncpctl status --json`.
     fn replica_consistency(&self) -> anyhow::Result<serde_json::Value> {
         let status = self.ncpctl(&["status", "--json"])?;
-        // The replication's own `replicas` (addresses) and its replicas' consistency
-        // share a name in the status; the entry wanted is the one with a state.
-        status[0]["replicas"]
-            .as_array()
-            .and_then(|list| list.iter().find(|r| r.get("state").is_some()))
+        status[0]["replica_states"]
+            .get(0)
             .cloned()
             .context("ncpctl status --json has no consistency entry for the replica")
     }

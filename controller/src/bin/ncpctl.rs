@@ -358,7 +358,7 @@ fn status_table(list: &serde_json::Value) -> String {
             _ => "no".to_string(),
         };
         let head = [text(&r["id"]), installed, text(&r["middlebox"])];
-        let replicas = r["replicas"]
+        let replicas = r["replica_states"]
             .as_array()
             .map(Vec::as_slice)
             .unwrap_or_default();
@@ -395,11 +395,11 @@ mod tests {
     #[test]
     fn status_table_has_a_row_per_replica() {
         let list = serde_json::json!([
-            {"id": 1, "installed": true, "error": null, "middlebox": "198.18.1.3", "replicas": [
+            {"id": 1, "installed": true, "error": null, "middlebox": "198.18.1.3", "replica_states": [
                 {"replica": "198.18.2.3:6379", "summary": "in-step"},
                 {"replica": "198.18.2.4:6379", "summary": "diverged since 2026-12-06T22:00:00Z (fail-open)"}
             ]},
-            {"id": 2, "installed": false, "error": "no route", "middlebox": "198.18.1.3", "replicas": []}
+            {"id": 2, "installed": false, "error": "no route", "middlebox": "198.18.1.3", "replica_states": []}
         ]);
         let t = status_table(&list);
         let lines: Vec<&str> = t.lines().collect();
