@@ -214,6 +214,15 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A request whose body is `body` as JSON.
+fn with_json(
+    method: &'static str,
+    path: String,
+    body: &impl serde::Serialize,
+) -> anyhow::Result<(&'static str, String, Option<String>)> {
+    Ok((method, path, Some(serde_json::to_string(body)?)))
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let table = matches!(args.cmd, Cmd::Status { json: false });
     let (method, path, body) = match args.cmd {
@@ -239,11 +248,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 mode: parse_mode(&mode)?,
                 verify,
             };
-            (
-                "POST",
-                "/v1/replications".to_string(),
-                Some(serde_json::to_string(&spec)?),
-            )
+            with_json("POST", "/v1/replications".to_string(), &spec)?
         }
         Cmd::Rm { id } => ("DELETE", format!("/v1/replications/{id}"), None),
         Cmd::Hosts => ("GET", "/v1/hosts".to_string(), None),
@@ -259,11 +264,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 dpid,
                 port,
             };
-            (
-                "PUT",
-                "/v1/hosts".to_string(),
-                Some(serde_json::to_string(&h)?),
-            )
+            with_json("PUT", "/v1/hosts".to_string(), &h)?
         }
         Cmd::Unpin { ip } => ("DELETE", format!("/v1/hosts/{ip}"), None),
         Cmd::Topology => ("GET", "/v1/topology".to_string(), None),
@@ -280,11 +281,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 control,
                 replica_interface,
             };
-            (
-                "PUT",
-                format!("/v1/middleboxes/{ip}"),
-                Some(serde_json::to_string(&mb)?),
-            )
+            with_json("PUT", format!("/v1/middleboxes/{ip}"), &mb)?
         }
         Cmd::Middlebox(MiddleboxCmd::List) => ("GET", "/v1/middleboxes".to_string(), None),
         Cmd::Middlebox(MiddleboxCmd::Del { ip }) => {
