@@ -284,6 +284,19 @@ fn for_each_option(
     }
 }
 
+/// The timestamp option's (TSval, TSecr) of the TCP header at `tcp_at..payload_at`.
+pub(super) fn timestamps(packet: &[u8], tcp_at: usize, payload_at: usize) -> Option<(u32, u32)> {
+    let mut found = None;
+    for_each_option(packet, tcp_at, payload_at, |kind, _, data| {
+        if kind == OPT_TIMESTAMP
+            && let (Some(a), Some(b)) = (be32(data), data.get(4..).and_then(be32))
+        {
+            found = Some((a, b));
+        }
+    });
+    found
+}
+
 fn be32(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
 }
@@ -646,11 +659,11 @@ impl LossRecovery {
     }
 
     /// Stops tracking a connection: what is held back goes out at once, in order.
-    fn untrack(&mut self, key: &Key) {
+    fn untrack(&mut self, key: &Key, now: Micros) {
         if let Some(flow) = self.flows.get_mut(key) {
             for index in 0..flow.segments.len() {
                 if flow.segments.get(index).is_some_and(|s| !s.released) {
-                    self.out.extend(flow.release(index, 0));
+                    self.out.extend(flow.release(index, now));
                 }
             }
         }
@@ -704,18 +717,10 @@ impl LossRecovery {
         };
         flow.last_activity = now;
         if p.has(tcp_flags::ACK) {
-            let mut timestamps = None;
-            for_each_option(packet, p.tcp_at, p.payload_at, |kind, _, data| {
-                if kind == OPT_TIMESTAMP
-                    && let (Some(a), Some(b)) = (be32(data), data.get(4..).and_then(be32))
-                {
-                    timestamps = Some((a, b));
-                }
-            });
             flow.current = Current {
                 ack: p.ack,
                 window: p.window,
-                timestamps,
+                timestamps: timestamps(packet, p.tcp_at, p.payload_at),
             };
         }
         if seq_len == 0 {
@@ -733,7 +738,7 @@ impl LossRecovery {
             // A gap (the layer missed segments) or no room for a copy: what is held goes
             // out, and the connection is tracked afresh from a later segment.
             self.counters.segments_untracked += 1;
-            self.untrack(&key);
+            self.untrack(&key, now);
             return Outbound::Send;
         }
         let payload = u32::try_from(p.payload_len).unwrap_or(u32::MAX);

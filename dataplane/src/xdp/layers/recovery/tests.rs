@@ -229,7 +229,7 @@ impl Net {
             if let Ok(ip) = Ipv4Header::parse(packet.as_slice(), 0)
                 && let Ok(tcp) =
                     TcpHeader::parse(packet.as_slice(), ip.header_len, ip.payload_len())
-                && tcp.flags & 0x10 != 0
+                && tcp.flags & ncp_common::wire::tcp_flags::ACK != 0
             {
                 self.last_ack_sent = Some(tcp.ack);
             }
@@ -361,26 +361,8 @@ fn arrive(wire: &mut VecDeque<(Duration, Vec<u8>)>, clock: Duration, far: &Pipe)
 fn tsval(packet: &[u8]) -> Option<u32> {
     let ip = Ipv4Header::parse(packet, 0).ok()?;
     let tcp = TcpHeader::parse(packet, ip.header_len, ip.payload_len()).ok()?;
-    let options = packet.get(ip.header_len + 20..ip.header_len + tcp.header_len)?;
-    let mut at = 0;
-    while let Some(&kind) = options.get(at) {
-        match kind {
-            0 => return None,
-            1 => at += 1,
-            _ => {
-                let len = usize::from(*options.get(at + 1)?);
-                if kind == 8 && len == 10 {
-                    return options
-                        .get(at + 2..at + 6)?
-                        .try_into()
-                        .ok()
-                        .map(u32::from_be_bytes);
-                }
-                at += len.max(2);
-            }
-        }
-    }
-    None
+    let tcp_at = ip.header_len;
+    super::sender::timestamps(packet, tcp_at, tcp_at + tcp.header_len).map(|(tsval, _)| tsval)
 }
 
 /// SYN flag, sequence number and payload length of a TCP packet.
@@ -392,7 +374,11 @@ fn tcp_fields(packet: &[u8]) -> (bool, u32, u32) {
         return (false, 0, 0);
     };
     let payload = ip.total_len - ip.header_len - tcp.header_len;
-    (tcp.flags & 0x02 != 0, tcp.seq, payload as u32)
+    (
+        tcp.flags & ncp_common::wire::tcp_flags::SYN != 0,
+        tcp.seq,
+        payload as u32,
+    )
 }
 
 fn fix_checksum(packet: &mut [u8]) {
