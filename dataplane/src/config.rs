@@ -3,7 +3,7 @@
 //! so `ncp-middlebox check` and the unit tests exercise exactly what `run` uses.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
@@ -11,6 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::credentials::ServiceProtocol;
 use crate::rules::{Ipv4Prefix, RedirectRule};
 
 /// Default location of the control socket that `stats` and `rule` talk to.
@@ -164,6 +165,18 @@ pub struct ServiceConfig {
     /// `replica_budget_bytes`. 0 (the default): no spilling.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub spill_budget_bytes: u64,
+    /// The protocol the service speaks, for a protocol-aware session start
+    /// (`"postgres"`): the client's start-up then goes to the primary only, and each
+    /// replica logs in with its own `credentials`. Left out: every client byte goes to
+    /// every replica as it is (the replicas must accept the primary's login).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<ServiceProtocol>,
+    /// With `protocol`: per replica, the secret file (mode 0600, on the middlebox's host)
+    /// with its `user` and `password`, e.g. `credentials = { "198.18.2.3:5432" =
+    /// "/etc/ncp/replica.secret" }`. A replica without one logs in as the client's user
+    /// without a password.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub credentials: BTreeMap<SocketAddrV4, PathBuf>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -614,6 +627,8 @@ impl Config {
                 }
                 (Some(_), _) => {}
             }
+            s.start_spec()
+                .map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?;
             if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
                 return invalid(format!("{at}: timeouts must be at least 1 second"));
             }
@@ -649,7 +664,13 @@ impl RecordSpec {
 }
 
 impl ServiceConfig {
-    /// The replication core's per-session configuration for this service.
+    /// The protocol-aware session start, with the replicas' secret files read.
+    pub fn start_spec(&self) -> Result<Option<ncp_replication::start::StartSpec>, String> {
+        crate::credentials::start_spec(self.protocol, &self.replicas, &self.credentials)
+    }
+
+    /// The replication core's per-session configuration for this service, without the
+    /// protocol-aware start (see [`ServiceConfig::start_spec`]).
     pub fn session_config(&self) -> ncp_replication::SessionConfig {
         ncp_replication::SessionConfig {
             replica_count: self.replicas.len().min(usize::from(u16::MAX)) as u16,

@@ -35,6 +35,7 @@
 
 pub mod config;
 pub mod control;
+pub mod credentials;
 pub mod driver;
 pub mod engine;
 pub mod frame;

@@ -47,6 +47,9 @@ pub struct SessionConfig {
     /// behind has its backlog moved to the spool instead of being detached, and is
     /// detached only when the spool would grow beyond this. 0 turns spilling off.
     pub spill_budget_bytes: u64,
+    /// Protocol-aware session start ([`crate::start`]): replicas log in with their own
+    /// credentials. `None`: every client byte goes to every replica from the first.
+    pub start: Option<crate::start::StartSpec>,
 }
 
 impl Default for SessionConfig {
@@ -61,6 +64,7 @@ impl Default for SessionConfig {
             drain_timeout: Duration::from_secs(10),
             verify_window_bytes: 0,
             spill_budget_bytes: 0,
+            start: None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`manager`]: admission caps, session ids, timers, metrics over sessions.
 //! - [`metrics`]: counters and snapshots.
 //! - [`verify`]: replicas' answers compared with the primary's.
+//! - [`start`]: protocol-aware session start: replicas log in with their own credentials.
 //!
 //! # Contract for the I/O layer
 //!
@@ -124,6 +125,7 @@ pub mod config;
 pub mod manager;
 pub mod metrics;
 pub mod session;
+pub mod start;
 pub mod verify;
 
 pub use config::{ConfigError, MAX_REPLICAS, SessionConfig};

@@ -25,6 +25,10 @@ pub struct DetachCounts {
     /// written in time (disk slow or full).
     #[cfg_attr(feature = "serde", serde(default))]
     pub spill_budget: u64,
+    /// Its own login failed (refused, unsupported, too slow), or the client's start-up
+    /// could not be followed.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub login_failed: u64,
 }
 
 impl DetachCounts {
@@ -37,6 +41,7 @@ impl DetachCounts {
             DetachReason::ConnectTimeout => &mut self.connect_timeout,
             DetachReason::DrainTimeout => &mut self.drain_timeout,
             DetachReason::SpillBudgetExceeded => &mut self.spill_budget,
+            DetachReason::LoginFailed => &mut self.login_failed,
         };
         *slot += 1;
     }
@@ -49,6 +54,7 @@ impl DetachCounts {
             + self.connect_timeout
             + self.drain_timeout
             + self.spill_budget
+            + self.login_failed
     }
 
     /// Adds another set of counts (another session's, another worker's).
@@ -59,6 +65,7 @@ impl DetachCounts {
         self.connect_timeout += o.connect_timeout;
         self.drain_timeout += o.drain_timeout;
         self.spill_budget += o.spill_budget;
+        self.login_failed += o.login_failed;
     }
 }
 

@@ -27,6 +27,10 @@
 //!   `spill_budget_bytes` since it was last empty, or the I/O layer cannot write it
 //!   ([`Session::spill_failed`]), is the replica detached, with
 //!   [`DetachReason::SpillBudgetExceeded`]. The client is never held back either way.
+//! - Protocol-aware start ([`crate::start`], sessions with `start`): the client's
+//!   start-up goes to the primary only; each replica first logs in with its own
+//!   credentials and takes the client's stream from the end of that start-up on. A
+//!   replica whose login fails is detached with [`DetachReason::LoginFailed`].
 //! - Replicas' answers are never sent anywhere. With `verify_window_bytes` set they are
 //!   compared with the primary's ([`crate::verify`]); a mismatch or an overrun window is
 //!   reported once per replica as [`Action::ReplyCheck`], and changes nothing else.
@@ -38,6 +42,7 @@ use std::time::Instant;
 use crate::buffer::SharedBuffer;
 use crate::config::{ConfigError, SessionConfig};
 use crate::metrics::SessionStats;
+use crate::start::{LoginError, PrimaryStep, ReplicaLogin, StartDialect, StartSpec};
 use crate::verify::{Mismatch, ReplyCheckOutcome, ReplyVerifier};
 
 /// One of the connections of a session.
@@ -67,6 +72,9 @@ pub enum DetachReason {
     DrainTimeout,
     /// Its spool would have grown beyond `spill_budget_bytes`, or could not be written.
     SpillBudgetExceeded,
+    /// Its own login ([`crate::start`]) failed or did not finish in time, or the client's
+    /// start-up could not be followed ([`Session::login_error`] says why).
+    LoginFailed,
 }
 
 /// Something the I/O layer must do. Per side and session there is at most one `Connect`,
@@ -231,6 +239,40 @@ pub struct Session {
     stats: SessionStats,
     /// Replicas' answers compared with the primary's (`None`: the service does not verify).
     verify: Option<ReplyVerifier>,
+    /// The protocol-aware start (`None`: every byte goes to everyone from the first).
+    start: Option<Start>,
+}
+
+/// A session's protocol-aware start: the client's start-up, the primary's answers to
+/// it, and each replica's own login.
+#[derive(Debug)]
+struct Start {
+    spec: StartSpec,
+    dialect: Box<dyn StartDialect>,
+    /// The client's start-up has ended (or could not be followed): its bytes go to
+    /// everyone now.
+    client_ended: bool,
+    /// The primary's start-up answers have ended: its answers are verified from here.
+    primary_ended: bool,
+    legs: Vec<Leg>,
+    /// Per replica, why its login failed.
+    errors: Vec<Option<String>>,
+}
+
+/// Where one replica's login stands.
+#[derive(Debug)]
+enum Leg {
+    /// Not connected yet, or the client has not said enough to log in for it.
+    Waiting,
+    /// The middlebox is logging in: `out` is what it still has to send.
+    LoggingIn {
+        login: Box<dyn ReplicaLogin>,
+        out: Vec<u8>,
+        /// Past this, the replica is detached.
+        deadline: Option<Instant>,
+    },
+    /// Logged in: it takes the client's stream.
+    Ready,
 }
 
 impl Session {
@@ -264,6 +306,14 @@ impl Session {
             verify: config
                 .verifies_replies()
                 .then(|| ReplyVerifier::new(n, config.verify_window_bytes)),
+            start: config.start.clone().filter(|_| n > 0).map(|spec| Start {
+                dialect: spec.protocol.dialect(),
+                client_ended: false,
+                primary_ended: false,
+                legs: (0..n).map(|_| Leg::Waiting).collect(),
+                errors: vec![None; usize::from(n)],
+                spec,
+            }),
             config,
         })
     }
@@ -307,7 +357,9 @@ impl Session {
     /// Of [`Session::replica_spooled`], what may be handed to the replica's socket now:
     /// all of it once its connection is open, nothing while it is still connecting.
     pub fn spool_pending(&self, replica: u16) -> u64 {
-        if self.replicas.get(usize::from(replica)) == Some(&Link::Open) {
+        if self.replicas.get(usize::from(replica)) == Some(&Link::Open)
+            && self.replica_ready(replica)
+        {
             self.replica_spooled(replica)
         } else {
             0
@@ -348,6 +400,23 @@ impl Session {
             .is_some_and(|l| l.is_live())
     }
 
+    /// Why the replica was detached with [`DetachReason::LoginFailed`], in this session.
+    pub fn login_error(&self, replica: u16) -> Option<&str> {
+        self.start
+            .as_ref()?
+            .errors
+            .get(usize::from(replica))?
+            .as_deref()
+    }
+
+    /// Whether the replica takes the client's stream: always, unless the session runs a
+    /// protocol-aware start and the replica is not logged in yet.
+    fn replica_ready(&self, replica: u16) -> bool {
+        self.start
+            .as_ref()
+            .is_none_or(|s| matches!(s.legs.get(usize::from(replica)), Some(Leg::Ready)))
+    }
+
     /// Where the replica's answer first differed from the primary's in this session, if
     /// it did (reported by [`Action::ReplyCheck`]).
     pub fn reply_mismatch(&self, replica: u16) -> Option<&Mismatch> {
@@ -377,6 +446,19 @@ impl Session {
         let connecting =
             self.primary == Link::Connecting || self.replicas.contains(&Link::Connecting);
         let connect = self.connect_deadline.filter(|_| connecting);
+        let login = self.start.as_ref().and_then(|s| {
+            s.legs
+                .iter()
+                .filter_map(|l| match l {
+                    Leg::LoggingIn { deadline, .. } => *deadline,
+                    _ => None,
+                })
+                .min()
+        });
+        let connect = match (connect, login) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let other = match self.phase {
             Phase::Open => self.last_activity.checked_add(self.config.idle_timeout),
             Phase::Draining(until) => until,
@@ -434,11 +516,13 @@ impl Session {
                 self.downstream.readable(CLIENT_READER)
             }
             Side::Primary if self.primary == Link::Open => self.upstream.readable(PRIMARY_READER),
-            Side::Replica(i)
-                if self.replicas.get(usize::from(i)) == Some(&Link::Open)
-                    && self.replica_spooled(i) == 0 =>
-            {
-                self.upstream.readable(usize::from(i) + 1)
+            Side::Replica(i) if self.replicas.get(usize::from(i)) == Some(&Link::Open) => {
+                match self.start.as_ref().and_then(|s| s.legs.get(usize::from(i))) {
+                    Some(Leg::LoggingIn { out, .. }) => out,
+                    Some(Leg::Waiting) => &[],
+                    _ if self.replica_spooled(i) == 0 => self.upstream.readable(usize::from(i) + 1),
+                    _ => &[],
+                }
             }
             _ => &[],
         }
@@ -547,7 +631,7 @@ impl Session {
                 }
                 let n = data.len().min(self.receive_window(side));
                 if n > 0 {
-                    self.push_upstream(&data[..n]);
+                    self.push_client(&data[..n]);
                     self.last_activity = now;
                 } else if !data.is_empty() && self.phase != Phase::Open {
                     self.stats.ignored_inputs += 1;
@@ -566,9 +650,10 @@ impl Session {
                     self.downstream.push(&data[..n]);
                     self.stats.primary_bytes_in += n as u64;
                     self.last_activity = now;
+                    let compared = self.primary_comparable(&data[..n]);
                     if let Some(v) = &mut self.verify {
                         let actions = &mut self.actions;
-                        v.on_primary(&data[..n], |replica, outcome| {
+                        v.on_primary(&data[compared..n], |replica, outcome| {
                             actions.push_back(Action::ReplyCheck { replica, outcome });
                         });
                     }
@@ -577,6 +662,11 @@ impl Session {
             }
             Side::Replica(i) => {
                 self.stats.replica_bytes_dropped += data.len() as u64;
+                if !self.replica_ready(i) {
+                    self.on_login_reply(i, data, now);
+                    self.progress(now);
+                    return Ok(data.len());
+                }
                 // After `Finished` nothing more is reported.
                 if let Some(v) = self
                     .verify
@@ -599,6 +689,23 @@ impl Session {
     pub fn on_sent(&mut self, side: Side, n: usize, now: Instant) -> Result<(), Error> {
         self.check_side(side)?;
         if n == 0 {
+            return Ok(());
+        }
+        if let Side::Replica(i) = side
+            && let Some(Leg::LoggingIn { out, .. }) = self
+                .start
+                .as_mut()
+                .and_then(|s| s.legs.get_mut(usize::from(i)))
+        {
+            if n > out.len() {
+                let pending = out.len() as u64;
+                return self.reject(Error::SentTooMuch {
+                    side,
+                    sent: n,
+                    pending,
+                });
+            }
+            out.drain(..n);
             return Ok(());
         }
         if let Side::Replica(i) = side
@@ -693,6 +800,16 @@ impl Session {
                 }
             }
         }
+        let late: Vec<u16> = self.start.as_ref().map_or_else(Vec::new, |s| {
+            (0u16..)
+                .zip(&s.legs)
+                .filter(|(_, l)| matches!(l, Leg::LoggingIn { deadline: Some(d), .. } if *d <= now))
+                .map(|(i, _)| i)
+                .collect()
+        });
+        for i in late {
+            self.login_failed(i, "it did not finish its login in time".to_owned());
+        }
         match self.phase {
             // A primary that just timed out has already ended the session's main part;
             // its replicas drain instead of being reset.
@@ -748,6 +865,152 @@ impl Session {
                 None => Err(Error::UnknownReplica(i)),
             },
         }
+    }
+
+    /// Accepted client bytes: while a protocol-aware start follows the client's start-up,
+    /// its bytes go to the primary only (and the middlebox's own answers to the client);
+    /// everything else is stored for all upstreams.
+    fn push_client(&mut self, data: &[u8]) {
+        let Some(start) = self.start.as_mut().filter(|s| !s.client_ended) else {
+            self.push_upstream(data);
+            return;
+        };
+        let step = start.dialect.on_client(data);
+        if step.ended_at.is_some() || step.refused.is_some() {
+            start.client_ended = true;
+        }
+        if !step.reply.is_empty() && !self.client_gone && !self.client_fin_sent {
+            self.downstream.push(&step.reply);
+        }
+        if !step.startup.is_empty() {
+            // Stored once for the primary's reader; every replica's reader skips them.
+            self.upstream.push(&step.startup);
+            self.stats.client_bytes_in += step.startup.len() as u64;
+            for i in 0..self.replica_count() {
+                self.upstream
+                    .consume(usize::from(i) + 1, step.startup.len() as u64);
+            }
+        }
+        if let Some(error) = step.refused {
+            for i in 0..self.replica_count() {
+                self.login_failed(i, error.to_string());
+            }
+        }
+        if let Some(at) = step.ended_at
+            && let Some(rest) = data.get(at..).filter(|r| !r.is_empty())
+        {
+            self.push_upstream(rest);
+        }
+    }
+
+    /// Where in these primary bytes verification may start: after the primary's answers
+    /// to the client's start-up, which carry per-server values.
+    fn primary_comparable(&mut self, data: &[u8]) -> usize {
+        let Some(start) = self.start.as_mut().filter(|s| !s.primary_ended) else {
+            return 0;
+        };
+        match start.dialect.on_primary(data) {
+            PrimaryStep::StartingUp => data.len(),
+            PrimaryStep::Ended(at) => {
+                start.primary_ended = true;
+                at.min(data.len())
+            }
+            PrimaryStep::NotComparable => {
+                start.primary_ended = true;
+                if let Some(v) = &mut self.verify {
+                    (0..self.config.replica_count).for_each(|i| v.stop(i));
+                }
+                data.len()
+            }
+        }
+    }
+
+    /// Begins the login of every connected replica the client's start-up allows for.
+    fn start_logins(&mut self, now: Instant) {
+        let Some(start) = self.start.as_mut() else {
+            return;
+        };
+        let mut failed = Vec::new();
+        for (i, leg) in (0u16..).zip(start.legs.iter_mut()) {
+            if !matches!(leg, Leg::Waiting)
+                || self.replicas.get(usize::from(i)) != Some(&Link::Open)
+            {
+                continue;
+            }
+            let credentials = start
+                .spec
+                .replicas
+                .get(usize::from(i))
+                .cloned()
+                .unwrap_or_default();
+            match start.dialect.replica_login(&credentials) {
+                None => {}
+                Some(Ok(mut login)) if login.logged_in() => {
+                    login.take_output();
+                    *leg = Leg::Ready;
+                }
+                Some(Ok(mut login)) => {
+                    *leg = Leg::LoggingIn {
+                        out: login.take_output(),
+                        login,
+                        deadline: now.checked_add(self.config.connect_timeout),
+                    };
+                }
+                Some(Err(e)) => failed.push((i, e)),
+            }
+        }
+        for (i, e) in failed {
+            self.login_failed(i, e.to_string());
+        }
+    }
+
+    /// A replica's answer during its login.
+    fn on_login_reply(&mut self, i: u16, data: &[u8], now: Instant) {
+        let live = self.replica_is_live(i);
+        let leg = self
+            .start
+            .as_mut()
+            .and_then(|s| s.legs.get_mut(usize::from(i)));
+        let result = match leg {
+            Some(Leg::LoggingIn { login, out, .. }) => login.on_reply(data).map(|()| {
+                out.extend(login.take_output());
+                login.logged_in()
+            }),
+            Some(Leg::Waiting) if live => Err(LoginError::Failed(
+                "the replica spoke before its login began".into(),
+            )),
+            _ => return,
+        };
+        match result {
+            Ok(true) => {
+                if let Some(leg) = self
+                    .start
+                    .as_mut()
+                    .and_then(|s| s.legs.get_mut(usize::from(i)))
+                {
+                    *leg = Leg::Ready;
+                }
+                self.last_activity = self.last_activity.max(now);
+            }
+            Ok(false) => {}
+            Err(e) => self.login_failed(i, e.to_string()),
+        }
+    }
+
+    /// Detaches a live replica whose login failed, keeping the reason for the logs.
+    fn login_failed(&mut self, i: u16, why: String) {
+        if !self.replica_is_live(i) {
+            return;
+        }
+        if let Some(start) = self.start.as_mut() {
+            if let Some(slot) = start.errors.get_mut(usize::from(i)) {
+                *slot = Some(why);
+            }
+            if let Some(leg) = start.legs.get_mut(usize::from(i)) {
+                *leg = Leg::Waiting;
+            }
+        }
+        self.detach(i, DetachReason::LoginFailed);
     }
 
     /// Stores accepted client bytes. Replicas that these bytes would push past their
@@ -882,6 +1145,7 @@ impl Session {
         if self.phase == Phase::Finished {
             return;
         }
+        self.start_logins(now);
         // No more client bytes: each upstream gets its FIN once it has everything.
         if self.client_eof || self.client_gone {
             if self.client_eof

@@ -77,6 +77,7 @@ impl Run {
             // Verification rides along on some seeds: it must change nothing on the data path.
             verify_window_bytes: if tight { 4096 } else { 0 },
             spill_budget_bytes: 0,
+            start: None,
             // A replica that never reads is cut loose by lag or, for short streams, here.
             drain_timeout: Duration::from_secs(1),
         };

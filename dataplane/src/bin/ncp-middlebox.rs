@@ -394,13 +394,14 @@ fn print_consistency(replicas: &[ReplicaConsistency]) {
         }
         if detached.total() > 0 {
             reason = format!(
-                "{reason}; detaches: refused {} died {} lagged {} connect-timeout {} drain-timeout {} spill-budget {}",
+                "{reason}; detaches: refused {} died {} lagged {} connect-timeout {} drain-timeout {} spill-budget {} login-failed {}",
                 detached.refused,
                 detached.died,
                 detached.lagged,
                 detached.connect_timeout,
                 detached.drain_timeout,
-                detached.spill_budget
+                detached.spill_budget,
+                detached.login_failed
             );
         }
         println!(

@@ -317,6 +317,7 @@ fn describe(reason: DetachReason) -> &'static str {
         DetachReason::SpillBudgetExceeded => {
             "spill budget exceeded: its backlog outgrew its spool, or the spool could not be written"
         }
+        DetachReason::LoginFailed => "its own login failed (see the middlebox's log for why)",
     }
 }
 

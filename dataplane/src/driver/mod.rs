@@ -819,7 +819,11 @@ impl<T: Transport> Driver<T> {
                     .last
                     .is_none_or(|t| now.duration_since(t) >= DETACH_LOG_INTERVAL) =>
             {
-                tracing::info!(session = %id, service = %plan.name, replica, address = ?address, ?reason, since_last_logged = log.quiet, "replica detached");
+                let why = self
+                    .manager
+                    .session(id)
+                    .and_then(|s| s.login_error(replica).map(str::to_owned));
+                tracing::info!(session = %id, service = %plan.name, replica, address = ?address, ?reason, why, since_last_logged = log.quiet, "replica detached");
                 log.last = Some(now);
                 log.quiet = 0;
             }

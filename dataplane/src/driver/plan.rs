@@ -45,12 +45,24 @@ impl<R> ServicePlan<R> {
     /// service's recorder when it starts one (checking a configuration starts none); with
     /// a book of its own, which the runtime replaces with the one all workers share.
     pub fn new(service: &ServiceConfig, replica_route: R) -> Self {
+        let mut session = service.session_config();
+        // The configuration was validated with the files read; if one changed since, the
+        // replicas without a readable secret fail their login (and say why) instead.
+        session.start = service.start_spec().unwrap_or_else(|e| {
+            tracing::error!(service = %service.name, error = %e, "replica credentials unreadable");
+            service.protocol.map(|p| {
+                std::sync::Arc::new(ncp_replication::start::StartConfig {
+                    protocol: p.into(),
+                    replicas: Vec::new(),
+                })
+            })
+        });
         Self {
             name: service.name.clone(),
             primary: service.primary,
             clients: service.clients,
             replicas: service.replicas.clone(),
-            session: service.session_config(),
+            session,
             replica_route,
             listen_port: service.primary.port(),
             record: None,

@@ -427,6 +427,8 @@ mod tests {
             verify_window_bytes: 0,
             spill_dir: None,
             spill_budget_bytes: 0,
+            protocol: None,
+            credentials: Default::default(),
         };
         let links = vec![
             Link {

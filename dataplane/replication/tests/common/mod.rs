@@ -64,6 +64,7 @@ pub fn config(replicas: u16) -> SessionConfig {
         drain_timeout: Duration::from_secs(3),
         verify_window_bytes: 0,
         spill_budget_bytes: 0,
+        start: None,
     }
 }
 
