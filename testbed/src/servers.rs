@@ -20,6 +20,8 @@ pub struct Postgres {
     pub port: u16,
     /// Directory of its Unix socket (for local `psql`).
     pub socket_dir: PathBuf,
+    /// Its data directory.
+    pub data: PathBuf,
 }
 
 impl Postgres {
@@ -97,6 +99,7 @@ impl Postgres {
             host: host.to_owned(),
             port,
             socket_dir,
+            data,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !pg.ready(bed) {
@@ -126,6 +129,70 @@ impl Postgres {
         .ok()
         .and_then(|mut c| c.output().ok())
         .is_some_and(|o| o.status.success())
+    }
+
+    /// Makes network clients log in as `user` with `password`, checked by `method`
+    /// (`scram-sha-256` or `md5`; local `psql` stays trusted), creating the user as a
+    /// superuser if it is new. With `ssl`, the server also offers TLS (a self-signed
+    /// certificate), as production servers do.
+    pub fn require_password(
+        &self,
+        bed: &Testbed,
+        method: &str,
+        user: &str,
+        password: &str,
+        ssl: bool,
+    ) -> Result<()> {
+        let encryption = if method == "md5" {
+            "md5"
+        } else {
+            "scram-sha-256"
+        };
+        let quoted = password.replace('\'', "''");
+        let role = user.replace('"', "");
+        self.sql(bed, &format!("SET password_encryption = '{encryption}'; DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE \"{role}\" LOGIN SUPERUSER; END IF; END$$; ALTER ROLE \"{role}\" PASSWORD '{quoted}'"))?;
+        if ssl {
+            let cert = self.data.join("server.crt");
+            let key = self.data.join("server.key");
+            run_ok(
+                Command::new("openssl")
+                    .args([
+                        "req",
+                        "-x509",
+                        "-newkey",
+                        "rsa:2048",
+                        "-nodes",
+                        "-days",
+                        "2",
+                        "-subj",
+                        "/CN=ncp-test-primary",
+                        "-keyout",
+                    ])
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&cert),
+                "openssl req",
+            )?;
+            run_ok(
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&cert)
+                    .arg(&key),
+                "chown",
+            )?;
+            run_ok(Command::new("chmod").arg("600").arg(&key), "chmod")?;
+            self.sql(bed, "ALTER SYSTEM SET ssl = on")?;
+        }
+        std::fs::write(
+            self.data.join("pg_hba.conf"),
+            format!("local all all trust\nhost all all 198.18.0.0/15 {method}\nhost all all 127.0.0.1/32 {method}\n"),
+        )
+        .map_err(|e| Error::Unknown(format!("pg_hba.conf: {e}")))?;
+        let reloaded = self.sql(bed, "SELECT pg_reload_conf()")?;
+        if reloaded != "t" {
+            return Err(Error::Unknown(format!("pg_reload_conf: {reloaded}")));
+        }
+        Ok(())
     }
 
     /// Runs one SQL statement locally and returns its unaligned output.

@@ -167,30 +167,55 @@ pub fn signal(child: &Child, signal: i32) {
 pub struct XdpMiddlebox {
     child: Option<Child>,
     socket: PathBuf,
+    /// Where its log goes, if not to the test's own stderr.
+    log: Option<PathBuf>,
 }
 
 impl XdpMiddlebox {
     /// Starts it with the configuration file `config`, whose `control_socket` is
     /// `socket`, and waits (at most a minute) until its workers report.
     pub fn start(bed: &Testbed, config: &Path, socket: &Path) -> XdpMiddlebox {
-        let mut middlebox = XdpMiddlebox::spawn(bed, config, socket);
+        Self::start_with_log(bed, config, socket, None)
+    }
+
+    /// Like [`XdpMiddlebox::start`], with its log written to `log` (read it with
+    /// [`XdpMiddlebox::log_text`]).
+    pub fn start_with_log(
+        bed: &Testbed,
+        config: &Path,
+        socket: &Path,
+        log: Option<&Path>,
+    ) -> XdpMiddlebox {
+        let mut middlebox = XdpMiddlebox::spawn(bed, config, socket, log);
         middlebox.wait_until("its workers report", |m| {
             m.stats().is_some_and(|s| s.workers > 0)
         });
         middlebox
     }
 
+    /// Its log so far (empty unless started with a log file).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     /// Starts it and waits (at most a minute) until its control socket answers, for
     /// configurations that start without services (and so without workers).
     pub fn start_answering(bed: &Testbed, config: &Path, socket: &Path) -> XdpMiddlebox {
-        let mut middlebox = XdpMiddlebox::spawn(bed, config, socket);
+        let mut middlebox = XdpMiddlebox::spawn(bed, config, socket, None);
         middlebox.wait_until("its control socket answers", |m| {
             control::call(&m.socket, &Request::Stats).is_ok()
         });
         middlebox
     }
 
-    fn spawn(bed: &Testbed, config: &Path, socket: &Path) -> XdpMiddlebox {
+    fn spawn(bed: &Testbed, config: &Path, socket: &Path, log: Option<&Path>) -> XdpMiddlebox {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::inherit(),
+        };
         let child = bed
             .command(
                 "middlebox",
@@ -203,11 +228,13 @@ impl XdpMiddlebox {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         XdpMiddlebox {
             child: Some(child),
             socket: socket.to_owned(),
+            log: log.map(Path::to_owned),
         }
     }
 
