@@ -166,7 +166,7 @@ pub struct ServiceConfig {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub spill_budget_bytes: u64,
     /// The protocol the service speaks, for a protocol-aware session start
-    /// (`"postgres"`): the client's start-up then goes to the primary only, and each
+    /// (`"postgres"` or `"redis"`): the client's start-up then goes to the primary only, and each
     /// replica logs in with its own `credentials`. Left out: every client byte goes to
     /// every replica as it is (the replicas must accept the primary's login).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -26,12 +26,15 @@ use serde::{Deserialize, Serialize};
 pub enum ServiceProtocol {
     /// PostgreSQL: cleartext, MD5 and SCRAM-SHA-256 logins; TLS requests declined.
     Postgres,
+    /// Redis: leading `AUTH`/`HELLO … AUTH` replaced by the replica's own.
+    Redis,
 }
 
 impl From<ServiceProtocol> for Protocol {
     fn from(p: ServiceProtocol) -> Self {
         match p {
             ServiceProtocol::Postgres => Protocol::Postgres,
+            ServiceProtocol::Redis => Protocol::Redis,
         }
     }
 }
@@ -88,7 +91,7 @@ pub fn start_spec(
         if credentials.is_empty() {
             return Ok(None);
         }
-        return Err("credentials need a protocol (protocol = \"postgres\")".into());
+        return Err("credentials need a protocol (protocol = \"postgres\" or \"redis\")".into());
     };
     let replicas = replicas
         .iter()

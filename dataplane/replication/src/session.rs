@@ -896,6 +896,9 @@ impl Session {
                 self.login_failed(i, error.to_string());
             }
         }
+        if !step.held_after.is_empty() {
+            self.push_upstream(&step.held_after);
+        }
         if let Some(at) = step.ended_at
             && let Some(rest) = data.get(at..).filter(|r| !r.is_empty())
         {
@@ -919,6 +922,13 @@ impl Session {
                 start.primary_ended = true;
                 if let Some(v) = &mut self.verify {
                     (0..self.config.replica_count).for_each(|i| v.stop(i));
+                }
+                data.len()
+            }
+            PrimaryStep::Refused => {
+                start.primary_ended = true;
+                for i in 0..self.replica_count() {
+                    self.login_failed(i, "the primary refused the client's login".to_owned());
                 }
                 data.len()
             }

@@ -52,12 +52,19 @@ fn arbitrary_inputs_never_break_the_session() {
             } else {
                 0
             },
-            // Every fifth seed runs PostgreSQL's start on random bytes: refused start-ups
-            // and failed logins must not panic either.
+            // Every fifth seed runs PostgreSQL's or Redis's start on random bytes: refused
+            // start-ups and failed logins must not panic either.
             start: (seed % 5 == 0).then(|| {
                 std::sync::Arc::new(ncp_replication::start::StartConfig {
-                    protocol: ncp_replication::start::Protocol::Postgres,
-                    replicas: Vec::new(),
+                    protocol: if seed % 10 == 0 {
+                        ncp_replication::start::Protocol::Postgres
+                    } else {
+                        ncp_replication::start::Protocol::Redis
+                    },
+                    replicas: vec![ncp_replication::start::ReplicaCredentials {
+                        user: None,
+                        password: Some(ncp_replication::start::Secret::new("pw")),
+                    }],
                 })
             }),
         };

@@ -1,7 +1,8 @@
 //! The protocol-aware start inside a session: a PostgreSQL client's start-up reaches the
 //! primary only, each replica logs in with its own credentials and then takes the rest
 //! of the stream, verification skips the per-server start-up answers, and a replica that
-//! refuses its login is detached without the client noticing.
+//! refuses its login is detached without the client noticing. Redis: a client the
+//! primary refuses takes the replicas out of the session.
 
 mod common;
 
@@ -240,4 +241,43 @@ fn a_primary_that_refuses_the_client_leaves_nothing_to_compare() {
         "{acts:?}"
     );
     assert_eq!(s.reply_mismatch(0), None);
+}
+
+#[test]
+fn a_redis_client_the_primary_refuses_takes_the_replicas_out_of_the_session() {
+    let clock = Clock::new();
+    let now = clock.now();
+    let mut cfg = config(1);
+    cfg.start = Some(Arc::new(StartConfig {
+        protocol: Protocol::Redis,
+        replicas: vec![md5_replica(None)],
+    }));
+    let mut s = connected(cfg, &clock);
+    let auth = b"*2\r\n$4\r\nAUTH\r\n$5\r\nwrong\r\n".to_vec();
+    let set = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n".to_vec();
+    s.on_data(Side::Client, &[auth.clone(), set.clone()].concat(), now)
+        .expect("accepted");
+    assert_eq!(drain(&mut s, Side::Primary, now), [auth, set].concat());
+    assert_eq!(
+        drain(&mut s, Side::Replica(0), now),
+        b"*2\r\n$4\r\nAUTH\r\n$10\r\nreplica-pw\r\n",
+        "its own AUTH first"
+    );
+    s.on_data(
+        Side::Primary,
+        b"-WRONGPASS invalid username-password pair\r\n",
+        now,
+    )
+    .expect("primary");
+    assert_eq!(
+        actions(&mut s),
+        vec![Action::Detached {
+            replica: 0,
+            reason: DetachReason::LoginFailed
+        }]
+    );
+    assert!(
+        s.login_error(0)
+            .is_some_and(|w| w.contains("primary refused"))
+    );
 }

@@ -101,6 +101,8 @@ pub struct Service {
     pub verify_replies: bool,
     /// `spill_dir` and `spill_budget_bytes`, when the replica spills.
     pub spill: Option<(PathBuf, u64)>,
+    /// More TOML lines of the service's table (e.g. `protocol`, `credentials`).
+    pub toml: String,
 }
 
 impl Service {
@@ -114,7 +116,15 @@ impl Service {
             record: String::new(),
             verify_replies: false,
             spill: None,
+            toml: String::new(),
         }
+    }
+
+    /// Adds TOML lines to the service's table.
+    pub fn with_toml(mut self, lines: &str) -> Self {
+        self.toml.push_str(lines);
+        self.toml.push('\n');
+        self
     }
 
     /// The service compares the replica's answers with the primary's.
@@ -253,6 +263,7 @@ connect_timeout_secs = 5
 {verify}
 {spill}
 {record}
+{toml}
 "#,
                 name = s.name,
                 primary = self.primary,
@@ -263,6 +274,7 @@ connect_timeout_secs = 5
                     ""
                 },
                 record = s.record,
+                toml = s.toml,
                 spill = s
                     .spill
                     .as_ref()

@@ -29,10 +29,11 @@
 //! plain text (libpq's default `sslmode=prefer` does; `require` refuses, with libpq's
 //! own error).
 //!
-//! One module a protocol ([`postgres`]); further protocols implement
+//! One module a protocol ([`postgres`], [`redis`]); further protocols implement
 //! [`StartDialect`] and [`ReplicaLogin`] (MySQL's caching_sha2 handshake would be next).
 
 pub mod postgres;
+pub mod redis;
 pub mod scram;
 
 use std::fmt;
@@ -43,6 +44,8 @@ use std::sync::Arc;
 pub enum Protocol {
     /// PostgreSQL's frontend/backend protocol 3.0.
     Postgres,
+    /// Redis's RESP2/RESP3.
+    Redis,
 }
 
 impl Protocol {
@@ -50,6 +53,7 @@ impl Protocol {
     pub fn dialect(self) -> Box<dyn StartDialect> {
         match self {
             Self::Postgres => Box::new(postgres::PostgresStart::default()),
+            Self::Redis => Box::new(redis::RedisStart::default()),
         }
     }
 }
@@ -107,6 +111,9 @@ pub struct ClientStep {
     /// Where in the input the client's start-up ended: from there on, every byte is for
     /// the primary and every replica. `None`: the start-up goes on.
     pub ended_at: Option<usize>,
+    /// Bytes held from earlier inputs that turned out to come after the start-up: they
+    /// go to everyone, ahead of the input from `ended_at`.
+    pub held_after: Vec<u8>,
     /// The start-up could not be followed: `startup` then holds every byte not yet
     /// handed on (they go to the primary), and the replicas are detached.
     pub refused: Option<StartError>,
@@ -119,9 +126,12 @@ pub enum PrimaryStep {
     StartingUp,
     /// The start-up answers end at this index of the input; verification starts there.
     Ended(usize),
-    /// The answers are not the protocol's, or the primary refused the client's
-    /// start-up: nothing after them is comparable.
+    /// The answers are not the protocol's: nothing after them is comparable.
     NotComparable,
+    /// The primary refused the client's start-up but keeps the connection (Redis): it
+    /// will refuse what follows, which the logged-in replicas would carry out, so they
+    /// are detached from the session.
+    Refused,
 }
 
 /// One session's start-up as a protocol sees it, from the client's and the primary's

@@ -193,7 +193,7 @@ fn the_primarys_start_up_answers_end_with_ready_for_query() {
                     end = Some(offset + i);
                     break;
                 }
-                PrimaryStep::NotComparable => panic!("valid answers"),
+                other => panic!("valid answers: {other:?}"),
             }
         }
         assert_eq!(end, Some(ready_end), "split {split}");
