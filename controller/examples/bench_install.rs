@@ -45,6 +45,7 @@ fn replication(id: u32, port: u16, mode: ModeSpec) -> String {
         replicas: vec![],
         mode,
         verify: Default::default(),
+        login: Default::default(),
     })
     .expect("json")
 }

@@ -625,6 +625,7 @@ mod tests {
                 replicas: vec![A.to_string(), B.to_string()],
                 mode: ModeSpec::Rewrite,
                 verify: Default::default(),
+                login: Default::default(),
             }],
             ..Default::default()
         }

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
-use crate::store::{ControlAddr, DesiredState, MiddleboxSpec, VerifySpec, parse_prefix};
+use crate::store::{ControlAddr, DesiredState, LoginSpec, MiddleboxSpec, VerifySpec, parse_prefix};
 
 /// What a replication's status says when its middlebox is not registered.
 pub const NOT_REGISTERED: &str = "middlebox not registered: rules only";
@@ -95,6 +95,10 @@ pub struct ServiceEntry {
     /// middlebox from before verification (which refuses unknown keys) still takes it.
     #[serde(default, skip_serializing_if = "VerifySpec::is_off")]
     pub verify: VerifySpec,
+    /// The protocol and the replicas' secret files (paths on the middlebox's host);
+    /// absent when the replication has none, for middleboxes from before them.
+    #[serde(flatten)]
+    pub login: LoginSpec,
 }
 
 #[derive(Serialize)]
@@ -138,6 +142,22 @@ pub fn services_for(desired: &DesiredState, mb: &MiddleboxSpec) -> Vec<ServiceEn
                 .collect(),
             replica_interface: mb.replica_interface.clone(),
             verify: r.verify,
+            login: LoginSpec {
+                protocol: r.login.protocol,
+                // Canonical keys, as for `replicas` (stored ones are validated).
+                credentials: r
+                    .login
+                    .credentials
+                    .iter()
+                    .map(|(replica, path)| {
+                        let key = replica
+                            .trim()
+                            .parse::<SocketAddrV4>()
+                            .map_or_else(|_| replica.clone(), |a| a.to_string());
+                        (key, path.clone())
+                    })
+                    .collect(),
+            },
         })
         .collect();
     v.sort_by_key(|s| {
@@ -553,6 +573,7 @@ mod tests {
             replicas: vec!["198.18.2.3:6379".into()],
             mode: ModeSpec::Rewrite,
             verify: Default::default(),
+            login: Default::default(),
         }
     }
 
@@ -603,6 +624,21 @@ mod tests {
             concat!(
                 r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
                 r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"verify":"replies"}]}"#,
+                "\n"
+            )
+        );
+        // A replicated protocol's login: `protocol` and the secret files' paths.
+        let mut logged_in = d.clone();
+        logged_in.replications[0].login = LoginSpec {
+            protocol: Some(crate::store::ProtocolSpec::Redis),
+            credentials: [("198.18.2.3:6379".into(), "/etc/ncp/r.secret".into())].into(),
+        };
+        assert_eq!(
+            request_line(&services_for(&logged_in, &logged_in.middleboxes[0])),
+            concat!(
+                r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
+                r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"protocol":"redis","#,
+                r#""credentials":{"198.18.2.3:6379":"/etc/ncp/r.secret"}}]}"#,
                 "\n"
             )
         );

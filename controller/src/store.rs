@@ -6,6 +6,7 @@
 //! [`ReplicationSpec::to_replication`]). The file is replaced atomically (write to a
 //! temporary file, fsync, rename) so a crash never leaves half a state behind.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,74 @@ pub struct ReplicationSpec {
     /// and middleboxes from before it read what is written now.
     #[serde(default, skip_serializing_if = "VerifySpec::is_off")]
     pub verify: VerifySpec,
+    /// How the middlebox logs in to the replicas itself (the paper's R6); empty: the
+    /// client's bytes reach them as they are. Flattened, and left out when empty.
+    #[serde(flatten)]
+    pub login: LoginSpec,
+}
+
+/// The protocol a replication's service speaks and, per replica, the secret file the
+/// middlebox logs in to it with. The files are on the middlebox's host (mode 0600, read
+/// and checked by the middlebox): the controller stores and pushes only their paths, so
+/// no password passes through it or shows in its API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginSpec {
+    /// `postgres` or `redis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<ProtocolSpec>,
+    /// Replica `ip:port` → absolute path of its secret file on the middlebox's host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub credentials: BTreeMap<String, String>,
+}
+
+/// A protocol whose session start the middlebox runs per replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolSpec {
+    Postgres,
+    Redis,
+}
+
+impl std::str::FromStr for ProtocolSpec {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "postgres" => Ok(ProtocolSpec::Postgres),
+            "redis" => Ok(ProtocolSpec::Redis),
+            _ => Err(StoreError::Invalid {
+                what: "protocol",
+                detail: format!("{s:?}: must be postgres or redis"),
+            }),
+        }
+    }
+}
+
+impl LoginSpec {
+    /// Credentials name listed replicas only, by absolute paths, and need a protocol.
+    fn check(&self, replicas: &[String]) -> Result<(), StoreError> {
+        let bad = |detail: String| StoreError::Invalid {
+            what: "credentials",
+            detail,
+        };
+        if self.protocol.is_none() && !self.credentials.is_empty() {
+            return Err(bad("credentials need a protocol (postgres or redis)".into()));
+        }
+        for (replica, path) in &self.credentials {
+            let known = replicas
+                .iter()
+                .any(|r| r.trim().parse::<std::net::SocketAddrV4>().ok() == replica.parse().ok());
+            if !known {
+                return Err(bad(format!("{replica} is not one of the replicas")));
+            }
+            if !std::path::Path::new(path).is_absolute() {
+                return Err(bad(format!(
+                    "{path:?} for {replica}: the secret file's path must be absolute (it is read on the middlebox's host)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reply verification of a replication's service on its middlebox: `replies` makes the
@@ -293,6 +362,7 @@ impl DesiredState {
         for r in &self.replications {
             let rep = r.to_replication()?;
             r.check_replicas(&rep)?;
+            r.login.check(&r.replicas)?;
             if !ids.insert(r.id) {
                 return Err(StoreError::Invalid {
                     what: "replication id",
@@ -442,7 +512,73 @@ mod tests {
             replicas: vec!["198.18.4.32:80".into()],
             mode: ModeSpec::Vlan { vid: 31 },
             verify: VerifySpec::Off,
+            login: Default::default(),
         }
+    }
+
+    #[test]
+    fn logins_are_stored_flat_and_checked() {
+        let mut spec = ReplicationSpec {
+            id: 1,
+            source: "198.18.3.11".into(),
+            source_port: None,
+            primary: "198.18.4.31".parse().unwrap(),
+            primary_port: 5432,
+            middlebox: "198.18.4.99".parse().unwrap(),
+            replicas: vec!["198.18.4.32:5432".into()],
+            mode: ModeSpec::Rewrite,
+            verify: VerifySpec::Off,
+            login: LoginSpec {
+                protocol: Some(ProtocolSpec::Postgres),
+                credentials: [("198.18.4.32:5432".into(), "/etc/ncp/a.secret".into())].into(),
+            },
+        };
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(
+            text.ends_with(
+                r#""protocol":"postgres","credentials":{"198.18.4.32:5432":"/etc/ncp/a.secret"}}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_str::<ReplicationSpec>(&text).unwrap(),
+            spec
+        );
+        let replicas = spec.replicas.clone();
+        assert!(spec.login.check(&replicas).is_ok());
+        for (change, why) in [
+            (
+                (None, "198.18.4.32:5432", "/etc/ncp/a.secret"),
+                "need a protocol",
+            ),
+            (
+                (
+                    Some(ProtocolSpec::Redis),
+                    "198.18.4.33:5432",
+                    "/etc/ncp/a.secret",
+                ),
+                "not one of the replicas",
+            ),
+            (
+                (Some(ProtocolSpec::Redis), "198.18.4.32:5432", "a.secret"),
+                "must be absolute",
+            ),
+        ] {
+            let (protocol, replica, path) = change;
+            spec.login = LoginSpec {
+                protocol,
+                credentials: [(replica.to_owned(), path.to_owned())].into(),
+            };
+            let err = spec.login.check(&replicas).expect_err(why).to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        spec.login = LoginSpec::default();
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(
+            !text.contains("protocol") && !text.contains("credentials"),
+            "{text}"
+        );
+        assert!("mysql".parse::<ProtocolSpec>().is_err());
     }
 
     #[test]
@@ -461,6 +597,7 @@ mod tests {
         assert!(json.get("verify").is_none(), "off is not written: {json}");
         let verified = ReplicationSpec {
             verify: VerifySpec::Replies,
+            login: Default::default(),
             ..spec()
         };
         let text = serde_json::to_string(&verified).expect("serialize");

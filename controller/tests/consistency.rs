@@ -141,6 +141,7 @@ fn replication(id: u32, middlebox: &str, replicas: &[&str]) -> ReplicationSpec {
         replicas: replicas.iter().map(|s| s.to_string()).collect(),
         mode: ModeSpec::Rewrite,
         verify: Default::default(),
+        login: Default::default(),
     }
 }
 

@@ -88,6 +88,7 @@ fn rep(id: u32, source: &str, middlebox: &str, replicas: &[&str]) -> Replication
         replicas: replicas.iter().map(|s| s.to_string()).collect(),
         mode: ModeSpec::Rewrite,
         verify: Default::default(),
+        login: Default::default(),
     }
 }
 

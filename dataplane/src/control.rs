@@ -339,6 +339,26 @@ mod tests {
     }
 
     #[test]
+    fn services_set_takes_the_controllers_protocol_and_credentials() {
+        // The controller's push line with a login (see ncp-controller's golden test).
+        let line = r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"protocol":"redis","credentials":{"198.18.2.3:6379":"/etc/ncp/r.secret"}}]}"#;
+        let Ok(Request::ServicesSet { services }) = serde_json::from_str::<Request>(line) else {
+            panic!("not a services-set: {line}");
+        };
+        assert_eq!(
+            services[0].protocol,
+            Some(crate::credentials::ServiceProtocol::Redis)
+        );
+        let replica: std::net::SocketAddrV4 = "198.18.2.3:6379".parse().unwrap();
+        assert_eq!(
+            services[0].credentials.get(&replica),
+            Some(&std::path::PathBuf::from("/etc/ncp/r.secret"))
+        );
+        let bad = line.replace("redis", "mysql");
+        assert!(serde_json::from_str::<Request>(&bad).is_err());
+    }
+
+    #[test]
     fn requests_round_trip_and_garbage_gets_an_error() {
         let dir = std::env::temp_dir().join(format!("ncp-control-test-{}", std::process::id()));
         let path = dir.join("c.sock");

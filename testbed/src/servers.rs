@@ -195,6 +195,22 @@ impl Postgres {
         Ok(())
     }
 
+    /// Checksums of pgbench's four tables (the history's wall-clock column left out), to
+    /// compare a replica's data with the primary's.
+    pub fn pgbench_fingerprint(&self, bed: &Testbed) -> Result<String> {
+        const QUERIES: [&str; 4] = [
+            "SELECT count(*) || ':' || md5(string_agg(aid || ',' || bid || ',' || abalance, ';' ORDER BY aid)) FROM pgbench_accounts",
+            "SELECT md5(string_agg(bid || ',' || bbalance, ';' ORDER BY bid)) FROM pgbench_branches",
+            "SELECT md5(string_agg(tid || ',' || bid || ',' || tbalance, ';' ORDER BY tid)) FROM pgbench_tellers",
+            "SELECT count(*) || ':' || md5(string_agg(tid || ',' || bid || ',' || aid || ',' || delta, ';' ORDER BY tid, bid, aid, delta)) FROM pgbench_history",
+        ];
+        QUERIES
+            .iter()
+            .map(|q| self.sql(bed, q))
+            .collect::<Result<Vec<_>>>()
+            .map(|v| v.join(" "))
+    }
+
     /// Runs one SQL statement locally and returns its unaligned output.
     pub fn sql(&self, bed: &Testbed, sql: &str) -> Result<String> {
         let sock = self.socket_dir.to_string_lossy().into_owned();

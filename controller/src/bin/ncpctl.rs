@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use ncp_controller::client::Client;
-use ncp_controller::store::{HostSpec, MiddleboxSpec, ModeSpec, ReplicationSpec, VerifySpec};
+use ncp_controller::store::{
+    HostSpec, LoginSpec, MiddleboxSpec, ModeSpec, ProtocolSpec, ReplicationSpec, VerifySpec,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Manage NCP replications through the controller's API")]
@@ -54,6 +56,16 @@ enum Cmd {
         /// flags a replica that answers differently as diverged; off: it does not.
         #[arg(long, default_value = "off")]
         verify: VerifySpec,
+        /// postgres or redis: the middlebox logs in to each replica itself, with the
+        /// replica's own credentials (--credentials), and hands it the client's stream
+        /// from the end of the client's own login on.
+        #[arg(long)]
+        protocol: Option<ProtocolSpec>,
+        /// REPLICA=PATH, repeatable: the secret file the middlebox logs in to that
+        /// replica with, on the middlebox's host (mode 0600; TOML with `user = "…"`,
+        /// optional, and `password = "…"`). Only the path is sent.
+        #[arg(long = "credentials", value_name = "REPLICA=PATH", value_parser = parse_credentials)]
+        credentials: Vec<(String, String)>,
     },
     /// Remove a replication.
     Rm { id: u32 },
@@ -223,6 +235,18 @@ fn with_json(
     Ok((method, path, Some(serde_json::to_string(body)?)))
 }
 
+/// `REPLICA=PATH` of `--credentials`.
+fn parse_credentials(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((replica, path)) if !replica.is_empty() && !path.is_empty() => {
+            Ok((replica.to_owned(), path.to_owned()))
+        }
+        _ => Err(format!(
+            "{text:?}: expected REPLICA=PATH, e.g. 198.18.2.3:5432=/etc/ncp/replica.secret"
+        )),
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let table = matches!(args.cmd, Cmd::Status { json: false });
     let (method, path, body) = match args.cmd {
@@ -236,6 +260,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             replica,
             mode,
             verify,
+            protocol,
+            credentials,
         } => {
             let spec = ReplicationSpec {
                 id,
@@ -247,6 +273,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 replicas: replica,
                 mode: parse_mode(&mode)?,
                 verify,
+                login: LoginSpec {
+                    protocol,
+                    credentials: credentials.into_iter().collect(),
+                },
             };
             with_json("POST", "/v1/replications".to_string(), &spec)?
         }

@@ -107,6 +107,7 @@ pub fn spec(
         replicas: vec![],
         mode,
         verify: Default::default(),
+        login: Default::default(),
     }
 }
 

@@ -65,6 +65,19 @@ fn md5_replica(user: Option<&str>) -> ReplicaCredentials {
     }
 }
 
+/// The only action is replica `i`'s detach for a failed login, whose reason says `why`.
+fn assert_login_failed(s: &mut ncp_replication::Session, i: u16, why: &str) {
+    assert_eq!(
+        actions(s),
+        vec![Action::Detached {
+            replica: i,
+            reason: DetachReason::LoginFailed
+        }]
+    );
+    let reason = s.login_error(i).expect("reason kept");
+    assert!(reason.contains(why), "{reason}");
+}
+
 #[test]
 fn replicas_log_in_themselves_and_take_the_stream_after_the_clients_start_up() {
     let clock = Clock::new();
@@ -147,16 +160,8 @@ fn a_refused_login_detaches_only_that_replica_with_its_reason() {
         .expect("replica 0");
     s.on_data(Side::Replica(1), &auth(3, b""), now)
         .expect("replica 1");
-    let acts = actions(&mut s);
-    assert_eq!(
-        acts,
-        vec![Action::Detached {
-            replica: 1,
-            reason: DetachReason::LoginFailed
-        }]
-    );
+    assert_login_failed(&mut s, 1, "none is configured");
     let why = s.login_error(1).expect("reason kept");
-    assert!(why.contains("none is configured"), "{why}");
     assert!(!why.contains("replica-pw"), "no secret in the reason");
     assert_eq!(s.stats().detached.login_failed, 1);
     // The client and the other replica go on.
@@ -200,17 +205,7 @@ fn a_start_up_the_middlebox_cannot_follow_reaches_the_primary_and_detaches_repli
     let version_2 = [0, 0, 0, 9, 0, 2, 0, 0, 0];
     s.on_data(Side::Client, &version_2, now).expect("accepted");
     assert_eq!(drain(&mut s, Side::Primary, now), version_2);
-    assert_eq!(
-        actions(&mut s),
-        vec![Action::Detached {
-            replica: 0,
-            reason: DetachReason::LoginFailed
-        }]
-    );
-    assert!(
-        s.login_error(0)
-            .is_some_and(|w| w.contains("protocol version 2.0"))
-    );
+    assert_login_failed(&mut s, 0, "protocol version 2.0");
 }
 
 #[test]
@@ -269,15 +264,5 @@ fn a_redis_client_the_primary_refuses_takes_the_replicas_out_of_the_session() {
         now,
     )
     .expect("primary");
-    assert_eq!(
-        actions(&mut s),
-        vec![Action::Detached {
-            replica: 0,
-            reason: DetachReason::LoginFailed
-        }]
-    );
-    assert!(
-        s.login_error(0)
-            .is_some_and(|w| w.contains("primary refused"))
-    );
+    assert_login_failed(&mut s, 0, "primary refused");
 }
