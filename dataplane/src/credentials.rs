@@ -7,6 +7,7 @@
 //! ```toml
 //! user = "ncp_replica"   # optional: the client's own user when left out
 //! password = "…"
+//! database = "app_copy"  # optional, PostgreSQL: the client's own database when left out
 //! ```
 //!
 //! The configuration and the controller carry only the file's path, so the password
@@ -45,6 +46,7 @@ impl From<ServiceProtocol> for Protocol {
 struct SecretFile {
     user: Option<String>,
     password: Option<String>,
+    database: Option<String>,
 }
 
 /// Reads one replica's secret file, refusing one that others may read.
@@ -64,13 +66,14 @@ pub fn load(path: &Path) -> Result<ReplicaCredentials, String> {
     let file: SecretFile = toml::from_str(&text).map_err(|e| {
         let at = e.span().map_or(String::new(), |s| format!(" at byte {}", s.start));
         format!(
-            "secret file {} is not valid{at}: it takes `user = \"…\"` (optional) and `password = \"…\"`",
+            "secret file {} is not valid{at}: it takes `user = \"…\"`, `password = \"…\"` and `database = \"…\"`",
             path.display()
         )
     })?;
     Ok(ReplicaCredentials {
         user: file.user,
         password: file.password.map(Secret::new),
+        database: file.database,
     })
 }
 

@@ -64,6 +64,7 @@ fn arbitrary_inputs_never_break_the_session() {
                     replicas: vec![ncp_replication::start::ReplicaCredentials {
                         user: None,
                         password: Some(ncp_replication::start::Secret::new("pw")),
+                        database: None,
                     }],
                 })
             }),

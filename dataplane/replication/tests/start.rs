@@ -62,6 +62,7 @@ fn md5_replica(user: Option<&str>) -> ReplicaCredentials {
     ReplicaCredentials {
         user: user.map(str::to_owned),
         password: Some(Secret::new("replica-pw")),
+        database: None,
     }
 }
 

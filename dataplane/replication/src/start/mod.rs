@@ -87,6 +87,8 @@ pub struct ReplicaCredentials {
     pub user: Option<String>,
     /// The replica's password for that user (`None`: the replica asks for none).
     pub password: Option<Secret>,
+    /// PostgreSQL: the database to open on the replica (`None`: the client's).
+    pub database: Option<String>,
 }
 
 /// A service's protocol and its replicas' credentials, by replica index.

@@ -295,15 +295,18 @@ pub struct PostgresLogin {
 }
 
 impl PostgresLogin {
-    /// A login with the client's start-up `params`, the user replaced by the replica's.
+    /// A login with the client's start-up `params`, the user and database replaced by
+    /// the replica's when it has its own.
     pub fn new(params: &[(String, String)], credentials: &ReplicaCredentials) -> Self {
         let mut body = PROTOCOL_3.to_be_bytes().to_vec();
         let mut user = String::new();
         for (name, value) in params {
-            let value = match (name.as_str(), &credentials.user) {
-                ("user", Some(mapped)) => mapped,
-                _ => value,
+            let mapped = match name.as_str() {
+                "user" => credentials.user.as_ref(),
+                "database" => credentials.database.as_ref(),
+                _ => None,
             };
+            let value = mapped.unwrap_or(value);
             if name == "user" {
                 user = value.clone();
             }

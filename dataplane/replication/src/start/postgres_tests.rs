@@ -41,6 +41,7 @@ fn creds(user: Option<&str>, password: Option<&str>) -> ReplicaCredentials {
     ReplicaCredentials {
         user: user.map(str::to_owned),
         password: password.map(Secret::new),
+        database: None,
     }
 }
 
@@ -114,6 +115,21 @@ fn a_replica_user_replaces_the_clients_in_its_start_up_message() {
     assert_eq!(
         login.take_output(),
         startup(&[("user", "bob"), ("database", "bank")])
+    );
+}
+
+#[test]
+fn a_replica_database_replaces_the_clients_too() {
+    let mut w = PostgresStart::default();
+    w.on_client(&startup(&[("user", "alice"), ("database", "bank")]));
+    let mapped = ReplicaCredentials {
+        database: Some("bank_copy".into()),
+        ..creds(Some("bob"), None)
+    };
+    let mut login = w.replica_login(&mapped).expect("seen").expect("built");
+    assert_eq!(
+        login.take_output(),
+        startup(&[("user", "bob"), ("database", "bank_copy")])
     );
 }
 

@@ -14,6 +14,7 @@ fn creds(user: Option<&str>, password: Option<&str>) -> ReplicaCredentials {
     ReplicaCredentials {
         user: user.map(str::to_owned),
         password: password.map(Secret::new),
+        database: None,
     }
 }
 
