@@ -119,15 +119,30 @@ impl std::str::FromStr for ProtocolSpec {
     type Err = StoreError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "postgres" => Ok(ProtocolSpec::Postgres),
-            "redis" => Ok(ProtocolSpec::Redis),
-            _ => Err(StoreError::Invalid {
-                what: "protocol",
-                detail: format!("{s:?}: must be postgres or redis"),
-            }),
-        }
+        one_of(
+            "protocol",
+            s,
+            &[
+                ("postgres", ProtocolSpec::Postgres),
+                ("redis", ProtocolSpec::Redis),
+            ],
+        )
     }
+}
+
+/// The value named `text` among `choices`, or an error that lists them.
+fn one_of<T: Copy>(what: &'static str, text: &str, choices: &[(&str, T)]) -> Result<T, StoreError> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            StoreError::Invalid {
+                what,
+                detail: format!("{text:?}: must be {}", names.join(" or ")),
+            }
+        })
 }
 
 impl LoginSpec {
@@ -179,14 +194,11 @@ impl std::str::FromStr for VerifySpec {
     type Err = StoreError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "off" => Ok(VerifySpec::Off),
-            "replies" => Ok(VerifySpec::Replies),
-            _ => Err(StoreError::Invalid {
-                what: "verify",
-                detail: format!("{s:?}: must be replies or off"),
-            }),
-        }
+        one_of(
+            "verify",
+            s,
+            &[("replies", VerifySpec::Replies), ("off", VerifySpec::Off)],
+        )
     }
 }
 

@@ -220,3 +220,27 @@ impl ReplicaLogin for NoLogin {
         true
     }
 }
+
+/// Helpers the protocols' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{PrimaryStep, StartDialect};
+
+    /// Feeds the primary's `answers` in chunks of `split`; returns where in them the
+    /// start-up answers ended, if they did (panics if they are not comparable).
+    pub fn primary_end(
+        dialect: &mut dyn StartDialect,
+        answers: &[u8],
+        split: usize,
+    ) -> Option<usize> {
+        let mut offset = 0;
+        for chunk in answers.chunks(split) {
+            match dialect.on_primary(chunk) {
+                PrimaryStep::StartingUp => offset += chunk.len(),
+                PrimaryStep::Ended(i) => return Some(offset + i),
+                other => panic!("valid answers: {other:?}"),
+            }
+        }
+        None
+    }
+}

@@ -200,18 +200,7 @@ fn the_primarys_start_up_answers_end_with_ready_for_query() {
     answers.extend(message(b'T', b"rows"));
     for split in 1..answers.len() {
         let mut w = PostgresStart::default();
-        let mut offset = 0;
-        let mut end = None;
-        for chunk in answers.chunks(split) {
-            match w.on_primary(chunk) {
-                PrimaryStep::StartingUp => offset += chunk.len(),
-                PrimaryStep::Ended(i) => {
-                    end = Some(offset + i);
-                    break;
-                }
-                other => panic!("valid answers: {other:?}"),
-            }
-        }
+        let end = crate::start::testing::primary_end(&mut w, &answers, split);
         assert_eq!(end, Some(ready_end), "split {split}");
     }
     let mut w = PostgresStart::default();

@@ -98,45 +98,22 @@ fn a_client_without_login_goes_to_everyone_from_its_first_byte() {
 
 #[test]
 fn the_primarys_replies_to_the_login_are_not_compared() {
-    let mut w = RedisStart::default();
-    let _ = follow(
-        &mut w,
-        &[
-            cmd(&["HELLO", "3"]),
-            cmd(&["AUTH", "pw"]),
-            cmd(&["GET", "k"]),
-        ]
-        .concat(),
-        1000,
-    );
+    let client = [
+        cmd(&["HELLO", "3"]),
+        cmd(&["AUTH", "pw"]),
+        cmd(&["GET", "k"]),
+    ]
+    .concat();
     let hello = b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$2\r\nid\r\n:42\r\n".to_vec();
     let replies = [hello.clone(), b"+OK\r\n".to_vec(), b"$1\r\nv\r\n".to_vec()].concat();
     for split in 1..replies.len() {
-        let mut w2 = RedisStart::default();
-        let _ = follow(
-            &mut w2,
-            &[
-                cmd(&["HELLO", "3"]),
-                cmd(&["AUTH", "pw"]),
-                cmd(&["GET", "k"]),
-            ]
-            .concat(),
-            1000,
-        );
-        let mut offset = 0;
-        let mut end = None;
-        for chunk in replies.chunks(split) {
-            match w2.on_primary(chunk) {
-                PrimaryStep::StartingUp => offset += chunk.len(),
-                PrimaryStep::Ended(i) => {
-                    end = Some(offset + i);
-                    break;
-                }
-                other => panic!("{other:?}"),
-            }
-        }
+        let mut w = RedisStart::default();
+        let _ = follow(&mut w, &client, 1000);
+        let end = crate::start::testing::primary_end(&mut w, &replies, split);
         assert_eq!(end, Some(hello.len() + 5), "split {split}");
     }
+    let mut w = RedisStart::default();
+    let _ = follow(&mut w, &client, 1000);
     assert_eq!(
         w.on_primary(b"-WRONGPASS invalid username-password pair\r\n"),
         PrimaryStep::Refused
