@@ -6,7 +6,8 @@
 //! replication. The controller installs the redirect on the switch its planner picks and
 //! pushes the service to the middlebox; a deterministic Redis workload from the source
 //! then runs once directly and once through NCP, and the report compares throughput and
-//! the primary's and replica's `DEBUG DIGEST`.
+//! the primary's and replica's `DEBUG DIGEST`. A second scene replicates PostgreSQL with
+//! SCRAM logins and a replica with credentials of its own ([`postgres`]).
 
 use std::{
     net::Ipv4Addr,
@@ -19,6 +20,8 @@ use anyhow::{Context as _, bail};
 use ncp_testbed::{OvsSsl, Plan, Testbed, Topology, UpOptions, workload};
 
 use crate::{cmd::step, middlebox::Middlebox, setup};
+
+mod postgres;
 
 const PREFIX: &str = "ncp";
 const OPENFLOW: &str = "127.0.0.1:6653";
@@ -363,6 +366,7 @@ impl Scene {
             bail!("the replica's data differs from the primary's");
         }
         self.divergence_drill(primary, replica)?;
+        self.postgres_scene(&middlebox, source, mb)?;
 
         step("drill 1/2: the replica dies in the middle of a workload");
         // The client sends half the workload, the replica dies, the client sends the rest:
