@@ -136,6 +136,10 @@ pub struct WorkerStatsView {
     /// (absent from older middleboxes' answers: all zero then).
     #[serde(default)]
     pub loss_recovery: RecoveryCounters,
+    /// Whether the worker's AF_XDP sockets are bound in zero-copy mode (`false` also
+    /// when `zero_copy = true` was asked for and the driver refused it).
+    #[serde(default)]
+    pub zero_copy: bool,
 }
 
 impl From<WorkerSnapshot> for WorkerStatsView {
@@ -147,6 +151,7 @@ impl From<WorkerSnapshot> for WorkerStatsView {
             rx_frames: s.rx_frames,
             rx_bytes: s.rx_bytes,
             loss_recovery: s.loss_recovery,
+            zero_copy: s.zero_copy,
         }
     }
 }

@@ -94,10 +94,11 @@ impl Scene {
     /// The scene on `prefix`, or `None` (having said why) on a machine without the
     /// privileges; under CI=true their absence fails the test instead (see [`privileged`]).
     fn if_privileged(prefix: &str) -> Option<Scene> {
-        privileged().then(|| Scene::start(prefix))
+        privileged().then(|| Scene::start(prefix, ""))
     }
 
-    fn start(prefix: &str) -> Scene {
+    /// The scene, its interface's TOML table with `interface_lines` added.
+    fn start(prefix: &str, interface_lines: &str) -> Scene {
         let bed = paper_bed(prefix, 1);
         let source_ip = bed.address("source", "eth0").unwrap();
         let primary_ip = bed.address("primary", "eth0").unwrap();
@@ -122,6 +123,7 @@ name = "eth0"
 address = "{middlebox_ip}"
 ports = {{ first = 40000, last = 40999 }}
 queues = [{{ queue = 0, core = 1 }}]
+{interface_lines}
 
 [[rules]]
 id = 1
@@ -312,6 +314,24 @@ fn matching_flow_reaches_the_af_xdp_ring_and_counts_agree() {
     assert!(
         after.interfaces[0].xdp.redirected > before,
         "the SYN was not redirected: {after:?}"
+    );
+}
+
+/// `zero_copy = true` on a driver without AF_XDP zero-copy (veth): the middlebox falls
+/// back to copy mode, says so in its stats, and steers as before.
+#[test]
+fn zero_copy_on_veth_falls_back_to_copy_mode_and_still_steers() {
+    if !privileged() {
+        return;
+    }
+    let scene = Scene::start("nsz", "zero_copy = true");
+    scene.pktgen_ok(scene.primary_ip, SERVICE_PORT, 1000);
+    let stats = scene.settled_stats(1000);
+    assert_eq!(stats.interfaces[0].xdp.redirected, 1000, "{stats:?}");
+    assert!(!stats.workers.is_empty());
+    assert!(
+        stats.workers.iter().all(|w| !w.zero_copy),
+        "veth has no zero-copy AF_XDP: {stats:?}"
     );
 }
 

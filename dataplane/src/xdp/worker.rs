@@ -98,6 +98,8 @@ pub struct WorkerStats {
     rx_bytes: AtomicU64,
     wakeups: AtomicU64,
     poll_errors: AtomicU64,
+    /// Whether every socket of the worker is bound in zero-copy mode.
+    zero_copy: std::sync::atomic::AtomicBool,
     replication: Mutex<WorkerReplicationStats>,
     loss_recovery: Mutex<RecoveryCounters>,
 }
@@ -131,6 +133,9 @@ pub struct WorkerSnapshot {
     pub poll_errors: u64,
     /// What the loss-recovery layer did, over the worker's links.
     pub loss_recovery: RecoveryCounters,
+    /// Whether its sockets are bound in zero-copy mode (`false`: copy mode, asked for or
+    /// fallen back to).
+    pub zero_copy: bool,
 }
 
 /// A socket a worker opened: the runtime registers it in that interface's XSKMAP.
@@ -142,6 +147,8 @@ pub struct OpenedSocket {
     pub queue: u32,
     /// The AF_XDP socket's descriptor.
     pub fd: i32,
+    /// Whether it is bound in zero-copy mode.
+    pub zero_copy: bool,
 }
 
 /// A running worker thread.
@@ -184,6 +191,9 @@ impl Worker {
                 return Err(anyhow::anyhow!("worker {name} exited during start-up"));
             }
         };
+        stats
+            .zero_copy
+            .store(sockets.iter().all(|s| s.zero_copy), Ordering::Relaxed);
         Ok((
             Self {
                 spec,
@@ -225,6 +235,7 @@ pub fn snapshot(spec: &WorkerSpec, stats: &WorkerStats) -> WorkerSnapshot {
         rx_bytes: stats.rx_bytes.load(Ordering::Relaxed),
         wakeups: stats.wakeups.load(Ordering::Relaxed),
         poll_errors: stats.poll_errors.load(Ordering::Relaxed),
+        zero_copy: stats.zero_copy.load(Ordering::Relaxed),
         loss_recovery: *stats
             .loss_recovery
             .lock()
@@ -248,6 +259,7 @@ fn open_link(
         interface: interface.clone(),
         queue: spec.socket.queue,
         fd: socket.raw_fd(),
+        zero_copy: socket.is_zero_copy(),
     };
     let device = XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| at(&e))?;
     let device = HandoverDevice::new(device, handover);
@@ -434,6 +446,7 @@ fn count_only(spec: &WorkerSpec, stats: &WorkerStats, stop: &AtomicBool, ready: 
         interface: spec.link.socket.interface.clone(),
         queue: spec.link.socket.queue,
         fd: socket.raw_fd(),
+        zero_copy: socket.is_zero_copy(),
     };
     if ready.send(Ok(vec![opened])).is_err() {
         return;

@@ -491,8 +491,32 @@ pub struct XskSocket {
 }
 
 impl XskSocket {
-    /// Creates the UMEM, the socket and its rings, and binds it to the queue.
+    /// Creates the UMEM, the socket and its rings, and binds it to the queue. With
+    /// `zero_copy`, a driver that refuses zero-copy binding (veth, and NICs without
+    /// AF_XDP zero-copy support) gets a fresh socket in copy mode instead, with a warning
+    /// that says so: the data plane works either way, only slower without zero-copy.
     pub fn open(options: &XskOptions) -> io::Result<Self> {
+        match Self::open_in(options, options.zero_copy) {
+            Err(e) if options.zero_copy => {
+                tracing::warn!(
+                    interface = %options.interface,
+                    queue = options.queue,
+                    error = %e,
+                    "the driver refused zero-copy AF_XDP; falling back to copy mode \
+                     (zero_copy = true needs a NIC driver with AF_XDP zero-copy support)"
+                );
+                Self::open_in(options, false)
+            }
+            opened => opened,
+        }
+    }
+
+    /// Whether the socket is bound in zero-copy mode.
+    pub fn is_zero_copy(&self) -> bool {
+        self.tx.zero_copy
+    }
+
+    fn open_in(options: &XskOptions, zero_copy: bool) -> io::Result<Self> {
         let frames = options.frames;
         if !frames.is_power_of_two() || frames < 2 * BATCH {
             return Err(io::Error::new(
@@ -531,7 +555,7 @@ impl XskSocket {
             .fq_cq(&socket)
             .map_err(|e| errno("mapping fill/completion rings", e))?;
         let bind_flags = SocketConfig::XDP_BIND_NEED_WAKEUP
-            | if options.zero_copy {
+            | if zero_copy {
                 SocketConfig::XDP_BIND_ZEROCOPY
             } else {
                 SocketConfig::XDP_BIND_COPY
@@ -555,11 +579,7 @@ impl XskSocket {
                     "binding to {} queue {} in {} mode",
                     options.interface,
                     options.queue,
-                    if options.zero_copy {
-                        "zero-copy"
-                    } else {
-                        "copy"
-                    }
+                    if zero_copy { "zero-copy" } else { "copy" }
                 ),
                 e,
             )
@@ -589,7 +609,7 @@ impl XskSocket {
                 .filter_map(offset)
                 .filter(|&o| view.holds_frame(o))
                 .collect(),
-            zero_copy: options.zero_copy,
+            zero_copy,
             frames: 0,
             full: 0,
             kicks: 0,
