@@ -267,3 +267,59 @@ fn a_redis_client_the_primary_refuses_takes_the_replicas_out_of_the_session() {
     .expect("primary");
     assert_login_failed(&mut s, 0, "primary refused");
 }
+
+/// The session_start fuzz target's seeds: real start-ups of both protocols, in its input
+/// format (selector, then the client's, the primary's and the replica's streams).
+#[test]
+fn fuzz_seeds_are_current() {
+    let stream = |bytes: &[u8]| [&(bytes.len() as u16).to_be_bytes()[..], bytes].concat();
+    let seed = |selector: u8, client: &[u8], primary: &[u8], replica: &[u8]| {
+        [
+            vec![selector],
+            stream(client),
+            stream(primary),
+            stream(replica),
+        ]
+        .concat()
+    };
+    let ssl_request = [0, 0, 0, 8, 4, 210, 22, 47];
+    let pg_client = [
+        &ssl_request[..],
+        &startup("alice"),
+        &message(b'p', b"md5primaryanswer\0"),
+        &message(b'Q', b"SELECT 1\0"),
+    ]
+    .concat();
+    let pg_scram = [
+        auth(10, b"SCRAM-SHA-256\0\0"),
+        auth(11, b"r=abc,s=c2FsdA==,i=4096"),
+    ]
+    .concat();
+    let redis_client = b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+    let redis_primary = b"+OK\r\n%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n$-1\r\n";
+    let seeds = vec![
+        (
+            "postgres-md5".to_string(),
+            seed(
+                2 * 7,
+                &pg_client,
+                &logged_in(1),
+                &[auth(5, &[1, 2, 3, 4]), logged_in(2)].concat(),
+            ),
+        ),
+        (
+            "postgres-scram".to_string(),
+            seed(2 * 64, &pg_client, &logged_in(1), &pg_scram),
+        ),
+        (
+            "redis-auth-hello".to_string(),
+            seed(
+                2 * 5 + 1,
+                redis_client,
+                redis_primary,
+                b"+OK\r\n%1\r\n$2\r\nid\r\n:7\r\n",
+            ),
+        ),
+    ];
+    ncp_testbed::fuzz_seeds::sync("session_start", &seeds);
+}
