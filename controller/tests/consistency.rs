@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -393,24 +393,6 @@ async fn status_shows_divergence_fail_open_windows_and_operator_resets() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A process killed when dropped (the test's own Prometheus).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A loopback port free right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_replica_state() {
     if !ncp_testbed::ready_or_skip("prometheus scrape", &["prometheus"]) {
@@ -450,68 +432,35 @@ async fn prometheus_scrapes_the_replica_state() {
         401
     );
 
-    let token = dir.join("token");
-    std::fs::write(&token, TOKEN).expect("token file");
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: ncpd\n    metrics_path: /metrics\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: ['{}']\n",
-            token.display(),
-            api.addr
-        ),
-    )
-    .expect("prometheus config");
-    let port = free_port();
-    let _prometheus = Killed(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .spawn()
-            .expect("start prometheus"),
-    );
-    let prom = Client::new(([127, 0, 0, 1], port).into(), "");
-    let query = |q: &'static str| {
-        let prom = prom.clone();
-        async move {
-            let r = tokio::task::spawn_blocking(move || {
-                prom.request("GET", &format!("/api/v1/query?query={q}"), None)
-            })
-            .await
-            .expect("join")
-            .ok()?;
-            let v: Value = serde_json::from_str(&r.body).ok()?;
-            (v["status"] == "success").then(|| v["data"]["result"].clone())
-        }
-    };
-    let (result, took) = wait_for(
-        Duration::from_secs(60),
-        "ncp_replica_in_step in Prometheus",
-        || async {
-            query("ncp_replica_in_step")
-                .await
-                .filter(|r| r.as_array().is_some_and(|l| l.len() == 2))
-        },
-    )
-    .await;
-    eprintln!("Prometheus had the series {took:?} after it started: {result}");
+    let prometheus =
+        ncp_testbed::prometheus::Prometheus::start(api.addr, TOKEN).expect("start prometheus");
+    let ((result, took), up) = tokio::task::block_in_place(|| {
+        let series = prometheus
+            .wait_for(
+                "ncp_replica_in_step",
+                "both replicas' series",
+                Duration::from_secs(60),
+                |s| s.len() == 2,
+            )
+            .expect("ncp_replica_in_step in Prometheus");
+        (series, prometheus.query("up").expect("up"))
+    });
+    eprintln!("Prometheus had the series {took:?} after it started: {result:?}");
     let value = |replica: &str| {
         result
-            .as_array()
-            .and_then(|l| l.iter().find(|s| s["metric"]["replica"] == replica))
-            .map(|s| s["value"][1].clone())
-            .unwrap_or(Value::Null)
+            .iter()
+            .find(|s| s.label("replica") == replica)
+            .map(|s| s.value)
     };
-    assert_eq!(value(A), "1", "{result}");
-    assert_eq!(value(B), "0", "{result}");
-    assert_eq!(result[0]["metric"]["replication"], "1", "{result}");
-    assert_eq!(result[0]["metric"]["job"], "ncpd", "{result}");
-    let up = query("up").await.expect("up");
-    assert_eq!(up[0]["value"][1], "1", "scrape healthy: {up}");
+    assert_eq!(value(A), Some(1.0), "{result:?}");
+    assert_eq!(value(B), Some(0.0), "{result:?}");
+    assert_eq!(result[0].label("replication"), "1", "{result:?}");
+    assert_eq!(result[0].label("job"), "ncpd", "{result:?}");
+    assert_eq!(
+        up.first().map(|s| s.value),
+        Some(1.0),
+        "scrape healthy: {up:?}"
+    );
+    drop(prometheus);
     let _ = std::fs::remove_dir_all(dir);
 }

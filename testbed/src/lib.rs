@@ -18,6 +18,7 @@
 //! Modules:
 //! * [`topology`]: the file format, parsing and validation (pure).
 //! * [`plan`]: names, port numbers and objects a topology yields under a prefix (pure).
+//! * [`prometheus`]: a real Prometheus scraping ncpd, and its query API.
 //! * [`fuzz_seeds`]: the fuzz targets' seed corpora, checked against the fixtures they
 //!   come from.
 //! * [`Testbed`]: `up`/`down` and accessors; runs `ip`, `ethtool`, `sysctl`, `ovs-vsctl`.
@@ -37,6 +38,7 @@ pub mod netns;
 mod ovs;
 pub mod plan;
 mod privileges;
+pub mod prometheus;
 mod serial;
 pub mod servers;
 mod state;

@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use ncp_testbed::{OvsSsl, Plan, Testbed, Topology, UpOptions, workload};
+use ncp_testbed::{OvsSsl, Plan, Testbed, Topology, UpOptions, prometheus::Prometheus, workload};
 
 use crate::{cmd::step, middlebox::Middlebox, setup};
 
@@ -62,6 +62,7 @@ pub fn demo(keep: bool) -> anyhow::Result<()> {
         processes: Vec::new(),
         token: token(),
         pki,
+        prometheus: None,
     };
     let result = scene.run();
     if keep && result.is_ok() {
@@ -79,6 +80,14 @@ pub fn demo(keep: bool) -> anyhow::Result<()> {
         for p in &scene.processes {
             println!("  pid {}", p.id());
         }
+        if let Some(p) = &scene.prometheus {
+            println!(
+                "  pid {} (Prometheus on http://{}, files in {})",
+                p.pid(),
+                p.addr(),
+                p.dir().display()
+            );
+        }
         std::mem::forget(scene);
         return Ok(());
     }
@@ -95,6 +104,8 @@ struct Scene {
     token: String,
     /// The OpenFlow PKI (`ncpctl pki` layout: cacert.pem, ctl-cert.pem, ...).
     pki: PathBuf,
+    /// A real Prometheus scraping ncpd's `/metrics` (stopped and removed on drop).
+    prometheus: Option<Prometheus>,
 }
 
 /// Runs `ncpctl` (`command`, with any options already given) with `args`; fails with its
@@ -157,6 +168,19 @@ fn consistency_line(r: &anyhow::Result<serde_json::Value>) -> String {
     }
 }
 
+/// The PromQL selector of `metric` for replication #1's replica at `replica`.
+fn replica_series(metric: &str, replica: Ipv4Addr) -> String {
+    format!("{metric}{{replication=\"1\",replica=\"{replica}:{REDIS_PORT}\"}}")
+}
+
+/// A value read from Prometheus and how long it took to show, or why it did not.
+fn scraped_line(r: &anyhow::Result<(f64, Duration)>) -> String {
+    match r {
+        Ok((value, took)) => format!("{value} (seen after {:.1} s)", took.as_secs_f64()),
+        Err(e) => format!("NOT SCRAPED ({e})"),
+    }
+}
+
 /// A fresh API token for this run (the controller accepts it through NCP_TOKEN).
 fn token() -> String {
     let seed = std::time::SystemTime::now()
@@ -208,6 +232,8 @@ impl Scene {
             let t = s.ncpctl(&["topology"]).ok()?;
             (t["switches"].as_array()?.len() == 2).then_some(())
         })?;
+        step("starting Prometheus (loopback only) scraping ncpd's /metrics every second");
+        self.prometheus = Some(Prometheus::start(API.parse()?, &self.token)?);
 
         step("starting the middlebox (XDP + AF_XDP workers) on eth0 and its replication NIC eth1");
         let config = format!(
@@ -296,6 +322,22 @@ impl Scene {
             .or_else(|_| self.redis("replica", &["DEBUG", "DIGEST"]))?;
         let keys = self.redis("primary", &["DBSIZE"])?;
         let stats = middlebox.stats()?;
+        step("asking Prometheus for the replica's state and the middlebox's counters");
+        let in_step = self.scraped(
+            &replica_series("ncp_replica_in_step", replica),
+            "the replica in step",
+            |v| v == 1.0,
+        );
+        let rx_frames = self.scraped(
+            "sum(ncp_middlebox_worker_rx_frames_total)",
+            "frames taken by the middlebox's workers",
+            |v| v > 0.0,
+        );
+        let redirected = self.scraped(
+            "sum(ncp_middlebox_xdp_frames_total{verdict=\"redirected\"})",
+            "frames redirected by the XDP program",
+            |v| v > 0.0,
+        );
 
         let dpid = status["redirection_switch"].as_u64();
         let switch = dpid
@@ -340,6 +382,24 @@ impl Scene {
         println!("  keys on the primary: {keys}");
         println!("DEBUG DIGEST primary: {primary_digest}");
         println!("DEBUG DIGEST replica: {replica_digest}");
+        println!(
+            "Prometheus (scraping ncpd /metrics, query API on {}):",
+            self.prometheus
+                .as_ref()
+                .map_or("?".into(), |p| p.addr().to_string())
+        );
+        println!(
+            "  ncp_replica_in_step (replica):                 {}",
+            scraped_line(&in_step)
+        );
+        println!(
+            "  ncp_middlebox_worker_rx_frames_total (sum):    {}",
+            scraped_line(&rx_frames)
+        );
+        println!(
+            "  ncp_middlebox_xdp_frames_total (redirected):   {}",
+            scraped_line(&redirected)
+        );
         let service = &stats["replication"]["services"][0];
         let replica_stats = &service["replicas"][0];
         println!(
@@ -364,6 +424,9 @@ impl Scene {
         println!("=============================================================");
         if !equal {
             bail!("the replica's data differs from the primary's");
+        }
+        if in_step.is_err() || rx_frames.is_err() || redirected.is_err() {
+            bail!("Prometheus did not return the series the demo expects (see above)");
         }
         self.divergence_drill(primary, replica)?;
         self.postgres_scene(&middlebox, source, mb)?;
@@ -580,6 +643,11 @@ impl Scene {
             .map(|r| r["middlebox"]["first_mismatch"].clone())
             .unwrap_or_default();
         let offset = mismatch["offset"].as_u64();
+        let scraped_diverged = self.scraped(
+            &replica_series("ncp_replica_diverged", replica),
+            "the replica diverged",
+            |v| v == 1.0,
+        );
 
         step(
             "repairing the replica: the key deleted on it, digests compared, ncpctl replica reset",
@@ -607,6 +675,20 @@ impl Scene {
                 (r["state"] == "in-step").then_some(r)
             },
         );
+        let scraped_in_step = self
+            .scraped(
+                &replica_series("ncp_replica_in_step", replica),
+                "the replica in step after the reset",
+                |v| v == 1.0,
+            )
+            .and_then(|in_step| {
+                self.scraped(
+                    &replica_series("ncp_replica_diverged", replica),
+                    "the replica no longer diverged after the reset",
+                    |v| v == 0.0,
+                )?;
+                Ok(in_step)
+            });
 
         println!("\n--------------------- divergence drill ---------------------");
         println!("before: {}", consistency_line(&before));
@@ -640,11 +722,42 @@ impl Scene {
             },
             consistency_line(&reset)
         );
-        if flagged.is_err() || offset != Some(expected_offset) || digests.is_err() || reset.is_err()
+        println!(
+            "Prometheus: ncp_replica_diverged during the drill: {}; ncp_replica_in_step after the reset: {} (diverged back to 0)",
+            scraped_line(&scraped_diverged),
+            scraped_line(&scraped_in_step)
+        );
+        if flagged.is_err()
+            || offset != Some(expected_offset)
+            || digests.is_err()
+            || reset.is_err()
+            || scraped_diverged.is_err()
+            || scraped_in_step.is_err()
         {
             bail!("the divergence drill did not behave as it should (see above)");
         }
         Ok(())
+    }
+
+    /// Waits (boundedly) until Prometheus's answer to `promql` is one series whose value
+    /// satisfies `ok`; returns that value and how long the wait took.
+    fn scraped(
+        &self,
+        promql: &str,
+        what: &str,
+        ok: impl Fn(f64) -> bool,
+    ) -> anyhow::Result<(f64, Duration)> {
+        let prometheus = self
+            .prometheus
+            .as_ref()
+            .context("Prometheus is not running")?;
+        let (samples, took) = prometheus.wait_for(
+            promql,
+            what,
+            Duration::from_secs(20),
+            |samples| matches!(samples, [one] if ok(one.value)),
+        )?;
+        Ok((samples[0].value, took))
     }
 
     /// Waits for the controller to report replication #1's replica diverged with a reason
