@@ -233,6 +233,56 @@ impl Postgres {
     }
 }
 
+/// A Redis server running in a test-bed host: no persistence, reachable from the test
+/// bed's network, `DEBUG` allowed from its own host (for `DEBUG DIGEST`).
+pub struct Redis;
+
+impl Redis {
+    /// Starts `redis-server` in `host` on `port`, logging to `log`, and waits until it
+    /// answers `PING`.
+    pub fn start(bed: &Testbed, host: &str, port: u16, log: &Path) -> Result<Child> {
+        let port_s = port.to_string();
+        let log_s = log.to_string_lossy().into_owned();
+        let mut child = bed.spawn(
+            host,
+            &[
+                "redis-server",
+                "--port",
+                &port_s,
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "local",
+                "--logfile",
+                &log_s,
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pong = bed
+                .exec(host, &["redis-cli", "-p", &port_s, "PING"])
+                .is_ok_and(|o| o.stdout.starts_with(b"PONG"));
+            if pong {
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Timeout(format!(
+                    "redis on {host}:{port} did not answer PING (log: {log_s})"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn run_ok(command: &mut Command, what: &str) -> Result<()> {
     let out = command
         .output()

@@ -17,7 +17,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use ncp_testbed::{OvsSsl, Plan, Testbed, Topology, UpOptions, prometheus::Prometheus, workload};
+use ncp_testbed::{
+    OvsSsl, Plan, Testbed, Topology, UpOptions, prometheus::Prometheus, servers::Redis, workload,
+};
 
 use crate::{cmd::step, middlebox::Middlebox, setup};
 
@@ -784,30 +786,8 @@ impl Scene {
     }
 
     fn start_redis(&self, host: &str) -> anyhow::Result<Child> {
-        let child = self.bed.spawn(
-            host,
-            &[
-                "redis-server",
-                "--port",
-                &REDIS_PORT.to_string(),
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--enable-debug-command",
-                "local",
-                "--logfile",
-                &format!("{WORK}/redis-{host}.log"),
-            ],
-        )?;
-        self.wait_for(&format!("redis on {host}"), Duration::from_secs(10), |s| {
-            (s.redis(host, &["PING"]).ok()? == "PONG").then_some(())
-        })?;
-        Ok(child)
+        let log = format!("{WORK}/redis-{host}.log");
+        Ok(Redis::start(&self.bed, host, REDIS_PORT, Path::new(&log))?)
     }
 
     /// Starts `redis-cli --pipe` from the source reading `stdin`, without waiting.

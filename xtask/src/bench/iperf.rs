@@ -21,22 +21,12 @@ pub(super) const PORT: u16 = 5201;
 /// What the replica got over a path's runs, in the log: a replicated figure counts only
 /// if the replica stayed attached (spilling shows how often it fell behind its memory).
 fn log_replica(mb: &crate::middlebox::Middlebox) {
-    let Ok(stats) = mb.stats() else {
+    let Ok(r) = super::replica::replica_counters(mb) else {
         return;
     };
-    let service = &stats["replication"]["services"][0];
-    let Some(replica) = service["replicas"].get(0) else {
-        return;
-    };
-    let detaches: u64 = replica["detached"]
-        .as_object()
-        .map_or(0, |r| r.values().filter_map(|v| v.as_u64()).sum());
     eprintln!(
-        "      replica: {} of {} bytes, spilled {} replayed {}, detaches {detaches}",
-        replica["bytes_out"].as_u64().unwrap_or(0),
-        service["primary_bytes_out"].as_u64().unwrap_or(0),
-        replica["spilled_bytes"].as_u64().unwrap_or(0),
-        replica["replayed_bytes"].as_u64().unwrap_or(0),
+        "      replica: {} of {} bytes, spilled {} replayed {}, detaches {}",
+        r.replica_bytes, r.primary_bytes, r.spilled_bytes, r.replayed_bytes, r.detaches
     );
 }
 

@@ -7,15 +7,15 @@
 //!
 //! There is no netem on the test bed, so the loss is `numgen random` in an input chain.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
-use anyhow::Context as _;
 use ncp_testbed::Testbed;
 
 use super::{
     LossRecovery, Options,
     iperf::{PORT, run_iperf, start_servers, stop_servers},
     median,
+    replica::{REPLICA_CATCH_UP, ReplicaOutcome, first_replica_counters, replica_outcome},
     routes::{self, Replication, Route},
     save_json,
 };
@@ -24,10 +24,6 @@ use crate::{cmd::step, middlebox::Middlebox};
 /// Link rate: what the test bed's software switch carries with room to spare, so the
 /// loss, not the switch, is what the columns differ in.
 const LINK_MBIT: u32 = 200;
-
-/// How long the replica may lag behind the primary after a run before a shortfall
-/// counts.
-const REPLICA_CATCH_UP: Duration = Duration::from_secs(5);
 
 /// Where the segments are dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,31 +84,12 @@ struct Sample {
     replica: Option<ReplicaOutcome>,
 }
 
-#[derive(Clone, Debug)]
-struct ReplicaOutcome {
-    primary_bytes: u64,
-    replica_bytes: u64,
-    detaches: u64,
-}
-
 impl Sample {
     fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "bps": self.bps,
-            "replica": self.replica.as_ref().map(|r| serde_json::json!({
-                "primary_bytes": r.primary_bytes,
-                "replica_bytes": r.replica_bytes,
-                "detaches": r.detaches,
-                "complete": r.complete(),
-            })),
+            "replica": self.replica.as_ref().map(ReplicaOutcome::to_json),
         })
-    }
-}
-
-impl ReplicaOutcome {
-    fn complete(&self) -> bool {
-        // More than the primary is fine: under loss at the primary its side lags behind.
-        self.detaches == 0 && self.replica_bytes >= self.primary_bytes
     }
 }
 
@@ -262,69 +239,10 @@ fn measure(
         })
     };
     let replica = match (mb, before) {
-        (Some(mb), Some(before)) => Some(replica_outcome(mb, &before)?),
+        (Some(mb), Some(before)) => Some(replica_outcome(mb, &before, REPLICA_CATCH_UP)?),
         _ => None,
     };
     Ok(Sample { bps, replica })
-}
-
-/// The middlebox's counters of the service so far: bytes to the primary, bytes to the
-/// replica, detaches of any reason.
-fn replica_counters(mb: &Middlebox) -> anyhow::Result<ReplicaOutcome> {
-    let stats = mb.stats().context("reading the middlebox's counters")?;
-    let service = &stats["replication"]["services"][0];
-    let replica = &service["replicas"][0];
-    let detaches = replica["detached"].as_object().map_or(0, |reasons| {
-        reasons.values().filter_map(|v| v.as_u64()).sum()
-    });
-    // A missing counter would read as "0 of 0 bytes, complete": refuse it instead.
-    Ok(ReplicaOutcome {
-        primary_bytes: service["primary_bytes_out"]
-            .as_u64()
-            .context("middlebox stats without the service's primary_bytes_out")?,
-        replica_bytes: replica["bytes_out"]
-            .as_u64()
-            .context("middlebox stats without the replica's bytes_out")?,
-        detaches,
-    })
-}
-
-/// [`replica_counters`] of a middlebox that has just started: its workers publish their
-/// counters a moment after it answers, so a service missing from the first answers is
-/// waited for (boundedly) rather than taken for an error.
-fn first_replica_counters(mb: &Middlebox) -> anyhow::Result<ReplicaOutcome> {
-    let deadline = std::time::Instant::now() + REPLICA_CATCH_UP;
-    loop {
-        match replica_counters(mb) {
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::debug!("middlebox counters not there yet: {e:#}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            done => return done,
-        }
-    }
-}
-
-/// What the replica got during a run compared with the primary, once it has caught up
-/// (or [`REPLICA_CATCH_UP`] has passed: the middlebox never waits for it, so a replica
-/// may legitimately finish after the client).
-fn replica_outcome(mb: &Middlebox, before: &ReplicaOutcome) -> anyhow::Result<ReplicaOutcome> {
-    let deadline = std::time::Instant::now() + REPLICA_CATCH_UP;
-    loop {
-        let now = replica_counters(mb)?;
-        let delta = ReplicaOutcome {
-            primary_bytes: now.primary_bytes.saturating_sub(before.primary_bytes),
-            replica_bytes: now.replica_bytes.saturating_sub(before.replica_bytes),
-            detaches: now.detaches.saturating_sub(before.detaches),
-        };
-        if delta.replica_bytes >= delta.primary_bytes
-            || delta.detaches > 0
-            || std::time::Instant::now() > deadline
-        {
-            return Ok(delta);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// An nftables table in a host's namespace that drops `per_mille` of the iperf3 segments
@@ -483,6 +401,7 @@ mod tests {
                 primary_bytes,
                 replica_bytes,
                 detaches,
+                ..ReplicaOutcome::default()
             }),
         }
     }

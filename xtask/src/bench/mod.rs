@@ -5,11 +5,13 @@
 //! `bench-results/partial/` instead, so it never replaces the full report with a part of
 //! it.
 
+mod consistency;
 mod httperf;
 mod iperf;
 mod loss;
 mod pgbench;
 mod plot;
+mod replica;
 mod routes;
 mod scale;
 mod steering;
@@ -75,6 +77,10 @@ pub enum Experiment {
     /// links at 200 Mbit/s: direct versus XDP mode with each loss recovery and sockets
     /// mode, and whether the replica kept up.
     Loss,
+    /// The cost of reply verification and of spilling on XDP-mode throughput
+    /// (redis-benchmark, 4 KiB values, links uncapped): verify off, verify replies, a
+    /// replica stopped past its memory budget with and without spilling.
+    Consistency,
 }
 
 /// Who repairs lost segments of XDP mode's TCP connections: the config's
@@ -200,6 +206,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
             Experiment::Pgbench => pgbench::pgbench(&bed, &bins, options),
             Experiment::Scale => scale::scale(&bed, &bins, options),
             Experiment::Loss => loss::loss(&bed, &bins, options),
+            Experiment::Consistency => consistency::consistency(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),
