@@ -324,6 +324,19 @@ impl Scene {
             .or_else(|_| self.redis("replica", &["DEBUG", "DIGEST"]))?;
         let keys = self.redis("primary", &["DBSIZE"])?;
         let stats = middlebox.stats()?;
+        // The replica started empty with the primary and the digests agree, so the
+        // operator can vouch for it: until then it is `unknown` (the middlebox cannot
+        // know what was written before it began replicating).
+        let equal = primary_digest == replica_digest && primary_digest.len() == 40;
+        let unvouched = self.replica_consistency();
+        let vouched = if equal {
+            step(
+                "the digests agree: the operator marks the replica in step (ncpctl replica reset)",
+            );
+            self.mark_in_step(replica)
+        } else {
+            Err(anyhow::anyhow!("not marked: the digests differ"))
+        };
         step("asking Prometheus for the replica's state and the middlebox's counters");
         let in_step = self.scraped(
             &replica_series("ncp_replica_in_step", replica),
@@ -391,6 +404,11 @@ impl Scene {
                 .map_or("?".into(), |p| p.addr().to_string())
         );
         println!(
+            "replica's state: {} until the operator marked it in step, then {}",
+            consistency_line(&unvouched),
+            consistency_line(&vouched)
+        );
+        println!(
             "  ncp_replica_in_step (replica):                 {}",
             scraped_line(&in_step)
         );
@@ -414,7 +432,6 @@ impl Scene {
             service["replica_bytes_dropped"],
             replica_stats["detached"]
         );
-        let equal = primary_digest == replica_digest && primary_digest.len() == 40;
         println!(
             "verdict: {}",
             if equal {
@@ -427,7 +444,7 @@ impl Scene {
         if !equal {
             bail!("the replica's data differs from the primary's");
         }
-        if in_step.is_err() || rx_frames.is_err() || redirected.is_err() {
+        if vouched.is_err() || in_step.is_err() || rx_frames.is_err() || redirected.is_err() {
             bail!("Prometheus did not return the series the demo expects (see above)");
         }
         self.divergence_drill(primary, replica)?;
@@ -661,22 +678,7 @@ impl Scene {
             Duration::from_secs(30),
             |s| (s.redis("replica", &["DEBUG", "DIGEST"]).ok()? == primary_digest).then_some(()),
         );
-        self.ncpctl(&[
-            "replica",
-            "reset",
-            "--replication",
-            "1",
-            "--replica",
-            &format!("{replica}:{REDIS_PORT}"),
-        ])?;
-        let reset = self.wait_for(
-            "the replica to be reported in step again",
-            Duration::from_secs(20),
-            |s| {
-                let r = s.replica_consistency().ok()?;
-                (r["state"] == "in-step").then_some(r)
-            },
-        );
+        let reset = self.mark_in_step(replica);
         let scraped_in_step = self
             .scraped(
                 &replica_series("ncp_replica_in_step", replica),
@@ -739,6 +741,28 @@ impl Scene {
             bail!("the divergence drill did not behave as it should (see above)");
         }
         Ok(())
+    }
+
+    /// `ncpctl replica reset` of replication #1's replica, as an operator who knows it
+    /// holds the primary's data; returns its consistency entry once the controller
+    /// reports it in step.
+    fn mark_in_step(&self, replica: Ipv4Addr) -> anyhow::Result<serde_json::Value> {
+        self.ncpctl(&[
+            "replica",
+            "reset",
+            "--replication",
+            "1",
+            "--replica",
+            &format!("{replica}:{REDIS_PORT}"),
+        ])?;
+        self.wait_for(
+            "the replica to be reported in step",
+            Duration::from_secs(20),
+            |s| {
+                let r = s.replica_consistency().ok()?;
+                (r["state"] == "in-step").then_some(r)
+            },
+        )
     }
 
     /// Waits (boundedly) until Prometheus's answer to `promql` is one series whose value
