@@ -30,6 +30,9 @@ pub(super) struct ReplicaOutcome {
     pub verified_bytes: u64,
     /// Sessions whose answers differed from the primary's.
     pub mismatches: u64,
+    /// Sessions not verified to the end: one side's answer ran further ahead of the
+    /// other's than the verification window (not a divergence).
+    pub window_exceeded: u64,
 }
 
 impl ReplicaOutcome {
@@ -49,6 +52,7 @@ impl ReplicaOutcome {
             replayed_bytes: self.replayed_bytes.saturating_sub(before.replayed_bytes),
             verified_bytes: self.verified_bytes.saturating_sub(before.verified_bytes),
             mismatches: self.mismatches.saturating_sub(before.mismatches),
+            window_exceeded: self.window_exceeded.saturating_sub(before.window_exceeded),
         }
     }
 
@@ -62,6 +66,7 @@ impl ReplicaOutcome {
             "replayed_bytes": self.replayed_bytes,
             "verified_bytes": self.verified_bytes,
             "mismatches": self.mismatches,
+            "window_exceeded": self.window_exceeded,
             "complete": self.complete(),
         })
     }
@@ -101,6 +106,7 @@ fn outcome_of(stats: &serde_json::Value) -> anyhow::Result<ReplicaOutcome> {
         replayed_bytes: count(&replica["replayed_bytes"]),
         verified_bytes: count(&verification["bytes_compared"]),
         mismatches: count(&verification["mismatches"]),
+        window_exceeded: count(&verification["window_exceeded"]),
     })
 }
 
@@ -153,7 +159,7 @@ mod tests {
                 "replayed_bytes": 30, "detached": {"lagged": 1, "died": 0}}]}]},
             "consistency": [
                 {"replica": "198.18.9.9:6379", "verification": {"bytes_compared": 1, "mismatches": 9}},
-                {"replica": "198.18.2.3:6379", "verification": {"bytes_compared": 5000, "mismatches": 2}}],
+                {"replica": "198.18.2.3:6379", "verification": {"bytes_compared": 5000, "mismatches": 2, "window_exceeded": 3}}],
         });
         let o = outcome_of(&stats).unwrap();
         assert_eq!(
@@ -166,6 +172,7 @@ mod tests {
                 replayed_bytes: 30,
                 verified_bytes: 5000,
                 mismatches: 2,
+                window_exceeded: 3,
             }
         );
         assert!(!o.complete());
