@@ -47,6 +47,10 @@ const REPLICA_BUDGET: u64 = 16 << 20;
 /// Spool limit of configuration (c): above what the write phase sends, so the replica
 /// is never detached for it.
 const SPILL_BUDGET: u64 = 2 << 30;
+/// Verification window of (b): above what the replica's answers fall behind the
+/// primary's here, so every answer byte is compared (the data plane's default, 256 KiB,
+/// left sessions unverified from the first lag past it, which would understate the cost).
+const VERIFY_WINDOW: u64 = 4 << 20;
 /// When, after the write phase starts, the slow replica is stopped, and for how long.
 const PAUSE_AFTER: Duration = Duration::from_millis(300);
 const PAUSE: Duration = Duration::from_millis(1500);
@@ -93,7 +97,10 @@ impl Config {
         }
         .relay_tuning();
         if self == Config::VerifyReplies {
-            tuning.service.push_str("verify = \"replies\"\n");
+            let _ = writeln!(
+                tuning.service,
+                "verify = \"replies\"\nverify_window_bytes = {VERIFY_WINDOW}"
+            );
         }
         tuning
     }
@@ -305,7 +312,7 @@ fn report(samples: &BTreeMap<Config, Vec<Sample>>, options: &Options, requests: 
          has no spilling and is detached. Replica: ✓ stayed attached and got every byte \
          the primary got; spilled / replayed and verified MiB, sessions whose answers \
          differed, and sessions left unverified because one side's answers ran more than the \
-         verification window (256 KiB) ahead of the other's, summed over the rounds (from \
+         verification window ({} MiB in (b)) ahead of the other's, summed over the rounds (from \
          the middlebox's counters). Once (d)'s replica is detached from a session the \
          middlebox stops copying that session to it and the replica's Redis gets none of \
          its writes, which frees CPU on these shared cores: the likely reason (d) can beat \
@@ -315,6 +322,7 @@ fn report(samples: &BTreeMap<Config, Vec<Sample>>, options: &Options, requests: 
         PAUSE.as_secs_f64(),
         REPLICA_BUDGET >> 20,
         SPILL_BUDGET >> 30,
+        VERIFY_WINDOW >> 20,
     );
     let _ = writeln!(
         md,
@@ -392,6 +400,10 @@ mod tests {
         }
         let b = Config::VerifyReplies.tuning(&options).service;
         assert!(b.contains("verify = \"replies\""), "{b}");
+        assert!(
+            b.contains(&format!("verify_window_bytes = {VERIFY_WINDOW}")),
+            "{b}"
+        );
         assert!(
             b.contains(&format!("replica_budget_bytes = {REPLICA_BUDGET}")),
             "{b}"
