@@ -4,7 +4,12 @@
 //! tc (the paper's regime) and unlimited. Reported as throughput and slowdown versus
 //! direct, measured in the same round.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use ncp_testbed::Testbed;
@@ -52,6 +57,8 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     // Samples in bit/s, and in bit/s per busy middlebox core.
     let mut results = Samples::new();
     let mut per_core = Samples::new();
+    // Cells in which the middlebox detached the replica in some round.
+    let mut detached: BTreeMap<&'static str, BTreeSet<(String, u32)>> = BTreeMap::new();
     let outcome = (|| -> anyhow::Result<()> {
         for regime in ["1 Gbit/s", "unlimited"] {
             routes::limit_links(bed, (regime == "1 Gbit/s").then_some(1000))?;
@@ -61,6 +68,7 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                     let mb = path.enter(bed, bins, PORT, &options.relay_tuning())?;
                     for &n in streams {
                         let cpu_before = mb.as_ref().and_then(|m| m.cpu_seconds());
+                        let replica_before = replica_detaches(mb.as_ref());
                         let started = std::time::Instant::now();
                         // A failed run is recorded as 0 and reported, not fatal: one bad
                         // cell should not throw away the rest of a long benchmark.
@@ -82,6 +90,15 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                             }
                         }
                         add_sample(&mut results, regime, path.label(), n, bps);
+                        if let (Some(before), Some(after)) =
+                            (replica_before, replica_detaches(mb.as_ref()))
+                            && after > before
+                        {
+                            detached
+                                .entry(regime)
+                                .or_default()
+                                .insert((path.label(), n));
+                        }
                     }
                     if let Some(mb) = &mb {
                         log_replica(mb);
@@ -108,6 +125,18 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
         super::versus_direct_table(&mut md, "streams", streams, &labels, by_path, |bps| {
             format!("{:.3}", bps / 1e9)
         });
+        if let Some(cells) = detached.get(regime) {
+            let cells: Vec<String> = cells
+                .iter()
+                .map(|(label, n)| format!("{label} at {n} stream(s)"))
+                .collect();
+            let _ = writeln!(
+                md,
+                "Replica **detached** (it fell more than its budget behind, so these figures \
+                 are not fully replicated ones) in some round of: {}.\n",
+                cells.join("; ")
+            );
+        }
         let plot = streams_plot(
             format!("iperf-{}", file_name(regime)),
             format!("iperf3 throughput, links {regime}"),
@@ -170,6 +199,13 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     )?;
     eprint!("{md}");
     Ok(md)
+}
+
+/// Sessions the replica was detached from so far, for a route with a replica.
+fn replica_detaches(mb: Option<&crate::middlebox::Middlebox>) -> Option<u64> {
+    super::replica::replica_counters(mb?)
+        .ok()
+        .map(|r| r.detaches)
 }
 
 /// Samples by link regime, path label and parallel streams.
