@@ -423,7 +423,10 @@ mod tests {
             detaches: 2,
             ..kept.clone()
         };
-        assert_eq!(replica_cell(&[kept.clone()]), "✓ | 3.0 / 3.0 | 0.0 / 0 / 0");
+        assert_eq!(
+            replica_cell(std::slice::from_ref(&kept)),
+            "✓ | 3.0 / 3.0 | 0.0 / 0 / 0"
+        );
         assert!(replica_cell(&[kept, cut]).starts_with("**detached** (2 session(s))"));
     }
 }
