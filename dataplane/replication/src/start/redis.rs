@@ -148,16 +148,18 @@ fn reply(buf: &[u8], at: usize, depth: usize) -> Result<Option<(usize, bool)>, S
     let Some((header, next)) = line(buf, at)? else {
         return Ok(None);
     };
-    let value = &header[1..];
+    // An empty line (a bare LF) has no type byte left after the line is cut.
+    let value = header.get(1..).unwrap_or_default();
     match kind {
         b'+' | b':' | b'_' | b',' | b'#' | b'(' => Ok(Some((next, false))),
         b'-' => Ok(Some((next, true))),
         b'$' | b'!' | b'=' => {
             let len = number(value)?;
-            if len < 0 {
+            if len == -1 {
                 return Ok(Some((next, false)));
             }
-            let end = next + len as usize + 2;
+            let len = usize::try_from(len).map_err(|_| format!("a reply of length {len}"))?;
+            let end = next.saturating_add(len).saturating_add(2);
             Ok((buf.len() >= end).then_some((end, kind == b'!')))
         }
         b'*' | b'~' | b'>' | b'%' | b'|' => {

@@ -168,11 +168,27 @@ fn hostile_client_start_ups_are_refused_with_every_byte_handed_on() {
 
 #[test]
 fn hostile_replies_are_errors_not_panics() {
-    for bad in [&b"?\r\n"[..], b"*99999999999999999999\r\n", b"$-5\r\n", b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n"] {
+    let nested = [b"*1\r\n".repeat(17), b":1\r\n".to_vec()].concat();
+    let hostile: [&[u8]; 5] = [
+        // Found by the session_start fuzz target: a reply that is a bare line feed.
+        b"\n",
+        b"?\r\n",
+        b"*99999999999999999999\r\n",
+        b"$-5\r\n",
+        &nested,
+    ];
+    for bad in hostile {
         let mut w = RedisStart::default();
-        let _ = follow(&mut w, &[cmd(&["AUTH", "pw"]), cmd(&["GET", "k"])].concat(), 100);
-        let _ = w.on_primary(bad);
-        let mut l = w.replica_login(&creds(None, Some("pw"))).expect("ended").expect("built");
-        let _ = l.on_reply(bad);
+        let _ = follow(
+            &mut w,
+            &[cmd(&["AUTH", "pw"]), cmd(&["GET", "k"])].concat(),
+            100,
+        );
+        assert_ne!(w.on_primary(bad), PrimaryStep::StartingUp, "{bad:?}");
+        let mut l = w
+            .replica_login(&creds(None, Some("pw")))
+            .expect("ended")
+            .expect("built");
+        assert!(l.on_reply(bad).is_err(), "{bad:?}");
     }
 }
