@@ -78,6 +78,8 @@ pub mod api;
 pub mod client;
 pub mod consistency;
 pub mod discovery;
+#[cfg(test)]
+mod fake_switches;
 pub mod health;
 pub mod hosts;
 pub mod installer;

@@ -26,6 +26,16 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Bytes the tunnel adds to every redirected frame between the redirection switch and
+    /// the middlebox's switch (an 802.1Q tag or an MPLS label stack entry: 4). Those links
+    /// need that much MTU headroom above the hosts' MTU, or full-size frames are dropped.
+    pub fn header_overhead(&self) -> usize {
+        match self {
+            Mode::Rewrite => 0,
+            Mode::Vlan { .. } | Mode::Mpls { .. } => 4,
+        }
+    }
+
     fn tag(&self) -> Option<u32> {
         match self {
             Mode::Rewrite => None,
@@ -379,14 +389,14 @@ pub fn plan(topo: &Topology, replications: &[Replication]) -> Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rules::{is_ncp_cookie, parse_cookie};
     use crate::topology::tests::{host, topo};
 
-    const SRC: [u8; 4] = [198, 18, 4, 1];
-    const PRIMARY: [u8; 4] = [198, 18, 5, 1];
-    const MB: [u8; 4] = [198, 18, 6, 1];
+    pub(crate) const SRC: [u8; 4] = [198, 18, 4, 1];
+    pub(crate) const PRIMARY: [u8; 4] = [198, 18, 5, 1];
+    pub(crate) const MB: [u8; 4] = [198, 18, 6, 1];
 
     /// A three-level tree:
     /// ```text
@@ -399,7 +409,7 @@ mod tests {
     ///     s4     s5     s6
     /// ```
     /// Hosts sit on port 10 and up of the leaf (or any) switches.
-    fn tree() -> Topology {
+    pub(crate) fn tree() -> Topology {
         topo(
             &[1, 2, 3, 4, 5, 6],
             &[
@@ -412,7 +422,7 @@ mod tests {
         )
     }
 
-    fn with_hosts(mut t: Topology, hosts: &[([u8; 4], Dpid, u32)]) -> Topology {
+    pub(crate) fn with_hosts(mut t: Topology, hosts: &[([u8; 4], Dpid, u32)]) -> Topology {
         for (ip, d, p) in hosts {
             t.add_host(host(*ip, *d, *p)).expect("valid host");
         }
@@ -421,12 +431,12 @@ mod tests {
 
     /// [`tree`] with the usual placement (source under s4, primary under s5, middlebox
     /// under s6, each on port 10) and then the `extra` hosts a test needs.
-    fn placed_tree(extra: &[([u8; 4], Dpid, u32)]) -> Topology {
+    pub(crate) fn placed_tree(extra: &[([u8; 4], Dpid, u32)]) -> Topology {
         let t = with_hosts(tree(), &[(SRC, 4, 10), (PRIMARY, 5, 10), (MB, 6, 10)]);
         with_hosts(t, extra)
     }
 
-    fn rep(id: u32, mode: Mode) -> Replication {
+    pub(crate) fn rep(id: u32, mode: Mode) -> Replication {
         Replication {
             id,
             source: Ipv4Prefix::host(Ipv4Addr::from(SRC)),
