@@ -345,6 +345,12 @@ pub struct InterfaceConfig {
     /// Frames in each queue's UMEM (a power of two).
     #[serde(default = "default_umem_frames")]
     pub umem_frames: u32,
+    /// IP MTU of XDP mode's connections on this interface; the MSS the middlebox
+    /// advertises to clients is this minus 40. Lower it by a tunnel's overhead (4 for the
+    /// controller's VLAN and MPLS modes) when redirected frames cross links that cannot
+    /// carry the extra bytes: the clients then send segments small enough.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
     /// Queues served, each by one worker pinned to a core.
     pub queues: Vec<QueueConfig>,
 }
@@ -352,6 +358,13 @@ pub struct InterfaceConfig {
 fn default_umem_frames() -> u32 {
     4096
 }
+
+fn default_mtu() -> u16 {
+    1500
+}
+
+/// The MTUs an interface may have: IPv4's minimum to what one UMEM frame holds.
+pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=4000;
 
 /// Inclusive range of local ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -460,6 +473,14 @@ impl Config {
                 return invalid(format!(
                     "{at}.umem_frames {} must be a power of two between 64 and 1048576",
                     iface.umem_frames
+                ));
+            }
+            if !MTU_RANGE.contains(&iface.mtu) {
+                return invalid(format!(
+                    "{at}.mtu {} is outside {}..={} (IPv4's minimum to what one UMEM frame holds)",
+                    iface.mtu,
+                    MTU_RANGE.start(),
+                    MTU_RANGE.end()
                 ));
             }
             if iface.queues.is_empty() {
@@ -735,7 +756,18 @@ mod tests {
         assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
         assert_eq!(c.interfaces[0].xdp_mode, XdpAttachMode::Auto);
         assert_eq!(c.interfaces[0].umem_frames, 4096);
+        assert_eq!(c.interfaces[0].mtu, 1500);
         assert_eq!(c.rules[0].destination_port, 5201);
+    }
+
+    #[test]
+    fn the_mtu_leaves_room_for_a_tunnel_within_bounds() {
+        let with =
+            |mtu: u16| GOOD.replace("queues = [", &format!("mtu = {mtu}\n        queues = ["));
+        assert_eq!(parse(&with(1496)).unwrap().interfaces[0].mtu, 1496);
+        for bad in [500, 9000] {
+            assert!(error(&with(bad)).contains(&format!("eth0).mtu {bad} is outside 576..=4000")));
+        }
     }
 
     #[test]

@@ -327,6 +327,7 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
                     socket: xsk_options(r, queue.queue),
                     address: r.address,
                     ports: share(replica_links.len() + 1, w, r.ports),
+                    mtu: usize::from(r.mtu),
                 });
             }
             let services = config
@@ -346,6 +347,7 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
                     socket: xsk_options(iface, queue.queue),
                     address: iface.address,
                     ports: share(0, w, iface.ports),
+                    mtu: usize::from(iface.mtu),
                 },
                 handover: link_ends
                     .iter()

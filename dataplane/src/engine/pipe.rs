@@ -15,6 +15,8 @@ pub(crate) struct Pipe {
     pub(crate) inbox: Queue,
     pub(crate) outbox: Queue,
     peeked: Option<Vec<u8>>,
+    /// The IP MTU the link reports (1500 unless a test sets another).
+    pub(crate) mtu: usize,
 }
 
 /// Two ends joined to each other.
@@ -26,11 +28,13 @@ pub(crate) fn pipe_pair() -> (Pipe, Pipe) {
             inbox: ba.clone(),
             outbox: ab.clone(),
             peeked: None,
+            mtu: 1500,
         },
         Pipe {
             inbox: ab,
             outbox: ba,
             peeked: None,
+            mtu: 1500,
         },
     )
 }
@@ -72,7 +76,7 @@ impl phy::Device for Pipe {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = 1500;
+        caps.max_transmission_unit = self.mtu;
         caps
     }
 }

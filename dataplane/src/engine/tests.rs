@@ -145,9 +145,15 @@ impl Pair {
     }
 
     fn with_configs(client: EngineConfig, mb: EngineConfig) -> Self {
+        Self::with_mb_mtu(client, mb, 1500)
+    }
+
+    /// With the middlebox's link reporting `mtu`.
+    fn with_mb_mtu(client: EngineConfig, mb: EngineConfig, mtu: usize) -> Self {
         let epoch = Instant::now();
         let (client_end, client_far) = pipe_pair();
-        let (mb_end, mb_far) = pipe_pair();
+        let (mut mb_end, mb_far) = pipe_pair();
+        mb_end.mtu = mtu;
         Self {
             client: Engine::with_clock(client_end, client, epoch, CLIENT_SEED).unwrap(),
             mb: Engine::with_clock(mb_end, mb, epoch, MIDDLEBOX_SEED).unwrap(),
@@ -702,6 +708,54 @@ fn a_short_time_wait_frees_the_socket_and_port_early() {
     pair.poll_client();
     assert_eq!(pair.client.lingering(), 0, "no TIME-WAIT kept");
     assert_eq!(pair.client.ports_in_use(), 0);
+}
+
+/// The MSS option of a TCP segment in an IPv4 packet, if it has one.
+fn mss_option(packet: &[u8]) -> Option<u16> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let tcp = packet.get(ihl..)?;
+    let header_len = usize::from(tcp.get(12)? >> 4) * 4;
+    let mut options = tcp.get(20..header_len)?;
+    while let [kind, rest @ ..] = options {
+        match kind {
+            0 => return None,
+            1 => options = rest,
+            _ => {
+                let len = usize::from(*rest.first()?);
+                if *kind == 2 && len == 4 {
+                    return Some(u16::from_be_bytes([*rest.get(1)?, *rest.get(2)?]));
+                }
+                options = options.get(len.max(2)..)?;
+            }
+        }
+    }
+    None
+}
+
+/// A middlebox link with a smaller MTU (room for a tunnel's tag on the switches' links)
+/// makes the middlebox advertise a smaller MSS to clients, so they send segments that
+/// still fit once tagged.
+#[test]
+fn the_advertised_mss_follows_the_links_mtu() {
+    for (mtu, mss) in [(1500, 1460), (1496, 1456)] {
+        let mut pair = Pair::with_mb_mtu(client_config(), middlebox_config(), mtu);
+        pair.client.connect(PRIMARY).unwrap();
+        let (mut ec, mut em) = (Vec::new(), Vec::new());
+        let now = pair.now();
+        pair.client.poll(now, &mut ec);
+        carry(&pair.client_far, &pair.mb_far, &mut None);
+        pair.mb.poll(now, &mut em);
+        // What the middlebox sent, before it crosses the wire.
+        let syn_ack = pair
+            .mb_far
+            .inbox
+            .borrow()
+            .iter()
+            .find(|p| p.get(33).is_some_and(|f| f & 0x12 == 0x12))
+            .cloned()
+            .expect("the middlebox answered the SYN");
+        assert_eq!(mss_option(&syn_ack), Some(mss), "MTU {mtu}");
+    }
 }
 
 /// An IPv4/TCP header pair from `src` to `dst` with the given flags (checksums left 0:

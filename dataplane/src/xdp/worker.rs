@@ -64,6 +64,8 @@ pub struct LinkSpec {
     pub address: Ipv4Addr,
     /// Owned local ports for upstream connections.
     pub ports: PortRange,
+    /// IP MTU of the link's connections (their MSS is 40 less).
+    pub mtu: usize,
 }
 
 /// What a worker is told at start.
@@ -261,7 +263,11 @@ fn open_link(
         fd: socket.raw_fd(),
         zero_copy: socket.is_zero_copy(),
     };
-    let device = XskDevice::new(socket, &DeviceConfig::new(mac)).map_err(|e| at(&e))?;
+    let device_config = DeviceConfig {
+        mtu: spec.mtu,
+        ..DeviceConfig::new(mac)
+    };
+    let device = XskDevice::new(socket, &device_config).map_err(|e| at(&e))?;
     let device = HandoverDevice::new(device, handover);
     let device = Recovery::new(
         device,
