@@ -1,7 +1,10 @@
 //! Paper Fig. 7: average connection lifetime of short HTTP connections (one request per
 //! connection) against a web server on the primary, direct versus through the middlebox,
 //! with the paper's workload: a working set of five files of 1, 10, 30, 50 and 70 KB
-//! (`--wset=5,0.2`), 20 new connections per second, 100 to 500 connections.
+//! (`--wset=5,0.2`), 20 new connections per second, 100 to 500 connections; with links
+//! capped at 200 Mbit/s (the paper's regime) and uncapped. The lifetime is also broken
+//! down by phase (httperf's own timings): handshake (connect), request to the first
+//! answer byte (response), the rest of the answer (transfer), and the remainder (close).
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
@@ -53,33 +56,56 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     );
     let primary = bed.address("primary", "eth0")?;
 
-    // lifetimes[route label][connections] = samples (ms)
-    let mut lifetimes: BTreeMap<String, BTreeMap<u32, Vec<f64>>> = BTreeMap::new();
+    // lifetimes[regime][route label][connections] = samples (ms)
+    let mut lifetimes: BTreeMap<&str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
+    // phases[regime][route label] = every run's breakdown
+    let mut phases: BTreeMap<&str, ByRoute<Vec<Lifetime>>> = BTreeMap::new();
     let outcome = (|| -> anyhow::Result<()> {
-        for round in 0..options.repetitions {
-            for route in &routes {
-                step(&format!("httperf round {}: {}", round + 1, route.label()));
-                let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
-                for &n in connections {
-                    let ms = match run_httperf(bed, primary, n) {
-                        Ok(ms) => ms,
-                        Err(e) => {
-                            eprintln!("      {n} connections failed: {e:#}");
-                            0.0
+        for (regime, cap) in REGIMES {
+            routes::limit_links(bed, cap)?;
+            for round in 0..options.repetitions {
+                for route in &routes {
+                    step(&format!(
+                        "httperf, links {regime}, round {}: {}",
+                        round + 1,
+                        route.label()
+                    ));
+                    let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
+                    for &n in connections {
+                        let lifetime = match run_httperf(bed, primary, n) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                eprintln!("      {n} connections failed: {e:#}");
+                                Lifetime::default()
+                            }
+                        };
+                        eprintln!(
+                            "      {n} connections: average lifetime {:.2} ms (connect {:.2}, response {:.2}, transfer {:.2})",
+                            lifetime.total, lifetime.connect, lifetime.response, lifetime.transfer
+                        );
+                        lifetimes
+                            .entry(regime)
+                            .or_default()
+                            .entry(route.label())
+                            .or_default()
+                            .entry(n)
+                            .or_default()
+                            .push(lifetime.total);
+                        if lifetime.total > 0.0 {
+                            phases
+                                .entry(regime)
+                                .or_default()
+                                .entry(route.label())
+                                .or_default()
+                                .push(lifetime);
                         }
-                    };
-                    eprintln!("      {n} connections: average lifetime {ms:.2} ms");
-                    lifetimes
-                        .entry(route.label())
-                        .or_default()
-                        .entry(n)
-                        .or_default()
-                        .push(ms);
+                    }
                 }
             }
         }
         Ok(())
     })();
+    let _ = routes::limit_links(bed, None);
     let _ = routes::leave(bed);
     for mut server in servers {
         let _ = server.kill();
@@ -98,39 +124,144 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         options.repetitions
     );
     let labels: Vec<String> = routes.iter().map(Route::label).collect();
-    super::versus_direct_table(
-        &mut md,
-        "connections",
-        connections,
-        &labels,
-        &lifetimes,
-        |ms| format!("{ms:.2}"),
-    );
-    save_json(options, "httperf", &serde_json::to_value(&lifetimes)?)?;
-    let plot = super::LinePlot {
-        name: "httperf".into(),
-        title: "httperf: average connection lifetime".into(),
-        x_label: "connections",
-        y_label: "ms",
-        scale: 1.0,
-    };
-    md.push_str(&super::save_versus_direct_plot(
+    for (regime, _) in REGIMES {
+        let Some(by_route) = lifetimes.get(regime) else {
+            continue;
+        };
+        let _ = writeln!(md, "### Links {regime}\n");
+        super::versus_direct_table(
+            &mut md,
+            "connections",
+            connections,
+            &labels,
+            by_route,
+            |ms| format!("{ms:.2}"),
+        );
+        let plot = super::LinePlot {
+            name: format!(
+                "httperf-{}",
+                if regime == "unlimited" {
+                    "unlimited"
+                } else {
+                    "200mbit"
+                }
+            ),
+            title: format!("httperf: average connection lifetime, links {regime}"),
+            x_label: "connections",
+            y_label: "ms",
+            scale: 1.0,
+        };
+        md.push_str(&super::save_versus_direct_plot(
+            options,
+            &plot,
+            connections,
+            &labels,
+            by_route,
+        )?);
+        if let Some(by_route) = phases.get(regime) {
+            phase_table(&mut md, &labels, by_route);
+        }
+    }
+    save_json(
         options,
-        &plot,
-        connections,
-        &labels,
-        &lifetimes,
-    )?);
+        "httperf",
+        &serde_json::json!({
+            "lifetime_ms": lifetimes,
+            "phases_ms": phases
+                .iter()
+                .map(|(regime, by_route)| {
+                    let by_route: BTreeMap<&String, Vec<serde_json::Value>> = by_route
+                        .iter()
+                        .map(|(route, runs)| (route, runs.iter().map(|l| l.to_json()).collect()))
+                        .collect();
+                    (*regime, by_route)
+                })
+                .collect::<BTreeMap<_, _>>(),
+        }),
+    )?;
     eprint!("{md}");
     Ok(md)
 }
 
-/// Runs httperf from the source and returns the average connection lifetime in ms.
+/// The links regimes of this experiment: the paper's and uncapped.
+const REGIMES: [routes::Regime; 2] = routes::PAPER_AND_UNCAPPED;
+
+/// Values by route label.
+type ByRoute<T> = BTreeMap<String, T>;
+
+/// One phase's length in a run's breakdown.
+type Phase = fn(&Lifetime) -> f64;
+
+/// One httperf run's average connection lifetime and its phases, in ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Lifetime {
+    total: f64,
+    /// TCP handshake.
+    connect: f64,
+    /// From the request to the first byte of the answer.
+    response: f64,
+    /// The rest of the answer.
+    transfer: f64,
+}
+
+impl Lifetime {
+    fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "total": self.total,
+            "connect": self.connect,
+            "response": self.response,
+            "transfer": self.transfer,
+        })
+    }
+
+    /// What is left of the lifetime after the three measured phases: mostly the close.
+    fn close(&self) -> f64 {
+        (self.total - self.connect - self.response - self.transfer).max(0.0)
+    }
+}
+
+/// Medians of each phase per route, and each phase's increase over direct: which part of
+/// the connection the middlebox lengthens.
+fn phase_table(md: &mut String, labels: &[String], by_route: &ByRoute<Vec<Lifetime>>) {
+    let phases: [(&str, Phase); 5] = [
+        ("handshake (connect)", |l| l.connect),
+        ("request to first answer byte", |l| l.response),
+        ("rest of the answer (transfer)", |l| l.transfer),
+        ("close and the rest", Lifetime::close),
+        ("whole lifetime", |l| l.total),
+    ];
+    let medians = |label: &str, phase: Phase| {
+        by_route
+            .get(label)
+            .map(|v| super::median(&v.iter().map(phase).collect::<Vec<_>>()))
+    };
+    let _ = writeln!(
+        md,
+        "Lifetime by phase (median over every run of the regime, ms; increase over direct):\n"
+    );
+    let _ = writeln!(md, "| phase | {} |", labels.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(labels.len()));
+    for (name, phase) in phases {
+        let direct = medians("direct", phase);
+        let cells: Vec<String> = labels
+            .iter()
+            .map(|label| match (medians(label, phase), direct) {
+                (Some(v), Some(d)) if label != "direct" => format!("{v:.2} ({:+.2})", v - d),
+                (Some(v), _) => format!("{v:.2}"),
+                (None, _) => "—".to_owned(),
+            })
+            .collect();
+        let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+    }
+    md.push('\n');
+}
+
+/// Runs httperf from the source and returns the average connection lifetime and phases.
 fn run_httperf(
     bed: &Testbed,
     primary: std::net::Ipv4Addr,
     connections: u32,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Lifetime> {
     let out = bed.exec(
         "source",
         &[
@@ -160,13 +291,43 @@ fn run_httperf(
             anyhow::bail!("httperf reported errors: {errors}");
         }
     }
-    // "Connection time [ms]: min 1.0 avg 8.3 max 17.9 median 5.5 stddev 7.3"
-    text.lines()
-        .find(|l| l.starts_with("Connection time [ms]: min"))
-        .and_then(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let at = words.iter().position(|w| *w == "avg")?;
-            words.get(at + 1)?.parse().ok()
-        })
-        .context("httperf printed no connection lifetime")
+    parse_lifetime(&text).context("httperf printed no connection lifetime")
+}
+
+/// httperf's timings: "Connection time [ms]: min 1.0 avg 8.3 …", "Connection time [ms]:
+/// connect 0.2" and "Reply time [ms]: response 1.6 transfer 5.2".
+fn parse_lifetime(text: &str) -> Option<Lifetime> {
+    let value_after = |prefix: &str, key: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(prefix))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == key)?;
+        words.get(at + 1)?.parse().ok()
+    };
+    Some(Lifetime {
+        total: value_after("Connection time [ms]: min", "avg")?,
+        connect: value_after("Connection time [ms]: connect", "connect")?,
+        response: value_after("Reply time [ms]: response", "response")?,
+        transfer: value_after("Reply time [ms]: response", "transfer")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn httperfs_timings_give_the_phases() {
+        let text = "Connection rate: 20.0 conn/s (50.0 ms/conn, <=3 concurrent connections)\n\
+                    Connection time [ms]: min 1.1 avg 8.4 max 17.9 median 5.5 stddev 7.3\n\
+                    Connection time [ms]: connect 0.3\n\
+                    Connection length [replies/conn]: 1.000\n\
+                    Reply time [ms]: response 1.6 transfer 5.2\n";
+        let l = parse_lifetime(text).expect("parsed");
+        assert_eq!(
+            (l.total, l.connect, l.response, l.transfer),
+            (8.4, 0.3, 1.6, 5.2)
+        );
+        assert!((l.close() - 1.3).abs() < 1e-9);
+        assert_eq!(parse_lifetime("Errors: total 3"), None);
+    }
 }

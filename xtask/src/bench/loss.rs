@@ -23,7 +23,7 @@ use crate::{cmd::step, middlebox::Middlebox};
 
 /// Link rate: what the test bed's software switch carries with room to spare, so the
 /// loss, not the switch, is what the columns differ in.
-const LINK_MBIT: u32 = 200;
+const LINK_MBIT: u32 = routes::PAPER_LINK_MBIT;
 
 /// Where the segments are dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -36,30 +36,40 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         &options.dataplanes,
         &[Replication::None, Replication::DedicatedNic],
     );
-    // results[route] = [(tps, latency ms)]
-    let mut results: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    // results[regime][route] = [(tps, latency ms)]
+    let mut results: BTreeMap<&str, BTreeMap<String, Vec<Run>>> = BTreeMap::new();
     let outcome = (|| -> anyhow::Result<()> {
-        for round in 0..options.repetitions {
-            for route in &routes {
-                step(&format!("pgbench round {}: {}", round + 1, route.label()));
-                let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
-                // Every route starts from the same freshly initialised tables.
-                run(bed, primary, &["-i", "-s", "2", "-q"])?;
-                let out = run(
-                    bed,
-                    primary,
-                    &["-c", clients, "-j", "2", "-T", seconds, "--random-seed=7"],
-                )?;
-                let (tps, latency) = parse(&out).context("pgbench printed no tps/latency")?;
-                eprintln!("      {tps:.1} tps, {latency:.2} ms average latency");
-                results
-                    .entry(route.label())
-                    .or_default()
-                    .push((tps, latency));
+        for (regime, cap) in REGIMES {
+            routes::limit_links(bed, cap)?;
+            for round in 0..options.repetitions {
+                for route in &routes {
+                    step(&format!(
+                        "pgbench, links {regime}, round {}: {}",
+                        round + 1,
+                        route.label()
+                    ));
+                    let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
+                    // Every route starts from the same freshly initialised tables.
+                    run(bed, primary, &["-i", "-s", "2", "-q"])?;
+                    let out = run(
+                        bed,
+                        primary,
+                        &["-c", clients, "-j", "2", "-T", seconds, "--random-seed=7"],
+                    )?;
+                    let (tps, latency) = parse(&out).context("pgbench printed no tps/latency")?;
+                    eprintln!("      {tps:.1} tps, {latency:.2} ms average latency");
+                    results
+                        .entry(regime)
+                        .or_default()
+                        .entry(route.label())
+                        .or_default()
+                        .push((tps, latency));
+                }
             }
         }
         Ok(())
     })();
+    let _ = routes::limit_links(bed, None);
     let _ = routes::leave(bed);
     for mut server in servers {
         // Postgres shuts down on SIGTERM within half a second here.
@@ -73,56 +83,76 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         md,
         "PostgreSQL 15 on the primary (and a second cluster on the replica host, reached over \
          the replication NIC); `pgbench -c {clients} -j 2 -T {seconds}` (TPC-B-like), scale 2; \
-         median over {} round(s).\n",
+         median over {} round(s); links capped at 200 Mbit/s (the paper's regime) and uncapped.\n",
         options.repetitions
     );
-    let _ = writeln!(md, "| route | tps | versus direct | average latency (ms) |");
-    let _ = writeln!(md, "|---|---|---|---|");
-    let direct = results
-        .get("direct")
-        .map_or(0.0, |v| median(&v.iter().map(|r| r.0).collect::<Vec<_>>()));
-    // Median tps per route, for the table and the plot.
-    let mut bars: Vec<(String, f64)> = Vec::new();
-    for route in &routes {
-        let label = route.label();
-        let samples = results.get(&label).cloned().unwrap_or_default();
-        let tps_samples: Vec<f64> = samples.iter().map(|r| r.0).collect();
-        let tps = median(&tps_samples);
-        let range = super::spread(&tps_samples, |v| format!("{v:.1}"));
-        let latency = median(&samples.iter().map(|r| r.1).collect::<Vec<_>>());
-        let versus = if direct > 0.0 && label != "direct" {
-            format!("{:+.1} %", (tps / direct - 1.0) * 100.0)
-        } else {
-            "—".into()
+    let mut json = serde_json::Map::new();
+    for (regime, _) in REGIMES {
+        let Some(by_route) = results.get(regime) else {
+            continue;
         };
-        let _ = writeln!(
-            md,
-            "| {label} | {tps:.1}{range} | {versus} | {latency:.2} |"
-        );
-        bars.push((label, tps));
+        let _ = writeln!(md, "### Links {regime}\n");
+        let _ = writeln!(md, "| route | tps | versus direct | average latency (ms) |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        let direct = by_route
+            .get("direct")
+            .map_or(0.0, |v| median(&v.iter().map(|r| r.0).collect::<Vec<_>>()));
+        // Median tps per route, for the table and the plot.
+        let mut bars: Vec<(String, f64)> = Vec::new();
+        for route in &routes {
+            let label = route.label();
+            let samples = by_route.get(&label).cloned().unwrap_or_default();
+            let tps_samples: Vec<f64> = samples.iter().map(|r| r.0).collect();
+            let tps = median(&tps_samples);
+            let range = super::spread(&tps_samples, |v| format!("{v:.1}"));
+            let latency = median(&samples.iter().map(|r| r.1).collect::<Vec<_>>());
+            let versus = if direct > 0.0 && label != "direct" {
+                format!("{:+.1} %", (tps / direct - 1.0) * 100.0)
+            } else {
+                "—".into()
+            };
+            let _ = writeln!(
+                md,
+                "| {label} | {tps:.1}{range} | {versus} | {latency:.2} |"
+            );
+            bars.push((label, tps));
+        }
+        md.push('\n');
+        let runs: BTreeMap<&String, Vec<serde_json::Value>> = by_route
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    v.iter()
+                        .map(|(t, l)| serde_json::json!({"tps": t, "latency_ms": l}))
+                        .collect(),
+                )
+            })
+            .collect();
+        json.insert(regime.to_owned(), serde_json::to_value(runs)?);
+        let name = if regime == "unlimited" {
+            "pgbench-unlimited"
+        } else {
+            "pgbench"
+        };
+        let title = format!("pgbench: transactions per second, links {regime}");
+        md.push_str(&super::save_svg(
+            options,
+            name,
+            &title,
+            &super::plot::bar_chart(&title, "tps", &bars),
+        )?);
     }
-    md.push('\n');
-    let json: BTreeMap<&String, Vec<serde_json::Value>> = results
-        .iter()
-        .map(|(k, v)| {
-            (
-                k,
-                v.iter()
-                    .map(|(t, l)| serde_json::json!({"tps": t, "latency_ms": l}))
-                    .collect(),
-            )
-        })
-        .collect();
-    save_json(options, "pgbench", &serde_json::to_value(json)?)?;
-    md.push_str(&super::save_svg(
-        options,
-        "pgbench",
-        "pgbench: transactions per second",
-        &super::plot::bar_chart("pgbench: transactions per second", "tps", &bars),
-    )?);
+    save_json(options, "pgbench", &serde_json::Value::Object(json))?;
     eprint!("{md}");
     Ok(md)
 }
+
+/// One run: (tps, average latency in ms).
+type Run = (f64, f64);
+
+/// The links regimes of this experiment: the paper's and uncapped.
+const REGIMES: [routes::Regime; 2] = routes::PAPER_AND_UNCAPPED;
 
 fn run(bed: &Testbed, primary: std::net::Ipv4Addr, args: &[&str]) -> anyhow::Result<String> {
     let pgbench = format!("{PG_BIN}/pgbench");
