@@ -3,14 +3,19 @@
 //!
 //! A port is an *edge* port when LLDP discovery knows no link on it; only frames arriving
 //! on edge ports teach anything, because a frame on a link port is just passing through.
-//! Observations at a port that later turns out to carry a link are dropped again
-//! ([`Learned::drop_port`]), which covers the first moments after a switch connects,
-//! before its links are discovered.
+//! Right after a switch connects, LLDP has not had the time to find its links, so the
+//! service says which ports it trusts yet ([`crate::settle`]); what arrives at other ports
+//! waits as a candidate and becomes a host only once its port is trusted. Hosts and
+//! candidates at a port that turns out to carry a link are dropped
+//! ([`Learned::drop_port`]).
 //!
 //! A host seen at a different edge port than before has *moved*; the caller re-plans. To
 //! keep a spoofing or mis-wired host from making a real one flap, a host moves at most
-//! once per [`LearnConfig::move_holddown`]. Hosts pinned by the operator always win over
-//! learned ones (the service merges them, pins first). The table is bounded.
+//! once per [`LearnConfig::move_holddown`]. A host that stays silent for
+//! [`LearnConfig::expiry`] (no frame copied to the controller, no packet counted by its
+//! known-host rule) is forgotten ([`Learned::expire`]). Hosts pinned by the operator
+//! always win over learned ones (the service merges them, pins first). The table is
+//! bounded.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -101,6 +106,9 @@ pub struct LearnConfig {
     pub max_hosts: usize,
     /// A host moves at most once in this time.
     pub move_holddown: Duration,
+    /// A learned host not heard from for this long is forgotten; `None` keeps hosts
+    /// until they move or their port turns out to carry a link.
+    pub expiry: Option<Duration>,
 }
 
 impl Default for LearnConfig {
@@ -108,6 +116,7 @@ impl Default for LearnConfig {
         Self {
             max_hosts: 4096,
             move_holddown: Duration::from_secs(1),
+            expiry: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -115,7 +124,8 @@ impl Default for LearnConfig {
 /// What an observation changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learn {
-    /// Nothing new (known host, same place), or ignored.
+    /// Nothing new (known host, same place), ignored, or held back until its port is
+    /// trusted (see [`Learned::promote`]).
     Nothing,
     New(Host),
     Moved {
@@ -128,13 +138,32 @@ pub enum Learn {
 struct Entry {
     host: Host,
     moved_at: Instant,
+    /// Last sign of life: an observation, or traffic counted by its known-host rule.
+    seen_at: Instant,
+    /// Packets its known-host rule had counted at the last look.
+    packets: Option<u64>,
+}
+
+/// An observation at a port not yet trusted to be an edge port.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    mac: MacAddr,
+    at: PortRef,
+    seen_at: Instant,
 }
 
 /// Learned hosts by IPv4 address.
+///
+/// Observations at a port the caller does not trust yet (its switch or the topology has
+/// not settled, see [`crate::settle`]) are held as candidates, never as hosts: a frame on
+/// a port that LLDP has not yet found to carry a link may be transit traffic. A candidate
+/// becomes a host when its port is trusted ([`Learned::promote`]) and is dropped when
+/// the port turns out to carry a link ([`Learned::drop_port`]).
 #[derive(Debug, Clone, Default)]
 pub struct Learned {
     cfg: LearnConfig,
     hosts: BTreeMap<Ipv4Addr, Entry>,
+    candidates: BTreeMap<Ipv4Addr, Candidate>,
 }
 
 impl Learned {
@@ -142,18 +171,48 @@ impl Learned {
         Self {
             cfg,
             hosts: BTreeMap::new(),
+            candidates: BTreeMap::new(),
         }
     }
 
-    /// Records that `mac`/`ip` sent a frame into edge port `at`.
-    pub fn observe(&mut self, ip: Ipv4Addr, mac: MacAddr, at: PortRef, now: Instant) -> Learn {
+    /// Records that `mac`/`ip` sent a frame into edge port `at`; `trusted` says whether
+    /// that port may be believed to be an edge port yet.
+    pub fn observe(
+        &mut self,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+        at: PortRef,
+        now: Instant,
+        trusted: bool,
+    ) -> Learn {
         if !plausible(mac, ip) {
             return Learn::Nothing;
         }
         let host = Host { ip, mac, at };
+        if let Some(e) = self.hosts.get_mut(&ip)
+            && e.host == host
+        {
+            e.seen_at = now;
+            self.candidates.remove(&ip);
+            return Learn::Nothing;
+        }
+        if !trusted {
+            // Bounded like the table: a known address, or room for one more.
+            if self.candidates.contains_key(&ip) || self.candidates.len() < self.cfg.max_hosts {
+                self.candidates.insert(
+                    ip,
+                    Candidate {
+                        mac,
+                        at,
+                        seen_at: now,
+                    },
+                );
+            }
+            return Learn::Nothing;
+        }
+        self.candidates.remove(&ip);
         let full = self.hosts.len() >= self.cfg.max_hosts;
         match self.hosts.get_mut(&ip) {
-            Some(e) if e.host == host => Learn::Nothing,
             Some(e) => {
                 if now.saturating_duration_since(e.moved_at) < self.cfg.move_holddown {
                     return Learn::Nothing;
@@ -162,6 +221,8 @@ impl Learned {
                 *e = Entry {
                     host,
                     moved_at: now,
+                    seen_at: now,
+                    packets: None,
                 };
                 Learn::Moved { from, host }
             }
@@ -172,11 +233,37 @@ impl Learned {
                     Entry {
                         host,
                         moved_at: now,
+                        seen_at: now,
+                        packets: None,
                     },
                 );
                 Learn::New(host)
             }
         }
+    }
+
+    /// Turns the candidates whose port is now trusted into hosts (new or moved, as
+    /// [`Learned::observe`] would) and returns what changed. Candidates older than
+    /// `max_age` are dropped: what they saw is too old to place a host on.
+    pub fn promote(
+        &mut self,
+        now: Instant,
+        max_age: Duration,
+        trusted: impl Fn(PortRef) -> bool,
+    ) -> Vec<Learn> {
+        self.candidates
+            .retain(|_, c| now.saturating_duration_since(c.seen_at) <= max_age);
+        let ready: Vec<(Ipv4Addr, Candidate)> = self
+            .candidates
+            .iter()
+            .filter(|(_, c)| trusted(c.at))
+            .map(|(ip, c)| (*ip, *c))
+            .collect();
+        ready
+            .into_iter()
+            .map(|(ip, c)| self.observe(ip, c.mac, c.at, now, true))
+            .filter(|l| *l != Learn::Nothing)
+            .collect()
     }
 
     /// Adds a host read back from a switch (a restarted controller recovering what it had
@@ -194,16 +281,68 @@ impl Learned {
                 host,
                 // Recovered hosts may move at once.
                 moved_at: now.checked_sub(self.cfg.move_holddown).unwrap_or(now),
+                seen_at: now,
+                packets: None,
             },
         );
         true
     }
 
-    /// Forgets hosts seen at `at`: the port carries a link, so they were passing through.
-    pub fn drop_port(&mut self, at: PortRef) -> usize {
-        let before = self.hosts.len();
-        self.hosts.retain(|_, e| e.host.at != at);
-        before - self.hosts.len()
+    /// Forgets hosts and candidates seen at `at`: the port carries a link, so what came
+    /// in there was passing through. Returns the forgotten hosts.
+    pub fn drop_port(&mut self, at: PortRef) -> Vec<Host> {
+        self.candidates.retain(|_, c| c.at != at);
+        let gone: Vec<Host> = self
+            .hosts
+            .values()
+            .filter(|e| e.host.at == at)
+            .map(|e| e.host)
+            .collect();
+        for h in &gone {
+            self.hosts.remove(&h.ip);
+        }
+        gone
+    }
+
+    /// Hosts silent for the expiry time: [`Learned::expire`] forgets them unless their
+    /// known-host rule shows traffic first ([`Learned::counted`]).
+    pub fn silent(&self, now: Instant) -> Vec<Host> {
+        let Some(expiry) = self.cfg.expiry else {
+            return Vec::new();
+        };
+        self.hosts
+            .values()
+            .filter(|e| now.saturating_duration_since(e.seen_at) >= expiry)
+            .map(|e| e.host)
+            .collect()
+    }
+
+    /// The packet count of `ip`'s known-host rule (its IPv4 traffic, which the switch
+    /// no longer copies to the controller). Growth since the last look is a sign of
+    /// life; so is the first look at a rule that counted anything (it was installed
+    /// after the host was learned). A smaller count is a re-created rule: the new
+    /// baseline.
+    pub fn counted(&mut self, ip: Ipv4Addr, packets: u64, now: Instant) {
+        let Some(e) = self.hosts.get_mut(&ip) else {
+            return;
+        };
+        let grew = match e.packets {
+            Some(before) => packets > before,
+            None => packets > 0,
+        };
+        if grew {
+            e.seen_at = now;
+        }
+        e.packets = Some(packets);
+    }
+
+    /// Forgets the hosts silent for the expiry time and returns them.
+    pub fn expire(&mut self, now: Instant) -> Vec<Host> {
+        let gone = self.silent(now);
+        for h in &gone {
+            self.hosts.remove(&h.ip);
+        }
+        gone
     }
 
     pub fn get(&self, ip: Ipv4Addr) -> Option<&Host> {
@@ -212,6 +351,11 @@ impl Learned {
 
     pub fn hosts(&self) -> impl Iterator<Item = &Host> {
         self.hosts.values().map(|e| &e.host)
+    }
+
+    /// Observations held until their port is trusted.
+    pub fn candidates(&self) -> usize {
+        self.candidates.len()
     }
 
     pub fn len(&self) -> usize {
@@ -287,26 +431,27 @@ mod tests {
         let mut l = Learned::new(LearnConfig {
             max_hosts: 2,
             move_holddown: Duration::from_secs(1),
+            expiry: None,
         });
         let ip = Ipv4Addr::new(198, 18, 3, 11);
         let a = PortRef::new(0x31, 1);
         let b = PortRef::new(0x34, 4);
-        assert!(matches!(l.observe(ip, MAC, a, t0), Learn::New(h) if h.at == a));
-        assert_eq!(l.observe(ip, MAC, a, t0), Learn::Nothing);
+        assert!(matches!(l.observe(ip, MAC, a, t0, true), Learn::New(h) if h.at == a));
+        assert_eq!(l.observe(ip, MAC, a, t0, true), Learn::Nothing);
         // Too soon after the last change: ignored.
         assert_eq!(
-            l.observe(ip, MAC, b, t0 + Duration::from_millis(500)),
+            l.observe(ip, MAC, b, t0 + Duration::from_millis(500), true),
             Learn::Nothing
         );
         let later = t0 + Duration::from_secs(2);
         assert!(matches!(
-            l.observe(ip, MAC, b, later),
+            l.observe(ip, MAC, b, later, true),
             Learn::Moved { from, host } if from == a && host.at == b
         ));
         assert_eq!(l.get(ip).map(|h| h.at), Some(b));
         // Implausible senders and a full table.
         assert_eq!(
-            l.observe(Ipv4Addr::UNSPECIFIED, MAC, a, later),
+            l.observe(Ipv4Addr::UNSPECIFIED, MAC, a, later, true),
             Learn::Nothing
         );
         assert_eq!(
@@ -314,20 +459,21 @@ mod tests {
                 Ipv4Addr::new(198, 18, 3, 12),
                 MacAddr([1, 0, 0, 0, 0, 1]),
                 a,
-                later
+                later,
+                true
             ),
             Learn::Nothing
         );
         assert!(matches!(
-            l.observe(Ipv4Addr::new(198, 18, 3, 12), MAC, a, later),
+            l.observe(Ipv4Addr::new(198, 18, 3, 12), MAC, a, later, true),
             Learn::New(_)
         ));
         assert_eq!(
-            l.observe(Ipv4Addr::new(198, 18, 3, 13), MAC, a, later),
+            l.observe(Ipv4Addr::new(198, 18, 3, 13), MAC, a, later, true),
             Learn::Nothing
         );
         assert_eq!(l.len(), 2);
-        assert_eq!(l.drop_port(a), 1);
+        assert_eq!(l.drop_port(a).len(), 1);
         assert_eq!(l.len(), 1);
     }
 
@@ -352,8 +498,117 @@ mod tests {
         assert_eq!(l.get(ip), Some(&h));
         // A recovered host may move straight away.
         assert!(matches!(
-            l.observe(ip, MAC, PortRef::new(3, 3), t0),
+            l.observe(ip, MAC, PortRef::new(3, 3), t0, true),
             Learn::Moved { .. }
         ));
+    }
+
+    /// A spine port toward a leaf, before LLDP has found the link there, and the host's
+    /// own port on the leaf.
+    const SPINE_TO_LEAF: PortRef = PortRef::new(0x51, 1);
+    const LEAF_EDGE: PortRef = PortRef::new(0xa1, 3);
+
+    #[test]
+    fn untrusted_ports_place_no_host_until_trusted() {
+        let t0 = Instant::now();
+        let mut l = Learned::new(LearnConfig::default());
+        let ip = Ipv4Addr::new(198, 18, 3, 11);
+        // The host's first frame arrives on the spine's port toward the leaf while the
+        // topology is still settling: no host, only a candidate.
+        assert_eq!(l.observe(ip, MAC, SPINE_TO_LEAF, t0, false), Learn::Nothing);
+        assert_eq!((l.len(), l.candidates()), (0, 1));
+        // Still untrusted later: nothing promoted.
+        let t1 = t0 + Duration::from_millis(300);
+        assert!(l.promote(t1, Duration::from_secs(5), |_| false).is_empty());
+        // LLDP finds the link there: the candidate is gone, no host was ever placed.
+        assert!(l.drop_port(SPINE_TO_LEAF).is_empty());
+        assert_eq!(l.candidates(), 0);
+        assert!(l.promote(t1, Duration::from_secs(5), |_| true).is_empty());
+        // The host heard at its real port once that is trusted.
+        assert_eq!(l.observe(ip, MAC, LEAF_EDGE, t1, false), Learn::Nothing);
+        let t2 = t0 + Duration::from_secs(1);
+        let got = l.promote(t2, Duration::from_secs(5), |p| p == LEAF_EDGE);
+        assert!(matches!(got.as_slice(), [Learn::New(h)] if h.at == LEAF_EDGE));
+        assert_eq!(l.get(ip).map(|h| h.at), Some(LEAF_EDGE));
+    }
+
+    #[test]
+    fn a_known_host_does_not_move_onto_an_untrusted_port() {
+        let t0 = Instant::now();
+        let mut l = Learned::new(LearnConfig::default());
+        let ip = Ipv4Addr::new(198, 18, 3, 11);
+        assert!(matches!(
+            l.observe(ip, MAC, LEAF_EDGE, t0, true),
+            Learn::New(_)
+        ));
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(l.observe(ip, MAC, SPINE_TO_LEAF, t1, false), Learn::Nothing);
+        assert_eq!(l.get(ip).map(|h| h.at), Some(LEAF_EDGE));
+        // Seen again at home: the candidate elsewhere is void.
+        assert_eq!(l.observe(ip, MAC, LEAF_EDGE, t1, false), Learn::Nothing);
+        assert!(l.promote(t1, Duration::from_secs(5), |_| true).is_empty());
+        // Old candidates are dropped rather than promoted.
+        l.observe(ip, MAC, SPINE_TO_LEAF, t1, false);
+        let late = t1 + Duration::from_secs(6);
+        assert!(l.promote(late, Duration::from_secs(5), |_| true).is_empty());
+        assert_eq!(l.candidates(), 0);
+    }
+
+    #[test]
+    fn a_host_learned_on_a_port_later_found_to_be_a_link_is_forgotten() {
+        let t0 = Instant::now();
+        let mut l = Learned::new(LearnConfig::default());
+        let ip = Ipv4Addr::new(198, 18, 3, 11);
+        let other = Ipv4Addr::new(198, 18, 3, 12);
+        l.observe(ip, MAC, SPINE_TO_LEAF, t0, true);
+        l.observe(other, MAC, LEAF_EDGE, t0, true);
+        let gone = l.drop_port(SPINE_TO_LEAF);
+        assert_eq!(gone.iter().map(|h| h.ip).collect::<Vec<_>>(), vec![ip]);
+        assert_eq!(l.get(ip), None);
+        assert!(l.get(other).is_some());
+        // Learned afresh at its real port, as a new host (no hold-down applies).
+        assert!(matches!(
+            l.observe(ip, MAC, LEAF_EDGE, t0, true),
+            Learn::New(_)
+        ));
+    }
+
+    #[test]
+    fn silent_hosts_expire_unless_their_rule_counts_traffic() {
+        let t0 = Instant::now();
+        let mut l = Learned::new(LearnConfig {
+            expiry: Some(Duration::from_secs(60)),
+            ..LearnConfig::default()
+        });
+        let a = Ipv4Addr::new(198, 18, 3, 11);
+        let b = Ipv4Addr::new(198, 18, 3, 12);
+        l.observe(a, MAC, LEAF_EDGE, t0, true);
+        l.observe(b, MAC, PortRef::new(0xa1, 4), t0, true);
+        let t1 = t0 + Duration::from_secs(59);
+        assert!(l.silent(t1).is_empty());
+        assert!(l.expire(t1).is_empty());
+        // An observation (an ARP copied to the controller) is a sign of life.
+        l.observe(a, MAC, LEAF_EDGE, t1, true);
+        let t2 = t0 + Duration::from_secs(61);
+        assert_eq!(
+            l.silent(t2).iter().map(|h| h.ip).collect::<Vec<_>>(),
+            vec![b]
+        );
+        // So is traffic counted by its known-host rule: the first look at a rule that
+        // counted packets, then only growth.
+        l.counted(b, 7, t2);
+        assert!(l.expire(t2).is_empty());
+        let t3 = t2 + Duration::from_secs(60);
+        l.counted(b, 7, t3);
+        let gone = l.expire(t3 + Duration::from_secs(1));
+        assert_eq!(gone.iter().map(|h| h.ip).collect::<Vec<_>>(), vec![a, b]);
+        assert!(l.is_empty());
+        // Without an expiry nothing is ever silent.
+        let mut keep = Learned::new(LearnConfig {
+            expiry: None,
+            ..LearnConfig::default()
+        });
+        keep.observe(a, MAC, LEAF_EDGE, t0, true);
+        assert!(keep.expire(t0 + Duration::from_secs(86_400)).is_empty());
     }
 }

@@ -65,7 +65,11 @@
 //! controller from seeing every packet: each known host, and all transit traffic, is
 //! exempt from the copy to the controller, so only unknown or moved senders are seen. A
 //! host seen at another edge port has moved: the plan is redone. A link lost (LLDP
-//! expiry, PORT_STATUS) re-plans too.
+//! expiry, PORT_STATUS) re-plans too. A port is believed to be an edge port only once
+//! its switch and the topology have settled ([`settle`]); a host learned at a port that
+//! turns out to carry a link is forgotten, and so is a host silent for the expiry time,
+//! each re-planning what used it. A host that a replication names but nobody has seen
+//! is asked for with ARP requests out of every edge port ([`search`]).
 //!
 //! **Resilience.** Every NCP rule asks for FLOW_REMOVED, so a rule deleted by hand is
 //! put back at once; a switch that connects (a re-created bridge, a restarted
@@ -92,7 +96,9 @@ pub mod pki;
 pub mod planner;
 pub mod reconcile;
 pub mod rules;
+pub mod search;
 pub mod service;
+pub mod settle;
 pub mod store;
 pub mod switch;
 pub mod token;

@@ -47,8 +47,11 @@ use crate::lldp;
 use crate::mbstats;
 use crate::middlebox::{self, MiddleboxStatus, PushConfig, PushError, Pushes};
 use crate::openflow::messages::NO_BUFFER;
-use crate::openflow::{Action, Message, PacketIn, PacketOut, PortDesc, port};
+use crate::openflow::{Action, FlowStatsRequest, Message, PacketIn, PacketOut, PortDesc, port};
 use crate::planner::{self, Plan, PlanError};
+use crate::rules::{RuleKind, cookie};
+use crate::search::{self, Search, SearchConfig};
+use crate::settle::Settling;
 use crate::store::{DesiredState, HostSpec, ReplicationSpec, Store, StoreError};
 use crate::switch::{Controller, ServerConfig, SwitchEvent};
 use crate::topology::{Dpid, Host, PortRef, Topology};
@@ -72,8 +75,13 @@ pub struct ServiceConfig {
     pub learn: LearnConfig,
     /// Middlebox health checks for fail-open; `None` turns them off.
     pub health: Option<HealthConfig>,
-    /// After a topology change, reconcile only once nothing changed for this long.
+    /// After a topology change, reconcile only once nothing changed for this long; host
+    /// learning trusts a port only once its switch has settled this long (see
+    /// [`crate::settle`]).
     pub settle: Duration,
+    /// Active discovery of hosts that replications name but nobody has seen (see
+    /// [`crate::search`]); `None` turns it off. Needs `learn_hosts`.
+    pub search: Option<SearchConfig>,
     /// Timing of the service pushes to registered middleboxes.
     pub push: PushConfig,
     /// Timing of the consistency and counter polls of registered middleboxes.
@@ -93,6 +101,7 @@ impl Default for ServiceConfig {
             learn: LearnConfig::default(),
             health: Some(HealthConfig::default()),
             settle: Duration::from_secs(1),
+            search: Some(SearchConfig::default()),
             push: PushConfig::default(),
             poll: PollConfig::default(),
         }
@@ -161,6 +170,12 @@ pub struct Metrics {
     pub fail_open_events: u64,
     /// Installed redirects withdrawn for another reason than fail-open.
     pub redirect_withdrawals: u64,
+    /// ARP requests for unseen hosts (one per address and switch).
+    pub arp_requests_sent: u64,
+    /// Learned hosts forgotten for silence.
+    pub hosts_expired: u64,
+    /// Learned hosts forgotten because their port turned out to carry a link.
+    pub hosts_dropped_on_links: u64,
     /// Replicas marked in step by an operator.
     pub replica_resets: u64,
     /// Switch connections refused for claiming the datapath id of a connected switch
@@ -193,7 +208,10 @@ struct State {
     /// Switches whose rules have been read since they connected: learned hosts are
     /// recovered from a switch's first read only.
     read_once: BTreeSet<Dpid>,
-    last_topology_change: Option<Instant>,
+    /// When ports may be believed to be edge ports and the topology to be complete.
+    settling: Settling,
+    /// Hosts named by replications that nobody has seen: ARP requests out.
+    search: Search,
     audit: VecDeque<AuditEntry>,
     last: Option<(Plan, InstallReport)>,
     pushes: Pushes,
@@ -210,7 +228,70 @@ struct State {
 
 impl State {
     fn topology_changed(&mut self) {
-        self.last_topology_change = Some(Instant::now());
+        self.settling.changed(Instant::now());
+    }
+
+    /// Addresses that replications need located and no pinned or learned host has: the
+    /// primaries, the middleboxes and single-address sources.
+    fn missing_hosts(&self) -> Vec<Ipv4Addr> {
+        let known: BTreeSet<Ipv4Addr> = self.all_hosts().iter().map(|h| h.ip).collect();
+        let mut v: Vec<Ipv4Addr> = self
+            .desired
+            .replications()
+            .iter()
+            .flat_map(|r| {
+                let source = (r.source.prefix_len() == 32).then(|| r.source.addr());
+                [Some(r.primary), Some(r.middlebox), source]
+            })
+            .flatten()
+            .filter(|ip| !known.contains(ip))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Logs and audits what a host observation changed; true when it needs a re-plan.
+    fn note_learn(&mut self, learn: hosts::Learn, how: &str) -> bool {
+        match learn {
+            hosts::Learn::Nothing => false,
+            hosts::Learn::New(h) => {
+                let (dpid, port) = (h.at.dpid, h.at.port);
+                tracing::info!(ip = %h.ip, mac = %h.mac, dpid = format_args!("{dpid:#x}"), port, how, "host learned");
+                self.audit(
+                    CONTROLLER,
+                    format!(
+                        "host {} ({}) learned at {dpid:#x}:{port} {how}",
+                        h.ip, h.mac
+                    ),
+                );
+                true
+            }
+            hosts::Learn::Moved { from, host } => {
+                let (dpid, port) = (host.at.dpid, host.at.port);
+                tracing::info!(ip = %host.ip, from = format_args!("{:#x}:{}", from.dpid, from.port), to = format_args!("{dpid:#x}:{port}"), "host moved; re-planning");
+                self.audit(
+                    CONTROLLER,
+                    format!(
+                        "host {} moved from {:#x}:{} to {dpid:#x}:{port}",
+                        host.ip, from.dpid, from.port
+                    ),
+                );
+                true
+            }
+        }
+    }
+
+    /// Logs and audits hosts forgotten for `why`.
+    fn forgotten(&mut self, gone: &[Host], why: &str) {
+        for h in gone {
+            let (dpid, port) = (h.at.dpid, h.at.port);
+            tracing::info!(ip = %h.ip, dpid = format_args!("{dpid:#x}"), port, why, "host forgotten; re-planning");
+            self.audit(
+                CONTROLLER,
+                format!("host {} forgotten at {dpid:#x}:{port}: {why}", h.ip),
+            );
+        }
     }
 
     fn audit(&mut self, who: &str, what: String) {
@@ -298,6 +379,20 @@ fn host_spec(h: &Host) -> HostSpec {
     }
 }
 
+/// What a replication that failed with `e` is waiting for, when the failure is a host the
+/// controller is searching for (see [`crate::search`]).
+fn waiting_for(e: &PlanError, search: &Search) -> Option<String> {
+    let ip = match e {
+        PlanError::UnknownHost(ip) => *ip,
+        PlanError::NoSourceHost(p) if p.prefix_len() == 32 => p.addr(),
+        _ => return None,
+    };
+    let sent = search.requests(ip)?;
+    Some(format!(
+        "waiting for host {ip}: not seen yet, {sent} ARP requests sent"
+    ))
+}
+
 /// Ports of `dpid` whose traffic is never copied to the controller for learning: ports
 /// with a discovered link and ports where a middlebox sits.
 fn exempt_ports(
@@ -334,6 +429,9 @@ struct Inner {
     running: tokio::sync::Mutex<()>,
     reconciles: AtomicU64,
     packet_ins: AtomicU64,
+    arp_requests: AtomicU64,
+    hosts_expired: AtomicU64,
+    hosts_dropped_on_links: AtomicU64,
 }
 
 /// Handle on the running service. Cheap to clone.
@@ -358,7 +456,8 @@ impl Service {
                 learned: Learned::new(cfg.learn),
                 health: Health::new(cfg.health.unwrap_or_default()),
                 read_once: BTreeSet::new(),
-                last_topology_change: None,
+                settling: Settling::new(cfg.settle),
+                search: Search::new(cfg.search.unwrap_or_default()),
                 audit: VecDeque::new(),
                 last: None,
                 pushes: Pushes::new(cfg.push),
@@ -374,6 +473,9 @@ impl Service {
             running: tokio::sync::Mutex::new(()),
             reconciles: AtomicU64::new(0),
             packet_ins: AtomicU64::new(0),
+            arp_requests: AtomicU64::new(0),
+            hosts_expired: AtomicU64::new(0),
+            hosts_dropped_on_links: AtomicU64::new(0),
         });
         let svc = Service { inner };
         tokio::spawn(svc.clone().event_loop(events));
@@ -381,6 +483,9 @@ impl Service {
         tokio::spawn(svc.clone().reconcile_loop());
         tokio::spawn(svc.clone().push_loop());
         tokio::spawn(svc.clone().poll_loop());
+        if svc.inner.cfg.learn_hosts {
+            tokio::spawn(svc.clone().host_loop());
+        }
         if let Some(h) = svc.inner.cfg.health {
             tokio::spawn(svc.clone().health_loop(h));
         }
@@ -459,6 +564,9 @@ impl Service {
             flow_mods_sent: self.inner.ctl.flow_mods_sent(),
             reconciles: self.inner.reconciles.load(Ordering::Relaxed),
             packet_ins: self.inner.packet_ins.load(Ordering::Relaxed),
+            arp_requests_sent: self.inner.arp_requests.load(Ordering::Relaxed),
+            hosts_expired: self.inner.hosts_expired.load(Ordering::Relaxed),
+            hosts_dropped_on_links: self.inner.hosts_dropped_on_links.load(Ordering::Relaxed),
             learned_hosts: st.learned.len(),
             middlebox_pushes_ok,
             middlebox_pushes_failed,
@@ -587,7 +695,7 @@ impl Service {
                         .failures
                         .iter()
                         .find(|(id, _)| *id == spec.id)
-                        .map(|(_, e)| e.to_string());
+                        .map(|(_, e)| waiting_for(e, &st.search).unwrap_or_else(|| e.to_string()));
                 }
                 ReplicationStatus {
                     spec: spec.clone(),
@@ -675,7 +783,8 @@ impl Service {
             let mb_ports = st.middlebox_ports(&hosts);
             for d in &switches {
                 base.extend(discovery::base_rules(*d, cfg.normal_fallback));
-                if cfg.health.is_some() {
+                // Health probes and host searches are answered to the same MAC.
+                if cfg.health.is_some() || self.searching() {
                     base.push(discovery::probe_reply_rule(*d));
                 }
                 if cfg.learn_hosts {
@@ -711,6 +820,22 @@ impl Service {
         };
         if summary.added + summary.deleted + summary.rejected + summary.conflicts > 0 {
             tracing::info!(?summary, installed = ?report.installed, "reconciled");
+        }
+        // Switches that now carry the rule lifting LLDP for the first time: probe every
+        // switch again, so the links toward them are found now rather than a probe
+        // interval later, while their ports are still untrusted.
+        let newly_ready = {
+            let mut st = self.state();
+            let now = Instant::now();
+            report
+                .switches
+                .iter()
+                .filter(|(_, s)| s.error.is_none())
+                .filter(|(d, _)| st.settling.switch_ready(**d, now))
+                .count()
+        };
+        if newly_ready > 0 {
+            self.probe_all().await;
         }
         // Report changes of a replication's fate once, not on every run.
         {
@@ -759,14 +884,20 @@ impl Service {
             let mut st = self.state();
             if st.discovery.observe(from, at, now) {
                 // Hosts "seen" on these ports were traffic passing through.
-                let dropped = st.learned.drop_port(from) + st.learned.drop_port(at);
+                let mut dropped = st.learned.drop_port(from);
+                dropped.extend(st.learned.drop_port(at));
+                st.forgotten(&dropped, "the port carries a link");
                 st.topology_changed();
                 drop(st);
+                self.inner.hosts_dropped_on_links.fetch_add(
+                    u64::try_from(dropped.len()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
                 tracing::info!(
                     dpid = format_args!("{dpid:#x}"),
                     in_port,
                     from = format_args!("{d:#x}:{p}"),
-                    dropped_hosts = dropped,
+                    dropped_hosts = dropped.len(),
                     "link discovered"
                 );
                 self.kick();
@@ -797,28 +928,14 @@ impl Service {
                 .get(&at)
                 .is_none_or(|mb| *mb == sender.ip)
         {
-            match st.learned.observe(sender.ip, sender.mac, at, now) {
-                hosts::Learn::Nothing => {}
-                hosts::Learn::New(h) => {
-                    tracing::info!(ip = %h.ip, mac = %h.mac, dpid = format_args!("{dpid:#x}"), port = in_port, "host learned");
-                    st.audit(
-                        CONTROLLER,
-                        format!("host {} ({}) learned at {dpid:#x}:{in_port}", h.ip, h.mac),
-                    );
-                    kick = true;
-                }
-                hosts::Learn::Moved { from, host } => {
-                    tracing::info!(ip = %host.ip, from = format_args!("{:#x}:{}", from.dpid, from.port), to = format_args!("{dpid:#x}:{in_port}"), "host moved; re-planning");
-                    st.audit(
-                        CONTROLLER,
-                        format!(
-                            "host {} moved from {:#x}:{} to {dpid:#x}:{in_port}",
-                            host.ip, from.dpid, from.port
-                        ),
-                    );
-                    kick = true;
-                }
-            }
+            let trusted = st.settling.trusted(at, now);
+            let learn = st.learned.observe(sender.ip, sender.mac, at, now, trusted);
+            let how = if search::answers_us(sender.eth_dst, sender.arp_op) {
+                "from its answer to an ARP request"
+            } else {
+                "from its traffic"
+            };
+            kick |= st.note_learn(learn, how);
         }
         drop(st);
         if kick {
@@ -850,7 +967,7 @@ impl Service {
                     st.ports.remove(&dpid);
                     st.discovery.forget(dpid, None);
                     st.read_once.remove(&dpid);
-                    st.topology_changed();
+                    st.settling.switch_gone(dpid, Instant::now());
                     drop(st);
                     self.kick();
                 }
@@ -866,6 +983,10 @@ impl Service {
                             ports.retain(|p| p.port_no != ps.desc.port_no);
                             if ps.reason != 1 {
                                 ports.push(ps.desc);
+                            }
+                            if live {
+                                st.settling
+                                    .port_up(PortRef::new(dpid, port_no), Instant::now());
                             }
                             let lost = if live {
                                 0
@@ -914,19 +1035,24 @@ impl Service {
         }
     }
 
+    /// Sends LLDP probes out of every port of every switch whose ports are known.
+    async fn probe_all(&self) {
+        let ports: Vec<(Dpid, Vec<PortDesc>)> = self
+            .state()
+            .ports
+            .iter()
+            .map(|(d, p)| (*d, p.clone()))
+            .collect();
+        for (dpid, p) in ports {
+            self.send_probes(dpid, &p).await;
+        }
+    }
+
     async fn probe_loop(self) {
         let mut tick = tokio::time::interval(self.inner.cfg.probe_interval);
         loop {
             tick.tick().await;
-            let ports: Vec<(Dpid, Vec<PortDesc>)> = self
-                .state()
-                .ports
-                .iter()
-                .map(|(d, p)| (*d, p.clone()))
-                .collect();
-            for (dpid, p) in ports {
-                self.send_probes(dpid, &p).await;
-            }
+            self.probe_all().await;
             let gone = self
                 .state()
                 .discovery
@@ -1120,6 +1246,111 @@ impl Service {
         }
     }
 
+    /// Whether unseen hosts are searched for (see [`crate::search`]).
+    fn searching(&self) -> bool {
+        self.inner.cfg.learn_hosts && self.inner.cfg.search.is_some()
+    }
+
+    /// Host bookkeeping on the controller's clock: candidates whose port is now trusted
+    /// become hosts, silent hosts expire, and unseen hosts that replications name are
+    /// asked for. Each change re-plans.
+    async fn host_loop(self) {
+        let cfg = &self.inner.cfg;
+        let retry = cfg.search.map_or(Duration::from_secs(1), |s| s.first_retry);
+        let tick = (cfg.settle / 4)
+            .min(retry)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        // A candidate older than this saw a network that has changed since.
+        let max_age = (cfg.settle * 4).max(Duration::from_secs(2));
+        loop {
+            tokio::time::sleep(tick).await;
+            let (promoted, silent) = {
+                let mut st = self.state();
+                let st = &mut *st;
+                let now = Instant::now();
+                let (settling, discovery) = (&st.settling, &st.discovery);
+                let changes = st.learned.promote(now, max_age, |p| {
+                    settling.trusted(p, now) && !discovery.is_link_port(p)
+                });
+                let mut promoted = false;
+                for learn in changes {
+                    promoted |= st.note_learn(learn, "once its port was trusted");
+                }
+                (promoted, st.learned.silent(now))
+            };
+            let expired = self.expire_silent(silent).await;
+            if promoted || expired {
+                self.kick();
+            }
+            if self.searching() {
+                self.search_round().await;
+            }
+        }
+    }
+
+    /// Expires the learned hosts in `silent` unless their known-host rule counted traffic
+    /// since the last look (the switch no longer copies a known host's IPv4 to us).
+    /// Returns whether any host was forgotten.
+    async fn expire_silent(&self, silent: Vec<Host>) -> bool {
+        if silent.is_empty() {
+            return false;
+        }
+        for h in &silent {
+            let req =
+                FlowStatsRequest::by_cookie(cookie(RuleKind::Host, u32::from(h.ip)), u64::MAX);
+            // An unreadable switch counts nothing: the host stays silent.
+            if let Ok(stats) = self.inner.ctl.flow_stats(h.at.dpid, req).await {
+                let packets = stats.iter().map(|s| s.packet_count).sum();
+                self.state().learned.counted(h.ip, packets, Instant::now());
+            }
+        }
+        let mut st = self.state();
+        let gone = st.learned.expire(Instant::now());
+        st.forgotten(&gone, "silent for the host expiry time");
+        drop(st);
+        self.inner.hosts_expired.fetch_add(
+            u64::try_from(gone.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        !gone.is_empty()
+    }
+
+    /// Sends the ARP requests that are due for hosts replications name but nobody has
+    /// seen: one PACKET_OUT per address and switch, out of the switch's edge ports.
+    async fn search_round(&self) {
+        let requests: Vec<(Dpid, Message)> = {
+            let mut st = self.state();
+            let now = Instant::now();
+            let missing = st.missing_hosts();
+            st.search.want(missing, now);
+            let due = st.search.due(now);
+            if due.is_empty() {
+                return;
+            }
+            tracing::debug!(?due, "asking for unseen hosts");
+            let mut out = Vec::new();
+            for (dpid, ports) in &st.ports {
+                let edge = search::edge_ports(ports, &st.discovery.link_ports(*dpid));
+                out.extend(
+                    due.iter()
+                        .filter_map(|ip| search::request(*ip, &edge))
+                        .map(|m| (*dpid, m)),
+                );
+            }
+            out
+        };
+        for (dpid, msg) in requests {
+            match self.inner.ctl.send(dpid, msg).await {
+                Ok(()) => {
+                    self.inner.arp_requests.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(dpid = format_args!("{dpid:#x}"), error = %e, "ARP request not sent")
+                }
+            }
+        }
+    }
+
     async fn reconcile_loop(self) {
         let settle = self.inner.cfg.settle;
         loop {
@@ -1132,15 +1363,11 @@ impl Service {
             // Wait for a quiet topology, but not forever on a flapping one.
             let waiting = Instant::now();
             loop {
-                let since = self
-                    .state()
-                    .last_topology_change
-                    .map(|t| t.elapsed())
-                    .unwrap_or(Duration::MAX);
-                if since >= settle || waiting.elapsed() >= settle * 5 {
+                let wait = self.state().settling.wait(Instant::now());
+                if wait.is_zero() || waiting.elapsed() >= settle * 5 {
                     break;
                 }
-                tokio::time::sleep(settle - since).await;
+                tokio::time::sleep(wait).await;
             }
             self.reconcile_now().await;
         }

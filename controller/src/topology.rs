@@ -20,7 +20,7 @@ pub struct PortRef {
 }
 
 impl PortRef {
-    pub fn new(dpid: Dpid, port: u32) -> Self {
+    pub const fn new(dpid: Dpid, port: u32) -> Self {
         Self { dpid, port }
     }
 }

@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use ncp_controller::health::HealthConfig;
 use ncp_controller::hosts::LearnConfig;
+use ncp_controller::search::SearchConfig;
 use ncp_controller::service::{Service, ServiceConfig};
 use ncp_controller::switch::{ServerConfig, SwitchTls, TlsFiles};
 
@@ -55,6 +56,14 @@ struct Args {
     /// Do not learn hosts from traffic (only pinned hosts are known).
     #[arg(long)]
     no_learn_hosts: bool,
+    /// Seconds after which a learned host that has sent nothing is forgotten (and what
+    /// used it re-planned); 0 keeps learned hosts until they move.
+    #[arg(long, default_value_t = 300)]
+    host_expiry_secs: u64,
+    /// Do not send ARP requests for hosts that replications name but nobody has seen
+    /// (they are then found only once they send traffic).
+    #[arg(long)]
+    no_host_search: bool,
     /// Do not health-check middleboxes (no fail-open).
     #[arg(long)]
     no_health: bool,
@@ -156,7 +165,11 @@ async fn main() -> anyhow::Result<()> {
         reconcile_interval: Duration::from_secs(args.reconcile_secs.max(1)),
         normal_fallback: !args.no_normal_fallback,
         learn_hosts: !args.no_learn_hosts,
-        learn: LearnConfig::default(),
+        learn: LearnConfig {
+            expiry: (args.host_expiry_secs > 0).then(|| Duration::from_secs(args.host_expiry_secs)),
+            ..LearnConfig::default()
+        },
+        search: (!args.no_host_search).then(SearchConfig::default),
         health: (!args.no_health).then(|| HealthConfig {
             interval: Duration::from_millis(args.health_interval_ms.max(10)),
             failures: args.health_failures.max(1),
