@@ -144,12 +144,31 @@ struct Entry {
     packets: Option<u64>,
 }
 
+/// How a host made itself heard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// Its own traffic (ARP or IPv4).
+    Traffic,
+    /// Its answer to the controller's ARP request (see [`crate::search`]).
+    Answer,
+}
+
+impl Heard {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Heard::Traffic => "from its traffic",
+            Heard::Answer => "from its answer to an ARP request",
+        }
+    }
+}
+
 /// An observation at a port not yet trusted to be an edge port.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
     mac: MacAddr,
     at: PortRef,
     seen_at: Instant,
+    heard: Heard,
 }
 
 /// Learned hosts by IPv4 address.
@@ -185,6 +204,20 @@ impl Learned {
         now: Instant,
         trusted: bool,
     ) -> Learn {
+        self.heard(ip, mac, at, now, trusted, Heard::Traffic)
+    }
+
+    /// [`Learned::observe`], saying how the host was heard (kept with a candidate until
+    /// it is promoted).
+    pub fn heard(
+        &mut self,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+        at: PortRef,
+        now: Instant,
+        trusted: bool,
+        heard: Heard,
+    ) -> Learn {
         if !plausible(mac, ip) {
             return Learn::Nothing;
         }
@@ -205,6 +238,7 @@ impl Learned {
                         mac,
                         at,
                         seen_at: now,
+                        heard,
                     },
                 );
             }
@@ -243,14 +277,15 @@ impl Learned {
     }
 
     /// Turns the candidates whose port is now trusted into hosts (new or moved, as
-    /// [`Learned::observe`] would) and returns what changed. Candidates older than
-    /// `max_age` are dropped: what they saw is too old to place a host on.
+    /// [`Learned::observe`] would) and returns what changed, with how each was heard.
+    /// Candidates older than `max_age` are dropped: what they saw is too old to place a
+    /// host on.
     pub fn promote(
         &mut self,
         now: Instant,
         max_age: Duration,
         trusted: impl Fn(PortRef) -> bool,
-    ) -> Vec<Learn> {
+    ) -> Vec<(Learn, Heard)> {
         self.candidates
             .retain(|_, c| now.saturating_duration_since(c.seen_at) <= max_age);
         let ready: Vec<(Ipv4Addr, Candidate)> = self
@@ -261,8 +296,8 @@ impl Learned {
             .collect();
         ready
             .into_iter()
-            .map(|(ip, c)| self.observe(ip, c.mac, c.at, now, true))
-            .filter(|l| *l != Learn::Nothing)
+            .map(|(ip, c)| (self.heard(ip, c.mac, c.at, now, true, c.heard), c.heard))
+            .filter(|(l, _)| *l != Learn::Nothing)
             .collect()
     }
 
@@ -528,7 +563,12 @@ mod tests {
         assert_eq!(l.observe(ip, MAC, LEAF_EDGE, t1, false), Learn::Nothing);
         let t2 = t0 + Duration::from_secs(1);
         let got = l.promote(t2, Duration::from_secs(5), |p| p == LEAF_EDGE);
-        assert!(matches!(got.as_slice(), [Learn::New(h)] if h.at == LEAF_EDGE));
+        assert!(matches!(got.as_slice(), [(Learn::New(h), Heard::Traffic)] if h.at == LEAF_EDGE));
+        // How a candidate was heard survives its promotion.
+        let other = Ipv4Addr::new(198, 18, 3, 12);
+        l.heard(other, MAC, LEAF_EDGE, t2, false, Heard::Answer);
+        let got = l.promote(t2, Duration::from_secs(5), |_| true);
+        assert!(matches!(got.as_slice(), [(Learn::New(_), Heard::Answer)]));
         assert_eq!(l.get(ip).map(|h| h.at), Some(LEAF_EDGE));
     }
 

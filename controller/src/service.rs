@@ -929,13 +929,15 @@ impl Service {
                 .is_none_or(|mb| *mb == sender.ip)
         {
             let trusted = st.settling.trusted(at, now);
-            let learn = st.learned.observe(sender.ip, sender.mac, at, now, trusted);
-            let how = if search::answers_us(sender.eth_dst, sender.arp_op) {
-                "from its answer to an ARP request"
+            let heard = if search::answers_us(sender.eth_dst, sender.arp_op) {
+                hosts::Heard::Answer
             } else {
-                "from its traffic"
+                hosts::Heard::Traffic
             };
-            kick |= st.note_learn(learn, how);
+            let learn = st
+                .learned
+                .heard(sender.ip, sender.mac, at, now, trusted, heard);
+            kick |= st.note_learn(learn, heard.describe());
         }
         drop(st);
         if kick {
@@ -1273,8 +1275,8 @@ impl Service {
                     settling.trusted(p, now) && !discovery.is_link_port(p)
                 });
                 let mut promoted = false;
-                for learn in changes {
-                    promoted |= st.note_learn(learn, "once its port was trusted");
+                for (learn, heard) in changes {
+                    promoted |= st.note_learn(learn, heard.describe());
                 }
                 (promoted, st.learned.silent(now))
             };

@@ -5,20 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TreeScene, get_json, tree_scene, wait_for};
+use common::{TreeScene, get_json, learned_at, tree_scene, wait_for};
 use ncp_controller::openflow::MacAddr;
 use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, parse_cookie};
 use serde_json::Value;
 
 const PREFIX: &str = "nc4a";
-
-fn learned_at(topo: &Value, ip: &str) -> Option<(u64, u64)> {
-    topo["learned"]
-        .as_array()?
-        .iter()
-        .find(|h| h["ip"] == ip)
-        .and_then(|h| Some((h["dpid"].as_u64()?, h["port"].as_u64()?)))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_are_learned_moves_and_link_loss_replan() {
@@ -30,12 +22,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
     common::wait_links(api, Duration::from_secs(20)).await;
 
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    let at = |h: &str, sw: &str| {
-        (
-            bed.dpid(sw).expect("dpid"),
-            u64::from(bed.ofport(sw, &format!("{h}:eth0")).expect("port")),
-        )
-    };
+    let at = |h: &str, sw: &str| common::attached(bed, h, sw);
     // Traffic teaches the controller where the hosts are: ARP and IPv4 at edge ports.
     for (from, to) in [("h11", "h21"), ("h31", "h21"), ("h42", "h12")] {
         let _ = bed.exec(from, &["ping", "-c", "2", "-i", "0.2", "-W", "1", &ip(to)]);
@@ -171,15 +158,7 @@ async fn hosts_are_learned_moves_and_link_loss_replan() {
         "old redirect withdrawn"
     );
     let audit = get_json(api, "/v1/audit").await;
-    assert!(
-        audit
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["who"] == "controller"
-                && e["what"]
-                    .as_str()
-                    .is_some_and(|w| w.contains("moved") && w.contains(&ip("h11"))))),
-        "{audit}"
-    );
+    assert!(common::audited(&audit, &["moved", &ip("h11")]), "{audit}");
 
     // The link between agg2 and leaf3 (toward the middlebox) goes down: PORT_STATUS makes
     // the controller forget it, the middlebox is unreachable, the replication is withdrawn.

@@ -316,6 +316,35 @@ pub async fn wait_links(api: &Client, limit: Duration) {
     .await;
 }
 
+/// Where the topology view `topo` says the learned host `ip` is: (dpid, port).
+pub fn learned_at(topo: &Value, ip: &str) -> Option<(u64, u64)> {
+    topo["learned"]
+        .as_array()?
+        .iter()
+        .find(|h| h["ip"] == ip)
+        .and_then(|h| Some((h["dpid"].as_u64()?, h["port"].as_u64()?)))
+}
+
+/// Where host `host` of the test bed is attached: (dpid of `switch`, its port there).
+pub fn attached(bed: &Testbed, host: &str, switch: &str) -> (u64, u64) {
+    (
+        bed.dpid(switch).expect("dpid"),
+        u64::from(bed.ofport(switch, &format!("{host}:eth0")).expect("port")),
+    )
+}
+
+/// Whether the audit log has an entry by the controller containing every one of `words`.
+pub fn audited(audit: &Value, words: &[&str]) -> bool {
+    audit.as_array().is_some_and(|a| {
+        a.iter().any(|e| {
+            e["who"] == "controller"
+                && e["what"]
+                    .as_str()
+                    .is_some_and(|w| words.iter().all(|x| w.contains(x)))
+        })
+    })
+}
+
 /// NCP rules on a switch, read through the controller.
 pub async fn ncp_rules(svc: &Service, dpid: Dpid) -> Vec<FlowRule> {
     match svc
