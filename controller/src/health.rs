@@ -36,7 +36,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::hosts::ETH_TYPE_ARP;
-use crate::openflow::MacAddr;
+use crate::openflow::messages::NO_BUFFER;
+use crate::openflow::{Action, MacAddr, Message, PacketOut, port};
 
 /// Source MAC of health probes (locally administered, "NC" in the middle). Replies are
 /// addressed to it.
@@ -71,6 +72,17 @@ pub fn probe_frame(ip: Ipv4Addr, mac: MacAddr) -> Vec<u8> {
     f.extend_from_slice(&ip.octets());
     f.resize(60, 0);
     f
+}
+
+/// The PACKET_OUT sending [`probe_frame`] for `ip` (MAC `mac`) out of `ports` of a
+/// switch, straight from the controller (no forwarding rule involved).
+pub fn probe_out(ip: Ipv4Addr, mac: MacAddr, ports: &[u32]) -> Message {
+    Message::PacketOut(PacketOut {
+        buffer_id: NO_BUFFER,
+        in_port: port::CONTROLLER,
+        actions: ports.iter().map(|p| Action::output(*p)).collect(),
+        data: probe_frame(ip, mac),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

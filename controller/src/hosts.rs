@@ -106,9 +106,13 @@ pub struct LearnConfig {
     pub max_hosts: usize,
     /// A host moves at most once in this time.
     pub move_holddown: Duration,
-    /// A learned host not heard from for this long is forgotten; `None` keeps hosts
-    /// until they move or their port turns out to carry a link.
+    /// A learned host not heard from for this long is asked whether it is still there
+    /// (an ARP request out of its port) and forgotten unless it answers within
+    /// `answer_within`; `None` keeps hosts until they move or their port turns out to
+    /// carry a link.
     pub expiry: Option<Duration>,
+    /// How long a silent host has to answer before it is forgotten.
+    pub answer_within: Duration,
 }
 
 impl Default for LearnConfig {
@@ -117,6 +121,7 @@ impl Default for LearnConfig {
             max_hosts: 4096,
             move_holddown: Duration::from_secs(1),
             expiry: Some(Duration::from_secs(300)),
+            answer_within: Duration::from_secs(1),
         }
     }
 }
@@ -142,6 +147,40 @@ struct Entry {
     seen_at: Instant,
     /// Packets its known-host rule had counted at the last look.
     packets: Option<u64>,
+    /// When it was asked whether it is still there, since it was last heard.
+    asked_at: Option<Instant>,
+}
+
+impl Entry {
+    fn new(host: Host, moved_at: Instant, now: Instant) -> Self {
+        Self {
+            host,
+            moved_at,
+            seen_at: now,
+            packets: None,
+            asked_at: None,
+        }
+    }
+
+    /// Not heard from for `expiry` (never, without one).
+    fn silent(&self, expiry: Option<Duration>, now: Instant) -> bool {
+        expiry.is_some_and(|x| now.saturating_duration_since(self.seen_at) >= x)
+    }
+
+    fn alive(&mut self, now: Instant) {
+        self.seen_at = now;
+        self.asked_at = None;
+    }
+}
+
+/// What [`Learned::expire`] decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expiry {
+    /// Silent hosts to ask whether they are still there (an ARP request out of their
+    /// port); an answer keeps them.
+    pub ask: Vec<Host>,
+    /// Hosts forgotten: silent, and no answer in time.
+    pub gone: Vec<Host>,
 }
 
 /// How a host made itself heard.
@@ -225,7 +264,7 @@ impl Learned {
         if let Some(e) = self.hosts.get_mut(&ip)
             && e.host == host
         {
-            e.seen_at = now;
+            e.alive(now);
             self.candidates.remove(&ip);
             return Learn::Nothing;
         }
@@ -252,25 +291,12 @@ impl Learned {
                     return Learn::Nothing;
                 }
                 let from = e.host.at;
-                *e = Entry {
-                    host,
-                    moved_at: now,
-                    seen_at: now,
-                    packets: None,
-                };
+                *e = Entry::new(host, now, now);
                 Learn::Moved { from, host }
             }
             None if full => Learn::Nothing,
             None => {
-                self.hosts.insert(
-                    ip,
-                    Entry {
-                        host,
-                        moved_at: now,
-                        seen_at: now,
-                        packets: None,
-                    },
-                );
+                self.hosts.insert(ip, Entry::new(host, now, now));
                 Learn::New(host)
             }
         }
@@ -310,16 +336,9 @@ impl Learned {
         {
             return false;
         }
-        self.hosts.insert(
-            host.ip,
-            Entry {
-                host,
-                // Recovered hosts may move at once.
-                moved_at: now.checked_sub(self.cfg.move_holddown).unwrap_or(now),
-                seen_at: now,
-                packets: None,
-            },
-        );
+        // Recovered hosts may move at once.
+        let moved_at = now.checked_sub(self.cfg.move_holddown).unwrap_or(now);
+        self.hosts.insert(host.ip, Entry::new(host, moved_at, now));
         true
     }
 
@@ -339,15 +358,12 @@ impl Learned {
         gone
     }
 
-    /// Hosts silent for the expiry time: [`Learned::expire`] forgets them unless their
-    /// known-host rule shows traffic first ([`Learned::counted`]).
+    /// Hosts silent for the expiry time and not asked yet: the caller looks at their
+    /// known-host rules' counters ([`Learned::counted`]) before [`Learned::expire`].
     pub fn silent(&self, now: Instant) -> Vec<Host> {
-        let Some(expiry) = self.cfg.expiry else {
-            return Vec::new();
-        };
         self.hosts
             .values()
-            .filter(|e| now.saturating_duration_since(e.seen_at) >= expiry)
+            .filter(|e| e.asked_at.is_none() && e.silent(self.cfg.expiry, now))
             .map(|e| e.host)
             .collect()
     }
@@ -366,18 +382,33 @@ impl Learned {
             None => packets > 0,
         };
         if grew {
-            e.seen_at = now;
+            e.alive(now);
         }
         e.packets = Some(packets);
     }
 
-    /// Forgets the hosts silent for the expiry time and returns them.
-    pub fn expire(&mut self, now: Instant) -> Vec<Host> {
-        let gone = self.silent(now);
-        for h in &gone {
+    /// Silent hosts not asked yet are to be asked now; those asked at least
+    /// [`LearnConfig::answer_within`] ago without an answer are forgotten.
+    pub fn expire(&mut self, now: Instant) -> Expiry {
+        let wait = self.cfg.answer_within;
+        let mut out = Expiry::default();
+        for e in self.hosts.values_mut() {
+            if !e.silent(self.cfg.expiry, now) {
+                continue;
+            }
+            match e.asked_at {
+                None => {
+                    e.asked_at = Some(now);
+                    out.ask.push(e.host);
+                }
+                Some(t) if now.saturating_duration_since(t) >= wait => out.gone.push(e.host),
+                Some(_) => {}
+            }
+        }
+        for h in &out.gone {
             self.hosts.remove(&h.ip);
         }
-        gone
+        out
     }
 
     pub fn get(&self, ip: Ipv4Addr) -> Option<&Host> {
@@ -467,6 +498,7 @@ mod tests {
             max_hosts: 2,
             move_holddown: Duration::from_secs(1),
             expiry: None,
+            answer_within: Duration::from_secs(1),
         });
         let ip = Ipv4Addr::new(198, 18, 3, 11);
         let a = PortRef::new(0x31, 1);
@@ -614,41 +646,64 @@ mod tests {
     }
 
     #[test]
-    fn silent_hosts_expire_unless_their_rule_counts_traffic() {
+    fn silent_hosts_are_asked_then_expire_unless_they_answer_or_their_rule_counts() {
         let t0 = Instant::now();
         let mut l = Learned::new(LearnConfig {
             expiry: Some(Duration::from_secs(60)),
+            answer_within: Duration::from_secs(1),
             ..LearnConfig::default()
         });
         let a = Ipv4Addr::new(198, 18, 3, 11);
         let b = Ipv4Addr::new(198, 18, 3, 12);
+        let c = Ipv4Addr::new(198, 18, 3, 13);
+        let ips = |v: &[Host]| v.iter().map(|h| h.ip).collect::<Vec<_>>();
         l.observe(a, MAC, LEAF_EDGE, t0, true);
         l.observe(b, MAC, PortRef::new(0xa1, 4), t0, true);
+        l.observe(c, MAC, PortRef::new(0xa1, 5), t0, true);
         let t1 = t0 + Duration::from_secs(59);
         assert!(l.silent(t1).is_empty());
-        assert!(l.expire(t1).is_empty());
+        assert_eq!(l.expire(t1), Expiry::default());
         // An observation (an ARP copied to the controller) is a sign of life.
         l.observe(a, MAC, LEAF_EDGE, t1, true);
         let t2 = t0 + Duration::from_secs(61);
-        assert_eq!(
-            l.silent(t2).iter().map(|h| h.ip).collect::<Vec<_>>(),
-            vec![b]
-        );
-        // So is traffic counted by its known-host rule: the first look at a rule that
-        // counted packets, then only growth.
+        assert_eq!(ips(&l.silent(t2)), vec![b, c]);
+        // So is traffic counted by b's known-host rule (the first look at a rule that
+        // counted packets); c's rule counted nothing: c is asked.
         l.counted(b, 7, t2);
-        assert!(l.expire(t2).is_empty());
+        l.counted(c, 0, t2);
+        let e = l.expire(t2);
+        assert_eq!((ips(&e.ask), ips(&e.gone)), (vec![c], vec![]));
+        assert!(l.silent(t2).is_empty(), "asked once");
+        // Within the answer time nothing goes; after it, c goes.
+        assert_eq!(l.expire(t2 + Duration::from_millis(900)), Expiry::default());
+        let e = l.expire(t2 + Duration::from_secs(1));
+        assert_eq!((ips(&e.ask), ips(&e.gone)), (vec![], vec![c]));
+        assert_eq!(l.get(c), None);
+        // b's counter does not grow: b is asked, answers (an observation at its port),
+        // and stays; a is asked later and does not answer.
         let t3 = t2 + Duration::from_secs(60);
         l.counted(b, 7, t3);
-        let gone = l.expire(t3 + Duration::from_secs(1));
-        assert_eq!(gone.iter().map(|h| h.ip).collect::<Vec<_>>(), vec![a, b]);
-        assert!(l.is_empty());
+        let e = l.expire(t3);
+        assert_eq!(ips(&e.ask), vec![a, b]);
+        l.observe(
+            b,
+            MAC,
+            PortRef::new(0xa1, 4),
+            t3 + Duration::from_millis(5),
+            true,
+        );
+        let e = l.expire(t3 + Duration::from_secs(1));
+        assert_eq!((ips(&e.ask), ips(&e.gone)), (vec![], vec![a]));
+        assert!(l.get(b).is_some());
         // Without an expiry nothing is ever silent.
         let mut keep = Learned::new(LearnConfig {
             expiry: None,
             ..LearnConfig::default()
         });
         keep.observe(a, MAC, LEAF_EDGE, t0, true);
-        assert!(keep.expire(t0 + Duration::from_secs(86_400)).is_empty());
+        assert_eq!(
+            keep.expire(t0 + Duration::from_secs(86_400)),
+            Expiry::default()
+        );
     }
 }

@@ -21,8 +21,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::health::{self, PROBE_MAC};
-use crate::openflow::messages::NO_BUFFER;
-use crate::openflow::{Action, MacAddr, Message, PacketOut, PortDesc, port};
+use crate::openflow::{MacAddr, Message, PortDesc, port};
 
 /// Ethernet broadcast: a request for an address whose MAC we do not know.
 const BROADCAST: MacAddr = MacAddr([0xff; 6]);
@@ -125,12 +124,7 @@ pub fn request(ip: Ipv4Addr, edge_ports: &[u32]) -> Option<Message> {
     if edge_ports.is_empty() {
         return None;
     }
-    Some(Message::PacketOut(PacketOut {
-        buffer_id: NO_BUFFER,
-        in_port: port::CONTROLLER,
-        actions: edge_ports.iter().map(|p| Action::output(*p)).collect(),
-        data: health::probe_frame(ip, BROADCAST),
-    }))
+    Some(health::probe_out(ip, BROADCAST, edge_ports))
 }
 
 /// A switch's live physical ports that carry no discovered link (`link_ports`).
@@ -154,6 +148,7 @@ pub fn answers_us(eth_dst: MacAddr, arp_op: Option<u16>) -> bool {
 mod tests {
     use super::*;
     use crate::hosts::parse_sender;
+    use crate::openflow::Action;
 
     const H: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 11);
     const G: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 21);

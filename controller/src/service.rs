@@ -46,8 +46,7 @@ use crate::installer::{self, InstallReport};
 use crate::lldp;
 use crate::mbstats;
 use crate::middlebox::{self, MiddleboxStatus, PushConfig, PushError, Pushes};
-use crate::openflow::messages::NO_BUFFER;
-use crate::openflow::{Action, FlowStatsRequest, Message, PacketIn, PacketOut, PortDesc, port};
+use crate::openflow::{FlowStatsRequest, Message, PacketIn, PortDesc, port};
 use crate::planner::{self, Plan, PlanError};
 use crate::rules::{RuleKind, cookie};
 use crate::search::{self, Search, SearchConfig};
@@ -1135,12 +1134,7 @@ impl Service {
                 });
             }
             for h in probes {
-                let msg = Message::PacketOut(PacketOut {
-                    buffer_id: NO_BUFFER,
-                    in_port: port::CONTROLLER,
-                    actions: vec![Action::output(h.at.port)],
-                    data: health::probe_frame(h.ip, h.mac),
-                });
+                let msg = health::probe_out(h.ip, h.mac, &[h.at.port]);
                 if let Err(e) = self.inner.ctl.send(h.at.dpid, msg).await {
                     tracing::debug!(middlebox = %h.ip, error = %e, "health probe not sent");
                 }
@@ -1290,13 +1284,11 @@ impl Service {
         }
     }
 
-    /// Expires the learned hosts in `silent` unless their known-host rule counted traffic
-    /// since the last look (the switch no longer copies a known host's IPv4 to us).
-    /// Returns whether any host was forgotten.
+    /// Hosts silent for the expiry time: their known-host rules' counters are read first
+    /// (the switch no longer copies a known host's IPv4 to us), those still silent are
+    /// asked with an ARP request out of their own port, and those that did not answer in
+    /// time are forgotten. Returns whether any host was forgotten.
     async fn expire_silent(&self, silent: Vec<Host>) -> bool {
-        if silent.is_empty() {
-            return false;
-        }
         for h in &silent {
             let req =
                 FlowStatsRequest::by_cookie(cookie(RuleKind::Host, u32::from(h.ip)), u64::MAX);
@@ -1306,15 +1298,23 @@ impl Service {
                 self.state().learned.counted(h.ip, packets, Instant::now());
             }
         }
-        let mut st = self.state();
-        let gone = st.learned.expire(Instant::now());
-        st.forgotten(&gone, "silent for the host expiry time");
-        drop(st);
+        let expiry = {
+            let mut st = self.state();
+            let expiry = st.learned.expire(Instant::now());
+            st.forgotten(&expiry.gone, "silent for the host expiry time");
+            expiry
+        };
+        for h in &expiry.ask {
+            let msg = health::probe_out(h.ip, h.mac, &[h.at.port]);
+            if let Err(e) = self.inner.ctl.send(h.at.dpid, msg).await {
+                tracing::debug!(ip = %h.ip, error = %e, "ARP request to a silent host not sent");
+            }
+        }
         self.inner.hosts_expired.fetch_add(
-            u64::try_from(gone.len()).unwrap_or(u64::MAX),
+            u64::try_from(expiry.gone.len()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        !gone.is_empty()
+        !expiry.gone.is_empty()
     }
 
     /// Sends the ARP requests that are due for hosts replications name but nobody has
