@@ -2,7 +2,9 @@
 //! any of its hosts sent traffic is installed because the controller asks for the hosts
 //! (ARP requests out of every edge port) and learns them from the answers; while a host
 //! does not answer, the replication's status says it waits for that host, and it is
-//! installed as soon as the host answers, with no traffic from the client.
+//! installed as soon as the host answers, with no traffic from the client. A learned host
+//! that leaves (silent, and no answer when asked) expires, which withdraws the
+//! replication using it until it is back; hosts that answer stay.
 
 mod common;
 
@@ -13,6 +15,8 @@ use ncp_controller::search::SearchConfig;
 use ncp_controller::store::ModeSpec;
 
 const PREFIX: &str = "nc4s";
+/// Short, so that the test sees hosts expire.
+const EXPIRY: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replications_find_their_hosts_before_any_traffic() {
@@ -23,6 +27,8 @@ async fn replications_find_their_hosts_before_any_traffic() {
             max_retry: Duration::from_millis(400),
             ..SearchConfig::default()
         });
+        cfg.learn.expiry = Some(EXPIRY);
+        cfg.learn.answer_within = Duration::from_millis(500);
     };
     let Some(scene) = tree_scene("controller host search", &tools, PREFIX, quick_retries).await
     else {
@@ -30,15 +36,16 @@ async fn replications_find_their_hosts_before_any_traffic() {
     };
     let TreeScene { api, bed, .. } = &scene;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
-    // h12 is not on the network yet: its address is gone, so nothing answers for it.
-    let h12_ns = bed.netns("h12").expect("netns");
-    let h12_addr = format!("{}/24", ip("h12"));
-    let in_h12 = |verb: &str| {
+    // Takes a host's address away ("del") or gives it back ("add").
+    let address = |host: &str, verb: &str| {
+        let ns = bed.netns(host).expect("netns");
+        let addr = format!("{}/24", ip(host));
         common::sh(&[
-            "ip", "netns", "exec", &h12_ns, "ip", "addr", verb, &h12_addr, "dev", "eth0",
+            "ip", "netns", "exec", &ns, "ip", "addr", verb, &addr, "dev", "eth0",
         ]);
     };
-    in_h12("del");
+    // h12 is not on the network yet: its address is gone, so nothing answers for it.
+    address("h12", "del");
     common::wait_links(api, Duration::from_secs(20)).await;
     // Nobody has sent anything: the controller knows no host.
     let topo = get_json(api, "/v1/topology").await;
@@ -98,7 +105,7 @@ async fn replications_find_their_hosts_before_any_traffic() {
     // The host comes up (no gratuitous ARP, no traffic): the next request finds it and
     // the replication is installed.
     let up = Instant::now();
-    in_h12("add");
+    address("h12", "add");
     let r = common::wait_installed(api, 2, true, Duration::from_secs(10)).await;
     eprintln!(
         "replication installed {:?} after its client came up",
@@ -116,4 +123,40 @@ async fn replications_find_their_hosts_before_any_traffic() {
         audited(&audit, &[&ip("h12"), "answer to an ARP request"]),
         "{audit}"
     );
+
+    // h11 leaves the network. Silent for the expiry time and asked without answer, it
+    // is forgotten, and replication 1 waits for it again; the hosts that answer stay.
+    let left = Instant::now();
+    address("h11", "del");
+    let waiting = format!("waiting for host {}", ip("h11"));
+    let (r, _) = wait_for(EXPIRY * 5, "h11 expired", || async {
+        let r = common::replication(api, 1).await;
+        (r["installed"] == false && r["error"].as_str().is_some_and(|e| e.contains(&waiting)))
+            .then_some(r)
+    })
+    .await;
+    eprintln!(
+        "replication withdrawn {:?} after its client left",
+        left.elapsed()
+    );
+    assert_eq!(r["redirection_switch"], serde_json::Value::Null, "{r}");
+    let topo = get_json(api, "/v1/topology").await;
+    assert_eq!(learned_at(&topo, &ip("h11")), None, "{topo}");
+    for (h, sw) in [("h21", "leaf2"), ("h31", "leaf3")] {
+        assert_eq!(
+            learned_at(&topo, &ip(h)),
+            Some(attached(bed, h, sw)),
+            "{topo}"
+        );
+    }
+    let audit = get_json(api, "/v1/audit").await;
+    assert!(
+        audited(&audit, &[&ip("h11"), "forgotten", "silent"]),
+        "{audit}"
+    );
+    let m = get_json(api, "/v1/metrics").await;
+    assert!(m["hosts_expired"].as_u64() >= Some(1), "{m}");
+    // Back on the network: found and installed again.
+    address("h11", "add");
+    common::wait_installed(api, 1, true, Duration::from_secs(10)).await;
 }
