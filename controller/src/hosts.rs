@@ -233,22 +233,10 @@ impl Learned {
         }
     }
 
-    /// Records that `mac`/`ip` sent a frame into edge port `at`; `trusted` says whether
-    /// that port may be believed to be an edge port yet.
+    /// Records that `mac`/`ip` sent a frame into edge port `at`, heard as `heard` (kept
+    /// with a candidate until it is promoted); `trusted` says whether that port may be
+    /// believed to be an edge port yet.
     pub fn observe(
-        &mut self,
-        ip: Ipv4Addr,
-        mac: MacAddr,
-        at: PortRef,
-        now: Instant,
-        trusted: bool,
-    ) -> Learn {
-        self.heard(ip, mac, at, now, trusted, Heard::Traffic)
-    }
-
-    /// [`Learned::observe`], saying how the host was heard (kept with a candidate until
-    /// it is promoted).
-    pub fn heard(
         &mut self,
         ip: Ipv4Addr,
         mac: MacAddr,
@@ -322,7 +310,7 @@ impl Learned {
             .collect();
         ready
             .into_iter()
-            .map(|(ip, c)| (self.heard(ip, c.mac, c.at, now, true, c.heard), c.heard))
+            .map(|(ip, c)| (self.observe(ip, c.mac, c.at, now, true, c.heard), c.heard))
             .filter(|(l, _)| *l != Learn::Nothing)
             .collect()
     }
@@ -503,22 +491,34 @@ mod tests {
         let ip = Ipv4Addr::new(198, 18, 3, 11);
         let a = PortRef::new(0x31, 1);
         let b = PortRef::new(0x34, 4);
-        assert!(matches!(l.observe(ip, MAC, a, t0, true), Learn::New(h) if h.at == a));
-        assert_eq!(l.observe(ip, MAC, a, t0, true), Learn::Nothing);
+        assert!(
+            matches!(l.observe(ip, MAC, a, t0, true, Heard::Traffic), Learn::New(h) if h.at == a)
+        );
+        assert_eq!(
+            l.observe(ip, MAC, a, t0, true, Heard::Traffic),
+            Learn::Nothing
+        );
         // Too soon after the last change: ignored.
         assert_eq!(
-            l.observe(ip, MAC, b, t0 + Duration::from_millis(500), true),
+            l.observe(
+                ip,
+                MAC,
+                b,
+                t0 + Duration::from_millis(500),
+                true,
+                Heard::Traffic
+            ),
             Learn::Nothing
         );
         let later = t0 + Duration::from_secs(2);
         assert!(matches!(
-            l.observe(ip, MAC, b, later, true),
+            l.observe(ip, MAC, b, later, true, Heard::Traffic),
             Learn::Moved { from, host } if from == a && host.at == b
         ));
         assert_eq!(l.get(ip).map(|h| h.at), Some(b));
         // Implausible senders and a full table.
         assert_eq!(
-            l.observe(Ipv4Addr::UNSPECIFIED, MAC, a, later, true),
+            l.observe(Ipv4Addr::UNSPECIFIED, MAC, a, later, true, Heard::Traffic),
             Learn::Nothing
         );
         assert_eq!(
@@ -527,16 +527,31 @@ mod tests {
                 MacAddr([1, 0, 0, 0, 0, 1]),
                 a,
                 later,
-                true
+                true,
+                Heard::Traffic
             ),
             Learn::Nothing
         );
         assert!(matches!(
-            l.observe(Ipv4Addr::new(198, 18, 3, 12), MAC, a, later, true),
+            l.observe(
+                Ipv4Addr::new(198, 18, 3, 12),
+                MAC,
+                a,
+                later,
+                true,
+                Heard::Traffic
+            ),
             Learn::New(_)
         ));
         assert_eq!(
-            l.observe(Ipv4Addr::new(198, 18, 3, 13), MAC, a, later, true),
+            l.observe(
+                Ipv4Addr::new(198, 18, 3, 13),
+                MAC,
+                a,
+                later,
+                true,
+                Heard::Traffic
+            ),
             Learn::Nothing
         );
         assert_eq!(l.len(), 2);
@@ -565,9 +580,16 @@ mod tests {
         assert_eq!(l.get(ip), Some(&h));
         // A recovered host may move straight away.
         assert!(matches!(
-            l.observe(ip, MAC, PortRef::new(3, 3), t0, true),
+            l.observe(ip, MAC, PortRef::new(3, 3), t0, true, Heard::Traffic),
             Learn::Moved { .. }
         ));
+    }
+
+    const H11: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 11);
+
+    /// A clock start and an empty table with the default settings.
+    fn learner() -> (Instant, Learned) {
+        (Instant::now(), Learned::new(LearnConfig::default()))
     }
 
     /// A spine port toward a leaf, before LLDP has found the link there, and the host's
@@ -577,12 +599,14 @@ mod tests {
 
     #[test]
     fn untrusted_ports_place_no_host_until_trusted() {
-        let t0 = Instant::now();
-        let mut l = Learned::new(LearnConfig::default());
-        let ip = Ipv4Addr::new(198, 18, 3, 11);
+        let (t0, mut l) = learner();
+        let ip = H11;
         // The host's first frame arrives on the spine's port toward the leaf while the
         // topology is still settling: no host, only a candidate.
-        assert_eq!(l.observe(ip, MAC, SPINE_TO_LEAF, t0, false), Learn::Nothing);
+        assert_eq!(
+            l.observe(ip, MAC, SPINE_TO_LEAF, t0, false, Heard::Traffic),
+            Learn::Nothing
+        );
         assert_eq!((l.len(), l.candidates()), (0, 1));
         // Still untrusted later: nothing promoted.
         let t1 = t0 + Duration::from_millis(300);
@@ -592,13 +616,16 @@ mod tests {
         assert_eq!(l.candidates(), 0);
         assert!(l.promote(t1, Duration::from_secs(5), |_| true).is_empty());
         // The host heard at its real port once that is trusted.
-        assert_eq!(l.observe(ip, MAC, LEAF_EDGE, t1, false), Learn::Nothing);
+        assert_eq!(
+            l.observe(ip, MAC, LEAF_EDGE, t1, false, Heard::Traffic),
+            Learn::Nothing
+        );
         let t2 = t0 + Duration::from_secs(1);
         let got = l.promote(t2, Duration::from_secs(5), |p| p == LEAF_EDGE);
         assert!(matches!(got.as_slice(), [(Learn::New(h), Heard::Traffic)] if h.at == LEAF_EDGE));
         // How a candidate was heard survives its promotion.
         let other = Ipv4Addr::new(198, 18, 3, 12);
-        l.heard(other, MAC, LEAF_EDGE, t2, false, Heard::Answer);
+        l.observe(other, MAC, LEAF_EDGE, t2, false, Heard::Answer);
         let got = l.promote(t2, Duration::from_secs(5), |_| true);
         assert!(matches!(got.as_slice(), [(Learn::New(_), Heard::Answer)]));
         assert_eq!(l.get(ip).map(|h| h.at), Some(LEAF_EDGE));
@@ -606,21 +633,26 @@ mod tests {
 
     #[test]
     fn a_known_host_does_not_move_onto_an_untrusted_port() {
-        let t0 = Instant::now();
-        let mut l = Learned::new(LearnConfig::default());
-        let ip = Ipv4Addr::new(198, 18, 3, 11);
+        let (t0, mut l) = learner();
+        let ip = H11;
         assert!(matches!(
-            l.observe(ip, MAC, LEAF_EDGE, t0, true),
+            l.observe(ip, MAC, LEAF_EDGE, t0, true, Heard::Traffic),
             Learn::New(_)
         ));
         let t1 = t0 + Duration::from_secs(10);
-        assert_eq!(l.observe(ip, MAC, SPINE_TO_LEAF, t1, false), Learn::Nothing);
+        assert_eq!(
+            l.observe(ip, MAC, SPINE_TO_LEAF, t1, false, Heard::Traffic),
+            Learn::Nothing
+        );
         assert_eq!(l.get(ip).map(|h| h.at), Some(LEAF_EDGE));
         // Seen again at home: the candidate elsewhere is void.
-        assert_eq!(l.observe(ip, MAC, LEAF_EDGE, t1, false), Learn::Nothing);
+        assert_eq!(
+            l.observe(ip, MAC, LEAF_EDGE, t1, false, Heard::Traffic),
+            Learn::Nothing
+        );
         assert!(l.promote(t1, Duration::from_secs(5), |_| true).is_empty());
         // Old candidates are dropped rather than promoted.
-        l.observe(ip, MAC, SPINE_TO_LEAF, t1, false);
+        l.observe(ip, MAC, SPINE_TO_LEAF, t1, false, Heard::Traffic);
         let late = t1 + Duration::from_secs(6);
         assert!(l.promote(late, Duration::from_secs(5), |_| true).is_empty());
         assert_eq!(l.candidates(), 0);
@@ -628,19 +660,18 @@ mod tests {
 
     #[test]
     fn a_host_learned_on_a_port_later_found_to_be_a_link_is_forgotten() {
-        let t0 = Instant::now();
-        let mut l = Learned::new(LearnConfig::default());
-        let ip = Ipv4Addr::new(198, 18, 3, 11);
+        let (t0, mut l) = learner();
+        let ip = H11;
         let other = Ipv4Addr::new(198, 18, 3, 12);
-        l.observe(ip, MAC, SPINE_TO_LEAF, t0, true);
-        l.observe(other, MAC, LEAF_EDGE, t0, true);
+        l.observe(ip, MAC, SPINE_TO_LEAF, t0, true, Heard::Traffic);
+        l.observe(other, MAC, LEAF_EDGE, t0, true, Heard::Traffic);
         let gone = l.drop_port(SPINE_TO_LEAF);
         assert_eq!(gone.iter().map(|h| h.ip).collect::<Vec<_>>(), vec![ip]);
         assert_eq!(l.get(ip), None);
         assert!(l.get(other).is_some());
         // Learned afresh at its real port, as a new host (no hold-down applies).
         assert!(matches!(
-            l.observe(ip, MAC, LEAF_EDGE, t0, true),
+            l.observe(ip, MAC, LEAF_EDGE, t0, true, Heard::Traffic),
             Learn::New(_)
         ));
     }
@@ -657,14 +688,14 @@ mod tests {
         let b = Ipv4Addr::new(198, 18, 3, 12);
         let c = Ipv4Addr::new(198, 18, 3, 13);
         let ips = |v: &[Host]| v.iter().map(|h| h.ip).collect::<Vec<_>>();
-        l.observe(a, MAC, LEAF_EDGE, t0, true);
-        l.observe(b, MAC, PortRef::new(0xa1, 4), t0, true);
-        l.observe(c, MAC, PortRef::new(0xa1, 5), t0, true);
+        l.observe(a, MAC, LEAF_EDGE, t0, true, Heard::Traffic);
+        l.observe(b, MAC, PortRef::new(0xa1, 4), t0, true, Heard::Traffic);
+        l.observe(c, MAC, PortRef::new(0xa1, 5), t0, true, Heard::Traffic);
         let t1 = t0 + Duration::from_secs(59);
         assert!(l.silent(t1).is_empty());
         assert_eq!(l.expire(t1), Expiry::default());
         // An observation (an ARP copied to the controller) is a sign of life.
-        l.observe(a, MAC, LEAF_EDGE, t1, true);
+        l.observe(a, MAC, LEAF_EDGE, t1, true, Heard::Traffic);
         let t2 = t0 + Duration::from_secs(61);
         assert_eq!(ips(&l.silent(t2)), vec![b, c]);
         // So is traffic counted by b's known-host rule (the first look at a rule that
@@ -691,6 +722,7 @@ mod tests {
             PortRef::new(0xa1, 4),
             t3 + Duration::from_millis(5),
             true,
+            Heard::Traffic,
         );
         let e = l.expire(t3 + Duration::from_secs(1));
         assert_eq!((ips(&e.ask), ips(&e.gone)), (vec![], vec![a]));
@@ -700,7 +732,7 @@ mod tests {
             expiry: None,
             ..LearnConfig::default()
         });
-        keep.observe(a, MAC, LEAF_EDGE, t0, true);
+        keep.observe(a, MAC, LEAF_EDGE, t0, true, Heard::Traffic);
         assert_eq!(
             keep.expire(t0 + Duration::from_secs(86_400)),
             Expiry::default()

@@ -935,7 +935,7 @@ impl Service {
             };
             let learn = st
                 .learned
-                .heard(sender.ip, sender.mac, at, now, trusted, heard);
+                .observe(sender.ip, sender.mac, at, now, trusted, heard);
             kick |= st.note_learn(learn, heard.describe());
         }
         drop(st);

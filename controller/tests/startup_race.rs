@@ -84,25 +84,9 @@ async fn host_first_seen_on_a_link_port_ends_at_its_own_port() {
     // LLDP gets through: the link is found, h11 is forgotten there, asked for, and found
     // at its own port on leaf1.
     for (bridge, m) in &block_lldp {
-        common::sh(&[
-            "ovs-ofctl",
-            "-O",
-            "OpenFlow13",
-            "del-flows",
-            "--strict",
-            bridge,
-            m,
-        ]);
+        common::del_flow(bridge, m);
     }
-    common::sh(&[
-        "ovs-ofctl",
-        "-O",
-        "OpenFlow13",
-        "del-flows",
-        "--strict",
-        &leaf1,
-        &h11_up,
-    ]);
+    common::del_flow(&leaf1, &h11_up);
     let home = attached(bed, "h11", "leaf1");
     let (r, took) = wait_for(Duration::from_secs(15), "h11 back at leaf1", || async {
         let t = get_json(api, "/v1/topology").await;

@@ -447,6 +447,20 @@ mod tests {
     }
 
     #[test]
+    fn status_table_says_what_a_replication_waits_for() {
+        let list = serde_json::json!([
+            {"id": 3, "installed": false, "error": "waiting for host 198.18.3.12: not seen yet, 4 ARP requests sent", "middlebox": "198.18.1.3", "replica_states": []}
+        ]);
+        let t = status_table(&list);
+        assert!(
+            t.lines()
+                .nth(1)
+                .is_some_and(|l| l.starts_with("3   no: waiting for host 198.18.3.12")),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn token_file_forms() {
         assert_eq!(token_of("abc\n"), "abc");
         assert_eq!(token_of("# who token\nalice s3cret\nbob other\n"), "s3cret");

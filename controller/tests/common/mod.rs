@@ -371,6 +371,20 @@ pub fn add_flow(bridge: &str, flow: &str) {
     sh(&["ovs-ofctl", "-O", "OpenFlow13", "add-flow", bridge, flow]);
 }
 
+/// Deletes the rule of a bridge with exactly this match and priority (one that
+/// [`add_flow`] added).
+pub fn del_flow(bridge: &str, matched: &str) {
+    sh(&[
+        "ovs-ofctl",
+        "-O",
+        "OpenFlow13",
+        "del-flows",
+        "--strict",
+        bridge,
+        matched,
+    ]);
+}
+
 /// `ovs-ofctl dump-flows` of a bridge, one flow per line, without the counters that
 /// change with traffic and time.
 pub fn dump_flows(bridge: &str) -> Vec<String> {
