@@ -1,8 +1,11 @@
 //! The running controller: switch events in, converged network out.
 //!
-//! Six loops share one state: the event loop (switch connects, port changes, LLDP,
+//! Seven loops share one state: the event loop (switch connects, port changes, LLDP,
 //! learning and health-reply packet-ins), the probe loop (LLDP out of every port, link
-//! expiry), the health loop (ARP probes to every middlebox in use, see [`crate::health`]),
+//! expiry), the host loop (held-back hosts whose port is now trusted, host expiry, ARP
+//! requests for hosts replications name but nobody has seen; see [`crate::hosts`],
+//! [`crate::settle`], [`crate::search`]), the health loop (ARP probes to every middlebox
+//! in use, see [`crate::health`]),
 //! the reconcile loop (read every switch, plan from desired state plus discovered
 //! topology, apply the difference), the push loop (service lists to the registered
 //! middleboxes, see [`crate::middlebox`]) and the poll loop (each registered middlebox's
@@ -16,7 +19,7 @@
 //!
 //! Re-planning happens on every change that can move a route or a redirect: a switch
 //! connecting or leaving, a link discovered or lost (LLDP expiry, PORT_STATUS link down or
-//! port deleted), a host learned or moved, a middlebox going down or up, a change of the
+//! port deleted), a host learned, moved or forgotten, a middlebox going down or up, a change of the
 //! desired state, and a rule removed behind our back (FLOW_REMOVED; every NCP rule asks
 //! for one). After a topology change the reconcile waits until the topology has been
 //! quiet for [`ServiceConfig::settle`], so a network that is still connecting (a
