@@ -9,6 +9,15 @@
 //! also means a registered middlebox runs exactly what the controller says: registering
 //! one without replications sends it an empty list.
 //!
+//! # Ordering with the switches
+//!
+//! A redirect steers clients to the middlebox, so it goes in only once the middlebox has
+//! acknowledged a list holding the replication's service ([`Pushes::serves`]; the
+//! service plans the replication out until then). The other way round, a deleted
+//! replication's service stays in the pushed list until a reconcile run has taken its
+//! redirect off every switch. So a middlebox never receives clients for a service it
+//! does not run.
+//!
 //! # Wire format
 //!
 //! Connect to the middlebox's Unix stream socket, write one line of JSON, read one line
@@ -37,13 +46,14 @@
 //! (connect, write, read) is bounded by [`PushConfig::timeout`], and pushes run on their
 //! own tasks, so a stuck middlebox delays nothing but its own next push.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
+use crate::consistency::service_name;
 use crate::store::{ControlAddr, DesiredState, LoginSpec, MiddleboxSpec, VerifySpec, parse_prefix};
 
 /// What a replication's status says when its middlebox is not registered.
@@ -122,7 +132,7 @@ pub fn services_for(desired: &DesiredState, mb: &MiddleboxSpec) -> Vec<ServiceEn
         .iter()
         .filter(|r| r.middlebox == mb.ip)
         .map(|r| ServiceEntry {
-            name: format!("r{}", r.id),
+            name: service_name(r.id),
             primary: format!("{}:{}", r.primary, r.primary_port),
             // Stored sources are validated; the fallback keeps this function total and
             // would be refused by the middlebox rather than silently widened.
@@ -321,6 +331,8 @@ pub struct MiddleboxStatus {
 struct Track {
     /// (control address, request line) the middlebox last answered `done` to.
     acked: Option<(String, String)>,
+    /// The names of the services in that list.
+    acked_names: BTreeSet<String>,
     acked_at: Option<Instant>,
     last: Option<Attempt>,
     last_ok_at_ms: Option<u64>,
@@ -339,7 +351,8 @@ pub struct Job {
     pub addr: ControlAddr,
     pub control: String,
     pub line: String,
-    pub services: usize,
+    /// Names of the services in `line`.
+    pub names: BTreeSet<String>,
 }
 
 /// What every registered middlebox acknowledged, and when to push again. Sans-IO: the
@@ -409,7 +422,7 @@ impl Pushes {
                     addr,
                     control: mb.control.clone(),
                     line,
-                    services: services.len(),
+                    names: services.into_iter().map(|s| s.name).collect(),
                 });
             }
         }
@@ -447,6 +460,7 @@ impl Pushes {
         match result {
             Ok(()) => {
                 t.acked = Some((job.control.clone(), job.line.clone()));
+                t.acked_names = job.names.clone();
                 t.acked_at = Some(now);
                 t.failures = 0;
                 t.failed_at = None;
@@ -460,7 +474,9 @@ impl Pushes {
             }
             Err(e) => {
                 // What the middlebox runs now is unknown: it may have applied the list
-                // and lost the answer, or kept its old one. Push again either way.
+                // and lost the answer, or kept its old one. Push again either way. The
+                // services it acknowledged before are kept: a failed push (of a longer
+                // or a shorter list) does not take them away from a running middlebox.
                 t.acked = None;
                 t.failures = t.failures.saturating_add(1);
                 t.failed_at = Some(now);
@@ -541,6 +557,19 @@ impl Pushes {
             }) => format!("push failed: {e}"),
             _ => "push pending".to_string(),
         }
+    }
+
+    /// Whether registered middlebox `middlebox` has acknowledged a list holding the
+    /// service of replication `id` (in any version: a change of its replicas does not
+    /// make the middlebox stop serving it). Unregistered middleboxes have no service to
+    /// wait for.
+    pub fn serves(&self, desired: &DesiredState, middlebox: Ipv4Addr, id: u32) -> bool {
+        if desired.middlebox(middlebox).is_none() {
+            return true;
+        }
+        self.tracks
+            .get(&middlebox)
+            .is_some_and(|t| t.acked_names.contains(&service_name(id)))
     }
 
     /// (acknowledged, failed) pushes over all middleboxes, kept across unregistering.
@@ -745,7 +774,7 @@ mod tests {
         let t0 = Instant::now();
         let jobs = p.due(&d, t0);
         assert_eq!(jobs.len(), 1);
-        assert_eq!(jobs[0].services, 2);
+        assert_eq!(jobs[0].names.len(), 2);
         assert!(p.due(&d, t0).is_empty(), "one push in flight at a time");
         assert!(p.finished(&jobs[0], &Ok(()), t0), "a new list is news");
         assert!(p.status(&d)[0].in_sync);
@@ -770,7 +799,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(11);
         let j = p.due(&d, t1);
         assert_eq!(j.len(), 1);
-        assert_eq!(j[0].services, 1);
+        assert_eq!(j[0].names.len(), 1);
         p.finished(&j[0], &Err(PushError::Refused("bad".into())), t1);
         let st = &p.status(&d)[0];
         assert!(!st.in_sync);
@@ -817,5 +846,29 @@ mod tests {
         d.middleboxes.clear();
         assert!(p.due(&d, t0).is_empty());
         assert!(p.status(&d).is_empty());
+    }
+
+    #[test]
+    fn a_service_counts_as_served_once_acknowledged_and_until_a_list_without_it() {
+        let mut p = Pushes::new(PushConfig::default());
+        let mut d = state(None);
+        let mb_ip = d.middleboxes[0].ip;
+        let t0 = Instant::now();
+        // Replication 3's middlebox is not registered: nothing to wait for.
+        assert!(p.serves(&d, Ipv4Addr::new(198, 18, 9, 9), 3));
+        assert!(!p.serves(&d, mb_ip, 12), "nothing pushed yet");
+        let j = p.due(&d, t0);
+        assert!(!p.serves(&d, mb_ip, 12), "pushed, not acknowledged");
+        p.finished(&j[0], &Ok(()), t0);
+        assert!(p.serves(&d, mb_ip, 12) && p.serves(&d, mb_ip, 0));
+        // A failed push of a shorter list takes nothing away; an acknowledged one does.
+        d.replications.retain(|r| r.id != 12);
+        let j = p.due(&d, t0);
+        p.finished(&j[0], &Err(PushError::Refused("busy".into())), t0);
+        assert!(p.serves(&d, mb_ip, 12));
+        let j = p.due(&d, t0 + Duration::from_secs(1));
+        p.finished(&j[0], &Ok(()), t0 + Duration::from_secs(1));
+        assert!(!p.serves(&d, mb_ip, 12));
+        assert!(p.serves(&d, mb_ip, 0));
     }
 }

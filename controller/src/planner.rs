@@ -81,6 +81,10 @@ pub enum PlanError {
         "middlebox {0} does not answer health probes; its traffic goes straight to the primary (fail-open)"
     )]
     MiddleboxDown(Ipv4Addr),
+    #[error(
+        "waiting for middlebox {0} to acknowledge this replication's service (its redirect goes in after that)"
+    )]
+    ServiceNotAcknowledged(Ipv4Addr),
     #[error(transparent)]
     Topology(#[from] TopologyError),
 }

@@ -214,6 +214,9 @@ struct State {
     settling: Settling,
     /// Hosts named by replications that nobody has seen: ARP requests out.
     search: Search,
+    /// Deleted replications whose redirect may still be on a switch: their services stay
+    /// in the middleboxes' lists until a reconcile run has reached every switch.
+    retiring: Vec<ReplicationSpec>,
     audit: VecDeque<AuditEntry>,
     last: Option<(Plan, InstallReport)>,
     pushes: Pushes,
@@ -231,6 +234,22 @@ struct State {
 impl State {
     fn topology_changed(&mut self) {
         self.settling.changed(Instant::now());
+    }
+
+    /// What the middleboxes are told to run: the desired state, plus the deleted
+    /// replications whose redirects may still be on the switches.
+    fn push_view(&self) -> std::borrow::Cow<'_, DesiredState> {
+        if self.retiring.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.desired);
+        }
+        let mut view = self.desired.clone();
+        view.replications.extend(
+            self.retiring
+                .iter()
+                .filter(|r| !self.desired.replications.iter().any(|d| d.id == r.id))
+                .cloned(),
+        );
+        std::borrow::Cow::Owned(view)
     }
 
     /// Addresses that replications need located and no pinned or learned host has: the
@@ -381,6 +400,15 @@ fn host_spec(h: &Host) -> HostSpec {
     }
 }
 
+/// Whether replication `id`'s redirect is on any switch in `flows` (as read).
+fn redirect_on(flows: &BTreeMap<Dpid, Vec<crate::rules::FlowRule>>, id: u32) -> bool {
+    let flow = cookie(RuleKind::Flow, id);
+    flows
+        .values()
+        .flatten()
+        .any(|r| r.cookie == flow && r.priority == crate::rules::PRIORITY_REDIRECT)
+}
+
 /// What a replication that failed with `e` is waiting for, when the failure is a host the
 /// controller is searching for (see [`crate::search`]).
 fn waiting_for(e: &PlanError, search: &Search) -> Option<String> {
@@ -460,6 +488,7 @@ impl Service {
                 read_once: BTreeSet::new(),
                 settling: Settling::new(cfg.settle),
                 search: Search::new(cfg.search.unwrap_or_default()),
+                retiring: Vec::new(),
                 audit: VecDeque::new(),
                 last: None,
                 pushes: Pushes::new(cfg.push),
@@ -540,6 +569,16 @@ impl Service {
             }
             tracing::info!(who, change = %what, "desired state changed");
             st.audit(who, what);
+            let installed = st.last.as_ref().map(|(_, r)| r.installed.clone());
+            let gone: Vec<ReplicationSpec> = st
+                .desired
+                .replications
+                .iter()
+                .filter(|r| !next.replications.iter().any(|n| n.id == r.id))
+                .filter(|r| installed.as_ref().is_some_and(|i| i.contains(&r.id)))
+                .cloned()
+                .collect();
+            st.retiring.extend(gone);
             st.desired = next;
             out
         };
@@ -581,13 +620,13 @@ impl Service {
     /// Registered middleboxes with their push status.
     pub fn middleboxes(&self) -> Vec<MiddleboxStatus> {
         let st = self.state();
-        st.pushes.status(&st.desired)
+        st.pushes.status(&st.push_view())
     }
 
     /// What a replication through `middlebox` reports as its `middlebox_service`.
     pub fn middlebox_service(&self, middlebox: Ipv4Addr) -> String {
         let st = self.state();
-        st.pushes.replication_state(&st.desired, middlebox)
+        st.pushes.replication_state(&st.push_view(), middlebox)
     }
 
     /// An operator (`who`) says `replica` of replication `id` is in step again (it was
@@ -679,7 +718,7 @@ impl Service {
 
     pub fn status(&self) -> Vec<ReplicationStatus> {
         let st = self.state();
-        let pushed = st.pushes.replication_states(&st.desired);
+        let pushed = st.pushes.replication_states(&st.push_view());
         let mut replicas = consistency::merge(&st.desired, &st.polls, &st.windows);
         st.desired
             .replications
@@ -775,10 +814,20 @@ impl Service {
                 .replications()
                 .into_iter()
                 .partition(|r| st.health.is_up(r.middlebox));
+            // A redirect goes in only once its middlebox runs the service; one already on
+            // the switches (a restarted controller) stays while the push catches up.
+            let (up, unserved): (Vec<_>, Vec<_>) = up.into_iter().partition(|r| {
+                st.pushes.serves(&st.desired, r.middlebox, r.id) || redirect_on(&flows, r.id)
+            });
             let mut plan = planner::plan(&topo, &up);
             plan.failures.extend(
                 down.iter()
                     .map(|r| (r.id, PlanError::MiddleboxDown(r.middlebox))),
+            );
+            plan.failures.extend(
+                unserved
+                    .iter()
+                    .map(|r| (r.id, PlanError::ServiceNotAcknowledged(r.middlebox))),
             );
             let mut base = Vec::new();
             let hosts: Vec<Host> = topo.hosts().copied().collect();
@@ -867,6 +916,11 @@ impl Service {
             }
             let st = &mut *st;
             st.windows.retain(&st.desired);
+            // Every switch answered: the redirects of deleted replications are gone, so
+            // their services may leave the middleboxes' lists.
+            if summary.unreachable.is_empty() {
+                st.retiring.clear();
+            }
             st.last = Some((plan, report));
         }
         self.kick_push();
@@ -1158,7 +1212,8 @@ impl Service {
             let jobs = {
                 let mut st = self.state();
                 let st = &mut *st;
-                st.pushes.due(&st.desired, Instant::now())
+                let view = st.push_view().into_owned();
+                st.pushes.due(&view, Instant::now())
             };
             for job in jobs {
                 let svc = self.clone();
@@ -1169,14 +1224,14 @@ impl Service {
                         Ok(()) if news => tracing::info!(
                             middlebox = %job.ip,
                             control = %job.control,
-                            services = job.services,
+                            services = job.names.len(),
                             "middlebox configured"
                         ),
                         Ok(()) => tracing::debug!(middlebox = %job.ip, "middlebox still in sync"),
                         Err(e) if news => tracing::warn!(
                             middlebox = %job.ip,
                             control = %job.control,
-                            services = job.services,
+                            services = job.names.len(),
                             error = %e,
                             "service push to middlebox failed; will retry"
                         ),
@@ -1185,6 +1240,10 @@ impl Service {
                         Err(e) => {
                             tracing::debug!(middlebox = %job.ip, error = %e, "service push failed again")
                         }
+                    }
+                    // A service newly acknowledged lets its redirect go in.
+                    if result.is_ok() && news {
+                        svc.kick();
                     }
                     // The list may have changed while this push was out.
                     svc.kick_push();
