@@ -82,15 +82,7 @@ async fn replications_find_their_hosts_before_any_traffic() {
     let r2 = spec(2, &ip("h12"), &ip("h22"), &ip("h32"), ModeSpec::Rewrite);
     common::add_replication(api, &r2).await;
     let waiting = format!("waiting for host {}", ip("h12"));
-    let (r, _) = wait_for(Duration::from_secs(10), &waiting, || async {
-        let r = common::replication(api, 2).await;
-        r["error"]
-            .as_str()
-            .is_some_and(|e| e.contains(&waiting))
-            .then_some(r)
-    })
-    .await;
-    assert_eq!(r["installed"], false, "{r}");
+    common::wait_not_installed(api, 2, &waiting, Duration::from_secs(10)).await;
     let sent_before = get_json(api, "/v1/metrics").await["arp_requests_sent"]
         .as_u64()
         .unwrap_or(0);
@@ -129,12 +121,7 @@ async fn replications_find_their_hosts_before_any_traffic() {
     let left = Instant::now();
     address("h11", "del");
     let waiting = format!("waiting for host {}", ip("h11"));
-    let (r, _) = wait_for(EXPIRY * 5, "h11 expired", || async {
-        let r = common::replication(api, 1).await;
-        (r["installed"] == false && r["error"].as_str().is_some_and(|e| e.contains(&waiting)))
-            .then_some(r)
-    })
-    .await;
+    let r = common::wait_not_installed(api, 1, &waiting, EXPIRY * 5).await;
     eprintln!(
         "replication withdrawn {:?} after its client left",
         left.elapsed()

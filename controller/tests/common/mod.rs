@@ -307,6 +307,18 @@ pub async fn wait_installed(api: &Client, id: u32, want: bool, limit: Duration) 
     .0
 }
 
+/// Waits until replication `id` is not installed and its error says `why`.
+pub async fn wait_not_installed(api: &Client, id: u32, why: &str, limit: Duration) -> Value {
+    let what = format!("replication {id} not installed: {why}");
+    wait_for(limit, &what, || async {
+        let r = replication(api, id).await;
+        (r["installed"] == false && r["error"].as_str().is_some_and(|e| e.contains(why)))
+            .then_some(r)
+    })
+    .await
+    .0
+}
+
 /// Waits until LLDP discovery knows all six links of the tree.
 pub async fn wait_links(api: &Client, limit: Duration) {
     wait_for(limit, "six links discovered", || async {
