@@ -125,6 +125,17 @@ pub struct ReplicationStatus {
     /// Each replica's consistency state (see [`crate::consistency`]). Not `replicas`:
     /// the flattened spec already has that key (the replicas' addresses).
     pub replica_states: Vec<ReplicaConsistency>,
+    /// Bytes the mode's tunnel adds to every redirected frame on the links from the
+    /// redirection switch to the middlebox: the MTU headroom those links need, or the
+    /// amount to lower the middlebox interface's `mtu` by (0 for `rewrite`).
+    pub tunnel_overhead_bytes: usize,
+}
+
+/// The MTU headroom a replication's mode needs (see
+/// [`ReplicationStatus::tunnel_overhead_bytes`]).
+fn tunnel_overhead(spec: &ReplicationSpec) -> usize {
+    spec.to_replication()
+        .map_or(0, |r| r.mode.header_overhead())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -748,6 +759,7 @@ impl Service {
                         .cloned()
                         .unwrap_or_else(|| middlebox::NOT_REGISTERED.to_string()),
                     replica_states: replicas.remove(&spec.id).unwrap_or_default(),
+                    tunnel_overhead_bytes: tunnel_overhead(spec),
                 }
             })
             .collect()
@@ -1435,5 +1447,30 @@ impl Service {
             }
             self.reconcile_now().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LoginSpec, ModeSpec, VerifySpec};
+
+    #[test]
+    fn the_status_says_what_headroom_a_tunnel_needs() {
+        let spec = |mode| ReplicationSpec {
+            id: 1,
+            source: "198.18.3.11".into(),
+            source_port: None,
+            primary: "198.18.4.31".parse().expect("address"),
+            primary_port: 5432,
+            middlebox: "198.18.4.99".parse().expect("address"),
+            replicas: Vec::new(),
+            mode,
+            verify: VerifySpec::Off,
+            login: LoginSpec::default(),
+        };
+        assert_eq!(tunnel_overhead(&spec(ModeSpec::Rewrite)), 0);
+        assert_eq!(tunnel_overhead(&spec(ModeSpec::Vlan { vid: 100 })), 4);
+        assert_eq!(tunnel_overhead(&spec(ModeSpec::Mpls { label: 17 })), 4);
     }
 }
