@@ -16,7 +16,6 @@ use super::{
     routes::{self, Replication, Route},
     save_json,
 };
-use crate::cmd::step;
 
 const PORT: u16 = 8080;
 /// httperf's `--wset=5` asks for /0.html … /4.html.
@@ -60,53 +59,46 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     let mut lifetimes: BTreeMap<&str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
     // phases[regime][route label] = every run's breakdown
     let mut phases: BTreeMap<&str, ByRoute<Vec<Lifetime>>> = BTreeMap::new();
-    let outcome = (|| -> anyhow::Result<()> {
-        for (regime, cap) in REGIMES {
-            routes::limit_links(bed, cap)?;
-            for round in 0..options.repetitions {
-                for route in &routes {
-                    step(&format!(
-                        "httperf, links {regime}, round {}: {}",
-                        round + 1,
-                        route.label()
-                    ));
-                    let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
-                    for &n in connections {
-                        let lifetime = match run_httperf(bed, primary, n) {
-                            Ok(l) => l,
-                            Err(e) => {
-                                eprintln!("      {n} connections failed: {e:#}");
-                                Lifetime::default()
-                            }
-                        };
-                        eprintln!(
-                            "      {n} connections: average lifetime {:.2} ms (connect {:.2}, response {:.2}, transfer {:.2})",
-                            lifetime.total, lifetime.connect, lifetime.response, lifetime.transfer
-                        );
-                        lifetimes
-                            .entry(regime)
-                            .or_default()
-                            .entry(route.label())
-                            .or_default()
-                            .entry(n)
-                            .or_default()
-                            .push(lifetime.total);
-                        if lifetime.total > 0.0 {
-                            phases
-                                .entry(regime)
-                                .or_default()
-                                .entry(route.label())
-                                .or_default()
-                                .push(lifetime);
-                        }
+    let outcome = routes::for_each_cell(
+        bed,
+        bins,
+        "httperf",
+        (&REGIMES, &routes, options.repetitions),
+        PORT,
+        &options.relay_tuning(),
+        |regime, route| {
+            for &n in connections {
+                let lifetime = match run_httperf(bed, primary, n) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("      {n} connections failed: {e:#}");
+                        Lifetime::default()
                     }
+                };
+                eprintln!(
+                    "      {n} connections: average lifetime {:.2} ms (connect {:.2}, response {:.2}, transfer {:.2})",
+                    lifetime.total, lifetime.connect, lifetime.response, lifetime.transfer
+                );
+                lifetimes
+                    .entry(regime)
+                    .or_default()
+                    .entry(route.label())
+                    .or_default()
+                    .entry(n)
+                    .or_default()
+                    .push(lifetime.total);
+                if lifetime.total > 0.0 {
+                    phases
+                        .entry(regime)
+                        .or_default()
+                        .entry(route.label())
+                        .or_default()
+                        .push(lifetime);
                 }
             }
-        }
-        Ok(())
-    })();
-    let _ = routes::limit_links(bed, None);
-    let _ = routes::leave(bed);
+            Ok(())
+        },
+    );
     for mut server in servers {
         let _ = server.kill();
         let _ = server.wait();

@@ -16,7 +16,6 @@ use super::{
     routes::{self, Replication, Route},
     save_json,
 };
-use crate::cmd::step;
 
 const PORT: u16 = 5432;
 
@@ -38,39 +37,32 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     );
     // results[regime][route] = [(tps, latency ms)]
     let mut results: BTreeMap<&str, BTreeMap<String, Vec<Run>>> = BTreeMap::new();
-    let outcome = (|| -> anyhow::Result<()> {
-        for (regime, cap) in REGIMES {
-            routes::limit_links(bed, cap)?;
-            for round in 0..options.repetitions {
-                for route in &routes {
-                    step(&format!(
-                        "pgbench, links {regime}, round {}: {}",
-                        round + 1,
-                        route.label()
-                    ));
-                    let _mb = route.enter(bed, bins, PORT, &options.relay_tuning())?;
-                    // Every route starts from the same freshly initialised tables.
-                    run(bed, primary, &["-i", "-s", "2", "-q"])?;
-                    let out = run(
-                        bed,
-                        primary,
-                        &["-c", clients, "-j", "2", "-T", seconds, "--random-seed=7"],
-                    )?;
-                    let (tps, latency) = parse(&out).context("pgbench printed no tps/latency")?;
-                    eprintln!("      {tps:.1} tps, {latency:.2} ms average latency");
-                    results
-                        .entry(regime)
-                        .or_default()
-                        .entry(route.label())
-                        .or_default()
-                        .push((tps, latency));
-                }
-            }
-        }
-        Ok(())
-    })();
-    let _ = routes::limit_links(bed, None);
-    let _ = routes::leave(bed);
+    let outcome = routes::for_each_cell(
+        bed,
+        bins,
+        "pgbench",
+        (&REGIMES, &routes, options.repetitions),
+        PORT,
+        &options.relay_tuning(),
+        |regime, route| {
+            // Every route starts from the same freshly initialised tables.
+            run(bed, primary, &["-i", "-s", "2", "-q"])?;
+            let out = run(
+                bed,
+                primary,
+                &["-c", clients, "-j", "2", "-T", seconds, "--random-seed=7"],
+            )?;
+            let (tps, latency) = parse(&out).context("pgbench printed no tps/latency")?;
+            eprintln!("      {tps:.1} tps, {latency:.2} ms average latency");
+            results
+                .entry(regime)
+                .or_default()
+                .entry(route.label())
+                .or_default()
+                .push((tps, latency));
+            Ok(())
+        },
+    );
     for mut server in servers {
         // Postgres shuts down on SIGTERM within half a second here.
         crate::cmd::stop_child(&mut server, Duration::from_millis(500));

@@ -141,6 +141,42 @@ pub const REGIMES: [Regime; 3] = [
     ("unlimited", None),
 ];
 
+/// Runs `cell` for every regime, round and route of an experiment (`what` names it in
+/// the progress lines), with the links capped as the regime says and the route entered
+/// (its middlebox running for the cell); the links are uncapped and the routes left
+/// afterwards, whatever happened.
+pub fn for_each_cell(
+    bed: &Testbed,
+    bins: &Path,
+    what: &str,
+    cells: (&[Regime], &[Route], u32),
+    port: u16,
+    tuning: &Tuning,
+    mut cell: impl FnMut(&'static str, &Route) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let (regimes, routes, rounds) = cells;
+    let outcome = (|| -> anyhow::Result<()> {
+        for &(regime, cap) in regimes {
+            limit_links(bed, cap)?;
+            for round in 0..rounds {
+                for route in routes {
+                    crate::cmd::step(&format!(
+                        "{what}, links {regime}, round {}: {}",
+                        round + 1,
+                        route.label()
+                    ));
+                    let _mb = route.enter(bed, bins, port, tuning)?;
+                    cell(regime, route)?;
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = limit_links(bed, None);
+    let _ = leave(bed);
+    outcome
+}
+
 /// Puts a token bucket of `mbit_per_s` on every interface of every host, or removes it
 /// (None).
 pub fn limit_links(bed: &Testbed, mbit_per_s: Option<u32>) -> anyhow::Result<()> {
