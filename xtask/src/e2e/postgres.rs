@@ -189,6 +189,12 @@ impl Scene {
         let login_failed = detached["login_failed"].as_u64().unwrap_or(1);
         println!("=================================================================");
         self.ncpctl(&["rm", "2"])?;
+        // The middlebox restarts its workers when its service list changes, which resets
+        // the sessions open then: wait for that here, not in the middle of the next drill.
+        self.wait_for("the middlebox to drop r2", Duration::from_secs(30), |_| {
+            let services = middlebox.services().ok()?;
+            (!services.contains("r2")).then_some(())
+        })?;
         if got.ok().as_deref() != Some(want.as_str()) || login_failed != 0 {
             bail!("scene 2: the PostgreSQL replica is not in step with the primary (see above)");
         }
