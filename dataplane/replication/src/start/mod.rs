@@ -201,7 +201,8 @@ impl fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 /// A login with nothing to say: the replica takes the stream at once (a PostgreSQL
-/// cancel request, a Redis client that needs no login on a replica without password).
+/// cancel request, after which there is no stream; a Redis client that needs no login on
+/// a replica without password).
 #[derive(Debug, Default)]
 pub struct NoLogin;
 

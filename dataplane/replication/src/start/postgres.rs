@@ -8,7 +8,7 @@
 //! logins, SCRAM with channel binding only (`SCRAM-SHA-256-PLUS`: the replica leg is
 //! plain TCP), a replica that asks for a password none is configured for, protocol
 //! versions other than 3.0 from the client. A cancel request (its own connection) goes
-//! to replicas as it is: it names the primary's backend, so a replica ignores it.
+//! to the primary only: it names the primary's backend, which no replica has.
 
 use md5::{Digest, Md5};
 
@@ -35,7 +35,8 @@ pub struct PostgresStart {
     held: Vec<u8>,
     /// The client's start-up parameters, once its start-up message arrived.
     params: Option<Vec<(String, String)>>,
-    /// The connection is a cancel request: replicas take it as it is.
+    /// The connection is a cancel request: it goes to the primary only, the replica legs
+    /// get nothing.
     cancel: bool,
     primary: Framer,
 }

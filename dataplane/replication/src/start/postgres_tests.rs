@@ -176,13 +176,14 @@ fn bad_client_start_ups_are_errors_not_panics() {
 }
 
 #[test]
-fn a_cancel_request_goes_to_replicas_as_it_is() {
+fn a_cancel_request_goes_to_the_primary_only() {
     let mut w = PostgresStart::default();
     let mut cancel = 16u32.to_be_bytes().to_vec();
     cancel.extend(CANCEL_REQUEST.to_be_bytes());
     cancel.extend([1, 2, 3, 4, 5, 6, 7, 8]);
     let step = w.on_client(&cancel);
     assert_eq!(step.ended_at, Some(16));
+    assert_eq!(step.startup, cancel, "for the primary only");
     let login = w
         .replica_login(&creds(None, Some("pw")))
         .expect("seen")
