@@ -916,8 +916,13 @@ fn replay_over_the_session_limit_waits_instead_of_deadlocking() {
     assert_eq!(sum.sessions_replayed, n);
     assert_eq!(sum.sessions_failed, 0, "{:?}", sum.sessions);
     assert_eq!(sum.bytes_sent, n * 6);
+    // The replay itself never had more than 4 sessions open, and used all 4.
+    assert_eq!(sum.peak_sessions, 4);
+    // The target may count one more: the replay's thread of the reset session ends right
+    // after its RST, so the next session can connect before the target's reader has seen
+    // that reset. Ends by FIN wait for the target's own close, so they never overlap.
     let peak = SINK_PEAK.load(Ordering::SeqCst);
-    assert!(peak <= 4, "{peak} connections at once");
+    assert!(peak <= 5, "{peak} connections at once");
     let mut seen: Vec<Vec<u8>> = got.iter().map(|(_, v, _)| v.clone()).collect();
     seen.sort();
     for (i, v) in seen.iter().enumerate() {

@@ -204,6 +204,8 @@ pub struct Summary {
     pub bytes_sent: u64,
     /// Answer bytes read from the target.
     pub answer_bytes: u64,
+    /// Most sessions the replay had open at once (never above `max_sessions`).
+    pub peak_sessions: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
     /// Damaged recordings (file and byte offset); what was intact was replayed.
@@ -267,6 +269,8 @@ struct Dispatcher<'a> {
     done_tx: Sender<SessionReport>,
     done_rx: Receiver<SessionReport>,
     active: usize,
+    /// Most sessions active at once so far.
+    peak: usize,
     reports: Vec<SessionReport>,
     listed_ok: usize,
     listed_failed: usize,
@@ -395,6 +399,7 @@ impl Dispatcher<'_> {
             Ok(h) => {
                 self.progress.started.fetch_add(1, Ordering::Relaxed);
                 self.active += 1;
+                self.peak = self.peak.max(self.active);
                 self.threads.push(h);
                 for c in held {
                     // The thread is running, so this only waits for it to write.
@@ -528,6 +533,7 @@ pub fn replay(paths: &[PathBuf], cfg: &ReplayConfig, progress: Arc<Progress>) ->
         done_tx,
         done_rx,
         active: 0,
+        peak: 0,
         reports: Vec::new(),
         listed_ok: 0,
         listed_failed: 0,
@@ -563,6 +569,7 @@ pub fn replay(paths: &[PathBuf], cfg: &ReplayConfig, progress: Arc<Progress>) ->
         sessions_seen: d.seen,
         sessions_filtered: d.filtered,
         sessions_failed: d.totals.sessions_failed,
+        peak_sessions: d.peak as u64,
         seconds: started.elapsed().as_secs_f64(),
         read_errors,
         read_stats: reader.stats(),
