@@ -42,7 +42,9 @@ use std::time::Instant;
 use crate::buffer::SharedBuffer;
 use crate::config::{ConfigError, SessionConfig};
 use crate::metrics::SessionStats;
-use crate::start::{LoginError, PrimaryStep, ReplicaLogin, StartDialect, StartSpec};
+use crate::start::{
+    LoginError, PrimaryStep, ReplicaCredentials, ReplicaLogin, StartDialect, StartSpec,
+};
 use crate::verify::{Mismatch, ReplyCheckOutcome, ReplyVerifier};
 
 /// One of the connections of a session.
@@ -941,19 +943,16 @@ impl Session {
             return;
         };
         let mut failed = Vec::new();
+        // Borrowed, not cloned: this runs after every input while a leg waits.
+        let none = ReplicaCredentials::default();
         for (i, leg) in (0u16..).zip(start.legs.iter_mut()) {
             if !matches!(leg, Leg::Waiting)
                 || self.replicas.get(usize::from(i)) != Some(&Link::Open)
             {
                 continue;
             }
-            let credentials = start
-                .spec
-                .replicas
-                .get(usize::from(i))
-                .cloned()
-                .unwrap_or_default();
-            match start.dialect.replica_login(&credentials) {
+            let credentials = start.spec.replicas.get(usize::from(i)).unwrap_or(&none);
+            match start.dialect.replica_login(credentials) {
                 None => {}
                 Some(Ok(mut login)) if login.logged_in() => {
                     login.take_output();
