@@ -164,6 +164,11 @@ fn reply(buf: &[u8], at: usize, depth: usize) -> Result<Option<(usize, bool)>, S
         }
         b'*' | b'~' | b'>' | b'%' | b'|' => {
             let count = number(value)?;
+            // Every item takes at least two bytes, so a count past what the middlebox
+            // holds can never complete (and doubling a huge one would overflow).
+            if count > MAX_HELD as i64 {
+                return Err(format!("an aggregate reply of {count} items"));
+            }
             let items = if matches!(kind, b'%' | b'|') {
                 count * 2
             } else {

@@ -169,11 +169,15 @@ fn hostile_client_start_ups_are_refused_with_every_byte_handed_on() {
 #[test]
 fn hostile_replies_are_errors_not_panics() {
     let nested = [b"*1\r\n".repeat(17), b":1\r\n".to_vec()].concat();
-    let hostile: [&[u8]; 5] = [
+    let hostile: [&[u8]; 7] = [
         // Found by the session_start fuzz target: a reply that is a bare line feed.
         b"\n",
         b"?\r\n",
         b"*99999999999999999999\r\n",
+        // Found by the fuzz target in CI: a map or attribute count that overflows when
+        // doubled into items.
+        b"%9223372036854775807\r\n",
+        b"|4611686018427387904\r\n",
         b"$-5\r\n",
         &nested,
     ];
