@@ -286,17 +286,36 @@ pub async fn reset_replica(
 }
 
 /// Asks the middlebox process whether it is alive: one `services` request on its control
-/// socket, any well-formed answer within `timeout` counts. The ARP probe of
+/// socket. Returns the names of the services it runs (any well-formed answer within
+/// `timeout` counts as alive), or `None` when it does not answer. The ARP probe of
 /// [`crate::health`] shows that the middlebox *host* is on the network; this shows that the
-/// NCP process behind it is running, so a crashed data plane fails open too.
-pub async fn ping(addr: &ControlAddr, timeout: Duration) -> bool {
+/// NCP process behind it is running, so a crashed data plane fails open too, and what it
+/// runs, so a restarted one is given its services at once ([`Pushes::check_running`]).
+pub async fn ping(addr: &ControlAddr, timeout: Duration) -> Option<BTreeSet<String>> {
     // The whole exchange, not each step, must fit in `timeout`: the answer is wanted by
     // the next probe round.
     let exchange = exchange(addr, "{\"cmd\":\"services\"}\n", timeout, MAX_ANSWER);
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(answer)) => serde_json::from_str::<Answer>(answer.trim_end()).is_ok(),
-        _ => false,
+    let answer = tokio::time::timeout(timeout, exchange).await.ok()?.ok()?;
+    running_services(answer.trim_end())
+}
+
+/// The service names in a middlebox's answer to `services`; `None` for an answer that is
+/// not one (an error answer still shows the process alive: an empty list).
+fn running_services(answer: &str) -> Option<BTreeSet<String>> {
+    #[derive(Deserialize)]
+    struct Named {
+        name: String,
     }
+    #[derive(Deserialize)]
+    struct ServicesAnswer {
+        #[serde(default)]
+        services: Vec<Named>,
+    }
+    serde_json::from_str::<Answer>(answer).ok()?;
+    let listed: ServicesAnswer = serde_json::from_str(answer).unwrap_or(ServicesAnswer {
+        services: Vec::new(),
+    });
+    Some(listed.services.into_iter().map(|n| n.name).collect())
 }
 
 /// The last push attempt to a middlebox, as the API reports it.
@@ -489,6 +508,23 @@ impl Pushes {
             }
         }
         news
+    }
+
+    /// Compares what middlebox `ip` says it runs with what it acknowledged. A service it
+    /// acknowledged and no longer runs means the process restarted (or lost its list):
+    /// the acknowledgement is forgotten so that [`Pushes::due`] pushes at once instead of
+    /// at the next refresh, while the redirect would send clients into a middlebox
+    /// without the service. Returns whether a push is now due.
+    pub fn check_running(&mut self, ip: Ipv4Addr, running: &BTreeSet<String>) -> bool {
+        let Some(t) = self.tracks.get_mut(&ip) else {
+            return false;
+        };
+        if t.in_flight || t.acked.is_none() || t.acked_names.is_subset(running) {
+            return false;
+        }
+        t.acked = None;
+        t.acked_at = None;
+        true
     }
 
     /// Status of every registered middlebox.
@@ -870,5 +906,56 @@ mod tests {
         p.finished(&j[0], &Ok(()), t0 + Duration::from_secs(1));
         assert!(!p.serves(&d, mb_ip, 12));
         assert!(p.serves(&d, mb_ip, 0));
+    }
+
+    #[test]
+    fn a_middlebox_that_lost_its_services_gets_them_again_without_waiting_for_the_refresh() {
+        let mut p = Pushes::new(PushConfig::default());
+        let d = state(None);
+        let mb_ip = d.middleboxes[0].ip;
+        let t0 = Instant::now();
+        let all: BTreeSet<String> = services_for(&d, &d.middleboxes[0])
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert!(
+            !p.check_running(mb_ip, &BTreeSet::new()),
+            "nothing acknowledged yet"
+        );
+        let j = p.due(&d, t0);
+        assert!(
+            !p.check_running(mb_ip, &BTreeSet::new()),
+            "a push in flight"
+        );
+        p.finished(&j[0], &Ok(()), t0);
+        assert!(!p.check_running(mb_ip, &all), "runs what it acknowledged");
+        assert!(p.due(&d, t0 + Duration::from_secs(1)).is_empty(), "in sync");
+        // Restarted: it answers its ping with an empty list.
+        assert!(p.check_running(mb_ip, &BTreeSet::new()));
+        assert_eq!(
+            p.due(&d, t0 + Duration::from_secs(1)).len(),
+            1,
+            "pushed at once"
+        );
+        assert!(
+            p.serves(&d, mb_ip, 0),
+            "the redirect is not pulled for a moment's gap"
+        );
+    }
+
+    #[test]
+    fn the_ping_reads_the_running_services_from_any_well_formed_answer() {
+        let listed = running_services(
+            r#"{"result":"services","services":[{"name":"r1","primary":"x"},{"name":"r7"}]}"#,
+        );
+        assert_eq!(
+            listed,
+            Some(BTreeSet::from(["r1".to_owned(), "r7".to_owned()]))
+        );
+        assert_eq!(
+            running_services(r#"{"result":"error","message":"busy"}"#),
+            Some(BTreeSet::new())
+        );
+        assert_eq!(running_services("not json"), None);
     }
 }

@@ -1193,10 +1193,15 @@ impl Service {
                 let svc = self.clone();
                 let wait = cfg.interval;
                 tokio::spawn(async move {
-                    let alive = middlebox::ping(&addr, wait).await;
+                    let running = middlebox::ping(&addr, wait).await;
                     let mut st = svc.state();
-                    if alive {
+                    if let Some(running) = running {
                         st.process_dead.remove(&ip);
+                        if st.pushes.check_running(ip, &running) {
+                            tracing::info!(middlebox = %ip, "middlebox runs without services it acknowledged (restarted?); pushing them again");
+                            drop(st);
+                            svc.inner.push_kick.notify_one();
+                        }
                     } else if st.process_dead.insert(ip) {
                         tracing::warn!(middlebox = %ip, "middlebox process does not answer on its control socket");
                     }
