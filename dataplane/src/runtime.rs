@@ -111,6 +111,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // survives a change of the service list.
     let consistency = ConsistencyBook::new();
     raise_memlock_limit();
+    warn_of_arp_flux(config);
     let mut steerings = Vec::new();
     for iface in &config.interfaces {
         let mut steering = Steering::attach(&iface.name, iface.xdp_mode)
@@ -442,6 +443,41 @@ fn release_sockets(steerings: &mut [Steering]) {
     }
 }
 
+/// Warns when the middlebox has several NICs and answers ARP for any of its addresses on
+/// any of them (Linux's default, `arp_ignore=0`): a controller looking for the production
+/// address may then learn the middlebox behind its replication NIC and steer there.
+fn warn_of_arp_flux(config: &Config) {
+    if config.interfaces.len() < 2 {
+        return;
+    }
+    let read = |scope: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{scope}/arp_ignore"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+    };
+    let all = read("all").unwrap_or(0);
+    let flux: Vec<&str> = config
+        .interfaces
+        .iter()
+        .filter(|i| answers_any_address(all, read(&i.name).unwrap_or(0)))
+        .map(|i| i.name.as_str())
+        .collect();
+    if !flux.is_empty() {
+        tracing::warn!(
+            interfaces = ?flux,
+            "these NICs answer ARP for the middlebox's other addresses (arp_ignore=0); \
+             a controller may learn the middlebox on the wrong switch port: set \
+             net.ipv4.conf.all.arp_ignore=1 and arp_announce=2"
+        );
+    }
+}
+
+/// Whether an interface answers ARP for addresses of other interfaces: the kernel uses
+/// the larger of the `all` and the interface's `arp_ignore`.
+fn answers_any_address(all: u8, iface: u8) -> bool {
+    all.max(iface) == 0
+}
+
 /// AF_XDP UMEMs count against RLIMIT_MEMLOCK on older kernels; lift it where allowed.
 fn raise_memlock_limit() {
     if let Err(e) = crate::sys::raise_memlock_limit() {
@@ -761,5 +797,18 @@ mod plan_tests {
         let e =
             plan_workers(&config("[{ queue = 3 }]", "replica_interface = \"eth1\"")).unwrap_err();
         assert!(e.to_string().contains("must list queue 3"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod arp_flux_tests {
+    use super::answers_any_address;
+
+    #[test]
+    fn a_nic_answers_for_other_addresses_only_when_both_settings_allow_it() {
+        assert!(answers_any_address(0, 0));
+        assert!(!answers_any_address(1, 0), "`all` set");
+        assert!(!answers_any_address(0, 1), "the interface set");
+        assert!(!answers_any_address(2, 0));
     }
 }

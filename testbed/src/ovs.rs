@@ -135,6 +135,33 @@ fn start_daemon(
     cmd::wait_until(patience, &format!("{daemon} to answer"), answers)
 }
 
+/// Kills ovs-vswitchd with SIGKILL (a crash: no clean shutdown, the userspace datapath
+/// and every flow table go with it) and starts it again from the database, which still
+/// holds the bridges, ports and controllers. Only a daemon the test bed started itself is
+/// killed; returns the time from the kill until the new one answers. Call with the state
+/// lock held.
+pub fn crash_and_restart_vswitchd() -> Result<std::time::Duration> {
+    let recorded = state::read_ovs()?;
+    let pid = recorded
+        .ovs_vswitchd
+        .filter(|pid| pidfile_pid("ovs-vswitchd") == Some(*pid) && cmd::alive(*pid))
+        .ok_or_else(|| {
+            Error::Unknown(
+                "ovs-vswitchd was not started by the test bed (or was replaced since); \
+                 not killing someone else's switch"
+                    .into(),
+            )
+        })?;
+    tracing::info!(pid, "killing ovs-vswitchd (SIGKILL)");
+    let killed = std::time::Instant::now();
+    cmd::kill(pid, libc::SIGKILL);
+    cmd::wait_until(Duration::from_secs(5), "ovs-vswitchd to exit", || {
+        !cmd::alive(pid)
+    })?;
+    ensure_running()?;
+    Ok(killed.elapsed())
+}
+
 /// Stops the daemons `ensure_running` started, if their pidfiles still name the recorded
 /// pids (otherwise someone restarted them and they are not ours to stop). Returns whether
 /// anything was stopped. Call with the state lock held.

@@ -303,6 +303,14 @@ impl Testbed {
         self.create_bridge(b)
     }
 
+    /// Crashes ovs-vswitchd (SIGKILL) and starts it again; every switch loses its flow
+    /// table and reconnects to the controller. Refuses unless the test bed started the
+    /// daemon. Returns the time until the new daemon answers.
+    pub fn crash_vswitchd(&self) -> Result<std::time::Duration> {
+        let _lock = state::lock()?;
+        ovs::crash_and_restart_vswitchd()
+    }
+
     /// Datapath id of `switch`.
     pub fn dpid(&self, switch: &str) -> Result<u64> {
         Ok(self.plan.bridge(switch)?.dpid)
@@ -318,7 +326,13 @@ impl Testbed {
         for ns in &self.plan.namespaces {
             tracing::info!(netns = %ns.netns, host = %ns.host, "creating namespace");
             cmd::run(&["ip", "netns", "add", &ns.netns])?;
-            // Set before any interface arrives: new interfaces copy `default`.
+            // Set before any interface arrives: new interfaces copy `default`. A host
+            // with two NICs (the middlebox, the replica) must answer ARP only on the NIC
+            // that owns the address asked for (arp_ignore=1, arp_announce=2), as a
+            // multi-homed server should: with Linux's default it answers on both, and a
+            // controller that asks for the middlebox's production address may learn it
+            // on the replication switch (ARP flux; the fault matrix's ncpd restart hit
+            // exactly that).
             cmd::run(&[
                 "ip",
                 "netns",
@@ -329,6 +343,8 @@ impl Testbed {
                 "-w",
                 "net.ipv6.conf.all.disable_ipv6=1",
                 "net.ipv6.conf.default.disable_ipv6=1",
+                "net.ipv4.conf.all.arp_ignore=1",
+                "net.ipv4.conf.all.arp_announce=2",
             ])?;
             cmd::run(&["ip", "-n", &ns.netns, "link", "set", "lo", "up"])?;
         }

@@ -23,7 +23,10 @@ use ncp_testbed::{
 
 use crate::{cmd::step, middlebox::Middlebox, setup};
 
+mod faults;
 mod postgres;
+
+pub use faults::{Fault, faults, writer_main};
 
 const PREFIX: &str = "ncp";
 const OPENFLOW: &str = "127.0.0.1:6653";
@@ -36,36 +39,7 @@ const WORK: &str = "/run/ncp-demo";
 pub fn demo(keep: bool) -> anyhow::Result<()> {
     setup::setup()?;
     let bins = crate::middlebox::build_release(&["ncp-dataplane", "ncp-controller"])?;
-    let _ = std::fs::remove_dir_all(WORK);
-    std::fs::create_dir_all(WORK)?;
-    let _ = Testbed::down(PREFIX);
-    step(
-        "bringing up the paper's test bed (testbed/paper.toml), switches under the NCP controller",
-    );
-    let topology = Topology::load("testbed/paper.toml")?;
-    let port: u16 = OPENFLOW
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("OpenFlow port")?;
-    let pki = Testbed::pki_dir(PREFIX);
-    let ssl = make_pki(&bins, &topology, &pki)?;
-    let bed = Testbed::up(
-        &topology,
-        &UpOptions {
-            controller_port: Some(port),
-            controller_tls: Some(ssl),
-            ..UpOptions::with_prefix(PREFIX)
-        },
-    )?;
-    let mut scene = Scene {
-        bed,
-        bins,
-        processes: Vec::new(),
-        token: token(),
-        pki,
-        prometheus: None,
-    };
+    let mut scene = Scene::bring_up(bins)?;
     let result = scene.run();
     if keep && result.is_ok() {
         println!(
@@ -108,6 +82,8 @@ struct Scene {
     pki: PathBuf,
     /// A real Prometheus scraping ncpd's `/metrics` (stopped and removed on drop).
     prometheus: Option<Prometheus>,
+    /// The running ncpd's pid (its child is in `processes`).
+    ncpd: Option<i32>,
 }
 
 /// Runs `ncpctl` (`command`, with any options already given) with `args`; fails with its
@@ -196,53 +172,54 @@ fn token() -> String {
 }
 
 impl Scene {
+    /// A fresh work directory and the paper's test bed with its switches under a TLS
+    /// controller port (the PKI made with `ncpctl pki`); nothing started on it yet.
+    fn bring_up(bins: PathBuf) -> anyhow::Result<Scene> {
+        let _ = std::fs::remove_dir_all(WORK);
+        std::fs::create_dir_all(WORK)?;
+        let _ = Testbed::down(PREFIX);
+        step(
+            "bringing up the paper's test bed (testbed/paper.toml), switches under the NCP controller",
+        );
+        let topology = Topology::load("testbed/paper.toml")?;
+        let port: u16 = OPENFLOW
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("OpenFlow port")?;
+        let pki = Testbed::pki_dir(PREFIX);
+        let ssl = make_pki(&bins, &topology, &pki)?;
+        let bed = Testbed::up(
+            &topology,
+            &UpOptions {
+                controller_port: Some(port),
+                controller_tls: Some(ssl),
+                ..UpOptions::with_prefix(PREFIX)
+            },
+        )?;
+        Ok(Scene {
+            bed,
+            bins,
+            processes: Vec::new(),
+            token: token(),
+            pki,
+            prometheus: None,
+            ncpd: None,
+        })
+    }
+
     fn run(&mut self) -> anyhow::Result<()> {
         let source = self.bed.address("source", "eth0")?;
         let primary = self.bed.address("primary", "eth0")?;
         let replica = self.bed.address("replica", "eth1")?;
         let mb = self.bed.address("middlebox", "eth0")?;
-        let mb1 = self.bed.address("middlebox", "eth1")?;
 
-        step("starting the controller (ncpd), OpenFlow over TLS with switch certificates");
-        let pki = |f: &str| self.pki.join(f).display().to_string();
-        let ncpd = Command::new(self.bins.join("ncpd"))
-            .args([
-                "--tls-cert",
-                &pki("ctl-cert.pem"),
-                "--tls-key",
-                &pki("ctl-privkey.pem"),
-                "--tls-ca",
-                &pki("cacert.pem"),
-            ])
-            .args([
-                "--listen",
-                OPENFLOW,
-                "--api",
-                API,
-                "--state",
-                &format!("{WORK}/controller.json"),
-            ])
-            .args(["--reconcile-secs", "5"])
-            .env("NCP_TOKEN", &self.token)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(format!("{WORK}/ncpd.log"))?)
-            .stderr(std::fs::File::create(format!("{WORK}/ncpd.err"))?)
-            .spawn()
-            .context("starting ncpd")?;
-        self.processes.push(ncpd);
-        self.wait_for("both switches to connect", Duration::from_secs(20), |s| {
-            let t = s.ncpctl(&["topology"]).ok()?;
-            (t["switches"].as_array()?.len() == 2).then_some(())
-        })?;
+        self.start_ncpd()?;
         step("starting Prometheus (loopback only) scraping ncpd's /metrics every second");
         self.prometheus = Some(Prometheus::start(API.parse()?, &self.token)?);
 
         step("starting the middlebox (XDP + AF_XDP workers) on eth0 and its replication NIC eth1");
-        let config = format!(
-            "control_socket = \"{WORK}/mb.sock\"\n\
-             [[interfaces]]\nname = \"eth0\"\naddress = \"{mb}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
-             [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n"
-        );
+        let config = self.middlebox_config()?;
         let mut middlebox = self.start_middlebox(&config)?;
 
         step("starting Redis on the primary and on the replica");
@@ -264,50 +241,7 @@ impl Scene {
         let direct = self.pipe(primary, &workload_path, COMMANDS)?;
         self.redis("primary", &["FLUSHALL"])?;
 
-        step("ncpctl: register the middlebox, create the replication");
-        self.ncpctl(&[
-            "middlebox",
-            "add",
-            "--ip",
-            &mb.to_string(),
-            "--control",
-            &format!("unix:{WORK}/mb.sock"),
-            "--replica-interface",
-            "eth1",
-        ])?;
-        self.ncpctl(&[
-            "add",
-            "--id",
-            "1",
-            "--source",
-            &source.to_string(),
-            "--primary",
-            &format!("{primary}:{REDIS_PORT}"),
-            "--middlebox",
-            &mb.to_string(),
-            "--replica",
-            &format!("{replica}:{REDIS_PORT}"),
-            "--verify",
-            "replies",
-        ])?;
-        let status = self.wait_for(
-            "the replication to be installed",
-            Duration::from_secs(30),
-            |s| {
-                let v = s.ncpctl(&["status", "--json"]).ok()?;
-                let r = v.as_array()?.first()?.clone();
-                r["installed"].as_bool()?.then_some(r)
-            },
-        )?;
-        let pushed = self.wait_for(
-            "the controller to push the service to the middlebox",
-            Duration::from_secs(20),
-            |_| {
-                let services = middlebox.services().ok()?;
-                services.contains("r1").then_some(services)
-            },
-        )?;
-        eprintln!("    middlebox now serves: {}", pushed.trim());
+        let status = self.replicate(&middlebox)?;
 
         step(&format!(
             "workload 2/2: the same {COMMANDS} writes, now through NCP"
@@ -836,6 +770,114 @@ impl Scene {
     }
 
     /// Starts the middlebox in its host with `config`, its control socket in [`WORK`].
+    /// Starts ncpd (OpenFlow over TLS with the bed's PKI, state in the work directory)
+    /// and waits until both switches are connected.
+    fn start_ncpd(&mut self) -> anyhow::Result<()> {
+        step("starting the controller (ncpd), OpenFlow over TLS with switch certificates");
+        let pki = |f: &str| self.pki.join(f).display().to_string();
+        let ncpd = Command::new(self.bins.join("ncpd"))
+            .args([
+                "--tls-cert",
+                &pki("ctl-cert.pem"),
+                "--tls-key",
+                &pki("ctl-privkey.pem"),
+                "--tls-ca",
+                &pki("cacert.pem"),
+            ])
+            .args([
+                "--listen",
+                OPENFLOW,
+                "--api",
+                API,
+                "--state",
+                &format!("{WORK}/controller.json"),
+            ])
+            .args(["--reconcile-secs", "5"])
+            .env("NCP_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(format!("{WORK}/ncpd.log"))?)
+            .stderr(std::fs::File::create(format!("{WORK}/ncpd.err"))?)
+            .spawn()
+            .context("starting ncpd")?;
+        self.ncpd = Some(ncpd.id() as i32);
+        self.processes.push(ncpd);
+        self.wait_for("both switches to connect", Duration::from_secs(20), |s| {
+            let t = s.ncpctl(&["topology"]).ok()?;
+            (t["switches"].as_array()?.len() == 2).then_some(())
+        })?;
+        Ok(())
+    }
+
+    fn ncpd_pid(&self) -> Option<i32> {
+        self.ncpd
+    }
+
+    /// The middlebox's configuration: one worker on core 1 for each of its NICs.
+    fn middlebox_config(&self) -> anyhow::Result<String> {
+        let mb = self.bed.address("middlebox", "eth0")?;
+        let mb1 = self.bed.address("middlebox", "eth1")?;
+        Ok(format!(
+            "control_socket = \"{WORK}/mb.sock\"\n\
+             [[interfaces]]\nname = \"eth0\"\naddress = \"{mb}\"\nqueues = [{{ queue = 0, core = 1 }}]\n\
+             [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\nqueues = [{{ queue = 0, core = 1 }}]\n"
+        ))
+    }
+
+    /// Registers the middlebox and creates replication 1 (source to the primary's Redis,
+    /// one replica, replies verified); waits until it is installed and the middlebox
+    /// serves it. Returns its status.
+    fn replicate(&self, middlebox: &Middlebox) -> anyhow::Result<serde_json::Value> {
+        let source = self.bed.address("source", "eth0")?;
+        let primary = self.bed.address("primary", "eth0")?;
+        let replica = self.bed.address("replica", "eth1")?;
+        let mb = self.bed.address("middlebox", "eth0")?;
+        step("ncpctl: register the middlebox, create the replication");
+        self.ncpctl(&[
+            "middlebox",
+            "add",
+            "--ip",
+            &mb.to_string(),
+            "--control",
+            &format!("unix:{WORK}/mb.sock"),
+            "--replica-interface",
+            "eth1",
+        ])?;
+        self.ncpctl(&[
+            "add",
+            "--id",
+            "1",
+            "--source",
+            &source.to_string(),
+            "--primary",
+            &format!("{primary}:{REDIS_PORT}"),
+            "--middlebox",
+            &mb.to_string(),
+            "--replica",
+            &format!("{replica}:{REDIS_PORT}"),
+            "--verify",
+            "replies",
+        ])?;
+        let status = self.wait_for(
+            "the replication to be installed",
+            Duration::from_secs(30),
+            |s| {
+                let v = s.ncpctl(&["status", "--json"]).ok()?;
+                let r = v.as_array()?.first()?.clone();
+                r["installed"].as_bool()?.then_some(r)
+            },
+        )?;
+        let pushed = self.wait_for(
+            "the controller to push the service to the middlebox",
+            Duration::from_secs(20),
+            |_| {
+                let services = middlebox.services().ok()?;
+                services.contains("r1").then_some(services)
+            },
+        )?;
+        eprintln!("    middlebox now serves: {}", pushed.trim());
+        Ok(status)
+    }
+
     fn start_middlebox(&self, config: &str) -> anyhow::Result<Middlebox> {
         Middlebox::start(
             &self.bed,

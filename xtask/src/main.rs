@@ -57,6 +57,30 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// The fault matrix on the demo's test bed: each fault (middlebox, replica, primary,
+    /// ncpd, ovs-vswitchd and bridge crashes, an impostor switch, a hostile OpenFlow
+    /// peer) strikes while a client writes steadily; the table of what the client saw, how
+    /// long until replication was back and what the replica missed goes to RELIABILITY.md
+    /// (RELIABILITY.md.partial for some faults only). Fails if a middlebox restart takes
+    /// more than 3 s to resume replication.
+    Faults {
+        /// Faults to run (default: all, in the order listed here).
+        #[arg(value_enum)]
+        faults: Vec<e2e::Fault>,
+    },
+    /// The fault matrix's client, run by it inside the source host: `SET f:<n>` every
+    /// interval to TARGET, a new session every PER_SESSION writes, one line per write.
+    #[command(hide = true)]
+    FaultWriter {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 50)]
+        per_session: u64,
+    },
     /// The steering-only demo: XDP counters moving under generated and real traffic.
     DemoSteering {
         /// Leave the test bed and the middlebox running afterwards.
@@ -156,6 +180,18 @@ fn main() {
         Task::Testbed { action } => testbed(action),
         Task::Demo { keep } => e2e::demo(keep),
         Task::DemoSteering { keep } => demo::demo(keep),
+        Task::Faults { faults } => e2e::faults(&faults),
+        Task::FaultWriter {
+            target,
+            seconds,
+            interval_ms,
+            per_session,
+        } => e2e::writer_main(
+            target,
+            seconds,
+            std::time::Duration::from_millis(interval_ms.max(1)),
+            per_session,
+        ),
         Task::Deploy { config, netns } => deploy::deploy(&config, netns.as_deref()),
         Task::ScaleSink { listen } => bench::scale_sink(listen),
         Task::Bench {
