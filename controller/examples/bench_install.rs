@@ -46,6 +46,7 @@ fn replication(id: u32, port: u16, mode: ModeSpec) -> String {
         mode,
         verify: Default::default(),
         login: Default::default(),
+        record: None,
     })
     .expect("json")
 }

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::mbstats::{MbReplica, MiddleboxReport};
 use crate::middlebox::PushError;
@@ -53,7 +53,7 @@ impl State {
 }
 
 /// Why the controller took a replication's traffic past its middlebox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum WindowKind {
     /// The middlebox stopped answering health probes.
@@ -63,7 +63,7 @@ pub enum WindowKind {
 }
 
 /// A time span in which a replication's writes reached its primary only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Window {
     #[serde(flatten)]
     pub kind: WindowKind,
@@ -72,7 +72,7 @@ pub struct Window {
     /// `None` while it lasts.
     pub to_ms: Option<u64>,
     /// Older windows folded into this one to bound memory.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub folded: u32,
 }
 
@@ -99,20 +99,50 @@ impl Window {
 }
 
 /// An operator's "this replica is in step again".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorReset {
     pub who: String,
     pub at_ms: u64,
 }
 
 /// The controller's own windows and the operators' resets. Sans-IO.
+///
+/// What must outlive the controller process is in [`Snapshot`]: the windows, the resets
+/// and when each replication's redirect was last seen on its switch. A restarted
+/// controller that finds a redirect missing (a switch wiped while it was down) can then
+/// tell that the replication's writes went past the middlebox since that time
+/// ([`Windows::redirect_restored`]), and a replica diverged before the restart stays
+/// diverged after it.
 #[derive(Debug, Default)]
 pub struct Windows {
     by_replication: BTreeMap<u32, Vec<Window>>,
     resets: BTreeMap<(u32, SocketAddrV4), OperatorReset>,
+    /// Ms since the Unix epoch at which each replication's redirect was last confirmed
+    /// installed.
+    last_installed: BTreeMap<u32, u64>,
     fail_open_events: u64,
     withdrawals: u64,
     operator_resets: u64,
+}
+
+/// What [`Windows`] keeps across restarts (the controller's consistency file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    #[serde(default)]
+    pub windows: BTreeMap<u32, Vec<Window>>,
+    #[serde(default)]
+    pub resets: Vec<SavedReset>,
+    #[serde(default)]
+    pub last_installed: BTreeMap<u32, u64>,
+}
+
+/// An operator reset in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedReset {
+    pub replication: u32,
+    pub replica: SocketAddrV4,
+    #[serde(flatten)]
+    pub reset: OperatorReset,
 }
 
 impl Windows {
@@ -188,6 +218,65 @@ impl Windows {
             |k| matches!(k, WindowKind::RedirectWithdrawn { .. }),
             at_ms,
         );
+        self.last_installed.insert(id, at_ms);
+    }
+
+    /// Replication `id`'s redirect had to be added again at `at_ms` although it had been
+    /// confirmed installed before, with no window open for it (a switch lost it between
+    /// two reconcile runs, or while the controller was not running). The client's writes
+    /// may have gone past the middlebox since it was last confirmed: that span becomes a
+    /// closed window. Returns the window's start when it opened one.
+    pub fn redirect_restored(&mut self, id: u32, at_ms: u64) -> Option<u64> {
+        let since = *self.last_installed.get(&id)?;
+        let kind = WindowKind::RedirectWithdrawn {
+            reason: "found missing on its switch and restored".into(),
+        };
+        if self.windows(id).iter().any(|w| w.to_ms.is_none()) {
+            // Already covered by a window the controller saw open (a withdrawal it made,
+            // a fail-open), which this run's install closes.
+            return None;
+        }
+        if !self.open(id, kind, since) {
+            return None;
+        }
+        self.withdrawals += 1;
+        self.close(
+            id,
+            |k| matches!(k, WindowKind::RedirectWithdrawn { .. }),
+            at_ms,
+        );
+        Some(since)
+    }
+
+    /// What to keep across a restart.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            windows: self.by_replication.clone(),
+            resets: self
+                .resets
+                .iter()
+                .map(|((replication, replica), reset)| SavedReset {
+                    replication: *replication,
+                    replica: *replica,
+                    reset: reset.clone(),
+                })
+                .collect(),
+            last_installed: self.last_installed.clone(),
+        }
+    }
+
+    /// Windows as a previous run left them (its counters start from zero).
+    pub fn from_snapshot(s: Snapshot) -> Self {
+        Self {
+            by_replication: s.windows,
+            resets: s
+                .resets
+                .into_iter()
+                .map(|r| ((r.replication, r.replica), r.reset))
+                .collect(),
+            last_installed: s.last_installed,
+            ..Self::default()
+        }
     }
 
     /// An operator marked `replica` of replication `id` in step at `at_ms`: windows that
@@ -206,6 +295,8 @@ impl Windows {
     /// Forgets replications and replicas that no longer exist.
     pub fn retain(&mut self, desired: &DesiredState) {
         self.by_replication
+            .retain(|id, _| desired.replications.iter().any(|r| r.id == *id));
+        self.last_installed
             .retain(|id, _| desired.replications.iter().any(|r| r.id == *id));
         self.resets.retain(|(id, replica), _| {
             desired
@@ -626,6 +717,7 @@ mod tests {
                 mode: ModeSpec::Rewrite,
                 verify: Default::default(),
                 login: Default::default(),
+                record: None,
             }],
             ..Default::default()
         }
@@ -788,6 +880,62 @@ mod tests {
         assert_eq!(a.since_ms, Some(40_000));
         assert_eq!(a.reasons.len(), 2, "{:?}", a.reasons);
         assert!(a.reasons[0].contains("lagged"));
+    }
+
+    #[test]
+    fn a_redirect_found_missing_and_restored_diverges_the_replicas_since_it_was_last_seen() {
+        let d = desired(true);
+        let p = polled(&d, vec![entry(A, "in-step", 1_000)], 2_000);
+        let mut w = Windows::default();
+        assert_eq!(
+            w.redirect_restored(1, 5_000),
+            None,
+            "never installed: a first install"
+        );
+        w.installed(1, 10_000);
+        w.installed(1, 15_000);
+        assert_eq!(find(&merge(&d, &p, &w), A).state, State::InStep);
+        // The switch lost the redirect unseen (wiped while the controller was down).
+        assert_eq!(w.redirect_restored(1, 40_000), Some(15_000));
+        w.installed(1, 40_000);
+        let a = find(&merge(&d, &p, &w), A);
+        assert_eq!(a.state, State::Diverged);
+        assert_eq!(a.since_ms, Some(15_000));
+        assert_eq!(
+            a.reasons,
+            [
+                "redirect withdrawn (found missing on its switch and restored) from \
+              1970-01-01T00:00:15Z to 1970-01-01T00:00:40Z"
+            ]
+        );
+        // A withdrawal the controller made itself is its own window, not a second one.
+        assert!(w.withdrawn(1, "no route".into(), 50_000));
+        assert_eq!(w.redirect_restored(1, 55_000), None);
+        w.installed(1, 55_000);
+        assert_eq!(w.windows(1).len(), 2);
+        assert_eq!(w.totals().1, 2);
+    }
+
+    #[test]
+    fn the_windows_resets_and_install_times_survive_a_restart() {
+        let d = desired(true);
+        let p = polled(&d, vec![entry(A, "in-step", 1_000)], 2_000);
+        let mut w = Windows::default();
+        w.fail_open(&d, MB, 10_000);
+        w.fail_open_ended(MB, 12_000);
+        w.reset(1, B, "alice", 13_000);
+        w.installed(1, 14_000);
+        let text = serde_json::to_string(&w.snapshot()).unwrap();
+        let back: Snapshot = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, w.snapshot());
+        let mut restarted = Windows::from_snapshot(back);
+        assert_eq!(merge(&d, &p, &restarted), merge(&d, &p, &w));
+        assert_eq!(find(&merge(&d, &p, &restarted), A).state, State::Diverged);
+        // The install time came along: a redirect missing after the restart is a window.
+        assert_eq!(restarted.redirect_restored(1, 30_000), Some(14_000));
+        // A file from before install times were kept still reads.
+        let old: Snapshot = serde_json::from_str(r#"{"windows":{}}"#).unwrap();
+        assert_eq!(old, Snapshot::default());
     }
 
     #[test]

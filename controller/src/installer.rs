@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use crate::openflow::{FlowStatsRequest, Message};
 use crate::planner::Plan;
 use crate::reconcile::{Diff, diff};
-use crate::rules::{FlowRule, PRIORITY_REDIRECT, RuleKey};
+use crate::rules::{FlowRule, PRIORITY_REDIRECT, RuleKey, RuleKind, parse_cookie};
 use crate::switch::{Controller, SwitchError};
 use crate::topology::Dpid;
 
@@ -39,6 +39,8 @@ pub struct InstallReport {
     /// Replications whose every rule is confirmed on its switch.
     pub installed: BTreeSet<u32>,
     pub not_installed: BTreeSet<u32>,
+    /// Replications whose redirect this run added (it was missing on its switch).
+    pub redirects_added: BTreeSet<u32>,
 }
 
 /// Reads every switch in `dpids`, diffs it against `plan` and applies the difference.
@@ -152,6 +154,18 @@ pub async fn apply(
                         }
                     }
                     let done = batch.len().saturating_sub(refused.len());
+                    if add && redirects {
+                        report.redirects_added.extend(
+                            batch
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, _)| !refused.contains(i))
+                                .filter_map(|(_, r)| match parse_cookie(r.cookie) {
+                                    Some((RuleKind::Flow, id)) => Some(id),
+                                    _ => None,
+                                }),
+                        );
+                    }
                     if add {
                         sw.added += done;
                     } else {

@@ -54,7 +54,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
 use crate::consistency::service_name;
-use crate::store::{ControlAddr, DesiredState, LoginSpec, MiddleboxSpec, VerifySpec, parse_prefix};
+use crate::store::{
+    ControlAddr, DesiredState, LoginSpec, MiddleboxSpec, RecordTarget, VerifySpec, parse_prefix,
+};
 
 /// What a replication's status says when its middlebox is not registered.
 pub const NOT_REGISTERED: &str = "middlebox not registered: rules only";
@@ -109,6 +111,9 @@ pub struct ServiceEntry {
     /// absent when the replication has none, for middleboxes from before them.
     #[serde(flatten)]
     pub login: LoginSpec,
+    /// Where the middlebox records the service (`{"dir": …}`); absent when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordTarget>,
 }
 
 #[derive(Serialize)]
@@ -168,6 +173,7 @@ pub fn services_for(desired: &DesiredState, mb: &MiddleboxSpec) -> Vec<ServiceEn
                     })
                     .collect(),
             },
+            record: r.record.clone(),
         })
         .collect();
     v.sort_by_key(|s| {
@@ -639,6 +645,7 @@ mod tests {
             mode: ModeSpec::Rewrite,
             verify: Default::default(),
             login: Default::default(),
+            record: None,
         }
     }
 
@@ -704,6 +711,22 @@ mod tests {
                 r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
                 r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"protocol":"redis","#,
                 r#""credentials":{"198.18.2.3:6379":"/etc/ncp/r.secret"}}]}"#,
+                "\n"
+            )
+        );
+        // A recorded replication: the middlebox's `record` table, defaults left to it; the
+        // data plane reads that line as its own service list.
+        let mut recorded = d.clone();
+        recorded.replications[0].record = Some(crate::store::RecordTarget {
+            dir: "/var/lib/ncp/rec".into(),
+        });
+        let line = request_line(&services_for(&recorded, &recorded.middleboxes[0]));
+        assert_eq!(
+            line,
+            concat!(
+                r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
+                r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"#,
+                r#""record":{"dir":"/var/lib/ncp/rec"}}]}"#,
                 "\n"
             )
         );

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 
-use crate::consistency::{self, PollConfig, Polls, ReplicaConsistency, Windows};
+use crate::consistency::{self, PollConfig, Polls, ReplicaConsistency, Snapshot, Windows};
 use crate::discovery::{self, Discovery};
 use crate::health::{self, Health, HealthConfig, PROBE_MAC};
 use crate::hosts::{self, LearnConfig, Learned};
@@ -236,6 +236,8 @@ struct State {
     process_dead: std::collections::BTreeSet<Ipv4Addr>,
     /// Fail-open and withdrawal windows, operator resets.
     windows: Windows,
+    /// What the consistency file holds now (written again only when this changes).
+    windows_saved: Snapshot,
     /// The last stats answer of each registered middlebox.
     polls: Polls,
     /// Middleboxes to poll at once (after a reset), not at their next interval.
@@ -456,6 +458,9 @@ fn exempt_ports(
 /// Who the controller is in the audit log.
 pub const CONTROLLER: &str = "controller";
 
+/// The state file's sidecar with the consistency windows ([`Store::sidecar`]).
+const CONSISTENCY_FILE: &str = "consistency";
+
 struct Inner {
     cfg: ServiceConfig,
     ctl: Controller,
@@ -486,6 +491,9 @@ impl Service {
     pub async fn start(cfg: ServiceConfig) -> anyhow::Result<Service> {
         let store = Store::new(&cfg.state_file);
         let desired = store.load()?;
+        // The windows of earlier runs: a replica diverged before a restart stays so, and
+        // a redirect found missing after one is known to have let writes past.
+        let saved: Snapshot = store.load_sidecar(CONSISTENCY_FILE)?;
         let (ctl, events) = Controller::start(cfg.server.clone()).await?;
         let inner = Arc::new(Inner {
             ctl,
@@ -504,7 +512,8 @@ impl Service {
                 last: None,
                 pushes: Pushes::new(cfg.push),
                 process_dead: std::collections::BTreeSet::new(),
-                windows: Windows::default(),
+                windows: Windows::from_snapshot(saved.clone()),
+                windows_saved: saved,
                 polls: Polls::new(cfg.poll),
                 poll_asap: Vec::new(),
             }),
@@ -695,6 +704,7 @@ impl Service {
                 st.poll_asap.push(mb);
             }
         }
+        self.save_windows();
         tracing::info!(who, replication = id, %replica, middlebox = %mb, at_ms, was = %was, "replica marked in step by the operator");
         self.inner.poll_kick.notify_one();
         Ok(ResetDone {
@@ -923,6 +933,22 @@ impl Service {
                     }
                 }
             }
+            for id in &report.redirects_added {
+                if let Some(since) = st.windows.redirect_restored(*id, now) {
+                    tracing::warn!(
+                        replication = id,
+                        since = %consistency::utc(since),
+                        "redirect was missing on its switch and is restored; the replicas may have missed writes since it was last seen"
+                    );
+                    st.audit(
+                        CONTROLLER,
+                        format!(
+                            "redirect of replication {id} found missing and restored; its replicas may have missed writes since {}",
+                            consistency::utc(since)
+                        ),
+                    );
+                }
+            }
             for id in &report.installed {
                 st.windows.installed(*id, now);
             }
@@ -935,8 +961,28 @@ impl Service {
             }
             st.last = Some((plan, report));
         }
+        self.save_windows();
         self.kick_push();
         summary
+    }
+
+    /// Writes the consistency file when the windows, resets or install times changed
+    /// since it was last written. A failure is logged and retried at the next call.
+    fn save_windows(&self) {
+        let snapshot = {
+            let st = self.state();
+            let now = st.windows.snapshot();
+            if now == st.windows_saved {
+                return;
+            }
+            now
+        };
+        match self.inner.store.save_sidecar(CONSISTENCY_FILE, &snapshot) {
+            Ok(()) => self.state().windows_saved = snapshot,
+            Err(e) => {
+                tracing::error!(error = %e, "consistency file not written; replica states may not survive a restart")
+            }
+        }
     }
 
     /// Handles a PACKET_IN: LLDP probe, health-probe reply, or a frame to learn from.
@@ -1140,6 +1186,9 @@ impl Service {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // Fail-open windows open and close here and on probe answers: keep them on
+            // disk as they change (a no-op when nothing did).
+            self.save_windows();
             let (probes, changes) = {
                 let mut st = self.state();
                 let hosts = st.all_hosts();
@@ -1473,6 +1522,7 @@ mod tests {
             mode,
             verify: VerifySpec::Off,
             login: LoginSpec::default(),
+            record: None,
         };
         assert_eq!(tunnel_overhead(&spec(ModeSpec::Rewrite)), 0);
         assert_eq!(tunnel_overhead(&spec(ModeSpec::Vlan { vid: 100 })), 4);

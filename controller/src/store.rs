@@ -91,6 +91,33 @@ pub struct ReplicationSpec {
     /// client's bytes reach them as they are. Flattened, and left out when empty.
     #[serde(flatten)]
     pub login: LoginSpec,
+    /// Where the middlebox records the service's sessions (pcapng files for `ncp-replay`),
+    /// a directory on the middlebox's host; left out when not recording.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordTarget>,
+}
+
+/// A recording directory on the middlebox's host (`ncpctl add --record DIR`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordTarget {
+    /// Absolute path; the middlebox creates it if missing.
+    pub dir: String,
+}
+
+impl RecordTarget {
+    fn check(&self) -> Result<(), StoreError> {
+        if !std::path::Path::new(&self.dir).is_absolute() || self.dir.contains('\n') {
+            return Err(StoreError::Invalid {
+                what: "record",
+                detail: format!(
+                    "{:?}: the recording directory must be an absolute path (it is on the middlebox's host)",
+                    self.dir
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The protocol a replication's service speaks and, per replica, the secret file the
@@ -375,6 +402,9 @@ impl DesiredState {
             let rep = r.to_replication()?;
             r.check_replicas(&rep)?;
             r.login.check(&r.replicas)?;
+            if let Some(record) = &r.record {
+                record.check()?;
+            }
             if !ids.insert(r.id) {
                 return Err(StoreError::Invalid {
                     what: "replication id",
@@ -487,26 +517,63 @@ impl Store {
     /// Replaces the state atomically.
     pub fn save(&self, state: &DesiredState) -> Result<(), StoreError> {
         state.validate()?;
-        let io = |source| StoreError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let text = serde_json::to_string_pretty(state).map_err(|source| StoreError::Format {
-            path: self.path.clone(),
-            source,
-        })?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        Ok(())
+        write_json(&self.path, state)
     }
+
+    /// The file next to the state file that holds the controller's own records of kind
+    /// `what` (`controller.json` → `controller.consistency.json`).
+    pub fn sidecar(&self, what: &str) -> PathBuf {
+        let stem = self
+            .path
+            .file_stem()
+            .map_or_else(|| "ncpd".into(), |s| s.to_string_lossy().into_owned());
+        self.path.with_file_name(format!("{stem}.{what}.json"))
+    }
+
+    /// Reads sidecar `what`; a missing file is `T::default()` (first start, or a state
+    /// from before the sidecar existed).
+    pub fn load_sidecar<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        what: &str,
+    ) -> Result<T, StoreError> {
+        let path = self.sidecar(what);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|source| StoreError::Format { path, source })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    /// Replaces sidecar `what` atomically.
+    pub fn save_sidecar<T: Serialize>(&self, what: &str, value: &T) -> Result<(), StoreError> {
+        write_json(&self.sidecar(what), value)
+    }
+}
+
+/// Writes `value` as JSON to `path` atomically (temporary file, fsync, rename), so that a
+/// crash leaves the old file or the new one, never half of one.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let text = serde_json::to_string_pretty(value).map_err(|source| StoreError::Format {
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut tmp = path.to_owned().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -525,6 +592,7 @@ mod tests {
             mode: ModeSpec::Vlan { vid: 31 },
             verify: VerifySpec::Off,
             login: Default::default(),
+            record: None,
         }
     }
 
@@ -544,6 +612,7 @@ mod tests {
                 protocol: Some(ProtocolSpec::Postgres),
                 credentials: [("198.18.4.32:5432".into(), "/etc/ncp/a.secret".into())].into(),
             },
+            record: None,
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert!(
@@ -799,5 +868,54 @@ mod tests {
     fn seed_body<T: Serialize>(kind: u8, body: &T) -> Vec<u8> {
         let json = serde_json::to_vec_pretty(body).expect("specs serialize");
         [vec![kind], json].concat()
+    }
+
+    #[test]
+    fn a_recording_directory_is_absolute_and_absent_when_not_recording() {
+        let ok = RecordTarget {
+            dir: "/var/lib/ncp/rec".into(),
+        };
+        assert!(ok.check().is_ok());
+        for bad in ["rec", "./rec", "/var/lib/ncp\nrec"] {
+            let err = RecordTarget { dir: bad.into() }.check().unwrap_err();
+            assert!(err.to_string().contains("absolute path"), "{bad:?}: {err}");
+        }
+        let text = r#"{"id":1,"source":"198.18.1.1","primary":"198.18.1.2","primary_port":6379,"middlebox":"198.18.1.4","record":{"dir":"/r"}}"#;
+        let spec: ReplicationSpec = serde_json::from_str(text).unwrap();
+        assert_eq!(spec.record, Some(RecordTarget { dir: "/r".into() }));
+        let without = ReplicationSpec {
+            record: None,
+            ..spec
+        };
+        assert!(!serde_json::to_string(&without).unwrap().contains("record"));
+    }
+
+    #[test]
+    fn a_sidecar_sits_next_to_the_state_file_and_starts_empty() {
+        let dir = std::env::temp_dir().join(format!("ncp-sidecar-{}", std::process::id()));
+        let store = Store::new(dir.join("controller.json"));
+        assert_eq!(
+            store.sidecar("consistency"),
+            dir.join("controller.consistency.json")
+        );
+        let empty: BTreeMap<u32, u64> = store.load_sidecar("consistency").unwrap();
+        assert!(empty.is_empty(), "missing file: empty");
+        let value: BTreeMap<u32, u64> = [(1, 42)].into();
+        store.save_sidecar("consistency", &value).unwrap();
+        assert_eq!(
+            store
+                .load_sidecar::<BTreeMap<u32, u64>>("consistency")
+                .unwrap(),
+            value
+        );
+        std::fs::write(store.sidecar("consistency"), "{broken").unwrap();
+        let err = store
+            .load_sidecar::<BTreeMap<u32, u64>>("consistency")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("controller.consistency.json"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

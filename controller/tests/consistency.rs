@@ -142,6 +142,7 @@ fn replication(id: u32, middlebox: &str, replicas: &[&str]) -> ReplicationSpec {
         mode: ModeSpec::Rewrite,
         verify: Default::default(),
         login: Default::default(),
+        record: None,
     }
 }
 
@@ -221,7 +222,7 @@ async fn status_shows_divergence_fail_open_windows_and_operator_resets() {
     let t0 = now_ms();
     fake.set("r1", A, entry("r1", A, "in-step", t0));
     fake.set("r1", B, lagged_entry(B, t0));
-    let (_svc, api) = replicating_through(&fake, state).await;
+    let (_svc, api) = replicating_through(&fake, state.clone()).await;
 
     // The middlebox's own state, polled by ncpd.
     let a = wait_summary(&api, A, "A in step", |s| s == "in-step").await;
@@ -289,6 +290,26 @@ async fn status_shows_divergence_fail_open_windows_and_operator_resets() {
     );
     let m = get_json(&api, "/v1/metrics").await;
     assert_eq!(m["fail_open_events"], 1, "{m}");
+
+    // A controller started again on the same state file (the first one could have
+    // crashed now) still knows the window: A stays diverged, for the same reason.
+    let file = state.with_extension("consistency.json");
+    wait_for(
+        Duration::from_secs(10),
+        "the closed window on disk",
+        || async {
+            let saved: Value = serde_json::from_str(&std::fs::read_to_string(&file).ok()?).ok()?;
+            saved["windows"]["1"][0]["to_ms"].is_u64().then_some(())
+        },
+    )
+    .await;
+    let (_again, api2) = start_with(config(state.clone())).await;
+    let a2 = wait_summary(&api2, A, "A diverged after a restart", |s| {
+        s.contains("fail-open (middlebox 198.18.1.3 down) from ")
+    })
+    .await;
+    assert_eq!(a2["state"], "diverged", "{a2}");
+    assert_eq!(a2["windows"], a["windows"], "the same window, read back");
 
     // Wrong calls are refused with a reason and an HTTP status.
     let unregistered = "198.18.1.9";

@@ -89,6 +89,7 @@ fn rep(id: u32, source: &str, middlebox: &str, replicas: &[&str]) -> Replication
         mode: ModeSpec::Rewrite,
         verify: Default::default(),
         login: Default::default(),
+        record: None,
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{TreeScene, call, dump_flows, ncp_rules, sh, tree_scene_replicating};
+use common::{TreeScene, call, dump_flows, get_json, ncp_rules, sh, tree_scene_replicating};
 use ncp_controller::rules::{PRIORITY_REDIRECT, PRIORITY_ROUTE, RuleKind, cookie};
 
 const PREFIX: &str = "nc4b";
@@ -21,7 +21,13 @@ async fn rules_come_back_and_foreign_rules_stay() {
     else {
         return;
     };
-    let TreeScene { svc, api, bed, .. } = &scene;
+    let TreeScene {
+        svc,
+        api,
+        bed,
+        state,
+        ..
+    } = &scene;
     let ip = |h: &str| bed.address(h, "eth0").expect("address").to_string();
     common::wait_installed(api, 1, true, Duration::from_secs(20)).await;
 
@@ -69,6 +75,27 @@ async fn rules_come_back_and_foreign_rules_stay() {
     eprintln!("hand-deleted redirect back in {took:?}");
     let after: BTreeSet<String> = dump_flows(&br_agg1).into_iter().collect();
     assert_eq!(before, after, "same rules as before, nothing doubled");
+    // Writes may have gone past the middlebox while the redirect was gone: the controller
+    // says so (a window, kept in its consistency file, that diverges the replicas).
+    let audit = get_json(api, "/v1/audit").await;
+    assert!(
+        audit
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| e["what"].as_str().is_some_and(
+                |w| w.starts_with("redirect of replication 1 found missing and restored")
+            ))),
+        "{audit}"
+    );
+    assert_eq!(
+        get_json(api, "/v1/metrics").await["redirect_withdrawals"],
+        1
+    );
+    let saved = std::fs::read_to_string(state.with_extension("consistency.json"))
+        .expect("consistency file");
+    assert!(
+        saved.contains("found missing on its switch and restored"),
+        "{saved}"
+    );
 
     // 2. The bridge is deleted and re-created: all its NCP rules are back within 5 s.
     let want: BTreeSet<String> = before;

@@ -827,6 +827,15 @@ impl Scene {
     /// one replica, replies verified); waits until it is installed and the middlebox
     /// serves it. Returns its status.
     fn replicate(&self, middlebox: &Middlebox) -> anyhow::Result<serde_json::Value> {
+        self.replicate_with(middlebox, &[])
+    }
+
+    /// [`Scene::replicate`] with more `ncpctl add` options.
+    fn replicate_with(
+        &self,
+        middlebox: &Middlebox,
+        extra: &[&str],
+    ) -> anyhow::Result<serde_json::Value> {
         let source = self.bed.address("source", "eth0")?;
         let primary = self.bed.address("primary", "eth0")?;
         let replica = self.bed.address("replica", "eth1")?;
@@ -842,21 +851,26 @@ impl Scene {
             "--replica-interface",
             "eth1",
         ])?;
-        self.ncpctl(&[
+        let (source, mb) = (source.to_string(), mb.to_string());
+        let primary = format!("{primary}:{REDIS_PORT}");
+        let replica = format!("{replica}:{REDIS_PORT}");
+        let mut add = vec![
             "add",
             "--id",
             "1",
             "--source",
-            &source.to_string(),
+            &source,
             "--primary",
-            &format!("{primary}:{REDIS_PORT}"),
+            &primary,
             "--middlebox",
-            &mb.to_string(),
+            &mb,
             "--replica",
-            &format!("{replica}:{REDIS_PORT}"),
+            &replica,
             "--verify",
             "replies",
-        ])?;
+        ];
+        add.extend_from_slice(extra);
+        self.ncpctl(&add)?;
         let status = self.wait_for(
             "the replication to be installed",
             Duration::from_secs(30),

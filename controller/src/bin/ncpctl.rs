@@ -7,7 +7,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use ncp_controller::client::Client;
 use ncp_controller::store::{
-    HostSpec, LoginSpec, MiddleboxSpec, ModeSpec, ProtocolSpec, ReplicationSpec, VerifySpec,
+    HostSpec, LoginSpec, MiddleboxSpec, ModeSpec, ProtocolSpec, RecordTarget, ReplicationSpec,
+    VerifySpec,
 };
 
 #[derive(Parser, Debug)]
@@ -66,6 +67,10 @@ enum Cmd {
         /// optional, and `password = "…"`). Only the path is sent.
         #[arg(long = "credentials", value_name = "REPLICA=PATH", value_parser = parse_credentials)]
         credentials: Vec<(String, String)>,
+        /// Record the sessions on the middlebox into this directory (absolute, on the
+        /// middlebox's host; pcapng files that `ncp-replay` plays back later).
+        #[arg(long, value_name = "DIR")]
+        record: Option<String>,
     },
     /// Remove a replication.
     Rm { id: u32 },
@@ -262,6 +267,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             verify,
             protocol,
             credentials,
+            record,
         } => {
             let spec = ReplicationSpec {
                 id,
@@ -277,6 +283,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     protocol,
                     credentials: credentials.into_iter().collect(),
                 },
+                record: record.map(|dir| RecordTarget { dir }),
             };
             with_json("POST", "/v1/replications".to_string(), &spec)?
         }

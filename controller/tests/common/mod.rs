@@ -108,6 +108,7 @@ pub fn spec(
         mode,
         verify: Default::default(),
         login: Default::default(),
+        record: None,
     }
 }
 
@@ -195,7 +196,7 @@ pub struct TreeScene {
     pub svc: Service,
     pub api: Client,
     pub bed: Testbed,
-    state: PathBuf,
+    pub state: PathBuf,
     _down: Down,
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use ncp_testbed::{Testbed, workload};
 
-use super::{OPENFLOW, PREFIX, REDIS_PORT, Scene};
+use super::{OPENFLOW, PREFIX, REDIS_PORT, Scene, WORK};
 use crate::{cmd::step, middlebox::Middlebox, setup};
 use outcome::{Outcome, outcome, parse_log, replica_keys};
 pub use writer::writer_main;
@@ -36,6 +36,8 @@ const INTERVAL: Duration = Duration::from_millis(10);
 const WRITES_PER_SESSION: u64 = 50;
 /// Middlebox restart to replication resumed: the issue's limit.
 const MIDDLEBOX_BACK_LIMIT_S: f64 = 3.0;
+/// Size of the tmpfs the middlebox records into (the recording-disk-full fault fills it).
+const RECORDING_DISK: &str = "size=4m";
 
 /// One fault of the matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +60,8 @@ pub enum Fault {
     VswitchdRestart,
     /// The redirecting switch's bridge deleted and re-created (same datapath id, ports).
     BridgeRecreated,
+    /// The middlebox's recording disk (a 4 MiB tmpfs) filled up for 3 s, then freed.
+    RecordingDiskFull,
     /// A process claims the redirecting switch's datapath id on the OpenFlow port without
     /// a switch certificate.
     ImpostorSwitch,
@@ -131,6 +135,8 @@ struct Matrix<'a> {
     primary_redis: Child,
     replica_redis: Child,
     primary: Ipv4Addr,
+    /// The recording directory, a tmpfs of its own.
+    recording: RecordingDisk,
 }
 
 impl Drop for Matrix<'_> {
@@ -138,17 +144,70 @@ impl Drop for Matrix<'_> {
         for child in [&mut self.primary_redis, &mut self.replica_redis] {
             crate::cmd::stop_child(child, Duration::from_secs(5));
         }
+        self.middlebox.stop();
+    }
+}
+
+/// A small tmpfs mounted for the middlebox's recording (unmounted on drop), so that
+/// filling it fills nothing else.
+struct RecordingDisk {
+    dir: std::path::PathBuf,
+}
+
+impl RecordingDisk {
+    fn mount() -> anyhow::Result<Self> {
+        let dir = std::path::PathBuf::from(format!("{WORK}/recording"));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.to_str().context("recording path")?;
+        ncp_testbed::cmd::run(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            RECORDING_DISK,
+            "ncp-faults",
+            path,
+        ])?;
+        Ok(Self { dir })
+    }
+
+    /// Writes a filler file until the disk is full; returns its path and size.
+    fn fill(&self) -> anyhow::Result<(std::path::PathBuf, u64)> {
+        let path = self.dir.join("filler");
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![0u8; 64 << 10];
+        let mut written = 0u64;
+        while let Ok(n) = f.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+        }
+        Ok((path, written))
+    }
+}
+
+impl Drop for RecordingDisk {
+    fn drop(&mut self) {
+        if let Some(path) = self.dir.to_str() {
+            let _ = ncp_testbed::cmd::run(&["umount", path]);
+        }
     }
 }
 
 fn run_matrix(scene: &mut Scene, chosen: &[Fault]) -> anyhow::Result<Vec<Row>> {
     scene.start_ncpd()?;
-    step("starting the middlebox, Redis on the primary and the replica, replication 1");
+    step(
+        "starting the middlebox, Redis on the primary and the replica, replication 1 \
+         recorded into a 4 MiB tmpfs",
+    );
+    let recording = RecordingDisk::mount()?;
     let config = scene.middlebox_config()?;
     let middlebox = scene.start_middlebox(&config)?;
     let primary_redis = scene.start_redis("primary")?;
     let replica_redis = scene.start_redis("replica")?;
-    scene.replicate(&middlebox)?;
+    let record_dir = recording.dir.to_str().context("recording path")?.to_owned();
+    scene.replicate_with(&middlebox, &["--record", &record_dir])?;
     let primary = scene.bed.address("primary", "eth0")?;
     let mut m = Matrix {
         scene,
@@ -157,6 +216,7 @@ fn run_matrix(scene: &mut Scene, chosen: &[Fault]) -> anyhow::Result<Vec<Row>> {
         primary_redis,
         replica_redis,
         primary,
+        recording,
     };
     let mut rows = Vec::new();
     for (n, fault) in chosen.iter().enumerate() {
@@ -377,6 +437,48 @@ impl Matrix<'_> {
                     "bridge `prod` deleted and re-created".into(),
                     now_us(),
                     String::new(),
+                )
+            }
+            Fault::RecordingDiskFull => {
+                let recording = |m: &Middlebox| {
+                    m.stats()
+                        .ok()
+                        .map(|s| s["replication"]["services"][0]["recording"].clone())
+                        .filter(|r| r.is_object())
+                };
+                let before = recording(&self.middlebox).context("the service's recording")?;
+                let (filler, size) = self.recording.fill()?;
+                std::thread::sleep(Duration::from_secs(3));
+                let full = recording(&self.middlebox).unwrap_or_default();
+                std::fs::remove_file(&filler)?;
+                let repair = now_us();
+                let delta = |r: &serde_json::Value, k: &str| {
+                    r[k].as_u64()
+                        .unwrap_or(0)
+                        .saturating_sub(before[k].as_u64().unwrap_or(0))
+                };
+                // Recording resumes once the disk has room: new bytes reach a file.
+                let resumed = self
+                    .scene
+                    .wait_for("the recording to resume", Duration::from_secs(8), |_| {
+                        let now = recording(&self.middlebox)?;
+                        (delta(&now, "bytes_written") > delta(&full, "bytes_written"))
+                            .then(|| (now_us() - repair) as f64 / 1e6)
+                    })
+                    .map_or_else(
+                        |_| "did NOT resume".into(),
+                        |s| format!("resumed {s:.1} s after"),
+                    );
+                (
+                    "recording tmpfs filled for 3 s, then freed".into(),
+                    repair,
+                    format!(
+                        "filler {} KiB; while full: {} failed writes, {} recorded sessions cut \
+                         loose; recording {resumed}",
+                        size >> 10,
+                        delta(&full, "write_errors"),
+                        delta(&full, "sessions_detached")
+                    ),
                 )
             }
             Fault::ImpostorSwitch | Fault::HostilePeer => {
