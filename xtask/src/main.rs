@@ -114,7 +114,7 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Per-connection TCP buffer (bytes) of XDP mode's connections in the iperf,
-        /// httperf and pgbench experiments: the config's `[tcp] buffer_bytes`. A single
+        /// httperf, pgbench and relay experiments: the config's `[tcp] buffer_bytes`. A single
         /// stream is bounded by buffer / round-trip time, so this is the knob to try when
         /// one stream falls short of the link. Default: the data plane's own (64 KiB).
         #[arg(long, value_name = "BYTES")]
@@ -130,7 +130,7 @@ enum Task {
         #[arg(long, value_name = "BYTES")]
         replica_budget: Option<u64>,
         /// Spill replicas beyond their budget to disk (a directory of the run), at most
-        /// BYTES per replica and session, in the iperf, httperf and pgbench experiments
+        /// BYTES per replica and session, in the iperf, httperf, pgbench and relay experiments
         /// (default: no spilling).
         #[arg(long, value_name = "BYTES")]
         spill_budget: Option<u64>,

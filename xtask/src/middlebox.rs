@@ -145,9 +145,7 @@ impl Middlebox {
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ticks: f64 =
             fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        Some(ticks / hz)
+        Some(ticks / clock_ticks_per_second())
     }
 
     /// Resident memory of the process right now (`VmRSS`), in bytes.
@@ -184,6 +182,13 @@ impl Drop for Middlebox {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The unit of the kernel's CPU time counters (`/proc/<pid>/stat`, `/proc/stat`), in
+/// ticks per second.
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// Reads a counter out of the stats JSON: `xdp(stats, "redirected")`.

@@ -279,27 +279,59 @@ pub(super) fn run_iperf(
     streams: u32,
     seconds: &str,
 ) -> anyhow::Result<f64> {
-    let out = bed.exec(
-        "source",
-        &[
-            "iperf3",
-            "-c",
-            &primary.to_string(),
-            "-p",
-            &PORT.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-t",
-            seconds,
-            "-J",
-            "--connect-timeout",
-            "5000",
-        ],
-    )?;
+    run_iperf_paced(bed, primary, streams, seconds, None).map(|run| run.bps)
+}
+
+/// What the primary received in one iperf3 run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct IperfRun {
+    /// Received throughput, bit/s.
+    pub bps: f64,
+    /// Bytes received.
+    pub bytes: u64,
+}
+
+/// [`run_iperf`] with every stream paced to `stream_bps` bit/s (iperf3's `-b`, which
+/// applies per stream), or unpaced (None); also returns the bytes received.
+pub(super) fn run_iperf_paced(
+    bed: &Testbed,
+    primary: std::net::Ipv4Addr,
+    streams: u32,
+    seconds: &str,
+    stream_bps: Option<u64>,
+) -> anyhow::Result<IperfRun> {
+    let primary = primary.to_string();
+    let port = PORT.to_string();
+    let streams = streams.to_string();
+    let rate = stream_bps.map(|bps| bps.to_string());
+    let mut argv = vec![
+        "iperf3",
+        "-c",
+        &primary,
+        "-p",
+        &port,
+        "-P",
+        &streams,
+        "-t",
+        seconds,
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ];
+    if let Some(rate) = &rate {
+        argv.extend(["-b", rate]);
+    }
+    let out = bed.exec("source", &argv)?;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 report without a throughput")
+    let received = &report["end"]["sum_received"];
+    Ok(IperfRun {
+        bps: received["bits_per_second"]
+            .as_f64()
+            .context("iperf3 report without a throughput")?,
+        bytes: received["bytes"]
+            .as_u64()
+            .context("iperf3 report without a byte count")?,
+    })
 }
 
 /// A regime's name as a file-name part ("1 Gbit/s" → "1gbit", "unlimited").

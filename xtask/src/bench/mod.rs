@@ -11,6 +11,7 @@ mod iperf;
 mod loss;
 mod pgbench;
 mod plot;
+mod relay;
 mod replica;
 mod routes;
 mod scale;
@@ -81,6 +82,14 @@ pub enum Experiment {
     /// (redis-benchmark, 4 KiB values, links uncapped): verify off, verify replies, a
     /// replica stopped past its memory budget with and without spilling.
     Consistency,
+    /// What relaying costs the whole machine, without Open vSwitch in the path: iperf3
+    /// -P 1, 8 and 32 (5 s each), unthrottled and paced to 500 Mbit/s, direct versus each
+    /// data plane with one replica, on a switchless bed (in-kernel bridge for source,
+    /// primary and middlebox; a plain veth to the replica; 198.19.20.0/24 and
+    /// 198.19.21.0/24 in the bench's namespaces). Reports Gbit/s, busy CPU of all cores
+    /// (/proc/stat) per Gbit relayed, the middlebox's share (minus direct's) and whether
+    /// the replica stayed attached.
+    Relay,
 }
 
 /// Who repairs lost segments of XDP mode's TCP connections: the config's
@@ -128,7 +137,7 @@ pub struct Options {
 }
 
 impl Options {
-    /// Middlebox settings of the relay experiments (iperf, httperf, pgbench).
+    /// Middlebox settings of the relay experiments (iperf, httperf, pgbench, relay).
     pub fn relay_tuning(&self) -> routes::Tuning {
         self.relay_tuning_with(self.loss_recovery)
     }
@@ -207,6 +216,7 @@ pub fn bench(experiments: &[Experiment], options: &Options) -> anyhow::Result<()
             Experiment::Scale => scale::scale(&bed, &bins, options),
             Experiment::Loss => loss::loss(&bed, &bins, options),
             Experiment::Consistency => consistency::consistency(&bed, &bins, options),
+            Experiment::Relay => relay::relay(&bed, &bins, options),
         };
         match section {
             Ok(markdown) => report.push_str(&markdown),

@@ -3,6 +3,7 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
+use anyhow::Context as _;
 use ncp_testbed::{Mac, Testbed};
 
 use crate::middlebox::Middlebox;
@@ -76,26 +77,92 @@ impl Route {
         port: u16,
         tuning: &Tuning,
     ) -> anyhow::Result<Option<Middlebox>> {
-        let primary = bed.address("primary", "eth0")?;
+        self.enter_on(bed, &Wiring::paper(bed)?, bins, port, tuning)
+    }
+
+    /// [`Route::enter`] on the hosts' interfaces and addresses that `wiring` names (the
+    /// paper test bed's, or another bed built in the same namespaces).
+    pub fn enter_on(
+        &self,
+        bed: &Testbed,
+        wiring: &Wiring,
+        bins: &Path,
+        port: u16,
+        tuning: &Tuning,
+    ) -> anyhow::Result<Option<Middlebox>> {
         match self {
             Route::Direct => {
-                steer(bed, primary, &Mac(bed.mac("primary", "eth0")?).to_string())?;
+                wiring.steer(bed, wiring.primary_mac)?;
                 Ok(None)
             }
             Route::Middlebox {
                 dataplane,
                 replication,
             } => {
-                steer(
-                    bed,
-                    primary,
-                    &Mac(bed.mac("middlebox", "eth0")?).to_string(),
-                )?;
+                wiring.steer(bed, wiring.client_nic.mac)?;
                 let socket = super::run_dir().join("mb.sock");
-                let config = middlebox_config(bed, *replication, port, &socket, tuning)?;
+                let config = middlebox_config(wiring, *replication, port, &socket, tuning)?;
                 Middlebox::start_mode(bed, "middlebox", bins, &config, &socket, dataplane).map(Some)
             }
         }
+    }
+}
+
+/// One NIC of the middlebox host.
+#[derive(Clone, Debug)]
+pub struct Nic {
+    /// Interface name inside the host.
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub mac: Mac,
+}
+
+/// Where a route's ends are: which interfaces and addresses of the source, the primary,
+/// the replica and the middlebox a measurement uses. The paper test bed's are
+/// [`Wiring::paper`]; the relay bed builds its own in the same hosts.
+#[derive(Clone, Debug)]
+pub struct Wiring {
+    /// The source's interface toward the primary.
+    pub source_nic: String,
+    pub source: Ipv4Addr,
+    pub primary: Ipv4Addr,
+    pub primary_mac: Mac,
+    /// The middlebox's production (client-facing) NIC.
+    pub client_nic: Nic,
+    /// The middlebox's replication NIC.
+    pub replication_nic: Nic,
+    /// The replica's address on the production network ([`Replication::SharedNic`]), if
+    /// it has one there.
+    pub replica_shared: Option<Ipv4Addr>,
+    /// The replica's address on the replication network ([`Replication::DedicatedNic`]).
+    pub replica_dedicated: Ipv4Addr,
+}
+
+impl Wiring {
+    /// The paper test bed's: production network on eth0, replication network on eth1.
+    pub fn paper(bed: &Testbed) -> anyhow::Result<Wiring> {
+        let nic = |iface: &str| -> anyhow::Result<Nic> {
+            Ok(Nic {
+                name: iface.to_owned(),
+                address: bed.address("middlebox", iface)?,
+                mac: Mac(bed.mac("middlebox", iface)?),
+            })
+        };
+        Ok(Wiring {
+            source_nic: "eth0".into(),
+            source: bed.address("source", "eth0")?,
+            primary: bed.address("primary", "eth0")?,
+            primary_mac: Mac(bed.mac("primary", "eth0")?),
+            client_nic: nic("eth0")?,
+            replication_nic: nic("eth1")?,
+            replica_shared: Some(bed.address("replica", "eth0")?),
+            replica_dedicated: bed.address("replica", "eth1")?,
+        })
+    }
+
+    /// Pins the source's next hop for the primary to `mac`.
+    fn steer(&self, bed: &Testbed, mac: Mac) -> anyhow::Result<()> {
+        Ok(bed.set_neighbor("source", &self.source_nic, self.primary, &mac.to_string())?)
     }
 }
 
@@ -112,12 +179,8 @@ pub struct Tuning {
 
 /// Restores direct forwarding from the source to the primary.
 pub fn leave(bed: &Testbed) -> anyhow::Result<()> {
-    let primary = bed.address("primary", "eth0")?;
-    steer(bed, primary, &Mac(bed.mac("primary", "eth0")?).to_string())
-}
-
-fn steer(bed: &Testbed, primary: Ipv4Addr, mac: &str) -> anyhow::Result<()> {
-    Ok(bed.set_neighbor("source", "eth0", primary, mac)?)
+    let wiring = Wiring::paper(bed)?;
+    wiring.steer(bed, wiring.primary_mac)
 }
 
 /// The paper's regime on this test bed: links, not CPUs, are the limit. The paper's
@@ -212,25 +275,30 @@ pub fn limit_links(bed: &Testbed, mbit_per_s: Option<u32>) -> anyhow::Result<()>
 }
 
 fn middlebox_config(
-    bed: &Testbed,
+    wiring: &Wiring,
     replication: Replication,
     port: u16,
     socket: &Path,
     tuning: &Tuning,
 ) -> anyhow::Result<String> {
-    let source = bed.address("source", "eth0")?;
-    let primary = bed.address("primary", "eth0")?;
-    let mb0 = bed.address("middlebox", "eth0")?;
-    let mb1 = bed.address("middlebox", "eth1")?;
+    let Wiring {
+        source,
+        primary,
+        client_nic: mb0,
+        replication_nic: mb1,
+        ..
+    } = wiring;
     let (replicas, extra) = match replication {
         Replication::None => (String::new(), String::new()),
-        Replication::SharedNic => (
-            format!("\"{}:{port}\"", bed.address("replica", "eth0")?),
-            String::new(),
-        ),
+        Replication::SharedNic => {
+            let replica = wiring
+                .replica_shared
+                .context("this bed has no replica on the production network")?;
+            (format!("\"{replica}:{port}\""), String::new())
+        }
         Replication::DedicatedNic => (
-            format!("\"{}:{port}\"", bed.address("replica", "eth1")?),
-            "replica_interface = \"eth1\"\n".to_owned(),
+            format!("\"{}:{port}\"", wiring.replica_dedicated),
+            format!("replica_interface = \"{}\"\n", mb1.name),
         ),
     };
     let ports = tuning.ports.map_or(String::new(), |(first, last)| {
@@ -238,11 +306,15 @@ fn middlebox_config(
     });
     Ok(format!(
         "control_socket = \"{}\"\n\
-         [[interfaces]]\nname = \"eth0\"\naddress = \"{mb0}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
-         [[interfaces]]\nname = \"eth1\"\naddress = \"{mb1}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
+         [[interfaces]]\nname = \"{}\"\naddress = \"{}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
+         [[interfaces]]\nname = \"{}\"\naddress = \"{}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
          [[services]]\nname = \"bench\"\nprimary = \"{primary}:{port}\"\nclients = \"{source}/32\"\n\
          replicas = [{replicas}]\n{extra}{}{}",
         socket.display(),
+        mb0.name,
+        mb0.address,
+        mb1.name,
+        mb1.address,
         tuning.service,
         tuning.tables
     ))
