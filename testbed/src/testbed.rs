@@ -278,6 +278,11 @@ impl Testbed {
             })
     }
 
+    /// Pids of the processes running inside `host`'s namespace now.
+    pub fn pids(&self, host: &str) -> Result<Vec<i32>> {
+        Ok(namespace_pids(&self.netns(host)?))
+    }
+
     /// IPv4 address of `host`'s interface `iface`.
     pub fn address(&self, host: &str, iface: &str) -> Result<Ipv4Addr> {
         Ok(self.plan.host_link(host, iface)?.address)

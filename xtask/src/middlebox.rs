@@ -139,13 +139,8 @@ impl Middlebox {
     /// CPU time (user + system, all threads) the process has used so far, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let pid = self.child.as_ref()?.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are 14 and 15.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 =
-            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        Some(ticks / clock_ticks_per_second())
+        let ticks = ProcessTicks::of(i32::try_from(pid).ok()?)?;
+        Some(ticks.own as f64 / clock_ticks_per_second())
     }
 
     /// Resident memory of the process right now (`VmRSS`), in bytes.
@@ -184,6 +179,39 @@ impl Drop for Middlebox {
     }
 }
 
+/// A process's CPU time in clock ticks, as `/proc/<pid>/stat` counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessTicks {
+    /// utime + stime: its own threads.
+    pub own: u64,
+    /// cutime + cstime: the children it has waited for.
+    pub reaped_children: u64,
+}
+
+impl ProcessTicks {
+    /// Parses the text of `/proc/<pid>/stat` (None if it is not one).
+    pub fn parse(stat: &str) -> Option<ProcessTicks> {
+        // Fields after the parenthesised command name (which may itself hold spaces and
+        // parentheses); utime, stime, cutime and cstime are fields 14 to 17.
+        let rest = stat.rsplit_once(')')?.1;
+        let mut fields = rest
+            .split_whitespace()
+            .skip(11)
+            .map(|f| f.parse::<u64>().ok());
+        let mut next = || fields.next().flatten();
+        let (utime, stime, cutime, cstime) = (next()?, next()?, next()?, next()?);
+        Some(ProcessTicks {
+            own: utime + stime,
+            reaped_children: cutime + cstime,
+        })
+    }
+
+    /// The counters of process `pid` now (None if it is gone).
+    pub fn of(pid: i32) -> Option<ProcessTicks> {
+        ProcessTicks::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+}
+
 /// The unit of the kernel's CPU time counters (`/proc/<pid>/stat`, `/proc/stat`), in
 /// ticks per second.
 pub fn clock_ticks_per_second() -> f64 {
@@ -214,4 +242,25 @@ pub fn worker_frames(stats: &serde_json::Value) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_ticks_come_after_the_command_name() {
+        // A command name with a space and a parenthesis, as `comm` allows.
+        let stat = "4242 (iperf3 (x)) S 1 4242 4242 0 -1 4194560 300 0 0 0 70 30 5 2 20 0 1 0 \
+                    100 8568832 512 18446744073709551615";
+        assert_eq!(
+            ProcessTicks::parse(stat),
+            Some(ProcessTicks {
+                own: 100,
+                reaped_children: 7
+            })
+        );
+        assert_eq!(ProcessTicks::parse("4242 (short) S 1 2 3"), None);
+        assert_eq!(ProcessTicks::parse("no parenthesis"), None);
+    }
 }

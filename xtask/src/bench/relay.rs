@@ -33,12 +33,19 @@
 //!
 //! # The figures
 //!
-//! Each cell is one iperf3 run from the source to the primary; around it the busy time of
-//! every core is read from `/proc/stat` (user + nice + system + irq + softirq + steal:
-//! the kernel's relay work in softirq context counts, whoever it is done for) and divided
-//! by the Gbit the primary received. The middlebox's share is that figure minus the
-//! direct run's in the same regime and stream count. The machine is shared: anything
-//! else running meanwhile is counted too, which is why the routes alternate per round.
+//! Each cell is one iperf3 run from the source to the primary, and two CPU counts around
+//! it, each divided by the Gbit the primary received:
+//! - the whole machine: every core's busy time from `/proc/stat` (user + nice + system +
+//!   irq + softirq + steal), so the kernel's relay work in softirq context counts,
+//!   whoever it is done for. The machine is shared, and whatever else runs meanwhile
+//!   (another engineer's build) lands here too;
+//! - the bench's own tasks: the processes in the bed's namespaces, the iperf3 client and
+//!   the kernel's softirq threads ([`task_ticks`]). This kernel has no IRQ time
+//!   accounting, so softirq work done in a process's context is charged to that process
+//!   and counted here; softirq work that interrupts someone else's process is not.
+//!
+//! The middlebox's share is a route's figure minus the direct run's in the same regime and
+//! stream count. Routes alternate within each round, so drift hits them alike.
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path, time::Instant};
 
@@ -53,7 +60,10 @@ use super::{
     routes::{Nic, Replication, Route, Wiring},
     save_json, spread,
 };
-use crate::{cmd::step, middlebox::Middlebox};
+use crate::{
+    cmd::step,
+    middlebox::{Middlebox, ProcessTicks},
+};
 
 /// Parallel streams per run.
 const STREAMS: [u32; 3] = [1, 8, 32];
@@ -152,6 +162,9 @@ struct Sample {
     run: Option<IperfRun>,
     /// Busy CPU time of all cores over the run, seconds.
     busy_seconds: f64,
+    /// CPU time of the bench's own tasks over the run ([`task_ticks`] and the iperf3
+    /// client), seconds.
+    task_seconds: f64,
     /// Wall time of the run, seconds.
     wall_seconds: f64,
     /// What the replica got meanwhile (routes through the middlebox).
@@ -159,10 +172,19 @@ struct Sample {
 }
 
 impl Sample {
-    /// Busy core-seconds per Gbit the primary received.
+    /// Busy core-seconds of the whole machine per Gbit the primary received.
     fn core_seconds_per_gbit(&self) -> Option<f64> {
+        self.per_gbit(self.busy_seconds)
+    }
+
+    /// Core-seconds of the bench's own tasks per Gbit the primary received.
+    fn task_seconds_per_gbit(&self) -> Option<f64> {
+        self.per_gbit(self.task_seconds)
+    }
+
+    fn per_gbit(&self, seconds: f64) -> Option<f64> {
         let gbit = self.run?.bytes as f64 * 8.0 / 1e9;
-        (gbit > 0.0).then(|| self.busy_seconds / gbit)
+        (gbit > 0.0).then(|| seconds / gbit)
     }
 
     fn to_json(&self) -> serde_json::Value {
@@ -172,6 +194,8 @@ impl Sample {
             "busy_core_seconds": self.busy_seconds,
             "wall_seconds": self.wall_seconds,
             "busy_core_seconds_per_gbit": self.core_seconds_per_gbit(),
+            "own_task_core_seconds": self.task_seconds,
+            "own_task_core_seconds_per_gbit": self.task_seconds_per_gbit(),
             "replica": self.replica.as_ref().map(ReplicaOutcome::to_json),
         })
     }
@@ -413,11 +437,15 @@ fn measure(
     stream_bps: Option<u64>,
 ) -> anyhow::Result<Sample> {
     let replica_before = mb.map(replica::first_replica_counters).transpose()?;
+    let tasks_before = task_ticks(bed)?;
+    let client_before = reaped_children();
     let cpu_before = CpuTimes::read()?;
     let started = Instant::now();
     let run = iperf::run_iperf_paced(bed, primary, streams, seconds, stream_bps);
     let wall_seconds = started.elapsed().as_secs_f64();
     let busy_ticks = CpuTimes::read()?.busy_since(&cpu_before);
+    let client_ticks = reaped_children().saturating_sub(client_before);
+    let task_ticks = grown(&tasks_before, &task_ticks(bed)?) + client_ticks;
     let run = run
         .map_err(|e| eprintln!("      -P {streams:<2} failed: {e:#}"))
         .ok();
@@ -429,12 +457,102 @@ fn measure(
         )?),
         _ => None,
     };
+    let hz = crate::middlebox::clock_ticks_per_second();
     Ok(Sample {
         run,
-        busy_seconds: busy_ticks as f64 / crate::middlebox::clock_ticks_per_second(),
+        busy_seconds: busy_ticks as f64 / hz,
+        task_seconds: task_ticks as f64 / hz,
         wall_seconds,
         replica,
     })
+}
+
+/// CPU ticks so far of the tasks that do this bench's work, by pid: every process in the
+/// bed's namespaces (iperf3's server, the replica's sink, the middlebox) with the
+/// children they reaped, and the kernel's softirq threads (`ksoftirqd/N`), which take
+/// over receive work deferred by any of them. Without IRQ time accounting (this
+/// kernel's) softirq work done in a process's context is in that process's own time.
+fn task_ticks(bed: &Testbed) -> anyhow::Result<BTreeMap<i32, u64>> {
+    let mut pids = Vec::new();
+    for (host, _) in HOSTS {
+        pids.extend(bed.pids(host)?);
+    }
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.starts_with("ksoftirqd/") {
+            pids.push(pid);
+        }
+    }
+    Ok(pids
+        .into_iter()
+        .filter_map(|pid| ProcessTicks::of(pid).map(|t| (pid, t.own + t.reaped_children)))
+        .collect())
+}
+
+/// Ticks the tasks of `after` gained since `before`; a task that started in between
+/// counts whole, one that ended in between is lost unless a counted parent reaped it.
+fn grown(before: &BTreeMap<i32, u64>, after: &BTreeMap<i32, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(pid, &ticks)| ticks.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum()
+}
+
+/// CPU ticks of the children this process has waited for: the iperf3 client of a run
+/// (it runs outside the bed's namespaces' process lists once it has exited).
+fn reaped_children() -> u64 {
+    i32::try_from(std::process::id())
+        .ok()
+        .and_then(ProcessTicks::of)
+        .map_or(0, |t| t.reaped_children)
+}
+
+/// A cost figure of one row, over its rounds.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Cost {
+    /// Per successful round, core-seconds per Gbit.
+    per_gbit: Vec<f64>,
+    /// The median minus direct's (routes through the middlebox, when both have figures).
+    share: Option<f64>,
+}
+
+impl Cost {
+    fn of(
+        samples: &[Sample],
+        direct: &[Sample],
+        is_direct: bool,
+        metric: fn(&Sample) -> Option<f64>,
+    ) -> Cost {
+        let per_gbit: Vec<f64> = samples.iter().filter_map(metric).collect();
+        let direct: Vec<f64> = direct.iter().filter_map(metric).collect();
+        let share = (!is_direct && !per_gbit.is_empty() && !direct.is_empty())
+            .then(|| median(&per_gbit) - median(&direct));
+        Cost { per_gbit, share }
+    }
+
+    /// The figure and the share as two table cells.
+    fn cells(&self) -> (String, String) {
+        let figure = if self.per_gbit.is_empty() {
+            "—".to_owned()
+        } else {
+            format!(
+                "{:.2}{}",
+                median(&self.per_gbit),
+                spread(&self.per_gbit, |v| format!("{v:.2}"))
+            )
+        };
+        (
+            figure,
+            self.share.map_or("—".to_owned(), |s| format!("{s:+.2}")),
+        )
+    }
 }
 
 /// One row of the report: a route at a stream count, over its rounds.
@@ -444,11 +562,10 @@ struct Row {
     route: String,
     /// Per round, Gbit/s (0 for a failed run).
     gbps: Vec<f64>,
-    /// Per successful round, busy core-seconds per Gbit.
-    core_seconds_per_gbit: Vec<f64>,
-    /// Median busy core-seconds per Gbit minus direct's (routes through the middlebox,
-    /// when both have figures).
-    share: Option<f64>,
+    /// Busy CPU of the whole machine.
+    machine: Cost,
+    /// CPU of the bench's own tasks.
+    tasks: Cost,
     /// Rounds in which the replica stayed attached and got every byte, of the rounds
     /// with a replica.
     replica_complete: Option<(usize, usize)>,
@@ -463,32 +580,23 @@ fn rows(by_route: &BTreeMap<String, BTreeMap<u32, Vec<Sample>>>, labels: &[Strin
             .and_then(|m| m.get(&n))
             .map_or(&[][..], Vec::as_slice)
     };
-    let cost = |label: &str, n: u32| -> Vec<f64> {
-        samples(label, n)
-            .iter()
-            .filter_map(Sample::core_seconds_per_gbit)
-            .collect()
-    };
     let mut rows = Vec::new();
     for n in STREAMS {
-        let direct = cost("direct", n);
+        let direct = samples("direct", n);
         for label in labels {
-            let own = cost(label, n);
-            let share = (label != "direct" && !own.is_empty() && !direct.is_empty())
-                .then(|| median(&own) - median(&direct));
-            let with_replica: Vec<&ReplicaOutcome> = samples(label, n)
-                .iter()
-                .filter_map(|s| s.replica.as_ref())
-                .collect();
+            let own = samples(label, n);
+            let is_direct = label == "direct";
+            let with_replica: Vec<&ReplicaOutcome> =
+                own.iter().filter_map(|s| s.replica.as_ref()).collect();
             rows.push(Row {
                 streams: n,
                 route: label.clone(),
-                gbps: samples(label, n)
+                gbps: own
                     .iter()
                     .map(|s| s.run.map_or(0.0, |r| r.bps / 1e9))
                     .collect(),
-                core_seconds_per_gbit: own,
-                share,
+                machine: Cost::of(own, direct, is_direct, Sample::core_seconds_per_gbit),
+                tasks: Cost::of(own, direct, is_direct, Sample::task_seconds_per_gbit),
                 replica_complete: (!with_replica.is_empty()).then(|| {
                     (
                         with_replica.iter().filter(|r| r.complete()).count(),
@@ -510,12 +618,16 @@ fn report(cells: &Cells, labels: &[String], seconds: &str, repetitions: u32) -> 
         "`cargo xtask bench relay`: iperf3 from the source to the primary for {seconds} s per \
          cell, {repetitions} round(s), one replica on the middlebox's second NIC; no Open \
          vSwitch in the path (an in-kernel bridge joins source, primary and middlebox, a plain \
-         veth pair the middlebox and the replica; why in `xtask/src/bench/relay.rs`). Busy CPU \
-         is every core's (user, nice, system, irq, softirq, steal from /proc/stat) over the \
-         run, per Gbit the primary received; the middlebox's share is that minus direct's in \
-         the same row group. Medians, with several rounds [lowest–highest]. The machine has \
-         {cores} cores and is **shared**: whatever else ran meanwhile is in these figures, so \
-         compare within a table, not across runs.\n"
+         veth pair the middlebox and the replica; why in `xtask/src/bench/relay.rs`). CPU per \
+         Gbit the primary received, counted two ways: *machine* is every core's busy time \
+         (user, nice, system, irq, softirq, steal from /proc/stat) over the run; *own tasks* \
+         is the CPU time of the bench's processes (iperf3 client and server, the replica's \
+         sink, the middlebox) and the kernel's softirq threads. The middlebox's share is a \
+         route's figure minus direct's at the same stream count. Medians, with several rounds \
+         [lowest–highest]. The machine has {cores} cores and is **shared**: other people's \
+         work running meanwhile is in the machine figures (a saturated machine reads about \
+         {cores} core-s per second whatever we do) and slows our runs; the own-tasks figures \
+         leave it out. Compare within a table, not across runs.\n"
     );
     for (regime, _) in REGIMES {
         let Some(by_route) = cells.get(regime) else {
@@ -530,7 +642,8 @@ fn report(cells: &Cells, labels: &[String], seconds: &str, repetitions: u32) -> 
 /// A regime's table from its rows.
 fn table(rows: &[Row]) -> String {
     let mut md = String::from(
-        "| streams | route | Gbit/s | busy core-s per Gbit | middlebox share (core-s per Gbit) | replica attached, every byte |\n|---|---|---|---|---|---|\n",
+        "| streams | route | Gbit/s | machine: busy core-s per Gbit | machine: middlebox share | own tasks: core-s per Gbit | own tasks: middlebox share | replica attached, every byte |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let gbps = if row.gbps.iter().all(|&g| g == 0.0) {
@@ -542,16 +655,8 @@ fn table(rows: &[Row]) -> String {
                 spread(&row.gbps, |v| format!("{v:.3}"))
             )
         };
-        let cost = if row.core_seconds_per_gbit.is_empty() {
-            "—".to_owned()
-        } else {
-            format!(
-                "{:.2}{}",
-                median(&row.core_seconds_per_gbit),
-                spread(&row.core_seconds_per_gbit, |v| format!("{v:.2}"))
-            )
-        };
-        let share = row.share.map_or("—".to_owned(), |s| format!("{s:+.2}"));
+        let (machine, machine_share) = row.machine.cells();
+        let (tasks, tasks_share) = row.tasks.cells();
         let replica = row
             .replica_complete
             .map_or("—".to_owned(), |(complete, of)| {
@@ -563,7 +668,7 @@ fn table(rows: &[Row]) -> String {
             });
         let _ = writeln!(
             md,
-            "| {} | {} | {gbps} | {cost} | {share} | {replica} |",
+            "| {} | {} | {gbps} | {machine} | {machine_share} | {tasks} | {tasks_share} | {replica} |",
             row.streams, row.route
         );
     }
@@ -604,6 +709,8 @@ mod tests {
         );
     }
 
+    /// A run that moved `gbit` with the machine `busy_seconds` busy, half of it the
+    /// bench's own tasks.
     fn sample(gbit: f64, busy_seconds: f64, replica: Option<(u64, u64, u64)>) -> Sample {
         let bytes = (gbit * 1e9 / 8.0) as u64;
         Sample {
@@ -612,6 +719,7 @@ mod tests {
                 bytes,
             }),
             busy_seconds,
+            task_seconds: busy_seconds / 2.0,
             wall_seconds: 5.0,
             replica: replica.map(|(primary_bytes, replica_bytes, detaches)| ReplicaOutcome {
                 primary_bytes,
@@ -646,18 +754,23 @@ mod tests {
         let rows = rows(&by_route, &labels);
         let direct = &rows[0];
         assert_eq!(direct.streams, 1);
-        assert_eq!(direct.share, None);
+        assert_eq!(direct.machine.share, None);
         assert_eq!(direct.replica_complete, None);
         let relayed = &rows[1];
-        assert_eq!(relayed.core_seconds_per_gbit, vec![1.5, 2.5]);
-        let share = relayed.share.unwrap();
+        assert_eq!(relayed.machine.per_gbit, vec![1.5, 2.5]);
+        let share = relayed.machine.share.unwrap();
         assert!((share - 1.6).abs() < 1e-9, "{share}");
+        let share = relayed.tasks.share.unwrap();
+        assert!((share - 0.8).abs() < 1e-9, "{share}");
         assert_eq!(relayed.replica_complete, Some((1, 2)));
         // Stream counts without samples still get rows, shown as failed.
         assert_eq!(rows.len(), STREAMS.len() * labels.len());
         let md = table(&rows);
-        assert!(md.contains("| 1 | xdp: replica, dedicated NIC | 0.400 [0.400–0.400] | 2.00 [1.50–2.50] | +1.60 | **no** in 1 of 2 rounds |"), "{md}");
-        assert!(md.contains("| 8 | direct | failed | — | — | — |"), "{md}");
+        assert!(md.contains("| 1 | xdp: replica, dedicated NIC | 0.400 [0.400–0.400] | 2.00 [1.50–2.50] | +1.60 | 1.00 [0.75–1.25] | +0.80 | **no** in 1 of 2 rounds |"), "{md}");
+        assert!(
+            md.contains("| 8 | direct | failed | — | — | — | — | — |"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -668,5 +781,14 @@ mod tests {
         };
         assert_eq!(failed.core_seconds_per_gbit(), None);
         assert_eq!(sample(2.0, 3.0, None).core_seconds_per_gbit(), Some(1.5));
+    }
+
+    #[test]
+    fn tasks_count_what_they_gained_and_new_ones_whole() {
+        let before = BTreeMap::from([(10, 100), (11, 50), (12, 7)]);
+        // 10 gained 30, 11 is unchanged, 12 ended, 13 started and used 5.
+        let after = BTreeMap::from([(10, 130), (11, 50), (13, 5)]);
+        assert_eq!(grown(&before, &after), 35);
+        assert_eq!(grown(&after, &after), 0);
     }
 }
