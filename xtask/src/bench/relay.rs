@@ -364,12 +364,12 @@ pub fn relay(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                         let stream_bps = rate.map(|mbit| mbit * 1_000_000 / u64::from(n));
                         let sample =
                             measure(bed, mb.as_ref(), wiring.primary, n, seconds, stream_bps)?;
+                        let show = |c: Option<f64>| c.map_or("—".into(), |c| format!("{c:.2}"));
                         eprintln!(
-                            "      -P {n:<2} {:.3} Gbit/s, {} busy core-s per Gbit{}",
+                            "      -P {n:<2} {:.3} Gbit/s, core-s per Gbit: machine {}, own tasks {}{}",
                             sample.run.map_or(0.0, |r| r.bps / 1e9),
-                            sample
-                                .core_seconds_per_gbit()
-                                .map_or("—".into(), |c| format!("{c:.2}")),
+                            show(sample.core_seconds_per_gbit()),
+                            show(sample.task_seconds_per_gbit()),
                             sample.replica.as_ref().map_or(String::new(), |r| format!(
                                 "; replica {} of {} bytes, {} detach(es)",
                                 r.replica_bytes, r.primary_bytes, r.detaches
