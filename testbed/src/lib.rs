@@ -54,5 +54,5 @@ pub use plan::{DEFAULT_PREFIX, Plan};
 pub use privileges::{Missing, REQUIRED_TOOLS, ready_or_skip, require_privileges, require_tools};
 pub use serial::serial;
 pub use state::{OvsSsl, STATE_DIR};
-pub use testbed::{DownReport, Testbed, UpOptions};
+pub use testbed::{DownReport, Testbed, UpOptions, create_namespace};
 pub use topology::{Mac, Topology};

@@ -330,28 +330,7 @@ impl Testbed {
     fn build(&self) -> Result<()> {
         for ns in &self.plan.namespaces {
             tracing::info!(netns = %ns.netns, host = %ns.host, "creating namespace");
-            cmd::run(&["ip", "netns", "add", &ns.netns])?;
-            // Set before any interface arrives: new interfaces copy `default`. A host
-            // with two NICs (the middlebox, the replica) must answer ARP only on the NIC
-            // that owns the address asked for (arp_ignore=1, arp_announce=2), as a
-            // multi-homed server should: with Linux's default it answers on both, and a
-            // controller that asks for the middlebox's production address may learn it
-            // on the replication switch (ARP flux; the fault matrix's ncpd restart hit
-            // exactly that).
-            cmd::run(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns.netns,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-                "net.ipv4.conf.all.arp_ignore=1",
-                "net.ipv4.conf.all.arp_announce=2",
-            ])?;
-            cmd::run(&["ip", "-n", &ns.netns, "link", "set", "lo", "up"])?;
+            create_namespace(&ns.netns)?;
         }
 
         for l in &self.plan.host_links {
@@ -511,6 +490,34 @@ impl Testbed {
         }
         Ok(())
     }
+}
+
+/// Creates network namespace `name` the way the test bed's hosts are: IPv6 off (its
+/// router solicitations and MLD reports would only add noise), loopback up. Name it
+/// `<prefix>-...` so that [`Testbed::down`] removes it with the rest.
+pub fn create_namespace(name: &str) -> Result<()> {
+    cmd::run(&["ip", "netns", "add", name])?;
+    // Set before any interface arrives: new interfaces copy `default`. A host with two
+    // NICs (the middlebox, the replica) must answer ARP only on the NIC that owns the
+    // address asked for (arp_ignore=1, arp_announce=2), as a multi-homed server should:
+    // with Linux's default it answers on both, and a controller that asks for the
+    // middlebox's production address may learn it on the replication switch (ARP flux;
+    // the fault matrix's ncpd restart hit exactly that).
+    cmd::run(&[
+        "ip",
+        "netns",
+        "exec",
+        name,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+        "net.ipv4.conf.all.arp_ignore=1",
+        "net.ipv4.conf.all.arp_announce=2",
+    ])?;
+    cmd::run(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+    Ok(())
 }
 
 /// Settings for a veth end in the root namespace: no IPv6 (its router solicitations and MLD

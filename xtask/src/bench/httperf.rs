@@ -56,7 +56,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
     let primary = bed.address("primary", "eth0")?;
 
     // lifetimes[regime][route label][connections] = samples (ms)
-    let mut lifetimes: BTreeMap<&str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>> = BTreeMap::new();
+    let mut lifetimes = super::Cells::<f64>::new();
     // phases[regime][route label] = every run's breakdown
     let mut phases: BTreeMap<&str, ByRoute<Vec<Lifetime>>> = BTreeMap::new();
     let outcome = routes::for_each_cell(
@@ -79,14 +79,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
                     "      {n} connections: average lifetime {:.2} ms (connect {:.2}, response {:.2}, transfer {:.2})",
                     lifetime.total, lifetime.connect, lifetime.response, lifetime.transfer
                 );
-                lifetimes
-                    .entry(regime)
-                    .or_default()
-                    .entry(route.label())
-                    .or_default()
-                    .entry(n)
-                    .or_default()
-                    .push(lifetime.total);
+                super::add_sample(&mut lifetimes, regime, route.label(), n, lifetime.total);
                 if lifetime.total > 0.0 {
                     phases
                         .entry(regime)

@@ -87,10 +87,16 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                         {
                             let cores = (after - before) / started.elapsed().as_secs_f64();
                             if cores > 0.0 && bps > 0.0 {
-                                add_sample(&mut per_core, regime, path.label(), n, bps / cores);
+                                super::add_sample(
+                                    &mut per_core,
+                                    regime,
+                                    path.label(),
+                                    n,
+                                    bps / cores,
+                                );
                             }
                         }
-                        add_sample(&mut results, regime, path.label(), n, bps);
+                        super::add_sample(&mut results, regime, path.label(), n, bps);
                         if let (Some(before), Some(after)) =
                             (replica_before, replica_detaches(mb.as_ref()))
                             && after > before
@@ -221,17 +227,7 @@ fn replica_detaches(mb: Option<&crate::middlebox::Middlebox>) -> Option<u64> {
 }
 
 /// Samples by link regime, path label and parallel streams.
-type Samples = BTreeMap<&'static str, BTreeMap<String, BTreeMap<u32, Vec<f64>>>>;
-
-fn add_sample(into: &mut Samples, regime: &'static str, path: String, streams: u32, value: f64) {
-    into.entry(regime)
-        .or_default()
-        .entry(path)
-        .or_default()
-        .entry(streams)
-        .or_default()
-        .push(value);
-}
+type Samples = super::Cells<f64>;
 
 /// A plot of samples in bit/s, shown in Gbit/s, against the parallel streams of a run.
 fn streams_plot(name: String, title: String, y_label: &'static str) -> super::LinePlot {

@@ -94,7 +94,7 @@ impl Sample {
 }
 
 /// Samples by (site, loss in per mille), column label and streams.
-type Cells = BTreeMap<(Site, u32), BTreeMap<String, BTreeMap<u32, Vec<Sample>>>>;
+type Cells = BTreeMap<(Site, u32), super::ByRoute<Sample>>;
 
 pub fn loss(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<String> {
     let streams: &[u32] = &[1, 8];
@@ -168,18 +168,7 @@ pub fn loss(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<Str
     let json: Vec<serde_json::Value> = cells
         .iter()
         .map(|((site, per_mille), by_column)| {
-            let by_column: serde_json::Map<String, serde_json::Value> = by_column
-                .iter()
-                .map(|(label, by_streams)| {
-                    let by_streams: serde_json::Map<String, serde_json::Value> = by_streams
-                        .iter()
-                        .map(|(n, samples)| {
-                            (n.to_string(), samples.iter().map(Sample::to_json).collect())
-                        })
-                        .collect();
-                    (label.clone(), by_streams.into())
-                })
-                .collect();
+            let by_column = super::by_route_json(by_column, Sample::to_json);
             serde_json::json!({
                 "site": format!("{site:?}").to_lowercase(),
                 "loss_per_mille": per_mille,

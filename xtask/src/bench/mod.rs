@@ -374,6 +374,49 @@ pub(crate) fn versus_direct_table(
     md.push('\n');
 }
 
+/// Samples by route label and row (stream or connection count).
+pub(crate) type ByRoute<T> =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<u32, Vec<T>>>;
+
+/// Samples by link regime, route label and row.
+pub(crate) type Cells<T> = std::collections::BTreeMap<&'static str, ByRoute<T>>;
+
+/// Adds a sample to its cell of `into`.
+pub(crate) fn add_sample<T>(
+    into: &mut Cells<T>,
+    regime: &'static str,
+    route: String,
+    row: u32,
+    value: T,
+) {
+    into.entry(regime)
+        .or_default()
+        .entry(route)
+        .or_default()
+        .entry(row)
+        .or_default()
+        .push(value);
+}
+
+/// Samples by route and row as JSON (`{route: {row: [sample, ...]}}`), each sample as
+/// `to_json` writes it.
+pub(crate) fn by_route_json<T>(
+    by_route: &ByRoute<T>,
+    to_json: impl Fn(&T) -> serde_json::Value,
+) -> serde_json::Value {
+    by_route
+        .iter()
+        .map(|(label, rows)| {
+            let rows: serde_json::Map<String, serde_json::Value> = rows
+                .iter()
+                .map(|(row, samples)| (row.to_string(), samples.iter().map(&to_json).collect()))
+                .collect();
+            (label.clone(), serde_json::Value::from(rows))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// Writes one experiment's JSON next to the others.
 pub(crate) fn save_json(
     options: &Options,

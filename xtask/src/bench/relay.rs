@@ -202,7 +202,7 @@ impl Sample {
 }
 
 /// Samples by regime, route label and stream count.
-type Cells = BTreeMap<&'static str, BTreeMap<String, BTreeMap<u32, Vec<Sample>>>>;
+type Cells = super::Cells<Sample>;
 
 /// The relay bed on top of the paper bed's hosts; dropping it removes it.
 struct RelayBed<'a> {
@@ -223,18 +223,7 @@ impl<'a> RelayBed<'a> {
 
     fn build(&self) -> anyhow::Result<()> {
         let lan = self.lan.as_str();
-        sys::run(&["ip", "netns", "add", lan])?;
-        sys::run(&[
-            "ip",
-            "netns",
-            "exec",
-            lan,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])?;
+        ncp_testbed::create_namespace(lan)?;
         // br_netfilter's switches are per namespace and start on; where the module is not
         // loaded there is nothing to turn off.
         if Path::new("/proc/sys/net/bridge").exists() {
@@ -375,14 +364,7 @@ pub fn relay(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                                 r.replica_bytes, r.primary_bytes, r.detaches
                             ))
                         );
-                        cells
-                            .entry(regime)
-                            .or_default()
-                            .entry(route.label())
-                            .or_default()
-                            .entry(n)
-                            .or_default()
-                            .push(sample);
+                        super::add_sample(&mut cells, regime, route.label(), n, sample);
                     }
                 }
             }
@@ -398,19 +380,10 @@ pub fn relay(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     let json: serde_json::Map<String, serde_json::Value> = cells
         .iter()
         .map(|(regime, by_route)| {
-            let by_route: serde_json::Map<String, serde_json::Value> = by_route
-                .iter()
-                .map(|(label, by_streams)| {
-                    let by_streams: serde_json::Map<String, serde_json::Value> = by_streams
-                        .iter()
-                        .map(|(n, samples)| {
-                            (n.to_string(), samples.iter().map(Sample::to_json).collect())
-                        })
-                        .collect();
-                    (label.clone(), by_streams.into())
-                })
-                .collect();
-            ((*regime).to_owned(), by_route.into())
+            (
+                (*regime).to_owned(),
+                super::by_route_json(by_route, Sample::to_json),
+            )
         })
         .collect();
     save_json(
@@ -573,7 +546,7 @@ struct Row {
 
 /// The rows of one regime's table, stream count by stream count, routes in `labels`'
 /// order.
-fn rows(by_route: &BTreeMap<String, BTreeMap<u32, Vec<Sample>>>, labels: &[String]) -> Vec<Row> {
+fn rows(by_route: &super::ByRoute<Sample>, labels: &[String]) -> Vec<Row> {
     let samples = |label: &str, n: u32| {
         by_route
             .get(label)
@@ -736,7 +709,7 @@ mod tests {
             "direct".to_owned(),
             "xdp: replica, dedicated NIC".to_owned(),
         ];
-        let mut by_route: BTreeMap<String, BTreeMap<u32, Vec<Sample>>> = BTreeMap::new();
+        let mut by_route = super::super::ByRoute::<Sample>::new();
         // Direct: 10 Gbit for 4 core-s (0.4 per Gbit), twice.
         by_route
             .entry(labels[0].clone())
