@@ -163,9 +163,12 @@ pub fn iperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     }
     let _ = writeln!(
         md,
-        "### Relay throughput per middlebox core\n\nGbit/s carried per CPU-second of the middlebox process (all its threads). Kernel \
-         work done in softirq context on behalf of sockets mode is only partly charged to the \
-         process, which flatters sockets mode.\n"
+        "### Relay throughput per middlebox core\n\nGbit/s carried per CPU-second of the middlebox process (all its threads). \
+         **Caveat:** this misses the kernel's softirq time (sockets mode's TCP receive and \
+         send work, and the veth receive path of both modes) whenever it runs outside the \
+         middlebox process, which flatters sockets mode, and it runs over the software \
+         switch; `cargo xtask bench relay` counts the whole machine and the bench's own \
+         tasks on a switchless bed instead.\n"
     );
     let relay_labels: Vec<String> = paths
         .iter()
