@@ -43,6 +43,12 @@
 //!   the kernel's softirq threads ([`task_ticks`]). This kernel has no IRQ time
 //!   accounting, so softirq work done in a process's context is charged to that process
 //!   and counted here; softirq work that interrupts someone else's process is not.
+//!   `/proc/<pid>/stat` scales its times to the scheduler's exact run time, while
+//!   `/proc/stat` counts tick samples, so at light load the two differ by a few ticks.
+//!
+//! The report also shows how many cores other work kept busy during each run (the
+//! machine's count minus the own tasks'), so a reader can tell a clean machine figure
+//! from one a concurrent build inflated.
 //!
 //! The middlebox's share is a route's figure minus the direct run's in the same regime and
 //! stream count. Routes alternate within each round, so drift hits them alike.
@@ -182,6 +188,14 @@ impl Sample {
         self.per_gbit(self.task_seconds)
     }
 
+    /// Cores kept busy by everything else on the machine meanwhile: the machine's busy
+    /// time beyond the bench's own tasks, per second of the run (0 when the two
+    /// counts, tick samples against scheduler run time, put it below zero).
+    fn others_cores(&self) -> Option<f64> {
+        (self.wall_seconds > 0.0)
+            .then(|| ((self.busy_seconds - self.task_seconds) / self.wall_seconds).max(0.0))
+    }
+
     fn per_gbit(&self, seconds: f64) -> Option<f64> {
         let gbit = self.run?.bytes as f64 * 8.0 / 1e9;
         (gbit > 0.0).then(|| seconds / gbit)
@@ -196,6 +210,7 @@ impl Sample {
             "busy_core_seconds_per_gbit": self.core_seconds_per_gbit(),
             "own_task_core_seconds": self.task_seconds,
             "own_task_core_seconds_per_gbit": self.task_seconds_per_gbit(),
+            "other_work_cores": self.others_cores(),
             "replica": self.replica.as_ref().map(ReplicaOutcome::to_json),
         })
     }
@@ -539,6 +554,8 @@ struct Row {
     machine: Cost,
     /// CPU of the bench's own tasks.
     tasks: Cost,
+    /// Per round, cores busy with other work during the run.
+    others_cores: Vec<f64>,
     /// Rounds in which the replica stayed attached and got every byte, of the rounds
     /// with a replica.
     replica_complete: Option<(usize, usize)>,
@@ -570,6 +587,7 @@ fn rows(by_route: &super::ByRoute<Sample>, labels: &[String]) -> Vec<Row> {
                     .collect(),
                 machine: Cost::of(own, direct, is_direct, Sample::core_seconds_per_gbit),
                 tasks: Cost::of(own, direct, is_direct, Sample::task_seconds_per_gbit),
+                others_cores: own.iter().filter_map(Sample::others_cores).collect(),
                 replica_complete: (!with_replica.is_empty()).then(|| {
                     (
                         with_replica.iter().filter(|r| r.complete()).count(),
@@ -600,7 +618,11 @@ fn report(cells: &Cells, labels: &[String], seconds: &str, repetitions: u32) -> 
          [lowest–highest]. The machine has {cores} cores and is **shared**: other people's \
          work running meanwhile is in the machine figures (a saturated machine reads about \
          {cores} core-s per second whatever we do) and slows our runs; the own-tasks figures \
-         leave it out. Compare within a table, not across runs.\n"
+         leave it out, and the column *other work meanwhile* says how many cores the rest \
+         kept busy (machine minus own tasks, per second). Where that is near 0 the two counts \
+         agree; the own-tasks count is the scheduler's run time, the machine's is tick \
+         samples, so at light load they differ by a few ticks. Compare within a table, not \
+         across runs.\n"
     );
     for (regime, _) in REGIMES {
         let Some(by_route) = cells.get(regime) else {
@@ -615,8 +637,8 @@ fn report(cells: &Cells, labels: &[String], seconds: &str, repetitions: u32) -> 
 /// A regime's table from its rows.
 fn table(rows: &[Row]) -> String {
     let mut md = String::from(
-        "| streams | route | Gbit/s | machine: busy core-s per Gbit | machine: middlebox share | own tasks: core-s per Gbit | own tasks: middlebox share | replica attached, every byte |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| streams | route | Gbit/s | machine: busy core-s per Gbit | machine: middlebox share | own tasks: core-s per Gbit | own tasks: middlebox share | other work meanwhile (cores) | replica attached, every byte |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let gbps = if row.gbps.iter().all(|&g| g == 0.0) {
@@ -639,9 +661,18 @@ fn table(rows: &[Row]) -> String {
                     format!("**no** in {} of {of} rounds", of - complete)
                 }
             });
+        let others = if row.others_cores.is_empty() {
+            "—".to_owned()
+        } else {
+            format!(
+                "{:.2}{}",
+                median(&row.others_cores),
+                spread(&row.others_cores, |v| format!("{v:.2}"))
+            )
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {gbps} | {machine} | {machine_share} | {tasks} | {tasks_share} | {replica} |",
+            "| {} | {} | {gbps} | {machine} | {machine_share} | {tasks} | {tasks_share} | {others} | {replica} |",
             row.streams, row.route
         );
     }
@@ -739,9 +770,9 @@ mod tests {
         // Stream counts without samples still get rows, shown as failed.
         assert_eq!(rows.len(), STREAMS.len() * labels.len());
         let md = table(&rows);
-        assert!(md.contains("| 1 | xdp: replica, dedicated NIC | 0.400 [0.400–0.400] | 2.00 [1.50–2.50] | +1.60 | 1.00 [0.75–1.25] | +0.80 | **no** in 1 of 2 rounds |"), "{md}");
+        assert!(md.contains("| 1 | xdp: replica, dedicated NIC | 0.400 [0.400–0.400] | 2.00 [1.50–2.50] | +1.60 | 1.00 [0.75–1.25] | +0.80 | 0.40 [0.30–0.50] | **no** in 1 of 2 rounds |"), "{md}");
         assert!(
-            md.contains("| 8 | direct | failed | — | — | — | — | — |"),
+            md.contains("| 8 | direct | failed | — | — | — | — | — | — |"),
             "{md}"
         );
     }
@@ -753,6 +784,17 @@ mod tests {
             ..Sample::default()
         };
         assert_eq!(failed.core_seconds_per_gbit(), None);
+        // 3 busy core-s, none of it ours, over no time at all: no rate.
+        assert_eq!(failed.others_cores(), None);
+        // Own tasks counted above the machine (run time against tick samples): no
+        // negative load.
+        let over = Sample {
+            busy_seconds: 1.0,
+            task_seconds: 1.5,
+            wall_seconds: 5.0,
+            ..Sample::default()
+        };
+        assert_eq!(over.others_cores(), Some(0.0));
         assert_eq!(sample(2.0, 3.0, None).core_seconds_per_gbit(), Some(1.5));
     }
 
