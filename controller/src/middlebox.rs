@@ -29,8 +29,10 @@
 //! < {"result":"error","message":"..."}
 //! ```
 //!
-//! `replica_interface` is present only when the middlebox was registered with one, and
-//! `"verify":"replies"` only when the replication asks for reply verification: the
+//! `replica_interface` is present only when the middlebox was registered with one,
+//! `"verify":"replies"` only when the replication asks for reply verification, and
+//! `"tunnel_overhead_bytes":4` only in VLAN and MPLS modes (the middlebox lowers the MSS
+//! it advertises by that much, so full-size segments fit the links once tagged): the
 //! middlebox refuses unknown keys and `null`, and one from before either key still takes
 //! a list that does not use it. A replication with a `source_port` cannot be
 //! expressed as a service; [`DesiredState::validate`] refuses it for registered
@@ -107,6 +109,12 @@ pub struct ServiceEntry {
     /// middlebox from before verification (which refuses unknown keys) still takes it.
     #[serde(default, skip_serializing_if = "VerifySpec::is_off")]
     pub verify: VerifySpec,
+    /// Bytes the replication's tunnel adds to the clients' frames on their way to the
+    /// middlebox (4 for VLAN and MPLS), which the middlebox takes off the MSS it
+    /// advertises so that full-size segments still fit once tagged; absent for rewrite
+    /// mode, for middleboxes from before it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tunnel_overhead_bytes: u16,
     /// The protocol and the replicas' secret files (paths on the middlebox's host);
     /// absent when the replication has none, for middleboxes from before them.
     #[serde(flatten)]
@@ -114,6 +122,10 @@ pub struct ServiceEntry {
     /// Where the middlebox records the service (`{"dir": …}`); absent when it does not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record: Option<RecordTarget>,
+}
+
+fn is_zero(v: &u16) -> bool {
+    *v == 0
 }
 
 #[derive(Serialize)]
@@ -157,6 +169,8 @@ pub fn services_for(desired: &DesiredState, mb: &MiddleboxSpec) -> Vec<ServiceEn
                 .collect(),
             replica_interface: mb.replica_interface.clone(),
             verify: r.verify,
+            // A mode's overhead is a few bytes; the fallback is never reached.
+            tunnel_overhead_bytes: u16::try_from(r.tunnel_overhead_bytes()).unwrap_or(u16::MAX),
             login: LoginSpec {
                 protocol: r.login.protocol,
                 // Canonical keys, as for `replicas` (stored ones are validated).
@@ -727,6 +741,17 @@ mod tests {
                 r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
                 r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"#,
                 r#""record":{"dir":"/var/lib/ncp/rec"}}]}"#,
+                "\n"
+            )
+        );
+        // A tunnel mode's overhead, which the middlebox takes off its MSS.
+        let mut tunnelled = d.clone();
+        tunnelled.replications[0].mode = ModeSpec::Mpls { label: 17 };
+        assert_eq!(
+            request_line(&services_for(&tunnelled, &tunnelled.middleboxes[0])),
+            concat!(
+                r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","#,
+                r#""clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"tunnel_overhead_bytes":4}]}"#,
                 "\n"
             )
         );

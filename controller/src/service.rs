@@ -131,13 +131,6 @@ pub struct ReplicationStatus {
     pub tunnel_overhead_bytes: usize,
 }
 
-/// The MTU headroom a replication's mode needs (see
-/// [`ReplicationStatus::tunnel_overhead_bytes`]).
-fn tunnel_overhead(spec: &ReplicationSpec) -> usize {
-    spec.to_replication()
-        .map_or(0, |r| r.mode.header_overhead())
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LinkView {
     pub a_dpid: Dpid,
@@ -769,7 +762,7 @@ impl Service {
                         .cloned()
                         .unwrap_or_else(|| middlebox::NOT_REGISTERED.to_string()),
                     replica_states: replicas.remove(&spec.id).unwrap_or_default(),
-                    tunnel_overhead_bytes: tunnel_overhead(spec),
+                    tunnel_overhead_bytes: spec.tunnel_overhead_bytes(),
                 }
             })
             .collect()
@@ -1524,8 +1517,11 @@ mod tests {
             login: LoginSpec::default(),
             record: None,
         };
-        assert_eq!(tunnel_overhead(&spec(ModeSpec::Rewrite)), 0);
-        assert_eq!(tunnel_overhead(&spec(ModeSpec::Vlan { vid: 100 })), 4);
-        assert_eq!(tunnel_overhead(&spec(ModeSpec::Mpls { label: 17 })), 4);
+        assert_eq!(spec(ModeSpec::Rewrite).tunnel_overhead_bytes(), 0);
+        assert_eq!(spec(ModeSpec::Vlan { vid: 100 }).tunnel_overhead_bytes(), 4);
+        assert_eq!(
+            spec(ModeSpec::Mpls { label: 17 }).tunnel_overhead_bytes(),
+            4
+        );
     }
 }

@@ -366,6 +366,14 @@ impl ReplicationSpec {
             },
         })
     }
+
+    /// The bytes this replication's mode adds to every redirected frame on its way to
+    /// the middlebox ([`Mode::header_overhead`]): the MTU headroom those links need, which
+    /// the middlebox takes off the MSS it advertises to the clients.
+    pub fn tunnel_overhead_bytes(&self) -> usize {
+        self.to_replication()
+            .map_or(0, |r| r.mode.header_overhead())
+    }
 }
 
 /// Everything the controller must converge the network to.

@@ -177,11 +177,23 @@ pub struct ServiceConfig {
     /// without a password.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub credentials: BTreeMap<SocketAddrV4, PathBuf>,
+    /// Bytes a tunnel adds to this service's client frames on their way here (4 for the
+    /// controller's VLAN and MPLS modes; the controller sets it in the services it
+    /// pushes). The clients' full-size segments must still fit the links once tagged, so
+    /// the IP MTU of the connections on client-facing interfaces, and with it the MSS
+    /// advertised to clients, is the interface's `mtu` less the largest such overhead of
+    /// all services (see [`Config::client_mtu`]). At most [`MAX_TUNNEL_OVERHEAD`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tunnel_overhead_bytes: u16,
 }
 
-fn is_zero(v: &u64) -> bool {
-    *v == 0
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
+
+/// The largest tunnel overhead a service may name: a few MPLS label stack entries or
+/// VLAN tags, far more than the controller's modes add.
+pub const MAX_TUNNEL_OVERHEAD: u16 = 64;
 
 /// Whether a service's replicas' answers are verified.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,10 +357,10 @@ pub struct InterfaceConfig {
     /// Frames in each queue's UMEM (a power of two).
     #[serde(default = "default_umem_frames")]
     pub umem_frames: u32,
-    /// IP MTU of XDP mode's connections on this interface; the MSS the middlebox
-    /// advertises to clients is this minus 40. Lower it by a tunnel's overhead (4 for the
-    /// controller's VLAN and MPLS modes) when redirected frames cross links that cannot
-    /// carry the extra bytes: the clients then send segments small enough.
+    /// IP MTU of XDP mode's connections on this interface (the link's own MTU); the MSS
+    /// the middlebox advertises to clients is this minus 40, less the services' tunnel
+    /// overhead (see [`ServiceConfig::tunnel_overhead_bytes`]), so that clients behind a
+    /// VLAN or MPLS tunnel send segments that still fit once tagged.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
     /// Queues served, each by one worker pinned to a core.
@@ -657,8 +669,43 @@ impl Config {
                 r.validate()
                     .map_err(|e| ConfigError::Invalid(format!("services[{i}].record.{e}")))?;
             }
+            if s.tunnel_overhead_bytes > MAX_TUNNEL_OVERHEAD {
+                return invalid(format!(
+                    "{at}.tunnel_overhead_bytes {} is above {MAX_TUNNEL_OVERHEAD}",
+                    s.tunnel_overhead_bytes
+                ));
+            }
+        }
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            if self.client_mtu(iface) < *MTU_RANGE.start() {
+                return invalid(format!(
+                    "interfaces[{i}] ({}).mtu {} less the services' tunnel overhead of {} \
+                     leaves less than IPv4's minimum MTU {}",
+                    iface.name,
+                    iface.mtu,
+                    self.tunnel_headroom(),
+                    MTU_RANGE.start()
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// The largest tunnel overhead of the services (0 without tunnels).
+    pub fn tunnel_headroom(&self) -> u16 {
+        self.services
+            .iter()
+            .map(|s| s.tunnel_overhead_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The IP MTU of XDP mode's connections on `iface` when it faces clients: its `mtu`
+    /// less [`Config::tunnel_headroom`], so that the MSS advertised to clients (this
+    /// minus 40) leaves room for the tag their frames carry across the tunnel. Every
+    /// service is reachable on every client-facing interface, hence the largest overhead.
+    pub fn client_mtu(&self, iface: &InterfaceConfig) -> u16 {
+        iface.mtu.saturating_sub(self.tunnel_headroom())
     }
 }
 
@@ -768,6 +815,36 @@ mod tests {
         for bad in [500, 9000] {
             assert!(error(&with(bad)).contains(&format!("eth0).mtu {bad} is outside 576..=4000")));
         }
+    }
+
+    #[test]
+    fn the_services_tunnel_overhead_lowers_the_client_facing_mtu() {
+        let service = |name: &str, port: u16, overhead: u16| {
+            format!(
+                "[[services]]\nname = \"{name}\"\nprimary = \"198.18.1.2:{port}\"\n\
+                 tunnel_overhead_bytes = {overhead}\n"
+            )
+        };
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.tunnel_headroom(), 0);
+        assert_eq!(c.client_mtu(&c.interfaces[0]), 1500);
+        // The largest overhead of all services counts: every service is reachable on
+        // every client-facing interface.
+        let two = format!("{GOOD}{}{}", service("a", 80, 0), service("b", 81, 4));
+        let c = parse(&two).unwrap();
+        assert_eq!(c.tunnel_headroom(), 4);
+        assert_eq!(c.client_mtu(&c.interfaces[0]), 1496);
+        let too_big = format!("{GOOD}{}", service("a", 80, 65));
+        assert!(
+            error(&too_big).contains("tunnel_overhead_bytes 65 is above 64"),
+            "{too_big}"
+        );
+        let small = GOOD.replace("queues = [", "mtu = 600\n        queues = [");
+        let squeezed = format!("{small}{}", service("a", 80, 40));
+        assert!(
+            error(&squeezed).contains("mtu 600 less the services' tunnel overhead of 40"),
+            "{squeezed}"
+        );
     }
 
     #[test]

@@ -348,7 +348,7 @@ pub fn plan_workers(config: &Config) -> anyhow::Result<Vec<WorkerSpec>> {
                     socket: xsk_options(iface, queue.queue),
                     address: iface.address,
                     ports: share(0, w, iface.ports),
-                    mtu: usize::from(iface.mtu),
+                    mtu: usize::from(config.client_mtu(iface)),
                 },
                 handover: link_ends
                     .iter()
@@ -752,6 +752,18 @@ mod plan_tests {
         // Without a replication NIC eth1 serves clients too, with its two queues.
         let workers = plan_workers(&config("[{ queue = 0 }]", "")).unwrap();
         assert_eq!(workers.len(), 3);
+    }
+
+    #[test]
+    fn a_tunnelled_service_lowers_the_client_links_mtu_only() {
+        let mut c = config("[{ queue = 0 }]", "replica_interface = \"eth1\"");
+        c.services[0].tunnel_overhead_bytes = 4;
+        let workers = plan_workers(&c).unwrap();
+        assert_eq!(workers[0].link.mtu, 1496, "clients arrive tagged: MSS 1456");
+        assert_eq!(
+            workers[0].replica_links[0].mtu, 1500,
+            "replicas are not tunnelled"
+        );
     }
 
     #[test]

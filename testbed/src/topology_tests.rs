@@ -61,6 +61,24 @@ fn shipped_tree_topology_is_three_levels() {
 }
 
 #[test]
+fn shipped_spine_topology_puts_client_primary_and_middlebox_on_three_leaves() {
+    let t = Topology::parse(include_str!("../spine.toml")).expect("spine.toml");
+    let leaf = |host: &str| {
+        t.hosts
+            .iter()
+            .find(|h| h.name == host)
+            .map(|h| h.interfaces[0].switch.as_str())
+    };
+    assert_eq!(leaf("client"), Some("leaf1"));
+    assert_eq!(leaf("primary"), Some("leaf2"));
+    assert_eq!(leaf("replica"), Some("leaf2"));
+    assert_eq!(leaf("middlebox"), Some("leaf3"));
+    assert_eq!(t.links.len(), 3);
+    assert!(t.links.iter().all(|l| l.a == "spine"));
+    assert!(!t.has_switch_loop());
+}
+
+#[test]
 fn unknown_field_is_named() {
     assert_edits_rejected(&[("dpid = 1", "dpid = 1\ncolour = \"red\"", "colour")]);
 }

@@ -13,7 +13,7 @@ use ncp_controller::service::{Service, ServiceConfig};
 use ncp_controller::store::{HostSpec, ModeSpec, ReplicationSpec};
 use ncp_controller::switch::{ServerConfig, SwitchTls, TlsFiles};
 use ncp_controller::topology::Dpid;
-use ncp_testbed::{OvsSsl, Testbed, UpOptions};
+use ncp_testbed::{OvsSsl, Testbed, Topology, UpOptions};
 use serde_json::Value;
 
 /// Name prefix of everything the older tests create (bridges, namespaces, veths).
@@ -131,8 +131,8 @@ pub fn h11_to_h21_via_h31(bed: &Testbed) -> ReplicationSpec {
 }
 
 /// The tree topology.
-pub fn tree() -> ncp_testbed::Topology {
-    ncp_testbed::Topology::load(TREE).expect("tree topology")
+pub fn tree() -> Topology {
+    Topology::load(TREE).expect("tree topology")
 }
 
 /// A fresh PKI in the test bed's PKI directory (which `down` removes): a CA, the
@@ -162,7 +162,12 @@ pub fn tls_pki(prefix: &str, dpids: &[Dpid]) -> (SwitchTls, OvsSsl) {
 
 /// The datapath ids of the tree's bridges under `prefix`.
 pub fn tree_dpids(prefix: &str) -> Vec<Dpid> {
-    ncp_testbed::Plan::new(&tree(), prefix)
+    dpids(&tree(), prefix)
+}
+
+/// The datapath ids of `topology`'s bridges under `prefix`.
+pub fn dpids(topology: &Topology, prefix: &str) -> Vec<Dpid> {
+    ncp_testbed::Plan::new(topology, prefix)
         .expect("plan")
         .bridges
         .iter()
@@ -181,17 +186,27 @@ pub fn tree_up(prefix: &str, controller_port: u16) -> Testbed {
 /// with `tls` when given. Does not take an old bed down first (that would delete the PKI
 /// made for this one); `up` replaces a bed of the same prefix anyway.
 pub fn tree_up_with(prefix: &str, controller_port: u16, tls: Option<OvsSsl>) -> Testbed {
+    up_with(&tree(), prefix, controller_port, tls)
+}
+
+/// [`tree_up_with`] for any topology.
+pub fn up_with(
+    topology: &Topology,
+    prefix: &str,
+    controller_port: u16,
+    tls: Option<OvsSsl>,
+) -> Testbed {
     let options = UpOptions {
         prefix: prefix.to_string(),
         controller_port: Some(controller_port),
         controller_tls: tls,
     };
-    tokio::task::block_in_place(|| Testbed::up(&tree(), &options)).expect("test bed up")
+    tokio::task::block_in_place(|| Testbed::up(topology, &options)).expect("test bed up")
 }
 
-/// A controller driving the tree test bed: the start of every scene on OVS. Dropping it
-/// takes the test bed down and removes the controller's state directory, also when an
-/// assertion fails.
+/// A controller driving a test bed (the tree, unless [`scene_on`] named another): the
+/// start of every scene on OVS. Dropping it takes the test bed down and removes the
+/// controller's state directory, also when an assertion fails.
 pub struct TreeScene {
     pub svc: Service,
     pub api: Client,
@@ -219,6 +234,17 @@ pub async fn tree_scene(
     prefix: &'static str,
     tune: impl FnOnce(&mut ServiceConfig),
 ) -> Option<TreeScene> {
+    scene_on(&tree(), test, tools, prefix, tune).await
+}
+
+/// [`tree_scene`] on `topology`.
+pub async fn scene_on(
+    topology: &Topology,
+    test: &str,
+    tools: &[&str],
+    prefix: &'static str,
+    tune: impl FnOnce(&mut ServiceConfig),
+) -> Option<TreeScene> {
     if !ncp_testbed::ready_or_skip(test, tools) {
         return None;
     }
@@ -226,11 +252,16 @@ pub async fn tree_scene(
     let mut cfg = config(state.clone());
     tune(&mut cfg);
     let _ = Testbed::down(prefix);
-    let (tls, ssl) = tls_pki(prefix, &tree_dpids(prefix));
+    let (tls, ssl) = tls_pki(prefix, &dpids(topology, prefix));
     cfg.server.tls = Some(tls);
     let (svc, api) = start_with(cfg).await;
     let _down = Down(prefix);
-    let bed = tree_up_with(prefix, svc.controller().local_addr().port(), Some(ssl));
+    let bed = up_with(
+        topology,
+        prefix,
+        svc.controller().local_addr().port(),
+        Some(ssl),
+    );
     Some(TreeScene {
         svc,
         api,

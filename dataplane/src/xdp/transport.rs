@@ -429,6 +429,7 @@ mod tests {
             spill_budget_bytes: 0,
             protocol: None,
             credentials: Default::default(),
+            tunnel_overhead_bytes: 0,
         };
         let links = vec![
             Link {
