@@ -13,7 +13,7 @@
 mod support;
 
 use support::{
-    XdpMiddlebox,
+    XdpMiddlebox, one_nic_config,
     scene::{paper_bed, steer_to_middlebox, wait_listening, wait_until},
 };
 
@@ -110,31 +110,16 @@ impl Scene {
             .collect::<Vec<_>>()
             .join(":");
         let dir = std::env::temp_dir().join(format!("ncp-steering-{prefix}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("mb.sock");
-        let config = dir.join("mb.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-control_socket = "{socket}"
-[[interfaces]]
-name = "eth0"
-address = "{middlebox_ip}"
-ports = {{ first = 40000, last = 40999 }}
-queues = [{{ queue = 0, core = 1 }}]
-{interface_lines}
-
+        let rules = format!(
+            r#"
 [[rules]]
 id = 1
 source = "{source_ip}/32"
 destination = "{primary_ip}"
 destination_port = {SERVICE_PORT}
-"#,
-                socket = socket.display()
-            ),
-        )
-        .unwrap();
+"#
+        );
+        let (config, socket) = one_nic_config(&dir, middlebox_ip, interface_lines, &rules);
         let mut scene = Scene {
             bed,
             prefix: prefix.to_owned(),

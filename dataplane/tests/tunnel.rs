@@ -31,7 +31,11 @@ use ncp_controller::rules::{PRIORITY_REDIRECT, RuleKind, cookie};
 use ncp_controller::store::{ModeSpec, ReplicationSpec};
 use ncp_testbed::{Testbed, Topology};
 use serde_json::json;
-use support::{XdpMiddlebox, scene::ping, streams};
+use support::{
+    PATIENCE, XdpMiddlebox, one_nic_config,
+    scene::{ping, wait_until},
+    streams,
+};
 
 const PREFIX: &str = "ntun";
 const SPINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testbed/spine.toml");
@@ -178,7 +182,9 @@ async fn every_mode_carries_full_size_segments_across_the_spine() {
     let what = "MPLS without headroom";
     tokio::task::block_in_place(|| {
         // Serving again once the controller has pushed the services back.
-        wait_until(what, || middlebox.stats().is_some_and(|s| s.workers > 0));
+        wait_until(what, PATIENCE, || {
+            middlebox.stats().is_some_and(|s| s.workers > 0)
+        });
         for to in [primary, replica, client] {
             ping(bed, "middlebox", to);
         }
@@ -209,7 +215,7 @@ async fn every_mode_carries_full_size_segments_across_the_spine() {
         });
         let filter = format!("dst {to}");
         let mut backoff = String::new();
-        wait_until(what, || {
+        wait_until(what, PATIENCE, || {
             let out = bed.exec("client", &["ss", "-tni", &filter]).expect("ss");
             backoff = String::from_utf8_lossy(&out.stdout).into_owned();
             backoff.contains("backoff:2")
@@ -229,29 +235,10 @@ async fn every_mode_carries_full_size_segments_across_the_spine() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Writes the configuration of a middlebox without services, whose interface has `mtu`,
-/// into `dir` and starts it (control socket `dir/mb.sock`).
+/// Starts a middlebox without services whose interface has `mtu`, its configuration
+/// and control socket (`mb.sock`) in `dir`.
 fn start_middlebox(bed: &Testbed, dir: &Path, mb: Ipv4Addr, mtu: u16) -> XdpMiddlebox {
-    std::fs::create_dir_all(dir).expect("dir");
-    let socket = dir.join("mb.sock");
-    let config = dir.join("mb.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-control_socket = "{socket}"
-
-[[interfaces]]
-name = "eth0"
-address = "{mb}"
-ports = {{ first = 20000, last = 29999 }}
-queues = [{{ queue = 0 }}]
-mtu = {mtu}
-"#,
-            socket = socket.display()
-        ),
-    )
-    .expect("write config");
+    let (config, socket) = one_nic_config(dir, mb, &format!("mtu = {mtu}"), "");
     tokio::task::block_in_place(|| XdpMiddlebox::start_answering(bed, &config, &socket))
 }
 
@@ -259,15 +246,6 @@ mtu = {mtu}
 fn is_redirect(line: &str, id: u32) -> bool {
     line.contains(&format!("cookie={:#x}", cookie(RuleKind::Flow, id)))
         && line.contains(&format!("priority={PRIORITY_REDIRECT}"))
-}
-
-/// Polls `done` every 100 ms; fails the test with `what` after 30 s.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(Instant::now() < deadline, "not within 30 s: {what}");
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The bytes every transfer sends: a pattern that no shift of itself matches, so a lost,

@@ -160,6 +160,38 @@ pub fn signal(child: &Child, signal: i32) {
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
 }
 
+/// Writes `dir/mb.toml`, an XDP middlebox's configuration with its control socket at
+/// `dir/mb.sock` and one interface, `eth0` at `address` with owned ports 40000-40999 and
+/// queue 0 on core 1, whose table gets `interface_lines`; `rest` (more tables) follows.
+/// Returns the paths of the configuration and of the control socket.
+pub fn one_nic_config(
+    dir: &Path,
+    address: std::net::Ipv4Addr,
+    interface_lines: &str,
+    rest: &str,
+) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let socket = dir.join("mb.sock");
+    let config = dir.join("mb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+control_socket = "{socket}"
+[[interfaces]]
+name = "eth0"
+address = "{address}"
+ports = {{ first = 40000, last = 40999 }}
+queues = [{{ queue = 0, core = 1 }}]
+{interface_lines}
+{rest}"#,
+            socket = socket.display()
+        ),
+    )
+    .unwrap();
+    (config, socket)
+}
+
 /// `ncp-middlebox run` in XDP mode, as a process in the test bed's `middlebox` host.
 /// A process of its own rather than a thread of the test moved into the namespace: the
 /// workers read the kernel's neighbour table from `/proc/net`, which belongs to the
