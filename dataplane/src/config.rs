@@ -180,9 +180,10 @@ pub struct ServiceConfig {
     /// Bytes a tunnel adds to this service's client frames on their way here (4 for the
     /// controller's VLAN and MPLS modes; the controller sets it in the services it
     /// pushes). The clients' full-size segments must still fit the links once tagged, so
-    /// the IP MTU of the connections on client-facing interfaces, and with it the MSS
-    /// advertised to clients, is the interface's `mtu` less the largest such overhead of
-    /// all services (see [`Config::client_mtu`]). At most [`MAX_TUNNEL_OVERHEAD`].
+    /// the IP MTU of XDP mode's connections on client-facing interfaces, and with it the
+    /// MSS advertised to clients, is the interface's `mtu` less the largest such overhead
+    /// of all services (see [`Config::client_mtu`]); sockets mode's listeners for this
+    /// service advertise [`Config::tunnel_mss`]. At most [`MAX_TUNNEL_OVERHEAD`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tunnel_overhead_bytes: u16,
 }
@@ -707,6 +708,17 @@ impl Config {
     pub fn client_mtu(&self, iface: &InterfaceConfig) -> u16 {
         iface.mtu.saturating_sub(self.tunnel_headroom())
     }
+
+    /// Sockets mode's MSS for the clients of `service` when they reach it through a
+    /// tunnel: the smallest interface `mtu` less the service's overhead and 40 bytes of
+    /// headers. `None` without a tunnel (the kernel chooses, from the route's MTU).
+    pub fn tunnel_mss(&self, service: &ServiceConfig) -> Option<u16> {
+        if service.tunnel_overhead_bytes == 0 {
+            return None;
+        }
+        let mtu = self.interfaces.iter().map(|i| i.mtu).min()?;
+        Some(mtu.saturating_sub(service.tunnel_overhead_bytes.saturating_add(40)))
+    }
 }
 
 impl RecordSpec {
@@ -828,12 +840,22 @@ mod tests {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.tunnel_headroom(), 0);
         assert_eq!(c.client_mtu(&c.interfaces[0]), 1500);
+        let one = format!("{GOOD}{}", service("a", 80, 0));
+        let c = parse(&one).unwrap();
+        assert_eq!(
+            c.tunnel_mss(&c.services[0]),
+            None,
+            "sockets mode: the kernel's MSS"
+        );
         // The largest overhead of all services counts: every service is reachable on
         // every client-facing interface.
         let two = format!("{GOOD}{}{}", service("a", 80, 0), service("b", 81, 4));
         let c = parse(&two).unwrap();
         assert_eq!(c.tunnel_headroom(), 4);
         assert_eq!(c.client_mtu(&c.interfaces[0]), 1496);
+        // Sockets mode sets each service's listeners apart.
+        assert_eq!(c.tunnel_mss(&c.services[0]), None);
+        assert_eq!(c.tunnel_mss(&c.services[1]), Some(1456));
         let too_big = format!("{GOOD}{}", service("a", 80, 65));
         assert!(
             error(&too_big).contains("tunnel_overhead_bytes 65 is above 64"),

@@ -27,10 +27,15 @@ pub struct SourceBinding {
 
 /// A listening socket on `addr` with `SO_REUSEPORT`, so every worker can bind its own on
 /// the same port and the kernel spreads connections over them. Port 0 picks a free port.
-pub fn listener(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
+/// With `mss`, the connections it accepts advertise at most that MSS (`TCP_MAXSEG`, for
+/// clients whose frames reach us through a tunnel).
+pub fn listener(addr: SocketAddrV4, mss: Option<u16>) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    if let Some(mss) = mss {
+        socket.set_tcp_mss(u32::from(mss))?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::V4(addr).into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -191,6 +196,30 @@ mod tests {
         assert!(slab.remove(a).is_none());
         assert_eq!(slab.insert(stream()), a);
         assert_eq!(slab.slots().count(), 2);
+    }
+
+    #[test]
+    fn a_listener_with_an_mss_advertises_no_more() {
+        let l = listener("127.0.0.1:0".parse().unwrap(), Some(1456)).unwrap();
+        let addr = match l.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!("bound to IPv4"),
+        };
+        assert_eq!(SockRef::from(&l).tcp_mss().unwrap(), 1456);
+        // Over loopback (MTU 65536) the client's segments are as large as the listener
+        // allows: at most 1456 bytes (less the timestamp option when it is on).
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let _accepted = l.accept().unwrap();
+        let mss = SockRef::from(&client).tcp_mss().unwrap();
+        assert!((1400..=1456).contains(&mss), "client MSS {mss}");
+        // Without, the kernel's own choice (loopback's far larger one).
+        let l = listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let addr = match l.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!("bound to IPv4"),
+        };
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        assert!(SockRef::from(&client).tcp_mss().unwrap() > 1456);
     }
 
     #[test]

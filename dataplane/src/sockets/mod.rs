@@ -270,7 +270,8 @@ fn bind_services(
     for service in &config.services {
         let mut port = 0;
         for per_worker in &mut listeners {
-            let socket = conn::listener(SocketAddrV4::new(options.listen_address, port))
+            let address = SocketAddrV4::new(options.listen_address, port);
+            let socket = conn::listener(address, config.tunnel_mss(service))
                 .with_context(|| format!("listening for service {}", service.name))?;
             if port == 0 {
                 port = match socket.local_addr()? {

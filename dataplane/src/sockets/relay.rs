@@ -476,7 +476,7 @@ mod tests {
             budget: u64,
             record: Option<RecordHandle>,
         ) -> Self {
-            let listener = conn::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = conn::listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
             let port = v4(listener.local_addr().unwrap()).port();
             let session = SessionConfig {
                 replica_count: replicas.len() as u16,
