@@ -344,6 +344,23 @@ mod tests {
     }
 
     #[test]
+    fn services_set_takes_the_controllers_tunnel_overhead() {
+        // The controller's push line in MPLS mode (see ncp-controller's golden test);
+        // rewrite mode leaves the key out.
+        let line = r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"tunnel_overhead_bytes":4}]}"#;
+        let Ok(Request::ServicesSet { services }) = serde_json::from_str::<Request>(line) else {
+            panic!("not a services-set: {line}");
+        };
+        assert_eq!(services[0].tunnel_overhead_bytes, 4);
+        let rewrite = line.replace(r#","tunnel_overhead_bytes":4"#, "");
+        let Ok(Request::ServicesSet { services }) = serde_json::from_str::<Request>(&rewrite)
+        else {
+            panic!("not a services-set: {rewrite}");
+        };
+        assert_eq!(services[0].tunnel_overhead_bytes, 0);
+    }
+
+    #[test]
     fn services_set_takes_the_controllers_protocol_and_credentials() {
         // The controller's push line with a login (see ncp-controller's golden test).
         let line = r#"{"cmd":"services-set","services":[{"name":"r0","primary":"198.18.1.2:6379","clients":"198.18.1.1/32","replicas":["198.18.2.3:6379"],"protocol":"redis","credentials":{"198.18.2.3:6379":"/etc/ncp/r.secret"}}]}"#;

@@ -9,7 +9,9 @@
 //! sends a few MiB through NCP; the primary and the replica must each receive every byte,
 //! in time, while the frames the tunnel carried are full-size. The middlebox's interface
 //! keeps its default `mtu` (1500): the controller tells it each service's tunnel overhead
-//! and the middlebox advertises an MSS that leaves room for the tag.
+//! and the middlebox advertises an MSS that leaves room for the tag. Last, with that room
+//! taken away again, MPLS mode shows the failure of issue 15: labelled full-size frames
+//! are lost between the spine and leaf3 and the client's connection stalls.
 
 mod support;
 
@@ -178,8 +180,12 @@ async fn every_mode_carries_full_size_segments_across_the_spine() {
     // the client's connection stalls in retransmission back-off.
     drop(middlebox);
     let middlebox = start_middlebox(bed, &dir, mb, 1504);
-    let (case, id) = (&CASES[2], 3);
-    let what = "MPLS without headroom";
+    let (case, id) = CASES
+        .iter()
+        .zip(1u32..)
+        .find(|(c, _)| matches!(c.mode, ModeSpec::Mpls { .. }))
+        .expect("an MPLS case");
+    let what = "MPLS without headroom: the client backs off while labelled frames go missing";
     tokio::task::block_in_place(|| {
         // Serving again once the controller has pushed the services back.
         wait_until(what, PATIENCE, || {
@@ -196,7 +202,7 @@ async fn every_mode_carries_full_size_segments_across_the_spine() {
             packets(&leaf3, |l| l.contains("pop_mpls")),
         )
     });
-    let stalled = tokio::task::block_in_place(|| {
+    let (stalled, lost) = tokio::task::block_in_place(|| {
         // Servers that take the connection and read whatever arrives; they and the
         // client end with the test bed.
         let (open, gate) = (mpsc::channel(), mpsc::channel());
@@ -213,25 +219,23 @@ async fn every_mode_carries_full_size_segments_across_the_spine() {
                 let _ = s.write_all(&sent);
             }
         });
+        // Stalled: the client backs off its retransmissions, while frames the spine
+        // labelled never reached leaf3's pop.
         let filter = format!("dst {to}");
-        let mut backoff = String::new();
+        let (mut client, mut lost) = (String::new(), 0);
         wait_until(what, PATIENCE, || {
             let out = bed.exec("client", &["ss", "-tni", &filter]).expect("ss");
-            backoff = String::from_utf8_lossy(&out.stdout).into_owned();
-            backoff.contains("backoff:2")
+            client = String::from_utf8_lossy(&out.stdout).into_owned();
+            let pushed = packets(&spine, |l| is_redirect(l, id)).saturating_sub(before.0);
+            let popped = packets(&leaf3, |l| l.contains("pop_mpls")).saturating_sub(before.1);
+            lost = pushed.saturating_sub(popped);
+            counter(&client, "backoff:") >= 2 && lost >= 3
         });
-        backoff
+        (client, lost)
     });
-    let lost = tokio::task::block_in_place(|| {
-        let pushed = packets(&spine, |l| is_redirect(l, id)) - before.0;
-        let popped = packets(&leaf3, |l| l.contains("pop_mpls")) - before.1;
-        pushed - popped
-    });
-    assert!(
-        lost >= 10,
-        "{what}: {lost} frames pushed but not popped; client: {stalled}"
+    eprintln!(
+        "MPLS without headroom: {lost} labelled frames lost between the spine and leaf3; client: {stalled}"
     );
-    eprintln!("{what}: {lost} labelled frames lost between the spine and leaf3; client: {stalled}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
