@@ -126,8 +126,9 @@ pub struct ReplicationStatus {
     /// the flattened spec already has that key (the replicas' addresses).
     pub replica_states: Vec<ReplicaConsistency>,
     /// Bytes the mode's tunnel adds to every redirected frame on the links from the
-    /// redirection switch to the middlebox: the MTU headroom those links need, or the
-    /// amount to lower the middlebox interface's `mtu` by (0 for `rewrite`).
+    /// redirection switch to the middlebox (0 for `rewrite`): the MTU headroom those links
+    /// would need. A registered middlebox is sent it with the service and takes it off
+    /// the MSS it advertises, so links at the hosts' MTU do.
     pub tunnel_overhead_bytes: usize,
 }
 

@@ -50,7 +50,8 @@ enum Cmd {
         /// Replica servers (address:port), repeatable.
         #[arg(long)]
         replica: Vec<String>,
-        /// rewrite, vlan:VID or mpls:LABEL.
+        /// rewrite, vlan:VID or mpls:LABEL. The last two add 4 bytes to the redirected
+        /// frames; a registered middlebox is told and lowers the MSS it advertises.
         #[arg(long, default_value = "rewrite")]
         mode: String,
         /// replies: the middlebox compares the replicas' answers with the primary's and
