@@ -126,6 +126,10 @@ async fn every_mode_carries_full_size_segments_across_the_spine() {
         bed.bridge("spine").expect("bridge"),
         bed.bridge("leaf3").expect("bridge"),
     );
+    // The link the tag rides (the spine's port 3, toward leaf3) has the usual MTU.
+    let link = ncp_testbed::plan::port_ifname(PREFIX, "spine", 3);
+    let shown = common::sh(&["ip", "-o", "link", "show", &link]);
+    assert!(shown.contains(" mtu 1500 "), "{shown}");
     let sent = data();
     for (case, id) in CASES.iter().zip(1u32..) {
         let what = format!("{:?}", case.mode);
