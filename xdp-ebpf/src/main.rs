@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use ncp_common::{
-    MAX_QUEUES, MAX_REDIRECT_RULES, OwnedEndpoints, RULE_FIXED_PREFIX_BITS, RuleKey, RuleValue,
-    VERDICT_COUNT, Verdict,
+    MAX_QUEUES, MAX_REDIRECT_RULES, OwnedEndpoints, RULE_FIXED_PREFIX_BITS, RULE_PORT_SLOTS,
+    RuleKey, RuleValue, VERDICT_COUNT, Verdict,
     steer::{Decision, SteeringTables, classify},
     wire::FrameBytes,
 };
@@ -35,6 +35,9 @@ static OWNED_ENDPOINTS: Array<OwnedEndpoints> = Array::with_max_entries(1, 0);
 
 #[map]
 static VERDICT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
+
+#[map]
+static RULE_PORTS: Array<u32> = Array::with_max_entries(RULE_PORT_SLOTS, 0);
 
 #[map]
 static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
@@ -51,6 +54,13 @@ pub fn ncp_steer(ctx: XdpContext) -> u32 {
         Verdict::Redirected => xdp_action::XDP_REDIRECT,
         _ => xdp_action::XDP_PASS,
     }
+}
+
+/// Passes every frame untouched ([`ncp_common::BASELINE_PROGRAM_NAME`]): the baseline that
+/// separates the cost of an interface running XDP at all from the cost of NCP's steering.
+#[xdp]
+pub fn ncp_pass_all(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// The received frame, read the way the verifier accepts: every read is preceded by a
@@ -89,6 +99,12 @@ impl SteeringTables for Maps {
     #[inline(always)]
     fn owned_endpoints(&self) -> Option<OwnedEndpoints> {
         OWNED_ENDPOINTS.get(0).copied()
+    }
+
+    #[inline(always)]
+    fn port_has_rules(&self, port: u16) -> bool {
+        // An array lookup the verifier inlines: no hashing, no trie walk.
+        RULE_PORTS.get(u32::from(port)).is_some_and(|n| *n > 0)
     }
 
     #[inline(always)]

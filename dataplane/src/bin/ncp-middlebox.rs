@@ -10,11 +10,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use ncp_dataplane::{
-    config::{Config, DEFAULT_CONTROL_SOCKET},
+    config::{Config, DEFAULT_CONTROL_SOCKET, XdpAttachMode},
     control::{self, Request, Response, Stats},
     driver::consistency::ReplicaConsistency,
     rules::{Ipv4Prefix, RedirectRule},
     runtime,
+    xdp::steering::Baseline,
 };
 
 /// The NCP middlebox: steers chosen TCP flows with XDP into AF_XDP sockets served by
@@ -44,6 +45,17 @@ enum Command {
         /// nftables redirect (fallback without AF_XDP; benchmark baseline).
         #[arg(long, value_enum, default_value_t = runtime::Mode::Xdp)]
         mode: runtime::Mode,
+    },
+    /// Attach a do-nothing XDP program (it passes every frame) to an interface until
+    /// SIGINT or SIGTERM: measure your traffic with it, with `run` and with nothing, to
+    /// tell what the interface pays for running XDP at all from what NCP's steering adds.
+    XdpBaseline {
+        /// Interface to attach to.
+        #[arg(long)]
+        interface: String,
+        /// auto (native, falling back to generic), driver or generic.
+        #[arg(long, default_value = "auto", value_parser = parse_xdp_mode)]
+        xdp_mode: XdpAttachMode,
     },
     /// Validate a configuration file and print what it would do.
     Check {
@@ -156,6 +168,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .context("installing signal handlers")?;
             }
             runtime::run_mode(&config, mode, stop)
+        }
+        Command::XdpBaseline {
+            interface,
+            xdp_mode,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, Arc::clone(&stop))
+                    .context("installing signal handlers")?;
+            }
+            let baseline = Baseline::attach(&interface, xdp_mode)
+                .with_context(|| format!("attaching the baseline program to {interface}"))?;
+            println!(
+                "baseline XDP program attached to {interface} ({:?} mode); stop with SIGINT or SIGTERM",
+                baseline.mode()
+            );
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            drop(baseline);
+            Ok(())
         }
         Command::Check { config, mode } => {
             let path = config;
@@ -415,5 +448,15 @@ fn print_consistency(replicas: &[ReplicaConsistency]) {
             r.verification.bytes_compared,
             r.verification.window_exceeded,
         );
+    }
+}
+
+/// `--xdp-mode`: the configuration file's words for an attach mode.
+fn parse_xdp_mode(text: &str) -> Result<XdpAttachMode, String> {
+    match text {
+        "auto" => Ok(XdpAttachMode::Auto),
+        "driver" => Ok(XdpAttachMode::Driver),
+        "generic" => Ok(XdpAttachMode::Generic),
+        other => Err(format!("{other:?}: must be auto, driver or generic")),
     }
 }

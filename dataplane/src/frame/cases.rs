@@ -64,6 +64,10 @@ impl SteeringTables for Tables {
         Some(self.owned)
     }
 
+    fn port_has_rules(&self, port: u16) -> bool {
+        self.rules.iter().any(|r| r.destination_port == port)
+    }
+
     fn has_rule(&self, key: &RuleKey) -> bool {
         self.rules.iter().any(|r| {
             let (bits, stored) = r.map_key();
@@ -457,4 +461,46 @@ fn the_packet_generator_breaks_frames_the_way_the_table_expects() {
         let frame = malformed_frame(&spec, kind);
         assert_eq!(classify(&frame[..], &tables), expected, "{kind:?}");
     }
+}
+
+/// [`Tables`] counting the trie lookups the decision makes.
+struct CountingTables {
+    inner: Tables,
+    lookups: std::cell::Cell<u32>,
+}
+
+impl SteeringTables for CountingTables {
+    fn owned_endpoints(&self) -> Option<OwnedEndpoints> {
+        self.inner.owned_endpoints()
+    }
+
+    fn port_has_rules(&self, port: u16) -> bool {
+        self.inner.port_has_rules(port)
+    }
+
+    fn has_rule(&self, key: &RuleKey) -> bool {
+        self.lookups.set(self.lookups.get() + 1);
+        self.inner.has_rule(key)
+    }
+}
+
+#[test]
+fn a_frame_to_a_port_no_rule_names_passes_without_trie_lookups() {
+    let t = CountingTables {
+        inner: tables(),
+        lookups: std::cell::Cell::new(0),
+    };
+    let unmatched = tcp(
+        SocketAddrV4::new(CLIENT, 40000),
+        SocketAddrV4::new(PRIMARY, 6000),
+    );
+    assert_eq!(classify(&unmatched[..], &t), Decision::Pass);
+    assert_eq!(t.lookups.get(), 0, "the prefilter answered");
+    // A port a rule names, from a client it does not cover: both lookups, still a pass.
+    let stranger = tcp(
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 7, 7), 40000),
+        SocketAddrV4::new(PRIMARY, SERVICE_PORT),
+    );
+    assert_eq!(classify(&stranger[..], &t), Decision::Pass);
+    assert_eq!(t.lookups.get(), 2);
 }

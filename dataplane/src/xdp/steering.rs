@@ -3,7 +3,7 @@
 //! counters. Dropping a [`Steering`] detaches the program; because the attachment is a
 //! BPF link owned by this process, the kernel also detaches it if the process dies.
 
-use std::{net::Ipv4Addr, os::fd::AsRawFd};
+use std::{collections::HashMap, net::Ipv4Addr, os::fd::AsRawFd};
 
 use aya::{
     Ebpf,
@@ -11,8 +11,8 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use ncp_common::{
-    MAP_OWNED_ENDPOINTS, MAP_REDIRECT_RULES, MAP_VERDICT_COUNTERS, MAP_XSKS, OwnedEndpoints,
-    PROGRAM_NAME, RuleKey, RuleValue, Verdict,
+    BASELINE_PROGRAM_NAME, MAP_OWNED_ENDPOINTS, MAP_REDIRECT_RULES, MAP_RULE_PORTS,
+    MAP_VERDICT_COUNTERS, MAP_XSKS, OwnedEndpoints, PROGRAM_NAME, RuleKey, RuleValue, Verdict,
 };
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +76,81 @@ pub struct VerdictCounters {
     pub redirect_failed: u64,
 }
 
+/// How many of the installed rules (trie key → destination port) name `port`.
+fn rules_naming_port(installed: &HashMap<(u32, RuleKey), u16>, port: u16) -> u32 {
+    let n = installed.values().filter(|p| **p == port).count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Loads program `name` from NCP's object and attaches it to `interface` in `mode`
+/// (`Auto`: native, falling back to generic with a warning). The program stays attached
+/// as long as the returned [`Ebpf`] lives.
+fn load_and_attach(
+    name: &str,
+    interface: &str,
+    mode: XdpAttachMode,
+) -> Result<(Ebpf, AttachedMode), SteeringError> {
+    let mut ebpf = Ebpf::load(PROGRAM_OBJECT)?;
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| SteeringError::Missing(format!("program {name}")))?
+        .try_into()
+        .map_err(|source| SteeringError::Program {
+            what: format!("{name} is not an XDP program"),
+            source,
+        })?;
+    program.load().map_err(|source| SteeringError::Program {
+        what: "loading the XDP program into the kernel (verifier)".into(),
+        source,
+    })?;
+    let attach = |program: &mut Xdp, mode: XdpMode| {
+        program
+            .attach(interface, mode)
+            .map_err(|source| SteeringError::Program {
+                what: format!("attaching XDP to {interface} in {mode:?} mode"),
+                source,
+            })
+    };
+    let mode = match mode {
+        XdpAttachMode::Driver => attach(program, XdpMode::Driver).map(|_| AttachedMode::Driver)?,
+        XdpAttachMode::Generic => attach(program, XdpMode::Skb).map(|_| AttachedMode::Generic)?,
+        XdpAttachMode::Auto => match attach(program, XdpMode::Driver) {
+            Ok(_) => AttachedMode::Driver,
+            Err(e) => {
+                tracing::warn!(interface, error = %e, "native XDP refused, falling back to generic mode");
+                attach(program, XdpMode::Skb)?;
+                AttachedMode::Generic
+            }
+        },
+    };
+    Ok((ebpf, mode))
+}
+
+/// The do-nothing program ([`BASELINE_PROGRAM_NAME`]) attached to an interface, for
+/// measuring what an interface pays for running XDP at all (on veth, for instance, the
+/// peer stops handing over large segments). Detached when dropped.
+pub struct Baseline {
+    mode: AttachedMode,
+    _ebpf: Ebpf,
+}
+
+impl Baseline {
+    pub fn attach(interface: &str, mode: XdpAttachMode) -> Result<Self, SteeringError> {
+        let (ebpf, mode) = load_and_attach(BASELINE_PROGRAM_NAME, interface, mode)?;
+        tracing::info!(
+            interface,
+            ?mode,
+            "baseline XDP program (passes everything) attached"
+        );
+        Ok(Self { mode, _ebpf: ebpf })
+    }
+
+    /// How it ended up attached.
+    pub fn mode(&self) -> AttachedMode {
+        self.mode
+    }
+}
+
 /// An attached XDP program and its maps.
 pub struct Steering {
     interface: String,
@@ -84,6 +159,11 @@ pub struct Steering {
     owned: Array<MapData, OwnedEndpoints>,
     counters: PerCpuArray<MapData, u64>,
     sockets: XskMap<MapData>,
+    /// Per destination port, how many installed rules name it (the program's prefilter).
+    rule_ports: Array<MapData, u32>,
+    /// The installed rules' trie keys, by which the per-port counts are kept exact when a
+    /// rule is replaced or removed.
+    installed: HashMap<(u32, RuleKey), u16>,
     // Declared last so the maps above are released before the program is detached.
     _ebpf: Ebpf,
 }
@@ -91,49 +171,14 @@ pub struct Steering {
 impl Steering {
     /// Loads the program and attaches it to `interface`.
     pub fn attach(interface: &str, mode: XdpAttachMode) -> Result<Self, SteeringError> {
-        let mut ebpf = Ebpf::load(PROGRAM_OBJECT)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| SteeringError::Missing(format!("program {PROGRAM_NAME}")))?
-            .try_into()
-            .map_err(|source| SteeringError::Program {
-                what: format!("{PROGRAM_NAME} is not an XDP program"),
-                source,
-            })?;
-        program.load().map_err(|source| SteeringError::Program {
-            what: "loading the XDP program into the kernel (verifier)".into(),
-            source,
-        })?;
-        let attach = |program: &mut Xdp, mode: XdpMode| {
-            program
-                .attach(interface, mode)
-                .map_err(|source| SteeringError::Program {
-                    what: format!("attaching XDP to {interface} in {mode:?} mode"),
-                    source,
-                })
-        };
-        let mode = match mode {
-            XdpAttachMode::Driver => {
-                attach(program, XdpMode::Driver).map(|_| AttachedMode::Driver)?
-            }
-            XdpAttachMode::Generic => {
-                attach(program, XdpMode::Skb).map(|_| AttachedMode::Generic)?
-            }
-            XdpAttachMode::Auto => match attach(program, XdpMode::Driver) {
-                Ok(_) => AttachedMode::Driver,
-                Err(e) => {
-                    tracing::warn!(interface, error = %e, "native XDP refused, falling back to generic mode");
-                    attach(program, XdpMode::Skb)?;
-                    AttachedMode::Generic
-                }
-            },
-        };
+        let (mut ebpf, mode) = load_and_attach(PROGRAM_NAME, interface, mode)?;
         tracing::info!(interface, ?mode, "XDP program attached");
 
         let rules = take_map(&mut ebpf, MAP_REDIRECT_RULES)?;
         let owned = take_map(&mut ebpf, MAP_OWNED_ENDPOINTS)?;
         let counters = take_map(&mut ebpf, MAP_VERDICT_COUNTERS)?;
         let sockets = take_map(&mut ebpf, MAP_XSKS)?;
+        let rule_ports = take_map(&mut ebpf, MAP_RULE_PORTS)?;
         Ok(Self {
             interface: interface.to_owned(),
             mode,
@@ -141,6 +186,8 @@ impl Steering {
             owned,
             counters,
             sockets,
+            rule_ports,
+            installed: HashMap::new(),
             _ebpf: ebpf,
         })
     }
@@ -174,7 +221,8 @@ impl Steering {
             })
     }
 
-    /// Installs (or replaces) a redirect rule; takes effect for the next frame.
+    /// Installs (or replaces) a redirect rule; takes effect for the next frame. The
+    /// trie entry goes in before the port's count, so the prefilter never hides it.
     pub fn insert_rule(&mut self, rule: &RedirectRule) -> Result<(), SteeringError> {
         let (len, data) = rule.map_key();
         self.rules
@@ -182,7 +230,9 @@ impl Steering {
             .map_err(|source| SteeringError::Map {
                 what: format!("inserting rule {rule}"),
                 source,
-            })
+            })?;
+        self.installed.insert((len, data), rule.destination_port);
+        self.write_port_count(rule.destination_port)
     }
 
     /// Removes a redirect rule.
@@ -192,6 +242,19 @@ impl Steering {
             .remove(&Key::new(len, data))
             .map_err(|source| SteeringError::Map {
                 what: format!("removing rule {rule}"),
+                source,
+            })?;
+        self.installed.remove(&(len, data));
+        self.write_port_count(rule.destination_port)
+    }
+
+    /// Writes how many installed rules name destination `port` into the prefilter.
+    fn write_port_count(&mut self, port: u16) -> Result<(), SteeringError> {
+        let count = rules_naming_port(&self.installed, port);
+        self.rule_ports
+            .set(u32::from(port), count, 0)
+            .map_err(|source| SteeringError::Map {
+                what: format!("writing the rule count of port {port}"),
                 source,
             })
     }

@@ -20,8 +20,17 @@ pub const MAP_OWNED_ENDPOINTS: &str = "OWNED_ENDPOINTS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
 /// Name of the XSKMAP indexed by receive queue.
 pub const MAP_XSKS: &str = "XSKS";
+/// Per destination port, how many redirect rules name it (an array of 65536 counters):
+/// a frame to a port no rule names skips the trie lookups.
+pub const MAP_RULE_PORTS: &str = "RULE_PORTS";
+/// Entries of [`MAP_RULE_PORTS`]: one per TCP port.
+pub const RULE_PORT_SLOTS: u32 = 1 << 16;
 /// Name of the XDP program inside the object file.
 pub const PROGRAM_NAME: &str = "ncp_steer";
+/// A program that passes every frame and does nothing else, in the same object: attached
+/// in place of [`PROGRAM_NAME`] it shows what running any XDP program costs an interface
+/// (`ncp-middlebox xdp-baseline`), apart from what NCP's steering adds.
+pub const BASELINE_PROGRAM_NAME: &str = "ncp_pass_all";
 
 /// Upper bound on redirect rules (the trie's `max_entries`).
 pub const MAX_REDIRECT_RULES: u32 = 4096;

@@ -101,7 +101,7 @@ pub fn steering(bed: &Testbed, bins: &Path, options: &super::Options) -> anyhow:
     let _ = server.kill();
     let _ = server.wait();
 
-    let direct = direct_link_rates(bed, bins, &pktgen)?;
+    let direct = direct_link_rates(bed, bins, &pktgen, repetitions)?;
 
     let med_without = median(&without);
     let med_with = median(&with);
@@ -152,6 +152,27 @@ pub fn steering(bed: &Testbed, bins: &Path, options: &super::Options) -> anyhow:
             format!("{:.0} frames/s", direct.pass_fps),
         ),
         (
+            "direct veth: unmatched iperf3, no XDP program".into(),
+            format!("{:.2} Gbit/s", median(&direct.pass_through.detached) / 1e9),
+        ),
+        (
+            "direct veth: unmatched iperf3, do-nothing XDP program (native)".into(),
+            format!(
+                "{:.2} Gbit/s ({:.3} of no program)",
+                median(&direct.pass_through.baseline) / 1e9,
+                median(&direct.pass_through.baseline) / median(&direct.pass_through.detached)
+            ),
+        ),
+        (
+            "direct veth: unmatched iperf3, NCP's program (native)".into(),
+            format!(
+                "{:.2} Gbit/s ({:.3} of no program, {:.3} of the do-nothing program)",
+                median(&direct.pass_through.ncp) / 1e9,
+                median(&direct.pass_through.ncp) / median(&direct.pass_through.detached),
+                median(&direct.pass_through.ncp) / median(&direct.pass_through.baseline)
+            ),
+        ),
+        (
             "direct veth: kernel pktgen (/proc/net/pktgen, UDP) passed".into(),
             match &direct.kernel_pktgen {
                 Ok((passed, sent)) => format!("{passed:.0} frames/s (sent {sent:.0} frames/s)"),
@@ -183,6 +204,11 @@ pub fn steering(bed: &Testbed, bins: &Path, options: &super::Options) -> anyhow:
             "redirect_frames_per_second": direct.redirect_fps,
             "redirect_delivered_fraction": direct.redirect_delivered,
             "pass_frames_per_second": direct.pass_fps,
+            "unmatched_iperf_bps": {
+                "no_program": direct.pass_through.detached,
+                "do_nothing_program": direct.pass_through.baseline,
+                "ncp_program": direct.pass_through.ncp,
+            },
             "kernel_pktgen": match &direct.kernel_pktgen {
                 Ok((passed, sent)) => serde_json::json!({ "passed_frames_per_second": passed, "sent_frames_per_second": sent }),
                 Err(reason) => serde_json::json!({ "error": reason }),
@@ -213,11 +239,28 @@ struct DirectRates {
     pass_fps: f64,
     /// Kernel pktgen: (frames/s passed by XDP, frames/s sent), or why it did not run.
     kernel_pktgen: Result<(f64, f64), String>,
+    /// Unmatched iperf3 over the direct veth (bit/s per round): no program, the
+    /// do-nothing program, NCP's program.
+    pass_through: PassThrough,
+}
+
+/// Unmatched TCP throughput over one link with no XDP program, with a program that only
+/// passes frames, and with NCP's steering program, measured in alternating rounds.
+#[derive(Default)]
+struct PassThrough {
+    detached: Vec<f64>,
+    baseline: Vec<f64>,
+    ncp: Vec<f64>,
 }
 
 /// The XDP → AF_XDP path without the software switch in the way: a veth pair straight from
 /// the source to the middlebox, frames generated as fast as one core can.
-fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result<DirectRates> {
+fn direct_link_rates(
+    bed: &Testbed,
+    bins: &Path,
+    pktgen: &str,
+    repetitions: u32,
+) -> anyhow::Result<DirectRates> {
     step("direct veth source ↔ middlebox: frames per second through XDP, redirect versus pass");
     let source_ns = bed.netns("source")?;
     let mb_ns = bed.netns("middlebox")?;
@@ -326,11 +369,77 @@ fn direct_link_rates(bed: &Testbed, bins: &Path, pktgen: &str) -> anyhow::Result
             reason
         });
     drop(mb);
+    let pass_through = direct_pass_through(bed, bins, &config, &socket, repetitions)?;
     Ok(DirectRates {
         sent_fps,
         redirect_fps,
         redirect_delivered: delivered,
         pass_fps,
         kernel_pktgen,
+        pass_through,
     })
+}
+
+/// What XDP costs traffic it does not steer, on the direct veth (nothing else in the
+/// way): an unmatched iperf3 flow with no program, with the do-nothing program
+/// (`ncp-middlebox xdp-baseline`) and with NCP's, in alternating rounds. The first ratio
+/// is what the interface pays for running any native XDP program (on veth: the frame
+/// goes through the XDP receive path instead of straight to the stack), the second what
+/// NCP's steering adds to that.
+fn direct_pass_through(
+    bed: &Testbed,
+    bins: &Path,
+    config: &str,
+    socket: &Path,
+    repetitions: u32,
+) -> anyhow::Result<PassThrough> {
+    step(&format!(
+        "direct veth: unmatched iperf3 with no XDP program, the do-nothing one and NCP's, {repetitions} rounds of 3 s each"
+    ));
+    let mut server = bed.spawn("middlebox", &["iperf3", "-s", "-p", "5301"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline_bin = bins.join("ncp-middlebox");
+    let baseline_bin = baseline_bin.to_str().context("non-UTF-8 path")?;
+    let attached = || -> bool {
+        bed.exec("middlebox", &["ip", "-d", "link", "show", "dev", "direct0"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+    };
+    let mut p = PassThrough::default();
+    let result = (|| -> anyhow::Result<()> {
+        for round in 0..repetitions {
+            p.detached.push(iperf(bed, "198.19.9.2")?);
+            let mut baseline = bed.spawn(
+                "middlebox",
+                &[
+                    baseline_bin,
+                    "xdp-baseline",
+                    "--interface",
+                    "direct0",
+                    "--xdp-mode",
+                    "driver",
+                ],
+            )?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !attached() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let measured = iperf(bed, "198.19.9.2");
+            crate::cmd::stop_child(&mut baseline, Duration::from_secs(5));
+            p.baseline.push(measured?);
+            let mb = Middlebox::start(bed, "middlebox", bins, config, socket)?;
+            p.ncp.push(iperf(bed, "198.19.9.2")?);
+            drop(mb);
+            eprintln!(
+                "    round {}: no program {:.2}, do-nothing program {:.2}, NCP's {:.2} Gbit/s",
+                round + 1,
+                p.detached[round as usize] / 1e9,
+                p.baseline[round as usize] / 1e9,
+                p.ncp[round as usize] / 1e9
+            );
+        }
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result.map(|()| p)
 }
