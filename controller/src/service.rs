@@ -467,6 +467,8 @@ struct Inner {
     poll_kick: Notify,
     /// Serialises reconcile runs.
     running: tokio::sync::Mutex<()>,
+    /// Serialises writes of the consistency file.
+    saving_windows: Mutex<()>,
     reconciles: AtomicU64,
     packet_ins: AtomicU64,
     arp_requests: AtomicU64,
@@ -516,6 +518,7 @@ impl Service {
             push_kick: Notify::new(),
             poll_kick: Notify::new(),
             running: tokio::sync::Mutex::new(()),
+            saving_windows: Mutex::new(()),
             reconciles: AtomicU64::new(0),
             packet_ins: AtomicU64::new(0),
             arp_requests: AtomicU64::new(0),
@@ -963,6 +966,13 @@ impl Service {
     /// Writes the consistency file when the windows, resets or install times changed
     /// since it was last written. A failure is logged and retried at the next call.
     fn save_windows(&self) {
+        // One writer at a time, snapshot taken inside: two saves racing on the same
+        // temporary file could otherwise leave an older snapshot, or a torn one.
+        let _writing = self
+            .inner
+            .saving_windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let snapshot = {
             let st = self.state();
             let now = st.windows.snapshot();

@@ -161,6 +161,8 @@ impl RecordingDisk {
         let dir = std::path::PathBuf::from(format!("{WORK}/recording"));
         std::fs::create_dir_all(&dir)?;
         let path = dir.to_str().context("recording path")?;
+        // A run that died before unmounting left its tmpfs here: not stacked on.
+        let _ = ncp_testbed::cmd::run(&["umount", path]);
         ncp_testbed::cmd::run(&[
             "mount",
             "-t",
