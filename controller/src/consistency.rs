@@ -236,6 +236,20 @@ impl Windows {
             // a fail-open), which this run's install closes.
             return None;
         }
+        // A window the controller saw, closed since the redirect was last confirmed (a
+        // fail-open ends when the middlebox answers, the redirect returns a reconcile run
+        // later): the gap is that event's tail, so that window stretches to now.
+        if let Some(w) = self
+            .by_replication
+            .get_mut(&id)
+            .into_iter()
+            .flatten()
+            .filter(|w| w.to_ms.is_some_and(|to| to > since))
+            .max_by_key(|w| w.to_ms)
+        {
+            w.to_ms = Some(at_ms.max(w.to_ms.unwrap_or(at_ms)));
+            return None;
+        }
         if !self.open(id, kind, since) {
             return None;
         }
@@ -914,6 +928,15 @@ mod tests {
         w.installed(1, 55_000);
         assert_eq!(w.windows(1).len(), 2);
         assert_eq!(w.totals().1, 2);
+        // A fail-open that ended (the middlebox answered) before the redirect came back:
+        // its window stretches over the gap instead of a "found missing" one.
+        w.fail_open(&d, MB, 60_000);
+        w.fail_open_ended(MB, 62_000);
+        assert_eq!(w.redirect_restored(1, 63_000), None);
+        w.installed(1, 63_000);
+        let last = w.windows(1).last().cloned().expect("window");
+        assert_eq!((last.from_ms, last.to_ms), (60_000, Some(63_000)));
+        assert_eq!(w.windows(1).len(), 3);
     }
 
     #[test]
