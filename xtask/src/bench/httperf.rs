@@ -96,7 +96,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         let _ = server.kill();
         let _ = server.wait();
     }
-    outcome?;
+    let replicas = outcome?;
 
     let mut md = String::from(
         "## Connection lifetime (paper Fig. 7): httperf, one request per connection\n\n",
@@ -143,6 +143,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
             &labels,
             by_route,
         )?);
+        md.push_str(&routes::replica_line(&replicas, regime));
         if let Some(by_route) = phases.get(regime) {
             phase_table(&mut md, &labels, by_route);
         }
@@ -162,6 +163,7 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
                     (*regime, by_route)
                 })
                 .collect::<BTreeMap<_, _>>(),
+            "replica": routes::replica_json(&replicas),
         }),
     )?;
     eprint!("{md}");

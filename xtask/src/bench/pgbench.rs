@@ -68,7 +68,7 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
         crate::cmd::stop_child(&mut server, Duration::from_millis(500));
     }
     let _ = std::fs::remove_dir_all(&data);
-    outcome?;
+    let replicas = outcome?;
 
     let mut md = String::from("## Database workload (instead of the paper's RUBiS): pgbench\n\n");
     let _ = writeln!(
@@ -110,6 +110,7 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
             bars.push((label, tps));
         }
         md.push('\n');
+        md.push_str(&routes::replica_line(&replicas, regime));
         let runs: BTreeMap<&String, Vec<serde_json::Value>> = by_route
             .iter()
             .map(|(k, v)| {
@@ -135,6 +136,7 @@ pub fn pgbench(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
             &super::plot::bar_chart(&title, "tps", &bars),
         )?);
     }
+    json.insert("replica".to_owned(), routes::replica_json(&replicas));
     save_json(options, "pgbench", &serde_json::Value::Object(json))?;
     eprint!("{md}");
     Ok(md)

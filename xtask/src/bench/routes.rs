@@ -1,11 +1,12 @@
 //! The ways the source can reach the primary in a measurement — directly, or through the
 //! middlebox with or without a replica — and how to set each one up on the paper test bed.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
 use ncp_testbed::{Mac, Testbed};
 
+use super::replica::{self, ReplicaOutcome};
 use crate::middlebox::Middlebox;
 
 /// How the client stream is copied.
@@ -204,10 +205,16 @@ pub const REGIMES: [Regime; 3] = [
     ("unlimited", None),
 ];
 
+/// What the replica got in each cell with one, per round: (regime, route label) → one
+/// outcome per round.
+pub type ReplicaCells = BTreeMap<(&'static str, String), Vec<ReplicaOutcome>>;
+
 /// Runs `cell` for every regime, round and route of an experiment (`what` names it in
 /// the progress lines), with the links capped as the regime says and the route entered
 /// (its middlebox running for the cell); the links are uncapped and the routes left
-/// afterwards, whatever happened.
+/// afterwards, whatever happened. Returns, for every cell with a replica, whether it
+/// stayed attached and got every byte the primary did in each round: a cell where it did
+/// not measures something other than full replication.
 pub fn for_each_cell(
     bed: &Testbed,
     bins: &Path,
@@ -216,8 +223,9 @@ pub fn for_each_cell(
     port: u16,
     tuning: &Tuning,
     mut cell: impl FnMut(&'static str, &Route) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ReplicaCells> {
     let (regimes, routes, rounds) = cells;
+    let mut replicas = ReplicaCells::new();
     let outcome = (|| -> anyhow::Result<()> {
         for &(regime, cap) in regimes {
             limit_links(bed, cap)?;
@@ -228,8 +236,23 @@ pub fn for_each_cell(
                         round + 1,
                         route.label()
                     ));
-                    let _mb = route.enter(bed, bins, port, tuning)?;
+                    let mb = route.enter(bed, bins, port, tuning)?;
+                    let replicated = matches!(
+                        route,
+                        Route::Middlebox { replication, .. } if *replication != Replication::None
+                    );
+                    let before = match (&mb, replicated) {
+                        (Some(mb), true) => Some(replica::first_replica_counters(mb)?),
+                        _ => None,
+                    };
                     cell(regime, route)?;
+                    if let (Some(mb), Some(before)) = (&mb, before) {
+                        let got = replica::replica_outcome(mb, &before, replica::REPLICA_CATCH_UP)?;
+                        replicas
+                            .entry((regime, route.label()))
+                            .or_default()
+                            .push(got);
+                    }
                 }
             }
         }
@@ -237,7 +260,58 @@ pub fn for_each_cell(
     })();
     let _ = limit_links(bed, None);
     let _ = leave(bed);
-    outcome
+    outcome.map(|()| replicas)
+}
+
+/// One line for a report under a regime's table: in which replicated cells the replica
+/// stayed attached and got every byte in every round, and in which it did not.
+pub fn replica_line(replicas: &ReplicaCells, regime: &str) -> String {
+    let mut complete = Vec::new();
+    let mut short = Vec::new();
+    for ((r, label), rounds) in replicas {
+        if *r != regime {
+            continue;
+        }
+        let bad = rounds.iter().filter(|o| !o.complete()).count();
+        if bad == 0 {
+            complete.push(label.clone());
+        } else {
+            short.push(format!("{label} ({bad} of {} rounds)", rounds.len()));
+        }
+    }
+    if complete.is_empty() && short.is_empty() {
+        return String::new();
+    }
+    let mut line = String::from("Replica: ");
+    if !complete.is_empty() {
+        line.push_str(&format!(
+            "stayed attached and got every byte the primary did in every round of {}",
+            complete.join(", ")
+        ));
+    }
+    if !short.is_empty() {
+        if !complete.is_empty() {
+            line.push_str("; ");
+        }
+        line.push_str(&format!(
+            "**detached or short** (not a fully replicated figure) in {}",
+            short.join(", ")
+        ));
+    }
+    line.push_str(".\n");
+    line
+}
+
+/// The replica outcomes as the experiments' JSON files record them.
+pub fn replica_json(replicas: &ReplicaCells) -> serde_json::Value {
+    let mut by_regime = serde_json::Map::new();
+    for ((regime, label), rounds) in replicas {
+        let entry = by_regime
+            .entry(regime.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        entry[label] = rounds.iter().map(ReplicaOutcome::to_json).collect();
+    }
+    serde_json::Value::Object(by_regime)
 }
 
 /// Puts a token bucket of `mbit_per_s` on every interface of every host, or removes it
@@ -318,4 +392,50 @@ fn middlebox_config(
         tuning.service,
         tuning.tables
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn got(primary: u64, replica: u64, detaches: u64) -> ReplicaOutcome {
+        ReplicaOutcome {
+            primary_bytes: primary,
+            replica_bytes: replica,
+            detaches,
+            ..ReplicaOutcome::default()
+        }
+    }
+
+    #[test]
+    fn the_replica_line_names_cells_that_were_not_fully_replicated() {
+        let mut cells = ReplicaCells::new();
+        cells.insert(
+            ("200 Mbit/s", "xdp: replica, dedicated NIC".into()),
+            vec![got(10, 10, 0), got(20, 20, 0)],
+        );
+        cells.insert(
+            ("200 Mbit/s", "sockets: replica, dedicated NIC".into()),
+            vec![got(10, 10, 0), got(20, 5, 1)],
+        );
+        cells.insert(
+            ("unlimited", "xdp: replica, dedicated NIC".into()),
+            vec![got(1, 1, 0)],
+        );
+        let line = replica_line(&cells, "200 Mbit/s");
+        assert!(
+            line.contains("every round of xdp: replica, dedicated NIC"),
+            "{line}"
+        );
+        assert!(
+            line.contains("**detached or short** (not a fully replicated figure) in sockets: replica, dedicated NIC (1 of 2 rounds)"),
+            "{line}"
+        );
+        assert_eq!(replica_line(&cells, "1 Gbit/s"), "");
+        let json = replica_json(&cells);
+        assert_eq!(
+            json["200 Mbit/s"]["sockets: replica, dedicated NIC"][1]["complete"],
+            false
+        );
+    }
 }
