@@ -298,7 +298,7 @@ pub fn replica_line(replicas: &ReplicaCells, regime: &str) -> String {
             short.join(", ")
         ));
     }
-    line.push_str(".\n");
+    line.push_str(".\n\n");
     line
 }
 
