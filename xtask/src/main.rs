@@ -134,6 +134,12 @@ enum Task {
         /// (default: no spilling).
         #[arg(long, value_name = "BYTES")]
         spill_budget: Option<u64>,
+        /// Relay experiment only: instead of the table, profile XDP mode with one replica
+        /// during one unthrottled iperf3 -P 8 run (`perf record --call-graph dwarf` on the
+        /// middlebox) and write bench-results/profile/NAME.folded, NAME.svg (flame graph,
+        /// inferno) and NAME.txt (top self-time entries).
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
     },
     /// The scale benchmark's sink, run by it inside a test-bed host: accepts connections
     /// on LISTEN, discards what they send, reports counters on stdout, exits when stdin
@@ -203,6 +209,7 @@ fn main() {
             loss_recovery,
             replica_budget,
             spill_budget,
+            profile,
         } => {
             let options = bench::Options {
                 repetitions: repetitions.max(1),
@@ -212,6 +219,7 @@ fn main() {
                 loss_recovery,
                 replica_budget,
                 spill_budget,
+                profile,
                 ..bench::Options::default()
             };
             bench::bench(

@@ -102,6 +102,11 @@ impl Middlebox {
         Ok(mb)
     }
 
+    /// The middlebox's process id (`ip netns exec` execs it in place), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The counters as JSON (`ncp-middlebox stats --json`).
     pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
         let out = Command::new(&self.binary)
@@ -138,14 +143,14 @@ impl Middlebox {
 
     /// CPU time (user + system, all threads) the process has used so far, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let pid = self.child.as_ref()?.id();
+        let pid = self.pid()?;
         let ticks = ProcessTicks::of(i32::try_from(pid).ok()?)?;
         Some(ticks.own as f64 / clock_ticks_per_second())
     }
 
     /// Resident memory of the process right now (`VmRSS`), in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let kib: u64 = status
             .lines()

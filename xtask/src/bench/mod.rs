@@ -11,6 +11,7 @@ mod iperf;
 mod loss;
 mod pgbench;
 mod plot;
+mod profile;
 mod relay;
 mod replica;
 mod routes;
@@ -130,6 +131,9 @@ pub struct Options {
     /// The service's `spill_budget_bytes` in the relay experiments, spilling to a
     /// directory of the run (None: no spilling).
     pub spill_budget: Option<u64>,
+    /// Profile XDP mode instead of measuring (relay experiment only): one -P 8 run under
+    /// `perf record`, written as `bench-results/profile/<name>.{folded,svg,txt}`.
+    pub profile: Option<String>,
     /// Where JSON, plots and the report go: `bench-results/` for a run of every
     /// experiment, `bench-results/partial/` for a run of some. Set by [`bench`] from the
     /// experiments it runs.

@@ -61,7 +61,7 @@ use ncp_testbed::{Mac, Testbed, cmd as sys};
 use super::{
     Options,
     iperf::{self, IperfRun, PORT},
-    median,
+    median, profile,
     replica::{self, ReplicaOutcome},
     routes::{Nic, Replication, Route, Wiring},
     save_json, spread,
@@ -179,6 +179,16 @@ struct Sample {
 
 impl Sample {
     /// Busy core-seconds of the whole machine per Gbit the primary received.
+    /// What the replica got, for the progress lines (empty for direct runs).
+    fn replica_note(&self) -> String {
+        self.replica.as_ref().map_or(String::new(), |r| {
+            format!(
+                "; replica {} of {} bytes, {} detach(es)",
+                r.replica_bytes, r.primary_bytes, r.detaches
+            )
+        })
+    }
+
     fn core_seconds_per_gbit(&self) -> Option<f64> {
         self.per_gbit(self.busy_seconds)
     }
@@ -353,6 +363,11 @@ pub fn relay(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     let relay = RelayBed::up(bed)?;
     let wiring = relay.wiring()?;
     let servers = iperf::start_servers(bed)?;
+    if let Some(name) = &options.profile {
+        let outcome = profile_xdp(bed, &wiring, bins, options, name, seconds);
+        iperf::stop_servers(servers);
+        return outcome.map(|()| String::new());
+    }
     let mut cells = Cells::new();
     let outcome = (|| -> anyhow::Result<()> {
         for round in 0..options.repetitions {
@@ -374,10 +389,7 @@ pub fn relay(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
                             sample.run.map_or(0.0, |r| r.bps / 1e9),
                             show(sample.core_seconds_per_gbit()),
                             show(sample.task_seconds_per_gbit()),
-                            sample.replica.as_ref().map_or(String::new(), |r| format!(
-                                "; replica {} of {} bytes, {} detach(es)",
-                                r.replica_bytes, r.primary_bytes, r.detaches
-                            ))
+                            sample.replica_note()
                         );
                         super::add_sample(&mut cells, regime, route.label(), n, sample);
                     }
@@ -412,6 +424,50 @@ pub fn relay(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<St
     )?;
     eprint!("{md}");
     Ok(md)
+}
+
+/// The streams of the profiled run: where XDP mode's share per Gbit was highest among the
+/// counts that still carry about a Gbit.
+const PROFILE_STREAMS: u32 = 8;
+
+/// `--profile NAME`: one unthrottled run through XDP mode with one replica, the middlebox
+/// under `perf record` meanwhile (see `profile.rs`).
+fn profile_xdp(
+    bed: &Testbed,
+    wiring: &Wiring,
+    bins: &Path,
+    options: &Options,
+    name: &str,
+    seconds: &str,
+) -> anyhow::Result<()> {
+    let route = Route::Middlebox {
+        dataplane: "xdp".into(),
+        replication: Replication::DedicatedNic,
+    };
+    step(&format!(
+        "profiling {} at -P {PROFILE_STREAMS}",
+        route.label()
+    ));
+    let mb = route
+        .enter_on(bed, wiring, bins, PORT, &options.relay_tuning())?
+        .context("the XDP route has a middlebox")?;
+    let recording = profile::Recording::start(&mb, name)?;
+    let sample = measure(
+        bed,
+        Some(&mb),
+        wiring.primary,
+        PROFILE_STREAMS,
+        seconds,
+        None,
+    );
+    recording.finish()?;
+    let sample = sample?;
+    eprintln!(
+        "      -P {PROFILE_STREAMS} {:.3} Gbit/s under perf{}",
+        sample.run.map_or(0.0, |r| r.bps / 1e9),
+        sample.replica_note()
+    );
+    Ok(())
 }
 
 /// One iperf3 run with the machine's busy time around it and, through a middlebox, what
