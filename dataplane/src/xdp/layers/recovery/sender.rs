@@ -605,45 +605,122 @@ pub(crate) struct Limits {
 #[derive(Debug)]
 pub(crate) struct LossRecovery {
     flows: HashMap<Key, Flow>,
+    /// Where every flow's work goes. Apart from `flows`, so a packet's flow is looked up
+    /// once and then borrowed beside them (the keys are tuples a client chooses, hashed
+    /// with the standard keyed hasher, which costs enough to look up once per packet).
+    queues: Queues,
+    tracked_bytes: usize,
+    limits: Limits,
+    next_sweep: Micros,
+}
+
+/// The timers, the frames to send and the counters: what a flow's handling adds to.
+#[derive(Debug, Default)]
+struct Queues {
     /// (deadline, connection), earliest first; entries may be stale (see `schedule`).
     timers: BinaryHeap<Reverse<(Micros, Key)>>,
     /// Frames to send, in order: retransmissions and released data.
     out: VecDeque<Vec<u8>>,
-    tracked_bytes: usize,
-    limits: Limits,
     counters: RecoveryCounters,
-    next_sweep: Micros,
+}
+
+impl Queues {
+    /// Puts the flow's earliest deadline in the timer heap, unless an earlier entry of
+    /// it is there already.
+    fn schedule(&mut self, key: Key, flow: &mut Flow) {
+        let Some(at) = flow.deadline() else { return };
+        // An earlier entry is already there: when it pops, the flow is scheduled again.
+        if flow.scheduled.is_some_and(|s| s <= at) {
+            return;
+        }
+        flow.scheduled = Some(at);
+        self.timers.push(Reverse((at, key)));
+    }
+
+    /// Sends what the flow may send now: lost segments first, then held-back data.
+    fn transmit_flow(&mut self, key: Key, flow: &mut Flow, now: Micros) {
+        let mut sent_any = false;
+        // Retransmissions: at least one per call when something is lost, more while the
+        // pipe is below the window.
+        let mut first = true;
+        for index in 0..flow.segments.len() {
+            let Some(segment) = flow.segments.get(index) else {
+                break;
+            };
+            let Some(cause) = segment.lost else { continue };
+            if !first && flow.pipe() + u64::from(segment.len) > u64::from(flow.cwnd) {
+                break;
+            }
+            first = false;
+            let Some(packet) = flow.refresh(index) else {
+                continue;
+            };
+            self.out.push_back(packet);
+            self.counters.count(cause);
+            if let Some(segment) = flow.segments.get_mut(index) {
+                segment.lost = None;
+                segment.retransmits += 1;
+                segment.sent_at = now;
+            }
+            sent_any = true;
+        }
+        // New data held back.
+        // Held segments are the newest: look for the first one from the back.
+        while let Some(index) = flow
+            .segments
+            .iter()
+            .rposition(|s| s.released)
+            .map_or(Some(0), |i| Some(i + 1))
+            .filter(|&i| i < flow.segments.len())
+        {
+            let len = flow.segments.get(index).map_or(0, |s| s.len);
+            if !LossRecovery::may_release(flow, now, len) {
+                break;
+            }
+            let Some(packet) = flow.release(index, now) else {
+                break;
+            };
+            self.out.push_back(packet);
+            flow.credit -= i64::from(len);
+            sent_any = true;
+        }
+        if sent_any {
+            if flow.rto_at.is_none() {
+                flow.arm_rto(now);
+            }
+            flow.arm_tlp(now);
+        }
+        self.schedule(key, flow);
+    }
 }
 
 impl LossRecovery {
     pub(crate) fn new(limits: Limits) -> Self {
         Self {
             flows: HashMap::new(),
-            timers: BinaryHeap::new(),
-            out: VecDeque::new(),
+            queues: Queues::default(),
             tracked_bytes: 0,
             limits,
-            counters: RecoveryCounters::default(),
             next_sweep: 0,
         }
     }
 
     pub(crate) fn counters(&self) -> RecoveryCounters {
-        self.counters
+        self.queues.counters
     }
 
     /// The next frame to send, if any (it stays queued until [`Self::pop_frame`]).
     pub(crate) fn front_frame(&self) -> Option<&[u8]> {
-        self.out.front().map(Vec::as_slice)
+        self.queues.out.front().map(Vec::as_slice)
     }
 
     pub(crate) fn pop_frame(&mut self) {
-        self.out.pop_front();
+        self.queues.out.pop_front();
     }
 
     /// When the next timer (retransmission, probe, pacing) is due.
     pub(crate) fn poll_at(&self) -> Option<Micros> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        self.queues.timers.peek().map(|Reverse((at, _))| *at)
     }
 
     /// Bytes of copies kept right now.
@@ -663,24 +740,11 @@ impl LossRecovery {
         if let Some(flow) = self.flows.get_mut(key) {
             for index in 0..flow.segments.len() {
                 if flow.segments.get(index).is_some_and(|s| !s.released) {
-                    self.out.extend(flow.release(index, now));
+                    self.queues.out.extend(flow.release(index, now));
                 }
             }
         }
         self.forget(key);
-    }
-
-    fn schedule(&mut self, key: Key) {
-        let Some(flow) = self.flows.get_mut(&key) else {
-            return;
-        };
-        let Some(at) = flow.deadline() else { return };
-        // An earlier entry is already there: when it pops, the flow is scheduled again.
-        if flow.scheduled.is_some_and(|s| s <= at) {
-            return;
-        }
-        flow.scheduled = Some(at);
-        self.timers.push(Reverse((at, key)));
     }
 
     /// The TCP segment in `packet` and its connection's key (`sent`: the engine sends it,
@@ -730,14 +794,14 @@ impl LossRecovery {
             // smoltcp's own retransmission (its timeout went back to the first
             // unacknowledged byte) or a keep-alive probe below it.
             if seq_le(flow.una, p.seq) {
-                self.counters.engine_retransmits += 1;
+                self.queues.counters.engine_retransmits += 1;
             }
             return Outbound::Send;
         }
         if p.seq != flow.next || self.tracked_bytes + packet.len() > self.limits.max_tracked_bytes {
             // A gap (the layer missed segments) or no room for a copy: what is held goes
             // out, and the connection is tracked afresh from a later segment.
-            self.counters.segments_untracked += 1;
+            self.queues.counters.segments_untracked += 1;
             self.untrack(&key, now);
             return Outbound::Send;
         }
@@ -761,7 +825,7 @@ impl LossRecovery {
         flow.next = p.seq.wrapping_add(seq_len);
         flow.bytes += packet.len();
         self.tracked_bytes += packet.len();
-        self.counters.segments_tracked += 1;
+        self.queues.counters.segments_tracked += 1;
         // The newest segment goes at once when nothing is held before it and the window
         // and the pacer allow; otherwise it waits its turn.
         // Held segments are always the newest ones (release goes in order), so the one
@@ -785,10 +849,10 @@ impl LossRecovery {
             flow.arm_tlp(now);
             Outbound::Send
         } else {
-            self.counters.segments_paced += 1;
+            self.queues.counters.segments_paced += 1;
             Outbound::Held
         };
-        self.schedule(key);
+        self.queues.schedule(key, flow);
         verdict
     }
 
@@ -809,65 +873,6 @@ impl LossRecovery {
             flow.pace_at = Some(now + wait.max(1));
         }
         false
-    }
-
-    /// Sends what the flow may send now: lost segments first, then held-back data.
-    fn transmit_flow(&mut self, key: Key, now: Micros) {
-        let Some(flow) = self.flows.get_mut(&key) else {
-            return;
-        };
-        let mut sent_any = false;
-        // Retransmissions: at least one per call when something is lost, more while the
-        // pipe is below the window.
-        let mut first = true;
-        for index in 0..flow.segments.len() {
-            let Some(segment) = flow.segments.get(index) else {
-                break;
-            };
-            let Some(cause) = segment.lost else { continue };
-            if !first && flow.pipe() + u64::from(segment.len) > u64::from(flow.cwnd) {
-                break;
-            }
-            first = false;
-            let Some(packet) = flow.refresh(index) else {
-                continue;
-            };
-            self.out.push_back(packet);
-            self.counters.count(cause);
-            if let Some(segment) = flow.segments.get_mut(index) {
-                segment.lost = None;
-                segment.retransmits += 1;
-                segment.sent_at = now;
-            }
-            sent_any = true;
-        }
-        // New data held back.
-        // Held segments are the newest: look for the first one from the back.
-        while let Some(index) = flow
-            .segments
-            .iter()
-            .rposition(|s| s.released)
-            .map_or(Some(0), |i| Some(i + 1))
-            .filter(|&i| i < flow.segments.len())
-        {
-            let len = flow.segments.get(index).map_or(0, |s| s.len);
-            if !Self::may_release(flow, now, len) {
-                break;
-            }
-            let Some(packet) = flow.release(index, now) else {
-                break;
-            };
-            self.out.push_back(packet);
-            flow.credit -= i64::from(len);
-            sent_any = true;
-        }
-        if sent_any {
-            if flow.rto_at.is_none() {
-                flow.arm_rto(now);
-            }
-            flow.arm_tlp(now);
-        }
-        self.schedule(key);
     }
 
     /// A packet received for the engine.
@@ -895,7 +900,7 @@ impl LossRecovery {
         let mut sacked_now = false;
         for &(left, right) in blocks.iter().take(count) {
             if seq_le(right, p.ack) {
-                self.counters.spurious_retransmits += 1;
+                self.queues.counters.spurious_retransmits += 1;
                 continue;
             }
             for segment in flow.segments.iter_mut() {
@@ -940,7 +945,7 @@ impl LossRecovery {
                     {
                         // Acknowledged sooner than the retransmission could have
                         // travelled: the original made it.
-                        self.counters.spurious_retransmits += 1;
+                        self.queues.counters.spurious_retransmits += 1;
                     }
                 }
             }
@@ -999,7 +1004,7 @@ impl LossRecovery {
             }
             if flow.last_ack_passed == Some((p.ack, p.window)) {
                 verdict = Inbound::Absorb;
-                self.counters.dupacks_absorbed += 1;
+                self.queues.counters.dupacks_absorbed += 1;
             }
         }
         if acked_bytes > 0 || sacked_now {
@@ -1011,7 +1016,7 @@ impl LossRecovery {
         if verdict == Inbound::Pass {
             flow.last_ack_passed = Some((p.ack, p.window));
         }
-        self.transmit_flow(key, now);
+        self.queues.transmit_flow(key, flow, now);
         verdict
     }
 
@@ -1051,11 +1056,11 @@ impl LossRecovery {
     /// Fires due timers (retransmission, probe, pacing) and forgets long idle
     /// connections.
     pub(crate) fn poll(&mut self, now: Micros) {
-        while let Some(&Reverse((at, key))) = self.timers.peek() {
+        while let Some(&Reverse((at, key))) = self.queues.timers.peek() {
             if at > now {
                 break;
             }
-            self.timers.pop();
+            self.queues.timers.pop();
             let Some(flow) = self.flows.get_mut(&key) else {
                 continue;
             };
@@ -1083,8 +1088,8 @@ impl LossRecovery {
                 flow.probed = true;
                 // The probe: new data if some is held back, else the last segment sent.
                 if let Some(index) = flow.segments.iter().position(|s| !s.released) {
-                    self.out.extend(flow.release(index, now));
-                    self.counters.retransmits_tlp += 1;
+                    self.queues.out.extend(flow.release(index, now));
+                    self.queues.counters.retransmits_tlp += 1;
                 } else if let Some(segment) = flow
                     .segments
                     .iter_mut()
@@ -1097,7 +1102,7 @@ impl LossRecovery {
             if flow.pace_at.is_some_and(|t| t <= now) {
                 flow.pace_at = None;
             }
-            self.transmit_flow(key, now);
+            self.queues.transmit_flow(key, flow, now);
         }
         if now >= self.next_sweep {
             self.next_sweep = now + IDLE_FORGET / 4;
