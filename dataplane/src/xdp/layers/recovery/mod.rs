@@ -75,8 +75,6 @@ pub struct Recovery<D> {
     now: Instant,
     /// The packet peeked below was shown to the core already and is to be handed over.
     vetted: bool,
-    /// Where the engine writes a packet before the core decides whether it goes now.
-    scratch: Vec<u8>,
 }
 
 impl<D> Recovery<D> {
@@ -92,7 +90,6 @@ impl<D> Recovery<D> {
             core,
             now: Instant::ZERO,
             vetted: false,
-            scratch: Vec::new(),
         }
     }
 
@@ -158,11 +155,11 @@ impl<D: EngineDevice> Recovery<D> {
     }
 }
 
-/// A packet the engine writes: into the layer's scratch buffer first, so the core can
-/// keep a copy and hold it back.
+/// A packet the engine writes: into a buffer of the core first, which it keeps as its
+/// copy of the segment (and may hold back) or reuses.
 pub struct RecoveryTx<'a, T> {
     inner: T,
-    layer: Option<(&'a mut LossRecovery, &'a mut Vec<u8>)>,
+    layer: Option<&'a mut LossRecovery>,
     now: Instant,
 }
 
@@ -171,14 +168,14 @@ impl<T: phy::TxToken> phy::TxToken for RecoveryTx<'_, T> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let Some((core, scratch)) = self.layer else {
+        let Some(core) = self.layer else {
             return self.inner.consume(len, f);
         };
-        scratch.clear();
-        scratch.resize(len, 0);
-        let result = f(scratch);
-        match core.on_transmit(self.now.total_micros(), scratch) {
-            Outbound::Send => self.inner.consume(len, |buf| buf.copy_from_slice(scratch)),
+        let mut packet = core.buffer();
+        packet.resize(len, 0);
+        let result = f(&mut packet);
+        match core.on_transmit(self.now.total_micros(), packet) {
+            Outbound::Send(bytes) => self.inner.consume(len, |buf| buf.copy_from_slice(bytes)),
             // The token below goes unused: dropping it sends nothing.
             Outbound::Held => {}
         }
@@ -205,7 +202,7 @@ impl<D: EngineDevice> Device for Recovery<D> {
         let (rx, tx) = self.inner.receive(timestamp)?;
         // Handed over: the next packet is a new one to show the core.
         self.vetted = false;
-        let layer = self.core.as_mut().map(|core| (core, &mut self.scratch));
+        let layer = self.core.as_mut();
         Some((
             rx,
             RecoveryTx {
@@ -220,7 +217,7 @@ impl<D: EngineDevice> Device for Recovery<D> {
         self.now = timestamp;
         self.emit();
         let tx = self.inner.transmit(timestamp)?;
-        let layer = self.core.as_mut().map(|core| (core, &mut self.scratch));
+        let layer = self.core.as_mut();
         Some(RecoveryTx {
             inner: tx,
             layer,

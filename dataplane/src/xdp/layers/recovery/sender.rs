@@ -24,7 +24,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{BinaryHeap, HashMap, VecDeque, hash_map::Entry},
     net::SocketAddrV4,
 };
 
@@ -63,6 +63,9 @@ const PACING_QUANTUM: Micros = MILLI;
 const IDLE_FORGET: Micros = 60_000 * MILLI;
 /// Duplicate ACKs that start a fast retransmit.
 const DUPACK_THRESHOLD: u32 = 3;
+/// Packet buffers kept for reuse (copies of acknowledged segments, frames sent): enough
+/// for the segments one round of ACKs frees, so a data segment costs no allocation.
+pub(super) const MAX_SPARE_BUFFERS: usize = 256;
 
 /// A connection as its sending end names it: (local, remote).
 pub(crate) type Key = (SocketAddrV4, SocketAddrV4);
@@ -147,9 +150,10 @@ impl RecoveryCounters {
 
 /// What to do with a packet the engine sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outbound {
-    /// Send it now, as it is.
-    Send,
+pub(crate) enum Outbound<'a> {
+    /// Send it now, as it is: these bytes (the layer keeps the buffer it was written in,
+    /// as its copy or for reuse).
+    Send(&'a [u8]),
     /// The layer keeps it and sends it later (congestion window or pacing).
     Held,
 }
@@ -546,10 +550,11 @@ impl Flow {
     }
 
     /// Rewrites a kept copy with the connection's current header fields and fixes its
-    /// checksum.
-    fn refresh(&self, index: usize) -> Option<Vec<u8>> {
+    /// checksum, written into `packet` (a buffer to reuse; its contents do not matter).
+    fn refresh(&self, index: usize, mut packet: Vec<u8>) -> Option<Vec<u8>> {
         let segment = self.segments.get(index)?;
-        let mut packet = segment.packet.clone();
+        packet.clear();
+        packet.extend_from_slice(&segment.packet);
         let tcp_at = segment.tcp_at;
         let current = self.current;
         packet
@@ -584,8 +589,8 @@ impl Flow {
     /// made when smoltcp wrote it; a segment sent since (a retransmission, or newer data)
     /// may carry a newer timestamp, and a Linux peer drops a segment whose timestamp is
     /// older than one it has taken (PAWS, RFC 7323), so a stale copy would be lost.
-    fn release(&mut self, index: usize, now: Micros) -> Option<Vec<u8>> {
-        let packet = self.refresh(index)?;
+    fn release(&mut self, index: usize, now: Micros, buffer: Vec<u8>) -> Option<Vec<u8>> {
+        let packet = self.refresh(index, buffer)?;
         let segment = self.segments.get_mut(index)?;
         segment.released = true;
         segment.sent_at = now;
@@ -622,9 +627,59 @@ struct Queues {
     /// Frames to send, in order: retransmissions and released data.
     out: VecDeque<Vec<u8>>,
     counters: RecoveryCounters,
+    /// Buffers to reuse, at most [`MAX_SPARE_BUFFERS`].
+    spare: Vec<Vec<u8>>,
+    /// The last packet sent untracked (its bytes are lent to the caller to send).
+    passing: Vec<u8>,
+    /// Buffers allocated because none was spare.
+    fresh_buffers: u64,
 }
 
 impl Queues {
+    /// An empty buffer, reused when one is spare.
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_else(|| {
+            self.fresh_buffers += 1;
+            Vec::new()
+        })
+    }
+
+    /// Keeps `buffer` for reuse, if fewer than [`MAX_SPARE_BUFFERS`] are kept.
+    fn recycle(&mut self, mut buffer: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE_BUFFERS {
+            buffer.clear();
+            self.spare.push(buffer);
+        }
+    }
+
+    /// Reuses the buffers of a flow no longer tracked; returns the bytes of copies it
+    /// kept.
+    fn discard(&mut self, flow: Flow) -> usize {
+        for segment in flow.segments {
+            self.recycle(segment.packet);
+        }
+        flow.bytes
+    }
+
+    /// Stops tracking a connection: what it held back goes out at once, in order.
+    /// Returns the bytes of copies it kept.
+    fn untrack(&mut self, mut flow: Flow, now: Micros) -> usize {
+        for index in 0..flow.segments.len() {
+            if flow.segments.get(index).is_some_and(|s| !s.released) {
+                let buffer = self.buffer();
+                self.out.extend(flow.release(index, now, buffer));
+            }
+        }
+        self.discard(flow)
+    }
+
+    /// Lets `packet` go as it is, untracked.
+    fn pass(&mut self, packet: Vec<u8>) -> Outbound<'_> {
+        let previous = std::mem::replace(&mut self.passing, packet);
+        self.recycle(previous);
+        Outbound::Send(&self.passing)
+    }
+
     /// Puts the flow's earliest deadline in the timer heap, unless an earlier entry of
     /// it is there already.
     fn schedule(&mut self, key: Key, flow: &mut Flow) {
@@ -652,7 +707,7 @@ impl Queues {
                 break;
             }
             first = false;
-            let Some(packet) = flow.refresh(index) else {
+            let Some(packet) = flow.refresh(index, self.buffer()) else {
                 continue;
             };
             self.out.push_back(packet);
@@ -677,7 +732,7 @@ impl Queues {
             if !LossRecovery::may_release(flow, now, len) {
                 break;
             }
-            let Some(packet) = flow.release(index, now) else {
+            let Some(packet) = flow.release(index, now, self.buffer()) else {
                 break;
             };
             self.out.push_back(packet);
@@ -715,12 +770,26 @@ impl LossRecovery {
     }
 
     pub(crate) fn pop_frame(&mut self) {
-        self.queues.out.pop_front();
+        if let Some(frame) = self.queues.out.pop_front() {
+            self.queues.recycle(frame);
+        }
+    }
+
+    /// An empty buffer for the engine to write its next packet into (see
+    /// [`Self::on_transmit`]).
+    pub(crate) fn buffer(&mut self) -> Vec<u8> {
+        self.queues.buffer()
     }
 
     /// When the next timer (retransmission, probe, pacing) is due.
     pub(crate) fn poll_at(&self) -> Option<Micros> {
         self.queues.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Packet buffers allocated so far and buffers spare right now.
+    #[cfg(test)]
+    pub(crate) fn buffers(&self) -> (u64, usize) {
+        (self.queues.fresh_buffers, self.queues.spare.len())
     }
 
     /// Bytes of copies kept right now.
@@ -731,20 +800,8 @@ impl LossRecovery {
 
     fn forget(&mut self, key: &Key) {
         if let Some(flow) = self.flows.remove(key) {
-            self.tracked_bytes -= flow.bytes;
+            self.tracked_bytes -= self.queues.discard(flow);
         }
-    }
-
-    /// Stops tracking a connection: what is held back goes out at once, in order.
-    fn untrack(&mut self, key: &Key, now: Micros) {
-        if let Some(flow) = self.flows.get_mut(key) {
-            for index in 0..flow.segments.len() {
-                if flow.segments.get(index).is_some_and(|s| !s.released) {
-                    self.queues.out.extend(flow.release(index, now));
-                }
-            }
-        }
-        self.forget(key);
     }
 
     /// The TCP segment in `packet` and its connection's key (`sent`: the engine sends it,
@@ -760,10 +817,12 @@ impl LossRecovery {
         Some((p, key))
     }
 
-    /// A packet the engine sends.
-    pub(crate) fn on_transmit(&mut self, now: Micros, packet: &[u8]) -> Outbound {
-        let Some((p, key)) = self.live_segment(packet, true) else {
-            return Outbound::Send;
+    /// A packet the engine sends, written into a buffer from [`Self::buffer`]: the layer
+    /// keeps that buffer as its copy of the segment (or for reuse), so the packet is
+    /// copied once more only on its way to the device.
+    pub(crate) fn on_transmit(&mut self, now: Micros, packet: Vec<u8>) -> Outbound<'_> {
+        let Some((p, key)) = self.live_segment(&packet, true) else {
+            return self.queues.pass(packet);
         };
         if p.has(tcp_flags::SYN) {
             // A new connection (or a retransmitted SYN): start afresh after the SYN.
@@ -771,24 +830,27 @@ impl LossRecovery {
             let mut flow = Flow::new(now, p.seq.wrapping_add(1));
             flow.syn_sent_at = Some(now);
             self.flows.insert(key, flow);
-            return Outbound::Send;
+            return self.queues.pass(packet);
         }
         let seq_len = p.seq_len();
-        let flow = match self.flows.get_mut(&key) {
-            Some(flow) => flow,
-            None if seq_len > 0 => self.flows.entry(key).or_insert(Flow::new(now, p.seq)),
-            None => return Outbound::Send,
+        // The entry, not a reference into it, so the gap below can remove it while the
+        // segment kept at the end is lent out.
+        let mut entry = match self.flows.entry(key) {
+            Entry::Occupied(entry) => entry,
+            Entry::Vacant(entry) if seq_len > 0 => entry.insert_entry(Flow::new(now, p.seq)),
+            Entry::Vacant(_) => return self.queues.pass(packet),
         };
+        let flow = entry.get_mut();
         flow.last_activity = now;
         if p.has(tcp_flags::ACK) {
             flow.current = Current {
                 ack: p.ack,
                 window: p.window,
-                timestamps: timestamps(packet, p.tcp_at, p.payload_at),
+                timestamps: timestamps(&packet, p.tcp_at, p.payload_at),
             };
         }
         if seq_len == 0 {
-            return Outbound::Send;
+            return self.queues.pass(packet);
         }
         if seq_lt(p.seq, flow.next) {
             // smoltcp's own retransmission (its timeout went back to the first
@@ -796,24 +858,26 @@ impl LossRecovery {
             if seq_le(flow.una, p.seq) {
                 self.queues.counters.engine_retransmits += 1;
             }
-            return Outbound::Send;
+            return self.queues.pass(packet);
         }
         if p.seq != flow.next || self.tracked_bytes + packet.len() > self.limits.max_tracked_bytes {
             // A gap (the layer missed segments) or no room for a copy: what is held goes
             // out, and the connection is tracked afresh from a later segment.
             self.queues.counters.segments_untracked += 1;
-            self.untrack(&key, now);
-            return Outbound::Send;
+            self.tracked_bytes -= self.queues.untrack(entry.remove(), now);
+            return self.queues.pass(packet);
         }
+        let flow = entry.into_mut();
         let payload = u32::try_from(p.payload_len).unwrap_or(u32::MAX);
         flow.mss = flow.mss.max(payload).max(1);
         if flow.mss > DEFAULT_MSS && flow.segments.is_empty() && flow.rtt.srtt.is_none() {
             flow.cwnd = flow.cwnd.max(INITIAL_WINDOW_SEGMENTS * flow.mss);
         }
+        let packet_len = packet.len();
         flow.segments.push_back(Segment {
             seq: p.seq,
             len: seq_len,
-            packet: packet.to_vec(),
+            packet,
             tcp_at: p.tcp_at,
             payload_at: p.payload_at,
             released: false,
@@ -823,8 +887,8 @@ impl LossRecovery {
             lost: None,
         });
         flow.next = p.seq.wrapping_add(seq_len);
-        flow.bytes += packet.len();
-        self.tracked_bytes += packet.len();
+        flow.bytes += packet_len;
+        self.tracked_bytes += packet_len;
         self.queues.counters.segments_tracked += 1;
         // The newest segment goes at once when nothing is held before it and the window
         // and the pacer allow; otherwise it waits its turn.
@@ -836,7 +900,8 @@ impl LossRecovery {
             .checked_sub(2)
             .and_then(|i| flow.segments.get(i))
             .is_some_and(|s| !s.released);
-        let verdict = if !held_before && Self::may_release(flow, now, seq_len) {
+        let send = !held_before && Self::may_release(flow, now, seq_len);
+        if send {
             let was_idle = !flow.released_outstanding();
             if let Some(segment) = flow.segments.back_mut() {
                 segment.released = true;
@@ -847,13 +912,14 @@ impl LossRecovery {
                 flow.arm_rto(now);
             }
             flow.arm_tlp(now);
-            Outbound::Send
         } else {
             self.queues.counters.segments_paced += 1;
-            Outbound::Held
-        };
+        }
         self.queues.schedule(key, flow);
-        verdict
+        match flow.segments.back() {
+            Some(segment) if send => Outbound::Send(&segment.packet),
+            _ => Outbound::Held,
+        }
     }
 
     /// Whether `len` more bytes may go now: room in the congestion window and pacing
@@ -948,6 +1014,7 @@ impl LossRecovery {
                         self.queues.counters.spurious_retransmits += 1;
                     }
                 }
+                self.queues.recycle(segment.packet);
             }
             if let Some(rtt) = rtt_sample {
                 flow.rtt.sample(rtt);
@@ -1088,7 +1155,8 @@ impl LossRecovery {
                 flow.probed = true;
                 // The probe: new data if some is held back, else the last segment sent.
                 if let Some(index) = flow.segments.iter().position(|s| !s.released) {
-                    self.queues.out.extend(flow.release(index, now));
+                    let buffer = self.queues.buffer();
+                    self.queues.out.extend(flow.release(index, now, buffer));
                     self.queues.counters.retransmits_tlp += 1;
                 } else if let Some(segment) = flow
                     .segments

@@ -652,3 +652,23 @@ fn the_memory_cap_leaves_recovery_to_smoltcp() {
     assert!(c.segments_untracked > 0, "{c:?}");
     assert!(net.sender.device().core.as_ref().unwrap().tracked_bytes() <= 4 * 1024);
 }
+
+/// Copies of acknowledged segments are reused for new ones: a transfer of many windows
+/// allocates about a window's worth of buffers, not one per segment, and keeps at most
+/// its bound of spare ones.
+#[test]
+fn segment_copies_are_reused_not_allocated_per_segment() {
+    let mut net = Net::new(RecoveryConfig::enabled(), 64 * 1024, WireFaults::default());
+    let data = stream(2_000_000);
+    let (got, _) = net.transfer(&data, None);
+    assert!(got == data);
+    let c = net.counters();
+    let (fresh, spare) = net.sender.device().core.as_ref().unwrap().buffers();
+    assert!(c.segments_tracked > 1_000, "{c:?}");
+    assert!(
+        fresh * 5 < c.segments_tracked,
+        "{fresh} buffers allocated for {} segments",
+        c.segments_tracked
+    );
+    assert!(spare <= super::sender::MAX_SPARE_BUFFERS, "{spare} spare");
+}
