@@ -171,7 +171,11 @@ impl<T: phy::TxToken> phy::TxToken for RecoveryTx<'_, T> {
         let Some(core) = self.layer else {
             return self.inner.consume(len, f);
         };
+        // A reused buffer keeps an earlier packet's bytes: only a longer packet's new
+        // tail is zeroed, and smoltcp writes every byte, as it does into a UMEM frame
+        // (which nobody zeroes either).
         let mut packet = core.buffer();
+        packet.truncate(len);
         packet.resize(len, 0);
         let result = f(&mut packet);
         match core.on_transmit(self.now.total_micros(), packet) {

@@ -636,7 +636,8 @@ struct Queues {
 }
 
 impl Queues {
-    /// An empty buffer, reused when one is spare.
+    /// A buffer to overwrite, reused when one is spare (it still holds an earlier packet:
+    /// writers set its length and write every byte, as on a UMEM frame).
     fn buffer(&mut self) -> Vec<u8> {
         self.spare.pop().unwrap_or_else(|| {
             self.fresh_buffers += 1;
@@ -644,10 +645,11 @@ impl Queues {
         })
     }
 
-    /// Keeps `buffer` for reuse, if fewer than [`MAX_SPARE_BUFFERS`] are kept.
-    fn recycle(&mut self, mut buffer: Vec<u8>) {
+    /// Keeps `buffer` for reuse, if fewer than [`MAX_SPARE_BUFFERS`] are kept. Not
+    /// cleared: the next writer sets the length it needs without zeroing what it will
+    /// overwrite anyway.
+    fn recycle(&mut self, buffer: Vec<u8>) {
         if self.spare.len() < MAX_SPARE_BUFFERS {
-            buffer.clear();
             self.spare.push(buffer);
         }
     }
@@ -775,8 +777,8 @@ impl LossRecovery {
         }
     }
 
-    /// An empty buffer for the engine to write its next packet into (see
-    /// [`Self::on_transmit`]).
+    /// A buffer for the engine to write its next packet into (see [`Self::on_transmit`]);
+    /// it may hold an earlier packet's bytes.
     pub(crate) fn buffer(&mut self) -> Vec<u8> {
         self.queues.buffer()
     }
