@@ -13,7 +13,9 @@
 //! the data path.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::time::Instant;
@@ -108,7 +110,8 @@ fn register(timers: &mut TimerHeap, id: SessionId, slot: &mut Slot) {
 #[derive(Debug)]
 pub struct Manager {
     config: ManagerConfig,
-    sessions: HashMap<SessionId, Slot>,
+    /// By the manager's own ids, which no peer chooses: a fast hasher.
+    sessions: FxHashMap<SessionId, Slot>,
     timers: TimerHeap,
     next_id: u64,
     reserved: u64,
@@ -121,7 +124,7 @@ impl Manager {
     pub fn new(config: ManagerConfig) -> Self {
         Self {
             config,
-            sessions: HashMap::new(),
+            sessions: FxHashMap::default(),
             timers: BinaryHeap::new(),
             next_id: 0,
             reserved: 0,

@@ -55,7 +55,7 @@ mod transport;
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{BinaryHeap, VecDeque},
     io,
     net::SocketAddr,
     time::{Instant, SystemTime},
@@ -65,6 +65,7 @@ use ncp_replication::{
     Action, DetachReason, Manager, ManagerConfig, Refusal, ReplyCheckOutcome, Session, SessionId,
     Side,
 };
+use rustc_hash::FxHashMap;
 
 pub use consistency::ConsistencyBook;
 pub use plan::{ServicePlan, manager_config};
@@ -156,8 +157,9 @@ pub struct Driver<T: Transport> {
     transport: T,
     services: Vec<ServicePlan<T::Route>>,
     manager: Manager,
-    sessions: HashMap<SessionId, Entry<T::Conn>>,
-    conns: HashMap<T::Conn, Owner>,
+    // Keyed by the data plane's own ids, which no peer chooses: a fast hasher.
+    sessions: FxHashMap<SessionId, Entry<T::Conn>>,
+    conns: FxHashMap<T::Conn, Owner>,
     /// Sessions with work to do.
     ready: VecDeque<SessionId>,
     lingering: BinaryHeap<Reverse<(Instant, T::Conn)>>,
@@ -203,8 +205,8 @@ impl<T: Transport> Driver<T> {
             transport,
             services,
             manager: Manager::new(manager),
-            sessions: HashMap::new(),
-            conns: HashMap::new(),
+            sessions: FxHashMap::default(),
+            conns: FxHashMap::default(),
             ready: VecDeque::new(),
             lingering: BinaryHeap::new(),
             lingering_count: 0,

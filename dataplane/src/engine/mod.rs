@@ -42,6 +42,7 @@ use std::{
 };
 
 use ncp_common::wire::TcpSegment;
+use rustc_hash::FxHashMap;
 use smoltcp::{
     iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet},
     phy::Device,
@@ -360,7 +361,9 @@ pub struct Engine<D: EngineDevice> {
     free_slots: Vec<usize>,
     /// 4-tuple → slot: the dispatch in front of smoltcp.
     flows: HashMap<FlowKey, usize>,
-    conns: HashMap<ConnId, Conn>,
+    /// By the engine's own ids: a fast hasher (the flows above are keyed by tuples a
+    /// peer chooses and keep the standard keyed one).
+    conns: FxHashMap<ConnId, Conn>,
     /// Sockets to poll for output and to check for news in the next round: those that
     /// received a packet, that the caller touched or whose timer fired.
     dirty: Vec<usize>,
@@ -476,7 +479,7 @@ impl<D: EngineDevice> Engine<D> {
             socks: Vec::new(),
             free_slots: Vec::new(),
             flows: HashMap::new(),
-            conns: HashMap::new(),
+            conns: FxHashMap::default(),
             dirty: Vec::new(),
             rechecks: Vec::new(),
             round: 0,
