@@ -132,6 +132,13 @@ pub struct WorkerStatsView {
     pub rx_frames: u64,
     /// Bytes received from AF_XDP.
     pub rx_bytes: u64,
+    /// Frames placed on the AF_XDP TX rings of all the worker's links (absent from older
+    /// middleboxes' answers: zero then).
+    #[serde(default)]
+    pub tx_frames: u64,
+    /// `sendto` kicks on those rings: frames per kick is the TX batch size.
+    #[serde(default)]
+    pub tx_kicks: u64,
     /// Retransmissions by cause and segments tracked by the loss-recovery layer
     /// (absent from older middleboxes' answers: all zero then).
     #[serde(default)]
@@ -150,6 +157,8 @@ impl From<WorkerSnapshot> for WorkerStatsView {
             core: s.core,
             rx_frames: s.rx_frames,
             rx_bytes: s.rx_bytes,
+            tx_frames: s.tx_frames,
+            tx_kicks: s.tx_kicks,
             loss_recovery: s.loss_recovery,
             zero_copy: s.zero_copy,
         }

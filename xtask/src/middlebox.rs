@@ -239,13 +239,14 @@ pub fn xdp_counter(stats: &serde_json::Value, name: &str) -> u64 {
 
 /// Frames the workers took from their AF_XDP rings.
 pub fn worker_frames(stats: &serde_json::Value) -> u64 {
+    worker_counter(stats, "rx_frames")
+}
+
+/// A per-worker counter (`rx_frames`, `tx_frames`, `tx_kicks`, ...) summed over workers.
+pub fn worker_counter(stats: &serde_json::Value, name: &str) -> u64 {
     stats["workers"]
         .as_array()
-        .map(|ws| {
-            ws.iter()
-                .map(|w| w["rx_frames"].as_u64().unwrap_or(0))
-                .sum()
-        })
+        .map(|ws| ws.iter().map(|w| w[name].as_u64().unwrap_or(0)).sum())
         .unwrap_or(0)
 }
 

@@ -98,6 +98,8 @@ pub struct WorkerSpec {
 pub struct WorkerStats {
     rx_frames: AtomicU64,
     rx_bytes: AtomicU64,
+    tx_frames: AtomicU64,
+    tx_kicks: AtomicU64,
     wakeups: AtomicU64,
     poll_errors: AtomicU64,
     /// Whether every socket of the worker is bound in zero-copy mode.
@@ -129,6 +131,11 @@ pub struct WorkerSnapshot {
     pub rx_frames: u64,
     /// Bytes taken from that RX ring.
     pub rx_bytes: u64,
+    /// Frames placed on the TX rings of all its links.
+    pub tx_frames: u64,
+    /// `sendto` kicks on those rings (copy mode needs one per batch of at most 32
+    /// frames): frames per kick is the TX batch size.
+    pub tx_kicks: u64,
     /// Times the worker woke from `poll(2)`.
     pub wakeups: u64,
     /// Failed sleeps: `poll(2)` or the hand-over wake-up's eventfd returned an error.
@@ -235,6 +242,8 @@ pub fn snapshot(spec: &WorkerSpec, stats: &WorkerStats) -> WorkerSnapshot {
         core: spec.core,
         rx_frames: stats.rx_frames.load(Ordering::Relaxed),
         rx_bytes: stats.rx_bytes.load(Ordering::Relaxed),
+        tx_frames: stats.tx_frames.load(Ordering::Relaxed),
+        tx_kicks: stats.tx_kicks.load(Ordering::Relaxed),
         wakeups: stats.wakeups.load(Ordering::Relaxed),
         poll_errors: stats.poll_errors.load(Ordering::Relaxed),
         zero_copy: stats.zero_copy.load(Ordering::Relaxed),
@@ -496,6 +505,14 @@ fn publish(spec: &WorkerSpec, stats: &WorkerStats, replicator: &Replicator<Worke
         stats.rx_frames.store(c.rx_frames, Ordering::Relaxed);
         stats.rx_bytes.store(c.rx_bytes, Ordering::Relaxed);
     }
+    let (mut tx_frames, mut tx_kicks) = (0, 0);
+    for link in replicator.links() {
+        let c = link.engine.device().inner().inner().socket_counters();
+        tx_frames += c.tx_frames;
+        tx_kicks += c.tx_kicks;
+    }
+    stats.tx_frames.store(tx_frames, Ordering::Relaxed);
+    stats.tx_kicks.store(tx_kicks, Ordering::Relaxed);
     let mut recovery = RecoveryCounters::default();
     for link in replicator.links() {
         recovery.add(&link.engine.device().counters());

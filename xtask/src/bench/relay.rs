@@ -68,7 +68,7 @@ use super::{
 };
 use crate::{
     cmd::step,
-    middlebox::{Middlebox, ProcessTicks},
+    middlebox::{Middlebox, ProcessTicks, worker_counter},
 };
 
 /// Parallel streams per run.
@@ -451,6 +451,13 @@ fn profile_xdp(
     let mb = route
         .enter_on(bed, wiring, bins, PORT, &options.relay_tuning())?
         .context("the XDP route has a middlebox")?;
+    let tx = |stats: &serde_json::Value| {
+        [
+            worker_counter(stats, "tx_frames"),
+            worker_counter(stats, "tx_kicks"),
+        ]
+    };
+    let before = tx(&mb.stats()?);
     let recording = profile::Recording::start(&mb, name)?;
     let sample = measure(
         bed,
@@ -462,10 +469,16 @@ fn profile_xdp(
     );
     recording.finish()?;
     let sample = sample?;
+    let after = tx(&mb.stats()?);
+    let (frames, kicks) = (
+        after[0].saturating_sub(before[0]),
+        after[1].saturating_sub(before[1]),
+    );
     eprintln!(
-        "      -P {PROFILE_STREAMS} {:.3} Gbit/s under perf{}",
+        "      -P {PROFILE_STREAMS} {:.3} Gbit/s under perf{}; {frames} frames sent with {kicks} sendto kicks ({:.1} per kick)",
         sample.run.map_or(0.0, |r| r.bps / 1e9),
-        sample.replica_note()
+        sample.replica_note(),
+        frames as f64 / kicks.max(1) as f64
     );
     Ok(())
 }
