@@ -140,6 +140,11 @@ enum Task {
         /// inferno) and NAME.txt (top self-time entries).
         #[arg(long, value_name = "NAME")]
         profile: Option<String>,
+        /// How XDP mode's workers wait for frames in the relay experiments: the config's
+        /// top-level `poll` (`sleep`: poll(2) with need-wakeup; `busy`: spin on the rings,
+        /// a core per worker). Default: the data plane's own (sleep).
+        #[arg(long, value_parser = ["sleep", "busy"])]
+        poll: Option<String>,
     },
     /// The scale benchmark's sink, run by it inside a test-bed host: accepts connections
     /// on LISTEN, discards what they send, reports counters on stdout, exits when stdin
@@ -210,6 +215,7 @@ fn main() {
             replica_budget,
             spill_budget,
             profile,
+            poll,
         } => {
             let options = bench::Options {
                 repetitions: repetitions.max(1),
@@ -220,6 +226,7 @@ fn main() {
                 replica_budget,
                 spill_budget,
                 profile,
+                poll,
                 ..bench::Options::default()
             };
             bench::bench(

@@ -134,6 +134,8 @@ pub struct Options {
     /// Profile XDP mode instead of measuring (relay experiment only): one -P 8 run under
     /// `perf record`, written as `bench-results/profile/<name>.{folded,svg,txt}`.
     pub profile: Option<String>,
+    /// The middlebox's top-level `poll` in the relay experiments (None: its default).
+    pub poll: Option<String>,
     /// Where JSON, plots and the report go: `bench-results/` for a run of every
     /// experiment, `bench-results/partial/` for a run of some. Set by [`bench`] from the
     /// experiments it runs.
@@ -162,9 +164,14 @@ impl Options {
                 dir.display()
             );
         }
+        let top = self
+            .poll
+            .as_ref()
+            .map_or(String::new(), |p| format!("poll = \"{p}\"\n"));
         if self.tcp_buffer.is_none() && loss_recovery.is_none() {
             return routes::Tuning {
                 service,
+                top,
                 ..routes::Tuning::default()
             };
         }
@@ -180,6 +187,7 @@ impl Options {
         }
         routes::Tuning {
             ports: None,
+            top,
             tables: tcp,
             service,
         }
@@ -494,4 +502,25 @@ fn is_complete(experiments: &[Experiment]) -> bool {
     Experiment::value_variants()
         .iter()
         .all(|e| experiments.contains(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_mode_is_a_top_level_key_whatever_tables_follow() {
+        for tcp_buffer in [None, Some(1 << 20)] {
+            let options = Options {
+                poll: Some("busy".into()),
+                tcp_buffer,
+                ..Options::default()
+            };
+            let t = options.relay_tuning();
+            assert_eq!(t.top, "poll = \"busy\"\n");
+            // Written before the first table header, so TOML reads it at the top level.
+            assert!(!t.top.contains('['), "{t:?}");
+        }
+        assert_eq!(Options::default().relay_tuning().top, "");
+    }
 }

@@ -170,6 +170,8 @@ impl Wiring {
 /// Middlebox settings beyond the defaults, for an experiment that takes it to its limits.
 #[derive(Clone, Debug, Default)]
 pub struct Tuning {
+    /// Top-level keys, written before any table (`poll`).
+    pub top: String,
     /// Owned port range of every interface (the XDP data plane's upstream ports).
     pub ports: Option<(u16, u16)>,
     /// Top-level tables appended to the configuration (`[limits]`, `[tcp]`).
@@ -379,11 +381,12 @@ fn middlebox_config(
         format!("ports = {{ first = {first}, last = {last} }}\n")
     });
     Ok(format!(
-        "control_socket = \"{}\"\n\
+        "{}control_socket = \"{}\"\n\
          [[interfaces]]\nname = \"{}\"\naddress = \"{}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
          [[interfaces]]\nname = \"{}\"\naddress = \"{}\"\n{ports}queues = [{{ queue = 0, core = 1 }}]\n\
          [[services]]\nname = \"bench\"\nprimary = \"{primary}:{port}\"\nclients = \"{source}/32\"\n\
          replicas = [{replicas}]\n{extra}{}{}",
+        tuning.top,
         socket.display(),
         mb0.name,
         mb0.address,

@@ -195,6 +195,7 @@ fn tuning(most: usize) -> Tuning {
     let max_buffer_bytes = max_sessions as u64 * (8 << 20);
     Tuning {
         ports: Some(PORTS),
+        top: String::new(),
         service: String::new(),
         tables: format!(
             "[limits]\nmax_sessions = {max_sessions}\nmax_buffer_bytes = {max_buffer_bytes}\n\
