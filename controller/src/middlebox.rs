@@ -326,15 +326,15 @@ fn running_services(answer: &str) -> Option<BTreeSet<String>> {
     struct Named {
         name: String,
     }
+    /// Any answer (`result` present); the list only in a `services` one.
     #[derive(Deserialize)]
     struct ServicesAnswer {
+        #[serde(rename = "result")]
+        _result: String,
         #[serde(default)]
         services: Vec<Named>,
     }
-    serde_json::from_str::<Answer>(answer).ok()?;
-    let listed: ServicesAnswer = serde_json::from_str(answer).unwrap_or(ServicesAnswer {
-        services: Vec::new(),
-    });
+    let listed: ServicesAnswer = serde_json::from_str(answer).ok()?;
     Some(listed.services.into_iter().map(|n| n.name).collect())
 }
 

@@ -808,10 +808,6 @@ impl Scene {
         Ok(())
     }
 
-    fn ncpd_pid(&self) -> Option<i32> {
-        self.ncpd
-    }
-
     /// The middlebox's configuration: one worker on core 1 for each of its NICs.
     fn middlebox_config(&self) -> anyhow::Result<String> {
         let mb = self.bed.address("middlebox", "eth0")?;

@@ -599,11 +599,7 @@ impl Cost {
         let figure = if self.per_gbit.is_empty() {
             "—".to_owned()
         } else {
-            format!(
-                "{:.2}{}",
-                median(&self.per_gbit),
-                spread(&self.per_gbit, |v| format!("{v:.2}"))
-            )
+            median_with_spread(&self.per_gbit, 2)
         };
         (
             figure,
@@ -713,11 +709,7 @@ fn table(rows: &[Row]) -> String {
         let gbps = if row.gbps.iter().all(|&g| g == 0.0) {
             "failed".to_owned()
         } else {
-            format!(
-                "{:.3}{}",
-                median(&row.gbps),
-                spread(&row.gbps, |v| format!("{v:.3}"))
-            )
+            median_with_spread(&row.gbps, 3)
         };
         let (machine, machine_share) = row.machine.cells();
         let (tasks, tasks_share) = row.tasks.cells();
@@ -733,11 +725,7 @@ fn table(rows: &[Row]) -> String {
         let others = if row.others_cores.is_empty() {
             "—".to_owned()
         } else {
-            format!(
-                "{:.2}{}",
-                median(&row.others_cores),
-                spread(&row.others_cores, |v| format!("{v:.2}"))
-            )
+            median_with_spread(&row.others_cores, 2)
         };
         let _ = writeln!(
             md,
@@ -747,6 +735,16 @@ fn table(rows: &[Row]) -> String {
     }
     md.push('\n');
     md
+}
+
+/// A table cell: the median of `values` and, with several rounds, their range, both with
+/// `decimals` digits.
+fn median_with_spread(values: &[f64], decimals: usize) -> String {
+    format!(
+        "{:.decimals$}{}",
+        median(values),
+        spread(values, |v| format!("{v:.decimals$}"))
+    )
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use ncp_testbed::{Testbed, workload};
 use super::{OPENFLOW, PREFIX, REDIS_PORT, Scene, WORK};
 use crate::{cmd::step, middlebox::Middlebox, setup};
 use outcome::{Outcome, outcome, parse_log, replica_keys};
+use writer::now_us;
 pub use writer::writer_main;
 
 /// Length of each fault's run, when the fault strikes, and the writer's pace.
@@ -245,12 +246,6 @@ fn run_matrix(scene: &mut Scene, chosen: &[Fault]) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 impl Matrix<'_> {
     fn run(&mut self, fault: Fault) -> anyhow::Result<Row> {
         self.ready_for_next()?;
@@ -342,6 +337,22 @@ impl Matrix<'_> {
         Ok(replica_keys(&out))
     }
 
+    /// Kills `host`'s Redis (SIGKILL, as a crash), waits `down`, starts it again (empty);
+    /// returns the restart's time (Unix microseconds).
+    fn crash_redis(&mut self, host: &str, down: Duration) -> anyhow::Result<u64> {
+        let redis = if host == "primary" {
+            &mut self.primary_redis
+        } else {
+            &mut self.replica_redis
+        };
+        kill(redis, libc::SIGKILL);
+        let _ = redis.wait();
+        std::thread::sleep(down);
+        let repair = now_us();
+        *redis = self.scene.start_redis(host)?;
+        Ok(repair)
+    }
+
     /// Strikes `fault` and repairs it; returns what was done, the repair's time (Unix
     /// microseconds) and what the fault itself showed.
     fn inject(&mut self, fault: Fault) -> anyhow::Result<(String, u64, String)> {
@@ -359,18 +370,11 @@ impl Matrix<'_> {
                     format!("new middlebox ready {ready:.1} s after its start"),
                 )
             }
-            Fault::ReplicaKilled => {
-                kill(&self.replica_redis, libc::SIGKILL);
-                let _ = self.replica_redis.wait();
-                std::thread::sleep(Duration::from_secs(2));
-                let repair = now_us();
-                self.replica_redis = self.scene.start_redis("replica")?;
-                (
-                    "replica Redis SIGKILL, restarted empty after 2 s".into(),
-                    repair,
-                    String::new(),
-                )
-            }
+            Fault::ReplicaKilled => (
+                "replica Redis SIGKILL, restarted empty after 2 s".into(),
+                self.crash_redis("replica", Duration::from_secs(2))?,
+                String::new(),
+            ),
             Fault::ReplicaStopped => {
                 kill(&self.replica_redis, libc::SIGSTOP);
                 std::thread::sleep(Duration::from_secs(3));
@@ -382,6 +386,7 @@ impl Matrix<'_> {
                 )
             }
             Fault::ReplicaReset => {
+                let port = format!(":{REDIS_PORT}");
                 let out = self.scene.bed.exec(
                     "replica",
                     &[
@@ -393,12 +398,12 @@ impl Matrix<'_> {
                         "established",
                         "sport",
                         "=",
-                        ":6379",
+                        &port,
                     ],
                 )?;
                 let aborted = String::from_utf8_lossy(&out.stdout)
                     .lines()
-                    .filter(|l| l.contains(":6379"))
+                    .filter(|l| l.contains(&port))
                     .count();
                 (
                     "the replica's connections aborted (ss -K)".into(),
@@ -406,22 +411,15 @@ impl Matrix<'_> {
                     format!("{aborted} connection(s) aborted"),
                 )
             }
-            Fault::PrimaryRestart => {
-                kill(&self.primary_redis, libc::SIGKILL);
-                let _ = self.primary_redis.wait();
-                std::thread::sleep(Duration::from_secs(1));
-                let repair = now_us();
-                self.primary_redis = self.scene.start_redis("primary")?;
-                (
-                    "primary Redis SIGKILL, restarted empty after 1 s".into(),
-                    repair,
-                    String::new(),
-                )
-            }
+            Fault::PrimaryRestart => (
+                "primary Redis SIGKILL, restarted empty after 1 s".into(),
+                self.crash_redis("primary", Duration::from_secs(1))?,
+                String::new(),
+            ),
             Fault::NcpdKilled => {
                 // Wiping a switch makes ncpd reinstall its rules; it dies in the middle.
                 self.scene.bed.recreate_bridge("prod")?;
-                let pid = self.scene.ncpd_pid().context("ncpd is not running")?;
+                let pid = self.scene.ncpd.context("ncpd is not running")?;
                 ncp_testbed::cmd::kill(pid, libc::SIGKILL);
                 std::thread::sleep(Duration::from_secs(1));
                 let repair = now_us();

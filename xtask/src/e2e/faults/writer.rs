@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// it counts as failed.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn now_us() -> u64 {
+/// Unix time in microseconds: the clock both the writer and the fault driver stamp with.
+pub(super) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
