@@ -146,7 +146,9 @@ pub struct ServiceConfig {
     pub record: Option<RecordSpec>,
     /// Compare each replica's answers with the primary's to detect a replica that has
     /// diverged (`"replies"`), or not (`"off"`, the default: only a service that answers
-    /// the same bytes to the same requests can be verified; see the README).
+    /// the same bytes to the same requests can be verified; see the README). A verified
+    /// session ends only once each replica has answered as much as the primary (or
+    /// closed, or the 10 s drain time ran out).
     #[serde(default)]
     pub verify: Verify,
     /// With `verify = "replies"`: most answer bytes held, per replica and session, while

@@ -19,6 +19,10 @@
 //! - When client and primary are both done, replicas still catching up get
 //!   `drain_timeout` to finish; the rest are detached with [`DetachReason::DrainTimeout`].
 //!   Replicas are never waited for beyond that, so a session always ends in bounded time.
+//!   A session that verifies answers also waits, within the same `drain_timeout`, for
+//!   each replica that has all its bytes to answer as much as the primary did (or to
+//!   close): the tail of the answer is where missed last writes show. Running out of
+//!   time there only ends the comparison; it is no detach.
 //! - Spilling (`spill_budget_bytes` above 0): a replica that would fall more than its
 //!   budget behind is not detached; its whole in-memory backlog is moved to its on-disk
 //!   spool instead ([`Action::Spill`], [`Session::take_spill`]), freeing the memory. It is
@@ -583,6 +587,13 @@ impl Session {
             Side::Replica(i) => match self.replicas.get(usize::from(i)) {
                 Some(Link::Connecting) => self.detach(i, DetachReason::Refused),
                 Some(Link::Open) => self.detach(i, DetachReason::Died),
+                Some(Link::FinSent) => {
+                    // It had everything; only its answer is cut short.
+                    if let Some(v) = &mut self.verify {
+                        v.stop(i);
+                    }
+                    self.stats.ignored_inputs += 1;
+                }
                 _ => self.stats.ignored_inputs += 1,
             },
         }
@@ -611,8 +622,13 @@ impl Session {
                     });
                 }
             }
-            // A replica closing its sending half changes nothing: it may still receive.
-            Side::Replica(_) => {}
+            // A replica closing its sending half changes nothing on the way to it (it
+            // may still receive), but its answer is over: nothing more to compare.
+            Side::Replica(i) => {
+                if let Some(v) = &mut self.verify {
+                    v.stop(i);
+                }
+            }
             _ => self.stats.ignored_inputs += 1,
         }
         self.progress(now);
@@ -831,6 +847,10 @@ impl Session {
                     {
                         self.detach(i, DetachReason::DrainTimeout);
                     }
+                }
+                // Answers still awaited are not compared any further.
+                if let Some(v) = &mut self.verify {
+                    (0..self.config.replica_count).for_each(|i| v.stop(i));
                 }
             }
             _ => {}
@@ -1140,6 +1160,16 @@ impl Session {
         self.finish();
     }
 
+    /// Whether a replica that has all its bytes still owes answers to compare.
+    fn awaits_answers(&self) -> bool {
+        let Some(v) = &self.verify else {
+            return false;
+        };
+        (0u16..)
+            .zip(&self.replicas)
+            .any(|(i, l)| *l == Link::FinSent && v.is_behind(i))
+    }
+
     fn finish(&mut self) {
         self.spools.iter_mut().for_each(|s| *s = Spool::default());
         self.upstream.detach_all();
@@ -1196,7 +1226,7 @@ impl Session {
         if !main_done {
             return;
         }
-        if !self.replicas.iter().any(|l| l.is_live()) {
+        if !self.replicas.iter().any(|l| l.is_live()) && !self.awaits_answers() {
             self.finish();
         } else if self.phase == Phase::Open {
             self.phase = Phase::Draining(now.checked_add(self.config.drain_timeout));

@@ -21,8 +21,9 @@
 //!   excerpt of both sides);
 //! - a replica that answers more than the primary did, once the primary has closed its
 //!   answer (FIN), mismatches at the primary's length;
-//! - a replica that answers less (because it was detached, or the session ended before
-//!   the rest arrived) is no mismatch: what it did not say cannot be compared. A detach
+//! - a replica that answers less (because it was detached, closed its answer early, or
+//!   did not finish within the session's drain time) is no mismatch: what it did not say
+//!   cannot be compared. A detach
 //!   is reported on its own ([`crate::Action::Detached`]).
 
 use std::collections::VecDeque;
@@ -137,6 +138,15 @@ impl ReplyVerifier {
         matches!(
             self.checks.get(usize::from(replica)),
             Some(Check::Comparing { .. })
+        )
+    }
+
+    /// Whether `replica` is still being compared and has answered less than the primary
+    /// so far: the rest of its answer is still to come (or will never come).
+    pub fn is_behind(&self, replica: u16) -> bool {
+        matches!(
+            self.checks.get(usize::from(replica)),
+            Some(Check::Comparing { offset, .. }) if *offset < self.primary_len
         )
     }
 
@@ -293,7 +303,8 @@ impl ReplyVerifier {
         self.trim();
     }
 
-    /// `replica` is no longer read (detached): it is not judged any further.
+    /// `replica` is no longer read (detached), or its answer has ended (its FIN): it is
+    /// not judged any further.
     pub fn stop(&mut self, replica: u16) {
         let slot = usize::from(replica);
         if matches!(self.checks.get(slot), Some(Check::Comparing { .. })) {

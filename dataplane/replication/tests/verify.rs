@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Clock, actions, config, connected, drain};
 use ncp_replication::{Action, DetachReason, ReplyCheckOutcome, SessionConfig, Side};
 
@@ -178,4 +180,93 @@ fn verification_off_changes_nothing_and_the_window_counts_in_the_reservation() {
     assert!(too_big.validate().is_err());
     too_big.verify_window_bytes = 1 << 20;
     assert!(too_big.validate().is_ok());
+}
+
+/// Client writes, the primary answers everything and both sides close; the replica has
+/// all its bytes (our FIN sent) but has not answered yet.
+fn ended_before_the_replica_answered(clock: &Clock, answer: &[u8]) -> ncp_replication::Session {
+    let mut s = connected(verifying(1, 64 << 10), clock);
+    let now = clock.now();
+    s.on_data(Side::Client, b"SET k v\r\n", now)
+        .expect("client data");
+    s.on_fin(Side::Client, now).expect("client FIN");
+    drain(&mut s, Side::Primary, now);
+    drain(&mut s, Side::Replica(0), now);
+    s.on_data(Side::Primary, answer, now).expect("answer");
+    s.on_fin(Side::Primary, now).expect("primary FIN");
+    drain(&mut s, Side::Client, now);
+    let acts = actions(&mut s);
+    assert!(acts.contains(&Action::Close(Side::Replica(0))), "{acts:?}");
+    assert!(acts.contains(&Action::Close(Side::Client)), "{acts:?}");
+    assert!(
+        !acts.contains(&Action::Finished),
+        "the replica's answer is still owed: {acts:?}"
+    );
+    s
+}
+
+#[test]
+fn the_tail_of_a_slow_replicas_answer_is_compared_before_the_session_ends() {
+    let mut clock = Clock::new();
+    let answer = answers(300);
+    let mut s = ended_before_the_replica_answered(&clock, &answer);
+    let (head, tail) = answer.split_at(answer.len() - 10);
+    let now = clock.advance(Duration::from_millis(500));
+    s.on_data(Side::Replica(0), head, now).unwrap();
+    assert!(actions(&mut s).is_empty(), "ten bytes still owed");
+    s.on_data(Side::Replica(0), tail, now).unwrap();
+    assert_eq!(actions(&mut s), vec![Action::Finished]);
+    assert_eq!(s.reply_bytes_compared(0), answer.len() as u64);
+    assert_eq!(s.reply_mismatch(0), None);
+}
+
+#[test]
+fn a_wrong_tail_is_a_mismatch_even_after_client_and_primary_are_done() {
+    let clock = Clock::new();
+    let answer = answers(40);
+    let mut s = ended_before_the_replica_answered(&clock, &answer);
+    let mut wrong = answer.clone();
+    let last = wrong.len() - 3;
+    wrong[last] = b'X';
+    s.on_data(Side::Replica(0), &wrong, clock.now()).unwrap();
+    assert_eq!(
+        actions(&mut s),
+        vec![
+            Action::ReplyCheck {
+                replica: 0,
+                outcome: ReplyCheckOutcome::Mismatch
+            },
+            Action::Finished
+        ]
+    );
+    assert_eq!(s.reply_mismatch(0).map(|m| m.offset), Some(last as u64));
+}
+
+#[test]
+fn an_answer_that_never_comes_ends_at_the_drain_deadline_without_a_detach() {
+    let mut clock = Clock::new();
+    let answer = answers(10);
+    let mut s = ended_before_the_replica_answered(&clock, &answer);
+    let deadline = s.poll_timeout().expect("the drain deadline");
+    assert_eq!(deadline, clock.now() + config(1).drain_timeout);
+    s.handle_timeout(clock.advance(Duration::from_secs(1)));
+    assert!(actions(&mut s).is_empty(), "early: nothing yet");
+    clock.offset = config(1).drain_timeout;
+    s.handle_timeout(clock.now());
+    assert_eq!(actions(&mut s), vec![Action::Finished]);
+    assert_eq!(s.stats().detached.total(), 0);
+    assert_eq!(s.reply_mismatch(0), None);
+}
+
+#[test]
+fn a_replica_closing_its_short_answer_ends_the_wait_without_a_mismatch() {
+    let clock = Clock::new();
+    let answer = answers(10);
+    let mut s = ended_before_the_replica_answered(&clock, &answer);
+    s.on_data(Side::Replica(0), &answer[..7], clock.now())
+        .unwrap();
+    s.on_fin(Side::Replica(0), clock.now()).unwrap();
+    assert_eq!(actions(&mut s), vec![Action::Finished]);
+    assert_eq!(s.reply_bytes_compared(0), 7);
+    assert_eq!(s.reply_mismatch(0), None);
 }
