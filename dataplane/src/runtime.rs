@@ -25,6 +25,7 @@ use crate::{
     offline::{recorder::RecordHandle, services::ServiceRecorders},
     rules::RedirectRule,
     xdp::handover::{self, Handover, Ownership, Waker},
+    xdp::kernel_ports,
     xdp::steering::{AttachedMode, Steering},
     xdp::transport::{self, CLIENT_LINK, ReplicationStats, ServicePlan},
     xdp::worker::{self, LinkSpec, Worker, WorkerSpec, WorkerStats},
@@ -112,6 +113,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let consistency = ConsistencyBook::new();
     raise_memlock_limit();
     warn_of_arp_flux(config);
+    warn_of_kernel_ports(config);
     let mut steerings = Vec::new();
     for iface in &config.interfaces {
         let mut steering = Steering::attach(&iface.name, iface.xdp_mode)
@@ -469,6 +471,41 @@ fn warn_of_arp_flux(config: &Config) {
              a controller may learn the middlebox on the wrong switch port: set \
              net.ipv4.conf.all.arp_ignore=1 and arp_announce=2"
         );
+    }
+}
+
+/// Warns when the kernel may hand out the workers' upstream ports as its own ephemeral
+/// ports (see [`crate::xdp::kernel_ports`] for what goes wrong then).
+fn warn_of_kernel_ports(config: &Config) {
+    let read = |name: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"));
+    let ephemeral = read("ip_local_port_range")
+        .ok()
+        .and_then(|t| kernel_ports::parse_port_range(&t));
+    let reserved = read("ip_local_reserved_ports")
+        .ok()
+        .and_then(|t| kernel_ports::parse_reserved(&t));
+    let (Some(ephemeral), Some(reserved)) = (ephemeral, reserved) else {
+        tracing::debug!("could not read the kernel's ephemeral and reserved ports");
+        return;
+    };
+    for iface in &config.interfaces {
+        let ours = iface.ports;
+        if let Some((count, first)) = kernel_ports::unreserved_ephemeral(ours, ephemeral, &reserved)
+        {
+            tracing::warn!(
+                interface = %iface.name,
+                ports = %format!("{}-{}", ours.first, ours.last),
+                open = count,
+                first_open = first,
+                kernel_ephemeral = %format!("{}-{}", ephemeral.0, ephemeral.1),
+                "the kernel may take these upstream ports for its own connections, which \
+                 then lose their answers to the workers, and servers holding such a \
+                 connection in TIME-WAIT stall ours for a second: reserve them with \
+                 sysctl -w net.ipv4.ip_local_reserved_ports={}-{}",
+                ours.first,
+                ours.last
+            );
+        }
     }
 }
 

@@ -503,6 +503,10 @@ pub fn create_namespace(name: &str) -> Result<()> {
     // with Linux's default it answers on both, and a controller that asks for the
     // middlebox's production address may learn it on the replication switch (ARP flux;
     // the fault matrix's ncpd restart hit exactly that).
+    // The XDP data plane's default upstream ports are reserved, as its configuration
+    // asks: a kernel connection from the middlebox's address (the sockets data plane of
+    // the cell before, in a benchmark) would otherwise leave the same four-tuple in a
+    // server's TIME-WAIT, and the XDP data plane's SYN on it waited a second.
     cmd::run(&[
         "ip",
         "netns",
@@ -515,6 +519,7 @@ pub fn create_namespace(name: &str) -> Result<()> {
         "net.ipv6.conf.default.disable_ipv6=1",
         "net.ipv4.conf.all.arp_ignore=1",
         "net.ipv4.conf.all.arp_announce=2",
+        "net.ipv4.ip_local_reserved_ports=40000-49999",
     ])?;
     cmd::run(&["ip", "-n", name, "link", "set", "lo", "up"])?;
     Ok(())

@@ -165,13 +165,16 @@ fn paper_topology_pings_both_networks_and_carries_tcp() {
             assert!(k.contains("tx-checksumming: off"), "{root} tx offload");
             assert_eq!(ovs_get("interface", &root, "ofport"), port.to_string());
         }
-        let v6 = bed
-            .exec(host, &["sysctl", "-n", "net.ipv6.conf.all.disable_ipv6"])
-            .expect("sysctl");
+        let sysctl = |key: &str| {
+            let out = bed.exec(host, &["sysctl", "-n", key]).expect("sysctl");
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        assert_eq!(sysctl("net.ipv6.conf.all.disable_ipv6"), "1", "{host} IPv6");
+        // The XDP data plane's default upstream ports are the kernel's no more.
         assert_eq!(
-            String::from_utf8_lossy(&v6.stdout).trim(),
-            "1",
-            "{host} IPv6"
+            sysctl("net.ipv4.ip_local_reserved_ports"),
+            "40000-49999",
+            "{host} reserved ports"
         );
         let addrs = bed.exec(host, &["ip", "-6", "-o", "addr"]).expect("ip -6");
         assert!(addrs.stdout.is_empty(), "{host} has IPv6 addresses");
