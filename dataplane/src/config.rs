@@ -391,6 +391,13 @@ pub struct PortRange {
     pub last: u16,
 }
 
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
 impl Default for PortRange {
     fn default() -> Self {
         Self {

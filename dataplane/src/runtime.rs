@@ -453,9 +453,7 @@ fn warn_of_arp_flux(config: &Config) {
         return;
     }
     let read = |scope: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{scope}/arp_ignore"))
-            .ok()
-            .and_then(|v| v.trim().parse::<u8>().ok())
+        ipv4_sysctl(&format!("conf/{scope}/arp_ignore")).and_then(|v| v.trim().parse::<u8>().ok())
     };
     let all = read("all").unwrap_or(0);
     let flux: Vec<&str> = config
@@ -477,13 +475,10 @@ fn warn_of_arp_flux(config: &Config) {
 /// Warns when the kernel may hand out the workers' upstream ports as its own ephemeral
 /// ports (see [`crate::xdp::kernel_ports`] for what goes wrong then).
 fn warn_of_kernel_ports(config: &Config) {
-    let read = |name: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"));
-    let ephemeral = read("ip_local_port_range")
-        .ok()
-        .and_then(|t| kernel_ports::parse_port_range(&t));
-    let reserved = read("ip_local_reserved_ports")
-        .ok()
-        .and_then(|t| kernel_ports::parse_reserved(&t));
+    let ephemeral =
+        ipv4_sysctl("ip_local_port_range").and_then(|t| kernel_ports::parse_port_range(&t));
+    let reserved =
+        ipv4_sysctl("ip_local_reserved_ports").and_then(|t| kernel_ports::parse_reserved(&t));
     let (Some(ephemeral), Some(reserved)) = (ephemeral, reserved) else {
         tracing::debug!("could not read the kernel's ephemeral and reserved ports");
         return;
@@ -497,7 +492,7 @@ fn warn_of_kernel_ports(config: &Config) {
                 ports = %format!("{}-{}", ours.first, ours.last),
                 open = count,
                 first_open = first,
-                kernel_ephemeral = %format!("{}-{}", ephemeral.0, ephemeral.1),
+                kernel_ephemeral = %format!("{}-{}", ephemeral.first, ephemeral.last),
                 "the kernel may take these upstream ports for its own connections, which \
                  then lose their answers to the workers, and servers holding such a \
                  connection in TIME-WAIT stall ours for a second: reserve them with \
@@ -507,6 +502,12 @@ fn warn_of_kernel_ports(config: &Config) {
             );
         }
     }
+}
+
+/// A setting under `/proc/sys/net/ipv4/` of the middlebox's network namespace, if it
+/// can be read.
+fn ipv4_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{path}")).ok()
 }
 
 /// Whether an interface answers ARP for addresses of other interfaces: the kernel uses

@@ -503,10 +503,12 @@ pub fn create_namespace(name: &str) -> Result<()> {
     // with Linux's default it answers on both, and a controller that asks for the
     // middlebox's production address may learn it on the replication switch (ARP flux;
     // the fault matrix's ncpd restart hit exactly that).
-    // The XDP data plane's default upstream ports are reserved, as its configuration
-    // asks: a kernel connection from the middlebox's address (the sockets data plane of
-    // the cell before, in a benchmark) would otherwise leave the same four-tuple in a
-    // server's TIME-WAIT, and the XDP data plane's SYN on it waited a second.
+    // The XDP data plane's default upstream ports (`PortRange::default` of
+    // `ncp-dataplane`, which this crate does not depend on) are reserved, as its
+    // configuration asks: a kernel connection from the middlebox's address (the sockets
+    // data plane of the cell before, in a benchmark) would otherwise leave the same
+    // four-tuple in a server's TIME-WAIT, and the XDP data plane's SYN on it waited a
+    // second.
     cmd::run(&[
         "ip",
         "netns",

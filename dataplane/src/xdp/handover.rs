@@ -81,10 +81,7 @@ impl Ownership {
         let segment = TcpSegment::parse(packet, 0).ok()??;
         let (src, dst) = (segment.src, segment.dst);
         if *dst.ip() == self.own_addr {
-            return self
-                .shares
-                .iter()
-                .position(|s| (s.first..=s.last).contains(&dst.port()));
+            return self.shares.iter().position(|s| s.contains(dst.port()));
         }
         let mut key = [0u8; 12];
         key[..4].copy_from_slice(&src.ip().octets());

@@ -19,37 +19,27 @@ use crate::config::PortRange;
 /// ephemeral range and not reserved. Returns how many there are and the first of them.
 pub fn unreserved_ephemeral(
     ours: PortRange,
-    ephemeral: (u16, u16),
-    reserved: &[(u16, u16)],
+    ephemeral: PortRange,
+    reserved: &[PortRange],
 ) -> Option<(u32, u16)> {
-    let low = ours.first.max(ephemeral.0);
-    let high = ours.last.min(ephemeral.1);
-    if low > high {
-        return None;
-    }
-    let mut count = 0u32;
-    let mut first = None;
-    for port in low..=high {
-        if !reserved.iter().any(|&(a, b)| (a..=b).contains(&port)) {
-            count += 1;
-            first.get_or_insert(port);
-        }
-    }
-    first.map(|f| (count, f))
+    let mut open = (ours.first.max(ephemeral.first)..=ours.last.min(ephemeral.last))
+        .filter(|&port| !reserved.iter().any(|r| r.contains(port)));
+    let first = open.next()?;
+    Some((u32::try_from(open.count() + 1).unwrap_or(u32::MAX), first))
 }
 
 /// Parses `net.ipv4.ip_local_port_range` ("32768\t60999").
-pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+pub fn parse_port_range(text: &str) -> Option<PortRange> {
     let mut fields = text.split_whitespace().map(str::parse::<u16>);
     match (fields.next(), fields.next(), fields.next()) {
-        (Some(Ok(low)), Some(Ok(high)), None) if low <= high => Some((low, high)),
+        (Some(Ok(first)), Some(Ok(last)), None) => range(first, last),
         _ => None,
     }
 }
 
 /// Parses `net.ipv4.ip_local_reserved_ports` ("", "40000-49999,50100"). A malformed
 /// list is `None`, so the caller can say it could not tell instead of guessing.
-pub fn parse_reserved(text: &str) -> Option<Vec<(u16, u16)>> {
+pub fn parse_reserved(text: &str) -> Option<Vec<PortRange>> {
     let text = text.trim();
     if text.is_empty() {
         return Some(Vec::new());
@@ -57,11 +47,15 @@ pub fn parse_reserved(text: &str) -> Option<Vec<(u16, u16)>> {
     text.split(',')
         .map(|item| {
             let item = item.trim();
-            let (low, high) = item.split_once('-').unwrap_or((item, item));
-            let (low, high) = (low.parse::<u16>().ok()?, high.parse::<u16>().ok()?);
-            (low <= high).then_some((low, high))
+            let (first, last) = item.split_once('-').unwrap_or((item, item));
+            range(first.parse().ok()?, last.parse().ok()?)
         })
         .collect()
+}
+
+/// A range, if it is one (first not after last).
+fn range(first: u16, last: u16) -> Option<PortRange> {
+    (first <= last).then_some(PortRange { first, last })
 }
 
 #[cfg(test)]
@@ -72,11 +66,16 @@ mod tests {
         first: 40000,
         last: 49999,
     };
+    /// Linux's default ephemeral range.
+    const LINUX: PortRange = PortRange {
+        first: 32768,
+        last: 60999,
+    };
 
     #[test]
     fn the_default_range_inside_linuxs_ephemeral_range_clashes_until_reserved() {
         let linux = parse_port_range("32768\t60999\n");
-        assert_eq!(linux, Some((32768, 60999)));
+        assert_eq!(linux, range(32768, 60999));
         let linux = linux.expect("parsed");
         assert_eq!(unreserved_ephemeral(OURS, linux, &[]), Some((10000, 40000)));
         let reserved = parse_reserved("40000-49999\n").expect("parsed");
@@ -87,12 +86,12 @@ mod tests {
     fn a_partly_reserved_or_partly_ephemeral_range_counts_only_the_open_ports() {
         let reserved = parse_reserved("40000-40099,40100,45000-49999").expect("parsed");
         assert_eq!(
-            unreserved_ephemeral(OURS, (32768, 60999), &reserved),
+            unreserved_ephemeral(OURS, LINUX, &reserved),
             Some((4899, 40101))
         );
         // The kernel hands out only up to 44999 here.
         assert_eq!(
-            unreserved_ephemeral(OURS, (32768, 44999), &[]),
+            unreserved_ephemeral(OURS, range(32768, 44999).expect("range"), &[]),
             Some((5000, 40000))
         );
     }
@@ -103,7 +102,7 @@ mod tests {
             first: 61000,
             last: 65535,
         };
-        assert_eq!(unreserved_ephemeral(high, (32768, 60999), &[]), None);
+        assert_eq!(unreserved_ephemeral(high, LINUX, &[]), None);
     }
 
     #[test]
@@ -115,6 +114,9 @@ mod tests {
         assert_eq!(parse_reserved("50-40"), None);
         assert_eq!(parse_reserved("x"), None);
         assert_eq!(parse_reserved(" \n"), Some(Vec::new()));
-        assert_eq!(parse_reserved("7"), Some(vec![(7, 7)]));
+        assert_eq!(
+            parse_reserved("7"),
+            Some(vec![PortRange { first: 7, last: 7 }])
+        );
     }
 }
