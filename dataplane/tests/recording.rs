@@ -261,6 +261,14 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
     assert_eq!(digest_primary, digest_replica);
 }
 
+/// The error an `iperf3 -J` report carries, if any (or why the report is unreadable).
+fn iperf_error(json: &str) -> Option<String> {
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(v) => v["error"].as_str().map(str::to_owned),
+        Err(e) => Some(format!("not JSON: {e}")),
+    }
+}
+
 /// Receiver-side throughput of an `iperf3 -J` run, bits per second.
 fn iperf_bps(json: &str) -> f64 {
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -284,7 +292,7 @@ fn xdp_iperf_through_the_middlebox_with_and_without_recording() {
 /// happened and was accounted for): timings on the shared two-core machine are reported,
 /// not judged.
 fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: usize) {
-    if !ncp_testbed::ready_or_skip("recording iperf", &mode.tools(&["ping", "iperf3"])) {
+    if !ncp_testbed::ready_or_skip("recording iperf", &mode.tools(&["ping", "ss", "iperf3"])) {
         return;
     }
     let _serial = serial();
@@ -292,6 +300,7 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
     let mut scene = Scene::network(mode, prefix, 1);
     let port = IPERF_PORT.to_string();
     scene.spawn("primary", &["iperf3", "-s", "-p", &port]);
+    scene.wait_listening("primary", IPERF_PORT);
     let primary = scene.primary.to_string();
     // Recorded files are cut at 256 MiB so a fast run still leaves files of a handy size.
     let record = format!(
@@ -305,7 +314,8 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
     let mut results = Vec::new();
     for (label, record) in [plain, recorded].repeat(rounds) {
         scene.start_middlebox(&config(&scene, "iperf", IPERF_PORT, record));
-        // The server may still be starting on the first round.
+        // The middlebox may still be starting. iperf3 3.12 exits with 0 also when it could
+        // not connect (the error is in its JSON), so the report decides, not the status.
         let deadline = Instant::now() + Duration::from_secs(20);
         let out = loop {
             let (ok, out, err) = run_with_input(
@@ -320,7 +330,7 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
                 Duration::from_secs(60),
                 "iperf3 client",
             );
-            if ok {
+            if ok && iperf_error(&out).is_none() {
                 break out;
             }
             assert!(Instant::now() < deadline, "iperf3 failed: {out}{err}");

@@ -326,7 +326,7 @@ pub(super) fn run_iperf_paced(
     Ok(IperfRun {
         bps: received["bits_per_second"]
             .as_f64()
-            .context("iperf3 report without a throughput")?,
+            .with_context(|| format!("iperf3 report without a throughput: {}", report["error"]))?,
         bytes: received["bytes"]
             .as_u64()
             .context("iperf3 report without a byte count")?,

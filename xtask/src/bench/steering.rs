@@ -229,7 +229,7 @@ fn iperf(bed: &Testbed, server: &str) -> anyhow::Result<f64> {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .context("iperf3 report without a throughput")
+        .with_context(|| format!("iperf3 report without a throughput: {}", report["error"]))
 }
 
 struct DirectRates {
