@@ -278,6 +278,17 @@ impl Testbed {
             })
     }
 
+    /// Waits (at most `timeout`) until a TCP socket listens on `port` inside `host`: a
+    /// server just spawned is not yet accepting, and a client that connects early is
+    /// refused.
+    pub fn wait_listening(&self, host: &str, port: u16, timeout: Duration) -> Result<()> {
+        let filter = format!("sport = :{port}");
+        cmd::wait_until(timeout, &format!("a listener on {host}:{port}"), || {
+            self.exec(host, &["ss", "-Hltn", &filter])
+                .is_ok_and(|out| !out.stdout.is_empty())
+        })
+    }
+
     /// Pids of the processes running inside `host`'s namespace now.
     pub fn pids(&self, host: &str) -> Result<Vec<i32>> {
         Ok(namespace_pids(&self.netns(host)?))

@@ -105,7 +105,7 @@ destination_port = {SERVICE_PORT}
         &["ping", "-c", "3", "-i", "0.2", &mb_ip.to_string()],
     )?;
     let mut server = bed.spawn("middlebox", &["iperf3", "-s", "-p", "5301", "-1"])?;
-    std::thread::sleep(Duration::from_millis(500));
+    bed.wait_listening("middlebox", 5301, Duration::from_secs(20))?;
     let iperf = bed.exec(
         "source",
         &[

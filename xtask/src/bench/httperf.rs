@@ -48,7 +48,9 @@ pub fn httperf(bed: &Testbed, bins: &Path, options: &Options) -> anyhow::Result<
             ],
         )?);
     }
-    std::thread::sleep(Duration::from_secs(1));
+    for host in ["primary", "replica"] {
+        bed.wait_listening(host, PORT, Duration::from_secs(20))?;
+    }
     let routes = Route::all(
         &options.dataplanes,
         &[Replication::None, Replication::DedicatedNic],

@@ -259,7 +259,9 @@ pub(super) fn start_servers(bed: &Testbed) -> anyhow::Result<Vec<std::process::C
             ],
         )?,
     ];
-    std::thread::sleep(Duration::from_millis(500));
+    for host in ["primary", "replica"] {
+        bed.wait_listening(host, PORT, Duration::from_secs(20))?;
+    }
     Ok(servers)
 }
 

@@ -41,7 +41,7 @@ pub fn steering(bed: &Testbed, bins: &Path, options: &super::Options) -> anyhow:
     let mut without = Vec::new();
     let mut with = Vec::new();
     let mut server = bed.spawn("middlebox", &["iperf3", "-s", "-p", "5301"])?;
-    std::thread::sleep(Duration::from_millis(500));
+    bed.wait_listening("middlebox", 5301, Duration::from_secs(20))?;
     let mut rx_rates = Vec::new();
     for round in 0..repetitions {
         without.push(iperf(bed, &mb_ip)?);
@@ -397,7 +397,7 @@ fn direct_pass_through(
         "direct veth: unmatched iperf3 with no XDP program, the do-nothing one and NCP's, {repetitions} rounds of 3 s each"
     ));
     let mut server = bed.spawn("middlebox", &["iperf3", "-s", "-p", "5301"])?;
-    std::thread::sleep(Duration::from_millis(500));
+    bed.wait_listening("middlebox", 5301, Duration::from_secs(20))?;
     let baseline_bin = bins.join("ncp-middlebox");
     let baseline_bin = baseline_bin.to_str().context("non-UTF-8 path")?;
     let attached = || -> bool {
