@@ -53,9 +53,15 @@ pub struct TcpTuning {
     /// most of a session's memory: 1,000 sessions with one replica hold 3,000
     /// connections, 2 buffers each.
     pub buffer_bytes: usize,
-    /// Congestion control: `cubic` (default), `reno` or `none` (send the whole window at
-    /// once; only for a lossless path).
-    pub congestion_control: Congestion,
+    /// smoltcp's own congestion control, for `loss_recovery = "smoltcp"` only: `cubic`
+    /// (the default there), `reno` or `none` (send the whole window at once; only for a
+    /// lossless path). With the recovery layer (`loss_recovery = "ncp"`, the default) the
+    /// layer is the congestion control (initial window of ten segments, halved on loss,
+    /// paced), and setting this is an error: stacked under the layer, smoltcp's
+    /// controllers started every connection at a 2 KiB window, which cost a 70 KB answer
+    /// several extra round trips.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion_control: Option<Congestion>,
     /// Who repairs lost segments: `ncp` (default), the data plane's own recovery layer
     /// under smoltcp, or `smoltcp` alone (its timeout has a 1 s floor). With 1 % loss at
     /// the primary's ingress on 200 Mbit/s links one stream carried 0.16 Gbit/s with the
@@ -67,8 +73,19 @@ impl Default for TcpTuning {
     fn default() -> Self {
         Self {
             buffer_bytes: 64 * 1024,
-            congestion_control: Congestion::Cubic,
+            congestion_control: None,
             loss_recovery: LossRecovery::default(),
+        }
+    }
+}
+
+impl TcpTuning {
+    /// The congestion control smoltcp runs itself: none under the recovery layer, which
+    /// keeps the window; otherwise the configured one (CUBIC unless set).
+    pub fn smoltcp_congestion(&self) -> Congestion {
+        match self.loss_recovery {
+            LossRecovery::Ncp => Congestion::None,
+            LossRecovery::Smoltcp => self.congestion_control.unwrap_or_default(),
         }
     }
 }
@@ -87,7 +104,7 @@ pub enum LossRecovery {
     Smoltcp,
 }
 
-/// A congestion control algorithm of the user-space TCP stack.
+/// A congestion control algorithm of smoltcp's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Congestion {
@@ -98,6 +115,17 @@ pub enum Congestion {
     Reno,
     /// None: the sender fills the peer's window at once.
     None,
+}
+
+impl Congestion {
+    /// The name a configuration file uses for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cubic => "cubic",
+            Self::Reno => "reno",
+            Self::None => "none",
+        }
+    }
 }
 
 /// Smallest per-connection buffer accepted: below a few segments TCP crawls.
@@ -579,6 +607,17 @@ impl Config {
                 self.tcp.buffer_bytes
             ));
         }
+        if let (LossRecovery::Ncp, Some(set)) =
+            (self.tcp.loss_recovery, self.tcp.congestion_control)
+        {
+            return invalid(format!(
+                "tcp.congestion_control = \"{}\" applies only with loss_recovery = \"smoltcp\": \
+                 with loss_recovery = \"ncp\" (the default) the recovery layer is the \
+                 congestion control (initial window of ten segments, halved on loss, paced); \
+                 remove the setting, or set loss_recovery = \"smoltcp\" to use it",
+                set.name()
+            ));
+        }
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", s.name);
             if s.name.is_empty() || !names.insert(s.name.as_str()) {
@@ -882,16 +921,32 @@ mod tests {
     fn tcp_tuning_has_defaults_and_bounds() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.tcp, TcpTuning::default());
-        let tuned = format!("{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"reno\"\n");
+        // Under the recovery layer (the default) smoltcp runs no controller of its own.
+        assert_eq!(c.tcp.smoltcp_congestion(), Congestion::None);
+        let tuned = format!(
+            "{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"reno\"\nloss_recovery = \"smoltcp\"\n"
+        );
         let c = parse(&tuned).unwrap();
         assert_eq!(c.tcp.buffer_bytes, 8192);
-        assert_eq!(c.tcp.congestion_control, Congestion::Reno);
-        let tiny = format!("{GOOD}\n[tcp]\nbuffer_bytes = 100\ncongestion_control = \"none\"\n");
+        assert_eq!(c.tcp.smoltcp_congestion(), Congestion::Reno);
+        let tiny = format!("{GOOD}\n[tcp]\nbuffer_bytes = 100\n");
         assert!(error(&tiny).contains("tcp.buffer_bytes = 100"));
-        let unknown = format!("{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"bbr\"\n");
+        let unknown = format!(
+            "{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"bbr\"\nloss_recovery = \"smoltcp\"\n"
+        );
         assert!(error(&unknown).contains("bbr"));
+        // Two controllers stacked started every connection at smoltcp's 2 KiB window.
+        let stacked = format!("{GOOD}\n[tcp]\ncongestion_control = \"cubic\"\n");
+        let msg = error(&stacked);
+        assert!(
+            msg.contains(
+                "tcp.congestion_control = \"cubic\" applies only with loss_recovery = \"smoltcp\""
+            ),
+            "{msg}"
+        );
+        let sized = parse(&format!("{GOOD}\n[tcp]\nbuffer_bytes = 8192\n")).unwrap();
         assert_eq!(
-            c.tcp.loss_recovery,
+            sized.tcp.loss_recovery,
             LossRecovery::Ncp,
             "the layer is on unless switched off"
         );
@@ -903,9 +958,14 @@ mod tests {
         let alone = format!(
             "{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"cubic\"\nloss_recovery = \"smoltcp\"\n"
         );
+        let alone = parse(&alone).unwrap().tcp;
+        assert_eq!(alone.loss_recovery, LossRecovery::Smoltcp);
+        assert_eq!(alone.smoltcp_congestion(), Congestion::Cubic);
+        let unset = format!("{GOOD}\n[tcp]\nloss_recovery = \"smoltcp\"\n");
         assert_eq!(
-            parse(&alone).unwrap().tcp.loss_recovery,
-            LossRecovery::Smoltcp
+            parse(&unset).unwrap().tcp.smoltcp_congestion(),
+            Congestion::Cubic,
+            "smoltcp alone keeps CUBIC unless told otherwise"
         );
         let wrong = format!(
             "{GOOD}\n[tcp]\nbuffer_bytes = 8192\ncongestion_control = \"cubic\"\nloss_recovery = \"linux\"\n"
@@ -933,7 +993,7 @@ mod tests {
                     "{GOOD}{SERVICE}verify = \"replies\"\n[services.record]\ndir = \"rec\"\n\
                      rotate_bytes = 4096\nrotate_secs = 5\n\n[limits]\nmax_sessions = 64\n\
                      max_buffer_bytes = 1048576\n\n[tcp]\nbuffer_bytes = 65536\n\
-                     congestion_control = \"reno\"\nloss_recovery = \"ncp\"\n"
+                     loss_recovery = \"ncp\"\n"
                 ),
             ),
         ];

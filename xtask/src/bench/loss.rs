@@ -443,7 +443,7 @@ mod tests {
             Options::default()
                 .relay_tuning_with(Some(LossRecovery::Ncp))
                 .tables,
-            "[tcp]\nbuffer_bytes = 65536\ncongestion_control = \"cubic\"\nloss_recovery = \"ncp\"\n"
+            "[tcp]\nbuffer_bytes = 65536\nloss_recovery = \"ncp\"\n"
         );
         assert_eq!(tables.matches("[tcp]").count(), 1);
         assert!(Options::default().relay_tuning().tables.is_empty());

@@ -175,14 +175,17 @@ impl Options {
                 ..routes::Tuning::default()
             };
         }
-        // The data plane requires buffer_bytes and congestion_control in a `[tcp]` table
-        // (only loss_recovery has a default there), so one written here spells out the
-        // data plane's defaults for the settings not asked for.
+        // A `[tcp]` table written here spells out the buffer size even when it is the
+        // data plane's default, so a results file shows what was measured. smoltcp's own
+        // congestion control is named only where it runs: without the recovery layer.
         let mut tcp = format!(
-            "[tcp]\nbuffer_bytes = {}\ncongestion_control = \"cubic\"\n",
+            "[tcp]\nbuffer_bytes = {}\n",
             self.tcp_buffer.unwrap_or(DEFAULT_TCP_BUFFER)
         );
         if let Some(recovery) = loss_recovery {
+            if recovery == LossRecovery::Smoltcp {
+                tcp.push_str("congestion_control = \"cubic\"\n");
+            }
             let _ = writeln!(tcp, "loss_recovery = \"{}\"", recovery.config_value());
         }
         routes::Tuning {

@@ -199,7 +199,7 @@ fn tuning(most: usize) -> Tuning {
         service: String::new(),
         tables: format!(
             "[limits]\nmax_sessions = {max_sessions}\nmax_buffer_bytes = {max_buffer_bytes}\n\
-             [tcp]\nbuffer_bytes = {TCP_BUFFER}\ncongestion_control = \"cubic\"\n"
+             [tcp]\nbuffer_bytes = {TCP_BUFFER}\n"
         ),
     }
 }
