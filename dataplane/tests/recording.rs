@@ -261,20 +261,13 @@ fn recorded_redis_workload_replays(prefix: &'static str, mode: Mode) {
     assert_eq!(digest_primary, digest_replica);
 }
 
-/// The error an `iperf3 -J` report carries, if any (or why the report is unreadable).
-fn iperf_error(json: &str) -> Option<String> {
-    match serde_json::from_str::<serde_json::Value>(json) {
-        Ok(v) => v["error"].as_str().map(str::to_owned),
-        Err(e) => Some(format!("not JSON: {e}")),
-    }
-}
-
-/// Receiver-side throughput of an `iperf3 -J` run, bits per second.
-fn iperf_bps(json: &str) -> f64 {
-    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+/// Receiver-side throughput of an `iperf3 -J` run, bits per second, or why there is
+/// none (iperf3's own error, or an unreadable report).
+fn iperf_bps(json: &str) -> Result<f64, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .unwrap_or_else(|| panic!("no throughput in iperf3 output: {json}"))
+        .ok_or_else(|| format!("no throughput: {}", v["error"]))
 }
 
 #[test]
@@ -317,7 +310,7 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
         // The middlebox may still be starting. iperf3 3.12 exits with 0 also when it could
         // not connect (the error is in its JSON), so the report decides, not the status.
         let deadline = Instant::now() + Duration::from_secs(20);
-        let out = loop {
+        let bps = loop {
             let (ok, out, err) = run_with_input(
                 scene
                     .bed
@@ -330,15 +323,16 @@ fn iperf_with_and_without_recording(prefix: &'static str, mode: Mode, rounds: us
                 Duration::from_secs(60),
                 "iperf3 client",
             );
-            if ok && iperf_error(&out).is_none() {
-                break out;
+            let measured = if ok { iperf_bps(&out) } else { Err(err) };
+            match measured {
+                Ok(bps) => break bps,
+                Err(why) => assert!(Instant::now() < deadline, "iperf3 failed ({why}): {out}"),
             }
-            assert!(Instant::now() < deadline, "iperf3 failed: {out}{err}");
             thread::sleep(Duration::from_millis(500));
         };
         let s = scene.stats_when("iperf3's sessions end", |s| s.counters.sessions_active == 0);
         scene.stop_middlebox();
-        let gbps = iperf_bps(&out) / 1e9;
+        let gbps = bps / 1e9;
         results.push((
             label,
             gbps,

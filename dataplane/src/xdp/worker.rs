@@ -294,19 +294,19 @@ fn open_link(
     // hence the 64 KiB default, which still fills ~300 MB/s at a 0.2 ms round trip.
     config.rx_buffer = tcp.buffer_bytes;
     config.tx_buffer = tcp.buffer_bytes;
-    config.congestion_control = smoltcp_congestion(&tcp);
+    config.congestion_control = tcp.smoltcp_congestion().into();
     config.max_connections = max_connections.clamp(1, MAX_ENGINE_CONNECTIONS);
     let engine = Engine::new(device, config).map_err(|e| at(&e))?;
     Ok((Link { interface, engine }, opened))
 }
 
-/// The controller smoltcp runs on every connection of a link (none under the recovery
-/// layer, whose window is the one that counts).
-pub(crate) fn smoltcp_congestion(tcp: &TcpTuning) -> CongestionControl {
-    match tcp.smoltcp_congestion() {
-        Congestion::Cubic => CongestionControl::Cubic,
-        Congestion::Reno => CongestionControl::Reno,
-        Congestion::None => CongestionControl::None,
+impl From<Congestion> for CongestionControl {
+    fn from(congestion: Congestion) -> Self {
+        match congestion {
+            Congestion::Cubic => CongestionControl::Cubic,
+            Congestion::Reno => CongestionControl::Reno,
+            Congestion::None => CongestionControl::None,
+        }
     }
 }
 

@@ -562,15 +562,8 @@ pub fn ping(bed: &Testbed, host: &str, to: Ipv4Addr) {
 
 /// Waits (at most 20 s) until something listens on `port` in `host`.
 pub fn wait_listening(bed: &Testbed, host: &str, port: u16) {
-    let filter = format!("sport = :{port}");
-    wait_until(
-        &format!("something listens on {host}:{port}"),
-        Duration::from_secs(20),
-        || {
-            let out = bed.exec(host, &["ss", "-Hltn", &filter]).unwrap();
-            !out.stdout.is_empty()
-        },
-    );
+    bed.wait_listening(host, port, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Polls `done` until it holds; fails the test with `what` after `limit`.

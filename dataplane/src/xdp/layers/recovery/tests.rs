@@ -532,7 +532,7 @@ fn answer_time(len: usize, congestion: CongestionControl) -> Duration {
 #[test]
 fn a_short_answer_leaves_in_the_first_flight() {
     let len = 14_000;
-    let congestion = crate::xdp::worker::smoltcp_congestion(&TcpTuning::default());
+    let congestion = TcpTuning::default().smoltcp_congestion().into();
     let one_flight = answer_time(len, congestion);
     // One way for the last segment, plus the pacer spreading the ten over part of the
     // handshake's round trip.
